@@ -1,0 +1,808 @@
+//! The transition engine: given a compiled machine, an instance and a trigger, decide the next
+//! history record. Pure: no I/O, time is passed in, effects (the timer to arm) are data in the
+//! record.
+//!
+//! ```
+//! use cnsm_core::engine::{Machine, Trigger, Input, NewInstance};
+//! let yaml = r#"
+//! apiVersion: statemachine.cn/v1alpha1
+//! kind: StateMachine
+//! metadata: {name: door}
+//! spec:
+//!   initialState: closed
+//!   states:
+//!   - {name: closed, type: task, timeoutSeconds: 60, onEvent: [{event: open, target: opened}]}
+//!   - {name: opened, type: final}
+//! "#;
+//! let machine = cnsm_core::admission::admit_str(yaml, None).into_result().unwrap();
+//! let machine = Machine::compile(machine).unwrap().with_revision(1);
+//! let genesis = machine
+//!     .create(NewInstance { namespace: "default", id: "d-1", data: Default::default(),
+//!         labels: Default::default(), now_ms: 0, actor: "test" })
+//!     .unwrap();
+//! let sealed = genesis.seal();
+//! let mut door = cnsm_core::Instance::from_genesis(&genesis, sealed.hash).unwrap();
+//! let payload = serde_json::Value::Null;
+//! let record = machine
+//!     .apply(&door, &Input::new(Trigger::Event { name: "open", payload: &payload }, 1_000, "test"))
+//!     .unwrap();
+//! door.apply_record(&record, record.seal().hash).unwrap();
+//! assert_eq!(door.state, "opened");
+//! assert!(door.status.is_final());
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use crate::error::{FailureReason, TransitionError};
+use crate::expr::{Expr, Scope, json_to_cel, map_to_cel};
+use crate::instance::{Instance, Phase, Status};
+use crate::record::{
+    FlagDecision, GuardTrace, Hash32, RECORD_FORMAT, REVISION_DOMAIN, RecordKind,
+    StateChangeEvent, Timer, TimerKind, TraceContext,
+};
+use crate::resource::{
+    EVENT_COMPLETE, EVENT_FAIL, FlagErrorPolicy, FlagGate, Outcome, Retry, StateMachine, StateType,
+};
+
+/// The actor recorded for timer firings and retry re-entries.
+pub const ACTOR_TIMER: &str = "system:timer";
+
+/// Longest chain of choice states one transition may pass through.
+const CHOICE_HOPS_MAX: usize = 1000;
+
+type StateId = u32;
+
+/// A machine ready to run: targets resolved to indices, expressions compiled.
+pub struct Machine {
+    definition: StateMachine,
+    revision: u32,
+    hash: Hash32,
+    states: Vec<CompiledState>,
+    by_name: HashMap<String, StateId>,
+    initial: StateId,
+    env: Arc<cel::Env>,
+    uses_expressions: bool,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("name", &self.definition.metadata.name)
+            .field("revision", &self.revision)
+            .field("hash", &self.hash)
+            .finish()
+    }
+}
+
+struct CompiledState {
+    name: String,
+    state_type: StateType,
+    timeout_ms: u64,
+    on_timeout: Option<StateId>,
+    /// Entries per event in declaration order; a task state's `transition` is a last, unguarded
+    /// `complete` entry.
+    events: HashMap<String, Vec<CompiledTransition>>,
+    choices: Vec<(Expr, StateId, usize)>,
+    default: Option<StateId>,
+    outcome: Outcome,
+    retry: Option<Retry>,
+    on_failure: Option<StateId>,
+    compensation: Option<StateId>,
+    /// Wait states: where the elapsed wait leads.
+    wait_next: Option<StateId>,
+}
+
+struct CompiledTransition {
+    /// Index in `onEvent`, or `None` for the `transition` shorthand.
+    entry: Option<usize>,
+    target: StateId,
+    guard: Option<Expr>,
+    flag: Option<FlagGate>,
+    assign: Vec<(String, Expr)>,
+}
+
+/// Why a definition could not be compiled (admission reports these with positions first).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CompileError {
+    #[error("state '{0}' is not defined")]
+    UndefinedState(String),
+    #[error("expression `{expression}` does not compile: {message}")]
+    Expression { expression: String, message: String },
+    #[error("state '{0}' has no timeoutSeconds")]
+    MissingTimeout(String),
+}
+
+/// The parameters of a new instance.
+#[derive(Debug, Clone)]
+pub struct NewInstance<'a> {
+    pub namespace: &'a str,
+    pub id: &'a str,
+    pub data: Map<String, Value>,
+    pub labels: BTreeMap<String, String>,
+    pub now_ms: u64,
+    pub actor: &'a str,
+}
+
+/// What happened to the instance.
+#[derive(Debug, Clone, Copy)]
+pub enum Trigger<'a> {
+    /// A named event with its payload (`Value::Null` when none).
+    Event { name: &'a str, payload: &'a Value },
+    /// A durable timer fell due.
+    Timer(Timer),
+}
+
+/// One engine input.
+#[derive(Debug, Clone)]
+pub struct Input<'a> {
+    pub trigger: Trigger<'a>,
+    pub now_ms: u64,
+    pub actor: &'a str,
+    pub idempotency_key: Option<&'a str>,
+    pub trace: Option<TraceContext>,
+    /// Flag evaluations made before the event was queued, by flag key.
+    pub flags: &'a [FlagDecision],
+}
+
+impl<'a> Input<'a> {
+    pub fn new(trigger: Trigger<'a>, now_ms: u64, actor: &'a str) -> Input<'a> {
+        Input { trigger, now_ms, actor, idempotency_key: None, trace: None, flags: &[] }
+    }
+}
+
+impl Machine {
+    /// Compiles an admitted definition. Revision 0 until [`Machine::with_revision`].
+    pub fn compile(definition: StateMachine) -> Result<Machine, CompileError> {
+        let by_name: HashMap<String, StateId> = definition
+            .spec
+            .states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.clone(), i as StateId))
+            .collect();
+        let resolve = |name: &str| -> Result<StateId, CompileError> {
+            by_name.get(name).copied().ok_or_else(|| CompileError::UndefinedState(name.to_owned()))
+        };
+        let resolve_opt = |name: &Option<String>| name.as_deref().map(resolve).transpose();
+        let compile = |source: &str| -> Result<Expr, CompileError> {
+            Expr::compile(source).map_err(|message| CompileError::Expression {
+                expression: source.to_owned(),
+                message,
+            })
+        };
+        let mut uses_expressions = false;
+        let mut states = Vec::with_capacity(definition.spec.states.len());
+        for state in &definition.spec.states {
+            let mut events: HashMap<String, Vec<CompiledTransition>> = HashMap::new();
+            for (i, t) in state.on_event.iter().enumerate() {
+                let guard = t.guard.as_deref().map(compile).transpose()?;
+                let assign = t
+                    .assign
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), compile(v)?)))
+                    .collect::<Result<Vec<_>, CompileError>>()?;
+                uses_expressions |= guard.is_some() || !assign.is_empty();
+                events.entry(t.event.clone()).or_default().push(CompiledTransition {
+                    entry: Some(i),
+                    target: resolve(&t.target)?,
+                    guard,
+                    flag: t.flag.clone(),
+                    assign,
+                });
+            }
+            let mut wait_next = None;
+            match state.state_type {
+                StateType::Task => {
+                    if let Some(next) = &state.transition {
+                        events.entry(EVENT_COMPLETE.to_owned()).or_default().push(
+                            CompiledTransition {
+                                entry: None,
+                                target: resolve(next)?,
+                                guard: None,
+                                flag: None,
+                                assign: Vec::new(),
+                            },
+                        );
+                    }
+                }
+                StateType::Wait => wait_next = resolve_opt(&state.transition)?,
+                StateType::Choice | StateType::Final => {}
+            }
+            let choices = state
+                .choices
+                .iter()
+                .enumerate()
+                .map(|(i, c)| Ok((compile(&c.guard)?, resolve(&c.target)?, i)))
+                .collect::<Result<Vec<_>, CompileError>>()?;
+            uses_expressions |= !choices.is_empty();
+            let timeout_ms = match (state.state_type, state.timeout_seconds) {
+                (StateType::Final, t) => t.unwrap_or(0) * 1000,
+                (_, Some(t)) => t.saturating_mul(1000),
+                (_, None) => return Err(CompileError::MissingTimeout(state.name.clone())),
+            };
+            states.push(CompiledState {
+                name: state.name.clone(),
+                state_type: state.state_type,
+                timeout_ms,
+                on_timeout: resolve_opt(&state.on_timeout)?,
+                events,
+                choices,
+                default: resolve_opt(&state.default)?,
+                outcome: state.outcome.unwrap_or_default(),
+                retry: state.retry.clone(),
+                on_failure: resolve_opt(&state.on_failure)?,
+                compensation: resolve_opt(&state.compensation)?,
+                wait_next,
+            });
+        }
+        let initial = resolve(&definition.spec.initial_state)?;
+        let hash = revision_hash(&definition);
+        Ok(Machine {
+            definition,
+            revision: 0,
+            hash,
+            states,
+            by_name,
+            initial,
+            env: Arc::new(cel::Env::stdlib()),
+            uses_expressions,
+        })
+    }
+
+    /// Sets the revision number the store assigned.
+    pub fn with_revision(mut self, revision: u32) -> Machine {
+        self.revision = revision;
+        self
+    }
+
+    pub fn definition(&self) -> &StateMachine {
+        &self.definition
+    }
+
+    pub fn name(&self) -> &str {
+        &self.definition.metadata.name
+    }
+
+    pub fn revision(&self) -> u32 {
+        self.revision
+    }
+
+    /// Content hash over the deterministic CBOR of the normalized spec.
+    pub fn hash(&self) -> Hash32 {
+        self.hash
+    }
+
+    fn state_id(&self, name: &str) -> Option<StateId> {
+        self.by_name.get(name).copied()
+    }
+
+    fn state(&self, id: StateId) -> &CompiledState {
+        &self.states[id as usize]
+    }
+
+    /// The genesis record (version 0) of a new instance. An initial choice state resolves in it.
+    pub fn create(&self, new: NewInstance<'_>) -> Result<StateChangeEvent, TransitionError> {
+        let mut record = StateChangeEvent {
+            format: RECORD_FORMAT,
+            namespace: new.namespace.to_owned(),
+            instance: new.id.to_owned(),
+            machine: self.name().to_owned(),
+            revision: self.revision,
+            revision_hash: self.hash,
+            version: 0,
+            kind: RecordKind::Genesis,
+            from: None,
+            to: String::new(),
+            via: Vec::new(),
+            event: None,
+            payload: None,
+            guards: Vec::new(),
+            flags: Vec::new(),
+            data: Map::new(),
+            status: Status::Active,
+            phase: Phase::Running,
+            reason: None,
+            entry_seq: 0,
+            attempt: 0,
+            in_backoff: false,
+            compensations: Vec::new(),
+            pending_outcome: None,
+            timer: None,
+            actor: new.actor.to_owned(),
+            idempotency_key: None,
+            time_ms: new.now_ms,
+            trace: None,
+            labels: new.labels,
+            prev_hash: Hash32::ZERO,
+        };
+        let mut step = Step::new(self, &record.to, &new.data, None);
+        let instance_view = instance_view(new.id, "", 0, &record.labels);
+        let mut scope = self.uses_expressions.then(|| {
+            Scope::new(&self.env, map_to_cel(&new.data), cel::Value::Null, instance_view)
+        });
+        step.enter(self.initial, new.now_ms, &mut scope, "create")?;
+        step.finish(&mut record);
+        record.data = new.data;
+        Ok(record)
+    }
+
+    /// Decides the record for one trigger.
+    ///
+    /// A due timer that no longer matches the instance (it left the state, or re-entered it) is
+    /// `Ok(None)`: dropped silently.
+    pub fn fire(&self, instance: &Instance, input: &Input<'_>) -> Result<Option<StateChangeEvent>, TransitionError> {
+        let Trigger::Timer(timer) = input.trigger else {
+            return self.apply(instance, input).map(Some);
+        };
+        let current = instance.timer.as_ref();
+        if instance.status.is_final() || current != Some(&timer) || timer.entry_seq != instance.entry_seq {
+            return Ok(None);
+        }
+        self.apply(instance, input).map(Some)
+    }
+
+    /// Decides the record for an event (or a timer already checked by [`Machine::fire`]).
+    pub fn apply(&self, instance: &Instance, input: &Input<'_>) -> Result<StateChangeEvent, TransitionError> {
+        let event_name = match input.trigger {
+            Trigger::Event { name, .. } => name,
+            Trigger::Timer(_) => "timer",
+        };
+        let fail = |reason| TransitionError::failure(&instance.state, event_name, reason);
+        if instance.status.is_final() {
+            return Err(fail(FailureReason::InstanceFinal));
+        }
+        let Some(state_id) = self.state_id(&instance.state) else {
+            return Err(fail(FailureReason::NoTransition));
+        };
+        let state = self.state(state_id);
+        let mut record = self.next_record(instance, input);
+        let mut step = Step::new(self, &instance.state, &instance.data, Some(instance));
+        let mut scope: Option<Scope> = None;
+        let payload = match input.trigger {
+            Trigger::Event { payload, .. } => payload,
+            Trigger::Timer(_) => &Value::Null,
+        };
+        let make_scope = |data: &Map<String, Value>| {
+            Scope::new(
+                &self.env,
+                map_to_cel(data),
+                json_to_cel(payload),
+                instance_view(&instance.id, &instance.state, instance.version, &instance.labels),
+            )
+        };
+
+        match input.trigger {
+            Trigger::Timer(timer) => {
+                record.kind = match timer.kind {
+                    TimerKind::Backoff => RecordKind::Retry,
+                    _ => RecordKind::Timer,
+                };
+                match timer.kind {
+                    TimerKind::Backoff => {
+                        // The back-off ended: the next attempt starts.
+                        step.attempt = instance.attempt + 1;
+                        step.in_backoff = false;
+                        step.reenter(state_id, input.now_ms);
+                    }
+                    TimerKind::Wait => {
+                        let next = state.wait_next.ok_or_else(|| fail(FailureReason::NoTransition))?;
+                        if self.uses_expressions {
+                            scope = Some(make_scope(&instance.data));
+                        }
+                        step.leave(state_id, false);
+                        step.enter(next, input.now_ms, &mut scope, event_name)?;
+                    }
+                    TimerKind::Timeout => match state.on_timeout {
+                        Some(next) if instance.phase != Phase::Compensating => {
+                            if self.uses_expressions {
+                                scope = Some(make_scope(&instance.data));
+                            }
+                            step.leave(state_id, false);
+                            step.enter(next, input.now_ms, &mut scope, event_name)?;
+                        }
+                        _ => step.attempt_failed(state_id, "Timeout", input.now_ms, &mut scope, event_name)?,
+                    },
+                }
+            }
+            Trigger::Event { name, payload } => {
+                if instance.in_backoff {
+                    return Err(fail(FailureReason::RetryBackoff));
+                }
+                record.event = Some(name.to_owned());
+                if !payload.is_null() {
+                    record.payload = Some(payload.clone());
+                }
+                let entries = state.events.get(name).map(Vec::as_slice).unwrap_or(&[]);
+                let mut chosen = None;
+                for t in entries {
+                    if let Some(guard) = &t.guard {
+                        let scope = scope.get_or_insert_with(|| make_scope(&instance.data));
+                        let result = scope.guard(guard).map_err(|e| fail(FailureReason::GuardError(e)))?;
+                        step.guards.push(GuardTrace {
+                            state: state.name.clone(),
+                            entry: entry_name(t.entry),
+                            result,
+                        });
+                        if !result {
+                            continue;
+                        }
+                    }
+                    if let Some(gate) = &t.flag {
+                        let decision = decide_flag(gate, input.flags);
+                        let allowed = decision.allowed;
+                        step.flags.push(decision);
+                        if !allowed {
+                            continue;
+                        }
+                    }
+                    chosen = Some(t);
+                    break;
+                }
+                match chosen {
+                    Some(t) => {
+                        if !t.assign.is_empty() {
+                            let scope = scope.get_or_insert_with(|| make_scope(&instance.data));
+                            for (field, expr) in &t.assign {
+                                let value = scope.value(expr).map_err(|e| fail(FailureReason::GuardError(e)))?;
+                                step.set(field, value);
+                            }
+                            scope.set_data(map_to_cel(&step.data_after()));
+                        }
+                        step.leave(state_id, false);
+                        step.enter(t.target, input.now_ms, &mut scope, name)?;
+                    }
+                    None if !entries.is_empty() => return Err(fail(FailureReason::GuardsFalse)),
+                    None if name == EVENT_FAIL => {
+                        let honoured = state.retry.is_some()
+                            || state.on_failure.is_some()
+                            || instance.phase == Phase::Compensating;
+                        if !honoured {
+                            return Err(fail(FailureReason::ReservedEventNotHonoured));
+                        }
+                        step.attempt_failed(state_id, "Failed", input.now_ms, &mut scope, name)?;
+                    }
+                    None if name == EVENT_COMPLETE && instance.phase == Phase::Compensating => {
+                        step.next_compensation(input.now_ms, &mut scope, name)?;
+                    }
+                    None => return Err(fail(FailureReason::NoTransition)),
+                }
+            }
+        }
+        step.finish(&mut record);
+        Ok(record)
+    }
+
+    /// The record skeleton that follows `instance`.
+    fn next_record(&self, instance: &Instance, input: &Input<'_>) -> StateChangeEvent {
+        StateChangeEvent {
+            format: RECORD_FORMAT,
+            namespace: instance.namespace.clone(),
+            instance: instance.id.clone(),
+            machine: instance.machine.clone(),
+            revision: instance.revision,
+            revision_hash: instance.revision_hash,
+            version: instance.version + 1,
+            kind: RecordKind::Event,
+            from: Some(instance.state.clone()),
+            to: String::new(),
+            via: Vec::new(),
+            event: None,
+            payload: None,
+            guards: Vec::new(),
+            flags: Vec::new(),
+            data: Map::new(),
+            status: Status::Active,
+            phase: instance.phase,
+            reason: None,
+            entry_seq: instance.entry_seq,
+            attempt: instance.attempt,
+            in_backoff: false,
+            compensations: Vec::new(),
+            pending_outcome: None,
+            timer: None,
+            actor: input.actor.to_owned(),
+            idempotency_key: input.idempotency_key.map(str::to_owned),
+            time_ms: input.now_ms,
+            trace: input.trace.clone(),
+            labels: BTreeMap::new(),
+            prev_hash: instance.last_hash,
+        }
+    }
+}
+
+fn entry_name(entry: Option<usize>) -> String {
+    match entry {
+        Some(i) => format!("onEvent[{i}]"),
+        None => "transition".to_owned(),
+    }
+}
+
+fn instance_view(id: &str, state: &str, version: u64, labels: &BTreeMap<String, String>) -> cel::Value {
+    let mut map = Map::new();
+    map.insert("id".into(), Value::from(id));
+    map.insert("state".into(), Value::from(state));
+    map.insert("version".into(), Value::from(version));
+    map.insert(
+        "labels".into(),
+        Value::Object(labels.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str()))).collect()),
+    );
+    map_to_cel(&map)
+}
+
+/// Applies a gate to the pre-evaluated decision for its key; no decision is a provider error.
+fn decide_flag(gate: &FlagGate, decisions: &[FlagDecision]) -> FlagDecision {
+    let Some(found) = decisions.iter().find(|d| d.key == gate.key) else {
+        return FlagDecision {
+            key: gate.key.clone(),
+            variant: None,
+            value: Value::Null,
+            reason: "ERROR".into(),
+            error: Some("FLAG_NOT_EVALUATED: no provider evaluated this flag".into()),
+            allowed: gate.on_flag_error == FlagErrorPolicy::Allow,
+        };
+    };
+    let mut decision = found.clone();
+    decision.allowed = if decision.error.is_some() {
+        gate.on_flag_error == FlagErrorPolicy::Allow
+    } else if let Some(variant) = &gate.variant {
+        decision.variant.as_deref() == Some(variant.as_str())
+    } else if let Some(value) = &gate.value {
+        &decision.value == value
+    } else {
+        decision.value == Value::Bool(true)
+    };
+    decision
+}
+
+/// The evolving outcome of one transition.
+struct Step<'m> {
+    machine: &'m Machine,
+    state: String,
+    via: Vec<String>,
+    entered_any: bool,
+    data_set: Map<String, Value>,
+    base_data: &'m Map<String, Value>,
+    guards: Vec<GuardTrace>,
+    flags: Vec<FlagDecision>,
+    status: Status,
+    phase: Phase,
+    reason: Option<String>,
+    entry_seq: u64,
+    attempt: u32,
+    in_backoff: bool,
+    compensations: Vec<String>,
+    pending_outcome: Option<Outcome>,
+    timer: Option<Timer>,
+}
+
+impl<'m> Step<'m> {
+    fn new(machine: &'m Machine, state: &str, data: &'m Map<String, Value>, instance: Option<&Instance>) -> Step<'m> {
+        Step {
+            machine,
+            state: state.to_owned(),
+            via: Vec::new(),
+            entered_any: false,
+            data_set: Map::new(),
+            base_data: data,
+            guards: Vec::new(),
+            flags: Vec::new(),
+            status: Status::Active,
+            phase: instance.map(|i| i.phase).unwrap_or_default(),
+            reason: instance.and_then(|i| i.reason.clone()),
+            entry_seq: instance.map(|i| i.entry_seq).unwrap_or(0),
+            attempt: instance.map(|i| i.attempt).unwrap_or(0),
+            in_backoff: false,
+            compensations: instance.map(|i| i.compensations.clone()).unwrap_or_default(),
+            pending_outcome: instance.and_then(|i| i.pending_outcome),
+            // The instance's timer stays armed unless this step changes it.
+            timer: instance.and_then(|i| i.timer),
+        }
+    }
+
+    fn set(&mut self, field: &str, value: Value) {
+        self.data_set.insert(field.to_owned(), value);
+    }
+
+    fn data_after(&self) -> Map<String, Value> {
+        let mut data = self.base_data.clone();
+        for (k, v) in &self.data_set {
+            data.insert(k.clone(), v.clone());
+        }
+        data
+    }
+
+    /// Leaving `state` by a transition: push its compensation unless it left by failure.
+    fn leave(&mut self, state: StateId, by_failure: bool) {
+        if by_failure || self.phase == Phase::Compensating {
+            return;
+        }
+        if let Some(compensation) = self.machine.state(state).compensation {
+            self.compensations.push(self.machine.state(compensation).name.clone());
+        }
+    }
+
+    /// Re-enters the same state for a new attempt.
+    fn reenter(&mut self, state: StateId, now_ms: u64) {
+        self.entry_seq += 1;
+        let s = self.machine.state(state);
+        self.timer = Some(Timer {
+            due_ms: now_ms.saturating_add(s.timeout_ms),
+            entry_seq: self.entry_seq,
+            kind: TimerKind::Timeout,
+        });
+    }
+
+    /// Enters `target`, resolving choice states and final outcomes.
+    fn enter(&mut self, target: StateId, now_ms: u64, scope: &mut Option<Scope>, event: &str) -> Result<(), TransitionError> {
+        let mut current = target;
+        for _ in 0..CHOICE_HOPS_MAX {
+            let state = self.machine.state(current);
+            if self.entered_any {
+                self.via.push(std::mem::take(&mut self.state));
+            }
+            self.entered_any = true;
+            self.state = state.name.clone();
+            self.entry_seq += 1;
+            self.attempt = 1;
+            self.in_backoff = false;
+            self.timer = None;
+            match state.state_type {
+                StateType::Task => {
+                    self.timer = Some(Timer {
+                        due_ms: now_ms.saturating_add(state.timeout_ms),
+                        entry_seq: self.entry_seq,
+                        kind: TimerKind::Timeout,
+                    });
+                    return Ok(());
+                }
+                StateType::Wait => {
+                    self.timer = Some(Timer {
+                        due_ms: now_ms.saturating_add(state.timeout_ms),
+                        entry_seq: self.entry_seq,
+                        kind: TimerKind::Wait,
+                    });
+                    return Ok(());
+                }
+                StateType::Final => {
+                    return self.reach_final(state.outcome, now_ms, scope, event);
+                }
+                StateType::Choice => {
+                    let mut next = state.default;
+                    if !state.choices.is_empty() {
+                        let scope = scope.get_or_insert_with(|| {
+                            Scope::new(
+                                &self.machine.env,
+                                map_to_cel(&self.data_after()),
+                                cel::Value::Null,
+                                cel::Value::Null,
+                            )
+                        });
+                        for (guard, choice_target, index) in &state.choices {
+                            let result = scope.guard(guard).map_err(|e| {
+                                TransitionError::failure(&state.name, event, FailureReason::GuardError(e))
+                            })?;
+                            self.guards.push(GuardTrace {
+                                state: state.name.clone(),
+                                entry: format!("choices[{index}]"),
+                                result,
+                            });
+                            if result {
+                                next = Some(*choice_target);
+                                break;
+                            }
+                        }
+                    }
+                    match next {
+                        Some(n) => current = n,
+                        None => {
+                            return Err(TransitionError::failure(&state.name, event, FailureReason::GuardsFalse));
+                        }
+                    }
+                }
+            }
+        }
+        Err(TransitionError::failure(&self.state, event, FailureReason::ChoiceLoop))
+    }
+
+    fn reach_final(&mut self, outcome: Outcome, now_ms: u64, scope: &mut Option<Scope>, event: &str) -> Result<(), TransitionError> {
+        if self.phase == Phase::Compensating {
+            // A compensation state cannot transition; reaching a final state here means the
+            // stack ran out (handled by next_compensation).
+            self.status = outcome.into();
+            return Ok(());
+        }
+        if outcome == Outcome::Succeeded || self.compensations.is_empty() {
+            self.status = outcome.into();
+            self.compensations.clear();
+            return Ok(());
+        }
+        self.phase = Phase::Compensating;
+        self.pending_outcome = Some(outcome);
+        self.next_compensation(now_ms, scope, event)
+    }
+
+    /// Runs the next compensation, or ends the instance when none is left.
+    fn next_compensation(&mut self, now_ms: u64, scope: &mut Option<Scope>, event: &str) -> Result<(), TransitionError> {
+        match self.compensations.pop() {
+            Some(name) => {
+                let id = self
+                    .machine
+                    .state_id(&name)
+                    .ok_or_else(|| TransitionError::failure(&self.state, event, FailureReason::NoTransition))?;
+                self.enter(id, now_ms, scope, event)
+            }
+            None => {
+                self.status = self.pending_outcome.map(Status::from).unwrap_or(Status::Failed);
+                self.timer = None;
+                Ok(())
+            }
+        }
+    }
+
+    /// A `fail` or a timeout without `onTimeout`: retry, `onFailure`, or a hard failure.
+    fn attempt_failed(&mut self, state: StateId, reason: &str, now_ms: u64, scope: &mut Option<Scope>, event: &str) -> Result<(), TransitionError> {
+        let s = self.machine.state(state);
+        if let Some(retry) = &s.retry
+            && self.attempt < retry.max_attempts
+        {
+            self.in_backoff = true;
+            self.timer = Some(Timer {
+                due_ms: now_ms.saturating_add(retry.backoff_ms(self.attempt + 1)),
+                entry_seq: self.entry_seq,
+                kind: TimerKind::Backoff,
+            });
+            self.state = s.name.clone();
+            return Ok(());
+        }
+        if self.phase == Phase::Compensating {
+            self.status = Status::Failed;
+            self.reason = Some("CompensationFailed".into());
+            self.state = s.name.clone();
+            self.timer = None;
+            return Ok(());
+        }
+        if let Some(next) = s.on_failure {
+            self.leave(state, true);
+            return self.enter(next, now_ms, scope, event);
+        }
+        // A hard failure.
+        self.reason = Some(reason.to_owned());
+        self.state = s.name.clone();
+        if self.compensations.is_empty() {
+            self.status = Status::Failed;
+            self.timer = None;
+            return Ok(());
+        }
+        self.phase = Phase::Compensating;
+        self.pending_outcome = Some(Outcome::Failed);
+        self.next_compensation(now_ms, scope, event)
+    }
+
+    fn finish(self, record: &mut StateChangeEvent) {
+        record.to = self.state;
+        record.via = self.via;
+        record.data = self.data_set;
+        record.guards = self.guards;
+        record.flags = self.flags;
+        record.status = self.status;
+        record.phase = if self.status.is_final() { Phase::Running } else { self.phase };
+        record.reason = self.reason;
+        record.entry_seq = self.entry_seq;
+        record.attempt = self.attempt;
+        record.in_backoff = self.in_backoff;
+        record.compensations = if self.status.is_final() { Vec::new() } else { self.compensations };
+        record.pending_outcome = if self.status.is_final() { None } else { self.pending_outcome };
+        record.timer = if self.status.is_final() { None } else { self.timer };
+    }
+}
+
+/// The content hash of a definition: SHA-256 over the deterministic CBOR of its normalized form
+/// (serde's view: defaults filled, empty fields omitted).
+pub fn revision_hash(definition: &StateMachine) -> Hash32 {
+    let value = serde_json::to_value(definition).unwrap_or(Value::Null);
+    Hash32::digest(REVISION_DOMAIN, &crate::cbor::encode(&value))
+}

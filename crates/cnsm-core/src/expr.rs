@@ -1,0 +1,158 @@
+//! CEL guards and assignments: compiled once at admission, evaluated against `data`, `event`
+//! and `instance`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::Value as Json;
+
+/// The longest expression admission accepts, in bytes.
+pub const EXPRESSION_LEN_MAX: usize = 4096;
+
+/// The variables an expression may reference.
+pub const VARIABLES: [&str; 3] = ["data", "event", "instance"];
+
+/// A compiled CEL expression with its source.
+pub struct Expr {
+    source: Arc<str>,
+    program: cel::Program,
+}
+
+impl std::fmt::Debug for Expr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Expr").field(&self.source).finish()
+    }
+}
+
+impl Expr {
+    /// Compiles `source`; the error is CEL's message.
+    pub fn compile(source: &str) -> Result<Expr, String> {
+        if source.len() > EXPRESSION_LEN_MAX {
+            return Err(format!(
+                "expression is {} bytes, more than the limit of {EXPRESSION_LEN_MAX}",
+                source.len()
+            ));
+        }
+        let program = cel::Program::compile(source).map_err(|e| e.to_string())?;
+        Ok(Expr { source: source.into(), program })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    pub fn program(&self) -> &cel::Program {
+        &self.program
+    }
+}
+
+/// The values an expression sees. Built once per applied event and reused for every guard and
+/// assignment of that event.
+pub struct Scope {
+    root: cel::Context<'static, 'static>,
+}
+
+impl std::fmt::Debug for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scope")
+    }
+}
+
+impl Scope {
+    /// A scope over the given data, event payload and instance view.
+    pub fn new(env: &Arc<cel::Env>, data: cel::Value, event: cel::Value, instance: cel::Value) -> Scope {
+        let mut root = cel::Context::with_env(Arc::clone(env));
+        root.add_variable_from_value("data", data);
+        root.add_variable_from_value("event", event);
+        root.add_variable_from_value("instance", instance);
+        Scope { root }
+    }
+
+    /// Replaces `data` (the guards of a choice state see the data after `assign`).
+    pub fn set_data(&mut self, data: cel::Value) {
+        self.root.add_variable_from_value("data", data);
+    }
+
+    /// Evaluates a guard: it must yield a bool.
+    pub fn guard(&self, expr: &Expr) -> Result<bool, String> {
+        match expr.program.execute(&self.root) {
+            Ok(cel::Value::Bool(b)) => Ok(b),
+            Ok(other) => Err(format!(
+                "guard `{}` yielded {:?}, not a bool",
+                expr.source,
+                other.type_of()
+            )),
+            Err(e) => Err(format!("guard `{}`: {e}", expr.source)),
+        }
+    }
+
+    /// Evaluates an assignment to a JSON value.
+    pub fn value(&self, expr: &Expr) -> Result<Json, String> {
+        let value = expr
+            .program
+            .execute(&self.root)
+            .map_err(|e| format!("`{}`: {e}", expr.source))?;
+        cel_to_json(&value).map_err(|e| format!("`{}`: {e}", expr.source))
+    }
+}
+
+/// Converts a JSON value into a CEL value. Whole numbers become `int` (or `uint` above
+/// `i64::MAX`), others `double`.
+pub fn json_to_cel(value: &Json) -> cel::Value {
+    match value {
+        Json::Null => cel::Value::Null,
+        Json::Bool(b) => cel::Value::Bool(*b),
+        Json::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                cel::Value::Int(i)
+            } else if let Some(u) = n.as_u64() {
+                cel::Value::UInt(u)
+            } else {
+                cel::Value::Float(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        Json::String(s) => cel::Value::String(Arc::new(s.clone())),
+        Json::Array(items) => cel::Value::List(Arc::new(items.iter().map(json_to_cel).collect())),
+        Json::Object(map) => map_to_cel(map),
+    }
+}
+
+/// Converts a JSON object into a CEL map.
+pub fn map_to_cel(map: &serde_json::Map<String, Json>) -> cel::Value {
+    let mut out: HashMap<cel::objects::Key, cel::Value> = HashMap::with_capacity(map.len());
+    for (k, v) in map {
+        out.insert(cel::objects::Key::String(Arc::new(k.clone())), json_to_cel(v));
+    }
+    cel::Value::Map(cel::objects::Map { map: Arc::new(out) })
+}
+
+/// Converts a CEL result into JSON; functions, bytes and opaque values are refused.
+pub fn cel_to_json(value: &cel::Value) -> Result<Json, String> {
+    Ok(match value {
+        cel::Value::Null => Json::Null,
+        cel::Value::Bool(b) => Json::Bool(*b),
+        cel::Value::Int(i) => Json::from(*i),
+        cel::Value::UInt(u) => Json::from(*u),
+        cel::Value::Float(f) => serde_json::Number::from_f64(*f)
+            .map(Json::Number)
+            .ok_or_else(|| "result is not a finite number".to_owned())?,
+        cel::Value::String(s) => Json::String(s.as_ref().clone()),
+        cel::Value::List(items) => {
+            Json::Array(items.iter().map(cel_to_json).collect::<Result<_, _>>()?)
+        }
+        cel::Value::Map(map) => {
+            let mut out = serde_json::Map::new();
+            for (k, v) in map.map.iter() {
+                let key = match k {
+                    cel::objects::Key::String(s) => s.as_ref().clone(),
+                    cel::objects::Key::Int(i) => i.to_string(),
+                    cel::objects::Key::Uint(u) => u.to_string(),
+                    cel::objects::Key::Bool(b) => b.to_string(),
+                };
+                out.insert(key, cel_to_json(v)?);
+            }
+            Json::Object(out)
+        }
+        other => return Err(format!("a {:?} cannot be stored in data", other.type_of())),
+    })
+}

@@ -1,0 +1,311 @@
+//! The history record (`StateChangeEvent`) and its per-instance hash chain.
+//!
+//! A record is encoded once, in deterministic CBOR ([`crate::cbor`]); its hash is SHA-256 over
+//! [`RECORD_DOMAIN`] followed by those bytes. Stores keep the exact bytes, and verification
+//! hashes the stored bytes, never a re-encoding.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::cbor;
+use crate::instance::{Phase, Status};
+use crate::resource::Outcome;
+
+/// Domain separation tag for record hashes.
+pub const RECORD_DOMAIN: &[u8] = b"cnsm/StateChangeEvent/v1\0";
+/// Domain separation tag for revision hashes.
+pub const REVISION_DOMAIN: &[u8] = b"cnsm/StateMachineRevision/v1\0";
+/// The record format this code writes; readers accept this and older.
+pub const RECORD_FORMAT: u32 = 1;
+
+/// A SHA-256 digest; hex in JSON and CBOR documents.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Hash32(pub [u8; 32]);
+
+impl Hash32 {
+    /// The previous hash of a genesis record.
+    pub const ZERO: Hash32 = Hash32([0; 32]);
+
+    /// SHA-256 of `domain` followed by `bytes`.
+    pub fn digest(domain: &[u8], bytes: &[u8]) -> Hash32 {
+        let mut hasher = Sha256::new();
+        hasher.update(domain);
+        hasher.update(bytes);
+        Hash32(hasher.finalize().into())
+    }
+
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push(char::from_digit((b >> 4) as u32, 16).unwrap_or('0'));
+            s.push(char::from_digit((b & 15) as u32, 16).unwrap_or('0'));
+        }
+        s
+    }
+
+    pub fn from_hex(s: &str) -> Option<Hash32> {
+        if s.len() != 64 || !s.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+            let hi = (chunk[0] as char).to_digit(16)?;
+            let lo = (chunk[1] as char).to_digit(16)?;
+            out[i] = (hi * 16 + lo) as u8;
+        }
+        Some(Hash32(out))
+    }
+}
+
+impl fmt::Debug for Hash32 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.to_hex())
+    }
+}
+
+impl fmt::Display for Hash32 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.to_hex())
+    }
+}
+
+impl Serialize for Hash32 {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for Hash32 {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        Hash32::from_hex(&s).ok_or_else(|| serde::de::Error::custom("expected 64 hex digits"))
+    }
+}
+
+/// What caused a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RecordKind {
+    /// Creation: record 0.
+    Genesis,
+    /// An applied event.
+    Event,
+    /// A timer fired (state timeout or wait elapsed).
+    Timer,
+    /// A retry back-off ended and the state was re-entered.
+    Retry,
+}
+
+/// What a durable timer is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TimerKind {
+    /// A task state's deadline.
+    Timeout,
+    /// A wait state's duration.
+    Wait,
+    /// A retry back-off.
+    Backoff,
+}
+
+/// A timer armed by a record; an instance has at most one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Timer {
+    pub due_ms: u64,
+    /// The instance's `entry_seq` when armed; a mismatch at firing time drops the timer.
+    pub entry_seq: u64,
+    pub kind: TimerKind,
+}
+
+/// The result of one guard evaluated while choosing a transition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GuardTrace {
+    /// Where the guard is: `onEvent[1]` or `choices[0]` of `state`.
+    pub state: String,
+    pub entry: String,
+    pub result: bool,
+}
+
+/// A recorded feature-flag decision (DESIGN.md §6); replay never re-evaluates it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FlagDecision {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    #[serde(default)]
+    pub value: Value,
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Whether the gate let the transition through.
+    pub allowed: bool,
+}
+
+/// W3C trace context of the request that caused a record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TraceContext {
+    pub trace_id: String,
+    pub span_id: String,
+}
+
+/// The durable history record of one committed transition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StateChangeEvent {
+    pub format: u32,
+    pub namespace: String,
+    pub instance: String,
+    pub machine: String,
+    pub revision: u32,
+    pub revision_hash: Hash32,
+    /// Record N is version N.
+    pub version: u64,
+    pub kind: RecordKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    pub to: String,
+    /// Choice states passed through between `from` and `to`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub via: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guards: Vec<GuardTrace>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<FlagDecision>,
+    /// Genesis: the initial data. Later records: the fields this transition set.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub data: Map<String, Value>,
+    pub status: Status,
+    #[serde(default)]
+    pub phase: Phase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub entry_seq: u64,
+    pub attempt: u32,
+    #[serde(default)]
+    pub in_backoff: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compensations: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_outcome: Option<Outcome>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timer: Option<Timer>,
+    /// Who caused it: the authenticated subject, or `system:timer`.
+    pub actor: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    pub time_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceContext>,
+    /// Genesis only: the instance labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    pub prev_hash: Hash32,
+}
+
+/// A record with its exact stored bytes and hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedRecord {
+    pub version: u64,
+    pub bytes: Vec<u8>,
+    pub hash: Hash32,
+}
+
+/// Why a record or a chain did not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChainError {
+    #[error("record {version}: bytes are not a valid record: {detail}")]
+    Undecodable { version: u64, detail: String },
+    #[error("record {version}: format {format} is newer than this binary reads ({RECORD_FORMAT})")]
+    FutureFormat { version: u64, format: u32 },
+    #[error("record {version}: stored hash does not match its bytes")]
+    HashMismatch { version: u64 },
+    #[error("record {version}: previous hash does not match record {}", version.saturating_sub(1))]
+    BrokenLink { version: u64 },
+    #[error("expected record {expected}, found record {found}")]
+    VersionGap { expected: u64, found: u64 },
+    #[error("record {version} belongs to {found}, not {expected}")]
+    WrongInstance { version: u64, expected: String, found: String },
+}
+
+impl StateChangeEvent {
+    /// Encodes and hashes the record.
+    pub fn seal(&self) -> SealedRecord {
+        let value = serde_json::to_value(self).unwrap_or(Value::Null);
+        let bytes = cbor::encode(&value);
+        let hash = Hash32::digest(RECORD_DOMAIN, &bytes);
+        SealedRecord { version: self.version, bytes, hash }
+    }
+}
+
+impl SealedRecord {
+    /// Decodes the stored bytes, checking the stored hash first.
+    pub fn open(&self) -> Result<StateChangeEvent, ChainError> {
+        if Hash32::digest(RECORD_DOMAIN, &self.bytes) != self.hash {
+            return Err(ChainError::HashMismatch { version: self.version });
+        }
+        decode_record(self.version, &self.bytes)
+    }
+}
+
+/// Decodes record bytes without checking a hash.
+pub fn decode_record(version: u64, bytes: &[u8]) -> Result<StateChangeEvent, ChainError> {
+    let undecodable = |detail: String| ChainError::Undecodable { version, detail };
+    let value = cbor::decode(bytes).map_err(|e| undecodable(e.to_string()))?;
+    let format = value.get("format").and_then(Value::as_u64).unwrap_or(0);
+    if format > RECORD_FORMAT as u64 {
+        return Err(ChainError::FutureFormat { version, format: format as u32 });
+    }
+    let record: StateChangeEvent =
+        serde_json::from_value(value).map_err(|e| undecodable(e.to_string()))?;
+    if record.version != version {
+        return Err(ChainError::VersionGap { expected: version, found: record.version });
+    }
+    Ok(record)
+}
+
+/// Checks one instance's records, in order, starting at `first_version` with `prev_hash` the
+/// hash of the record before it (`Hash32::ZERO` for a chain that starts at genesis).
+///
+/// Returns the hash of the last record.
+pub fn verify_chain<'a>(
+    namespace: &str,
+    instance: &str,
+    first_version: u64,
+    prev_hash: Hash32,
+    records: impl IntoIterator<Item = &'a SealedRecord>,
+) -> Result<Hash32, ChainError> {
+    let mut expected_version = first_version;
+    let mut prev = prev_hash;
+    for sealed in records {
+        if sealed.version != expected_version {
+            return Err(ChainError::VersionGap { expected: expected_version, found: sealed.version });
+        }
+        let record = sealed.open()?;
+        if record.instance != instance || record.namespace != namespace {
+            return Err(ChainError::WrongInstance {
+                version: sealed.version,
+                expected: format!("{namespace}/{instance}"),
+                found: format!("{}/{}", record.namespace, record.instance),
+            });
+        }
+        if record.prev_hash != prev {
+            return Err(ChainError::BrokenLink { version: sealed.version });
+        }
+        prev = sealed.hash;
+        expected_version += 1;
+    }
+    Ok(prev)
+}

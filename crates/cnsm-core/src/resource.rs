@@ -1,0 +1,239 @@
+//! The `StateMachine` resource (`statemachine.cn/v1alpha1`) as typed Rust values.
+//!
+//! These types are what admission produces from YAML and what the store keeps. Field names are
+//! part of the public contract (DESIGN.md §2): add fields, never rename these.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The API group and version every resource carries.
+pub const API_VERSION: &str = "statemachine.cn/v1alpha1";
+/// The kind of a state machine definition.
+pub const KIND_STATE_MACHINE: &str = "StateMachine";
+/// The namespace used when `metadata.namespace` is absent.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The reserved event that takes a task state's `transition` and advances compensations.
+pub const EVENT_COMPLETE: &str = "complete";
+/// The reserved event that reports a failed attempt of a task state.
+pub const EVENT_FAIL: &str = "fail";
+
+/// A complete, admitted `StateMachine` definition.
+///
+/// ```
+/// let yaml = std::fs::read_to_string(concat!(
+///     env!("CARGO_MANIFEST_DIR"),
+///     "/../../../shared/examples/order-processing.yaml"
+/// ));
+/// # let Ok(yaml) = yaml else { return };
+/// let machine = cnsm_core::admission::admit_str(&yaml, None).into_result().unwrap();
+/// assert_eq!(machine.metadata.name, "order-processing");
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StateMachine {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: Spec,
+}
+
+/// `metadata` of a resource.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.to_owned()
+}
+
+/// `spec` of a `StateMachine`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Spec {
+    pub initial_state: String,
+    pub states: Vec<StateDef>,
+}
+
+/// The kind of a state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StateType {
+    /// Work happens elsewhere; the state is left on an event.
+    Task,
+    /// The state is left when its `timeoutSeconds` elapse.
+    Wait,
+    /// The state is left at once by the first true guard, else `default`.
+    Choice,
+    /// Terminal.
+    Final,
+}
+
+impl StateType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateType::Task => "task",
+            StateType::Wait => "wait",
+            StateType::Choice => "choice",
+            StateType::Final => "final",
+        }
+    }
+}
+
+/// How an instance that reaches a final state ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Outcome {
+    #[default]
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+/// One entry of `spec.states`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StateDef {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub state_type: StateType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transition: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on_event: Vec<EventTransition>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<Choice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Retry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensation: Option<String>,
+}
+
+impl StateDef {
+    /// A state of the given name and type with every optional field empty.
+    pub fn new(name: impl Into<String>, state_type: StateType) -> StateDef {
+        StateDef {
+            name: name.into(),
+            state_type,
+            timeout_seconds: None,
+            on_timeout: None,
+            transition: None,
+            on_event: Vec::new(),
+            choices: Vec::new(),
+            default: None,
+            outcome: None,
+            retry: None,
+            on_failure: None,
+            compensation: None,
+        }
+    }
+}
+
+/// One entry of a state's `onEvent` list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EventTransition {
+    pub event: String,
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flag: Option<FlagGate>,
+    /// Data field name to CEL expression, evaluated against the pre-transition values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub assign: BTreeMap<String, String>,
+    /// Data fields passed to the flag evaluation context.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub context: Vec<String>,
+}
+
+/// An OpenFeature gate on a transition (DESIGN.md §6).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FlagGate {
+    pub key: String,
+    /// The transition is allowed when the evaluation yields this variant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    /// The transition is allowed when the evaluation yields this value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<serde_json::Value>,
+    /// A CEL expression for the targeting key; the instance id when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targeting_key: Option<String>,
+    #[serde(default)]
+    pub on_flag_error: FlagErrorPolicy,
+}
+
+/// What a provider error means for a flag-gated transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum FlagErrorPolicy {
+    #[default]
+    Deny,
+    Allow,
+}
+
+/// One entry of a choice state's `choices` list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Choice {
+    pub guard: String,
+    pub target: String,
+}
+
+/// `retry` of a task state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Retry {
+    /// Every try counts, the first included.
+    pub max_attempts: u32,
+    #[serde(default = "default_backoff_seconds")]
+    pub backoff_seconds: f64,
+    #[serde(default = "default_backoff_rate")]
+    pub backoff_rate: f64,
+}
+
+fn default_backoff_seconds() -> f64 {
+    1.0
+}
+
+fn default_backoff_rate() -> f64 {
+    2.0
+}
+
+impl Retry {
+    /// The back-off before attempt `next_attempt` (2 is the first retry), in milliseconds.
+    pub fn backoff_ms(&self, next_attempt: u32) -> u64 {
+        let exponent = next_attempt.saturating_sub(2) as i32;
+        let seconds = self.backoff_seconds * self.backoff_rate.powi(exponent);
+        // A year bounds the wait so the timer arithmetic never overflows.
+        (seconds.clamp(0.0, 31_536_000.0) * 1000.0).round() as u64
+    }
+}
+
+impl StateMachine {
+    /// The state named `name`, if defined.
+    pub fn state(&self, name: &str) -> Option<&StateDef> {
+        self.spec.states.iter().find(|s| s.name == name)
+    }
+}

@@ -1,0 +1,540 @@
+//! The committer thread: batches requests, applies them through the engine, commits each batch
+//! durably once, then answers every waiter (group commit). Due timers enter the same batches.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use cnsm_core::TransitionError;
+use cnsm_core::engine::{ACTOR_TIMER, Input, NewInstance, Trigger};
+use cnsm_core::record::{Hash32, StateChangeEvent};
+use cnsm_core::{Instance, SealedRecord};
+use cnsm_store::{CommitItem, IdempotencyEntry, ItemOutcome, TimerRef};
+use tokio::sync::oneshot;
+
+use crate::timers::TimerIndex;
+use crate::{CreateInstance, EventRequest, RuntimeError, Shared, TransitionOutcome};
+
+/// Longest sleep of the timer driver, so a clock jump is noticed.
+const SLEEP_MS_MAX: u64 = 1000;
+
+pub(crate) enum Command {
+    Create {
+        request: CreateInstance,
+        reply: oneshot::Sender<Result<Instance, RuntimeError>>,
+    },
+    Event {
+        namespace: String,
+        id: String,
+        event: EventRequest,
+        reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>>,
+    },
+    Tick {
+        reply: oneshot::Sender<usize>,
+    },
+    CountTimers {
+        reply: oneshot::Sender<usize>,
+    },
+    Stop,
+}
+
+type Key = (String, String);
+
+struct Cached {
+    uid: Option<u64>,
+    instance: Instance,
+}
+
+/// What to answer once the batch is durable.
+enum Waiter {
+    Created { item: usize, reply: oneshot::Sender<Result<Instance, RuntimeError>> },
+    Applied { item: usize, replayed: bool, reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>> },
+    CreateFailed { error: RuntimeError, reply: oneshot::Sender<Result<Instance, RuntimeError>> },
+    EventFailed { error: RuntimeError, reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>> },
+    Tick { n_fired: usize, reply: oneshot::Sender<usize> },
+}
+
+struct Committer {
+    shared: Arc<Shared>,
+    cache: HashMap<Key, Cached>,
+    timers: TimerIndex,
+}
+
+pub(crate) fn start(shared: Arc<Shared>) -> Result<(SyncSender<Command>, JoinHandle<()>), RuntimeError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(shared.options.queue_len_max);
+    let mut committer = Committer { shared, cache: HashMap::new(), timers: TimerIndex::default() };
+    if committer.shared.options.timers {
+        committer.rebuild_timers()?;
+    }
+    let thread = std::thread::Builder::new()
+        .name("cnsm-committer".into())
+        .spawn(move || committer.run(rx))
+        .map_err(|e| RuntimeError::Unavailable(format!("cannot start the committer: {e}")))?;
+    Ok((tx, thread))
+}
+
+/// The answer to a repeated idempotency key: the original record, or a conflict.
+pub(crate) fn replay(
+    shared: &Shared,
+    namespace: &str,
+    id: &str,
+    event: &EventRequest,
+    entry: &IdempotencyEntry,
+) -> Result<TransitionOutcome, RuntimeError> {
+    if entry.request_hash != event.request_hash() {
+        return Err(RuntimeError::Conflict(format!(
+            "idempotency key '{}' was used with a different request",
+            entry.key
+        )));
+    }
+    let sealed = shared.store.history(namespace, id, 0, entry.version as usize + 1)?;
+    let history = crate::decode_history(&sealed)?;
+    let instance = Instance::replay(history.iter().map(|h| (&h.record, h.hash)))
+        .map_err(|e| RuntimeError::Unavailable(format!("history does not replay: {e}")))?
+        .ok_or_else(|| RuntimeError::NotFound(format!("instance {namespace}/{id}")))?;
+    let last = history
+        .into_iter()
+        .last()
+        .ok_or_else(|| RuntimeError::NotFound(format!("instance {namespace}/{id}")))?;
+    Ok(TransitionOutcome { record: last.record, hash: last.hash, instance, replayed: true })
+}
+
+impl Committer {
+    fn rebuild_timers(&mut self) -> Result<(), RuntimeError> {
+        self.timers.clear();
+        let timers = &mut self.timers;
+        self.shared.store.pending_timers(&mut |t| timers.insert_ref(t))?;
+        Ok(())
+    }
+
+    fn run(mut self, rx: Receiver<Command>) {
+        let batch_len_max = self.shared.options.batch_len_max.max(1);
+        let clock = Arc::clone(&self.shared.options.clock);
+        let drive_timers = self.shared.options.timers && !clock.is_virtual();
+        loop {
+            let wait = if drive_timers {
+                let now = clock.now_ms();
+                let until = self.timers.next_due_ms().map(|d| d.saturating_sub(now)).unwrap_or(SLEEP_MS_MAX);
+                Some(Duration::from_millis(until.min(SLEEP_MS_MAX)))
+            } else {
+                None
+            };
+            let first = match wait {
+                Some(d) if d.is_zero() => None,
+                Some(d) => match rx.recv_timeout(d) {
+                    Ok(c) => Some(c),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
+                None => match rx.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => break,
+                },
+            };
+            let mut batch: Vec<Command> = first.into_iter().collect();
+            while batch.len() < batch_len_max {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            let stop = batch.iter().any(|c| matches!(c, Command::Stop));
+            let fire_timers = drive_timers || batch.iter().any(|c| matches!(c, Command::Tick { .. }));
+            self.process(batch, fire_timers);
+            if stop {
+                break;
+            }
+        }
+    }
+
+    /// The current state of an instance: this batch's working copy, the cache, or the store.
+    fn load(&mut self, key: &Key) -> Result<Option<&mut Cached>, RuntimeError> {
+        if !self.cache.contains_key(key) {
+            match self.shared.store.instance(&key.0, &key.1)? {
+                Some(stored) => {
+                    if self.cache.len() >= self.shared.options.cache_len_max {
+                        self.cache.clear();
+                    }
+                    self.cache.insert(key.clone(), Cached { uid: Some(stored.uid), instance: stored.instance });
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(self.cache.get_mut(key))
+    }
+
+    fn process(&mut self, batch: Vec<Command>, fire_timers: bool) {
+        let now_ms = self.shared.options.clock.now_ms();
+        let mut items: Vec<CommitItem> = Vec::new();
+        let mut item_keys: Vec<Key> = Vec::new();
+        // The instance before the batch touched it, to restore on a failed commit.
+        let mut before: HashMap<Key, Option<Instance>> = HashMap::new();
+        let mut waiters: Vec<Waiter> = Vec::new();
+        let mut pending_keys: HashMap<(Key, String), (Hash32, usize)> = HashMap::new();
+        let mut n_timers_fired = 0;
+
+        for command in batch {
+            match command {
+                Command::Stop => {}
+                Command::CountTimers { reply } => {
+                    let _ = reply.send(self.timers.len());
+                }
+                Command::Tick { reply } => waiters.push(Waiter::Tick { n_fired: 0, reply }),
+                Command::Create { request, reply } => {
+                    match self.create(request, now_ms, &mut items, &mut item_keys, &mut before) {
+                        Ok(item) => waiters.push(Waiter::Created { item, reply }),
+                        Err(error) => waiters.push(Waiter::CreateFailed { error, reply }),
+                    }
+                }
+                Command::Event { namespace, id, event, reply } => {
+                    let key = (namespace, id);
+                    match self.event(&key, event, now_ms, &mut items, &mut item_keys, &mut before, &mut pending_keys) {
+                        Ok((item, replayed)) => waiters.push(Waiter::Applied { item, replayed, reply }),
+                        Err(error) => waiters.push(Waiter::EventFailed { error, reply }),
+                    }
+                }
+            }
+        }
+        if fire_timers {
+            n_timers_fired = self.fire_due(now_ms, &mut items, &mut item_keys, &mut before);
+        }
+        for w in &mut waiters {
+            if let Waiter::Tick { n_fired, .. } = w {
+                *n_fired = n_timers_fired;
+            }
+        }
+        if items.is_empty() {
+            answer(waiters, &[], &[]);
+            return;
+        }
+        match self.shared.store.commit(&items) {
+            Ok(outcomes) => {
+                self.after_commit(&items, &item_keys, &outcomes, &before);
+                answer(waiters, &items, &outcomes);
+            }
+            Err(e) => {
+                // Nothing of the batch is durable: forget the working copies, rebuild the timer
+                // index from the store, and fail every waiter of the batch.
+                for key in before.keys() {
+                    self.cache.remove(key);
+                }
+                if let Ok(mut versions) = self.shared.versions.lock() {
+                    versions.clear();
+                }
+                let _ = self.rebuild_timers();
+                let message = format!("the durable commit failed, nothing was committed: {e}");
+                fail_all(waiters, &message);
+            }
+        }
+    }
+
+    fn create(
+        &mut self,
+        request: CreateInstance,
+        now_ms: u64,
+        items: &mut Vec<CommitItem>,
+        item_keys: &mut Vec<Key>,
+        before: &mut HashMap<Key, Option<Instance>>,
+    ) -> Result<usize, RuntimeError> {
+        let row = self
+            .shared
+            .store
+            .definition(&request.namespace, &request.machine, request.revision)?
+            .ok_or_else(|| {
+                RuntimeError::NotFound(format!("statemachine {}/{}", request.namespace, request.machine))
+            })?;
+        let machine = self.shared.machine(&request.namespace, &request.machine, row.revision)?;
+        let id = request.id.clone().unwrap_or_else(|| generate_id(&request.machine));
+        let key = (request.namespace.clone(), id.clone());
+        if self.load(&key)?.is_some() {
+            return Err(RuntimeError::Conflict(format!("instance {}/{} already exists", key.0, key.1)));
+        }
+        let record = machine.create(NewInstance {
+            namespace: &request.namespace,
+            id: &id,
+            data: request.data,
+            labels: request.labels,
+            now_ms,
+            actor: &request.actor,
+        })?;
+        let sealed = record.seal();
+        let instance = Instance::from_genesis(&record, sealed.hash)
+            .map_err(|e| RuntimeError::Unavailable(format!("genesis record does not apply: {e}")))?;
+        before.entry(key.clone()).or_insert(None);
+        self.cache.insert(key.clone(), Cached { uid: None, instance: instance.clone() });
+        items.push(CommitItem { instance, record: sealed, expected_version: None, idempotency: None });
+        item_keys.push(key);
+        Ok(items.len() - 1)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn event(
+        &mut self,
+        key: &Key,
+        event: EventRequest,
+        now_ms: u64,
+        items: &mut Vec<CommitItem>,
+        item_keys: &mut Vec<Key>,
+        before: &mut HashMap<Key, Option<Instance>>,
+        pending_keys: &mut HashMap<(Key, String), (Hash32, usize)>,
+    ) -> Result<(usize, bool), RuntimeError> {
+        let request_hash = event.request_hash();
+        if let Some(k) = &event.idempotency_key {
+            if let Some((hash, item)) = pending_keys.get(&(key.clone(), k.clone())) {
+                if *hash != request_hash {
+                    return Err(RuntimeError::Conflict(format!(
+                        "idempotency key '{k}' was used with a different request"
+                    )));
+                }
+                return Ok((*item, true));
+            }
+            if let Some(entry) = self.shared.store.idempotency(&key.0, &key.1, k)? {
+                // Committed by an earlier batch after this request passed its arrival check.
+                return Err(match replay(&self.shared, &key.0, &key.1, &event, &entry) {
+                    Ok(_) => RuntimeError::Conflict(format!(
+                        "idempotency key '{k}' was committed concurrently; repeat the request to read its result"
+                    )),
+                    Err(e) => e,
+                });
+            }
+        }
+        let ttl = self.shared.options.idempotency_ttl_ms;
+        let shared = Arc::clone(&self.shared);
+        let Some(cached) = self.load(key)? else {
+            return Err(RuntimeError::NotFound(format!("instance {}/{}", key.0, key.1)));
+        };
+        if let Some(expected) = event.expected_version
+            && expected != cached.instance.version
+        {
+            return Err(TransitionError::RaceCondition { expected, actual: cached.instance.version }.into());
+        }
+        let instance = &cached.instance;
+        let machine = shared.machine(&instance.namespace, &instance.machine, instance.revision)?;
+        let mut input = Input::new(Trigger::Event { name: &event.name, payload: &event.payload }, now_ms, &event.actor);
+        input.idempotency_key = event.idempotency_key.as_deref();
+        input.trace = event.trace.clone();
+        let record = machine.apply(instance, &input)?;
+        let sealed = record.seal();
+        let expected_version = instance.version;
+        before.entry(key.clone()).or_insert_with(|| Some(cached.instance.clone()));
+        cached
+            .instance
+            .apply_record(&record, sealed.hash)
+            .map_err(|e| RuntimeError::Unavailable(format!("record does not apply: {e}")))?;
+        let idempotency = event.idempotency_key.as_ref().map(|k| IdempotencyEntry {
+            key: k.clone(),
+            request_hash,
+            version: record.version,
+            expires_ms: now_ms.saturating_add(ttl),
+        });
+        items.push(CommitItem {
+            instance: cached.instance.clone(),
+            record: sealed,
+            expected_version: Some(expected_version),
+            idempotency,
+        });
+        item_keys.push(key.clone());
+        if let Some(k) = event.idempotency_key {
+            pending_keys.insert((key.clone(), k), (request_hash, items.len() - 1));
+        }
+        Ok((items.len() - 1, false))
+    }
+
+    /// Turns due timers into items. A timer whose instance moved on is dropped silently.
+    fn fire_due(
+        &mut self,
+        now_ms: u64,
+        items: &mut Vec<CommitItem>,
+        item_keys: &mut Vec<Key>,
+        before: &mut HashMap<Key, Option<Instance>>,
+    ) -> usize {
+        let n_max = self.shared.options.batch_len_max.max(1);
+        let due = self.timers.pop_due(now_ms, n_max);
+        let mut n_fired = 0;
+        for timer in due {
+            match self.fire_one(timer, now_ms, items, item_keys, before) {
+                Ok(true) => n_fired += 1,
+                Ok(false) => {}
+                Err(_) => {
+                    // Retried until it commits: put it back for the next round.
+                    self.timers.insert_ref(TimerRef { due_ms: now_ms + 100, ..timer });
+                }
+            }
+        }
+        n_fired
+    }
+
+    fn fire_one(
+        &mut self,
+        timer: TimerRef,
+        now_ms: u64,
+        items: &mut Vec<CommitItem>,
+        item_keys: &mut Vec<Key>,
+        before: &mut HashMap<Key, Option<Instance>>,
+    ) -> Result<bool, RuntimeError> {
+        let Some(stored) = self.shared.store.instance_by_uid(timer.uid)? else {
+            return Ok(false);
+        };
+        let key = (stored.instance.namespace.clone(), stored.instance.id.clone());
+        let shared = Arc::clone(&self.shared);
+        let Some(cached) = self.load(&key)? else { return Ok(false) };
+        cached.uid = Some(timer.uid);
+        let instance = &cached.instance;
+        let machine = shared.machine(&instance.namespace, &instance.machine, instance.revision)?;
+        let fired = cnsm_core::record::Timer { due_ms: timer.due_ms, entry_seq: timer.entry_seq, kind: timer.kind };
+        let input = Input::new(Trigger::Timer(fired), now_ms, ACTOR_TIMER);
+        let Some(record) = machine.fire(instance, &input)? else {
+            return Ok(false);
+        };
+        let sealed = record.seal();
+        let expected_version = instance.version;
+        before.entry(key.clone()).or_insert_with(|| Some(cached.instance.clone()));
+        cached
+            .instance
+            .apply_record(&record, sealed.hash)
+            .map_err(|e| RuntimeError::Unavailable(format!("record does not apply: {e}")))?;
+        items.push(CommitItem {
+            instance: cached.instance.clone(),
+            record: sealed,
+            expected_version: Some(expected_version),
+            idempotency: None,
+        });
+        item_keys.push(key);
+        Ok(true)
+    }
+
+    fn after_commit(&mut self, items: &[CommitItem], item_keys: &[Key], outcomes: &[ItemOutcome], before: &HashMap<Key, Option<Instance>>) {
+        let listeners = self.shared.listeners.read().map(|l| l.clone()).unwrap_or_default();
+        let mut versions = self.shared.versions.lock().ok();
+        if let Some(v) = versions.as_mut()
+            && v.len() > self.shared.options.cache_len_max
+        {
+            v.clear();
+        }
+        // The timer each instance had before the batch, to take out of the index.
+        let mut old_timers: HashMap<&Key, Option<cnsm_core::record::Timer>> = HashMap::new();
+        for (key, prior) in before {
+            old_timers.insert(key, prior.as_ref().and_then(|i| i.timer));
+        }
+        let mut conflicted: Vec<&Key> = Vec::new();
+        for ((item, key), outcome) in items.iter().zip(item_keys).zip(outcomes) {
+            match outcome {
+                ItemOutcome::Committed { uid } => {
+                    if let Some(old) = old_timers.get_mut(key) {
+                        if let Some(t) = old.take() {
+                            self.timers.remove(*uid, &t);
+                        }
+                        *old = item.instance.timer;
+                    }
+                    if let Some(t) = &item.instance.timer {
+                        self.timers.insert(*uid, t);
+                    }
+                    if let Some(c) = self.cache.get_mut(key) {
+                        c.uid = Some(*uid);
+                    }
+                    if let Some(v) = versions.as_mut() {
+                        v.insert(key.clone(), item.instance.version);
+                    }
+                    if !listeners.is_empty()
+                        && let Ok(record) = item.record.open()
+                    {
+                        for l in &listeners {
+                            l.on_commit(&record, item.record.hash, &item.instance);
+                        }
+                    }
+                }
+                ItemOutcome::Conflict { .. } => conflicted.push(key),
+            }
+        }
+        // A conflict means another writer moved the instance: reload it next time.
+        for key in conflicted {
+            self.cache.remove(key);
+            if let Some(v) = versions.as_mut() {
+                v.remove(key);
+            }
+        }
+        // Drop final instances from the cache: nothing more happens to them.
+        self.cache.retain(|_, c| !c.instance.status.is_final());
+    }
+}
+
+fn answer(waiters: Vec<Waiter>, items: &[CommitItem], outcomes: &[ItemOutcome]) {
+    let conflict = |item: usize| match outcomes.get(item) {
+        Some(ItemOutcome::Committed { .. }) => None,
+        Some(ItemOutcome::Conflict { actual }) => Some(*actual),
+        None => Some(None),
+    };
+    for waiter in waiters {
+        match waiter {
+            Waiter::Created { item, reply } => {
+                let result = match conflict(item) {
+                    None => Ok(items[item].instance.clone()),
+                    Some(_) => Err(RuntimeError::Conflict(format!(
+                        "instance {}/{} already exists",
+                        items[item].instance.namespace, items[item].instance.id
+                    ))),
+                };
+                let _ = reply.send(result);
+            }
+            Waiter::Applied { item, replayed, reply } => {
+                let result = match conflict(item) {
+                    None => outcome_of(&items[item], replayed),
+                    Some(actual) => {
+                        let expected = items[item].expected_version.unwrap_or(0);
+                        Err(TransitionError::RaceCondition { expected, actual: actual.unwrap_or(0) }.into())
+                    }
+                };
+                let _ = reply.send(result);
+            }
+            Waiter::CreateFailed { error, reply } => {
+                let _ = reply.send(Err(error));
+            }
+            Waiter::EventFailed { error, reply } => {
+                let _ = reply.send(Err(error));
+            }
+            Waiter::Tick { n_fired, reply } => {
+                let _ = reply.send(n_fired);
+            }
+        }
+    }
+}
+
+fn outcome_of(item: &CommitItem, replayed: bool) -> Result<TransitionOutcome, RuntimeError> {
+    let record: StateChangeEvent = open(&item.record)?;
+    Ok(TransitionOutcome { record, hash: item.record.hash, instance: item.instance.clone(), replayed })
+}
+
+fn open(sealed: &SealedRecord) -> Result<StateChangeEvent, RuntimeError> {
+    sealed.open().map_err(|e| RuntimeError::Unavailable(format!("record failed its check: {e}")))
+}
+
+fn fail_all(waiters: Vec<Waiter>, message: &str) {
+    for waiter in waiters {
+        match waiter {
+            Waiter::Created { reply, .. } | Waiter::CreateFailed { reply, .. } => {
+                let _ = reply.send(Err(RuntimeError::Unavailable(message.to_owned())));
+            }
+            Waiter::Applied { reply, .. } | Waiter::EventFailed { reply, .. } => {
+                let _ = reply.send(Err(RuntimeError::Unavailable(message.to_owned())));
+            }
+            Waiter::Tick { reply, .. } => {
+                let _ = reply.send(0);
+            }
+        }
+    }
+}
+
+/// A fresh instance id: the machine name and 12 hex digits from the OS's randomness.
+fn generate_id(machine: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!("{machine}-{:012x}", hasher.finish() & 0xffff_ffff_ffff)
+}

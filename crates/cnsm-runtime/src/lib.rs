@@ -1,0 +1,554 @@
+//! The cnsm runtime: applies events to instances through the pure engine and a durable store,
+//! with group commit, and owns the timers.
+//!
+//! Requests enter a bounded queue. One committer thread takes everything pending as a batch,
+//! applies each request through [`cnsm_core::engine::Machine`] against the cached current state
+//! of its instance (requests for one instance in arrival order), writes every resulting record
+//! in one store transaction, waits for it to be durable, then answers every waiter. Due timers
+//! re-enter through the same path, so per-instance order and compare-and-swap have one source.
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! use cnsm_runtime::{Runtime, RuntimeOptions, CreateInstance, EventRequest};
+//! use cnsm_store::embedded::EmbeddedStore;
+//! let dir = tempfile::tempdir().unwrap();
+//! let store = EmbeddedStore::open(dir.path()).unwrap();
+//! let runtime = Runtime::open(store, RuntimeOptions::default()).unwrap();
+//! let yaml = r#"
+//! apiVersion: statemachine.cn/v1alpha1
+//! kind: StateMachine
+//! metadata: {name: door}
+//! spec:
+//!   initialState: closed
+//!   states:
+//!   - {name: closed, type: task, timeoutSeconds: 60, onEvent: [{event: open, target: opened}]}
+//!   - {name: opened, type: final}
+//! "#;
+//! runtime.apply_yaml(yaml, None).await.unwrap();
+//! let door = runtime.create_instance(CreateInstance::new("default", "door").id("d-1")).await.unwrap();
+//! assert_eq!(door.state, "closed");
+//! let done = runtime.send("default", "d-1", EventRequest::new("open")).await.unwrap();
+//! assert_eq!(done.instance.state, "opened");
+//! assert_eq!(runtime.history("default", "d-1", 0, 100).await.unwrap().len(), 2);
+//! runtime.shutdown();
+//! # });
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use cnsm_core::admission::{self, Problem};
+use cnsm_core::engine::Machine;
+use cnsm_core::record::{Hash32, SealedRecord, StateChangeEvent, TraceContext};
+use cnsm_core::resource::StateMachine;
+use cnsm_core::{Instance, Status};
+use cnsm_store::{DefinitionRow, InstanceQuery, PutDefinition, Store};
+use serde_json::{Map, Value};
+use tokio::sync::oneshot;
+
+pub mod clock;
+mod committer;
+mod error;
+mod timers;
+
+pub use clock::{Clock, SystemClock, VirtualClock};
+pub use error::RuntimeError;
+
+/// Limits and defaults of a runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// Requests waiting for the committer; more are refused with `Unavailable`.
+    pub queue_len_max: usize,
+    /// Most requests one durable commit serves.
+    pub batch_len_max: usize,
+    /// How long idempotency keys are remembered.
+    pub idempotency_ttl_ms: u64,
+    /// Instances kept in memory between batches.
+    pub cache_len_max: usize,
+    /// Largest event payload or instance data, in bytes of JSON.
+    pub payload_len_max: usize,
+    /// Whether the timer driver runs (read-only tools turn it off).
+    pub timers: bool,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> RuntimeOptions {
+        RuntimeOptions {
+            queue_len_max: 65_536,
+            batch_len_max: 2_048,
+            idempotency_ttl_ms: 24 * 3600 * 1000,
+            cache_len_max: 200_000,
+            payload_len_max: 1 << 20,
+            timers: true,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+impl RuntimeOptions {
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> RuntimeOptions {
+        self.clock = clock;
+        self
+    }
+}
+
+/// A request to create an instance.
+#[derive(Debug, Clone)]
+pub struct CreateInstance {
+    pub namespace: String,
+    pub machine: String,
+    /// Generated when absent.
+    pub id: Option<String>,
+    pub data: Map<String, Value>,
+    pub labels: BTreeMap<String, String>,
+    /// A specific revision; the latest when absent.
+    pub revision: Option<u32>,
+    pub actor: String,
+}
+
+impl CreateInstance {
+    pub fn new(namespace: impl Into<String>, machine: impl Into<String>) -> CreateInstance {
+        CreateInstance {
+            namespace: namespace.into(),
+            machine: machine.into(),
+            id: None,
+            data: Map::new(),
+            labels: BTreeMap::new(),
+            revision: None,
+            actor: "anonymous".into(),
+        }
+    }
+
+    pub fn id(mut self, id: impl Into<String>) -> CreateInstance {
+        self.id = Some(id.into());
+        self
+    }
+
+    pub fn data(mut self, data: Map<String, Value>) -> CreateInstance {
+        self.data = data;
+        self
+    }
+
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> CreateInstance {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// An event for an instance.
+#[derive(Debug, Clone)]
+pub struct EventRequest {
+    pub name: String,
+    pub payload: Value,
+    pub idempotency_key: Option<String>,
+    /// Compare-and-swap: apply only at this version.
+    pub expected_version: Option<u64>,
+    pub trace: Option<TraceContext>,
+    pub actor: String,
+}
+
+impl EventRequest {
+    pub fn new(name: impl Into<String>) -> EventRequest {
+        EventRequest {
+            name: name.into(),
+            payload: Value::Null,
+            idempotency_key: None,
+            expected_version: None,
+            trace: None,
+            actor: "anonymous".into(),
+        }
+    }
+
+    pub fn payload(mut self, payload: Value) -> EventRequest {
+        self.payload = payload;
+        self
+    }
+
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> EventRequest {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    pub fn expected_version(mut self, version: u64) -> EventRequest {
+        self.expected_version = Some(version);
+        self
+    }
+
+    pub fn actor(mut self, actor: impl Into<String>) -> EventRequest {
+        self.actor = actor.into();
+        self
+    }
+
+    /// The hash that identifies the request for idempotency.
+    pub(crate) fn request_hash(&self) -> Hash32 {
+        let mut bytes = Vec::new();
+        cnsm_core::cbor::encode_text(&mut bytes, &self.name);
+        cnsm_core::cbor::encode_into(&mut bytes, &self.payload);
+        Hash32::digest(b"cnsm/idempotency/v1\0", &bytes)
+    }
+}
+
+/// A committed transition (or the replay of one, for a repeated idempotency key).
+#[derive(Debug, Clone)]
+pub struct TransitionOutcome {
+    pub record: StateChangeEvent,
+    pub hash: Hash32,
+    /// The instance right after the record.
+    pub instance: Instance,
+    /// True when an idempotency key matched an earlier commit and nothing changed.
+    pub replayed: bool,
+}
+
+/// A definition stored by [`Runtime::apply`].
+#[derive(Debug, Clone)]
+pub struct AppliedDefinition {
+    pub namespace: String,
+    pub name: String,
+    pub revision: u32,
+    pub hash: Hash32,
+    /// False when the content equals the latest revision (nothing changed).
+    pub created: bool,
+    /// Admission warnings.
+    pub warnings: Vec<Problem>,
+}
+
+/// One history entry as read back from the store.
+#[derive(Debug, Clone)]
+pub struct HistoryEntry {
+    pub record: StateChangeEvent,
+    pub hash: Hash32,
+}
+
+/// Observes every committed transition, on the committer thread, before waiters are answered.
+/// Keep it quick.
+pub trait CommitListener: Send + Sync + 'static {
+    fn on_commit(&self, record: &StateChangeEvent, hash: Hash32, instance: &Instance);
+}
+
+pub(crate) struct Shared {
+    pub store: Arc<dyn Store>,
+    pub options: RuntimeOptions,
+    pub machines: RwLock<HashMap<(String, String, u32), Arc<Machine>>>,
+    pub listeners: RwLock<Vec<Arc<dyn CommitListener>>>,
+    /// Durable versions the committer published, for StaleState checks on arrival.
+    pub versions: Mutex<HashMap<(String, String), u64>>,
+}
+
+impl Shared {
+    /// The compiled machine of a revision, from the cache or the store.
+    pub(crate) fn machine(&self, namespace: &str, name: &str, revision: u32) -> Result<Arc<Machine>, RuntimeError> {
+        let key = (namespace.to_owned(), name.to_owned(), revision);
+        if let Some(m) = self.machines.read().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(m);
+        }
+        let row = self
+            .store
+            .definition(namespace, name, Some(revision))?
+            .ok_or_else(|| RuntimeError::NotFound(format!("statemachine {namespace}/{name}@{revision}")))?;
+        let machine = Machine::compile(row.definition)
+            .map_err(|e| RuntimeError::Unavailable(format!("stored definition does not compile: {e}")))?
+            .with_revision(revision);
+        let machine = Arc::new(machine);
+        if let Ok(mut cache) = self.machines.write() {
+            cache.insert(key, Arc::clone(&machine));
+        }
+        Ok(machine)
+    }
+}
+
+/// The runtime. Cheap to clone; the committer stops when [`Runtime::shutdown`] is called or the
+/// last clone is dropped.
+#[derive(Clone)]
+pub struct Runtime {
+    shared: Arc<Shared>,
+    queue: std::sync::mpsc::SyncSender<committer::Command>,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// Starts a runtime over `store`: rebuilds the timer index (overdue timers fire right away)
+    /// and starts the committer thread.
+    pub fn open(store: impl Store, options: RuntimeOptions) -> Result<Runtime, RuntimeError> {
+        Runtime::open_shared(Arc::new(store), options)
+    }
+
+    /// Like [`Runtime::open`] over a store the caller keeps a handle to.
+    pub fn open_shared(store: Arc<dyn Store>, options: RuntimeOptions) -> Result<Runtime, RuntimeError> {
+        let shared = Arc::new(Shared {
+            store,
+            options,
+            machines: RwLock::new(HashMap::new()),
+            listeners: RwLock::new(Vec::new()),
+            versions: Mutex::new(HashMap::new()),
+        });
+        let (queue, thread) = committer::start(Arc::clone(&shared))?;
+        Ok(Runtime { shared, queue, thread: Arc::new(Mutex::new(Some(thread))) })
+    }
+
+    /// The store under the runtime.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.shared.options.clock
+    }
+
+    /// Adds an observer of committed transitions.
+    pub fn subscribe(&self, listener: Arc<dyn CommitListener>) {
+        if let Ok(mut l) = self.shared.listeners.write() {
+            l.push(listener);
+        }
+    }
+
+    /// Stops the committer after the requests already queued; later calls get `Unavailable`.
+    pub fn shutdown(&self) {
+        let _ = self.queue.try_send(committer::Command::Stop);
+        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+
+    async fn submit<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> committer::Command) -> Result<T, RuntimeError> {
+        let (tx, rx) = oneshot::channel();
+        match self.queue.try_send(make(tx)) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                return Err(RuntimeError::Unavailable("the request queue is full; retry later".into()));
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                return Err(RuntimeError::Unavailable("the runtime has stopped".into()));
+            }
+        }
+        rx.await.map_err(|_| RuntimeError::Unavailable("the runtime stopped before answering".into()))
+    }
+
+    /// Admits a YAML definition and stores it (a new revision when the content changed).
+    pub async fn apply_yaml(&self, source: &str, file: Option<&str>) -> Result<AppliedDefinition, RuntimeError> {
+        let admitted = admission::admit_str(source, file);
+        let warnings: Vec<Problem> = admitted.warnings().cloned().collect();
+        match admitted.machine {
+            Some(machine) => {
+                let mut applied = self.apply(machine).await?;
+                applied.warnings = warnings;
+                Ok(applied)
+            }
+            None => Err(RuntimeError::Admission(admitted.problems)),
+        }
+    }
+
+    /// Admits a typed definition and stores it.
+    pub async fn apply(&self, machine: StateMachine) -> Result<AppliedDefinition, RuntimeError> {
+        let admitted = admission::admit(machine);
+        let warnings: Vec<Problem> = admitted.warnings().cloned().collect();
+        let Some(machine) = admitted.machine else {
+            return Err(RuntimeError::Admission(admitted.problems));
+        };
+        let compiled = Machine::compile(machine.clone()).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        let hash = compiled.hash();
+        let now_ms = self.shared.options.clock.now_ms();
+        let outcome = self.shared.store.put_definition(&machine, hash, now_ms)?;
+        let (revision, created) = match outcome {
+            PutDefinition::Created(r) => (r, true),
+            PutDefinition::Unchanged(r) => (r, false),
+        };
+        Ok(AppliedDefinition {
+            namespace: machine.metadata.namespace.clone(),
+            name: machine.metadata.name.clone(),
+            revision,
+            hash,
+            created,
+            warnings,
+        })
+    }
+
+    /// A definition revision (the latest when `revision` is `None`).
+    pub async fn definition(&self, namespace: &str, name: &str, revision: Option<u32>) -> Result<DefinitionRow, RuntimeError> {
+        self.shared
+            .store
+            .definition(namespace, name, revision)?
+            .ok_or_else(|| RuntimeError::NotFound(format!("statemachine {namespace}/{name}")))
+    }
+
+    pub async fn definitions(&self, namespace: Option<&str>) -> Result<Vec<DefinitionRow>, RuntimeError> {
+        Ok(self.shared.store.list_definitions(namespace)?)
+    }
+
+    /// Deletes a definition; refused while instances of it are active.
+    pub async fn delete_definition(&self, namespace: &str, name: &str) -> Result<(), RuntimeError> {
+        if self.shared.store.delete_definition(namespace, name)? {
+            if let Ok(mut cache) = self.shared.machines.write() {
+                cache.retain(|(ns, n, _), _| !(ns == namespace && n == name));
+            }
+            Ok(())
+        } else {
+            Err(RuntimeError::NotFound(format!("statemachine {namespace}/{name}")))
+        }
+    }
+
+    /// Creates an instance at version 0 (its genesis record).
+    pub async fn create_instance(&self, request: CreateInstance) -> Result<Instance, RuntimeError> {
+        validate_name("namespace", &request.namespace)?;
+        if let Some(id) = &request.id {
+            validate_id(id)?;
+        }
+        let size = serde_json::to_vec(&request.data).map(|v| v.len()).unwrap_or(0);
+        if size > self.shared.options.payload_len_max {
+            return Err(RuntimeError::Invalid(format!(
+                "instance data is {size} bytes, more than the limit of {}",
+                self.shared.options.payload_len_max
+            )));
+        }
+        self.submit(|reply| committer::Command::Create { request, reply }).await?
+    }
+
+    /// Applies an event. Checks, in order: the idempotency key, then the expected version.
+    pub async fn send(&self, namespace: &str, id: &str, event: EventRequest) -> Result<TransitionOutcome, RuntimeError> {
+        if event.name.is_empty() || event.name.len() > 253 {
+            return Err(RuntimeError::Invalid("event name must be 1 to 253 characters".into()));
+        }
+        let size = serde_json::to_vec(&event.payload).map(|v| v.len()).unwrap_or(0);
+        if size > self.shared.options.payload_len_max {
+            return Err(RuntimeError::Invalid(format!(
+                "payload is {size} bytes, more than the limit of {}",
+                self.shared.options.payload_len_max
+            )));
+        }
+        let store = &self.shared.store;
+        // Arrival checks: a repeated key replays; an expected version already behind is stale.
+        let durable = match self.durable_version(namespace, id)? {
+            Some(v) => v,
+            None => return Err(RuntimeError::NotFound(format!("instance {namespace}/{id}"))),
+        };
+        if let Some(key) = &event.idempotency_key
+            && let Some(entry) = store.idempotency(namespace, id, key)?
+        {
+            return self.replay(namespace, id, &event, &entry).await;
+        }
+        if let Some(expected) = event.expected_version
+            && expected != durable
+        {
+            return Err(cnsm_core::TransitionError::StaleState { expected, actual: durable }.into());
+        }
+        let (namespace, id) = (namespace.to_owned(), id.to_owned());
+        self.submit(|reply| committer::Command::Event { namespace, id, event, reply }).await?
+    }
+
+    pub(crate) async fn replay(
+        &self,
+        namespace: &str,
+        id: &str,
+        event: &EventRequest,
+        entry: &cnsm_store::IdempotencyEntry,
+    ) -> Result<TransitionOutcome, RuntimeError> {
+        committer::replay(&self.shared, namespace, id, event, entry)
+    }
+
+    fn durable_version(&self, namespace: &str, id: &str) -> Result<Option<u64>, RuntimeError> {
+        let key = (namespace.to_owned(), id.to_owned());
+        if let Some(v) = self.shared.versions.lock().ok().and_then(|m| m.get(&key).copied()) {
+            return Ok(Some(v));
+        }
+        Ok(self.shared.store.instance(namespace, id)?.map(|s| s.instance.version))
+    }
+
+    /// The instance as of its latest commit.
+    pub async fn instance(&self, namespace: &str, id: &str) -> Result<Instance, RuntimeError> {
+        self.shared
+            .store
+            .instance(namespace, id)?
+            .map(|s| s.instance)
+            .ok_or_else(|| RuntimeError::NotFound(format!("instance {namespace}/{id}")))
+    }
+
+    pub async fn list_instances(&self, query: &InstanceQuery) -> Result<Vec<Instance>, RuntimeError> {
+        Ok(self.shared.store.list_instances(query)?.into_iter().map(|s| s.instance).collect())
+    }
+
+    /// History records `from_version..`, at most `limit`, decoded and hash-checked.
+    pub async fn history(&self, namespace: &str, id: &str, from_version: u64, limit: usize) -> Result<Vec<HistoryEntry>, RuntimeError> {
+        let store = &self.shared.store;
+        if store.instance(namespace, id)?.is_none() {
+            return Err(RuntimeError::NotFound(format!("instance {namespace}/{id}")));
+        }
+        let sealed = store.history(namespace, id, from_version, limit)?;
+        decode_history(&sealed)
+    }
+
+    /// Fires every timer due at the clock's current time and waits until their records are
+    /// committed. Returns how many timers fired. With the system clock the driver does this on
+    /// its own; tests with a [`VirtualClock`] call it after advancing the clock.
+    pub async fn fire_due_timers(&self) -> Result<usize, RuntimeError> {
+        self.submit(|reply| committer::Command::Tick { reply }).await
+    }
+
+    /// Timers pending in the in-memory index.
+    pub async fn pending_timers(&self) -> Result<usize, RuntimeError> {
+        self.submit(|reply| committer::Command::CountTimers { reply }).await
+    }
+}
+
+/// Decodes stored records, checking each stored hash.
+pub fn decode_history(sealed: &[SealedRecord]) -> Result<Vec<HistoryEntry>, RuntimeError> {
+    sealed
+        .iter()
+        .map(|s| {
+            s.open()
+                .map(|record| HistoryEntry { record, hash: s.hash })
+                .map_err(|e| RuntimeError::Unavailable(format!("stored history failed a check: {e}")))
+        })
+        .collect()
+}
+
+/// RFC 1123 label.
+pub fn validate_name(what: &str, name: &str) -> Result<(), RuntimeError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(RuntimeError::Invalid(format!(
+            "{what} '{name}' must be a lowercase RFC 1123 label (a-z, 0-9, '-', at most 63 characters)"
+        )))
+    }
+}
+
+/// Instance ids: 1–253 characters of `[A-Za-z0-9._:-]`.
+pub fn validate_id(id: &str) -> Result<(), RuntimeError> {
+    let ok = !id.is_empty()
+        && id.len() <= 253
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RuntimeError::Invalid(format!(
+            "instance id '{id}' must be 1 to 253 characters of letters, digits, '.', '_', ':' or '-'"
+        )))
+    }
+}
+
+/// Counts instances by status (for `describe` and diagnostics).
+pub fn count_by_status(instances: &[Instance]) -> BTreeMap<&'static str, usize> {
+    let mut out = BTreeMap::new();
+    for i in instances {
+        *out.entry(i.status.as_str()).or_insert(0) += 1;
+    }
+    out
+}
+
+/// True when `status` is active.
+pub fn is_active(status: Status) -> bool {
+    status == Status::Active
+}

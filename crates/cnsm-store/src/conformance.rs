@@ -1,0 +1,1 @@
+//! The backend-agnostic conformance suite (being written).

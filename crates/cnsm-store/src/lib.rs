@@ -1,0 +1,191 @@
+//! Durable storage for cnsm: one [`Store`] trait, the embedded [`redb`](crate::embedded) backend,
+//! and the backend-agnostic [`conformance`] suite every backend must pass.
+//!
+//! The runtime is the only writer of a store. It commits batches of [`CommitItem`]s, each a new
+//! history record together with the instance state after it; a batch is one durable transaction
+//! (group commit), and nothing is acknowledged before it is durable. Each item carries the
+//! version it was computed against, and the store refuses it (compare-and-swap) when the durable
+//! version differs, so a store shared by several writers never forks a chain.
+//!
+//! ```
+//! use cnsm_store::{Store, embedded::EmbeddedStore};
+//! let dir = tempfile::tempdir().unwrap();
+//! let store = EmbeddedStore::open(dir.path()).unwrap();
+//! assert!(store.list_definitions(None).unwrap().is_empty());
+//! ```
+
+use cnsm_core::record::{Hash32, SealedRecord, TimerKind};
+use cnsm_core::resource::StateMachine;
+use cnsm_core::{Instance, Status};
+
+pub mod conformance;
+pub mod embedded;
+
+/// The on-disk format this code writes; it reads this and older ones.
+pub const STORE_FORMAT: u32 = 1;
+
+/// Longest page a list or history query returns.
+pub const PAGE_LEN_MAX: usize = 10_000;
+
+/// A stored revision of a `StateMachine`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DefinitionRow {
+    pub namespace: String,
+    pub name: String,
+    /// 1, 2, 3... per (namespace, name).
+    pub revision: u32,
+    /// Content hash of the normalized spec ([`cnsm_core::engine::revision_hash`]).
+    pub hash: Hash32,
+    pub definition: StateMachine,
+    pub created_ms: u64,
+}
+
+/// What [`Store::put_definition`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutDefinition {
+    /// A new revision with this number.
+    Created(u32),
+    /// The latest revision already has this content; nothing changed.
+    Unchanged(u32),
+}
+
+/// An instance with the store's numeric id for it (used by timer indexes to stay small).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredInstance {
+    pub uid: u64,
+    pub instance: Instance,
+}
+
+/// An idempotency key remembered with the committed transition it produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyEntry {
+    pub key: String,
+    /// Hash of the request (event name and payload); the same key with another request is a
+    /// conflict.
+    pub request_hash: Hash32,
+    /// The version of the record the request committed.
+    pub version: u64,
+    pub expires_ms: u64,
+}
+
+/// One transition to commit.
+#[derive(Debug, Clone)]
+pub struct CommitItem {
+    /// The instance after `record`; `instance.version == record.version`.
+    pub instance: Instance,
+    pub record: SealedRecord,
+    /// `None` creates the instance (it must not exist). `Some(v)`: the durable version must be
+    /// `v`, else the item is refused with [`ItemOutcome::Conflict`].
+    pub expected_version: Option<u64>,
+    pub idempotency: Option<IdempotencyEntry>,
+}
+
+/// What happened to one item of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemOutcome {
+    Committed { uid: u64 },
+    /// The durable version was not the expected one (`None`: the instance does not exist, or,
+    /// for a create, `Some` of the existing version).
+    Conflict { actual: Option<u64> },
+}
+
+/// A pending timer as the timer index keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TimerRef {
+    pub due_ms: u64,
+    pub uid: u64,
+    pub entry_seq: u64,
+    pub kind: TimerKind,
+}
+
+/// Filters for [`Store::list_instances`]. Results are ordered by (namespace, id).
+#[derive(Debug, Clone, Default)]
+pub struct InstanceQuery {
+    pub namespace: Option<String>,
+    pub machine: Option<String>,
+    pub state: Option<String>,
+    pub status: Option<Status>,
+    /// Every pair must match a label.
+    pub labels: Vec<(String, String)>,
+    /// Continue after this (namespace, id).
+    pub after: Option<(String, String)>,
+    /// At most this many (capped at [`PAGE_LEN_MAX`]).
+    pub limit: usize,
+}
+
+/// What a verification found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub n_instances: u64,
+    pub n_records: u64,
+    pub n_definitions: u64,
+    /// Every problem, with the instance it concerns.
+    pub problems: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Errors of a store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The disk or database failed; the batch did not commit.
+    #[error("storage I/O failed: {0}")]
+    Io(String),
+    /// Stored bytes failed a check (hash chain, decoding, index).
+    #[error("store is corrupt: {0}")]
+    Corrupt(String),
+    /// The store was written by a newer cnsm.
+    #[error("store format {found} is newer than this binary supports ({supported}); upgrade cnsm")]
+    FormatTooNew { found: u32, supported: u32 },
+    /// Another process holds the store.
+    #[error("store is in use by another process: {0}")]
+    Locked(String),
+    /// A request the store refuses (e.g. deleting a definition that instances still use).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A durable store. Implementations are internally synchronized; the runtime calls `commit`
+/// from one committer thread and reads from any thread.
+pub trait Store: Send + Sync + 'static {
+    /// Stores a new revision unless the latest one has the same content hash.
+    fn put_definition(&self, definition: &StateMachine, hash: Hash32, now_ms: u64) -> Result<PutDefinition, StoreError>;
+
+    /// A revision, or the latest one when `revision` is `None`.
+    fn definition(&self, namespace: &str, name: &str, revision: Option<u32>) -> Result<Option<DefinitionRow>, StoreError>;
+
+    /// The latest revision of each definition, ordered by (namespace, name).
+    fn list_definitions(&self, namespace: Option<&str>) -> Result<Vec<DefinitionRow>, StoreError>;
+
+    /// Deletes every revision of a definition. Refused while any instance of it is active.
+    fn delete_definition(&self, namespace: &str, name: &str) -> Result<bool, StoreError>;
+
+    /// Commits a batch in one durable transaction and reports each item's fate. Items that
+    /// conflict are skipped; the others commit. Returns only after the commit is durable.
+    fn commit(&self, items: &[CommitItem]) -> Result<Vec<ItemOutcome>, StoreError>;
+
+    fn instance(&self, namespace: &str, id: &str) -> Result<Option<StoredInstance>, StoreError>;
+
+    fn instance_by_uid(&self, uid: u64) -> Result<Option<StoredInstance>, StoreError>;
+
+    fn list_instances(&self, query: &InstanceQuery) -> Result<Vec<StoredInstance>, StoreError>;
+
+    /// Records `from_version..` of an instance, at most `limit`, in order, as stored.
+    fn history(&self, namespace: &str, id: &str, from_version: u64, limit: usize) -> Result<Vec<SealedRecord>, StoreError>;
+
+    fn idempotency(&self, namespace: &str, id: &str, key: &str) -> Result<Option<IdempotencyEntry>, StoreError>;
+
+    /// Forgets idempotency keys that expired at `now_ms`; returns how many.
+    fn purge_idempotency(&self, now_ms: u64) -> Result<u64, StoreError>;
+
+    /// Calls `visit` for every pending timer (to rebuild the in-memory timer index).
+    fn pending_timers(&self, visit: &mut dyn FnMut(TimerRef)) -> Result<(), StoreError>;
+
+    /// Checks every hash chain, every instance against its last record, every index.
+    fn verify(&self) -> Result<VerifyReport, StoreError>;
+}
