@@ -1,6 +1,6 @@
 //! Admission: parsing a `StateMachine` from YAML and checking it, returning every problem at once.
 //!
-//! [`admit_str`] reads YAML into a positioned tree ([`crate::yaml`]), converts it into
+//! [`admit_str`] reads YAML into a positioned tree (the private `yaml` module), converts it into
 //! [`StateMachine`] by hand (not through serde, so that every type error is collected instead of
 //! the first one), then runs the semantic checks of DESIGN.md §2. [`admit`] runs only the
 //! semantic checks, for machines that arrive already typed (JSON, the API, tests).
@@ -264,7 +264,7 @@ impl Admission {
 /// let first = admission.errors().next().unwrap();
 /// assert_eq!(
 ///     render_problem(first, Some("m.yaml")),
-///     "m.yaml:7:57: error[undefined-target]: target `b` is not a defined state (at spec.states[0].transition)"
+///     "m.yaml:7:58: error[undefined-target]: target `b` is not a defined state (at spec.states[0].transition)"
 /// );
 /// ```
 pub fn render_problem(problem: &Problem, file: Option<&str>) -> String {
@@ -295,23 +295,19 @@ impl std::fmt::Display for Problem {
     }
 }
 
-/// Parses and checks one `StateMachine` document. `file` is used in messages only.
+/// Parses and checks one `StateMachine` document.
 ///
-/// Every problem is reported at once; `machine` is present only when none of them is an error.
+/// `file` names the source for messages only; no message repeats it today, since
+/// [`render_problem`] writes it before each position. Every problem is reported at once;
+/// `machine` is present only when none of them is an error.
 pub fn admit_str(source: &str, file: Option<&str>) -> Admission {
+    // Messages never repeat the file name: `render_problem` puts it in front of the position.
+    let _ = file;
     let parsed = yaml::parse(source);
     let mut problems: Vec<Problem> = parsed
         .problems
         .into_iter()
-        .map(|p| {
-            let message = match (p.code, file) {
-                (yaml::codes::TOO_LARGE | yaml::codes::EMPTY, Some(file)) => {
-                    format!("{file}: {}", p.message)
-                }
-                _ => p.message,
-            };
-            Problem::new(Severity::Error, p.code, p.path, message).at(p.pos)
-        })
+        .map(|p| Problem::new(Severity::Error, p.code, p.path, p.message).at(p.pos))
         .collect();
     let Some(root) = parsed.root else {
         return Admission {
@@ -362,10 +358,10 @@ fn parent_path(path: &str) -> Option<&str> {
     if path.is_empty() {
         return None;
     }
-    if path.ends_with("\"]") {
-        if let Some(at) = path.rfind("[\"") {
-            return Some(&path[..at]);
-        }
+    if path.ends_with("\"]")
+        && let Some(at) = path.rfind("[\"")
+    {
+        return Some(&path[..at]);
     }
     match path.rfind(['.', '[']) {
         Some(at) => Some(&path[..at]),
@@ -893,7 +889,11 @@ impl Reader {
                     }
                 }
                 _ if is_null(node) => {}
-                _ => self.wrong_type(node, assign_path, "a mapping of data fields to CEL expressions"),
+                _ => self.wrong_type(
+                    node,
+                    assign_path,
+                    "a mapping of data fields to CEL expressions",
+                ),
             }
         }
         let mut context = Vec::new();
@@ -918,7 +918,9 @@ impl Reader {
     fn choice(&mut self, node: &Node, path: &str) -> Option<Choice> {
         let fields = self.mapping(node, path, CHOICE_FIELDS)?;
         let guard = match fields.get("guard") {
-            Some(node) => self.expression(node, fields.path("guard")).unwrap_or_default(),
+            Some(node) => self
+                .expression(node, fields.path("guard"))
+                .unwrap_or_default(),
             None => {
                 self.missing(&fields, "guard");
                 String::new()
@@ -959,15 +961,15 @@ impl Reader {
             }
             None => self.missing(&fields, "maxAttempts"),
         }
-        if let Some(node) = fields.get("backoffSeconds") {
-            if let Some(value) = self.number(node, fields.path("backoffSeconds")) {
-                retry.backoff_seconds = value;
-            }
+        if let Some(node) = fields.get("backoffSeconds")
+            && let Some(value) = self.number(node, fields.path("backoffSeconds"))
+        {
+            retry.backoff_seconds = value;
         }
-        if let Some(node) = fields.get("backoffRate") {
-            if let Some(value) = self.number(node, fields.path("backoffRate")) {
-                retry.backoff_rate = value;
-            }
+        if let Some(node) = fields.get("backoffRate")
+            && let Some(value) = self.number(node, fields.path("backoffRate"))
+        {
+            retry.backoff_rate = value;
         }
         Some(retry)
     }
@@ -1006,7 +1008,10 @@ impl Reader {
                     node,
                     fields.path("onFlagError"),
                     "onFlagError policy",
-                    &[("deny", FlagErrorPolicy::Deny), ("allow", FlagErrorPolicy::Allow)],
+                    &[
+                        ("deny", FlagErrorPolicy::Deny),
+                        ("allow", FlagErrorPolicy::Allow),
+                    ],
                 )
                 .unwrap_or_default(),
             _ => FlagErrorPolicy::Deny,
@@ -1077,7 +1082,10 @@ impl Reader {
 }
 
 fn is_null(node: &Node) -> bool {
-    matches!(&node.kind, NodeKind::Scalar { text, style } if Scalar::classify(text, *style) == Scalar::Null)
+    match &node.kind {
+        NodeKind::Scalar { text, style } => Scalar::classify(text, *style) == Scalar::Null,
+        NodeKind::Mapping(_) | NodeKind::Sequence(_) => false,
+    }
 }
 
 /// Text for a message, cut to a readable length.
@@ -1094,14 +1102,17 @@ fn shorten(text: &str) -> String {
 fn unknown_field_message(field: &str, allowed: &[&str]) -> String {
     if (field == "on" || field == "true") && allowed.contains(&"onEvent") {
         return format!(
-            "unknown field `{field}`: use `onEvent`. YAML 1.1 parsers, kubectl's among them, read a \
-             bare `on` key as the boolean `true`, so a manifest applied with kubectl would lose its \
-             transitions"
+            "unknown field `{field}`: use `onEvent`. YAML 1.1 parsers, kubectl's among them, \
+             read a bare `on` key as the boolean `true`, so a manifest applied with kubectl would \
+             lose its transitions"
         );
     }
     match suggest(field, allowed) {
         Some(suggestion) => {
-            format!("unknown field `{}`; did you mean `{suggestion}`?", shorten(field))
+            format!(
+                "unknown field `{}`; did you mean `{suggestion}`?",
+                shorten(field)
+            )
         }
         None => format!(
             "unknown field `{}`; expected one of {}",
@@ -1133,17 +1144,17 @@ fn suggest<'a>(word: &str, allowed: &[&'a str]) -> Option<&'a str> {
     if let Some(found) = allowed.iter().copied().find(|a| normalize(a) == wanted) {
         return Some(found);
     }
-    if wanted.chars().count() >= 4 {
-        if let Some(found) = allowed
+    if wanted.chars().count() >= 4
+        && let Some(found) = allowed
             .iter()
             .copied()
             .find(|a| normalize(a).starts_with(&wanted))
-        {
-            return Some(found);
-        }
+    {
+        return Some(found);
     }
     let threshold = match wanted.chars().count() {
-        0..=3 => 1,
+        0..=2 => 0,
+        3 => 1,
         4..=7 => 2,
         _ => 3,
     };
@@ -1372,7 +1383,9 @@ fn non_bool_shape(expr: &Expr) -> Option<String> {
                 .iter()
                 .find(|(name, _)| *name == call.func_name.as_str())
             {
-                return Some(format!("is arithmetic (`{symbol}`), which does not yield a bool"));
+                return Some(format!(
+                    "is arithmetic (`{symbol}`), which does not yield a bool"
+                ));
             }
             if call.func_name == operators::CONDITIONAL {
                 return call
@@ -1551,11 +1564,20 @@ impl<'m> Checker<'m> {
         if name.is_empty() {
             return format!("{what} is empty; it must name a state");
         }
-        let names: Vec<&str> = self.machine.spec.states.iter().map(|s| s.name.as_str()).collect();
+        let names: Vec<&str> = self
+            .machine
+            .spec
+            .states
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
         let suggestion = suggest(name, &names)
             .map(|s| format!("; did you mean `{s}`?"))
             .unwrap_or_default();
-        format!("{what} `{}` is not a defined state{suggestion}", shorten(name))
+        format!(
+            "{what} `{}` is not a defined state{suggestion}",
+            shorten(name)
+        )
     }
 
     fn check_target(&mut self, path: String, target: &str) {
@@ -1642,7 +1664,11 @@ impl<'m> Checker<'m> {
                             .to_owned(),
                     );
                 }
-                self.on_timeout_not_allowed(&field("onTimeout"), state, "a wait state leaves by `transition` when its time elapses");
+                self.on_timeout_not_allowed(
+                    &field("onTimeout"),
+                    state,
+                    "a wait state leaves by `transition` when its time elapses",
+                );
                 let why = "a wait state leaves only by `transition` when its time elapses";
                 not_allowed(self, "onEvent", has_on_event, why);
                 not_allowed(self, "choices", has_choices, why);
@@ -1663,7 +1689,11 @@ impl<'m> Checker<'m> {
                         ),
                     );
                 }
-                self.on_timeout_not_allowed(&field("onTimeout"), state, "a choice state resolves at once and its timeout is never armed");
+                self.on_timeout_not_allowed(
+                    &field("onTimeout"),
+                    state,
+                    "a choice state resolves at once and its timeout is never armed",
+                );
                 let why = "a choice state leaves at once by `choices` or `default`";
                 not_allowed(self, "onEvent", has_on_event, why);
                 not_allowed(self, "transition", state.transition.is_some(), why);
@@ -1688,7 +1718,8 @@ impl<'m> Checker<'m> {
                             codes::FINAL_STATE_TRANSITION,
                             field(name),
                             format!(
-                                "final state `{}` may not declare `{name}`: nothing leaves a final state",
+                                "final state `{}` may not declare `{name}`: nothing leaves a \
+                                 final state",
                                 shorten(&state.name)
                             ),
                         );
@@ -1761,7 +1792,8 @@ impl<'m> Checker<'m> {
                 codes::INVALID_RETRY,
                 format!("{path}.maxAttempts"),
                 format!(
-                    "retry.maxAttempts counts every try including the first: it must be at least 1, found {}",
+                    "retry.maxAttempts counts every try including the first: it must be at \
+                     least 1, found {}",
                     retry.max_attempts
                 ),
             );
@@ -1881,18 +1913,19 @@ impl<'m> Checker<'m> {
             }
         }
         let is_task = self.type_known(index) == Some(StateType::Task);
-        if is_task && state.transition.is_some() {
-            if let Some(first) = unconditional.get(EVENT_COMPLETE) {
-                self.warning(
-                    codes::SHADOWED_TRANSITION,
-                    format!("{path}.transition"),
-                    format!(
-                        "`transition` can never fire: it is the last entry for event \
+        if is_task
+            && state.transition.is_some()
+            && let Some(first) = unconditional.get(EVENT_COMPLETE)
+        {
+            self.warning(
+                codes::SHADOWED_TRANSITION,
+                format!("{path}.transition"),
+                format!(
+                    "`transition` can never fire: it is the last entry for event \
                          `{EVENT_COMPLETE}`, and onEvent[{first}] for `{EVENT_COMPLETE}` has \
                          neither guard nor flag"
-                    ),
-                );
-            }
+                ),
+            );
         }
     }
 
@@ -1910,10 +1943,10 @@ impl<'m> Checker<'m> {
                 continue;
             };
             let mut defects = Vec::new();
-            if let Some(state_type) = self.type_known(target_index) {
-                if state_type != StateType::Task {
-                    defects.push(format!("is a {} state", state_type.as_str()));
-                }
+            if let Some(state_type) = self.type_known(target_index)
+                && state_type != StateType::Task
+            {
+                defects.push(format!("is a {} state", state_type.as_str()));
             }
             let declared = [
                 ("onEvent", !target.on_event.is_empty()),
@@ -1984,7 +2017,8 @@ impl<'m> Checker<'m> {
                 codes::CHOICE_CYCLE,
                 state_path(first),
                 format!(
-                    "choice states form a cycle with no task, wait or final state in between: {cycle}"
+                    "choice states form a cycle with no task, wait or final state in \
+                     between: {cycle}"
                 ),
             );
         }
@@ -2037,8 +2071,10 @@ impl<'m> Checker<'m> {
             }
         }
         let mut reaches_final = vec![false; states.len()];
+        // A state whose type could not be read may be final: count it as one, so that a typo
+        // in `type: final` does not also produce a warning for every other state.
         let mut queue: VecDeque<usize> = (0..states.len())
-            .filter(|i| self.type_known(*i) == Some(StateType::Final))
+            .filter(|i| matches!(self.type_known(*i), Some(StateType::Final) | None))
             .collect();
         for i in &queue {
             reaches_final[*i] = true;
@@ -2106,6 +2142,20 @@ impl<'m> Checker<'m> {
         let program = match cel::Program::compile(source) {
             Ok(program) => program,
             Err(errors) => {
+                if errors
+                    .errors
+                    .iter()
+                    .any(|e| e.msg.contains("Recursion limit"))
+                {
+                    self.error(
+                        codes::EXPRESSION_TOO_DEEP,
+                        path,
+                        format!(
+                            "the {noun} nests brackets or calls deeper than the CEL parser allows"
+                        ),
+                    );
+                    return;
+                }
                 let details: Vec<String> = errors
                     .errors
                     .iter()
@@ -2142,7 +2192,10 @@ impl<'m> Checker<'m> {
             .filter(|name| !EXPRESSION_VARIABLES.contains(name))
             .collect();
         if !unknown.is_empty() {
-            let names: Vec<String> = unknown.iter().map(|n| format!("`{}`", shorten(n))).collect();
+            let names: Vec<String> = unknown
+                .iter()
+                .map(|n| format!("`{}`", shorten(n)))
+                .collect();
             self.error(
                 codes::UNKNOWN_VARIABLE,
                 path,
@@ -2183,7 +2236,8 @@ impl<'m> Checker<'m> {
             self.error(
                 codes::GUARD_CONSTANT,
                 path,
-                "the guard uses no variable (`data`, `event`, `instance`), so its result never changes"
+                "the guard uses no variable (`data`, `event`, `instance`), so its result \
+                 never changes"
                     .to_owned(),
             );
             return;
@@ -2194,7 +2248,8 @@ impl<'m> Checker<'m> {
                 codes::GUARD_CONSTANT,
                 path,
                 format!(
-                    "the guard uses no variable and is always `{value}`; use `data`, `event` or `instance`"
+                    "the guard uses no variable and is always `{value}`; use `data`, `event` \
+                     or `instance`"
                 ),
             ),
             Ok(value) => self.error(

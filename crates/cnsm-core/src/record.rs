@@ -287,9 +287,8 @@ pub fn verify_chain<'a>(
     prev_hash: Hash32,
     records: impl IntoIterator<Item = &'a SealedRecord>,
 ) -> Result<Hash32, ChainError> {
-    let mut expected_version = first_version;
     let mut prev = prev_hash;
-    for sealed in records {
+    for (expected_version, sealed) in (first_version..).zip(records) {
         if sealed.version != expected_version {
             return Err(ChainError::VersionGap { expected: expected_version, found: sealed.version });
         }
@@ -305,7 +304,6 @@ pub fn verify_chain<'a>(
             return Err(ChainError::BrokenLink { version: sealed.version });
         }
         prev = sealed.hash;
-        expected_version += 1;
     }
     Ok(prev)
 }

@@ -40,7 +40,7 @@ pub struct StateMachine {
 }
 
 /// `metadata` of a resource.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Metadata {
     pub name: String,
@@ -50,6 +50,17 @@ pub struct Metadata {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+}
+
+impl Default for Metadata {
+    fn default() -> Metadata {
+        Metadata {
+            name: String::new(),
+            namespace: default_namespace(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+        }
+    }
 }
 
 fn default_namespace() -> String {
@@ -166,9 +177,10 @@ pub struct EventTransition {
     pub context: Vec<String>,
 }
 
-/// An OpenFeature gate on a transition (DESIGN.md §6).
+/// An OpenFeature gate on a transition (DESIGN.md §6). Written as a bare key (`flag: KEY`, the
+/// boolean flag must be true) or as a mapping.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, from = "FlagGateForm")]
 pub struct FlagGate {
     pub key: String,
     /// The transition is allowed when the evaluation yields this variant.
@@ -182,6 +194,49 @@ pub struct FlagGate {
     pub targeting_key: Option<String>,
     #[serde(default)]
     pub on_flag_error: FlagErrorPolicy,
+}
+
+/// The two written forms of a [`FlagGate`].
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FlagGateForm {
+    Key(String),
+    Full(FlagGateFull),
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FlagGateFull {
+    key: String,
+    #[serde(default)]
+    variant: Option<String>,
+    #[serde(default)]
+    value: Option<serde_json::Value>,
+    #[serde(default)]
+    targeting_key: Option<String>,
+    #[serde(default)]
+    on_flag_error: FlagErrorPolicy,
+}
+
+impl From<FlagGateForm> for FlagGate {
+    fn from(form: FlagGateForm) -> FlagGate {
+        match form {
+            FlagGateForm::Key(key) => FlagGate {
+                key,
+                variant: None,
+                value: None,
+                targeting_key: None,
+                on_flag_error: FlagErrorPolicy::Deny,
+            },
+            FlagGateForm::Full(f) => FlagGate {
+                key: f.key,
+                variant: f.variant,
+                value: f.value,
+                targeting_key: f.targeting_key,
+                on_flag_error: f.on_flag_error,
+            },
+        }
+    }
 }
 
 /// What a provider error means for a flag-gated transition.

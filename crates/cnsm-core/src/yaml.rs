@@ -64,7 +64,10 @@ pub(crate) enum NodeKind {
     /// Entries in source order; keys are unique (later duplicates are dropped and reported).
     Mapping(Vec<Entry>),
     Sequence(Vec<Node>),
-    Scalar { text: String, style: ScalarStyle },
+    Scalar {
+        text: String,
+        style: ScalarStyle,
+    },
 }
 
 /// One `key: value` entry of a mapping.
@@ -123,10 +126,10 @@ impl Scalar {
         if let Some(int) = parse_int(text) {
             return Scalar::Int(int);
         }
-        if is_float(text) {
-            if let Ok(float) = text.parse::<f64>() {
-                return Scalar::Float(float);
-            }
+        if is_float(text)
+            && let Ok(float) = text.parse::<f64>()
+        {
+            return Scalar::Float(float);
         }
         Scalar::Str
     }
@@ -171,7 +174,8 @@ fn is_float(text: &str) -> bool {
         }
         None => digits_only(mantissa, 10),
     };
-    let exponent_ok = exponent.is_none_or(|e| digits_only(e.strip_prefix(['-', '+']).unwrap_or(e), 10));
+    let exponent_ok =
+        exponent.is_none_or(|e| digits_only(e.strip_prefix(['-', '+']).unwrap_or(e), 10));
     mantissa_ok && exponent_ok
 }
 
@@ -316,9 +320,14 @@ impl Builder {
                 Some(None) => {}
                 Some(Some((key, key_pos))) => {
                     if keys.contains(&key) {
-                        let first = entries.iter().find(|entry| entry.key == key).map(|e| e.key_pos);
+                        let first = entries
+                            .iter()
+                            .find(|entry| entry.key == key)
+                            .map(|e| e.key_pos);
                         let first = first
-                            .map(|p| format!(" (first defined at line {}, column {})", p.line, p.column))
+                            .map(|p| {
+                                format!(" (first defined at line {}, column {})", p.line, p.column)
+                            })
                             .unwrap_or_default();
                         self.problems.push(YamlProblem {
                             code: codes::DUPLICATE_KEY,
@@ -566,7 +575,10 @@ mod tests {
 
     #[test]
     fn paths_quote_odd_keys() {
-        assert_eq!(path_key("metadata.labels", "app.kubernetes.io/name"), "metadata.labels[\"app.kubernetes.io/name\"]");
+        assert_eq!(
+            path_key("metadata.labels", "app.kubernetes.io/name"),
+            "metadata.labels[\"app.kubernetes.io/name\"]"
+        );
         assert_eq!(path_key("", "spec"), "spec");
     }
 }

@@ -209,8 +209,15 @@ impl Committer {
             answer(waiters, &[], &[]);
             return;
         }
+        let commit_started = std::time::Instant::now();
         match self.shared.store.commit(&items) {
             Ok(outcomes) => {
+                let commit_duration = commit_started.elapsed();
+                if let Ok(listeners) = self.shared.listeners.read() {
+                    for l in listeners.iter() {
+                        l.on_batch(items.len(), commit_duration);
+                    }
+                }
                 self.after_commit(&items, &item_keys, &outcomes, &before);
                 answer(waiters, &items, &outcomes);
             }

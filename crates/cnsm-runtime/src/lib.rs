@@ -50,7 +50,7 @@ use tokio::sync::oneshot;
 pub mod clock;
 mod committer;
 mod error;
-mod timers;
+pub mod timers;
 
 pub use clock::{Clock, SystemClock, VirtualClock};
 pub use error::RuntimeError;
@@ -225,6 +225,12 @@ pub struct HistoryEntry {
 /// Keep it quick.
 pub trait CommitListener: Send + Sync + 'static {
     fn on_commit(&self, record: &StateChangeEvent, hash: Hash32, instance: &Instance);
+
+    /// Called once per durable store commit with the number of items it carried and how long
+    /// the commit (including its fsync) took.
+    fn on_batch(&self, n_items: usize, commit_duration: std::time::Duration) {
+        let _ = (n_items, commit_duration);
+    }
 }
 
 pub(crate) struct Shared {

@@ -8,7 +8,7 @@ use cnsm_store::TimerRef;
 
 /// Pending timers ordered by due time. About 32 bytes of key per timer plus B-tree overhead.
 #[derive(Debug, Default)]
-pub(crate) struct TimerIndex {
+pub struct TimerIndex {
     set: BTreeSet<TimerRef>,
 }
 
@@ -44,6 +44,10 @@ impl TimerIndex {
             }
         }
         out
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
     }
 
     pub fn len(&self) -> usize {

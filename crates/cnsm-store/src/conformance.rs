@@ -1,1 +1,1324 @@
-//! The backend-agnostic conformance suite (being written).
+//! The backend-agnostic conformance suite: the behaviour every [`Store`] backend must show.
+//!
+//! A backend's test binary implements [`Harness`] (how to get a fresh store and how to restart
+//! one) and expands [`conformance_tests!`](crate::conformance_tests) to get one `#[test]` per
+//! case, or calls [`run_all`]. The cases drive a real machine through
+//! [`cnsm_core::engine::Machine`], so every committed record is a genuine, sealed, hash-chained
+//! record, and every instance row is the fold of its records.
+//!
+//! ```no_run
+//! use cnsm_store::conformance::Harness;
+//! use cnsm_store::{Store, embedded::EmbeddedStore};
+//!
+//! struct Embedded { dirs: Vec<tempfile::TempDir> }
+//! impl Harness for Embedded {
+//!     fn open(&mut self) -> Box<dyn Store> {
+//!         self.dirs.push(tempfile::tempdir().unwrap());
+//!         Box::new(EmbeddedStore::open(self.dirs.last().unwrap().path()).unwrap())
+//!     }
+//!     fn reopen(&mut self, store: Box<dyn Store>) -> Box<dyn Store> {
+//!         drop(store);
+//!         Box::new(EmbeddedStore::open(self.dirs.last().unwrap().path()).unwrap())
+//!     }
+//! }
+//! cnsm_store::conformance::run_all(&mut Embedded { dirs: Vec::new() });
+//! ```
+//!
+//! This module is compiled into the library (it is test support, not product code) and uses
+//! plain `assert!`s so that it needs no dev-only dependency.
+
+use std::collections::BTreeMap;
+use std::sync::Barrier;
+
+use cnsm_core::engine::{ACTOR_TIMER, Input, Machine, NewInstance, Trigger, revision_hash};
+use cnsm_core::record::{Hash32, StateChangeEvent, TimerKind, verify_chain};
+use cnsm_core::resource::StateMachine;
+use cnsm_core::{Instance, Status};
+use serde_json::{Value, json};
+
+use crate::{
+    CommitItem, IdempotencyEntry, InstanceQuery, ItemOutcome, PutDefinition, Store, StoreError,
+    StoredInstance, TimerRef,
+};
+
+/// How the suite gets stores from a backend.
+pub trait Harness {
+    /// A new, empty store.
+    fn open(&mut self) -> Box<dyn Store>;
+    /// Closes `store` (the one most recently returned by [`Harness::open`] or
+    /// [`Harness::reopen`]) and opens the same data again, as a restart would.
+    fn reopen(&mut self, store: Box<dyn Store>) -> Box<dyn Store>;
+}
+
+/// One conformance case.
+pub type Case = fn(&mut dyn Harness);
+
+/// Every case, by name, in the order [`run_all`] runs them.
+pub const CASES: &[(&str, Case)] = &[
+    (
+        "definitions_put_unchanged_revisions_list",
+        definitions_put_unchanged_revisions_list,
+    ),
+    (
+        "delete_definition_refused_while_active",
+        delete_definition_refused_while_active,
+    ),
+    (
+        "create_conflicts_with_existing_instance",
+        create_conflicts_with_existing_instance,
+    ),
+    (
+        "stale_or_missing_expected_version_conflicts",
+        stale_or_missing_expected_version_conflicts,
+    ),
+    (
+        "chain_of_50_records_reads_back_exactly",
+        chain_of_50_records_reads_back_exactly,
+    ),
+    ("history_pages", history_pages),
+    (
+        "same_expected_version_twice_in_one_batch",
+        same_expected_version_twice_in_one_batch,
+    ),
+    (
+        "one_batch_advances_an_instance_twice",
+        one_batch_advances_an_instance_twice,
+    ),
+    (
+        "threads_racing_on_one_version_have_one_winner",
+        threads_racing_on_one_version_have_one_winner,
+    ),
+    ("batch_of_100_instances", batch_of_100_instances),
+    (
+        "inconsistent_item_refuses_the_whole_batch",
+        inconsistent_item_refuses_the_whole_batch,
+    ),
+    (
+        "idempotency_keys_expire_and_purge",
+        idempotency_keys_expire_and_purge,
+    ),
+    (
+        "timers_follow_each_instance_current_timer",
+        timers_follow_each_instance_current_timer,
+    ),
+    ("reopen_keeps_everything", reopen_keeps_everything),
+    (
+        "list_instances_filters_and_pages",
+        list_instances_filters_and_pages,
+    ),
+    ("instance_by_uid", instance_by_uid),
+    (
+        "verify_is_clean_on_a_good_store",
+        verify_is_clean_on_a_good_store,
+    ),
+];
+
+/// Runs every case against the harness.
+pub fn run_all(harness: &mut dyn Harness) {
+    for (_, case) in CASES {
+        case(harness);
+    }
+}
+
+/// Expands to one `#[test]` per conformance case (plus one that checks the list is complete),
+/// each running against a harness made by `$harness`.
+///
+/// ```no_run
+/// use cnsm_store::{Store, conformance::Harness, embedded::EmbeddedStore};
+///
+/// #[derive(Default)]
+/// struct Embedded { dirs: Vec<tempfile::TempDir> }
+///
+/// impl Harness for Embedded {
+///     fn open(&mut self) -> Box<dyn Store> {
+///         self.dirs.push(tempfile::tempdir().unwrap());
+///         Box::new(EmbeddedStore::open(self.dirs.last().unwrap().path()).unwrap())
+///     }
+///     fn reopen(&mut self, store: Box<dyn Store>) -> Box<dyn Store> {
+///         drop(store);
+///         Box::new(EmbeddedStore::open(self.dirs.last().unwrap().path()).unwrap())
+///     }
+/// }
+///
+/// mod conformance {
+///     cnsm_store::conformance_tests!(super::Embedded::default());
+/// }
+/// # fn main() {}
+/// ```
+#[macro_export]
+macro_rules! conformance_tests {
+    ($harness:expr) => {
+        $crate::conformance_tests!(@cases ($harness)
+            definitions_put_unchanged_revisions_list,
+            delete_definition_refused_while_active,
+            create_conflicts_with_existing_instance,
+            stale_or_missing_expected_version_conflicts,
+            chain_of_50_records_reads_back_exactly,
+            history_pages,
+            same_expected_version_twice_in_one_batch,
+            one_batch_advances_an_instance_twice,
+            threads_racing_on_one_version_have_one_winner,
+            batch_of_100_instances,
+            inconsistent_item_refuses_the_whole_batch,
+            idempotency_keys_expire_and_purge,
+            timers_follow_each_instance_current_timer,
+            reopen_keeps_everything,
+            list_instances_filters_and_pages,
+            instance_by_uid,
+            verify_is_clean_on_a_good_store,
+        );
+    };
+    (@cases ($harness:expr) $($case:ident,)*) => {
+        $(
+            #[test]
+            fn $case() {
+                let mut harness = $harness;
+                $crate::conformance::$case(&mut harness);
+            }
+        )*
+
+        #[test]
+        fn every_conformance_case_is_listed() {
+            let listed: Vec<&str> = vec![$(stringify!($case)),*];
+            let all: Vec<&str> = $crate::conformance::CASES.iter().map(|(name, _)| *name).collect();
+            assert_eq!(listed, all);
+        }
+    };
+}
+
+/// The time the cases start at (ms since the epoch).
+pub const T0_MS: u64 = 1_700_000_000_000;
+
+const ACTOR: &str = "test:conformance";
+
+/// The definition the cases run: a queued job that starts, runs and finishes, with timeouts.
+///
+/// - `queued` (task, 60 s, times out to `expired`): `start` → `running`; `ping` re-enters
+///   `queued` (a new entry, a new timer) and copies the payload's `note` into the data.
+/// - `running` (task, 30 s): `complete` → `done`; `cancel` → `cancelled`.
+/// - `done`, `expired` (failed) and `cancelled` (cancelled) are final.
+pub fn job_definition(namespace: &str, name: &str) -> StateMachine {
+    let value = json!({
+        "apiVersion": "statemachine.cn/v1alpha1",
+        "kind": "StateMachine",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"team": "conformance"}},
+        "spec": {
+            "initialState": "queued",
+            "states": [
+                {"name": "queued", "type": "task", "timeoutSeconds": 60, "onTimeout": "expired",
+                 "onEvent": [
+                     {"event": "start", "target": "running"},
+                     {"event": "ping", "target": "queued", "assign": {"note": "event.note"}}
+                 ]},
+                {"name": "running", "type": "task", "timeoutSeconds": 30, "transition": "done",
+                 "onEvent": [{"event": "cancel", "target": "cancelled"}]},
+                {"name": "done", "type": "final"},
+                {"name": "expired", "type": "final", "outcome": "failed"},
+                {"name": "cancelled", "type": "final", "outcome": "cancelled"}
+            ]
+        }
+    });
+    serde_json::from_value(value).expect("the job definition deserializes")
+}
+
+/// Drives instances of one machine and packages each transition as a [`CommitItem`].
+pub struct Driver {
+    machine: Machine,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("machine", &self.machine)
+            .finish()
+    }
+}
+
+impl Driver {
+    /// A driver for [`job_definition`] named `name` (in any namespace: the record carries the
+    /// instance's namespace), at revision 1.
+    pub fn new(name: &str) -> Driver {
+        let machine =
+            Machine::compile(job_definition("default", name)).expect("the job definition compiles");
+        Driver {
+            machine: machine.with_revision(1),
+        }
+    }
+
+    /// The genesis item of a new instance (`data: {"note": "new"}`).
+    pub fn create(
+        &self,
+        namespace: &str,
+        id: &str,
+        labels: &[(&str, &str)],
+        now_ms: u64,
+    ) -> CommitItem {
+        let mut data = serde_json::Map::new();
+        data.insert("note".into(), Value::from("new"));
+        let record = self
+            .machine
+            .create(NewInstance {
+                namespace,
+                id,
+                data,
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+                now_ms,
+                actor: ACTOR,
+            })
+            .expect("creation succeeds");
+        item(None, &record)
+    }
+
+    /// The item for `event` applied to `instance` (`ping` carries `{"note": note}`).
+    pub fn event(&self, instance: &Instance, event: &str, note: &str, now_ms: u64) -> CommitItem {
+        self.event_with_key(instance, event, note, now_ms, None)
+    }
+
+    /// Like [`Driver::event`], with an idempotency key recorded in the record.
+    pub fn event_with_key(
+        &self,
+        instance: &Instance,
+        event: &str,
+        note: &str,
+        now_ms: u64,
+        key: Option<&str>,
+    ) -> CommitItem {
+        let payload = json!({"note": note});
+        let mut input = Input::new(
+            Trigger::Event {
+                name: event,
+                payload: &payload,
+            },
+            now_ms,
+            ACTOR,
+        );
+        input.idempotency_key = key;
+        let record = self
+            .machine
+            .apply(instance, &input)
+            .expect("the event applies");
+        item(Some(instance), &record)
+    }
+
+    /// The item for the instance's current timer firing at `now_ms`.
+    pub fn fire(&self, instance: &Instance, now_ms: u64) -> CommitItem {
+        let timer = instance.timer.expect("the instance has a timer");
+        let input = Input::new(Trigger::Timer(timer), now_ms, ACTOR_TIMER);
+        let record = self
+            .machine
+            .fire(instance, &input)
+            .expect("the timer fires")
+            .expect("the timer is current");
+        item(Some(instance), &record)
+    }
+}
+
+/// Seals `record` and pairs it with the instance after it.
+fn item(before: Option<&Instance>, record: &StateChangeEvent) -> CommitItem {
+    let sealed = record.seal();
+    let instance = match before {
+        None => Instance::from_genesis(record, sealed.hash).expect("a genesis record"),
+        Some(before) => {
+            let mut after = before.clone();
+            after
+                .apply_record(record, sealed.hash)
+                .expect("the record follows the instance");
+            after
+        }
+    };
+    CommitItem {
+        expected_version: before.map(|i| i.version),
+        instance,
+        record: sealed,
+        idempotency: None,
+    }
+}
+
+fn commit_one(store: &dyn Store, item: &CommitItem) -> u64 {
+    let outcomes = store
+        .commit(std::slice::from_ref(item))
+        .expect("the commit succeeds");
+    match outcomes.as_slice() {
+        [ItemOutcome::Committed { uid }] => *uid,
+        other => panic!("expected one committed item, got {other:?}"),
+    }
+}
+
+fn stored(store: &dyn Store, namespace: &str, id: &str) -> StoredInstance {
+    store
+        .instance(namespace, id)
+        .expect("the read succeeds")
+        .unwrap_or_else(|| panic!("{namespace}/{id} exists"))
+}
+
+fn timers(store: &dyn Store) -> Vec<TimerRef> {
+    let mut found = Vec::new();
+    store
+        .pending_timers(&mut |timer| found.push(timer))
+        .expect("timers read");
+    found.sort();
+    found
+}
+
+fn expected_timer(uid: u64, instance: &Instance) -> TimerRef {
+    let timer = instance.timer.expect("the instance has a timer");
+    TimerRef {
+        due_ms: timer.due_ms,
+        uid,
+        entry_seq: timer.entry_seq,
+        kind: timer.kind,
+    }
+}
+
+/// put_definition creates revision 1, leaves identical content alone, numbers changes; get by
+/// revision and list return what was put.
+pub fn definitions_put_unchanged_revisions_list(harness: &mut dyn Harness) {
+    let store = harness.open();
+    assert!(store.list_definitions(None).unwrap().is_empty());
+    assert!(store.definition("default", "job", None).unwrap().is_none());
+
+    let first = job_definition("default", "job");
+    let first_hash = revision_hash(&first);
+    assert_eq!(
+        store.put_definition(&first, first_hash, T0_MS).unwrap(),
+        PutDefinition::Created(1)
+    );
+    assert_eq!(
+        store.put_definition(&first, first_hash, T0_MS + 1).unwrap(),
+        PutDefinition::Unchanged(1)
+    );
+
+    let mut second = first.clone();
+    second.spec.states[0].timeout_seconds = Some(61);
+    let second_hash = revision_hash(&second);
+    assert_ne!(first_hash, second_hash);
+    assert_eq!(
+        store
+            .put_definition(&second, second_hash, T0_MS + 2)
+            .unwrap(),
+        PutDefinition::Created(2)
+    );
+
+    let latest = store
+        .definition("default", "job", None)
+        .unwrap()
+        .expect("latest revision");
+    assert_eq!(
+        (
+            latest.namespace.as_str(),
+            latest.name.as_str(),
+            latest.revision
+        ),
+        ("default", "job", 2)
+    );
+    assert_eq!(latest.hash, second_hash);
+    assert_eq!(latest.definition, second);
+    assert_eq!(latest.created_ms, T0_MS + 2);
+    let one = store
+        .definition("default", "job", Some(1))
+        .unwrap()
+        .expect("revision 1");
+    assert_eq!(
+        (one.revision, one.hash, one.created_ms),
+        (1, first_hash, T0_MS)
+    );
+    assert_eq!(one.definition, first);
+    assert!(
+        store
+            .definition("default", "job", Some(3))
+            .unwrap()
+            .is_none()
+    );
+    assert!(store.definition("other", "job", None).unwrap().is_none());
+
+    // Going back to earlier content is a change too.
+    assert_eq!(
+        store.put_definition(&first, first_hash, T0_MS + 3).unwrap(),
+        PutDefinition::Created(3)
+    );
+
+    let elsewhere = job_definition("other", "job");
+    let alpha = job_definition("default", "alpha");
+    store
+        .put_definition(&elsewhere, revision_hash(&elsewhere), T0_MS)
+        .unwrap();
+    store
+        .put_definition(&alpha, revision_hash(&alpha), T0_MS)
+        .unwrap();
+    let all: Vec<(String, String, u32)> = store
+        .list_definitions(None)
+        .unwrap()
+        .into_iter()
+        .map(|row| (row.namespace, row.name, row.revision))
+        .collect();
+    let want = [
+        ("default", "alpha", 1),
+        ("default", "job", 3),
+        ("other", "job", 1),
+    ];
+    let want: Vec<(String, String, u32)> = want
+        .iter()
+        .map(|(n, m, r)| ((*n).into(), (*m).into(), *r))
+        .collect();
+    assert_eq!(
+        all, want,
+        "latest revision of each definition, ordered by (namespace, name)"
+    );
+    let other = store.list_definitions(Some("other")).unwrap();
+    assert_eq!(other.len(), 1);
+    assert_eq!(other[0].definition, elsewhere);
+    assert!(store.list_definitions(Some("nowhere")).unwrap().is_empty());
+    assert!(!store.delete_definition("default", "missing").unwrap());
+}
+
+/// Deleting a definition is refused while an instance of it is active, then removes every
+/// revision.
+pub fn delete_definition_refused_while_active(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let definition = job_definition("default", "job");
+    store
+        .put_definition(&definition, revision_hash(&definition), T0_MS)
+        .unwrap();
+    let mut changed = definition.clone();
+    changed.spec.states[1].timeout_seconds = Some(31);
+    store
+        .put_definition(&changed, revision_hash(&changed), T0_MS)
+        .unwrap();
+
+    let driver = Driver::new("job");
+    let create = driver.create("default", "j-1", &[], T0_MS);
+    commit_one(&*store, &create);
+    // An instance of a same-named machine in another namespace does not count.
+    commit_one(&*store, &driver.create("elsewhere", "j-1", &[], T0_MS));
+
+    match store.delete_definition("default", "job") {
+        Err(StoreError::Refused(message)) => {
+            assert!(
+                message.contains('1'),
+                "the refusal names the count: {message}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(
+        store
+            .definition("default", "job", None)
+            .unwrap()
+            .map(|d| d.revision),
+        Some(2)
+    );
+
+    let started = driver.event(&create.instance, "start", "", T0_MS + 1);
+    commit_one(&*store, &started);
+    let finished = driver.event(&started.instance, "complete", "", T0_MS + 2);
+    commit_one(&*store, &finished);
+    assert_eq!(finished.instance.status, Status::Succeeded);
+
+    assert!(store.delete_definition("default", "job").unwrap());
+    assert!(store.definition("default", "job", None).unwrap().is_none());
+    assert!(
+        store
+            .definition("default", "job", Some(1))
+            .unwrap()
+            .is_none()
+    );
+    assert!(store.list_definitions(Some("default")).unwrap().is_empty());
+    assert!(!store.delete_definition("default", "job").unwrap());
+    // The ended instance and its history stay.
+    assert_eq!(stored(&*store, "default", "j-1").instance.version, 2);
+    // A new definition of the name starts again at revision 1.
+    assert_eq!(
+        store
+            .put_definition(&definition, revision_hash(&definition), T0_MS)
+            .unwrap(),
+        PutDefinition::Created(1)
+    );
+}
+
+/// A create commits once; creating the same id again conflicts with the existing version,
+/// also inside one batch.
+pub fn create_conflicts_with_existing_instance(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let driver = Driver::new("job");
+    let create = driver.create("default", "j-1", &[("tier", "gold")], T0_MS);
+    let uid = commit_one(&*store, &create);
+    let row = stored(&*store, "default", "j-1");
+    assert_eq!(row.uid, uid);
+    assert_eq!(row.instance, create.instance);
+
+    let again = driver.create("default", "j-1", &[], T0_MS + 5);
+    assert_eq!(
+        store.commit(std::slice::from_ref(&again)).unwrap(),
+        vec![ItemOutcome::Conflict { actual: Some(0) }]
+    );
+    assert_eq!(
+        stored(&*store, "default", "j-1").instance,
+        create.instance,
+        "the conflict wrote nothing"
+    );
+    assert_eq!(
+        store.history("default", "j-1", 0, 0).unwrap(),
+        vec![create.record.clone()]
+    );
+
+    let started = driver.event(&create.instance, "start", "", T0_MS + 1);
+    commit_one(&*store, &started);
+    assert_eq!(
+        store.commit(std::slice::from_ref(&again)).unwrap(),
+        vec![ItemOutcome::Conflict { actual: Some(1) }]
+    );
+
+    // Two creates of one id in one batch: the first wins.
+    let first = driver.create("default", "j-2", &[], T0_MS);
+    let second = driver.create("default", "j-2", &[("x", "y")], T0_MS + 9);
+    let outcomes = store.commit(&[first.clone(), second]).unwrap();
+    assert!(
+        matches!(outcomes[0], ItemOutcome::Committed { .. }),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[1], ItemOutcome::Conflict { actual: Some(0) });
+    assert_eq!(stored(&*store, "default", "j-2").instance, first.instance);
+}
+
+/// An update whose expected version is behind, or whose instance does not exist, conflicts
+/// and writes nothing of the item (not its idempotency key either).
+pub fn stale_or_missing_expected_version_conflicts(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let driver = Driver::new("job");
+    let create = driver.create("default", "j-1", &[], T0_MS);
+    commit_one(&*store, &create);
+    let ping = driver.event(&create.instance, "ping", "one", T0_MS + 1);
+    commit_one(&*store, &ping);
+
+    let mut stale =
+        driver.event_with_key(&create.instance, "start", "", T0_MS + 2, Some("k-stale"));
+    stale.idempotency = Some(IdempotencyEntry {
+        key: "k-stale".into(),
+        request_hash: Hash32([7; 32]),
+        version: 1,
+        expires_ms: T0_MS + 1000,
+    });
+    assert_eq!(
+        store.commit(std::slice::from_ref(&stale)).unwrap(),
+        vec![ItemOutcome::Conflict { actual: Some(1) }]
+    );
+    assert_eq!(stored(&*store, "default", "j-1").instance, ping.instance);
+    assert!(
+        store
+            .idempotency("default", "j-1", "k-stale")
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(store.history("default", "j-1", 0, 0).unwrap().len(), 2);
+
+    // The same transition for an instance the store has never seen.
+    let ghost_create = driver.create("default", "ghost", &[], T0_MS);
+    let ghost = driver.event(&ghost_create.instance, "start", "", T0_MS + 1);
+    assert_eq!(
+        store.commit(std::slice::from_ref(&ghost)).unwrap(),
+        vec![ItemOutcome::Conflict { actual: None }]
+    );
+    assert!(store.instance("default", "ghost").unwrap().is_none());
+    assert!(store.history("default", "ghost", 0, 0).unwrap().is_empty());
+}
+
+fn commit_chain(store: &dyn Store, driver: &Driver, id: &str, n_records: u64) -> Vec<CommitItem> {
+    let mut items = vec![driver.create("default", id, &[], T0_MS)];
+    commit_one(store, &items[0]);
+    for i in 1..n_records {
+        let last = &items.last().expect("at least genesis").instance;
+        let next = driver.event(last, "ping", &format!("ping {i}"), T0_MS + i * 1000);
+        commit_one(store, &next);
+        items.push(next);
+    }
+    items
+}
+
+/// Fifty records committed one by one read back in order, byte for byte, as a valid chain.
+pub fn chain_of_50_records_reads_back_exactly(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let driver = Driver::new("job");
+    let items = commit_chain(&*store, &driver, "j-1", 50);
+    let history = store.history("default", "j-1", 0, 0).unwrap();
+    let committed: Vec<_> = items.iter().map(|item| item.record.clone()).collect();
+    assert_eq!(history.len(), 50);
+    assert_eq!(
+        history, committed,
+        "history is the committed records: versions, bytes and hashes"
+    );
+    let last_hash =
+        verify_chain("default", "j-1", 0, Hash32::ZERO, &history).expect("the chain verifies");
+    let row = stored(&*store, "default", "j-1");
+    assert_eq!(row.instance.version, 49);
+    assert_eq!(row.instance.last_hash, last_hash);
+    assert_eq!(row.instance.data.get("note"), Some(&Value::from("ping 49")));
+    assert_eq!(&row.instance, &items[49].instance);
+}
+
+/// history pages by `from_version` and `limit` (0 meaning the longest page).
+pub fn history_pages(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let driver = Driver::new("job");
+    let items = commit_chain(&*store, &driver, "j-1", 20);
+    let versions = |from, limit| -> Vec<u64> {
+        store
+            .history("default", "j-1", from, limit)
+            .unwrap()
+            .iter()
+            .map(|r| r.version)
+            .collect()
+    };
+    assert_eq!(versions(5, 10), (5..15).collect::<Vec<_>>());
+    assert_eq!(versions(18, 10), vec![18, 19]);
+    assert_eq!(versions(0, 0), (0..20).collect::<Vec<_>>());
+    assert_eq!(versions(0, 1), vec![0]);
+    assert!(versions(20, 10).is_empty());
+    assert!(versions(u64::MAX, 10).is_empty());
+    let page = store.history("default", "j-1", 7, 2).unwrap();
+    assert_eq!(page, vec![items[7].record.clone(), items[8].record.clone()]);
+    assert!(
+        store
+            .history("default", "nobody", 0, 10)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.history("elsewhere", "j-1", 0, 10).unwrap().is_empty());
+}
+
+/// Two items computed from the same version of one instance, in one batch: the first
+/// commits, the second conflicts.
+pub fn same_expected_version_twice_in_one_batch(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let driver = Driver::new("job");
+    let create = driver.create("default", "j-1", &[], T0_MS);
+    commit_one(&*store, &create);
+    let ping = driver.event(&create.instance, "ping", "first", T0_MS + 1);
+    let start = driver.event(&create.instance, "start", "", T0_MS + 1);
+    let outcomes = store.commit(&[ping.clone(), start]).unwrap();
+    assert!(
+        matches!(outcomes[0], ItemOutcome::Committed { .. }),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[1], ItemOutcome::Conflict { actual: Some(1) });
+    assert_eq!(stored(&*store, "default", "j-1").instance, ping.instance);
+    assert_eq!(store.history("default", "j-1", 0, 0).unwrap().len(), 2);
+}
+
+/// Later items of a batch see earlier ones: create, v0→v1 and v1→v2 of one instance in one
+/// batch all commit.
+pub fn one_batch_advances_an_instance_twice(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let driver = Driver::new("job");
+    let create = driver.create("default", "j-1", &[], T0_MS);
+    let ping = driver.event(&create.instance, "ping", "one", T0_MS + 1);
+    let start = driver.event(&ping.instance, "start", "", T0_MS + 2);
+    let outcomes = store
+        .commit(&[create.clone(), ping.clone(), start.clone()])
+        .unwrap();
+    let uid = match outcomes[0] {
+        ItemOutcome::Committed { uid } => uid,
+        other => panic!("create: {other:?}"),
+    };
+    assert_eq!(outcomes, vec![ItemOutcome::Committed { uid }; 3]);
+    let row = stored(&*store, "default", "j-1");
+    assert_eq!((row.uid, &row.instance), (uid, &start.instance));
+    let history = store.history("default", "j-1", 0, 0).unwrap();
+    assert_eq!(history, vec![create.record, ping.record, start.record]);
+}
+
+/// Two threads commit different transitions from the same version of one instance at once:
+/// in every round exactly one wins, and the loser learns the winner's version.
+pub fn threads_racing_on_one_version_have_one_winner(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let store: &dyn Store = &*store;
+    let driver = Driver::new("job");
+    let create = driver.create("default", "j-1", &[], T0_MS);
+    commit_one(store, &create);
+    let mut current = create.instance;
+    for round in 0..20u64 {
+        let left = driver.event(
+            &current,
+            "ping",
+            &format!("left {round}"),
+            T0_MS + round + 1,
+        );
+        let right = driver.event(
+            &current,
+            "ping",
+            &format!("right {round}"),
+            T0_MS + round + 1,
+        );
+        let barrier = Barrier::new(2);
+        let run = |item: &CommitItem| {
+            barrier.wait();
+            store
+                .commit(std::slice::from_ref(item))
+                .expect("the commit succeeds")[0]
+        };
+        let (a, b) = std::thread::scope(|scope| {
+            let a = scope.spawn(|| run(&left));
+            let b = scope.spawn(|| run(&right));
+            (a.join().expect("thread a"), b.join().expect("thread b"))
+        });
+        let winner = match (a, b) {
+            (ItemOutcome::Committed { .. }, ItemOutcome::Conflict { actual }) => {
+                assert_eq!(actual, Some(current.version + 1));
+                left
+            }
+            (ItemOutcome::Conflict { actual }, ItemOutcome::Committed { .. }) => {
+                assert_eq!(actual, Some(current.version + 1));
+                right
+            }
+            other => panic!("round {round}: expected exactly one winner, got {other:?}"),
+        };
+        assert_eq!(stored(store, "default", "j-1").instance, winner.instance);
+        current = winner.instance;
+    }
+    assert_eq!(store.history("default", "j-1", 0, 0).unwrap().len(), 21);
+}
+
+/// One batch creates 100 instances, the next advances all of them.
+pub fn batch_of_100_instances(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let driver = Driver::new("job");
+    let creates: Vec<CommitItem> = (0..100)
+        .map(|i| driver.create("default", &format!("j-{i:03}"), &[], T0_MS + i))
+        .collect();
+    let outcomes = store.commit(&creates).unwrap();
+    let mut uids: Vec<u64> = outcomes
+        .iter()
+        .map(|o| match o {
+            ItemOutcome::Committed { uid } => *uid,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    uids.sort_unstable();
+    uids.dedup();
+    assert_eq!(uids.len(), 100, "every instance has its own uid");
+
+    let starts: Vec<CommitItem> = creates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| driver.event(&c.instance, "start", "", T0_MS + 1000 + i as u64))
+        .collect();
+    let outcomes = store.commit(&starts).unwrap();
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, ItemOutcome::Committed { .. })),
+        "{outcomes:?}"
+    );
+    let listed = store
+        .list_instances(&InstanceQuery {
+            namespace: Some("default".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(listed.len(), 100);
+    for (row, start) in listed.iter().zip(&starts) {
+        assert_eq!(row.instance, start.instance);
+    }
+    assert_eq!(timers(&*store).len(), 100);
+}
+
+/// A batch with an item whose parts disagree (instance and record versions) is refused as a
+/// whole with `Corrupt`; its valid items do not commit either.
+pub fn inconsistent_item_refuses_the_whole_batch(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let driver = Driver::new("job");
+    let good = driver.create("default", "good", &[], T0_MS);
+    let create = driver.create("default", "bad", &[], T0_MS);
+    commit_one(&*store, &create);
+    let mut bad = driver.event(&create.instance, "start", "", T0_MS + 1);
+    bad.instance.version += 1;
+    match store.commit(&[good, bad.clone()]) {
+        Err(StoreError::Corrupt(_)) => {}
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert!(
+        store.instance("default", "good").unwrap().is_none(),
+        "nothing of the batch committed"
+    );
+
+    let mut unsealed = driver.event(&create.instance, "start", "", T0_MS + 1);
+    unsealed.record.bytes.push(0);
+    assert!(matches!(
+        store.commit(&[unsealed]),
+        Err(StoreError::Corrupt(_))
+    ));
+    assert_eq!(stored(&*store, "default", "bad").instance, create.instance);
+}
+
+/// Idempotency keys commit with their transition, read back, and are purged once expired.
+pub fn idempotency_keys_expire_and_purge(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let driver = Driver::new("job");
+    let create = driver.create("default", "j-1", &[], T0_MS);
+    commit_one(&*store, &create);
+
+    let mut ping = driver.event_with_key(&create.instance, "ping", "a", T0_MS + 1, Some("k-1"));
+    let short = IdempotencyEntry {
+        key: "k-1".into(),
+        request_hash: Hash32([1; 32]),
+        version: 1,
+        expires_ms: T0_MS + 1000,
+    };
+    ping.idempotency = Some(short.clone());
+    commit_one(&*store, &ping);
+    let mut start = driver.event_with_key(&ping.instance, "start", "", T0_MS + 2, Some("k-2"));
+    let long = IdempotencyEntry {
+        key: "k-2".into(),
+        request_hash: Hash32([2; 32]),
+        version: 2,
+        expires_ms: T0_MS + 5000,
+    };
+    start.idempotency = Some(long.clone());
+    commit_one(&*store, &start);
+
+    assert_eq!(
+        store.idempotency("default", "j-1", "k-1").unwrap(),
+        Some(short.clone())
+    );
+    assert_eq!(
+        store.idempotency("default", "j-1", "k-2").unwrap(),
+        Some(long.clone())
+    );
+    assert!(
+        store
+            .idempotency("default", "j-1", "k-3")
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .idempotency("default", "other", "k-1")
+            .unwrap()
+            .is_none()
+    );
+
+    assert_eq!(store.purge_idempotency(T0_MS).unwrap(), 0);
+    assert_eq!(store.purge_idempotency(T0_MS + 999).unwrap(), 0);
+    assert_eq!(
+        store.idempotency("default", "j-1", "k-1").unwrap(),
+        Some(short)
+    );
+    // Expired at `expires_ms` itself.
+    assert_eq!(store.purge_idempotency(T0_MS + 1000).unwrap(), 1);
+    assert!(
+        store
+            .idempotency("default", "j-1", "k-1")
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        store.idempotency("default", "j-1", "k-2").unwrap(),
+        Some(long)
+    );
+    assert_eq!(store.purge_idempotency(T0_MS + 1000).unwrap(), 0);
+    assert_eq!(store.purge_idempotency(u64::MAX).unwrap(), 1);
+    assert!(
+        store
+            .idempotency("default", "j-1", "k-2")
+            .unwrap()
+            .is_none()
+    );
+    // Purging forgets keys, never transitions.
+    assert_eq!(stored(&*store, "default", "j-1").instance, start.instance);
+}
+
+/// pending_timers holds exactly each active instance's current timer: replaced when the
+/// timer changes, gone when the instance ends.
+pub fn timers_follow_each_instance_current_timer(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let driver = Driver::new("job");
+    assert!(timers(&*store).is_empty());
+    let a = driver.create("default", "a", &[], T0_MS);
+    let b = driver.create("default", "b", &[], T0_MS + 10);
+    let c = driver.create("other", "c", &[], T0_MS + 20);
+    let outcomes = store.commit(&[a.clone(), b.clone(), c.clone()]).unwrap();
+    let uid = |i: usize| match outcomes[i] {
+        ItemOutcome::Committed { uid } => uid,
+        other => panic!("{other:?}"),
+    };
+    let (uid_a, uid_b, uid_c) = (uid(0), uid(1), uid(2));
+    let mut want = vec![
+        expected_timer(uid_a, &a.instance),
+        expected_timer(uid_b, &b.instance),
+        expected_timer(uid_c, &c.instance),
+    ];
+    want.sort();
+    assert_eq!(timers(&*store), want);
+    assert_eq!(want[0].kind, TimerKind::Timeout);
+    assert_eq!(want[0].due_ms, T0_MS + 60_000);
+
+    // Re-entering the state arms a new timer (new entry_seq, later due) instead of the old.
+    let a2 = driver.event(&a.instance, "ping", "again", T0_MS + 5_000);
+    // b starts running (a 30 s timer).
+    let b2 = driver.event(&b.instance, "start", "", T0_MS + 6_000);
+    store.commit(&[a2.clone(), b2.clone()]).unwrap();
+    let mut want = vec![
+        expected_timer(uid_a, &a2.instance),
+        expected_timer(uid_b, &b2.instance),
+        expected_timer(uid_c, &c.instance),
+    ];
+    want.sort();
+    assert_eq!(timers(&*store), want);
+    assert_eq!(
+        expected_timer(uid_a, &a2.instance).entry_seq,
+        a.instance.entry_seq + 1
+    );
+
+    // b completes, c's timeout fires (it expires): both end and lose their timers.
+    let b3 = driver.event(&b2.instance, "complete", "", T0_MS + 7_000);
+    let c2 = driver.fire(&c.instance, T0_MS + 80_020);
+    assert_eq!(c2.instance.state, "expired");
+    assert_eq!(c2.instance.status, Status::Failed);
+    store.commit(&[b3, c2]).unwrap();
+    assert_eq!(timers(&*store), vec![expected_timer(uid_a, &a2.instance)]);
+
+    let a3 = driver.event(&a2.instance, "start", "", T0_MS + 8_000);
+    let a4 = driver.event(&a3.instance, "cancel", "", T0_MS + 9_000);
+    store.commit(&[a3, a4]).unwrap();
+    assert!(timers(&*store).is_empty());
+}
+
+/// A restart keeps definitions, instances, history, timers and idempotency keys, and the
+/// store goes on allocating fresh uids.
+pub fn reopen_keeps_everything(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let driver = Driver::new("job");
+    let definition = job_definition("default", "job");
+    store
+        .put_definition(&definition, revision_hash(&definition), T0_MS)
+        .unwrap();
+    let items = commit_chain(&*store, &driver, "j-1", 5);
+    let other = driver.create("default", "j-2", &[("tier", "gold")], T0_MS);
+    let other_uid = commit_one(&*store, &other);
+    let mut keyed = driver.event_with_key(&other.instance, "start", "", T0_MS + 1, Some("k"));
+    let entry = IdempotencyEntry {
+        key: "k".into(),
+        request_hash: Hash32([9; 32]),
+        version: 1,
+        expires_ms: T0_MS + 10_000,
+    };
+    keyed.idempotency = Some(entry.clone());
+    commit_one(&*store, &keyed);
+
+    let before_instances = store.list_instances(&InstanceQuery::default()).unwrap();
+    let before_history = store.history("default", "j-1", 0, 0).unwrap();
+    let before_timers = timers(&*store);
+    let before_definitions = store.list_definitions(None).unwrap();
+    assert_eq!(before_timers.len(), 2);
+
+    let store = harness.reopen(store);
+    assert_eq!(
+        store.list_instances(&InstanceQuery::default()).unwrap(),
+        before_instances
+    );
+    assert_eq!(
+        store.history("default", "j-1", 0, 0).unwrap(),
+        before_history
+    );
+    assert_eq!(before_history.last(), Some(&items[4].record));
+    assert_eq!(timers(&*store), before_timers);
+    assert_eq!(store.list_definitions(None).unwrap(), before_definitions);
+    assert_eq!(
+        store.idempotency("default", "j-2", "k").unwrap(),
+        Some(entry)
+    );
+    assert_eq!(
+        store
+            .instance_by_uid(other_uid)
+            .unwrap()
+            .map(|s| s.instance),
+        Some(keyed.instance.clone())
+    );
+    assert_eq!(
+        store
+            .put_definition(&definition, revision_hash(&definition), T0_MS)
+            .unwrap(),
+        PutDefinition::Unchanged(1)
+    );
+
+    // Work goes on after the restart.
+    let next = driver.event(&items[4].instance, "start", "", T0_MS + 100_000);
+    commit_one(&*store, &next);
+    let fresh_uid = commit_one(&*store, &driver.create("default", "j-3", &[], T0_MS));
+    assert!(
+        before_instances.iter().all(|s| s.uid != fresh_uid),
+        "uids are never reused"
+    );
+    assert!(store.verify().unwrap().is_ok());
+
+    let store = harness.reopen(store);
+    assert_eq!(stored(&*store, "default", "j-1").instance, next.instance);
+    assert_eq!(
+        store
+            .list_instances(&InstanceQuery::default())
+            .unwrap()
+            .len(),
+        3
+    );
+}
+
+/// list_instances filters by namespace, machine, state, status and labels, orders by
+/// (namespace, id) and pages with `after` and `limit`.
+pub fn list_instances_filters_and_pages(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let job = Driver::new("job");
+    let report = Driver::new("report");
+    let mut items = Vec::new();
+    for (namespace, id, driver, tier) in [
+        ("b", "j-1", &job, "gold"),
+        ("a", "j-3", &job, "silver"),
+        ("a", "j-1", &job, "gold"),
+        ("a", "r-1", &report, "gold"),
+        ("a", "j-2", &job, "silver"),
+        ("c", "j-1", &report, "gold"),
+    ] {
+        items.push(driver.create(namespace, id, &[("tier", tier), ("app", "shop")], T0_MS));
+    }
+    store.commit(&items).unwrap();
+    // a/j-2 runs; a/j-3 runs and completes.
+    let j2 = job.event(&items[4].instance, "start", "", T0_MS + 1);
+    let j3 = job.event(&items[1].instance, "start", "", T0_MS + 1);
+    let j3_done = job.event(&j3.instance, "complete", "", T0_MS + 2);
+    store.commit(&[j2, j3, j3_done]).unwrap();
+
+    let ids = |query: InstanceQuery| -> Vec<String> {
+        store
+            .list_instances(&query)
+            .unwrap()
+            .into_iter()
+            .map(|s| format!("{}/{}", s.instance.namespace, s.instance.id))
+            .collect()
+    };
+    let q = |namespace: Option<&str>| InstanceQuery {
+        namespace: namespace.map(str::to_owned),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(q(None)),
+        ["a/j-1", "a/j-2", "a/j-3", "a/r-1", "b/j-1", "c/j-1"]
+    );
+    assert_eq!(ids(q(Some("a"))), ["a/j-1", "a/j-2", "a/j-3", "a/r-1"]);
+    assert!(ids(q(Some("zz"))).is_empty());
+    assert_eq!(
+        ids(InstanceQuery {
+            machine: Some("report".into()),
+            ..q(None)
+        }),
+        ["a/r-1", "c/j-1"]
+    );
+    assert_eq!(
+        ids(InstanceQuery {
+            machine: Some("job".into()),
+            ..q(Some("a"))
+        }),
+        ["a/j-1", "a/j-2", "a/j-3"]
+    );
+    assert_eq!(
+        ids(InstanceQuery {
+            state: Some("running".into()),
+            ..q(None)
+        }),
+        ["a/j-2"]
+    );
+    assert_eq!(
+        ids(InstanceQuery {
+            state: Some("queued".into()),
+            ..q(Some("a"))
+        }),
+        ["a/j-1", "a/r-1"]
+    );
+    assert_eq!(
+        ids(InstanceQuery {
+            status: Some(Status::Succeeded),
+            ..q(None)
+        }),
+        ["a/j-3"]
+    );
+    assert_eq!(
+        ids(InstanceQuery {
+            status: Some(Status::Active),
+            ..q(Some("a"))
+        }),
+        ["a/j-1", "a/j-2", "a/r-1"]
+    );
+    let gold = vec![("tier".to_owned(), "gold".to_owned())];
+    assert_eq!(
+        ids(InstanceQuery {
+            labels: gold.clone(),
+            ..q(None)
+        }),
+        ["a/j-1", "a/r-1", "b/j-1", "c/j-1"]
+    );
+    let gold_shop = vec![
+        ("tier".to_owned(), "gold".to_owned()),
+        ("app".to_owned(), "shop".to_owned()),
+    ];
+    assert_eq!(
+        ids(InstanceQuery {
+            labels: gold_shop,
+            machine: Some("job".into()),
+            ..q(None)
+        }),
+        ["a/j-1", "b/j-1"]
+    );
+    let wrong = vec![
+        ("tier".to_owned(), "gold".to_owned()),
+        ("app".to_owned(), "bank".to_owned()),
+    ];
+    assert!(
+        ids(InstanceQuery {
+            labels: wrong,
+            ..q(None)
+        })
+        .is_empty()
+    );
+
+    // Pages of two, across namespaces.
+    let mut pages = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list_instances(&InstanceQuery {
+                after: after.clone(),
+                limit: 2,
+                ..q(None)
+            })
+            .unwrap();
+        assert!(page.len() <= 2);
+        let Some(last) = page.last() else { break };
+        after = Some((last.instance.namespace.clone(), last.instance.id.clone()));
+        pages.extend(
+            page.into_iter()
+                .map(|s| format!("{}/{}", s.instance.namespace, s.instance.id)),
+        );
+    }
+    assert_eq!(pages, ids(q(None)));
+    let after = |ns: &str, id: &str| Some((ns.to_owned(), id.to_owned()));
+    assert_eq!(
+        ids(InstanceQuery {
+            after: after("a", "j-2"),
+            limit: 1,
+            ..q(Some("a"))
+        }),
+        ["a/j-3"]
+    );
+    assert_eq!(
+        ids(InstanceQuery {
+            after: after("a", "r-1"),
+            ..q(Some("a"))
+        }),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        ids(InstanceQuery {
+            after: after("a", "zzz"),
+            ..q(Some("b"))
+        }),
+        ["b/j-1"]
+    );
+    assert!(
+        ids(InstanceQuery {
+            after: after("c", ""),
+            ..q(Some("b"))
+        })
+        .is_empty()
+    );
+    assert_eq!(
+        ids(InstanceQuery {
+            after: after("b", "j-1"),
+            ..q(None)
+        }),
+        ["c/j-1"]
+    );
+    assert_eq!(
+        ids(InstanceQuery {
+            labels: gold,
+            after: after("a", "j-1"),
+            limit: 2,
+            ..q(None)
+        }),
+        ["a/r-1", "b/j-1"]
+    );
+    let listed = store.list_instances(&q(Some("b"))).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].instance, items[0].instance);
+}
+
+/// instance_by_uid finds the instance a commit reported.
+pub fn instance_by_uid(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let driver = Driver::new("job");
+    let a = driver.create("default", "a", &[], T0_MS);
+    let b = driver.create("other", "b", &[], T0_MS);
+    let uid_a = commit_one(&*store, &a);
+    let uid_b = commit_one(&*store, &b);
+    assert_ne!(uid_a, uid_b);
+    let found = store.instance_by_uid(uid_b).unwrap().expect("b by uid");
+    assert_eq!(
+        found,
+        StoredInstance {
+            uid: uid_b,
+            instance: b.instance.clone()
+        }
+    );
+    assert_eq!(store.instance("other", "b").unwrap(), Some(found));
+    let started = driver.event(&a.instance, "start", "", T0_MS + 1);
+    commit_one(&*store, &started);
+    assert_eq!(
+        store.instance_by_uid(uid_a).unwrap().map(|s| s.instance),
+        Some(started.instance)
+    );
+    let unknown = uid_a.max(uid_b) + 1000;
+    assert!(store.instance_by_uid(unknown).unwrap().is_none());
+}
+
+/// verify() finds nothing wrong with a store the suite built, and counts what it checked.
+pub fn verify_is_clean_on_a_good_store(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let empty = store.verify().unwrap();
+    assert!(empty.is_ok(), "{:?}", empty.problems);
+    assert_eq!(
+        (empty.n_instances, empty.n_records, empty.n_definitions),
+        (0, 0, 0)
+    );
+
+    let definition = job_definition("default", "job");
+    store
+        .put_definition(&definition, revision_hash(&definition), T0_MS)
+        .unwrap();
+    let driver = Driver::new("job");
+    commit_chain(&*store, &driver, "chain", 10);
+    let create = driver.create("default", "short", &[("k", "v")], T0_MS);
+    commit_one(&*store, &create);
+    let mut start = driver.event_with_key(&create.instance, "start", "", T0_MS + 1, Some("key"));
+    start.idempotency = Some(IdempotencyEntry {
+        key: "key".into(),
+        request_hash: Hash32([3; 32]),
+        version: 1,
+        expires_ms: T0_MS + 10,
+    });
+    commit_one(&*store, &start);
+    commit_one(
+        &*store,
+        &driver.event(&start.instance, "cancel", "", T0_MS + 2),
+    );
+    let report = store.verify().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(
+        (report.n_instances, report.n_records, report.n_definitions),
+        (2, 13, 1)
+    );
+
+    let store = harness.reopen(store);
+    let again = store.verify().unwrap();
+    assert_eq!(again, report);
+    let labels: BTreeMap<String, String> = [("k".to_owned(), "v".to_owned())].into();
+    assert_eq!(stored(&*store, "default", "short").instance.labels, labels);
+}

@@ -1,5 +1,960 @@
-//! The embedded, durable default backend on redb (being written).
+//! The embedded, durable default backend: one redb file (`cnsm.redb`) in a data directory.
+//!
+//! Every [`Store::commit`] is one redb write transaction made durable with
+//! [`Durability::Immediate`] (an fsync) for the whole batch: group commit. The table layout is
+//! described in [`tables`](self::tables); in short, instance rows carry their uid, version,
+//! status, timer and machine in fixed columns beside the CBOR document, records are kept as
+//! their exact bytes under `(uid, version)`, and a global `log` gives the commit order.
+//!
+//! # Verification checkpoints
+//!
+//! The `log` numbers every committed record; `meta.verified_seq` says up to where records were
+//! read back from the file and checked (stored hash over the stored bytes, decodable, belongs to
+//! the instance of its uid, links to the previous record of that instance).
+//!
+//! - [`EmbeddedStore::open`] checks the tail after `verified_seq` and refuses to open a store
+//!   whose tail is corrupt ([`StoreError::Corrupt`] naming instance and version).
+//! - [`Store::commit`] checks, in its own transaction, up to as many earlier records of the tail
+//!   as the batch holds (at least [`VERIFY_PER_COMMIT_MIN`]) and advances the checkpoint in the
+//!   same commit, so the tail stays about one batch long and open stays fast however large the
+//!   store grows. A problem found there stops the checkpoint (open then reports it); the commit
+//!   itself goes on, since the batch at hand is not at fault.
+//! - [`EmbeddedStore::close`] checks whatever tail is left, so a cleanly closed store opens with
+//!   nothing to check.
+//! - [`Store::verify`] checks everything from genesis.
+//!
+//! ```
+//! use cnsm_store::{Store, embedded::EmbeddedStore};
+//! let dir = tempfile::tempdir().unwrap();
+//! let store = EmbeddedStore::open(dir.path()).unwrap();
+//! assert!(store.verify().unwrap().is_ok());
+//! store.close().unwrap();
+//! ```
 
-/// The embedded store.
-#[derive(Debug)]
-pub struct EmbeddedStore;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use cnsm_core::record::{Hash32, RECORD_DOMAIN, SealedRecord, decode_record};
+use cnsm_core::resource::StateMachine;
+use cnsm_core::{Instance, Status};
+use redb::{
+    Database, DatabaseError, Durability, ReadTransaction, ReadableDatabase, ReadableTable,
+    TableError, WriteTransaction,
+};
+
+use crate::{
+    CommitItem, DefinitionRow, IdempotencyEntry, InstanceQuery, ItemOutcome, PAGE_LEN_MAX,
+    PutDefinition, STORE_FORMAT, Store, StoreError, StoredInstance, TimerRef, VerifyReport,
+};
+
+mod check;
+pub(crate) mod tables;
+#[doc(hidden)]
+pub mod testing;
+
+use tables::*;
+
+/// The database file inside the data directory.
+pub const FILE_NAME: &str = "cnsm.redb";
+
+/// The least number of earlier tail records a commit verifies (see the module docs).
+pub const VERIFY_PER_COMMIT_MIN: u64 = 64;
+
+/// Most items one [`Store::commit`] accepts.
+pub const COMMIT_ITEMS_MAX: usize = 100_000;
+
+/// The embedded store. Cheap to share behind an `Arc`; redb serializes write transactions and
+/// lets reads run beside them on a consistent snapshot.
+pub struct EmbeddedStore {
+    db: Database,
+    path: PathBuf,
+    /// The log sequence where the per-commit check found a problem; it is not retried until
+    /// the store is reopened (open reports it).
+    tail_problem: Mutex<Option<u64>>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// Where the verification checkpoint stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Every record logged at or below this sequence has been verified.
+    pub verified_seq: u64,
+    /// The sequence of the last committed record (0 when there is none).
+    pub last_seq: u64,
+}
+
+impl Checkpoint {
+    /// Records committed but not yet read back and verified.
+    pub fn n_unverified(&self) -> u64 {
+        self.last_seq.saturating_sub(self.verified_seq)
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the store in `dir`, checking the records committed since the
+    /// last verification checkpoint.
+    ///
+    /// Errors: [`StoreError::Locked`] when another process (or another handle in this process)
+    /// has the store open, [`StoreError::FormatTooNew`] for a store written by a newer cnsm,
+    /// [`StoreError::Corrupt`] when a record of the unverified tail fails its checks.
+    pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
+        EmbeddedStore::open_with(dir, true)
+    }
+
+    /// Opens the store without checking the unverified tail (and without advancing the
+    /// checkpoint): for `store verify` and other forensics on a store that `open` refuses, so
+    /// that [`Store::verify`] can list every problem.
+    pub fn open_unverified(dir: &Path) -> Result<EmbeddedStore, StoreError> {
+        EmbeddedStore::open_with(dir, false)
+    }
+
+    fn open_with(dir: &Path, verify_tail: bool) -> Result<EmbeddedStore, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join(FILE_NAME);
+        let db = Database::create(&path).map_err(|e| open_error(&path, e))?;
+        check_format(&db)?;
+        let mut txn = db.begin_write().io()?;
+        txn.set_durability(Durability::Immediate).io()?;
+        if let Err(e) = init_and_verify(&txn, verify_tail) {
+            let _ = txn.abort();
+            return Err(e);
+        }
+        txn.commit().io()?;
+        Ok(EmbeddedStore {
+            db,
+            path,
+            tail_problem: Mutex::new(None),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Where the verification checkpoint stands.
+    pub fn checkpoint(&self) -> Result<Checkpoint, StoreError> {
+        let txn = self.db.begin_read().io()?;
+        let meta = txn.open_table(META).io()?;
+        let next_seq = meta_get(&meta, META_NEXT_SEQ)?;
+        let verified_seq = meta_get(&meta, META_VERIFIED_SEQ)?;
+        Ok(Checkpoint {
+            verified_seq,
+            last_seq: next_seq.saturating_sub(1),
+        })
+    }
+
+    /// Verifies the records committed since the checkpoint and advances it, then closes the
+    /// store. The next open has nothing to check. Dropping the store instead is safe: the next
+    /// open checks the tail.
+    pub fn close(self) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().io()?;
+        txn.set_durability(Durability::Immediate).io()?;
+        let verified = {
+            let meta = txn.open_table(META).io()?;
+            let records = txn.open_table(RECORDS).io()?;
+            let uids = txn.open_table(INSTANCE_UIDS).io()?;
+            let log = txn.open_table(LOG).io()?;
+            let from = meta_get(&meta, META_VERIFIED_SEQ)?;
+            let next_seq = meta_get(&meta, META_NEXT_SEQ)?;
+            check::verify_tail(&records, &uids, &log, from, next_seq, None)?
+        };
+        {
+            let mut meta = txn.open_table(META).io()?;
+            meta.insert(META_VERIFIED_SEQ, verified.verified_seq).io()?;
+        }
+        txn.commit().io()?;
+        self.db.close().io()?;
+        match verified.problem {
+            Some(problem) => Err(StoreError::Corrupt(problem)),
+            None => Ok(()),
+        }
+    }
+
+    fn read(&self) -> Result<ReadTransaction, StoreError> {
+        self.db.begin_read().io()
+    }
+
+    /// Runs the writes of one batch; the caller commits or aborts.
+    fn commit_in(
+        &self,
+        txn: &WriteTransaction,
+        items: &[CommitItem],
+        prev_hashes: &[Hash32],
+    ) -> Result<Vec<ItemOutcome>, StoreError> {
+        let mut t = WriteTables::open(txn)?;
+        let mut counters = Counters {
+            next_uid: meta_get(&t.meta, META_NEXT_UID)?,
+            next_seq: meta_get(&t.meta, META_NEXT_SEQ)?,
+        };
+        let mut verified_seq = meta_get(&t.meta, META_VERIFIED_SEQ)?;
+        // Read back part of what earlier commits wrote (see the module docs).
+        let mut tail_problem = self.tail_problem.lock().unwrap_or_else(|e| e.into_inner());
+        if tail_problem.is_none() {
+            let budget = (items.len() as u64).max(VERIFY_PER_COMMIT_MIN);
+            let checked = check::verify_tail(
+                &t.records,
+                &t.uids,
+                &t.log,
+                verified_seq,
+                counters.next_seq,
+                Some(budget),
+            )?;
+            verified_seq = checked.verified_seq;
+            if checked.problem.is_some() {
+                *tail_problem = Some(verified_seq + 1);
+            }
+        }
+        drop(tail_problem);
+
+        let mut outcomes = Vec::with_capacity(items.len());
+        for (item, prev_hash) in items.iter().zip(prev_hashes) {
+            outcomes.push(apply_item(&mut t, item, *prev_hash, &mut counters)?);
+        }
+        t.meta.insert(META_NEXT_UID, counters.next_uid).io()?;
+        t.meta.insert(META_NEXT_SEQ, counters.next_seq).io()?;
+        t.meta.insert(META_VERIFIED_SEQ, verified_seq).io()?;
+        Ok(outcomes)
+    }
+
+    fn write<T>(
+        &self,
+        body: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut txn = self.db.begin_write().io()?;
+        txn.set_durability(Durability::Immediate).io()?;
+        match body(&txn) {
+            Ok(value) => {
+                txn.commit().io()?;
+                Ok(value)
+            }
+            Err(e) => {
+                let _ = txn.abort();
+                Err(e)
+            }
+        }
+    }
+}
+
+fn open_error(path: &Path, error: DatabaseError) -> StoreError {
+    match error {
+        DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
+            StoreError::Locked(format!(
+                "{} is open elsewhere (another process, or another handle in this one); stop it first",
+                path.display()
+            ))
+        }
+        other => StoreError::Io(format!("cannot open {}: {other}", path.display())),
+    }
+}
+
+/// Refuses a newer format before anything is written.
+fn check_format(db: &Database) -> Result<(), StoreError> {
+    let txn = db.begin_read().io()?;
+    let meta = match txn.open_table(META) {
+        Ok(meta) => meta,
+        Err(TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(StoreError::Io(e.to_string())),
+    };
+    match meta.get(META_FORMAT).io()? {
+        Some(found) => {
+            let found = found.value();
+            if found > u64::from(STORE_FORMAT) {
+                return Err(StoreError::FormatTooNew {
+                    found: u32::try_from(found).unwrap_or(u32::MAX),
+                    supported: STORE_FORMAT,
+                });
+            }
+            Ok(())
+        }
+        None => Err(StoreError::Corrupt(
+            "the meta table has no format version".into(),
+        )),
+    }
+}
+
+/// Creates the tables and counters of a new store; checks the unverified tail.
+fn init_and_verify(txn: &WriteTransaction, verify_tail: bool) -> Result<(), StoreError> {
+    let mut t = WriteTables::open(txn)?;
+    if t.meta.get(META_FORMAT).io()?.is_none() {
+        t.meta.insert(META_FORMAT, u64::from(STORE_FORMAT)).io()?;
+        t.meta.insert(META_NEXT_UID, 1).io()?;
+        t.meta.insert(META_NEXT_SEQ, 1).io()?;
+        t.meta.insert(META_VERIFIED_SEQ, 0).io()?;
+    }
+    if verify_tail {
+        let from = meta_get(&t.meta, META_VERIFIED_SEQ)?;
+        let next_seq = meta_get(&t.meta, META_NEXT_SEQ)?;
+        if from + 1 < next_seq {
+            let checked = check::verify_tail(&t.records, &t.uids, &t.log, from, next_seq, None)?;
+            if let Some(problem) = checked.problem {
+                return Err(StoreError::Corrupt(problem));
+            }
+            t.meta
+                .insert(META_VERIFIED_SEQ, checked.verified_seq)
+                .io()?;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn meta_get(
+    meta: &impl ReadableTable<&'static str, u64>,
+    key: &str,
+) -> Result<u64, StoreError> {
+    match meta.get(key).io()? {
+        Some(value) => Ok(value.value()),
+        None => Err(StoreError::Corrupt(format!(
+            "the meta table has no `{key}`"
+        ))),
+    }
+}
+
+/// Every table, opened for writing in one transaction.
+pub(crate) struct WriteTables<'txn> {
+    pub(crate) meta: redb::Table<'txn, &'static str, u64>,
+    pub(crate) definitions: redb::Table<'txn, (&'static str, &'static str, u32), DefinitionValue>,
+    pub(crate) definition_latest: redb::Table<'txn, (&'static str, &'static str), u32>,
+    pub(crate) instances: redb::Table<'txn, (&'static str, &'static str), InstanceValue>,
+    pub(crate) uids: redb::Table<'txn, u64, (&'static str, &'static str)>,
+    pub(crate) active: redb::Table<'txn, (&'static str, &'static str, u64), ()>,
+    pub(crate) records: redb::Table<'txn, (u64, u64), RecordValue>,
+    pub(crate) log: redb::Table<'txn, u64, (u64, u64)>,
+    pub(crate) timers: redb::Table<'txn, (u64, u64), (u64, u8)>,
+    pub(crate) idempotency: redb::Table<'txn, (u64, &'static str), IdempotencyValue>,
+    pub(crate) idempotency_expiry: redb::Table<'txn, (u64, u64, &'static str), ()>,
+}
+
+impl<'txn> WriteTables<'txn> {
+    pub(crate) fn open(txn: &'txn WriteTransaction) -> Result<WriteTables<'txn>, StoreError> {
+        Ok(WriteTables {
+            meta: txn.open_table(META).io()?,
+            definitions: txn.open_table(DEFINITIONS).io()?,
+            definition_latest: txn.open_table(DEFINITION_LATEST).io()?,
+            instances: txn.open_table(INSTANCES).io()?,
+            uids: txn.open_table(INSTANCE_UIDS).io()?,
+            active: txn.open_table(ACTIVE_INSTANCES).io()?,
+            records: txn.open_table(RECORDS).io()?,
+            log: txn.open_table(LOG).io()?,
+            timers: txn.open_table(TIMERS).io()?,
+            idempotency: txn.open_table(IDEMPOTENCY).io()?,
+            idempotency_expiry: txn.open_table(IDEMPOTENCY_EXPIRY).io()?,
+        })
+    }
+}
+
+struct Counters {
+    next_uid: u64,
+    next_seq: u64,
+}
+
+/// The fixed columns of an instance row.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct InstanceHead {
+    pub(crate) uid: u64,
+    pub(crate) version: u64,
+    pub(crate) status: Status,
+    pub(crate) timer: Option<cnsm_core::record::Timer>,
+    pub(crate) machine: String,
+}
+
+pub(crate) fn head_of(
+    value: &(u64, u64, u8, Option<TimerColumn>, &str, &[u8]),
+) -> Result<InstanceHead, String> {
+    let (uid, version, status, timer, machine, _) = *value;
+    Ok(InstanceHead {
+        uid,
+        version,
+        status: status_from_code(status).ok_or_else(|| format!("unknown status code {status}"))?,
+        timer: timer_from_column(timer)?,
+        machine: machine.to_owned(),
+    })
+}
+
+fn batch_error(index: usize, item: &CommitItem, detail: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!(
+        "commit item {index} ({}/{} version {}): {detail}",
+        item.instance.namespace, item.instance.id, item.record.version
+    ))
+}
+
+/// Pair assertions on one item before any I/O; returns the previous hash its record declares.
+///
+/// A failure here is a programming error in the caller, and the whole batch is refused.
+fn check_item(index: usize, item: &CommitItem) -> Result<Hash32, StoreError> {
+    let instance = &item.instance;
+    let record = &item.record;
+    let fail = |detail: String| Err(batch_error(index, item, detail));
+    if record.version != instance.version {
+        return fail(format!("the instance is at version {}", instance.version));
+    }
+    let expected_record_version = match item.expected_version {
+        None => Some(0),
+        Some(v) => v.checked_add(1),
+    };
+    if expected_record_version != Some(record.version) {
+        return fail(format!(
+            "expected version {:?} does not precede the record",
+            item.expected_version
+        ));
+    }
+    if instance.last_hash != record.hash {
+        return fail("the instance's last hash is not the record's hash".into());
+    }
+    if Hash32::digest(RECORD_DOMAIN, &record.bytes) != record.hash {
+        return fail("the record's hash does not match its bytes".into());
+    }
+    let decoded = match decode_record(record.version, &record.bytes) {
+        Ok(decoded) => decoded,
+        Err(e) => return fail(e.to_string()),
+    };
+    if decoded.namespace != instance.namespace || decoded.instance != instance.id {
+        return fail(format!(
+            "the record belongs to {}/{}",
+            decoded.namespace, decoded.instance
+        ));
+    }
+    if record.version == 0 && decoded.prev_hash != Hash32::ZERO {
+        return fail("a genesis record must have a zero previous hash".into());
+    }
+    if decoded.to != instance.state
+        || decoded.status != instance.status
+        || decoded.timer != instance.timer
+    {
+        return fail("the instance's state, status or timer differ from the record's".into());
+    }
+    if let Some(entry) = &item.idempotency
+        && entry.version != record.version
+    {
+        return fail(format!(
+            "the idempotency entry names version {}",
+            entry.version
+        ));
+    }
+    Ok(decoded.prev_hash)
+}
+
+fn apply_item(
+    t: &mut WriteTables<'_>,
+    item: &CommitItem,
+    prev_hash: Hash32,
+    counters: &mut Counters,
+) -> Result<ItemOutcome, StoreError> {
+    let instance = &item.instance;
+    let namespace = instance.namespace.as_str();
+    let id = instance.id.as_str();
+    let version = item.record.version;
+    let corrupt =
+        |detail: String| StoreError::Corrupt(format!("instance {namespace}/{id}: {detail}"));
+
+    let existing = match t.instances.get((namespace, id)).io()? {
+        Some(row) => Some(head_of(&row.value()).map_err(corrupt)?),
+        None => None,
+    };
+    let (uid, previous) = match (item.expected_version, existing) {
+        (None, Some(head)) => {
+            return Ok(ItemOutcome::Conflict {
+                actual: Some(head.version),
+            });
+        }
+        (Some(_), None) => return Ok(ItemOutcome::Conflict { actual: None }),
+        (Some(expected), Some(head)) if head.version != expected => {
+            return Ok(ItemOutcome::Conflict {
+                actual: Some(head.version),
+            });
+        }
+        (None, None) => {
+            let uid = counters.next_uid;
+            counters.next_uid += 1;
+            if t.uids.insert(uid, (namespace, id)).io()?.is_some() {
+                return Err(corrupt(format!(
+                    "uid {uid} from the meta counter is already taken"
+                )));
+            }
+            (uid, None)
+        }
+        (Some(expected), Some(head)) => {
+            let stored = t
+                .records
+                .get((head.uid, expected))
+                .io()?
+                .map(|g| Hash32(g.value().0));
+            match stored {
+                None => return Err(corrupt(format!("record {expected} is missing"))),
+                Some(stored) if stored != prev_hash => {
+                    return Err(corrupt(format!(
+                        "record {version} does not chain to the stored record {expected}"
+                    )));
+                }
+                Some(_) => {}
+            }
+            (head.uid, Some(head))
+        }
+    };
+
+    if t.records
+        .insert(
+            (uid, version),
+            (item.record.hash.0, item.record.bytes.as_slice()),
+        )
+        .io()?
+        .is_some()
+    {
+        return Err(corrupt(format!("record {version} already exists")));
+    }
+    t.log.insert(counters.next_seq, (uid, version)).io()?;
+    counters.next_seq += 1;
+
+    let row = encode_cbor(instance)?;
+    let timer = indexed_timer(instance);
+    t.instances
+        .insert(
+            (namespace, id),
+            (
+                uid,
+                version,
+                status_code(instance.status),
+                timer_column(timer),
+                instance.machine.as_str(),
+                row.as_slice(),
+            ),
+        )
+        .io()?;
+
+    if let Some(previous) = &previous {
+        if let Some(old) = previous.timer {
+            t.timers.remove((old.due_ms, uid)).io()?;
+        }
+        if previous.status == Status::Active {
+            t.active
+                .remove((namespace, previous.machine.as_str(), uid))
+                .io()?;
+        }
+    }
+    if let Some(new) = timer {
+        t.timers
+            .insert((new.due_ms, uid), (new.entry_seq, kind_code(new.kind)))
+            .io()?;
+    }
+    if instance.status == Status::Active {
+        t.active
+            .insert((namespace, instance.machine.as_str(), uid), ())
+            .io()?;
+    }
+
+    if let Some(entry) = &item.idempotency {
+        let key = entry.key.as_str();
+        let old = t
+            .idempotency
+            .insert(
+                (uid, key),
+                (entry.request_hash.0, entry.version, entry.expires_ms),
+            )
+            .io()?
+            .map(|g| g.value().2);
+        if let Some(old_expires) = old {
+            t.idempotency_expiry.remove((old_expires, uid, key)).io()?;
+        }
+        t.idempotency_expiry
+            .insert((entry.expires_ms, uid, key), ())
+            .io()?;
+    }
+    Ok(ItemOutcome::Committed { uid })
+}
+
+fn decode_instance(bytes: &[u8], namespace: &str, id: &str) -> Result<Instance, StoreError> {
+    decode_cbor(bytes, &|| {
+        format!("instance {namespace}/{id}: row does not decode")
+    })
+}
+
+fn decode_definition(
+    namespace: &str,
+    name: &str,
+    revision: u32,
+    value: DefinitionValueRef<'_>,
+) -> Result<DefinitionRow, StoreError> {
+    let (hash, created_ms, bytes) = value;
+    let definition: StateMachine = decode_cbor(bytes, &|| {
+        format!("definition {namespace}/{name}@{revision}: row does not decode")
+    })?;
+    Ok(DefinitionRow {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        revision,
+        hash: Hash32(hash),
+        definition,
+        created_ms,
+    })
+}
+
+type DefinitionValueRef<'a> = ([u8; 32], u64, &'a [u8]);
+
+fn capped(limit: usize) -> usize {
+    if limit == 0 {
+        PAGE_LEN_MAX
+    } else {
+        limit.min(PAGE_LEN_MAX)
+    }
+}
+
+fn matches_query(query: &InstanceQuery, instance: &Instance) -> bool {
+    query.state.as_deref().is_none_or(|s| s == instance.state)
+        && query
+            .labels
+            .iter()
+            .all(|(k, v)| instance.labels.get(k) == Some(v))
+}
+
+impl Store for EmbeddedStore {
+    fn put_definition(
+        &self,
+        definition: &StateMachine,
+        hash: Hash32,
+        now_ms: u64,
+    ) -> Result<PutDefinition, StoreError> {
+        let namespace = definition.metadata.namespace.as_str();
+        let name = definition.metadata.name.as_str();
+        let row = encode_cbor(definition)?;
+        self.write(|txn| {
+            let mut t = WriteTables::open(txn)?;
+            let latest = t
+                .definition_latest
+                .get((namespace, name))
+                .io()?
+                .map(|g| g.value());
+            if let Some(latest) = latest {
+                let stored = t
+                    .definitions
+                    .get((namespace, name, latest))
+                    .io()?
+                    .map(|g| g.value().0);
+                match stored {
+                    Some(stored) if stored == hash.0 => {
+                        return Ok(PutDefinition::Unchanged(latest));
+                    }
+                    Some(_) => {}
+                    None => {
+                        return Err(StoreError::Corrupt(format!(
+                            "definition {namespace}/{name}: latest revision {latest} is missing"
+                        )));
+                    }
+                }
+            }
+            let revision = latest.unwrap_or(0).checked_add(1).ok_or_else(|| {
+                StoreError::Refused(format!(
+                    "definition {namespace}/{name} has run out of revision numbers"
+                ))
+            })?;
+            t.definitions
+                .insert(
+                    (namespace, name, revision),
+                    (hash.0, now_ms, row.as_slice()),
+                )
+                .io()?;
+            t.definition_latest
+                .insert((namespace, name), revision)
+                .io()?;
+            Ok(PutDefinition::Created(revision))
+        })
+    }
+
+    fn definition(
+        &self,
+        namespace: &str,
+        name: &str,
+        revision: Option<u32>,
+    ) -> Result<Option<DefinitionRow>, StoreError> {
+        let txn = self.read()?;
+        let revision = match revision {
+            Some(revision) => revision,
+            None => {
+                let latest = txn.open_table(DEFINITION_LATEST).io()?;
+                match latest.get((namespace, name)).io()? {
+                    Some(revision) => revision.value(),
+                    None => return Ok(None),
+                }
+            }
+        };
+        let definitions = txn.open_table(DEFINITIONS).io()?;
+        match definitions.get((namespace, name, revision)).io()? {
+            Some(row) => decode_definition(namespace, name, revision, row.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn list_definitions(&self, namespace: Option<&str>) -> Result<Vec<DefinitionRow>, StoreError> {
+        let txn = self.read()?;
+        let latest = txn.open_table(DEFINITION_LATEST).io()?;
+        let definitions = txn.open_table(DEFINITIONS).io()?;
+        let start = (namespace.unwrap_or(""), "");
+        let mut rows = Vec::new();
+        for entry in latest.range(start..).io()? {
+            let (key, revision) = entry.io()?;
+            let (ns, name) = key.value();
+            if namespace.is_some_and(|wanted| wanted != ns) {
+                break;
+            }
+            let revision = revision.value();
+            let Some(row) = definitions.get((ns, name, revision)).io()? else {
+                return Err(StoreError::Corrupt(format!(
+                    "definition {ns}/{name}: latest revision {revision} is missing"
+                )));
+            };
+            rows.push(decode_definition(ns, name, revision, row.value())?);
+        }
+        Ok(rows)
+    }
+
+    fn delete_definition(&self, namespace: &str, name: &str) -> Result<bool, StoreError> {
+        self.write(|txn| {
+            let mut t = WriteTables::open(txn)?;
+            let n_active = t
+                .active
+                .range((namespace, name, 0)..=(namespace, name, u64::MAX))
+                .io()?
+                .count();
+            if n_active > 0 {
+                return Err(StoreError::Refused(format!(
+                    "definition {namespace}/{name} is used by {n_active} active instance(s); \
+                     let them finish or cancel them first"
+                )));
+            }
+            let removed_latest = t
+                .definition_latest
+                .remove((namespace, name))
+                .io()?
+                .is_some();
+            let mut revisions = Vec::new();
+            for entry in t
+                .definitions
+                .range((namespace, name, 0)..=(namespace, name, u32::MAX))
+                .io()?
+            {
+                revisions.push(entry.io()?.0.value().2);
+            }
+            for revision in &revisions {
+                t.definitions.remove((namespace, name, *revision)).io()?;
+            }
+            Ok(removed_latest || !revisions.is_empty())
+        })
+    }
+
+    fn commit(&self, items: &[CommitItem]) -> Result<Vec<ItemOutcome>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        if items.len() > COMMIT_ITEMS_MAX {
+            return Err(StoreError::Refused(format!(
+                "a batch of {} items exceeds the limit of {COMMIT_ITEMS_MAX}",
+                items.len()
+            )));
+        }
+        let prev_hashes = items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| check_item(index, item))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.write(|txn| self.commit_in(txn, items, &prev_hashes))
+    }
+
+    fn instance(&self, namespace: &str, id: &str) -> Result<Option<StoredInstance>, StoreError> {
+        let txn = self.read()?;
+        let instances = txn.open_table(INSTANCES).io()?;
+        let Some(row) = instances.get((namespace, id)).io()? else {
+            return Ok(None);
+        };
+        let (uid, _, _, _, _, bytes) = row.value();
+        Ok(Some(StoredInstance {
+            uid,
+            instance: decode_instance(bytes, namespace, id)?,
+        }))
+    }
+
+    fn instance_by_uid(&self, uid: u64) -> Result<Option<StoredInstance>, StoreError> {
+        let txn = self.read()?;
+        let uids = txn.open_table(INSTANCE_UIDS).io()?;
+        let instances = txn.open_table(INSTANCES).io()?;
+        let Some(key) = uids.get(uid).io()? else {
+            return Ok(None);
+        };
+        let (namespace, id) = key.value();
+        let Some(row) = instances.get((namespace, id)).io()? else {
+            return Err(StoreError::Corrupt(format!(
+                "uid {uid} names {namespace}/{id}, which has no row"
+            )));
+        };
+        let (row_uid, _, _, _, _, bytes) = row.value();
+        if row_uid != uid {
+            return Err(StoreError::Corrupt(format!(
+                "uid {uid} names {namespace}/{id}, whose uid is {row_uid}"
+            )));
+        }
+        Ok(Some(StoredInstance {
+            uid,
+            instance: decode_instance(bytes, namespace, id)?,
+        }))
+    }
+
+    fn list_instances(&self, query: &InstanceQuery) -> Result<Vec<StoredInstance>, StoreError> {
+        let limit = capped(query.limit);
+        let txn = self.read()?;
+        let instances = txn.open_table(INSTANCES).io()?;
+        let namespace = query.namespace.as_deref();
+        let after = query
+            .after
+            .as_ref()
+            .map(|(ns, id)| (ns.as_str(), id.as_str()));
+        let start: Bound<(&str, &str)> = match (namespace, after) {
+            (Some(ns), Some((after_ns, after_id))) if after_ns == ns => {
+                Bound::Excluded((ns, after_id))
+            }
+            (Some(ns), Some((after_ns, _))) if after_ns > ns => return Ok(Vec::new()),
+            (Some(ns), _) => Bound::Included((ns, "")),
+            (None, Some(after)) => Bound::Excluded(after),
+            (None, None) => Bound::Unbounded,
+        };
+        let status = query.status.map(status_code);
+        let mut found = Vec::new();
+        for entry in instances
+            .range::<(&str, &str)>((start, Bound::Unbounded))
+            .io()?
+        {
+            let (key, row) = entry.io()?;
+            let (ns, id) = key.value();
+            if namespace.is_some_and(|wanted| wanted != ns) {
+                break;
+            }
+            let (uid, _, row_status, _, machine, bytes) = row.value();
+            if status.is_some_and(|s| s != row_status)
+                || query.machine.as_deref().is_some_and(|m| m != machine)
+            {
+                continue;
+            }
+            let instance = decode_instance(bytes, ns, id)?;
+            if matches_query(query, &instance) {
+                found.push(StoredInstance { uid, instance });
+                if found.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    fn history(
+        &self,
+        namespace: &str,
+        id: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<SealedRecord>, StoreError> {
+        let limit = capped(limit);
+        let txn = self.read()?;
+        let instances = txn.open_table(INSTANCES).io()?;
+        let Some(row) = instances.get((namespace, id)).io()? else {
+            return Ok(Vec::new());
+        };
+        let uid = row.value().0;
+        let records = txn.open_table(RECORDS).io()?;
+        let mut out = Vec::new();
+        for entry in records
+            .range((uid, from_version)..=(uid, u64::MAX))
+            .io()?
+            .take(limit)
+        {
+            let (key, value) = entry.io()?;
+            let (hash, bytes) = value.value();
+            out.push(SealedRecord {
+                version: key.value().1,
+                bytes: bytes.to_vec(),
+                hash: Hash32(hash),
+            });
+        }
+        Ok(out)
+    }
+
+    fn idempotency(
+        &self,
+        namespace: &str,
+        id: &str,
+        key: &str,
+    ) -> Result<Option<IdempotencyEntry>, StoreError> {
+        let txn = self.read()?;
+        let instances = txn.open_table(INSTANCES).io()?;
+        let Some(row) = instances.get((namespace, id)).io()? else {
+            return Ok(None);
+        };
+        let uid = row.value().0;
+        let idempotency = txn.open_table(IDEMPOTENCY).io()?;
+        Ok(idempotency.get((uid, key)).io()?.map(|g| {
+            let (request_hash, version, expires_ms) = g.value();
+            IdempotencyEntry {
+                key: key.to_owned(),
+                request_hash: Hash32(request_hash),
+                version,
+                expires_ms,
+            }
+        }))
+    }
+
+    fn purge_idempotency(&self, now_ms: u64) -> Result<u64, StoreError> {
+        self.write(|txn| {
+            let mut t = WriteTables::open(txn)?;
+            let mut expired: Vec<(u64, u64, String)> = Vec::new();
+            for entry in t
+                .idempotency_expiry
+                .range::<(u64, u64, &str)>((0, 0, "")..)
+                .io()?
+            {
+                let (key, _) = entry.io()?;
+                let (expires_ms, uid, idempotency_key) = key.value();
+                if expires_ms > now_ms {
+                    break;
+                }
+                expired.push((expires_ms, uid, idempotency_key.to_owned()));
+            }
+            for (expires_ms, uid, key) in &expired {
+                t.idempotency_expiry
+                    .remove((*expires_ms, *uid, key.as_str()))
+                    .io()?;
+                t.idempotency.remove((*uid, key.as_str())).io()?;
+            }
+            Ok(expired.len() as u64)
+        })
+    }
+
+    fn pending_timers(&self, visit: &mut dyn FnMut(TimerRef)) -> Result<(), StoreError> {
+        let txn = self.read()?;
+        let timers = txn.open_table(TIMERS).io()?;
+        for entry in timers.iter().io()? {
+            let (key, value) = entry.io()?;
+            let (due_ms, uid) = key.value();
+            let (entry_seq, code) = value.value();
+            let kind = kind_from_code(code).ok_or_else(|| {
+                StoreError::Corrupt(format!("timer of uid {uid}: unknown kind {code}"))
+            })?;
+            visit(TimerRef {
+                due_ms,
+                uid,
+                entry_seq,
+                kind,
+            });
+        }
+        Ok(())
+    }
+
+    fn verify(&self) -> Result<VerifyReport, StoreError> {
+        let txn = self.read()?;
+        check::verify_all(&txn)
+    }
+}

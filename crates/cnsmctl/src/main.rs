@@ -1,2 +1,79 @@
-//! placeholder
-fn main() {}
+//! `cnsmctl`: the kubectl-like command line of cnsm.
+//!
+//! Code map:
+//! - [`cli`]: every command, flag and help text (clap derive).
+//! - [`commands`]: runs a command: checks its input, connects to an [`api::Api`], prints.
+//! - [`api`]: the trait every command goes through; the seam for a future `--server` mode.
+//! - [`local`]: the `Api` over an in-process runtime and the embedded store (`--data-dir`).
+//! - [`output`]: tables, times, and the JSON views scripts rely on.
+//! - [`error`]: the error type and the exit codes (documented in `--help` and `docs/cli.md`).
+//! - [`demo`]: the guided tour (`cnsmctl demo`).
+//!
+//! Exit codes: 0 ok, 1 invalid input, 2 usage, 3 not found, 4 rejected or conflict, 5 store
+//! unavailable. Errors are one line on stderr: `error: <ErrorType>: <message>`.
+
+mod api;
+mod cli;
+mod commands;
+mod demo;
+mod error;
+mod local;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches};
+
+use crate::cli::Cli;
+use crate::commands::{Context, DEFAULT_DATA_DIR};
+use crate::error::{EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE};
+use crate::output::Out;
+
+fn main() -> ExitCode {
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (m, cli)));
+    let (matches, cli) = match parsed {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            // Usage errors exit with 2; `--help` and `--version` are not errors.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { EXIT_OK });
+        }
+    };
+    let on_command_line = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    let context = Context {
+        data_dir: cli
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+        data_dir_on_command_line: on_command_line("data_dir"),
+        namespace: cli.namespace.clone(),
+        namespace_on_command_line: on_command_line("namespace"),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: Unavailable: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    let mut out = Out::new();
+    // Every store handle is dropped (and its runtime shut down) inside `run`, before we exit.
+    let result = runtime.block_on(commands::run(&context, cli.command, &mut out));
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(error) => {
+            for line in &error.diagnostics {
+                eprintln!("{line}");
+            }
+            eprintln!("error: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}

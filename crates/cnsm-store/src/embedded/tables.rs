@@ -48,16 +48,26 @@ pub(crate) const DEFINITION_LATEST: TableDefinition<(&str, &str), u32> =
 /// A timer column: (due_ms, entry_seq, kind).
 pub(crate) type TimerColumn = (u64, u64, u8);
 /// (uid, version, status, timer, machine, CBOR of the instance).
-pub(crate) type InstanceValue = (u64, u64, u8, Option<TimerColumn>, &'static str, &'static [u8]);
-pub(crate) const INSTANCES: TableDefinition<(&str, &str), InstanceValue> = TableDefinition::new("instances");
-pub(crate) const INSTANCE_UIDS: TableDefinition<u64, (&str, &str)> = TableDefinition::new("instance_uids");
+pub(crate) type InstanceValue = (
+    u64,
+    u64,
+    u8,
+    Option<TimerColumn>,
+    &'static str,
+    &'static [u8],
+);
+pub(crate) const INSTANCES: TableDefinition<(&str, &str), InstanceValue> =
+    TableDefinition::new("instances");
+pub(crate) const INSTANCE_UIDS: TableDefinition<u64, (&str, &str)> =
+    TableDefinition::new("instance_uids");
 /// Active instances by machine, so deleting a definition need not scan every instance.
 pub(crate) const ACTIVE_INSTANCES: TableDefinition<(&str, &str, u64), ()> =
     TableDefinition::new("active_instances");
 
 /// (record hash, exact record bytes).
 pub(crate) type RecordValue = ([u8; 32], &'static [u8]);
-pub(crate) const RECORDS: TableDefinition<(u64, u64), RecordValue> = TableDefinition::new("records");
+pub(crate) const RECORDS: TableDefinition<(u64, u64), RecordValue> =
+    TableDefinition::new("records");
 /// Global commit order: the base of verification checkpoints and of a future outbox cursor.
 pub(crate) const LOG: TableDefinition<u64, (u64, u64)> = TableDefinition::new("log");
 /// (due_ms, uid) -> (entry_seq, kind): exactly each active instance's current timer.
@@ -65,7 +75,8 @@ pub(crate) const TIMERS: TableDefinition<(u64, u64), (u64, u8)> = TableDefinitio
 
 /// (request hash, version, expires_ms).
 pub(crate) type IdempotencyValue = ([u8; 32], u64, u64);
-pub(crate) const IDEMPOTENCY: TableDefinition<(u64, &str), IdempotencyValue> = TableDefinition::new("idempotency");
+pub(crate) const IDEMPOTENCY: TableDefinition<(u64, &str), IdempotencyValue> =
+    TableDefinition::new("idempotency");
 pub(crate) const IDEMPOTENCY_EXPIRY: TableDefinition<(u64, u64, &str), ()> =
     TableDefinition::new("idempotency_expiry");
 
@@ -107,7 +118,11 @@ pub(crate) fn kind_from_code(code: u8) -> Option<TimerKind> {
 
 /// The timer the `timers` table keeps for an instance: its current one while it is active.
 pub(crate) fn indexed_timer(instance: &Instance) -> Option<Timer> {
-    if instance.status.is_final() { None } else { instance.timer }
+    if instance.status.is_final() {
+        None
+    } else {
+        instance.timer
+    }
 }
 
 pub(crate) fn timer_column(timer: Option<Timer>) -> Option<TimerColumn> {
@@ -115,19 +130,29 @@ pub(crate) fn timer_column(timer: Option<Timer>) -> Option<TimerColumn> {
 }
 
 pub(crate) fn timer_from_column(column: Option<TimerColumn>) -> Result<Option<Timer>, String> {
-    let Some((due_ms, entry_seq, code)) = column else { return Ok(None) };
+    let Some((due_ms, entry_seq, code)) = column else {
+        return Ok(None);
+    };
     let kind = kind_from_code(code).ok_or_else(|| format!("unknown timer kind {code}"))?;
-    Ok(Some(Timer { due_ms, entry_seq, kind }))
+    Ok(Some(Timer {
+        due_ms,
+        entry_seq,
+        kind,
+    }))
 }
 
 /// Deterministic CBOR of a serde value.
 pub(crate) fn encode_cbor<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    let json = serde_json::to_value(value).map_err(|e| StoreError::Corrupt(format!("cannot encode a row: {e}")))?;
+    let json = serde_json::to_value(value)
+        .map_err(|e| StoreError::Corrupt(format!("cannot encode a row: {e}")))?;
     Ok(cbor::encode(&json))
 }
 
 /// Decodes a CBOR row; `what` names the row in the error.
-pub(crate) fn decode_cbor<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &dyn Fn() -> String) -> Result<T, StoreError> {
+pub(crate) fn decode_cbor<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &dyn Fn() -> String,
+) -> Result<T, StoreError> {
     let json = cbor::decode(bytes).map_err(|e| StoreError::Corrupt(format!("{}: {e}", what())))?;
     serde_json::from_value(json).map_err(|e| StoreError::Corrupt(format!("{}: {e}", what())))
 }

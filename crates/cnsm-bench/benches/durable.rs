@@ -1,0 +1,174 @@
+//! Durable throughput and latency on the embedded store: every transition is acknowledged only
+//! after its group commit is fsynced. Reports the fsync floor of the disk in the same run.
+//!
+//! Run: `cargo bench -p cnsm-bench --bench durable` (CNSM_BENCH_DIR picks the directory; the
+//! default is the system temp dir).
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cnsm_bench::{percentile, report};
+use cnsm_runtime::{CommitListener, CreateInstance, EventRequest, Runtime, RuntimeOptions};
+use cnsm_store::embedded::EmbeddedStore;
+
+const COUNTER: &str = r#"
+apiVersion: statemachine.cn/v1alpha1
+kind: StateMachine
+metadata: {name: counter, namespace: bench}
+spec:
+  initialState: counting
+  states:
+  - name: counting
+    type: task
+    timeoutSeconds: 86400
+    onEvent:
+    - event: inc
+      target: counting
+      assign: {n: "data.n + 1"}
+"#;
+
+#[derive(Default)]
+struct Batches {
+    n_commits: AtomicU64,
+    n_items: AtomicU64,
+    durations: Mutex<Vec<Duration>>,
+}
+
+impl CommitListener for Batches {
+    fn on_commit(&self, _: &cnsm_core::StateChangeEvent, _: cnsm_core::Hash32, _: &cnsm_core::Instance) {}
+    fn on_batch(&self, n_items: usize, d: Duration) {
+        self.n_commits.fetch_add(1, Ordering::Relaxed);
+        self.n_items.fetch_add(n_items as u64, Ordering::Relaxed);
+        if let Ok(mut v) = self.durations.lock() {
+            v.push(d);
+        }
+    }
+}
+
+fn bench_dir() -> tempfile::TempDir {
+    match std::env::var_os("CNSM_BENCH_DIR") {
+        Some(dir) => tempfile::tempdir_in(dir).expect("bench dir"),
+        None => tempfile::tempdir().expect("temp dir"),
+    }
+}
+
+/// The disk's floor: 4 KiB write + fdatasync, sequentially, for one second.
+fn fsync_floor() -> (Duration, Duration) {
+    let dir = bench_dir();
+    let mut file = std::fs::File::create(dir.path().join("floor")).unwrap();
+    let block = [7u8; 4096];
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(1) {
+        let t = Instant::now();
+        file.write_all(&block).unwrap();
+        file.sync_data().unwrap();
+        samples.push(t.elapsed());
+    }
+    (percentile(&mut samples, 0.5), percentile(&mut samples, 0.99))
+}
+
+async fn setup(n_instances: usize) -> (tempfile::TempDir, Runtime, Arc<Batches>) {
+    let dir = bench_dir();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let runtime = Runtime::open(store, RuntimeOptions::default()).unwrap();
+    let batches = Arc::new(Batches::default());
+    runtime.subscribe(batches.clone());
+    runtime.apply_yaml(COUNTER, None).await.unwrap();
+    let mut tasks = Vec::new();
+    for chunk in 0..8 {
+        let runtime = runtime.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (chunk..n_instances).step_by(8) {
+                let mut data = serde_json::Map::new();
+                data.insert("n".into(), 0.into());
+                runtime
+                    .create_instance(CreateInstance::new("bench", "counter").id(format!("c-{i}")).data(data))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (dir, runtime, batches)
+}
+
+/// `n_clients` clients, each on its own instance, sending for `seconds`.
+async fn concurrent(n_clients: usize, seconds: u64) {
+    let (_dir, runtime, batches) = setup(n_clients).await;
+    let n_commits0 = batches.n_commits.load(Ordering::Relaxed);
+    let n_items0 = batches.n_items.load(Ordering::Relaxed);
+    batches.durations.lock().unwrap().clear();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..n_clients {
+        let runtime = runtime.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("c-{c}");
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                runtime.send("bench", &id, EventRequest::new("inc")).await.unwrap();
+                latencies.push(t.elapsed());
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let n = latencies.len() as f64;
+    let n_commits = batches.n_commits.load(Ordering::Relaxed) - n_commits0;
+    let n_items = batches.n_items.load(Ordering::Relaxed) - n_items0;
+    let mut commits = batches.durations.lock().unwrap().clone();
+    report(
+        &format!("durable.acked.clients_{n_clients}"),
+        n / elapsed,
+        "transitions/s",
+        &format!(
+            "(latency p50 {:?} p99 {:?}; {} commits, {:.1} transitions/commit; commit p50 {:?} p99 {:?})",
+            percentile(&mut latencies, 0.5),
+            percentile(&mut latencies, 0.99),
+            n_commits,
+            n_items as f64 / n_commits.max(1) as f64,
+            percentile(&mut commits, 0.5),
+            percentile(&mut commits, 0.99),
+        ),
+    );
+    runtime.shutdown();
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (p50, p99) = fsync_floor();
+    println!("bench durable.fsync_floor: write 4 KiB + fdatasync p50 {p50:?} p99 {p99:?}");
+    rt.block_on(async {
+        // One sequential client.
+        let (_dir, runtime, _) = setup(1).await;
+        let mut latencies = Vec::new();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(3) {
+            let t = Instant::now();
+            runtime.send("bench", "c-0", EventRequest::new("inc")).await.unwrap();
+            latencies.push(t.elapsed());
+        }
+        let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
+        report(
+            "durable.acked.sequential_client",
+            rate,
+            "transitions/s",
+            &format!("(latency p50 {:?} p99 {:?})", percentile(&mut latencies, 0.5), percentile(&mut latencies, 0.99)),
+        );
+        runtime.shutdown();
+        for n_clients in [64, 256, 1024] {
+            concurrent(n_clients, 5).await;
+        }
+    });
+}

@@ -1,0 +1,71 @@
+//! Engine apply path, no I/O, one core: lookup + guard + transition + record (+ fold into the
+//! instance), on the order-processing machine; then with a CEL guard on every transition; then
+//! with sealing (deterministic CBOR + SHA-256) included.
+//!
+//! Run: `cargo bench -p cnsm-bench --bench engine`
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::time::Instant;
+
+use cnsm_bench::{ORDER_GUARDED, ORDER_PROCESSING, machine, report};
+use cnsm_core::Instance;
+use cnsm_core::engine::{Input, Machine, NewInstance, Trigger};
+use serde_json::{Value, json};
+
+/// The event sequence of one order: four transitions, one of them guarded in the plain machine.
+fn events() -> [(&'static str, Value); 4] {
+    [
+        ("complete", Value::Null),
+        ("pay", json!({"amount": 40})),
+        ("ship", Value::Null),
+        ("deliver", Value::Null),
+    ]
+}
+
+fn genesis(machine: &Machine) -> Instance {
+    let mut data = serde_json::Map::new();
+    data.insert("total".into(), json!(40));
+    let record = machine
+        .create(NewInstance { namespace: "shop", id: "o-1", data, labels: BTreeMap::new(), now_ms: 1, actor: "bench" })
+        .expect("create");
+    let hash = record.seal().hash;
+    Instance::from_genesis(&record, hash).expect("genesis")
+}
+
+/// Runs `n_orders` orders through the machine; returns transitions per second.
+fn run(machine: &Machine, n_orders: usize, seal: bool) -> f64 {
+    let start_instance = genesis(machine);
+    let events = events();
+    let started = Instant::now();
+    let mut n = 0u64;
+    for i in 0..n_orders {
+        let mut instance = start_instance.clone();
+        for (name, payload) in &events {
+            let input = Input::new(Trigger::Event { name, payload }, 2 + i as u64, "bench");
+            let record = machine.apply(&instance, &input).expect("transition");
+            let hash = if seal { record.seal().hash } else { instance.last_hash };
+            instance.apply_record(&record, hash).expect("applies");
+            n += 1;
+        }
+        black_box(&instance);
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+fn best_of(rounds: usize, f: impl Fn() -> f64) -> f64 {
+    (0..rounds).map(|_| f()).fold(0.0, f64::max)
+}
+
+fn main() {
+    let plain = machine(ORDER_PROCESSING);
+    let guarded = machine(ORDER_GUARDED);
+    run(&plain, 10_000, false); // warm-up
+    let n_orders = 250_000;
+    let plain_rate = best_of(3, || run(&plain, n_orders, false));
+    report("engine.apply.order_processing", plain_rate, "transitions/s", "(1 of 4 guarded, no I/O, one core)");
+    let guarded_rate = best_of(3, || run(&guarded, n_orders / 2, false));
+    report("engine.apply.cel_guard_every_transition", guarded_rate, "transitions/s", "(4 of 4 guarded)");
+    let sealed_rate = best_of(3, || run(&plain, n_orders / 2, true));
+    report("engine.apply_and_seal.order_processing", sealed_rate, "transitions/s", "(+ CBOR encode + SHA-256 chain)");
+}

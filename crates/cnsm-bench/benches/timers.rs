@@ -1,0 +1,150 @@
+//! Timers: memory per pending timer in the in-memory index, and firing lateness with 1,000,000
+//! timers pending in a running runtime on the durable embedded store.
+//!
+//! Run: `cargo bench -p cnsm-bench --bench timers` (CNSM_BENCH_TIMERS=N changes the number of
+//! pending timers; CNSM_BENCH_DIR the directory).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cnsm_bench::{percentile, report, rss_bytes};
+use cnsm_core::record::RecordKind;
+use cnsm_runtime::clock::{Clock, SystemClock};
+use cnsm_runtime::timers::TimerIndex;
+use cnsm_runtime::{CommitListener, CreateInstance, Runtime, RuntimeOptions};
+use cnsm_store::TimerRef;
+use cnsm_store::embedded::EmbeddedStore;
+
+const MACHINES: &str = r#"
+apiVersion: statemachine.cn/v1alpha1
+kind: StateMachine
+metadata: {name: long, namespace: bench}
+spec:
+  initialState: waiting
+  states:
+  - {name: waiting, type: task, timeoutSeconds: 86400, onTimeout: expired}
+  - {name: expired, type: final}
+"#;
+
+const SHORT: &str = r#"
+apiVersion: statemachine.cn/v1alpha1
+kind: StateMachine
+metadata: {name: short, namespace: bench}
+spec:
+  initialState: waiting
+  states:
+  - {name: waiting, type: task, timeoutSeconds: 3, onTimeout: expired}
+  - {name: expired, type: final}
+"#;
+
+/// Lateness of timer firings: durable commit time minus due time.
+#[derive(Default)]
+struct Lateness {
+    samples: Mutex<Vec<Duration>>,
+}
+
+impl CommitListener for Lateness {
+    fn on_commit(&self, record: &cnsm_core::StateChangeEvent, _: cnsm_core::Hash32, instance: &cnsm_core::Instance) {
+        if record.kind == RecordKind::Timer {
+            let due_ms = instance.created_ms + 3_000;
+            let now_ms = SystemClock.now_ms();
+            if let Ok(mut v) = self.samples.lock() {
+                v.push(Duration::from_millis(now_ms.saturating_sub(due_ms)));
+            }
+        }
+    }
+}
+
+fn index_memory(n: u64) {
+    let before = rss_bytes();
+    let mut index = TimerIndex::default();
+    let mut x = 12345u64;
+    for uid in 0..n {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        index.insert_ref(TimerRef {
+            due_ms: 1_800_000_000_000 + (x >> 40),
+            uid,
+            entry_seq: 1,
+            kind: cnsm_core::record::TimerKind::Timeout,
+        });
+    }
+    let after = rss_bytes();
+    report(
+        "timers.index_memory_per_timer",
+        (after.saturating_sub(before)) as f64 / n as f64,
+        "bytes",
+        &format!("({} timers in the index, RSS delta)", index.len()),
+    );
+}
+
+fn main() {
+    let n_pending: usize = std::env::var("CNSM_BENCH_TIMERS").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    index_memory(n_pending as u64);
+    let dir = match std::env::var_os("CNSM_BENCH_DIR") {
+        Some(d) => tempfile::tempdir_in(d).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let runtime = Runtime::open(EmbeddedStore::open(dir.path()).unwrap(), RuntimeOptions::default()).unwrap();
+        runtime.apply_yaml(MACHINES, None).await.unwrap();
+        runtime.apply_yaml(SHORT, None).await.unwrap();
+        let started = Instant::now();
+        let n_tasks = 256;
+        let mut tasks = Vec::new();
+        for t in 0..n_tasks {
+            let runtime = runtime.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in (t..n_pending).step_by(n_tasks) {
+                    runtime.create_instance(CreateInstance::new("bench", "long").id(format!("l-{i}"))).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        println!(
+            "created {n_pending} instances with day-long timeouts in {:.1?}; pending timers: {}",
+            started.elapsed(),
+            runtime.pending_timers().await.unwrap()
+        );
+        // 10,000 short timers created at a steady 2,000/s fall due 3 s later, with the long ones
+        // still pending in the index.
+        let lateness = Arc::new(Lateness::default());
+        runtime.subscribe(lateness.clone());
+        let n_short = 10_000;
+        let pace = Duration::from_micros(500);
+        let started = Instant::now();
+        for i in 0..n_short {
+            let target = started + pace * i as u32;
+            let now = Instant::now();
+            if target > now {
+                tokio::time::sleep(target - now).await;
+            }
+            let runtime = runtime.clone();
+            tokio::spawn(async move {
+                runtime.create_instance(CreateInstance::new("bench", "short").id(format!("s-{i}"))).await.unwrap();
+            });
+        }
+        while lateness.samples.lock().unwrap().len() < n_short {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if started.elapsed() > Duration::from_secs(60) {
+                panic!("timers did not all fire");
+            }
+        }
+        let mut samples = lateness.samples.lock().unwrap().clone();
+        report(
+            "timers.lateness_p99",
+            percentile(&mut samples, 0.99).as_secs_f64() * 1000.0,
+            "ms",
+            &format!(
+                "(p50 {:?}, max {:?}; {} firings at 2,000/s with {} timers pending; due -> durable commit)",
+                percentile(&mut samples, 0.5),
+                percentile(&mut samples, 1.0),
+                samples.len(),
+                n_pending
+            ),
+        );
+        runtime.shutdown();
+    });
+}

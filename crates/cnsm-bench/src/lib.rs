@@ -1,0 +1,40 @@
+//! Shared helpers of the cnsm benchmarks: the example machines, timing and percentiles.
+
+use std::time::Duration;
+
+/// The order machine of `shared/examples/order-processing.yaml`, embedded so the benchmarks do
+/// not depend on the checkout layout.
+pub const ORDER_PROCESSING: &str = include_str!("../machines/order-processing.yaml");
+
+/// The same order lifecycle with a CEL guard on every transition.
+pub const ORDER_GUARDED: &str = include_str!("../machines/order-guarded.yaml");
+
+/// Compiles a machine from YAML, panicking with the admission problems if it is invalid.
+pub fn machine(yaml: &str) -> cnsm_core::engine::Machine {
+    let definition = cnsm_core::admission::admit_str(yaml, None)
+        .into_result()
+        .unwrap_or_else(|problems| panic!("invalid benchmark machine: {problems:?}"));
+    cnsm_core::engine::Machine::compile(definition).expect("compiles").with_revision(1)
+}
+
+/// The value at quantile `q` (0..=1) of `samples` (sorted in place).
+pub fn percentile(samples: &mut [Duration], q: f64) -> Duration {
+    if samples.is_empty() {
+        return Duration::ZERO;
+    }
+    samples.sort_unstable();
+    let index = ((samples.len() - 1) as f64 * q).round() as usize;
+    samples[index]
+}
+
+/// Resident memory of this process in bytes (Linux `/proc/self/statm`).
+pub fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+/// Prints a result line in a stable, greppable form: `bench NAME: VALUE UNIT (detail)`.
+pub fn report(name: &str, value: f64, unit: &str, detail: &str) {
+    println!("bench {name}: {value:.1} {unit} {detail}");
+}

@@ -1,0 +1,614 @@
+//! Reading the embedded store back and checking it: the unverified tail (on open, per commit,
+//! on close) and the full verification behind [`Store::verify`](crate::Store::verify).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use cnsm_core::Instance;
+use cnsm_core::engine::revision_hash;
+use cnsm_core::record::{Hash32, RECORD_DOMAIN, SealedRecord, decode_record};
+use cnsm_core::resource::StateMachine;
+use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata};
+
+use super::tables::*;
+use super::{head_of, meta_get};
+use crate::{STORE_FORMAT, StoreError, VerifyReport};
+
+/// Most problems one report lists; the rest are counted in a last line.
+pub const PROBLEMS_MAX: usize = 10_000;
+
+/// How far a tail check got.
+#[derive(Debug)]
+pub(crate) struct TailCheck {
+    /// The last log sequence verified (the checkpoint to store).
+    pub(crate) verified_seq: u64,
+    /// The first problem met, which stopped the check.
+    pub(crate) problem: Option<String>,
+}
+
+/// Verifies logged records after `verified_seq` (up to `budget` of them, or all), in commit
+/// order, and stops at the first problem.
+pub(crate) fn verify_tail(
+    records: &impl ReadableTable<(u64, u64), RecordValue>,
+    uids: &impl ReadableTable<u64, (&'static str, &'static str)>,
+    log: &impl ReadableTable<u64, (u64, u64)>,
+    verified_seq: u64,
+    next_seq: u64,
+    budget: Option<u64>,
+) -> Result<TailCheck, StoreError> {
+    let start = verified_seq.saturating_add(1);
+    let end = match budget {
+        Some(budget) => next_seq.min(start.saturating_add(budget)),
+        None => next_seq,
+    };
+    let mut done = verified_seq;
+    if start >= end {
+        return Ok(TailCheck {
+            verified_seq: done,
+            problem: None,
+        });
+    }
+    let stop = |done: u64, problem: String| {
+        Ok(TailCheck {
+            verified_seq: done,
+            problem: Some(problem),
+        })
+    };
+    for entry in log.range(start..end).io()? {
+        let (seq, position) = entry.io()?;
+        let seq = seq.value();
+        if seq != done + 1 {
+            return stop(done, format!("commit log entry {} is missing", done + 1));
+        }
+        let (uid, version) = position.value();
+        if let Err(problem) = check_record(records, uids, uid, version)? {
+            return stop(done, problem);
+        }
+        done = seq;
+    }
+    if done + 1 < end {
+        return stop(done, format!("commit log entry {} is missing", done + 1));
+    }
+    Ok(TailCheck {
+        verified_seq: done,
+        problem: None,
+    })
+}
+
+/// Checks one stored record: its hash over the stored bytes, that it decodes as record
+/// `version` of the instance its uid names, and that it links to the stored previous record.
+///
+/// The inner error is a problem description naming the instance and version.
+pub(crate) fn check_record(
+    records: &impl ReadableTable<(u64, u64), RecordValue>,
+    uids: &impl ReadableTable<u64, (&'static str, &'static str)>,
+    uid: u64,
+    version: u64,
+) -> Result<Result<(), String>, StoreError> {
+    let Some(key) = uids.get(uid).io()? else {
+        return Ok(Err(format!(
+            "record {version} of uid {uid}: the uid names no instance"
+        )));
+    };
+    let (namespace, id) = key.value();
+    let name = format!("instance {namespace}/{id} record {version}");
+    let Some(value) = records.get((uid, version)).io()? else {
+        return Ok(Err(format!("{name}: missing")));
+    };
+    let (hash, bytes) = value.value();
+    if Hash32::digest(RECORD_DOMAIN, bytes) != Hash32(hash) {
+        return Ok(Err(format!("{name}: stored hash does not match its bytes")));
+    }
+    let decoded = match decode_record(version, bytes) {
+        Ok(decoded) => decoded,
+        Err(e) => return Ok(Err(format!("{name}: {e}"))),
+    };
+    if decoded.namespace != namespace || decoded.instance != id {
+        return Ok(Err(format!(
+            "{name}: belongs to {}/{}",
+            decoded.namespace, decoded.instance
+        )));
+    }
+    let expected_prev = match version.checked_sub(1) {
+        None => Hash32::ZERO,
+        Some(previous) => match records.get((uid, previous)).io()? {
+            Some(value) => Hash32(value.value().0),
+            None => {
+                return Ok(Err(format!(
+                    "{name}: record {previous} before it is missing"
+                )));
+            }
+        },
+    };
+    if decoded.prev_hash != expected_prev {
+        return Ok(Err(format!(
+            "{name}: previous hash does not match the stored record before it"
+        )));
+    }
+    Ok(Ok(()))
+}
+
+/// Problems found so far, capped at [`PROBLEMS_MAX`].
+#[derive(Default)]
+struct Problems {
+    list: Vec<String>,
+    n_more: u64,
+}
+
+impl Problems {
+    fn push(&mut self, problem: String) {
+        if self.list.len() < PROBLEMS_MAX {
+            self.list.push(problem);
+        } else {
+            self.n_more += 1;
+        }
+    }
+
+    fn finish(mut self) -> Vec<String> {
+        if self.n_more > 0 {
+            self.list
+                .push(format!("... and {} more problems", self.n_more));
+        }
+        self.list
+    }
+}
+
+/// What the instance pass expects the index tables to hold.
+#[derive(Default)]
+struct Expected {
+    uids: HashSet<u64>,
+    timers: HashMap<(u64, u64), (u64, u8)>,
+    active: HashSet<(String, String, u64)>,
+    max_uid: u64,
+}
+
+/// The full check: every chain from genesis, every instance against the replay of its
+/// history, every index, the counters and the format.
+pub(crate) fn verify_all(txn: &ReadTransaction) -> Result<VerifyReport, StoreError> {
+    let mut report = VerifyReport::default();
+    let mut problems = Problems::default();
+    let meta = txn.open_table(META).io()?;
+    match meta.get(META_FORMAT).io()?.map(|g| g.value()) {
+        Some(format) if format > u64::from(STORE_FORMAT) => {
+            problems.push(format!(
+                "store format {format} is newer than this binary supports ({STORE_FORMAT})"
+            ));
+        }
+        Some(_) => {}
+        None => problems.push("the meta table has no format version".into()),
+    }
+    let next_uid = meta_get(&meta, META_NEXT_UID)?;
+    let next_seq = meta_get(&meta, META_NEXT_SEQ)?;
+    let verified_seq = meta_get(&meta, META_VERIFIED_SEQ)?;
+    if verified_seq >= next_seq {
+        problems.push(format!(
+            "the verification checkpoint {verified_seq} is past the log end {next_seq}"
+        ));
+    }
+
+    report.n_definitions = check_definitions(txn, &mut problems)?;
+    let expected = check_instances(txn, &mut report, &mut problems)?;
+    if expected.max_uid >= next_uid {
+        problems.push(format!(
+            "uid {} is not below the next uid counter {next_uid}",
+            expected.max_uid
+        ));
+    }
+    check_orphan_records(txn, &expected, report.n_records, &mut problems)?;
+    check_log(txn, next_seq, &mut problems)?;
+    check_indexes(txn, expected, &mut problems)?;
+    report.problems = problems.finish();
+    Ok(report)
+}
+
+fn check_definitions(txn: &ReadTransaction, problems: &mut Problems) -> Result<u64, StoreError> {
+    let definitions = txn.open_table(DEFINITIONS).io()?;
+    let latest = txn.open_table(DEFINITION_LATEST).io()?;
+    let mut max_revision: BTreeMap<(String, String), u32> = BTreeMap::new();
+    for entry in definitions.iter().io()? {
+        let (key, value) = entry.io()?;
+        let (namespace, name, revision) = key.value();
+        let (hash, _, bytes) = value.value();
+        let what = || format!("definition {namespace}/{name}@{revision}");
+        max_revision.insert((namespace.to_owned(), name.to_owned()), revision);
+        match decode_cbor::<StateMachine>(bytes, &|| format!("{}: row does not decode", what())) {
+            Err(e) => problems.push(e.to_string()),
+            Ok(definition) => {
+                if definition.metadata.namespace != namespace || definition.metadata.name != name {
+                    problems.push(format!(
+                        "{}: holds {}/{}",
+                        what(),
+                        definition.metadata.namespace,
+                        definition.metadata.name
+                    ));
+                }
+                if revision_hash(&definition) != Hash32(hash) {
+                    problems.push(format!(
+                        "{}: stored hash does not match its content",
+                        what()
+                    ));
+                }
+            }
+        }
+    }
+    let mut n_latest = 0u64;
+    for entry in latest.iter().io()? {
+        let (key, value) = entry.io()?;
+        let (namespace, name) = key.value();
+        let revision = value.value();
+        n_latest += 1;
+        match max_revision.remove(&(namespace.to_owned(), name.to_owned())) {
+            Some(max) if max == revision => {}
+            Some(max) => problems.push(format!(
+                "definition {namespace}/{name}: latest index says revision {revision}, the highest stored is {max}"
+            )),
+            None => problems.push(format!(
+                "definition {namespace}/{name}: latest index names revision {revision}, which is not stored"
+            )),
+        }
+    }
+    for (namespace, name) in max_revision.keys() {
+        problems.push(format!(
+            "definition {namespace}/{name}: revisions stored without a latest index entry"
+        ));
+    }
+    Ok(n_latest)
+}
+
+fn check_instances(
+    txn: &ReadTransaction,
+    report: &mut VerifyReport,
+    problems: &mut Problems,
+) -> Result<Expected, StoreError> {
+    let instances = txn.open_table(INSTANCES).io()?;
+    let uids = txn.open_table(INSTANCE_UIDS).io()?;
+    let records = txn.open_table(RECORDS).io()?;
+    let mut expected = Expected::default();
+    for entry in instances.iter().io()? {
+        let (key, value) = entry.io()?;
+        let (namespace, id) = key.value();
+        let value = value.value();
+        let bytes = value.5;
+        let name = format!("instance {namespace}/{id}");
+        report.n_instances += 1;
+        let head = match head_of(&value) {
+            Ok(head) => head,
+            Err(e) => {
+                problems.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        let uid = head.uid;
+        expected.max_uid = expected.max_uid.max(uid);
+        if !expected.uids.insert(uid) {
+            problems.push(format!("{name}: uid {uid} is shared with another instance"));
+        }
+        match uids.get(uid).io()? {
+            Some(g) if g.value() == (namespace, id) => {}
+            Some(g) => {
+                let (other_ns, other_id) = g.value();
+                problems.push(format!("{name}: uid {uid} maps to {other_ns}/{other_id}"));
+            }
+            None => problems.push(format!("{name}: uid {uid} is missing from the uid index")),
+        }
+        if let Some(timer) = head.timer {
+            expected.timers.insert(
+                (timer.due_ms, uid),
+                (timer.entry_seq, kind_code(timer.kind)),
+            );
+        }
+        if head.status == cnsm_core::Status::Active {
+            expected
+                .active
+                .insert((namespace.to_owned(), head.machine.clone(), uid));
+        }
+
+        let stored: Option<Instance> =
+            match decode_cbor(bytes, &|| format!("{name}: row does not decode")) {
+                Ok(instance) => Some(instance),
+                Err(e) => {
+                    problems.push(e.to_string());
+                    None
+                }
+            };
+        let replayed = replay(&records, namespace, id, uid, report, problems)?;
+        if let Some(stored) = &stored {
+            let fixed = head.version == stored.version
+                && head.status == stored.status
+                && head.machine == stored.machine
+                && head.timer == indexed_timer(stored)
+                && stored.namespace == namespace
+                && stored.id == id;
+            if !fixed {
+                problems.push(format!(
+                    "{name}: the row's fixed columns disagree with its document"
+                ));
+            }
+            if let Some(replayed) = &replayed {
+                let fields = differences(stored, replayed);
+                if !fields.is_empty() {
+                    problems.push(format!(
+                        "{name}: the row differs from the replay of its history in {}",
+                        fields.join(", ")
+                    ));
+                }
+            }
+        }
+    }
+    Ok(expected)
+}
+
+/// Replays one instance's history from genesis; `None` when the chain is broken (reported).
+fn replay(
+    records: &impl ReadableTable<(u64, u64), RecordValue>,
+    namespace: &str,
+    id: &str,
+    uid: u64,
+    report: &mut VerifyReport,
+    problems: &mut Problems,
+) -> Result<Option<Instance>, StoreError> {
+    let mut replayed: Option<Instance> = None;
+    let mut broken = false;
+    let mut expected_version = 0u64;
+    for entry in records.range((uid, 0)..=(uid, u64::MAX)).io()? {
+        let (key, value) = entry.io()?;
+        report.n_records += 1;
+        if broken {
+            continue;
+        }
+        let version = key.value().1;
+        let (hash, bytes) = value.value();
+        let name = format!("instance {namespace}/{id} record {version}");
+        if version != expected_version {
+            problems.push(format!("{name}: expected record {expected_version} first"));
+            broken = true;
+            continue;
+        }
+        let sealed = SealedRecord {
+            version,
+            bytes: bytes.to_vec(),
+            hash: Hash32(hash),
+        };
+        let record = match sealed.open() {
+            Ok(record) => record,
+            Err(e) => {
+                problems.push(format!("instance {namespace}/{id}: {e}"));
+                broken = true;
+                continue;
+            }
+        };
+        if record.namespace != namespace || record.instance != id {
+            problems.push(format!(
+                "{name}: belongs to {}/{}",
+                record.namespace, record.instance
+            ));
+            broken = true;
+            continue;
+        }
+        let applied = match replayed.as_mut() {
+            None => Instance::from_genesis(&record, sealed.hash).map(|i| replayed = Some(i)),
+            Some(instance) => instance.apply_record(&record, sealed.hash),
+        };
+        if let Err(e) = applied {
+            problems.push(format!("instance {namespace}/{id}: {e}"));
+            broken = true;
+            continue;
+        }
+        expected_version += 1;
+    }
+    if replayed.is_none() && !broken {
+        problems.push(format!("instance {namespace}/{id}: has no history"));
+    }
+    Ok(if broken { None } else { replayed })
+}
+
+/// Names the fields in which a stored instance differs from its replay.
+fn differences(stored: &Instance, replayed: &Instance) -> Vec<&'static str> {
+    let mut fields = Vec::new();
+    let mut check = |same: bool, field: &'static str| {
+        if !same {
+            fields.push(field);
+        }
+    };
+    check(
+        stored.namespace == replayed.namespace && stored.id == replayed.id,
+        "id",
+    );
+    check(stored.machine == replayed.machine, "machine");
+    check(stored.revision == replayed.revision, "revision");
+    check(
+        stored.revision_hash == replayed.revision_hash,
+        "revisionHash",
+    );
+    check(stored.state == replayed.state, "state");
+    check(stored.status == replayed.status, "status");
+    check(stored.phase == replayed.phase, "phase");
+    check(stored.reason == replayed.reason, "reason");
+    check(stored.data == replayed.data, "data");
+    check(stored.version == replayed.version, "version");
+    check(stored.entry_seq == replayed.entry_seq, "entrySeq");
+    check(stored.attempt == replayed.attempt, "attempt");
+    check(stored.in_backoff == replayed.in_backoff, "inBackoff");
+    check(
+        stored.compensations == replayed.compensations,
+        "compensations",
+    );
+    check(
+        stored.pending_outcome == replayed.pending_outcome,
+        "pendingOutcome",
+    );
+    check(stored.timer == replayed.timer, "timer");
+    check(stored.labels == replayed.labels, "labels");
+    check(stored.created_ms == replayed.created_ms, "createdMs");
+    check(stored.updated_ms == replayed.updated_ms, "updatedMs");
+    check(stored.last_hash == replayed.last_hash, "lastHash");
+    fields
+}
+
+/// Records whose uid belongs to no instance (only scanned when the counts disagree).
+fn check_orphan_records(
+    txn: &ReadTransaction,
+    expected: &Expected,
+    n_replayed: u64,
+    problems: &mut Problems,
+) -> Result<(), StoreError> {
+    let records = txn.open_table(RECORDS).io()?;
+    if records.len().io()? == n_replayed {
+        return Ok(());
+    }
+    let mut reported = HashSet::new();
+    for entry in records.iter().io()? {
+        let (key, _) = entry.io()?;
+        let (uid, version) = key.value();
+        if !expected.uids.contains(&uid) && reported.insert(uid) {
+            problems.push(format!(
+                "records of uid {uid} (record {version} and on) belong to no instance"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The commit log: every entry names a stored record, each instance's records appear in
+/// version order without gaps, and every record is logged once.
+fn check_log(
+    txn: &ReadTransaction,
+    next_seq: u64,
+    problems: &mut Problems,
+) -> Result<(), StoreError> {
+    let log = txn.open_table(LOG).io()?;
+    let records = txn.open_table(RECORDS).io()?;
+    let mut next_version: HashMap<u64, u64> = HashMap::new();
+    let mut n_log = 0u64;
+    for entry in log.iter().io()? {
+        let (seq, position) = entry.io()?;
+        let seq = seq.value();
+        let (uid, version) = position.value();
+        n_log += 1;
+        if seq >= next_seq {
+            problems.push(format!(
+                "commit log entry {seq} is past the log end {next_seq}"
+            ));
+        }
+        if records.get((uid, version)).io()?.is_none() {
+            problems.push(format!(
+                "commit log entry {seq} names record {version} of uid {uid}, which is not stored"
+            ));
+        }
+        let expected = next_version.get(&uid).copied().unwrap_or(0);
+        if version != expected {
+            problems.push(format!(
+                "commit log entry {seq}: record {version} of uid {uid} is out of order (expected {expected})"
+            ));
+        }
+        next_version.insert(uid, version.max(expected) + 1);
+    }
+    let n_records = records.len().io()?;
+    if n_log != n_records {
+        problems.push(format!(
+            "the commit log has {n_log} entries for {n_records} records"
+        ));
+    }
+    Ok(())
+}
+
+/// The uid, timer, active-instance and idempotency indexes against what the rows imply.
+fn check_indexes(
+    txn: &ReadTransaction,
+    mut expected: Expected,
+    problems: &mut Problems,
+) -> Result<(), StoreError> {
+    let uids = txn.open_table(INSTANCE_UIDS).io()?;
+    if uids.len().io()? != expected.uids.len() as u64 {
+        for entry in uids.iter().io()? {
+            let (uid, key) = entry.io()?;
+            let uid = uid.value();
+            if !expected.uids.contains(&uid) {
+                let (namespace, id) = key.value();
+                problems.push(format!(
+                    "uid {uid} maps to {namespace}/{id}, whose row does not have it"
+                ));
+            }
+        }
+    }
+
+    let timers = txn.open_table(TIMERS).io()?;
+    for entry in timers.iter().io()? {
+        let (key, value) = entry.io()?;
+        let (due_ms, uid) = key.value();
+        match expected.timers.remove(&(due_ms, uid)) {
+            Some(wanted) if wanted == value.value() => {}
+            Some(_) => problems.push(format!(
+                "timer of uid {uid} due at {due_ms}: differs from the instance's timer"
+            )),
+            None => problems.push(format!(
+                "timer of uid {uid} due at {due_ms}: not the instance's current timer"
+            )),
+        }
+    }
+    let mut missing: Vec<_> = expected.timers.keys().collect();
+    missing.sort();
+    for (due_ms, uid) in missing {
+        problems.push(format!(
+            "timer of uid {uid} due at {due_ms}: missing from the timer index"
+        ));
+    }
+
+    let active = txn.open_table(ACTIVE_INSTANCES).io()?;
+    for entry in active.iter().io()? {
+        let (key, _) = entry.io()?;
+        let (namespace, machine, uid) = key.value();
+        if !expected
+            .active
+            .remove(&(namespace.to_owned(), machine.to_owned(), uid))
+        {
+            problems.push(format!(
+                "active index lists uid {uid} under {namespace}/{machine}, which is not active"
+            ));
+        }
+    }
+    let mut missing: Vec<_> = expected.active.iter().collect();
+    missing.sort();
+    for (namespace, machine, uid) in missing {
+        problems.push(format!(
+            "active index misses uid {uid} of {namespace}/{machine}"
+        ));
+    }
+
+    let idempotency = txn.open_table(IDEMPOTENCY).io()?;
+    let expiry = txn.open_table(IDEMPOTENCY_EXPIRY).io()?;
+    for entry in idempotency.iter().io()? {
+        let (key, value) = entry.io()?;
+        let (uid, idempotency_key) = key.value();
+        let (_, _, expires_ms) = value.value();
+        if !expected.uids.contains(&uid) {
+            problems.push(format!(
+                "idempotency key {idempotency_key:?} of uid {uid}: the uid names no instance"
+            ));
+        }
+        if expiry
+            .get((expires_ms, uid, idempotency_key))
+            .io()?
+            .is_none()
+        {
+            problems.push(format!(
+                "idempotency key {idempotency_key:?} of uid {uid}: missing from the expiry index"
+            ));
+        }
+    }
+    if expiry.len().io()? != idempotency.len().io()? {
+        for entry in expiry.iter().io()? {
+            let (key, _) = entry.io()?;
+            let (expires_ms, uid, idempotency_key) = key.value();
+            let matches = idempotency
+                .get((uid, idempotency_key))
+                .io()?
+                .is_some_and(|g| g.value().2 == expires_ms);
+            if !matches {
+                problems.push(format!(
+                    "expiry index entry {idempotency_key:?} of uid {uid} at {expires_ms}: no such idempotency key"
+                ));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! Test hooks that edit a closed store's file directly, below the store's checks: to bump the
+//! format, move the checkpoint, or damage records and indexes the way a disk or an intruder
+//! would. Not part of the supported API.
+
+use std::path::Path;
+
+use cnsm_core::record::SealedRecord;
+use redb::{Database, Durability, ReadableTable, WriteTransaction};
+
+use super::tables::*;
+use super::{FILE_NAME, open_error};
+use crate::StoreError;
+
+/// The meta key of the store format.
+pub const META_FORMAT_KEY: &str = META_FORMAT;
+/// The meta key of the verification checkpoint.
+pub const META_VERIFIED_SEQ_KEY: &str = META_VERIFIED_SEQ;
+
+fn edit<T>(
+    dir: &Path,
+    body: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let path = dir.join(FILE_NAME);
+    let db = Database::open(&path).map_err(|e| open_error(&path, e))?;
+    let mut txn = db.begin_write().io()?;
+    txn.set_durability(Durability::Immediate).io()?;
+    let value = body(&txn)?;
+    txn.commit().io()?;
+    db.close().io()?;
+    Ok(value)
+}
+
+fn uid_of(txn: &WriteTransaction, namespace: &str, id: &str) -> Result<u64, StoreError> {
+    let instances = txn.open_table(INSTANCES).io()?;
+    let row = instances.get((namespace, id)).io()?;
+    row.map(|g| g.value().0)
+        .ok_or_else(|| StoreError::Refused(format!("no instance {namespace}/{id}")))
+}
+
+/// Sets a meta counter (`format`, `verified_seq`, ...).
+pub fn set_meta(dir: &Path, key: &str, value: u64) -> Result<(), StoreError> {
+    edit(dir, |txn| {
+        txn.open_table(META).io()?.insert(key, value).io()?;
+        Ok(())
+    })
+}
+
+/// Flips every bit of byte `byte_index` of a stored record, keeping its stored hash.
+pub fn flip_record_byte(
+    dir: &Path,
+    namespace: &str,
+    id: &str,
+    version: u64,
+    byte_index: usize,
+) -> Result<(), StoreError> {
+    edit(dir, |txn| {
+        let uid = uid_of(txn, namespace, id)?;
+        let mut records = txn.open_table(RECORDS).io()?;
+        let (hash, mut bytes) = match records.get((uid, version)).io()? {
+            Some(g) => {
+                let (hash, bytes) = g.value();
+                (hash, bytes.to_vec())
+            }
+            None => {
+                return Err(StoreError::Refused(format!(
+                    "no record {version} of {namespace}/{id}"
+                )));
+            }
+        };
+        let byte = bytes.get_mut(byte_index).ok_or_else(|| {
+            StoreError::Refused(format!(
+                "record {version} is shorter than {byte_index} bytes"
+            ))
+        })?;
+        *byte ^= 0xff;
+        records
+            .insert((uid, version), (hash, bytes.as_slice()))
+            .io()?;
+        Ok(())
+    })
+}
+
+/// Replaces a stored record, bytes and hash, with another one.
+pub fn replace_record(
+    dir: &Path,
+    namespace: &str,
+    id: &str,
+    record: &SealedRecord,
+) -> Result<(), StoreError> {
+    edit(dir, |txn| {
+        let uid = uid_of(txn, namespace, id)?;
+        let mut records = txn.open_table(RECORDS).io()?;
+        records
+            .insert(
+                (uid, record.version),
+                (record.hash.0, record.bytes.as_slice()),
+            )
+            .io()?;
+        Ok(())
+    })
+}
+
+/// Empties the timer index; returns how many entries it held.
+pub fn clear_timers(dir: &Path) -> Result<u64, StoreError> {
+    edit(dir, |txn| {
+        let mut timers = txn.open_table(TIMERS).io()?;
+        let mut keys = Vec::new();
+        for entry in timers.iter().io()? {
+            keys.push(entry.io()?.0.value());
+        }
+        for key in &keys {
+            timers.remove(*key).io()?;
+        }
+        Ok(keys.len() as u64)
+    })
+}

@@ -1,0 +1,291 @@
+//! Behaviour of the embedded store beyond the conformance suite: locking, format versions,
+//! verification checkpoints, and corruption found on open and by `verify`.
+
+use std::path::Path;
+
+use cnsm_core::Instance;
+use cnsm_store::conformance::{Driver, T0_MS};
+use cnsm_store::embedded::{EmbeddedStore, FILE_NAME, testing};
+use cnsm_store::{CommitItem, ItemOutcome, STORE_FORMAT, Store, StoreError};
+
+fn commit(store: &EmbeddedStore, items: &[CommitItem]) {
+    let outcomes = store.commit(items).expect("the commit succeeds");
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, ItemOutcome::Committed { .. })),
+        "{outcomes:?}"
+    );
+}
+
+/// Commits `n_records` records of `default/{id}` one per commit; returns the items.
+fn chain(store: &EmbeddedStore, driver: &Driver, id: &str, n_records: u64) -> Vec<CommitItem> {
+    let mut items = vec![driver.create("default", id, &[], T0_MS)];
+    commit(store, &items[..1]);
+    for i in 1..n_records {
+        let last: &Instance = &items.last().expect("genesis").instance;
+        let next = driver.event(last, "ping", &format!("ping {i}"), T0_MS + i);
+        commit(store, std::slice::from_ref(&next));
+        items.push(next);
+    }
+    items
+}
+
+fn expect_corrupt(result: Result<EmbeddedStore, StoreError>) -> String {
+    match result {
+        Err(StoreError::Corrupt(message)) => message,
+        Err(other) => panic!("expected Corrupt, got {other}"),
+        Ok(_) => panic!("expected Corrupt, the store opened"),
+    }
+}
+
+/// A store with two instances, closed cleanly, everything checkpointed.
+fn closed_store(dir: &Path) -> (Vec<CommitItem>, Vec<CommitItem>) {
+    let store = EmbeddedStore::open(dir).unwrap();
+    let driver = Driver::new("job");
+    let one = chain(&store, &driver, "one", 5);
+    let two = chain(&store, &driver, "two", 5);
+    store.close().unwrap();
+    (one, two)
+}
+
+#[test]
+fn open_creates_the_directory_and_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let nested = dir.path().join("a/b/data");
+    let store = EmbeddedStore::open(&nested).unwrap();
+    assert_eq!(store.path(), nested.join(FILE_NAME));
+    assert!(store.path().is_file());
+    assert_eq!(store.checkpoint().unwrap().n_unverified(), 0);
+}
+
+#[test]
+fn a_second_open_of_an_open_store_is_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    match EmbeddedStore::open(dir.path()) {
+        Err(StoreError::Locked(message)) => assert!(message.contains(FILE_NAME), "{message}"),
+        Err(other) => panic!("expected Locked, got {other}"),
+        Ok(_) => panic!("expected Locked, the store opened twice"),
+    }
+    assert!(matches!(
+        EmbeddedStore::open_unverified(dir.path()),
+        Err(StoreError::Locked(_))
+    ));
+    drop(store);
+    EmbeddedStore::open(dir.path()).expect("the lock is released when the store is dropped");
+}
+
+#[test]
+fn a_newer_format_is_refused_without_touching_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    closed_store(dir.path());
+    testing::set_meta(
+        dir.path(),
+        testing::META_FORMAT_KEY,
+        u64::from(STORE_FORMAT) + 1,
+    )
+    .unwrap();
+    for _ in 0..2 {
+        match EmbeddedStore::open(dir.path()) {
+            Err(StoreError::FormatTooNew { found, supported }) => {
+                assert_eq!((found, supported), (STORE_FORMAT + 1, STORE_FORMAT));
+            }
+            Err(other) => panic!("expected FormatTooNew, got {other}"),
+            Ok(_) => panic!("expected FormatTooNew, the store opened"),
+        }
+    }
+    let message = EmbeddedStore::open_unverified(dir.path())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(message.contains("upgrade"), "{message}");
+    testing::set_meta(
+        dir.path(),
+        testing::META_FORMAT_KEY,
+        u64::from(STORE_FORMAT),
+    )
+    .unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    assert!(store.verify().unwrap().is_ok());
+}
+
+#[test]
+fn every_commit_checks_the_records_of_earlier_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let driver = Driver::new("job");
+    chain(&store, &driver, "one", 30);
+    let checkpoint = store.checkpoint().unwrap();
+    assert_eq!(checkpoint.last_seq, 30);
+    assert_eq!(
+        checkpoint.n_unverified(),
+        1,
+        "only the last commit's record waits: {checkpoint:?}"
+    );
+
+    // A commit checks at least as many earlier records as it brings (64 at the least), so the
+    // tail never outgrows the last batch plus what small commits have yet to catch up.
+    let batch: Vec<CommitItem> = (0..300)
+        .map(|i| driver.create("default", &format!("b-{i}"), &[], T0_MS))
+        .collect();
+    commit(&store, &batch);
+    assert_eq!(store.checkpoint().unwrap().n_unverified(), 300);
+    chain(&store, &driver, "after", 1);
+    assert_eq!(store.checkpoint().unwrap().n_unverified(), 300 - 64 + 1);
+
+    store.close().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let checkpoint = store.checkpoint().unwrap();
+    assert_eq!(
+        (checkpoint.verified_seq, checkpoint.n_unverified()),
+        (331, 0),
+        "close checked the tail"
+    );
+}
+
+#[test]
+fn open_checks_the_unverified_tail_and_names_the_broken_record() {
+    let dir = tempfile::tempdir().unwrap();
+    closed_store(dir.path());
+    testing::flip_record_byte(dir.path(), "default", "one", 2, 10).unwrap();
+    // Behind the checkpoint, open does not look (that is what keeps it fast)...
+    drop(EmbeddedStore::open(dir.path()).expect("the damage is behind the checkpoint"));
+    // ...but once the checkpoint is moved back, open finds it.
+    testing::set_meta(dir.path(), testing::META_VERIFIED_SEQ_KEY, 0).unwrap();
+    let message = expect_corrupt(EmbeddedStore::open(dir.path()));
+    assert!(
+        message.contains("default/one") && message.contains("record 2"),
+        "{message}"
+    );
+    // Refused again: the checkpoint did not move past it.
+    expect_corrupt(EmbeddedStore::open(dir.path()));
+
+    let store = EmbeddedStore::open_unverified(dir.path()).unwrap();
+    let report = store.verify().unwrap();
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert!(
+        report.problems[0].contains("default/one"),
+        "{:?}",
+        report.problems
+    );
+}
+
+#[test]
+fn verify_reports_every_damaged_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    closed_store(dir.path());
+    testing::flip_record_byte(dir.path(), "default", "one", 3, 0).unwrap();
+    testing::flip_record_byte(dir.path(), "default", "two", 4, 20).unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let report = store.verify().unwrap();
+    assert_eq!((report.n_instances, report.n_records), (2, 10));
+    assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
+    assert!(
+        report.problems[0].contains("default/one") && report.problems[0].contains("record 3"),
+        "{report:?}"
+    );
+    assert!(
+        report.problems[1].contains("default/two") && report.problems[1].contains("record 4"),
+        "{report:?}"
+    );
+}
+
+#[test]
+fn a_replaced_record_breaks_the_link_of_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, _) = closed_store(dir.path());
+    // A well-formed record 2 with a consistent hash, but not the one record 3 chains to.
+    let driver = Driver::new("job");
+    let forged = driver.event(&one[1].instance, "ping", "forged", T0_MS + 99);
+    assert_ne!(forged.record.hash, one[2].record.hash);
+    testing::replace_record(dir.path(), "default", "one", &forged.record).unwrap();
+    testing::set_meta(dir.path(), testing::META_VERIFIED_SEQ_KEY, 0).unwrap();
+
+    let message = expect_corrupt(EmbeddedStore::open(dir.path()));
+    assert!(
+        message.contains("default/one") && message.contains("record 3"),
+        "{message}"
+    );
+    let store = EmbeddedStore::open_unverified(dir.path()).unwrap();
+    let report = store.verify().unwrap();
+    assert!(!report.is_ok());
+    assert!(
+        report.problems.iter().all(|p| p.contains("default/one")),
+        "{:?}",
+        report.problems
+    );
+    assert!(
+        report.problems.iter().any(|p| p.contains("record 3")),
+        "{:?}",
+        report.problems
+    );
+}
+
+#[test]
+fn verify_reports_a_damaged_timer_index() {
+    let dir = tempfile::tempdir().unwrap();
+    closed_store(dir.path());
+    assert_eq!(testing::clear_timers(dir.path()).unwrap(), 2);
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let report = store.verify().unwrap();
+    assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
+    assert!(
+        report
+            .problems
+            .iter()
+            .all(|p| p.contains("missing from the timer index")),
+        "{:?}",
+        report.problems
+    );
+}
+
+#[test]
+fn a_record_that_does_not_chain_to_the_stored_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let driver = Driver::new("job");
+    let stored = driver.create("default", "one", &[], T0_MS);
+    commit(&store, std::slice::from_ref(&stored));
+    // Another genesis of the same id (another time): a fork the store never saw.
+    let other = driver.create("default", "one", &[], T0_MS + 1);
+    let forked = driver.event(&other.instance, "start", "", T0_MS + 2);
+    match store.commit(&[forked]) {
+        Err(StoreError::Corrupt(message)) => assert!(message.contains("chain"), "{message}"),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(
+        store
+            .instance("default", "one")
+            .unwrap()
+            .map(|s| s.instance),
+        Some(stored.instance)
+    );
+    assert!(store.verify().unwrap().is_ok());
+}
+
+#[test]
+fn close_leaves_nothing_to_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let driver = Driver::new("job");
+    let batch: Vec<CommitItem> = (0..50)
+        .map(|i| driver.create("default", &format!("j-{i}"), &[], T0_MS))
+        .collect();
+    commit(&store, &batch);
+    assert_eq!(store.checkpoint().unwrap().n_unverified(), 50);
+    store.close().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    assert_eq!(store.checkpoint().unwrap().n_unverified(), 0);
+    drop(store);
+    // Dropping without close leaves the tail for the next open, which checks it.
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    commit(&store, &[driver.create("default", "late", &[], T0_MS)]);
+    drop(store);
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let checkpoint = store.checkpoint().unwrap();
+    assert_eq!(
+        (checkpoint.verified_seq, checkpoint.n_unverified()),
+        (51, 0)
+    );
+}

@@ -1,0 +1,38 @@
+//! The integration tests of cnsm-store, in one binary: the conformance suite against the
+//! embedded store, and the embedded store's own behaviour (locking, formats, verification
+//! checkpoints, corruption).
+
+mod conformance;
+mod embedded;
+
+use std::path::Path;
+
+use cnsm_store::Store;
+use cnsm_store::conformance::Harness;
+use cnsm_store::embedded::EmbeddedStore;
+
+/// Embedded stores in temporary directories; `reopen` drops the store and opens its
+/// directory again.
+#[derive(Default)]
+pub struct EmbeddedHarness {
+    dirs: Vec<tempfile::TempDir>,
+}
+
+impl EmbeddedHarness {
+    fn current(&self) -> &Path {
+        self.dirs.last().expect("a store was opened").path()
+    }
+}
+
+impl Harness for EmbeddedHarness {
+    fn open(&mut self) -> Box<dyn Store> {
+        self.dirs
+            .push(tempfile::tempdir().expect("a temporary directory"));
+        Box::new(EmbeddedStore::open(self.current()).expect("the store opens"))
+    }
+
+    fn reopen(&mut self, store: Box<dyn Store>) -> Box<dyn Store> {
+        drop(store);
+        Box::new(EmbeddedStore::open(self.current()).expect("the store reopens"))
+    }
+}

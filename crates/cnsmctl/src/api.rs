@@ -1,0 +1,91 @@
+//! The seam between commands and wherever the machines live.
+//!
+//! Every command talks to an [`Api`]; it never touches a runtime or a store directly. Today the
+//! only implementation is [`crate::local::Local`] (a [`cnsm_runtime::Runtime`] over the embedded
+//! store in `--data-dir`). A client mode (`--server URL`) adds an HTTP implementation of the same
+//! trait and a branch in [`crate::commands::Context::connect`]; the commands stay as they are.
+//!
+//! The trait speaks the core's types ([`Instance`], [`HistoryEntry`], ...), which all have a JSON
+//! form, and [`CliError`], which carries the `error.type` of DESIGN.md §4 so an HTTP problem
+//! response maps onto it without loss.
+
+use cnsm_core::resource::StateMachine;
+use cnsm_core::{Instance, Status};
+use cnsm_runtime::{
+    AppliedDefinition, CreateInstance, EventRequest, HistoryEntry, TransitionOutcome,
+};
+use cnsm_store::{DefinitionRow, VerifyReport};
+
+use crate::error::CliError;
+
+/// Whether a command changes anything. Local mode runs timers only for mutating commands:
+/// overdue timers fire when a mutating command opens the store (the runtime's contract), and a
+/// read never changes what it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    Mutating,
+}
+
+/// The filters of `get instances`.
+#[derive(Debug, Clone, Default)]
+pub struct InstanceFilter {
+    /// `None`: every namespace.
+    pub namespace: Option<String>,
+    pub machine: Option<String>,
+    pub state: Option<String>,
+    pub status: Option<Status>,
+    /// Every pair must match.
+    pub labels: Vec<(String, String)>,
+    /// `None`: all of them.
+    pub limit: Option<usize>,
+}
+
+/// What cnsmctl can ask of a cnsm deployment.
+///
+/// `async fn` because the HTTP implementation will wait on the network; the local one waits on
+/// the runtime's committer. Errors are already typed for the exit code.
+pub trait Api {
+    /// Stores an admitted definition (a new revision unless the content is unchanged).
+    async fn apply(&self, machine: StateMachine) -> Result<AppliedDefinition, CliError>;
+
+    /// A revision of a machine (the latest when `revision` is `None`).
+    async fn machine(
+        &self,
+        namespace: &str,
+        name: &str,
+        revision: Option<u32>,
+    ) -> Result<DefinitionRow, CliError>;
+
+    /// The latest revision of every machine, in one namespace or all (`None`).
+    async fn machines(&self, namespace: Option<&str>) -> Result<Vec<DefinitionRow>, CliError>;
+
+    /// Deletes every revision of a machine; refused while instances of it are active.
+    async fn delete_machine(&self, namespace: &str, name: &str) -> Result<(), CliError>;
+
+    async fn create_instance(&self, request: CreateInstance) -> Result<Instance, CliError>;
+
+    async fn send(
+        &self,
+        namespace: &str,
+        id: &str,
+        event: EventRequest,
+    ) -> Result<TransitionOutcome, CliError>;
+
+    async fn instance(&self, namespace: &str, id: &str) -> Result<Instance, CliError>;
+
+    /// Instances ordered by (namespace, id).
+    async fn instances(&self, filter: &InstanceFilter) -> Result<Vec<Instance>, CliError>;
+
+    /// Records `from_version..`, at most `limit`, hash-checked.
+    async fn history(
+        &self,
+        namespace: &str,
+        id: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, CliError>;
+
+    /// Checks the whole store (every chain, every instance, every index).
+    async fn verify_store(&self) -> Result<VerifyReport, CliError>;
+}

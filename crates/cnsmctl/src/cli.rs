@@ -1,0 +1,451 @@
+//! The command line: every command, flag and help text of `cnsmctl`, as clap derive types.
+//!
+//! Nothing here runs anything; [`crate::commands`] turns a parsed [`Cli`] into calls on
+//! [`crate::api::Api`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// The root help's epilogue: exit codes scripts can rely on, and a first session.
+pub const ROOT_AFTER_HELP: &str = "\
+Exit codes:
+  0  success
+  1  invalid input: a definition that fails admission, malformed --data/--payload JSON,
+     a file that cannot be read, store verification problems
+  2  usage error (unknown flag, missing argument)
+  3  not found (machine, revision or instance)
+  4  rejected: TransitionFailure, StaleState, RaceCondition, Locked, or a conflict
+     (instance exists, idempotency key reused with another payload, machine still in use)
+  5  store unavailable: locked by another process, unreadable, or too new for this binary
+
+Errors are one line on stderr: `error: <ErrorType>: <message>`.
+
+First steps:
+  cnsmctl demo                                   # a complete tour on a throw-away store
+  cnsmctl validate -f order.yaml
+  cnsmctl apply -f order.yaml
+  cnsmctl -n shop create instance order-processing --id o-1 --data '{\"total\": 40}'
+  cnsmctl -n shop send o-1 complete
+  cnsmctl -n shop get instances -o wide
+  cnsmctl -n shop history o-1";
+
+/// cnsmctl: run and inspect cnsm state machines, kubectl style.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cnsmctl",
+    version,
+    about = "Run and inspect cnsm state machines (kubectl habits, embedded store)",
+    long_about = "Run and inspect cnsm state machines.\n\n\
+        A StateMachine (statemachine.cn/v1alpha1) is a versioned YAML definition: `apply` stores it \
+        as a numbered revision. An instance is one running copy of a machine in a namespace, with a \
+        current state, JSON data and a version (0 at creation, +1 per committed transition). \
+        `send` delivers an event; every committed transition is a hash-chained history record \
+        (`history`).\n\n\
+        cnsmctl works on the embedded store in --data-dir; no server or setup is needed.",
+    after_help = ROOT_AFTER_HELP,
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Directory of the embedded store [default: ./cnsm-data]
+    #[arg(long, global = true, env = "CNSM_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Namespace of the machines and instances a command works on
+    #[arg(
+        short = 'n',
+        long,
+        global = true,
+        env = "CNSM_NAMESPACE",
+        default_value = "default",
+        value_name = "NS"
+    )]
+    pub namespace: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Every top-level command.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check StateMachine files without storing anything
+    #[command(
+        long_about = "Check StateMachine files without storing anything.\n\n\
+            Runs admission, the same checks `apply` runs: every problem of every file is printed \
+            as `FILE:LINE:COLUMN: error[code]: message (at path)`. Warnings (unreachable states, \
+            shadowed transitions...) go to stderr and do not fail the command.",
+        after_help = "Examples:\n  \
+            cnsmctl validate -f order.yaml\n  \
+            cnsmctl validate -f a.yaml -f b.yaml\n  \
+            cat order.yaml | cnsmctl validate -f -\n\n\
+            Exit code 1 when any file has an error, 0 otherwise."
+    )]
+    Validate(ValidateArgs),
+
+    /// Store StateMachine definitions (a new revision when the content changed)
+    #[command(
+        long_about = "Store StateMachine definitions.\n\n\
+            Each file is admitted first; if any has an error nothing is stored. A definition whose \
+            content equals the latest revision is left `unchanged`; otherwise it becomes a new \
+            revision, which new instances get. Running instances keep the revision they were \
+            created with.\n\n\
+            Namespace: the file's metadata.namespace, else -n. When both are given and differ \
+            the command fails (as kubectl does).",
+        after_help = "Examples:\n  \
+            cnsmctl apply -f order.yaml\n  \
+            # statemachine.statemachine.cn/order-processing created (revision 1)\n  \
+            cnsmctl apply -f order.yaml\n  \
+            # statemachine.statemachine.cn/order-processing unchanged (revision 1)\n  \
+            cnsmctl -n staging apply -f provisioning.yaml"
+    )]
+    Apply(ApplyArgs),
+
+    /// List or show machines and instances
+    #[command(subcommand)]
+    Get(GetCommand),
+
+    /// Show a machine or an instance in detail
+    #[command(subcommand)]
+    Describe(DescribeCommand),
+
+    /// Create an instance of a machine
+    #[command(subcommand)]
+    Create(CreateCommand),
+
+    /// Send an event to an instance
+    #[command(
+        long_about = "Send an event to an instance.\n\n\
+            The event is applied atomically: the first matching transition of the current state \
+            wins, its `assign` updates the data, and one history record is committed before the \
+            answer. An event with no matching transition is refused with TransitionFailure \
+            (exit 4) and changes nothing.\n\n\
+            --expected-version makes the send a compare-and-swap: it fails with StaleState \
+            (exit 4) unless the instance is at that version. --idempotency-key makes retries \
+            safe: a repeated key returns the original result without applying the event again; \
+            the same key with another payload is a Conflict (exit 4).",
+        after_help = "Examples:\n  \
+            cnsmctl -n shop send o-1 complete\n  \
+            # instance/o-1: created -> validated (version 1)\n  \
+            cnsmctl -n shop send o-1 pay --payload '{\"amount\": 40}' --expected-version 1 --idempotency-key k1\n  \
+            cnsmctl -n shop send o-1 ship -o json"
+    )]
+    Send(SendArgs),
+
+    /// Show the hash-chained history of an instance
+    #[command(
+        long_about = "Show the history of an instance.\n\n\
+            Record N is version N; record 0 is the genesis (creation). Each record holds the hash \
+            of the previous one (prevHash) and has its own hash, so any edit, gap or reorder is \
+            detectable (`cnsmctl store verify`).",
+        after_help = "Examples:\n  \
+            cnsmctl -n shop history o-1\n  \
+            cnsmctl -n shop history o-1 --from 2 --limit 10\n  \
+            cnsmctl -n shop history o-1 -o json   # every record with prevHash and hash"
+    )]
+    History(HistoryArgs),
+
+    /// Draw a machine as a Mermaid or Graphviz DOT state diagram
+    #[command(after_help = "Examples:\n  \
+            cnsmctl -n shop graph order-processing                 # Mermaid (paste into Markdown)\n  \
+            cnsmctl -n shop graph order-processing --format dot | dot -Tsvg > order.svg\n  \
+            cnsmctl -n shop graph order-processing --revision 1")]
+    Graph(GraphArgs),
+
+    /// Delete a machine (every revision)
+    #[command(subcommand)]
+    Delete(DeleteCommand),
+
+    /// Check or maintain the embedded store
+    #[command(subcommand)]
+    Store(StoreCommand),
+
+    /// A complete tour on a throw-away store: apply, create, send, history, graph
+    #[command(
+        long_about = "A complete tour on a throw-away store.\n\n\
+            Applies the four bundled example machines, creates an order, drives it \
+            created -> validated -> paid -> shipped -> delivered, shows a guard rejecting a \
+            payment that is too small, prints the hash-chained history and the Mermaid graph. \
+            Uses a temporary directory (removed afterwards) unless --data-dir is given on the \
+            command line.",
+        after_help = "Examples:\n  \
+            cnsmctl demo\n  \
+            cnsmctl demo --data-dir ./demo-data   # keep the store to explore it afterwards"
+    )]
+    Demo(DemoArgs),
+}
+
+/// How list and show commands print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns
+    Table,
+    /// Aligned columns with more of them
+    Wide,
+    /// JSON (lists as {"items": [...]})
+    Json,
+    /// YAML
+    Yaml,
+}
+
+/// How commands that change something print their result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ResultFormat {
+    /// One human line
+    Text,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// A StateMachine YAML file; `-` reads stdin. Repeat for several files
+    #[arg(short = 'f', long = "filename", value_name = "FILE", required = true)]
+    pub files: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// A StateMachine YAML file; `-` reads stdin. Repeat for several files
+    #[arg(short = 'f', long = "filename", value_name = "FILE", required = true)]
+    pub files: Vec<String>,
+    /// Output format of the result
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: ResultFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GetCommand {
+    /// List machines (latest revisions) or show one
+    #[command(
+        visible_aliases = ["machine", "statemachines", "statemachine", "sm"],
+        after_help = "Examples:\n  \
+            cnsmctl get machines -A\n  \
+            cnsmctl -n shop get sm\n  \
+            cnsmctl -n shop get machine order-processing -o yaml       # the stored definition\n  \
+            cnsmctl -n shop get machine order-processing --revision 1 -o json"
+    )]
+    Machines(GetMachinesArgs),
+
+    /// List instances (with filters) or show one
+    #[command(
+        visible_aliases = ["instance", "inst"],
+        after_help = "Examples:\n  \
+            cnsmctl -n shop get instances\n  \
+            cnsmctl -n shop get instances -l tier=gold --state paid -o wide\n  \
+            cnsmctl get inst -A --status failed\n  \
+            cnsmctl -n shop get instance o-1 -o json"
+    )]
+    Instances(GetInstancesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GetMachinesArgs {
+    /// Show only this machine
+    pub name: Option<String>,
+    /// A specific revision (with NAME) instead of the latest
+    #[arg(long, requires = "name")]
+    pub revision: Option<u32>,
+    /// List machines of every namespace
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    /// Output format; json and yaml print the stored definition with its revision and hash
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: OutputFormat,
+}
+
+/// An instance status, as a filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatusArg {
+    Active,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Debug, Args)]
+pub struct GetInstancesArgs {
+    /// Show only this instance
+    pub id: Option<String>,
+    /// Keep instances with this label (key=value); repeat or comma-separate to require several
+    #[arg(short = 'l', long = "selector", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Keep instances in this state
+    #[arg(long, value_name = "STATE")]
+    pub state: Option<String>,
+    /// Keep instances with this status
+    #[arg(long, value_enum)]
+    pub status: Option<StatusArg>,
+    /// Keep instances of this machine
+    #[arg(long, value_name = "MACHINE")]
+    pub machine: Option<String>,
+    /// Show at most this many instances
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// List instances of every namespace
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    /// Output format; wide adds LABELS, TIMER-DUE and UPDATED
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DescribeCommand {
+    /// States, transitions, revision and instance counts of a machine
+    #[command(
+        visible_aliases = ["machines", "statemachine", "statemachines", "sm"],
+        after_help = "Examples:\n  cnsmctl -n shop describe machine order-processing"
+    )]
+    Machine(DescribeMachineArgs),
+    /// State, status, version, timer, data and last records of an instance
+    #[command(
+        visible_aliases = ["instances", "inst"],
+        after_help = "Examples:\n  cnsmctl -n shop describe instance o-1"
+    )]
+    Instance(DescribeInstanceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DescribeMachineArgs {
+    pub name: String,
+    /// A specific revision instead of the latest
+    #[arg(long)]
+    pub revision: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct DescribeInstanceArgs {
+    pub id: String,
+    /// How many of the latest history records to show
+    #[arg(long, default_value_t = 10)]
+    pub records: usize,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CreateCommand {
+    /// Create an instance at version 0 in the machine's initial state
+    #[command(
+        visible_aliases = ["inst"],
+        long_about = "Create an instance at version 0 in the machine's initial state.\n\n\
+            The instance is pinned to the machine's latest revision (or --revision) for its whole \
+            life. Its genesis record (version 0) holds the initial data and labels.",
+        after_help = "Examples:\n  \
+            cnsmctl -n shop create instance order-processing --id o-1 --data '{\"total\": 40}'\n  \
+            # instance/o-1 created (state created, version 0)\n  \
+            cnsmctl -n shop create instance order-processing -l tier=gold -l region=eu\n  \
+            cnsmctl -n shop create instance order-processing --revision 1 -o json"
+    )]
+    Instance(CreateInstanceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CreateInstanceArgs {
+    /// The machine to instantiate
+    pub machine: String,
+    /// Instance id (letters, digits, '.', '_', ':', '-'); generated when absent
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Initial data, a JSON object
+    #[arg(long, value_name = "JSON")]
+    pub data: Option<String>,
+    /// A label (key=value); repeat for several
+    #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Pin this revision instead of the latest
+    #[arg(long)]
+    pub revision: Option<u32>,
+    /// Who creates it, recorded in the genesis record
+    #[arg(long, env = "CNSM_ACTOR", default_value = "cnsmctl")]
+    pub actor: String,
+    /// Output format of the result
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: ResultFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The instance
+    pub id: String,
+    /// The event name (`complete` and `fail` are reserved)
+    pub event: String,
+    /// Event payload, JSON (guards and assignments read it as `event`)
+    #[arg(long, value_name = "JSON")]
+    pub payload: Option<String>,
+    /// Apply only if the instance is at this version (else StaleState, exit 4)
+    #[arg(long, value_name = "N")]
+    pub expected_version: Option<u64>,
+    /// Deduplicate retries: a repeated key returns the original result
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+    /// Who sends it, recorded in the history record
+    #[arg(long, env = "CNSM_ACTOR", default_value = "cnsmctl")]
+    pub actor: String,
+    /// Output format of the result; json prints the record and the instance
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: ResultFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// The instance
+    pub id: String,
+    /// First version to show
+    #[arg(long, default_value_t = 0, value_name = "V")]
+    pub from: u64,
+    /// Show at most this many records
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub limit: usize,
+    /// Output format; json is an array of records, each with prevHash and hash
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: OutputFormat,
+}
+
+/// A diagram language.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GraphFormat {
+    /// Mermaid stateDiagram-v2
+    Mermaid,
+    /// Graphviz DOT
+    Dot,
+}
+
+#[derive(Debug, Args)]
+pub struct GraphArgs {
+    /// The machine
+    pub machine: String,
+    /// A specific revision instead of the latest
+    #[arg(long)]
+    pub revision: Option<u32>,
+    /// Diagram language
+    #[arg(long, value_enum, default_value = "mermaid")]
+    pub format: GraphFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeleteCommand {
+    /// Delete every revision of a machine; refused while it has active instances
+    #[command(
+        visible_aliases = ["machines", "statemachine", "statemachines", "sm"],
+        after_help = "Examples:\n  cnsmctl -n shop delete machine order-processing"
+    )]
+    Machine(DeleteMachineArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteMachineArgs {
+    pub name: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Check every hash chain, every instance against its last record, every index
+    #[command(
+        after_help = "Examples:\n  cnsmctl store verify\n  cnsmctl --data-dir /var/lib/cnsm store verify\n\n\
+            Exit code 1 when a problem is found."
+    )]
+    Verify,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {}

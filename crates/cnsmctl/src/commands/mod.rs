@@ -1,0 +1,184 @@
+//! Runs a parsed command: checks its input, connects to an [`Api`], prints the result.
+//!
+//! Every command checks its own input (JSON arguments, label syntax, files) *before* it opens the
+//! store, so a malformed request never takes the store's lock, fires a timer or changes anything.
+
+mod definitions;
+mod instances;
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use crate::api::Access;
+use crate::cli::{
+    Command, CreateCommand, DeleteCommand, DescribeCommand, GetCommand, StoreCommand,
+};
+use crate::error::{CliError, EXIT_INVALID, EXIT_OK};
+use crate::local::Local;
+use crate::output::Out;
+
+pub use definitions::{applied_line, apply_source};
+pub use instances::{created_line, transition_line};
+
+/// The data directory when none is given.
+pub const DEFAULT_DATA_DIR: &str = "./cnsm-data";
+
+/// Global settings every command sees.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub data_dir: PathBuf,
+    /// True when `--data-dir` was given on the command line (not from the environment).
+    pub data_dir_on_command_line: bool,
+    pub namespace: String,
+    /// True when `-n` was given on the command line: `apply` then refuses a file naming another
+    /// namespace (kubectl's rule).
+    pub namespace_on_command_line: bool,
+}
+
+impl Context {
+    /// The API this invocation talks to.
+    ///
+    /// The seam for client mode: a `--server URL` flag would return an HTTP implementation of
+    /// [`crate::api::Api`] here (e.g. through an enum of both), and nothing else would change.
+    pub fn connect(&self, access: Access) -> Result<Local, CliError> {
+        Local::open(&self.data_dir, access)
+    }
+
+    /// The API for `store verify`, which must open even a damaged store.
+    pub fn connect_for_verify(&self) -> Result<Local, CliError> {
+        Local::open_for_verify(&self.data_dir)
+    }
+}
+
+/// Runs one command and returns the process exit code. Errors are returned, not printed.
+pub async fn run(context: &Context, command: Command, out: &mut Out) -> Result<u8, CliError> {
+    match command {
+        Command::Validate(args) => definitions::validate(&args, out),
+        Command::Apply(args) => definitions::apply(context, &args, out)
+            .await
+            .map(|()| EXIT_OK),
+        Command::Get(GetCommand::Machines(args)) => definitions::get(context, &args, out)
+            .await
+            .map(|()| EXIT_OK),
+        Command::Get(GetCommand::Instances(args)) => {
+            instances::get(context, &args, out).await.map(|()| EXIT_OK)
+        }
+        Command::Describe(DescribeCommand::Machine(args)) => {
+            definitions::describe(context, &args, out)
+                .await
+                .map(|()| EXIT_OK)
+        }
+        Command::Describe(DescribeCommand::Instance(args)) => {
+            instances::describe(context, &args, out)
+                .await
+                .map(|()| EXIT_OK)
+        }
+        Command::Create(CreateCommand::Instance(args)) => instances::create(context, &args, out)
+            .await
+            .map(|()| EXIT_OK),
+        Command::Send(args) => instances::send(context, &args, out).await.map(|()| EXIT_OK),
+        Command::History(args) => instances::history(context, &args, out)
+            .await
+            .map(|()| EXIT_OK),
+        Command::Graph(args) => definitions::graph(context, &args, out)
+            .await
+            .map(|()| EXIT_OK),
+        Command::Delete(DeleteCommand::Machine(args)) => definitions::delete(context, &args, out)
+            .await
+            .map(|()| EXIT_OK),
+        Command::Store(StoreCommand::Verify) => store_verify(context, out).await,
+        Command::Demo(_) => crate::demo::run(context, out).await.map(|()| EXIT_OK),
+    }
+}
+
+/// `store verify`: exit 1 when anything is wrong.
+async fn store_verify(context: &Context, out: &mut Out) -> Result<u8, CliError> {
+    use crate::api::Api;
+    let api = context.connect_for_verify()?;
+    let report = api.verify_store().await?;
+    out.line(format_args!(
+        "store {}: {} definition revision(s), {} instance(s), {} record(s) checked",
+        context.data_dir.display(),
+        report.n_definitions,
+        report.n_instances,
+        report.n_records
+    ));
+    if report.is_ok() {
+        out.line("OK: every hash chain, instance and index verified");
+        return Ok(EXIT_OK);
+    }
+    for problem in &report.problems {
+        out.line(format_args!("problem: {problem}"));
+    }
+    eprintln!(
+        "error: Invalid: {} problem(s) found in the store",
+        report.problems.len()
+    );
+    Ok(EXIT_INVALID)
+}
+
+/// The most a definition file may hold; admission refuses larger ones with a clear problem, so
+/// reading stops one byte past it instead of loading an arbitrarily large file.
+const SOURCE_READ_MAX: u64 = cnsm_core::admission::SOURCE_BYTES_MAX as u64 + 1;
+
+/// Reads a file argument (`-` is stdin). Returns the display name and the text.
+pub fn read_source(path: &str) -> Result<(String, String), CliError> {
+    let mut bytes = Vec::new();
+    let (name, result) = if path == "-" {
+        (
+            "<stdin>".to_owned(),
+            std::io::stdin()
+                .lock()
+                .take(SOURCE_READ_MAX)
+                .read_to_end(&mut bytes),
+        )
+    } else {
+        let result =
+            std::fs::File::open(path).and_then(|f| f.take(SOURCE_READ_MAX).read_to_end(&mut bytes));
+        (path.to_owned(), result)
+    };
+    result.map_err(|e| CliError::invalid(format!("cannot read {name}: {e}")))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        CliError::invalid(format!(
+            "{name} is not UTF-8 text (byte {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })?;
+    Ok((name, text))
+}
+
+/// Parses a JSON flag value; the error names the flag and the position.
+pub fn parse_json(flag: &str, text: &str) -> Result<Value, CliError> {
+    serde_json::from_str(text)
+        .map_err(|e| CliError::invalid(format!("{flag} is not valid JSON: {e}")))
+}
+
+/// Parses `key=value` pairs; each argument may hold several, comma-separated.
+pub fn parse_labels(flag: &str, args: &[String]) -> Result<Vec<(String, String)>, CliError> {
+    let mut out = Vec::new();
+    for arg in args {
+        for pair in arg.split(',').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some((key, value)) if !key.trim().is_empty() => {
+                    out.push((key.trim().to_owned(), value.trim().to_owned()));
+                }
+                _ => {
+                    return Err(CliError::invalid(format!(
+                        "{flag} '{pair}' must be key=value"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// kubectl's message for an empty list, on stderr so that stdout stays parseable.
+pub fn no_resources(namespace: Option<&str>) {
+    match namespace {
+        Some(ns) => eprintln!("No resources found in {ns} namespace."),
+        None => eprintln!("No resources found"),
+    }
+}

@@ -1,0 +1,174 @@
+//! Local mode: the [`Api`] over an in-process [`Runtime`] and the embedded store in `--data-dir`.
+//!
+//! The store is opened for one command and closed after it: [`Local`] shuts the runtime down when
+//! dropped, so every path out of a command (errors included) stops the committer and releases the
+//! store's lock before the process exits.
+
+use std::path::Path;
+
+use cnsm_core::Instance;
+use cnsm_core::resource::StateMachine;
+use cnsm_runtime::{
+    AppliedDefinition, CreateInstance, EventRequest, HistoryEntry, Runtime, RuntimeOptions,
+    TransitionOutcome,
+};
+use cnsm_store::embedded::EmbeddedStore;
+use cnsm_store::{DefinitionRow, InstanceQuery, PAGE_LEN_MAX, VerifyReport};
+
+use crate::api::{Access, Api, InstanceFilter};
+use crate::error::CliError;
+
+/// A runtime over the embedded store of one data directory.
+#[derive(Debug)]
+pub struct Local {
+    runtime: Runtime,
+}
+
+impl Local {
+    /// Opens the store in `data_dir`. A mutating command creates the directory when missing and
+    /// runs timers (overdue ones fire right away); a read-only one refuses a missing directory
+    /// instead of creating an empty store, and runs no timers.
+    pub fn open(data_dir: &Path, access: Access) -> Result<Local, CliError> {
+        Local::open_with(data_dir, access, true)
+    }
+
+    /// Opens the store for `store verify`: without the check of the unverified tail that
+    /// [`Local::open`] makes, so that a damaged store opens and every problem can be listed.
+    pub fn open_for_verify(data_dir: &Path) -> Result<Local, CliError> {
+        Local::open_with(data_dir, Access::ReadOnly, false)
+    }
+
+    fn open_with(data_dir: &Path, access: Access, verify_tail: bool) -> Result<Local, CliError> {
+        match access {
+            Access::Mutating => std::fs::create_dir_all(data_dir).map_err(|e| {
+                CliError::unavailable(format!(
+                    "cannot create data directory {}: {e}",
+                    data_dir.display()
+                ))
+            })?,
+            Access::ReadOnly => {
+                if !data_dir.is_dir() {
+                    return Err(CliError::unavailable(format!(
+                        "no store at {} (apply a definition first, or pass --data-dir / set CNSM_DATA_DIR)",
+                        data_dir.display()
+                    )));
+                }
+            }
+        }
+        let store = if verify_tail {
+            EmbeddedStore::open(data_dir)
+        } else {
+            EmbeddedStore::open_unverified(data_dir)
+        };
+        let store = store.map_err(|e| {
+            let mut error = CliError::from(e);
+            error.message = format!(
+                "cannot open the store in {}: {}",
+                data_dir.display(),
+                error.message
+            );
+            error
+        })?;
+        let options = RuntimeOptions {
+            timers: access == Access::Mutating,
+            ..RuntimeOptions::default()
+        };
+        let runtime = Runtime::open(store, options)?;
+        Ok(Local { runtime })
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        self.runtime.shutdown();
+    }
+}
+
+impl Api for Local {
+    async fn apply(&self, machine: StateMachine) -> Result<AppliedDefinition, CliError> {
+        Ok(self.runtime.apply(machine).await?)
+    }
+
+    async fn machine(
+        &self,
+        namespace: &str,
+        name: &str,
+        revision: Option<u32>,
+    ) -> Result<DefinitionRow, CliError> {
+        let row = self.runtime.store().definition(namespace, name, revision)?;
+        row.ok_or_else(|| match revision {
+            Some(r) => CliError::not_found(format!(
+                "statemachine {namespace}/{name} revision {r} not found"
+            )),
+            None => CliError::not_found(format!("statemachine {namespace}/{name} not found")),
+        })
+    }
+
+    async fn machines(&self, namespace: Option<&str>) -> Result<Vec<DefinitionRow>, CliError> {
+        Ok(self.runtime.definitions(namespace).await?)
+    }
+
+    async fn delete_machine(&self, namespace: &str, name: &str) -> Result<(), CliError> {
+        Ok(self.runtime.delete_definition(namespace, name).await?)
+    }
+
+    async fn create_instance(&self, request: CreateInstance) -> Result<Instance, CliError> {
+        Ok(self.runtime.create_instance(request).await?)
+    }
+
+    async fn send(
+        &self,
+        namespace: &str,
+        id: &str,
+        event: EventRequest,
+    ) -> Result<TransitionOutcome, CliError> {
+        Ok(self.runtime.send(namespace, id, event).await?)
+    }
+
+    async fn instance(&self, namespace: &str, id: &str) -> Result<Instance, CliError> {
+        Ok(self.runtime.instance(namespace, id).await?)
+    }
+
+    async fn instances(&self, filter: &InstanceFilter) -> Result<Vec<Instance>, CliError> {
+        let limit = filter.limit.unwrap_or(usize::MAX);
+        let mut query = InstanceQuery {
+            namespace: filter.namespace.clone(),
+            machine: filter.machine.clone(),
+            state: filter.state.clone(),
+            status: filter.status,
+            labels: filter.labels.clone(),
+            after: None,
+            limit: 0,
+        };
+        let mut out: Vec<Instance> = Vec::new();
+        // Page through the store: one query returns at most PAGE_LEN_MAX.
+        while out.len() < limit {
+            query.limit = (limit - out.len()).min(PAGE_LEN_MAX);
+            let page = self.runtime.list_instances(&query).await?;
+            let full = page.len() == query.limit;
+            out.extend(page);
+            match out.last() {
+                Some(last) if full => query.after = Some((last.namespace.clone(), last.id.clone())),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn history(
+        &self,
+        namespace: &str,
+        id: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, CliError> {
+        Ok(self
+            .runtime
+            .history(namespace, id, from_version, limit.min(PAGE_LEN_MAX))
+            .await?)
+    }
+
+    async fn verify_store(&self) -> Result<VerifyReport, CliError> {
+        Ok(self.runtime.store().verify()?)
+    }
+}
