@@ -37,7 +37,13 @@ struct Batches {
 }
 
 impl CommitListener for Batches {
-    fn on_commit(&self, _: &cnsm_core::StateChangeEvent, _: cnsm_core::Hash32, _: &cnsm_core::Instance) {}
+    fn on_commit(
+        &self,
+        _: &cnsm_core::StateChangeEvent,
+        _: cnsm_core::Hash32,
+        _: &cnsm_core::Instance,
+    ) {
+    }
     fn on_batch(&self, n_items: usize, d: Duration) {
         self.n_commits.fetch_add(1, Ordering::Relaxed);
         self.n_items.fetch_add(n_items as u64, Ordering::Relaxed);
@@ -67,7 +73,10 @@ fn fsync_floor() -> (Duration, Duration) {
         file.sync_data().unwrap();
         samples.push(t.elapsed());
     }
-    (percentile(&mut samples, 0.5), percentile(&mut samples, 0.99))
+    (
+        percentile(&mut samples, 0.5),
+        percentile(&mut samples, 0.99),
+    )
 }
 
 async fn setup(n_instances: usize) -> (tempfile::TempDir, Runtime, Arc<Batches>) {
@@ -85,7 +94,11 @@ async fn setup(n_instances: usize) -> (tempfile::TempDir, Runtime, Arc<Batches>)
                 let mut data = serde_json::Map::new();
                 data.insert("n".into(), 0.into());
                 runtime
-                    .create_instance(CreateInstance::new("bench", "counter").id(format!("c-{i}")).data(data))
+                    .create_instance(
+                        CreateInstance::new("bench", "counter")
+                            .id(format!("c-{i}"))
+                            .data(data),
+                    )
                     .await
                     .unwrap();
             }
@@ -113,7 +126,10 @@ async fn concurrent(n_clients: usize, seconds: u64) {
             let mut latencies = Vec::new();
             while Instant::now() < deadline {
                 let t = Instant::now();
-                runtime.send("bench", &id, EventRequest::new("inc")).await.unwrap();
+                runtime
+                    .send("bench", &id, EventRequest::new("inc"))
+                    .await
+                    .unwrap();
                 latencies.push(t.elapsed());
             }
             latencies
@@ -146,7 +162,11 @@ async fn concurrent(n_clients: usize, seconds: u64) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let (p50, p99) = fsync_floor();
     println!("bench durable.fsync_floor: write 4 KiB + fdatasync p50 {p50:?} p99 {p99:?}");
     rt.block_on(async {
@@ -156,7 +176,10 @@ fn main() {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(3) {
             let t = Instant::now();
-            runtime.send("bench", "c-0", EventRequest::new("inc")).await.unwrap();
+            runtime
+                .send("bench", "c-0", EventRequest::new("inc"))
+                .await
+                .unwrap();
             latencies.push(t.elapsed());
         }
         let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
@@ -164,7 +187,11 @@ fn main() {
             "durable.acked.sequential_client",
             rate,
             "transitions/s",
-            &format!("(latency p50 {:?} p99 {:?})", percentile(&mut latencies, 0.5), percentile(&mut latencies, 0.99)),
+            &format!(
+                "(latency p50 {:?} p99 {:?})",
+                percentile(&mut latencies, 0.5),
+                percentile(&mut latencies, 0.99)
+            ),
         );
         runtime.shutdown();
         for n_clients in [64, 256, 1024] {

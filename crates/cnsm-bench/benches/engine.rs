@@ -27,7 +27,14 @@ fn genesis(machine: &Machine) -> Instance {
     let mut data = serde_json::Map::new();
     data.insert("total".into(), json!(40));
     let record = machine
-        .create(NewInstance { namespace: "shop", id: "o-1", data, labels: BTreeMap::new(), now_ms: 1, actor: "bench" })
+        .create(NewInstance {
+            namespace: "shop",
+            id: "o-1",
+            data,
+            labels: BTreeMap::new(),
+            now_ms: 1,
+            actor: "bench",
+        })
         .expect("create");
     let hash = record.seal().hash;
     Instance::from_genesis(&record, hash).expect("genesis")
@@ -44,7 +51,11 @@ fn run(machine: &Machine, n_orders: usize, seal: bool) -> f64 {
         for (name, payload) in &events {
             let input = Input::new(Trigger::Event { name, payload }, 2 + i as u64, "bench");
             let record = machine.apply(&instance, &input).expect("transition");
-            let hash = if seal { record.seal().hash } else { instance.last_hash };
+            let hash = if seal {
+                record.seal().hash
+            } else {
+                instance.last_hash
+            };
             instance.apply_record(&record, hash).expect("applies");
             n += 1;
         }
@@ -63,9 +74,24 @@ fn main() {
     run(&plain, 10_000, false); // warm-up
     let n_orders = 250_000;
     let plain_rate = best_of(3, || run(&plain, n_orders, false));
-    report("engine.apply.order_processing", plain_rate, "transitions/s", "(1 of 4 guarded, no I/O, one core)");
+    report(
+        "engine.apply.order_processing",
+        plain_rate,
+        "transitions/s",
+        "(1 of 4 guarded, no I/O, one core)",
+    );
     let guarded_rate = best_of(3, || run(&guarded, n_orders / 2, false));
-    report("engine.apply.cel_guard_every_transition", guarded_rate, "transitions/s", "(4 of 4 guarded)");
+    report(
+        "engine.apply.cel_guard_every_transition",
+        guarded_rate,
+        "transitions/s",
+        "(4 of 4 guarded)",
+    );
     let sealed_rate = best_of(3, || run(&plain, n_orders / 2, true));
-    report("engine.apply_and_seal.order_processing", sealed_rate, "transitions/s", "(+ CBOR encode + SHA-256 chain)");
+    report(
+        "engine.apply_and_seal.order_processing",
+        sealed_rate,
+        "transitions/s",
+        "(+ CBOR encode + SHA-256 chain)",
+    );
 }

@@ -35,9 +35,15 @@ const N_EVENTS_EACH: usize = 4;
 
 fn build(dir: &std::path::Path) {
     let store = EmbeddedStore::open(dir).unwrap();
-    let definition = cnsm_core::admission::admit_str(COUNTER, None).into_result().unwrap();
-    let machine = Machine::compile(definition.clone()).unwrap().with_revision(1);
-    store.put_definition(&definition, machine.hash(), 1).unwrap();
+    let definition = cnsm_core::admission::admit_str(COUNTER, None)
+        .into_result()
+        .unwrap();
+    let machine = Machine::compile(definition.clone())
+        .unwrap()
+        .with_revision(1);
+    store
+        .put_definition(&definition, machine.hash(), 1)
+        .unwrap();
     let started = Instant::now();
     let chunk = 2_000;
     for base in (0..N_INSTANCES).step_by(chunk) {
@@ -46,18 +52,42 @@ fn build(dir: &std::path::Path) {
             let id = format!("c-{i}");
             let now_ms = 1_800_000_000_000;
             let genesis = machine
-                .create(NewInstance { namespace: "bench", id: &id, data: Default::default(), labels: BTreeMap::new(), now_ms, actor: "bench" })
+                .create(NewInstance {
+                    namespace: "bench",
+                    id: &id,
+                    data: Default::default(),
+                    labels: BTreeMap::new(),
+                    now_ms,
+                    actor: "bench",
+                })
                 .unwrap();
             let sealed = genesis.seal();
             let mut instance = Instance::from_genesis(&genesis, sealed.hash).unwrap();
-            items.push(CommitItem { instance: instance.clone(), record: sealed, expected_version: None, idempotency: None });
+            items.push(CommitItem {
+                instance: instance.clone(),
+                record: sealed,
+                expected_version: None,
+                idempotency: None,
+            });
             for _ in 0..N_EVENTS_EACH {
-                let input = Input::new(Trigger::Event { name: "inc", payload: &Value::Null }, now_ms, "bench");
+                let input = Input::new(
+                    Trigger::Event {
+                        name: "inc",
+                        payload: &Value::Null,
+                    },
+                    now_ms,
+                    "bench",
+                );
                 let record = machine.apply(&instance, &input).unwrap();
                 let sealed = record.seal();
                 let expected = instance.version;
                 instance.apply_record(&record, sealed.hash).unwrap();
-                items.push(CommitItem { instance: instance.clone(), record: sealed, expected_version: Some(expected), idempotency: None });
+                items.push(CommitItem {
+                    instance: instance.clone(),
+                    record: sealed,
+                    expected_version: Some(expected),
+                    idempotency: None,
+                });
             }
         }
         store.commit(&items).unwrap();
@@ -82,16 +112,27 @@ fn main() {
     if !dir.join("COMPLETE").exists() {
         build(&dir);
     }
-    let size = std::fs::metadata(dir.join("cnsm.redb")).map(|m| m.len()).unwrap_or(0);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let size = std::fs::metadata(dir.join("cnsm.redb"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let started = Instant::now();
     let store = EmbeddedStore::open(&dir).unwrap();
     let opened = started.elapsed();
     let runtime = Runtime::open(store, RuntimeOptions::default()).unwrap();
     let runtime_ready = started.elapsed();
-    let outcome = rt.block_on(runtime.send("bench", "c-123456", EventRequest::new("inc"))).unwrap();
+    let outcome = rt
+        .block_on(runtime.send("bench", "c-123456", EventRequest::new("inc")))
+        .unwrap();
     let first_event = started.elapsed();
-    assert!(outcome.record.version as usize > N_EVENTS_EACH, "the instance was restored with its history");
+    assert!(
+        outcome.record.version as usize > N_EVENTS_EACH,
+        "the instance was restored with its history"
+    );
     report(
         "recovery.ready_for_events",
         first_event.as_secs_f64() * 1000.0,

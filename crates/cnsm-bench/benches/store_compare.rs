@@ -45,10 +45,17 @@ fn redb_run(batch: u64, seconds: f64) -> (f64, Duration, Duration) {
                 let uid = n % N_INSTANCES;
                 let key = format!("bench/c-{uid}");
                 // Read-check-write, as the compare-and-swap does.
-                let _ = instances.get(key.as_str()).unwrap().map(|v| v.value().len());
+                let _ = instances
+                    .get(key.as_str())
+                    .unwrap()
+                    .map(|v| v.value().len());
                 versions[uid as usize] += 1;
-                instances.insert(key.as_str(), INSTANCE_ROW.as_slice()).unwrap();
-                records.insert((uid, versions[uid as usize]), RECORD_ROW.as_slice()).unwrap();
+                instances
+                    .insert(key.as_str(), INSTANCE_ROW.as_slice())
+                    .unwrap();
+                records
+                    .insert((uid, versions[uid as usize]), RECORD_ROW.as_slice())
+                    .unwrap();
                 seq += 1;
                 log.insert(seq, (uid, versions[uid as usize])).unwrap();
                 n += 1;
@@ -59,7 +66,11 @@ fn redb_run(batch: u64, seconds: f64) -> (f64, Duration, Duration) {
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
     let _ = db.begin_read().unwrap();
-    (rate, percentile(&mut samples, 0.5), percentile(&mut samples, 0.99))
+    (
+        rate,
+        percentile(&mut samples, 0.5),
+        percentile(&mut samples, 0.99),
+    )
 }
 
 fn sqlite_run(batch: u64, seconds: f64) -> (f64, Duration, Duration) {
@@ -81,19 +92,38 @@ fn sqlite_run(batch: u64, seconds: f64) -> (f64, Duration, Duration) {
         let t = Instant::now();
         let tx = conn.transaction().unwrap();
         {
-            let mut get = tx.prepare_cached("SELECT length(row) FROM instances WHERE key = ?1").unwrap();
-            let mut put = tx.prepare_cached("INSERT OR REPLACE INTO instances (key, row) VALUES (?1, ?2)").unwrap();
-            let mut rec = tx.prepare_cached("INSERT INTO records (uid, version, bytes) VALUES (?1, ?2, ?3)").unwrap();
-            let mut log = tx.prepare_cached("INSERT INTO log (seq, uid, version) VALUES (?1, ?2, ?3)").unwrap();
+            let mut get = tx
+                .prepare_cached("SELECT length(row) FROM instances WHERE key = ?1")
+                .unwrap();
+            let mut put = tx
+                .prepare_cached("INSERT OR REPLACE INTO instances (key, row) VALUES (?1, ?2)")
+                .unwrap();
+            let mut rec = tx
+                .prepare_cached("INSERT INTO records (uid, version, bytes) VALUES (?1, ?2, ?3)")
+                .unwrap();
+            let mut log = tx
+                .prepare_cached("INSERT INTO log (seq, uid, version) VALUES (?1, ?2, ?3)")
+                .unwrap();
             for _ in 0..batch {
                 let uid = n % N_INSTANCES;
                 let key = format!("bench/c-{uid}");
                 let _: Option<i64> = get.query_row([&key], |r| r.get(0)).ok();
                 versions[uid as usize] += 1;
-                put.execute(rusqlite::params![key, INSTANCE_ROW.as_slice()]).unwrap();
-                rec.execute(rusqlite::params![uid as i64, versions[uid as usize] as i64, RECORD_ROW.as_slice()]).unwrap();
+                put.execute(rusqlite::params![key, INSTANCE_ROW.as_slice()])
+                    .unwrap();
+                rec.execute(rusqlite::params![
+                    uid as i64,
+                    versions[uid as usize] as i64,
+                    RECORD_ROW.as_slice()
+                ])
+                .unwrap();
                 seq += 1;
-                log.execute(rusqlite::params![seq as i64, uid as i64, versions[uid as usize] as i64]).unwrap();
+                log.execute(rusqlite::params![
+                    seq as i64,
+                    uid as i64,
+                    versions[uid as usize] as i64
+                ])
+                .unwrap();
                 n += 1;
             }
         }
@@ -101,14 +131,28 @@ fn sqlite_run(batch: u64, seconds: f64) -> (f64, Duration, Duration) {
         samples.push(t.elapsed());
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
-    (rate, percentile(&mut samples, 0.5), percentile(&mut samples, 0.99))
+    (
+        rate,
+        percentile(&mut samples, 0.5),
+        percentile(&mut samples, 0.99),
+    )
 }
 
 fn main() {
     for batch in [1u64, 64, 256, 1024] {
         let (rate, p50, p99) = redb_run(batch, 3.0);
-        report(&format!("store_compare.redb.batch_{batch}"), rate, "transitions/s", &format!("(commit p50 {p50:?} p99 {p99:?})"));
+        report(
+            &format!("store_compare.redb.batch_{batch}"),
+            rate,
+            "transitions/s",
+            &format!("(commit p50 {p50:?} p99 {p99:?})"),
+        );
         let (rate, p50, p99) = sqlite_run(batch, 3.0);
-        report(&format!("store_compare.sqlite.batch_{batch}"), rate, "transitions/s", &format!("(commit p50 {p50:?} p99 {p99:?})"));
+        report(
+            &format!("store_compare.sqlite.batch_{batch}"),
+            rate,
+            "transitions/s",
+            &format!("(commit p50 {p50:?} p99 {p99:?})"),
+        );
     }
 }

@@ -44,7 +44,12 @@ struct Lateness {
 }
 
 impl CommitListener for Lateness {
-    fn on_commit(&self, record: &cnsm_core::StateChangeEvent, _: cnsm_core::Hash32, instance: &cnsm_core::Instance) {
+    fn on_commit(
+        &self,
+        record: &cnsm_core::StateChangeEvent,
+        _: cnsm_core::Hash32,
+        instance: &cnsm_core::Instance,
+    ) {
         if record.kind == RecordKind::Timer {
             let due_ms = instance.created_ms + 3_000;
             let now_ms = SystemClock.now_ms();
@@ -60,7 +65,9 @@ fn index_memory(n: u64) {
     let mut index = TimerIndex::default();
     let mut x = 12345u64;
     for uid in 0..n {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         index.insert_ref(TimerRef {
             due_ms: 1_800_000_000_000 + (x >> 40),
             uid,
@@ -78,13 +85,20 @@ fn index_memory(n: u64) {
 }
 
 fn main() {
-    let n_pending: usize = std::env::var("CNSM_BENCH_TIMERS").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    let n_pending: usize = std::env::var("CNSM_BENCH_TIMERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
     index_memory(n_pending as u64);
     let dir = match std::env::var_os("CNSM_BENCH_DIR") {
         Some(d) => tempfile::tempdir_in(d).unwrap(),
         None => tempfile::tempdir().unwrap(),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let runtime = Runtime::open(EmbeddedStore::open(dir.path()).unwrap(), RuntimeOptions::default()).unwrap();
         runtime.apply_yaml(MACHINES, None).await.unwrap();

@@ -14,7 +14,9 @@ pub fn machine(yaml: &str) -> cnsm_core::engine::Machine {
     let definition = cnsm_core::admission::admit_str(yaml, None)
         .into_result()
         .unwrap_or_else(|problems| panic!("invalid benchmark machine: {problems:?}"));
-    cnsm_core::engine::Machine::compile(definition).expect("compiles").with_revision(1)
+    cnsm_core::engine::Machine::compile(definition)
+        .expect("compiles")
+        .with_revision(1)
 }
 
 /// The value at quantile `q` (0..=1) of `samples` (sorted in place).
@@ -30,7 +32,11 @@ pub fn percentile(samples: &mut [Duration], q: f64) -> Duration {
 /// Resident memory of this process in bytes (Linux `/proc/self/statm`).
 pub fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 

@@ -62,7 +62,11 @@ fn encode_map(out: &mut Vec<u8>, map: &Map<String, Value>) {
     write_head(out, 5, map.len() as u64);
     // Text keys sort bytewise by encoding: shorter first, then by bytes.
     let mut keys: Vec<&String> = map.keys().collect();
-    keys.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.as_bytes().cmp(b.as_bytes())));
+    keys.sort_by(|a, b| {
+        a.len()
+            .cmp(&b.len())
+            .then_with(|| a.as_bytes().cmp(b.as_bytes()))
+    });
     for key in keys {
         encode_text(out, key);
         encode_into(out, &map[key.as_str()]);
@@ -179,8 +183,14 @@ struct Decoder<'a> {
 
 impl Decoder<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8], CborError> {
-        let end = self.pos.checked_add(n).ok_or(CborError::Truncated(self.pos))?;
-        let slice = self.bytes.get(self.pos..end).ok_or(CborError::Truncated(self.pos))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or(CborError::Truncated(self.pos))?;
+        let slice = self
+            .bytes
+            .get(self.pos..end)
+            .ok_or(CborError::Truncated(self.pos))?;
         self.pos = end;
         Ok(slice)
     }
@@ -357,7 +367,10 @@ mod tests {
             (json!(5.960464477539063e-8), "f90001"),
             (json!("a"), "6161"),
             (json!([1, [2, 3]]), "8201820203"),
-            (json!({"b": 1, "aa": 2}), "a2616201626161 02".replace(' ', "").leak()),
+            (
+                json!({"b": 1, "aa": 2}),
+                "a2616201626161 02".replace(' ', "").leak(),
+            ),
             (json!(null), "f6"),
             (json!(true), "f5"),
         ];
@@ -370,7 +383,13 @@ mod tests {
 
     #[test]
     fn refuses_non_deterministic_forms() {
-        for hex in ["1817", "a2616101616101", "a26162016161 02", "9f01ff", "c001"] {
+        for hex in [
+            "1817",
+            "a2616101616101",
+            "a26162016161 02",
+            "9f01ff",
+            "c001",
+        ] {
             let bytes = from_hex(&hex.replace(' ', ""));
             assert!(decode(&bytes).is_err(), "{hex} accepted");
         }

@@ -37,11 +37,11 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use crate::error::{FailureReason, TransitionError};
-use crate::expr::{Expr, Scope, json_to_cel, map_to_cel};
+use crate::expr::{Expr, Scope, VAR_DATA, VAR_EVENT, VAR_INSTANCE, json_to_cel, map_to_cel};
 use crate::instance::{Instance, Phase, Status};
 use crate::record::{
-    FlagDecision, GuardTrace, Hash32, RECORD_FORMAT, REVISION_DOMAIN, RecordKind,
-    StateChangeEvent, Timer, TimerKind, TraceContext,
+    FlagDecision, GuardTrace, Hash32, RECORD_FORMAT, REVISION_DOMAIN, RecordKind, StateChangeEvent,
+    Timer, TimerKind, TraceContext,
 };
 use crate::resource::{
     EVENT_COMPLETE, EVENT_FAIL, FlagErrorPolicy, FlagGate, Outcome, Retry, StateMachine, StateType,
@@ -55,16 +55,45 @@ const CHOICE_HOPS_MAX: usize = 1000;
 
 type StateId = u32;
 
+/// Maps keyed by short names, hashed with FxHash (the keys are not attacker-chosen at apply time:
+/// they are the admitted definition's names).
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
+
+/// The Fx hash (rustc's): one multiply per word; fast for short keys.
+#[derive(Default, Clone, Copy)]
+struct FxHasher {
+    hash: u64,
+}
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let word = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+            self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(K);
+        }
+        let mut tail = [0u8; 8];
+        let rest = chunks.remainder();
+        tail[..rest.len()].copy_from_slice(rest);
+        self.hash = (self.hash.rotate_left(5) ^ u64::from_le_bytes(tail) ^ rest.len() as u64)
+            .wrapping_mul(K);
+    }
+
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+}
+
 /// A machine ready to run: targets resolved to indices, expressions compiled.
 pub struct Machine {
     definition: StateMachine,
     revision: u32,
     hash: Hash32,
     states: Vec<CompiledState>,
-    by_name: HashMap<String, StateId>,
+    by_name: FastMap<String, StateId>,
     initial: StateId,
     env: Arc<cel::Env>,
-    uses_expressions: bool,
 }
 
 impl std::fmt::Debug for Machine {
@@ -84,7 +113,7 @@ struct CompiledState {
     on_timeout: Option<StateId>,
     /// Entries per event in declaration order; a task state's `transition` is a last, unguarded
     /// `complete` entry.
-    events: HashMap<String, Vec<CompiledTransition>>,
+    events: FastMap<String, Vec<CompiledTransition>>,
     choices: Vec<(Expr, StateId, usize)>,
     default: Option<StateId>,
     outcome: Outcome,
@@ -150,14 +179,21 @@ pub struct Input<'a> {
 
 impl<'a> Input<'a> {
     pub fn new(trigger: Trigger<'a>, now_ms: u64, actor: &'a str) -> Input<'a> {
-        Input { trigger, now_ms, actor, idempotency_key: None, trace: None, flags: &[] }
+        Input {
+            trigger,
+            now_ms,
+            actor,
+            idempotency_key: None,
+            trace: None,
+            flags: &[],
+        }
     }
 }
 
 impl Machine {
     /// Compiles an admitted definition. Revision 0 until [`Machine::with_revision`].
     pub fn compile(definition: StateMachine) -> Result<Machine, CompileError> {
-        let by_name: HashMap<String, StateId> = definition
+        let by_name: FastMap<String, StateId> = definition
             .spec
             .states
             .iter()
@@ -165,7 +201,10 @@ impl Machine {
             .map(|(i, s)| (s.name.clone(), i as StateId))
             .collect();
         let resolve = |name: &str| -> Result<StateId, CompileError> {
-            by_name.get(name).copied().ok_or_else(|| CompileError::UndefinedState(name.to_owned()))
+            by_name
+                .get(name)
+                .copied()
+                .ok_or_else(|| CompileError::UndefinedState(name.to_owned()))
         };
         let resolve_opt = |name: &Option<String>| name.as_deref().map(resolve).transpose();
         let compile = |source: &str| -> Result<Expr, CompileError> {
@@ -174,10 +213,9 @@ impl Machine {
                 message,
             })
         };
-        let mut uses_expressions = false;
         let mut states = Vec::with_capacity(definition.spec.states.len());
         for state in &definition.spec.states {
-            let mut events: HashMap<String, Vec<CompiledTransition>> = HashMap::new();
+            let mut events: FastMap<String, Vec<CompiledTransition>> = FastMap::default();
             for (i, t) in state.on_event.iter().enumerate() {
                 let guard = t.guard.as_deref().map(compile).transpose()?;
                 let assign = t
@@ -185,14 +223,16 @@ impl Machine {
                     .iter()
                     .map(|(k, v)| Ok((k.clone(), compile(v)?)))
                     .collect::<Result<Vec<_>, CompileError>>()?;
-                uses_expressions |= guard.is_some() || !assign.is_empty();
-                events.entry(t.event.clone()).or_default().push(CompiledTransition {
-                    entry: Some(i),
-                    target: resolve(&t.target)?,
-                    guard,
-                    flag: t.flag.clone(),
-                    assign,
-                });
+                events
+                    .entry(t.event.clone())
+                    .or_default()
+                    .push(CompiledTransition {
+                        entry: Some(i),
+                        target: resolve(&t.target)?,
+                        guard,
+                        flag: t.flag.clone(),
+                        assign,
+                    });
             }
             let mut wait_next = None;
             match state.state_type {
@@ -218,7 +258,6 @@ impl Machine {
                 .enumerate()
                 .map(|(i, c)| Ok((compile(&c.guard)?, resolve(&c.target)?, i)))
                 .collect::<Result<Vec<_>, CompileError>>()?;
-            uses_expressions |= !choices.is_empty();
             let timeout_ms = match (state.state_type, state.timeout_seconds) {
                 (StateType::Final, t) => t.unwrap_or(0) * 1000,
                 (_, Some(t)) => t.saturating_mul(1000),
@@ -249,7 +288,6 @@ impl Machine {
             by_name,
             initial,
             env: Arc::new(cel::Env::stdlib()),
-            uses_expressions,
         })
     }
 
@@ -316,17 +354,20 @@ impl Machine {
             idempotency_key: None,
             time_ms: new.now_ms,
             trace: None,
-            labels: new.labels,
+            labels: BTreeMap::new(),
             prev_hash: Hash32::ZERO,
         };
-        let mut step = Step::new(self, &record.to, &new.data, None);
-        let instance_view = instance_view(new.id, "", 0, &record.labels);
-        let mut scope = self.uses_expressions.then(|| {
-            Scope::new(&self.env, map_to_cel(&new.data), cel::Value::Null, instance_view)
-        });
-        step.enter(self.initial, new.now_ms, &mut scope, "create")?;
+        let view = View {
+            id: new.id,
+            state: "",
+            version: 0,
+            labels: &new.labels,
+        };
+        let mut step = Step::new(self, "", &new.data, None, &Value::Null, view);
+        step.enter(self.initial, new.now_ms, "create")?;
         step.finish(&mut record);
         record.data = new.data;
+        record.labels = new.labels;
         Ok(record)
     }
 
@@ -334,22 +375,33 @@ impl Machine {
     ///
     /// A due timer that no longer matches the instance (it left the state, or re-entered it) is
     /// `Ok(None)`: dropped silently.
-    pub fn fire(&self, instance: &Instance, input: &Input<'_>) -> Result<Option<StateChangeEvent>, TransitionError> {
+    pub fn fire(
+        &self,
+        instance: &Instance,
+        input: &Input<'_>,
+    ) -> Result<Option<StateChangeEvent>, TransitionError> {
         let Trigger::Timer(timer) = input.trigger else {
             return self.apply(instance, input).map(Some);
         };
         let current = instance.timer.as_ref();
-        if instance.status.is_final() || current != Some(&timer) || timer.entry_seq != instance.entry_seq {
+        if instance.status.is_final()
+            || current != Some(&timer)
+            || timer.entry_seq != instance.entry_seq
+        {
             return Ok(None);
         }
         self.apply(instance, input).map(Some)
     }
 
     /// Decides the record for an event (or a timer already checked by [`Machine::fire`]).
-    pub fn apply(&self, instance: &Instance, input: &Input<'_>) -> Result<StateChangeEvent, TransitionError> {
-        let event_name = match input.trigger {
-            Trigger::Event { name, .. } => name,
-            Trigger::Timer(_) => "timer",
+    pub fn apply(
+        &self,
+        instance: &Instance,
+        input: &Input<'_>,
+    ) -> Result<StateChangeEvent, TransitionError> {
+        let (event_name, payload) = match input.trigger {
+            Trigger::Event { name, payload } => (name, payload),
+            Trigger::Timer(_) => ("timer", &Value::Null),
         };
         let fail = |reason| TransitionError::failure(&instance.state, event_name, reason);
         if instance.status.is_final() {
@@ -359,25 +411,25 @@ impl Machine {
             return Err(fail(FailureReason::NoTransition));
         };
         let state = self.state(state_id);
-        let mut record = self.next_record(instance, input);
-        let mut step = Step::new(self, &instance.state, &instance.data, Some(instance));
-        let mut scope: Option<Scope> = None;
-        let payload = match input.trigger {
-            Trigger::Event { payload, .. } => payload,
-            Trigger::Timer(_) => &Value::Null,
+        let view = View {
+            id: &instance.id,
+            state: &instance.state,
+            version: instance.version,
+            labels: &instance.labels,
         };
-        let make_scope = |data: &Map<String, Value>| {
-            Scope::new(
-                &self.env,
-                map_to_cel(data),
-                json_to_cel(payload),
-                instance_view(&instance.id, &instance.state, instance.version, &instance.labels),
-            )
-        };
+        let mut step = Step::new(
+            self,
+            &instance.state,
+            &instance.data,
+            Some(instance),
+            payload,
+            view,
+        );
+        let mut kind = RecordKind::Event;
 
         match input.trigger {
             Trigger::Timer(timer) => {
-                record.kind = match timer.kind {
+                kind = match timer.kind {
                     TimerKind::Backoff => RecordKind::Retry,
                     _ => RecordKind::Timer,
                 };
@@ -389,39 +441,32 @@ impl Machine {
                         step.reenter(state_id, input.now_ms);
                     }
                     TimerKind::Wait => {
-                        let next = state.wait_next.ok_or_else(|| fail(FailureReason::NoTransition))?;
-                        if self.uses_expressions {
-                            scope = Some(make_scope(&instance.data));
-                        }
+                        let next = state
+                            .wait_next
+                            .ok_or_else(|| fail(FailureReason::NoTransition))?;
                         step.leave(state_id, false);
-                        step.enter(next, input.now_ms, &mut scope, event_name)?;
+                        step.enter(next, input.now_ms, event_name)?;
                     }
                     TimerKind::Timeout => match state.on_timeout {
                         Some(next) if instance.phase != Phase::Compensating => {
-                            if self.uses_expressions {
-                                scope = Some(make_scope(&instance.data));
-                            }
                             step.leave(state_id, false);
-                            step.enter(next, input.now_ms, &mut scope, event_name)?;
+                            step.enter(next, input.now_ms, event_name)?;
                         }
-                        _ => step.attempt_failed(state_id, "Timeout", input.now_ms, &mut scope, event_name)?,
+                        _ => step.attempt_failed(state_id, "Timeout", input.now_ms, event_name)?,
                     },
                 }
             }
-            Trigger::Event { name, payload } => {
+            Trigger::Event { name, .. } => {
                 if instance.in_backoff {
                     return Err(fail(FailureReason::RetryBackoff));
-                }
-                record.event = Some(name.to_owned());
-                if !payload.is_null() {
-                    record.payload = Some(payload.clone());
                 }
                 let entries = state.events.get(name).map(Vec::as_slice).unwrap_or(&[]);
                 let mut chosen = None;
                 for t in entries {
                     if let Some(guard) = &t.guard {
-                        let scope = scope.get_or_insert_with(|| make_scope(&instance.data));
-                        let result = scope.guard(guard).map_err(|e| fail(FailureReason::GuardError(e)))?;
+                        let result = step
+                            .guard(guard)
+                            .map_err(|e| fail(FailureReason::GuardError(e)))?;
                         step.guards.push(GuardTrace {
                             state: state.name.clone(),
                             entry: entry_name(t.entry),
@@ -444,16 +489,15 @@ impl Machine {
                 }
                 match chosen {
                     Some(t) => {
-                        if !t.assign.is_empty() {
-                            let scope = scope.get_or_insert_with(|| make_scope(&instance.data));
-                            for (field, expr) in &t.assign {
-                                let value = scope.value(expr).map_err(|e| fail(FailureReason::GuardError(e)))?;
-                                step.set(field, value);
-                            }
-                            scope.set_data(map_to_cel(&step.data_after()));
+                        for (field, expr) in &t.assign {
+                            // Every assignment sees the pre-transition data.
+                            let value = step
+                                .value(expr)
+                                .map_err(|e| fail(FailureReason::GuardError(e)))?;
+                            step.set(field, value);
                         }
                         step.leave(state_id, false);
-                        step.enter(t.target, input.now_ms, &mut scope, name)?;
+                        step.enter(t.target, input.now_ms, name)?;
                     }
                     None if !entries.is_empty() => return Err(fail(FailureReason::GuardsFalse)),
                     None if name == EVENT_FAIL => {
@@ -463,22 +507,16 @@ impl Machine {
                         if !honoured {
                             return Err(fail(FailureReason::ReservedEventNotHonoured));
                         }
-                        step.attempt_failed(state_id, "Failed", input.now_ms, &mut scope, name)?;
+                        step.attempt_failed(state_id, "Failed", input.now_ms, name)?;
                     }
                     None if name == EVENT_COMPLETE && instance.phase == Phase::Compensating => {
-                        step.next_compensation(input.now_ms, &mut scope, name)?;
+                        step.next_compensation(input.now_ms, name)?;
                     }
                     None => return Err(fail(FailureReason::NoTransition)),
                 }
             }
         }
-        step.finish(&mut record);
-        Ok(record)
-    }
-
-    /// The record skeleton that follows `instance`.
-    fn next_record(&self, instance: &Instance, input: &Input<'_>) -> StateChangeEvent {
-        StateChangeEvent {
+        let mut record = StateChangeEvent {
             format: RECORD_FORMAT,
             namespace: instance.namespace.clone(),
             instance: instance.id.clone(),
@@ -486,12 +524,15 @@ impl Machine {
             revision: instance.revision,
             revision_hash: instance.revision_hash,
             version: instance.version + 1,
-            kind: RecordKind::Event,
+            kind,
             from: Some(instance.state.clone()),
             to: String::new(),
             via: Vec::new(),
-            event: None,
-            payload: None,
+            event: match input.trigger {
+                Trigger::Event { name, .. } => Some(name.to_owned()),
+                Trigger::Timer(_) => None,
+            },
+            payload: (!payload.is_null()).then(|| payload.clone()),
             guards: Vec::new(),
             flags: Vec::new(),
             data: Map::new(),
@@ -510,7 +551,9 @@ impl Machine {
             trace: input.trace.clone(),
             labels: BTreeMap::new(),
             prev_hash: instance.last_hash,
-        }
+        };
+        step.finish(&mut record);
+        Ok(record)
     }
 }
 
@@ -521,16 +564,32 @@ fn entry_name(entry: Option<usize>) -> String {
     }
 }
 
-fn instance_view(id: &str, state: &str, version: u64, labels: &BTreeMap<String, String>) -> cel::Value {
-    let mut map = Map::new();
-    map.insert("id".into(), Value::from(id));
-    map.insert("state".into(), Value::from(state));
-    map.insert("version".into(), Value::from(version));
-    map.insert(
-        "labels".into(),
-        Value::Object(labels.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str()))).collect()),
-    );
-    map_to_cel(&map)
+/// What expressions see as `instance`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    id: &'a str,
+    state: &'a str,
+    version: u64,
+    labels: &'a BTreeMap<String, String>,
+}
+
+impl View<'_> {
+    fn to_cel(self) -> cel::Value {
+        let mut map = Map::new();
+        map.insert("id".into(), Value::from(self.id));
+        map.insert("state".into(), Value::from(self.state));
+        map.insert("version".into(), Value::from(self.version));
+        map.insert(
+            "labels".into(),
+            Value::Object(
+                self.labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+                    .collect(),
+            ),
+        );
+        map_to_cel(&map)
+    }
 }
 
 /// Applies a gate to the pre-evaluated decision for its key; no decision is a provider error.
@@ -561,11 +620,17 @@ fn decide_flag(gate: &FlagGate, decisions: &[FlagDecision]) -> FlagDecision {
 /// The evolving outcome of one transition.
 struct Step<'m> {
     machine: &'m Machine,
-    state: String,
+    /// The state the instance is in as the step goes (borrowed from the machine or instance).
+    state: &'m str,
     via: Vec<String>,
     entered_any: bool,
     data_set: Map<String, Value>,
     base_data: &'m Map<String, Value>,
+    payload: &'m Value,
+    view: View<'m>,
+    /// Expression variables, built on first use; `data` is rebuilt after an assignment.
+    scope: Option<Scope>,
+    data_stale: bool,
     guards: Vec<GuardTrace>,
     flags: Vec<FlagDecision>,
     status: Status,
@@ -580,14 +645,25 @@ struct Step<'m> {
 }
 
 impl<'m> Step<'m> {
-    fn new(machine: &'m Machine, state: &str, data: &'m Map<String, Value>, instance: Option<&Instance>) -> Step<'m> {
+    fn new(
+        machine: &'m Machine,
+        state: &'m str,
+        data: &'m Map<String, Value>,
+        instance: Option<&'m Instance>,
+        payload: &'m Value,
+        view: View<'m>,
+    ) -> Step<'m> {
         Step {
             machine,
-            state: state.to_owned(),
+            state,
             via: Vec::new(),
             entered_any: false,
             data_set: Map::new(),
             base_data: data,
+            payload,
+            view,
+            scope: None,
+            data_stale: false,
             guards: Vec::new(),
             flags: Vec::new(),
             status: Status::Active,
@@ -596,23 +672,56 @@ impl<'m> Step<'m> {
             entry_seq: instance.map(|i| i.entry_seq).unwrap_or(0),
             attempt: instance.map(|i| i.attempt).unwrap_or(0),
             in_backoff: false,
-            compensations: instance.map(|i| i.compensations.clone()).unwrap_or_default(),
+            compensations: instance
+                .map(|i| i.compensations.clone())
+                .unwrap_or_default(),
             pending_outcome: instance.and_then(|i| i.pending_outcome),
             // The instance's timer stays armed unless this step changes it.
             timer: instance.and_then(|i| i.timer),
         }
     }
 
-    fn set(&mut self, field: &str, value: Value) {
-        self.data_set.insert(field.to_owned(), value);
+    /// The scope with every variable `expr` needs.
+    fn scope_for(&mut self, expr: &Expr) -> &Scope {
+        let scope = self
+            .scope
+            .get_or_insert_with(|| Scope::new(&self.machine.env));
+        if self.data_stale {
+            scope.forget(VAR_DATA);
+            self.data_stale = false;
+        }
+        let missing = expr.needs() & !scope.has();
+        if missing & VAR_DATA != 0 {
+            let data = if self.data_set.is_empty() {
+                map_to_cel(self.base_data)
+            } else {
+                let mut data = self.base_data.clone();
+                for (k, v) in &self.data_set {
+                    data.insert(k.clone(), v.clone());
+                }
+                map_to_cel(&data)
+            };
+            scope.set(VAR_DATA, data);
+        }
+        if missing & VAR_EVENT != 0 {
+            scope.set(VAR_EVENT, json_to_cel(self.payload));
+        }
+        if missing & VAR_INSTANCE != 0 {
+            scope.set(VAR_INSTANCE, self.view.to_cel());
+        }
+        scope
     }
 
-    fn data_after(&self) -> Map<String, Value> {
-        let mut data = self.base_data.clone();
-        for (k, v) in &self.data_set {
-            data.insert(k.clone(), v.clone());
-        }
-        data
+    fn guard(&mut self, expr: &Expr) -> Result<bool, String> {
+        self.scope_for(expr).guard(expr)
+    }
+
+    fn value(&mut self, expr: &Expr) -> Result<Value, String> {
+        self.scope_for(expr).value(expr)
+    }
+
+    fn set(&mut self, field: &str, value: Value) {
+        self.data_set.insert(field.to_owned(), value);
     }
 
     /// Leaving `state` by a transition: push its compensation unless it left by failure.
@@ -621,7 +730,8 @@ impl<'m> Step<'m> {
             return;
         }
         if let Some(compensation) = self.machine.state(state).compensation {
-            self.compensations.push(self.machine.state(compensation).name.clone());
+            self.compensations
+                .push(self.machine.state(compensation).name.clone());
         }
     }
 
@@ -637,15 +747,18 @@ impl<'m> Step<'m> {
     }
 
     /// Enters `target`, resolving choice states and final outcomes.
-    fn enter(&mut self, target: StateId, now_ms: u64, scope: &mut Option<Scope>, event: &str) -> Result<(), TransitionError> {
+    fn enter(&mut self, target: StateId, now_ms: u64, event: &str) -> Result<(), TransitionError> {
+        // Choice guards see the data after `assign`.
+        self.data_stale = !self.data_set.is_empty();
+        let machine = self.machine;
         let mut current = target;
         for _ in 0..CHOICE_HOPS_MAX {
-            let state = self.machine.state(current);
+            let state = machine.state(current);
             if self.entered_any {
-                self.via.push(std::mem::take(&mut self.state));
+                self.via.push(self.state.to_owned());
             }
             self.entered_any = true;
-            self.state = state.name.clone();
+            self.state = &state.name;
             self.entry_seq += 1;
             self.attempt = 1;
             self.in_backoff = false;
@@ -668,47 +781,54 @@ impl<'m> Step<'m> {
                     return Ok(());
                 }
                 StateType::Final => {
-                    return self.reach_final(state.outcome, now_ms, scope, event);
+                    return self.reach_final(state.outcome, now_ms, event);
                 }
                 StateType::Choice => {
                     let mut next = state.default;
-                    if !state.choices.is_empty() {
-                        let scope = scope.get_or_insert_with(|| {
-                            Scope::new(
-                                &self.machine.env,
-                                map_to_cel(&self.data_after()),
-                                cel::Value::Null,
-                                cel::Value::Null,
+                    for (guard, choice_target, index) in &state.choices {
+                        let result = self.guard(guard).map_err(|e| {
+                            TransitionError::failure(
+                                &state.name,
+                                event,
+                                FailureReason::GuardError(e),
                             )
+                        })?;
+                        self.guards.push(GuardTrace {
+                            state: state.name.clone(),
+                            entry: format!("choices[{index}]"),
+                            result,
                         });
-                        for (guard, choice_target, index) in &state.choices {
-                            let result = scope.guard(guard).map_err(|e| {
-                                TransitionError::failure(&state.name, event, FailureReason::GuardError(e))
-                            })?;
-                            self.guards.push(GuardTrace {
-                                state: state.name.clone(),
-                                entry: format!("choices[{index}]"),
-                                result,
-                            });
-                            if result {
-                                next = Some(*choice_target);
-                                break;
-                            }
+                        if result {
+                            next = Some(*choice_target);
+                            break;
                         }
                     }
                     match next {
                         Some(n) => current = n,
                         None => {
-                            return Err(TransitionError::failure(&state.name, event, FailureReason::GuardsFalse));
+                            return Err(TransitionError::failure(
+                                &state.name,
+                                event,
+                                FailureReason::GuardsFalse,
+                            ));
                         }
                     }
                 }
             }
         }
-        Err(TransitionError::failure(&self.state, event, FailureReason::ChoiceLoop))
+        Err(TransitionError::failure(
+            self.state,
+            event,
+            FailureReason::ChoiceLoop,
+        ))
     }
 
-    fn reach_final(&mut self, outcome: Outcome, now_ms: u64, scope: &mut Option<Scope>, event: &str) -> Result<(), TransitionError> {
+    fn reach_final(
+        &mut self,
+        outcome: Outcome,
+        now_ms: u64,
+        event: &str,
+    ) -> Result<(), TransitionError> {
         if self.phase == Phase::Compensating {
             // A compensation state cannot transition; reaching a final state here means the
             // stack ran out (handled by next_compensation).
@@ -722,21 +842,23 @@ impl<'m> Step<'m> {
         }
         self.phase = Phase::Compensating;
         self.pending_outcome = Some(outcome);
-        self.next_compensation(now_ms, scope, event)
+        self.next_compensation(now_ms, event)
     }
 
     /// Runs the next compensation, or ends the instance when none is left.
-    fn next_compensation(&mut self, now_ms: u64, scope: &mut Option<Scope>, event: &str) -> Result<(), TransitionError> {
+    fn next_compensation(&mut self, now_ms: u64, event: &str) -> Result<(), TransitionError> {
         match self.compensations.pop() {
             Some(name) => {
-                let id = self
-                    .machine
-                    .state_id(&name)
-                    .ok_or_else(|| TransitionError::failure(&self.state, event, FailureReason::NoTransition))?;
-                self.enter(id, now_ms, scope, event)
+                let id = self.machine.state_id(&name).ok_or_else(|| {
+                    TransitionError::failure(self.state, event, FailureReason::NoTransition)
+                })?;
+                self.enter(id, now_ms, event)
             }
             None => {
-                self.status = self.pending_outcome.map(Status::from).unwrap_or(Status::Failed);
+                self.status = self
+                    .pending_outcome
+                    .map(Status::from)
+                    .unwrap_or(Status::Failed);
                 self.timer = None;
                 Ok(())
             }
@@ -744,8 +866,15 @@ impl<'m> Step<'m> {
     }
 
     /// A `fail` or a timeout without `onTimeout`: retry, `onFailure`, or a hard failure.
-    fn attempt_failed(&mut self, state: StateId, reason: &str, now_ms: u64, scope: &mut Option<Scope>, event: &str) -> Result<(), TransitionError> {
-        let s = self.machine.state(state);
+    fn attempt_failed(
+        &mut self,
+        state: StateId,
+        reason: &str,
+        now_ms: u64,
+        event: &str,
+    ) -> Result<(), TransitionError> {
+        let machine = self.machine;
+        let s = machine.state(state);
         if let Some(retry) = &s.retry
             && self.attempt < retry.max_attempts
         {
@@ -755,23 +884,23 @@ impl<'m> Step<'m> {
                 entry_seq: self.entry_seq,
                 kind: TimerKind::Backoff,
             });
-            self.state = s.name.clone();
+            self.state = &s.name;
             return Ok(());
         }
         if self.phase == Phase::Compensating {
             self.status = Status::Failed;
             self.reason = Some("CompensationFailed".into());
-            self.state = s.name.clone();
+            self.state = &s.name;
             self.timer = None;
             return Ok(());
         }
         if let Some(next) = s.on_failure {
             self.leave(state, true);
-            return self.enter(next, now_ms, scope, event);
+            return self.enter(next, now_ms, event);
         }
         // A hard failure.
         self.reason = Some(reason.to_owned());
-        self.state = s.name.clone();
+        self.state = &s.name;
         if self.compensations.is_empty() {
             self.status = Status::Failed;
             self.timer = None;
@@ -779,24 +908,29 @@ impl<'m> Step<'m> {
         }
         self.phase = Phase::Compensating;
         self.pending_outcome = Some(Outcome::Failed);
-        self.next_compensation(now_ms, scope, event)
+        self.next_compensation(now_ms, event)
     }
 
     fn finish(self, record: &mut StateChangeEvent) {
-        record.to = self.state;
+        let ended = self.status.is_final();
+        record.to = self.state.to_owned();
         record.via = self.via;
         record.data = self.data_set;
         record.guards = self.guards;
         record.flags = self.flags;
         record.status = self.status;
-        record.phase = if self.status.is_final() { Phase::Running } else { self.phase };
+        record.phase = if ended { Phase::Running } else { self.phase };
         record.reason = self.reason;
         record.entry_seq = self.entry_seq;
         record.attempt = self.attempt;
         record.in_backoff = self.in_backoff;
-        record.compensations = if self.status.is_final() { Vec::new() } else { self.compensations };
-        record.pending_outcome = if self.status.is_final() { None } else { self.pending_outcome };
-        record.timer = if self.status.is_final() { None } else { self.timer };
+        record.compensations = if ended {
+            Vec::new()
+        } else {
+            self.compensations
+        };
+        record.pending_outcome = if ended { None } else { self.pending_outcome };
+        record.timer = if ended { None } else { self.timer };
     }
 }
 

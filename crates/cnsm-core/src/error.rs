@@ -76,7 +76,9 @@ impl TransitionError {
 
     pub(crate) fn failure(state: &str, event: &str, reason: FailureReason) -> TransitionError {
         let message = match &reason {
-            FailureReason::NoTransition => format!("state '{state}' has no transition on '{event}'"),
+            FailureReason::NoTransition => {
+                format!("state '{state}' has no transition on '{event}'")
+            }
             FailureReason::GuardsFalse => {
                 format!("every guard or flag for '{event}' in state '{state}' said no")
             }
@@ -86,7 +88,8 @@ impl TransitionError {
             FailureReason::InstanceFinal => "the instance has already ended".to_owned(),
             FailureReason::Suspended => "the instance is suspended".to_owned(),
             FailureReason::RetryBackoff => {
-                "the instance is waiting out a retry back-off; the next attempt has not started".to_owned()
+                "the instance is waiting out a retry back-off; the next attempt has not started"
+                    .to_owned()
             }
             FailureReason::GuardError(detail) => format!("expression failed: {detail}"),
             FailureReason::ChoiceLoop => "choice states did not settle".to_owned(),

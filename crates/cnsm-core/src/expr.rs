@@ -12,10 +12,18 @@ pub const EXPRESSION_LEN_MAX: usize = 4096;
 /// The variables an expression may reference.
 pub const VARIABLES: [&str; 3] = ["data", "event", "instance"];
 
+/// `data` in [`Expr::needs`].
+pub const VAR_DATA: u8 = 1;
+/// `event` in [`Expr::needs`].
+pub const VAR_EVENT: u8 = 2;
+/// `instance` in [`Expr::needs`].
+pub const VAR_INSTANCE: u8 = 4;
+
 /// A compiled CEL expression with its source.
 pub struct Expr {
     source: Arc<str>,
     program: cel::Program,
+    needs: u8,
 }
 
 impl std::fmt::Debug for Expr {
@@ -34,7 +42,27 @@ impl Expr {
             ));
         }
         let program = cel::Program::compile(source).map_err(|e| e.to_string())?;
-        Ok(Expr { source: source.into(), program })
+        let references = program.references();
+        let mut needs = 0;
+        for (name, bit) in [
+            ("data", VAR_DATA),
+            ("event", VAR_EVENT),
+            ("instance", VAR_INSTANCE),
+        ] {
+            if references.has_variable(name) {
+                needs |= bit;
+            }
+        }
+        Ok(Expr {
+            source: source.into(),
+            program,
+            needs,
+        })
+    }
+
+    /// Which of `data`, `event`, `instance` the expression reads (`VAR_*` bits).
+    pub fn needs(&self) -> u8 {
+        self.needs
     }
 
     pub fn source(&self) -> &str {
@@ -46,31 +74,62 @@ impl Expr {
     }
 }
 
-/// The values an expression sees. Built once per applied event and reused for every guard and
-/// assignment of that event.
+/// The values an expression sees, bound on first use and reused for every guard and assignment
+/// of one event.
 pub struct Scope {
     root: cel::Context<'static, 'static>,
+    has: u8,
 }
 
 impl std::fmt::Debug for Scope {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Scope")
+        f.debug_struct("Scope").field("has", &self.has).finish()
     }
 }
 
 impl Scope {
-    /// A scope over the given data, event payload and instance view.
-    pub fn new(env: &Arc<cel::Env>, data: cel::Value, event: cel::Value, instance: cel::Value) -> Scope {
-        let mut root = cel::Context::with_env(Arc::clone(env));
-        root.add_variable_from_value("data", data);
-        root.add_variable_from_value("event", event);
-        root.add_variable_from_value("instance", instance);
-        Scope { root }
+    /// An empty scope; bind variables with [`Scope::set`].
+    pub fn new(env: &Arc<cel::Env>) -> Scope {
+        Scope {
+            root: cel::Context::with_env(Arc::clone(env)),
+            has: 0,
+        }
     }
 
-    /// Replaces `data` (the guards of a choice state see the data after `assign`).
-    pub fn set_data(&mut self, data: cel::Value) {
-        self.root.add_variable_from_value("data", data);
+    /// A scope with all three variables bound.
+    pub fn with_all(
+        env: &Arc<cel::Env>,
+        data: cel::Value,
+        event: cel::Value,
+        instance: cel::Value,
+    ) -> Scope {
+        let mut scope = Scope::new(env);
+        scope.set(VAR_DATA, data);
+        scope.set(VAR_EVENT, event);
+        scope.set(VAR_INSTANCE, instance);
+        scope
+    }
+
+    /// The `VAR_*` bits bound so far.
+    pub fn has(&self) -> u8 {
+        self.has
+    }
+
+    /// Binds one variable (`VAR_DATA`, `VAR_EVENT` or `VAR_INSTANCE`).
+    pub fn set(&mut self, var: u8, value: cel::Value) {
+        let name = match var {
+            VAR_DATA => "data",
+            VAR_EVENT => "event",
+            VAR_INSTANCE => "instance",
+            _ => return,
+        };
+        self.root.add_variable_from_value(name, value);
+        self.has |= var;
+    }
+
+    /// Marks a variable as needing a rebind (the data changed after an assignment).
+    pub fn forget(&mut self, var: u8) {
+        self.has &= !var;
     }
 
     /// Evaluates a guard: it must yield a bool.
@@ -121,7 +180,10 @@ pub fn json_to_cel(value: &Json) -> cel::Value {
 pub fn map_to_cel(map: &serde_json::Map<String, Json>) -> cel::Value {
     let mut out: HashMap<cel::objects::Key, cel::Value> = HashMap::with_capacity(map.len());
     for (k, v) in map {
-        out.insert(cel::objects::Key::String(Arc::new(k.clone())), json_to_cel(v));
+        out.insert(
+            cel::objects::Key::String(Arc::new(k.clone())),
+            json_to_cel(v),
+        );
     }
     cel::Value::Map(cel::objects::Map { map: Arc::new(out) })
 }

@@ -24,30 +24,65 @@ fn edges(machine: &StateMachine) -> Vec<Edge<'_>> {
             if let Some(flag) = &t.flag {
                 let _ = write!(label, " flag:{}", flag.key);
             }
-            out.push(Edge { from, to: &t.target, label, dashed: false });
+            out.push(Edge {
+                from,
+                to: &t.target,
+                label,
+                dashed: false,
+            });
         }
         if let Some(next) = &state.transition {
             let label = match state.state_type {
                 StateType::Wait => format!("after {}s", state.timeout_seconds.unwrap_or(0)),
                 _ => EVENT_COMPLETE.to_owned(),
             };
-            out.push(Edge { from, to: next, label, dashed: false });
+            out.push(Edge {
+                from,
+                to: next,
+                label,
+                dashed: false,
+            });
         }
         if let Some(next) = &state.on_timeout {
             let label = format!("timeout {}s", state.timeout_seconds.unwrap_or(0));
-            out.push(Edge { from, to: next, label, dashed: true });
+            out.push(Edge {
+                from,
+                to: next,
+                label,
+                dashed: true,
+            });
         }
         for c in &state.choices {
-            out.push(Edge { from, to: &c.target, label: format!("[{}]", c.guard), dashed: false });
+            out.push(Edge {
+                from,
+                to: &c.target,
+                label: format!("[{}]", c.guard),
+                dashed: false,
+            });
         }
         if let Some(next) = &state.default {
-            out.push(Edge { from, to: next, label: "default".into(), dashed: false });
+            out.push(Edge {
+                from,
+                to: next,
+                label: "default".into(),
+                dashed: false,
+            });
         }
         if let Some(next) = &state.on_failure {
-            out.push(Edge { from, to: next, label: "failure".into(), dashed: true });
+            out.push(Edge {
+                from,
+                to: next,
+                label: "failure".into(),
+                dashed: true,
+            });
         }
         if let Some(next) = &state.compensation {
-            out.push(Edge { from, to: next, label: "compensate".into(), dashed: true });
+            out.push(Edge {
+                from,
+                to: next,
+                label: "compensate".into(),
+                dashed: true,
+            });
         }
     }
     out
@@ -63,7 +98,11 @@ pub fn to_dot(machine: &StateMachine) -> String {
     let _ = writeln!(out, "digraph \"{}\" {{", escape_dot(&machine.metadata.name));
     out.push_str("  rankdir=LR;\n  node [shape=box, style=rounded];\n");
     out.push_str("  __start [shape=point];\n");
-    let _ = writeln!(out, "  __start -> \"{}\";", escape_dot(&machine.spec.initial_state));
+    let _ = writeln!(
+        out,
+        "  __start -> \"{}\";",
+        escape_dot(&machine.spec.initial_state)
+    );
     for state in &machine.spec.states {
         let shape = match state.state_type {
             StateType::Final => "doublecircle",
@@ -103,7 +142,12 @@ pub fn to_mermaid(machine: &StateMachine) -> String {
     };
     let mut out = String::from("stateDiagram-v2\n");
     for state in &machine.spec.states {
-        let _ = writeln!(out, "  state \"{}\" as {}", state.name.replace('"', "'"), id(&state.name));
+        let _ = writeln!(
+            out,
+            "  state \"{}\" as {}",
+            state.name.replace('"', "'"),
+            id(&state.name)
+        );
         if state.state_type == StateType::Choice {
             let _ = writeln!(out, "  note right of {}: choice", id(&state.name));
         }

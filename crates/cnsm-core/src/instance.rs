@@ -152,15 +152,26 @@ impl Instance {
     /// Applies the next record: the one mutation path, used live and on replay.
     ///
     /// Replay never re-runs CEL or flags: the record carries the data delta and every decision.
-    pub fn apply_record(&mut self, record: &StateChangeEvent, hash: Hash32) -> Result<(), ApplyError> {
+    pub fn apply_record(
+        &mut self,
+        record: &StateChangeEvent,
+        hash: Hash32,
+    ) -> Result<(), ApplyError> {
         if record.version != self.version + 1 {
-            return Err(ApplyError::VersionGap { have: self.version, got: record.version });
+            return Err(ApplyError::VersionGap {
+                have: self.version,
+                got: record.version,
+            });
         }
         if record.prev_hash != self.last_hash {
-            return Err(ApplyError::BrokenChain { version: record.version });
+            return Err(ApplyError::BrokenChain {
+                version: record.version,
+            });
         }
         if record.instance != self.id || record.namespace != self.namespace {
-            return Err(ApplyError::WrongInstance { version: record.version });
+            return Err(ApplyError::WrongInstance {
+                version: record.version,
+            });
         }
         self.revision = record.revision;
         self.revision_hash = record.revision_hash;
@@ -189,7 +200,9 @@ impl Instance {
         records: impl IntoIterator<Item = (&'a StateChangeEvent, Hash32)>,
     ) -> Result<Option<Instance>, ApplyError> {
         let mut iter = records.into_iter();
-        let Some((first, hash)) = iter.next() else { return Ok(None) };
+        let Some((first, hash)) = iter.next() else {
+            return Ok(None);
+        };
         let mut instance = Instance::from_genesis(first, hash)?;
         for (record, hash) in iter {
             instance.apply_record(record, hash)?;

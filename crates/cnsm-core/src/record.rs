@@ -237,7 +237,11 @@ pub enum ChainError {
     #[error("expected record {expected}, found record {found}")]
     VersionGap { expected: u64, found: u64 },
     #[error("record {version} belongs to {found}, not {expected}")]
-    WrongInstance { version: u64, expected: String, found: String },
+    WrongInstance {
+        version: u64,
+        expected: String,
+        found: String,
+    },
 }
 
 impl StateChangeEvent {
@@ -246,7 +250,11 @@ impl StateChangeEvent {
         let value = serde_json::to_value(self).unwrap_or(Value::Null);
         let bytes = cbor::encode(&value);
         let hash = Hash32::digest(RECORD_DOMAIN, &bytes);
-        SealedRecord { version: self.version, bytes, hash }
+        SealedRecord {
+            version: self.version,
+            bytes,
+            hash,
+        }
     }
 }
 
@@ -254,7 +262,9 @@ impl SealedRecord {
     /// Decodes the stored bytes, checking the stored hash first.
     pub fn open(&self) -> Result<StateChangeEvent, ChainError> {
         if Hash32::digest(RECORD_DOMAIN, &self.bytes) != self.hash {
-            return Err(ChainError::HashMismatch { version: self.version });
+            return Err(ChainError::HashMismatch {
+                version: self.version,
+            });
         }
         decode_record(self.version, &self.bytes)
     }
@@ -266,12 +276,18 @@ pub fn decode_record(version: u64, bytes: &[u8]) -> Result<StateChangeEvent, Cha
     let value = cbor::decode(bytes).map_err(|e| undecodable(e.to_string()))?;
     let format = value.get("format").and_then(Value::as_u64).unwrap_or(0);
     if format > RECORD_FORMAT as u64 {
-        return Err(ChainError::FutureFormat { version, format: format as u32 });
+        return Err(ChainError::FutureFormat {
+            version,
+            format: format as u32,
+        });
     }
     let record: StateChangeEvent =
         serde_json::from_value(value).map_err(|e| undecodable(e.to_string()))?;
     if record.version != version {
-        return Err(ChainError::VersionGap { expected: version, found: record.version });
+        return Err(ChainError::VersionGap {
+            expected: version,
+            found: record.version,
+        });
     }
     Ok(record)
 }
@@ -290,7 +306,10 @@ pub fn verify_chain<'a>(
     let mut prev = prev_hash;
     for (expected_version, sealed) in (first_version..).zip(records) {
         if sealed.version != expected_version {
-            return Err(ChainError::VersionGap { expected: expected_version, found: sealed.version });
+            return Err(ChainError::VersionGap {
+                expected: expected_version,
+                found: sealed.version,
+            });
         }
         let record = sealed.open()?;
         if record.instance != instance || record.namespace != namespace {
@@ -301,7 +320,9 @@ pub fn verify_chain<'a>(
             });
         }
         if record.prev_hash != prev {
-            return Err(ChainError::BrokenLink { version: sealed.version });
+            return Err(ChainError::BrokenLink {
+                version: sealed.version,
+            });
         }
         prev = sealed.hash;
     }

@@ -21,7 +21,10 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
     }
 }
 
@@ -40,7 +43,9 @@ pub struct VirtualClock {
 
 impl VirtualClock {
     pub fn new(start_ms: u64) -> VirtualClock {
-        VirtualClock { now_ms: Arc::new(AtomicU64::new(start_ms)) }
+        VirtualClock {
+            now_ms: Arc::new(AtomicU64::new(start_ms)),
+        }
     }
 
     pub fn advance_ms(&self, ms: u64) {

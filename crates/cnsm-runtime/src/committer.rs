@@ -49,11 +49,27 @@ struct Cached {
 
 /// What to answer once the batch is durable.
 enum Waiter {
-    Created { item: usize, reply: oneshot::Sender<Result<Instance, RuntimeError>> },
-    Applied { item: usize, replayed: bool, reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>> },
-    CreateFailed { error: RuntimeError, reply: oneshot::Sender<Result<Instance, RuntimeError>> },
-    EventFailed { error: RuntimeError, reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>> },
-    Tick { n_fired: usize, reply: oneshot::Sender<usize> },
+    Created {
+        item: usize,
+        reply: oneshot::Sender<Result<Instance, RuntimeError>>,
+    },
+    Applied {
+        item: usize,
+        replayed: bool,
+        reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>>,
+    },
+    CreateFailed {
+        error: RuntimeError,
+        reply: oneshot::Sender<Result<Instance, RuntimeError>>,
+    },
+    EventFailed {
+        error: RuntimeError,
+        reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>>,
+    },
+    Tick {
+        n_fired: usize,
+        reply: oneshot::Sender<usize>,
+    },
 }
 
 struct Committer {
@@ -62,9 +78,15 @@ struct Committer {
     timers: TimerIndex,
 }
 
-pub(crate) fn start(shared: Arc<Shared>) -> Result<(SyncSender<Command>, JoinHandle<()>), RuntimeError> {
+pub(crate) fn start(
+    shared: Arc<Shared>,
+) -> Result<(SyncSender<Command>, JoinHandle<()>), RuntimeError> {
     let (tx, rx) = std::sync::mpsc::sync_channel(shared.options.queue_len_max);
-    let mut committer = Committer { shared, cache: HashMap::new(), timers: TimerIndex::default() };
+    let mut committer = Committer {
+        shared,
+        cache: HashMap::new(),
+        timers: TimerIndex::default(),
+    };
     if committer.shared.options.timers {
         committer.rebuild_timers()?;
     }
@@ -89,7 +111,9 @@ pub(crate) fn replay(
             entry.key
         )));
     }
-    let sealed = shared.store.history(namespace, id, 0, entry.version as usize + 1)?;
+    let sealed = shared
+        .store
+        .history(namespace, id, 0, entry.version as usize + 1)?;
     let history = crate::decode_history(&sealed)?;
     let instance = Instance::replay(history.iter().map(|h| (&h.record, h.hash)))
         .map_err(|e| RuntimeError::Unavailable(format!("history does not replay: {e}")))?
@@ -98,14 +122,21 @@ pub(crate) fn replay(
         .into_iter()
         .last()
         .ok_or_else(|| RuntimeError::NotFound(format!("instance {namespace}/{id}")))?;
-    Ok(TransitionOutcome { record: last.record, hash: last.hash, instance, replayed: true })
+    Ok(TransitionOutcome {
+        record: last.record,
+        hash: last.hash,
+        instance,
+        replayed: true,
+    })
 }
 
 impl Committer {
     fn rebuild_timers(&mut self) -> Result<(), RuntimeError> {
         self.timers.clear();
         let timers = &mut self.timers;
-        self.shared.store.pending_timers(&mut |t| timers.insert_ref(t))?;
+        self.shared
+            .store
+            .pending_timers(&mut |t| timers.insert_ref(t))?;
         Ok(())
     }
 
@@ -116,7 +147,11 @@ impl Committer {
         loop {
             let wait = if drive_timers {
                 let now = clock.now_ms();
-                let until = self.timers.next_due_ms().map(|d| d.saturating_sub(now)).unwrap_or(SLEEP_MS_MAX);
+                let until = self
+                    .timers
+                    .next_due_ms()
+                    .map(|d| d.saturating_sub(now))
+                    .unwrap_or(SLEEP_MS_MAX);
                 Some(Duration::from_millis(until.min(SLEEP_MS_MAX)))
             } else {
                 None
@@ -141,7 +176,8 @@ impl Committer {
                 }
             }
             let stop = batch.iter().any(|c| matches!(c, Command::Stop));
-            let fire_timers = drive_timers || batch.iter().any(|c| matches!(c, Command::Tick { .. }));
+            let fire_timers =
+                drive_timers || batch.iter().any(|c| matches!(c, Command::Tick { .. }));
             self.process(batch, fire_timers);
             if stop {
                 break;
@@ -157,7 +193,13 @@ impl Committer {
                     if self.cache.len() >= self.shared.options.cache_len_max {
                         self.cache.clear();
                     }
-                    self.cache.insert(key.clone(), Cached { uid: Some(stored.uid), instance: stored.instance });
+                    self.cache.insert(
+                        key.clone(),
+                        Cached {
+                            uid: Some(stored.uid),
+                            instance: stored.instance,
+                        },
+                    );
                 }
                 None => return Ok(None),
             }
@@ -188,10 +230,27 @@ impl Committer {
                         Err(error) => waiters.push(Waiter::CreateFailed { error, reply }),
                     }
                 }
-                Command::Event { namespace, id, event, reply } => {
+                Command::Event {
+                    namespace,
+                    id,
+                    event,
+                    reply,
+                } => {
                     let key = (namespace, id);
-                    match self.event(&key, event, now_ms, &mut items, &mut item_keys, &mut before, &mut pending_keys) {
-                        Ok((item, replayed)) => waiters.push(Waiter::Applied { item, replayed, reply }),
+                    match self.event(
+                        &key,
+                        event,
+                        now_ms,
+                        &mut items,
+                        &mut item_keys,
+                        &mut before,
+                        &mut pending_keys,
+                    ) {
+                        Ok((item, replayed)) => waiters.push(Waiter::Applied {
+                            item,
+                            replayed,
+                            reply,
+                        }),
                         Err(error) => waiters.push(Waiter::EventFailed { error, reply }),
                     }
                 }
@@ -250,13 +309,24 @@ impl Committer {
             .store
             .definition(&request.namespace, &request.machine, request.revision)?
             .ok_or_else(|| {
-                RuntimeError::NotFound(format!("statemachine {}/{}", request.namespace, request.machine))
+                RuntimeError::NotFound(format!(
+                    "statemachine {}/{}",
+                    request.namespace, request.machine
+                ))
             })?;
-        let machine = self.shared.machine(&request.namespace, &request.machine, row.revision)?;
-        let id = request.id.clone().unwrap_or_else(|| generate_id(&request.machine));
+        let machine = self
+            .shared
+            .machine(&request.namespace, &request.machine, row.revision)?;
+        let id = request
+            .id
+            .clone()
+            .unwrap_or_else(|| generate_id(&request.machine));
         let key = (request.namespace.clone(), id.clone());
         if self.load(&key)?.is_some() {
-            return Err(RuntimeError::Conflict(format!("instance {}/{} already exists", key.0, key.1)));
+            return Err(RuntimeError::Conflict(format!(
+                "instance {}/{} already exists",
+                key.0, key.1
+            )));
         }
         let record = machine.create(NewInstance {
             namespace: &request.namespace,
@@ -267,11 +337,23 @@ impl Committer {
             actor: &request.actor,
         })?;
         let sealed = record.seal();
-        let instance = Instance::from_genesis(&record, sealed.hash)
-            .map_err(|e| RuntimeError::Unavailable(format!("genesis record does not apply: {e}")))?;
+        let instance = Instance::from_genesis(&record, sealed.hash).map_err(|e| {
+            RuntimeError::Unavailable(format!("genesis record does not apply: {e}"))
+        })?;
         before.entry(key.clone()).or_insert(None);
-        self.cache.insert(key.clone(), Cached { uid: None, instance: instance.clone() });
-        items.push(CommitItem { instance, record: sealed, expected_version: None, idempotency: None });
+        self.cache.insert(
+            key.clone(),
+            Cached {
+                uid: None,
+                instance: instance.clone(),
+            },
+        );
+        items.push(CommitItem {
+            instance,
+            record: sealed,
+            expected_version: None,
+            idempotency: None,
+        });
         item_keys.push(key);
         Ok(items.len() - 1)
     }
@@ -310,22 +392,38 @@ impl Committer {
         let ttl = self.shared.options.idempotency_ttl_ms;
         let shared = Arc::clone(&self.shared);
         let Some(cached) = self.load(key)? else {
-            return Err(RuntimeError::NotFound(format!("instance {}/{}", key.0, key.1)));
+            return Err(RuntimeError::NotFound(format!(
+                "instance {}/{}",
+                key.0, key.1
+            )));
         };
         if let Some(expected) = event.expected_version
             && expected != cached.instance.version
         {
-            return Err(TransitionError::RaceCondition { expected, actual: cached.instance.version }.into());
+            return Err(TransitionError::RaceCondition {
+                expected,
+                actual: cached.instance.version,
+            }
+            .into());
         }
         let instance = &cached.instance;
         let machine = shared.machine(&instance.namespace, &instance.machine, instance.revision)?;
-        let mut input = Input::new(Trigger::Event { name: &event.name, payload: &event.payload }, now_ms, &event.actor);
+        let mut input = Input::new(
+            Trigger::Event {
+                name: &event.name,
+                payload: &event.payload,
+            },
+            now_ms,
+            &event.actor,
+        );
         input.idempotency_key = event.idempotency_key.as_deref();
         input.trace = event.trace.clone();
         let record = machine.apply(instance, &input)?;
         let sealed = record.seal();
         let expected_version = instance.version;
-        before.entry(key.clone()).or_insert_with(|| Some(cached.instance.clone()));
+        before
+            .entry(key.clone())
+            .or_insert_with(|| Some(cached.instance.clone()));
         cached
             .instance
             .apply_record(&record, sealed.hash)
@@ -366,7 +464,10 @@ impl Committer {
                 Ok(false) => {}
                 Err(_) => {
                     // Retried until it commits: put it back for the next round.
-                    self.timers.insert_ref(TimerRef { due_ms: now_ms + 100, ..timer });
+                    self.timers.insert_ref(TimerRef {
+                        due_ms: now_ms + 100,
+                        ..timer
+                    });
                 }
             }
         }
@@ -384,20 +485,31 @@ impl Committer {
         let Some(stored) = self.shared.store.instance_by_uid(timer.uid)? else {
             return Ok(false);
         };
-        let key = (stored.instance.namespace.clone(), stored.instance.id.clone());
+        let key = (
+            stored.instance.namespace.clone(),
+            stored.instance.id.clone(),
+        );
         let shared = Arc::clone(&self.shared);
-        let Some(cached) = self.load(&key)? else { return Ok(false) };
+        let Some(cached) = self.load(&key)? else {
+            return Ok(false);
+        };
         cached.uid = Some(timer.uid);
         let instance = &cached.instance;
         let machine = shared.machine(&instance.namespace, &instance.machine, instance.revision)?;
-        let fired = cnsm_core::record::Timer { due_ms: timer.due_ms, entry_seq: timer.entry_seq, kind: timer.kind };
+        let fired = cnsm_core::record::Timer {
+            due_ms: timer.due_ms,
+            entry_seq: timer.entry_seq,
+            kind: timer.kind,
+        };
         let input = Input::new(Trigger::Timer(fired), now_ms, ACTOR_TIMER);
         let Some(record) = machine.fire(instance, &input)? else {
             return Ok(false);
         };
         let sealed = record.seal();
         let expected_version = instance.version;
-        before.entry(key.clone()).or_insert_with(|| Some(cached.instance.clone()));
+        before
+            .entry(key.clone())
+            .or_insert_with(|| Some(cached.instance.clone()));
         cached
             .instance
             .apply_record(&record, sealed.hash)
@@ -412,8 +524,19 @@ impl Committer {
         Ok(true)
     }
 
-    fn after_commit(&mut self, items: &[CommitItem], item_keys: &[Key], outcomes: &[ItemOutcome], before: &HashMap<Key, Option<Instance>>) {
-        let listeners = self.shared.listeners.read().map(|l| l.clone()).unwrap_or_default();
+    fn after_commit(
+        &mut self,
+        items: &[CommitItem],
+        item_keys: &[Key],
+        outcomes: &[ItemOutcome],
+        before: &HashMap<Key, Option<Instance>>,
+    ) {
+        let listeners = self
+            .shared
+            .listeners
+            .read()
+            .map(|l| l.clone())
+            .unwrap_or_default();
         let mut versions = self.shared.versions.lock().ok();
         if let Some(v) = versions.as_mut()
             && v.len() > self.shared.options.cache_len_max
@@ -485,12 +608,20 @@ fn answer(waiters: Vec<Waiter>, items: &[CommitItem], outcomes: &[ItemOutcome]) 
                 };
                 let _ = reply.send(result);
             }
-            Waiter::Applied { item, replayed, reply } => {
+            Waiter::Applied {
+                item,
+                replayed,
+                reply,
+            } => {
                 let result = match conflict(item) {
                     None => outcome_of(&items[item], replayed),
                     Some(actual) => {
                         let expected = items[item].expected_version.unwrap_or(0);
-                        Err(TransitionError::RaceCondition { expected, actual: actual.unwrap_or(0) }.into())
+                        Err(TransitionError::RaceCondition {
+                            expected,
+                            actual: actual.unwrap_or(0),
+                        }
+                        .into())
                     }
                 };
                 let _ = reply.send(result);
@@ -510,11 +641,18 @@ fn answer(waiters: Vec<Waiter>, items: &[CommitItem], outcomes: &[ItemOutcome]) 
 
 fn outcome_of(item: &CommitItem, replayed: bool) -> Result<TransitionOutcome, RuntimeError> {
     let record: StateChangeEvent = open(&item.record)?;
-    Ok(TransitionOutcome { record, hash: item.record.hash, instance: item.instance.clone(), replayed })
+    Ok(TransitionOutcome {
+        record,
+        hash: item.record.hash,
+        instance: item.instance.clone(),
+        replayed,
+    })
 }
 
 fn open(sealed: &SealedRecord) -> Result<StateChangeEvent, RuntimeError> {
-    sealed.open().map_err(|e| RuntimeError::Unavailable(format!("record failed its check: {e}")))
+    sealed
+        .open()
+        .map_err(|e| RuntimeError::Unavailable(format!("record failed its check: {e}")))
 }
 
 fn fail_all(waiters: Vec<Waiter>, message: &str) {

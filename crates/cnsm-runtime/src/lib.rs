@@ -244,7 +244,12 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// The compiled machine of a revision, from the cache or the store.
-    pub(crate) fn machine(&self, namespace: &str, name: &str, revision: u32) -> Result<Arc<Machine>, RuntimeError> {
+    pub(crate) fn machine(
+        &self,
+        namespace: &str,
+        name: &str,
+        revision: u32,
+    ) -> Result<Arc<Machine>, RuntimeError> {
         let key = (namespace.to_owned(), name.to_owned(), revision);
         if let Some(m) = self.machines.read().ok().and_then(|m| m.get(&key).cloned()) {
             return Ok(m);
@@ -252,9 +257,13 @@ impl Shared {
         let row = self
             .store
             .definition(namespace, name, Some(revision))?
-            .ok_or_else(|| RuntimeError::NotFound(format!("statemachine {namespace}/{name}@{revision}")))?;
+            .ok_or_else(|| {
+                RuntimeError::NotFound(format!("statemachine {namespace}/{name}@{revision}"))
+            })?;
         let machine = Machine::compile(row.definition)
-            .map_err(|e| RuntimeError::Unavailable(format!("stored definition does not compile: {e}")))?
+            .map_err(|e| {
+                RuntimeError::Unavailable(format!("stored definition does not compile: {e}"))
+            })?
             .with_revision(revision);
         let machine = Arc::new(machine);
         if let Ok(mut cache) = self.machines.write() {
@@ -287,7 +296,10 @@ impl Runtime {
     }
 
     /// Like [`Runtime::open`] over a store the caller keeps a handle to.
-    pub fn open_shared(store: Arc<dyn Store>, options: RuntimeOptions) -> Result<Runtime, RuntimeError> {
+    pub fn open_shared(
+        store: Arc<dyn Store>,
+        options: RuntimeOptions,
+    ) -> Result<Runtime, RuntimeError> {
         let shared = Arc::new(Shared {
             store,
             options,
@@ -296,7 +308,11 @@ impl Runtime {
             versions: Mutex::new(HashMap::new()),
         });
         let (queue, thread) = committer::start(Arc::clone(&shared))?;
-        Ok(Runtime { shared, queue, thread: Arc::new(Mutex::new(Some(thread))) })
+        Ok(Runtime {
+            shared,
+            queue,
+            thread: Arc::new(Mutex::new(Some(thread))),
+        })
     }
 
     /// The store under the runtime.
@@ -324,22 +340,32 @@ impl Runtime {
         }
     }
 
-    async fn submit<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> committer::Command) -> Result<T, RuntimeError> {
+    async fn submit<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> committer::Command,
+    ) -> Result<T, RuntimeError> {
         let (tx, rx) = oneshot::channel();
         match self.queue.try_send(make(tx)) {
             Ok(()) => {}
             Err(std::sync::mpsc::TrySendError::Full(_)) => {
-                return Err(RuntimeError::Unavailable("the request queue is full; retry later".into()));
+                return Err(RuntimeError::Unavailable(
+                    "the request queue is full; retry later".into(),
+                ));
             }
             Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
                 return Err(RuntimeError::Unavailable("the runtime has stopped".into()));
             }
         }
-        rx.await.map_err(|_| RuntimeError::Unavailable("the runtime stopped before answering".into()))
+        rx.await
+            .map_err(|_| RuntimeError::Unavailable("the runtime stopped before answering".into()))
     }
 
     /// Admits a YAML definition and stores it (a new revision when the content changed).
-    pub async fn apply_yaml(&self, source: &str, file: Option<&str>) -> Result<AppliedDefinition, RuntimeError> {
+    pub async fn apply_yaml(
+        &self,
+        source: &str,
+        file: Option<&str>,
+    ) -> Result<AppliedDefinition, RuntimeError> {
         let admitted = admission::admit_str(source, file);
         let warnings: Vec<Problem> = admitted.warnings().cloned().collect();
         match admitted.machine {
@@ -359,7 +385,8 @@ impl Runtime {
         let Some(machine) = admitted.machine else {
             return Err(RuntimeError::Admission(admitted.problems));
         };
-        let compiled = Machine::compile(machine.clone()).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        let compiled =
+            Machine::compile(machine.clone()).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         let hash = compiled.hash();
         let now_ms = self.shared.options.clock.now_ms();
         let outcome = self.shared.store.put_definition(&machine, hash, now_ms)?;
@@ -378,14 +405,22 @@ impl Runtime {
     }
 
     /// A definition revision (the latest when `revision` is `None`).
-    pub async fn definition(&self, namespace: &str, name: &str, revision: Option<u32>) -> Result<DefinitionRow, RuntimeError> {
+    pub async fn definition(
+        &self,
+        namespace: &str,
+        name: &str,
+        revision: Option<u32>,
+    ) -> Result<DefinitionRow, RuntimeError> {
         self.shared
             .store
             .definition(namespace, name, revision)?
             .ok_or_else(|| RuntimeError::NotFound(format!("statemachine {namespace}/{name}")))
     }
 
-    pub async fn definitions(&self, namespace: Option<&str>) -> Result<Vec<DefinitionRow>, RuntimeError> {
+    pub async fn definitions(
+        &self,
+        namespace: Option<&str>,
+    ) -> Result<Vec<DefinitionRow>, RuntimeError> {
         Ok(self.shared.store.list_definitions(namespace)?)
     }
 
@@ -397,7 +432,9 @@ impl Runtime {
             }
             Ok(())
         } else {
-            Err(RuntimeError::NotFound(format!("statemachine {namespace}/{name}")))
+            Err(RuntimeError::NotFound(format!(
+                "statemachine {namespace}/{name}"
+            )))
         }
     }
 
@@ -407,22 +444,34 @@ impl Runtime {
         if let Some(id) = &request.id {
             validate_id(id)?;
         }
-        let size = serde_json::to_vec(&request.data).map(|v| v.len()).unwrap_or(0);
+        let size = serde_json::to_vec(&request.data)
+            .map(|v| v.len())
+            .unwrap_or(0);
         if size > self.shared.options.payload_len_max {
             return Err(RuntimeError::Invalid(format!(
                 "instance data is {size} bytes, more than the limit of {}",
                 self.shared.options.payload_len_max
             )));
         }
-        self.submit(|reply| committer::Command::Create { request, reply }).await?
+        self.submit(|reply| committer::Command::Create { request, reply })
+            .await?
     }
 
     /// Applies an event. Checks, in order: the idempotency key, then the expected version.
-    pub async fn send(&self, namespace: &str, id: &str, event: EventRequest) -> Result<TransitionOutcome, RuntimeError> {
+    pub async fn send(
+        &self,
+        namespace: &str,
+        id: &str,
+        event: EventRequest,
+    ) -> Result<TransitionOutcome, RuntimeError> {
         if event.name.is_empty() || event.name.len() > 253 {
-            return Err(RuntimeError::Invalid("event name must be 1 to 253 characters".into()));
+            return Err(RuntimeError::Invalid(
+                "event name must be 1 to 253 characters".into(),
+            ));
         }
-        let size = serde_json::to_vec(&event.payload).map(|v| v.len()).unwrap_or(0);
+        let size = serde_json::to_vec(&event.payload)
+            .map(|v| v.len())
+            .unwrap_or(0);
         if size > self.shared.options.payload_len_max {
             return Err(RuntimeError::Invalid(format!(
                 "payload is {size} bytes, more than the limit of {}",
@@ -443,10 +492,20 @@ impl Runtime {
         if let Some(expected) = event.expected_version
             && expected != durable
         {
-            return Err(cnsm_core::TransitionError::StaleState { expected, actual: durable }.into());
+            return Err(cnsm_core::TransitionError::StaleState {
+                expected,
+                actual: durable,
+            }
+            .into());
         }
         let (namespace, id) = (namespace.to_owned(), id.to_owned());
-        self.submit(|reply| committer::Command::Event { namespace, id, event, reply }).await?
+        self.submit(|reply| committer::Command::Event {
+            namespace,
+            id,
+            event,
+            reply,
+        })
+        .await?
     }
 
     pub(crate) async fn replay(
@@ -461,10 +520,20 @@ impl Runtime {
 
     fn durable_version(&self, namespace: &str, id: &str) -> Result<Option<u64>, RuntimeError> {
         let key = (namespace.to_owned(), id.to_owned());
-        if let Some(v) = self.shared.versions.lock().ok().and_then(|m| m.get(&key).copied()) {
+        if let Some(v) = self
+            .shared
+            .versions
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&key).copied())
+        {
             return Ok(Some(v));
         }
-        Ok(self.shared.store.instance(namespace, id)?.map(|s| s.instance.version))
+        Ok(self
+            .shared
+            .store
+            .instance(namespace, id)?
+            .map(|s| s.instance.version))
     }
 
     /// The instance as of its latest commit.
@@ -476,12 +545,27 @@ impl Runtime {
             .ok_or_else(|| RuntimeError::NotFound(format!("instance {namespace}/{id}")))
     }
 
-    pub async fn list_instances(&self, query: &InstanceQuery) -> Result<Vec<Instance>, RuntimeError> {
-        Ok(self.shared.store.list_instances(query)?.into_iter().map(|s| s.instance).collect())
+    pub async fn list_instances(
+        &self,
+        query: &InstanceQuery,
+    ) -> Result<Vec<Instance>, RuntimeError> {
+        Ok(self
+            .shared
+            .store
+            .list_instances(query)?
+            .into_iter()
+            .map(|s| s.instance)
+            .collect())
     }
 
     /// History records `from_version..`, at most `limit`, decoded and hash-checked.
-    pub async fn history(&self, namespace: &str, id: &str, from_version: u64, limit: usize) -> Result<Vec<HistoryEntry>, RuntimeError> {
+    pub async fn history(
+        &self,
+        namespace: &str,
+        id: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, RuntimeError> {
         let store = &self.shared.store;
         if store.instance(namespace, id)?.is_none() {
             return Err(RuntimeError::NotFound(format!("instance {namespace}/{id}")));
@@ -494,12 +578,14 @@ impl Runtime {
     /// committed. Returns how many timers fired. With the system clock the driver does this on
     /// its own; tests with a [`VirtualClock`] call it after advancing the clock.
     pub async fn fire_due_timers(&self) -> Result<usize, RuntimeError> {
-        self.submit(|reply| committer::Command::Tick { reply }).await
+        self.submit(|reply| committer::Command::Tick { reply })
+            .await
     }
 
     /// Timers pending in the in-memory index.
     pub async fn pending_timers(&self) -> Result<usize, RuntimeError> {
-        self.submit(|reply| committer::Command::CountTimers { reply }).await
+        self.submit(|reply| committer::Command::CountTimers { reply })
+            .await
     }
 }
 
@@ -509,8 +595,13 @@ pub fn decode_history(sealed: &[SealedRecord]) -> Result<Vec<HistoryEntry>, Runt
         .iter()
         .map(|s| {
             s.open()
-                .map(|record| HistoryEntry { record, hash: s.hash })
-                .map_err(|e| RuntimeError::Unavailable(format!("stored history failed a check: {e}")))
+                .map(|record| HistoryEntry {
+                    record,
+                    hash: s.hash,
+                })
+                .map_err(|e| {
+                    RuntimeError::Unavailable(format!("stored history failed a check: {e}"))
+                })
         })
         .collect()
 }
@@ -519,7 +610,9 @@ pub fn decode_history(sealed: &[SealedRecord]) -> Result<Vec<HistoryEntry>, Runt
 pub fn validate_name(what: &str, name: &str) -> Result<(), RuntimeError> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
     if ok {
@@ -535,7 +628,9 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), RuntimeError> {
 pub fn validate_id(id: &str) -> Result<(), RuntimeError> {
     let ok = !id.is_empty()
         && id.len() <= 253
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
     if ok {
         Ok(())
     } else {

@@ -14,7 +14,12 @@ pub struct TimerIndex {
 
 impl TimerIndex {
     pub fn insert(&mut self, uid: u64, timer: &Timer) {
-        self.set.insert(TimerRef { due_ms: timer.due_ms, uid, entry_seq: timer.entry_seq, kind: timer.kind });
+        self.set.insert(TimerRef {
+            due_ms: timer.due_ms,
+            uid,
+            entry_seq: timer.entry_seq,
+            kind: timer.kind,
+        });
     }
 
     pub fn insert_ref(&mut self, timer: TimerRef) {
@@ -22,7 +27,12 @@ impl TimerIndex {
     }
 
     pub fn remove(&mut self, uid: u64, timer: &Timer) {
-        self.set.remove(&TimerRef { due_ms: timer.due_ms, uid, entry_seq: timer.entry_seq, kind: timer.kind });
+        self.set.remove(&TimerRef {
+            due_ms: timer.due_ms,
+            uid,
+            entry_seq: timer.entry_seq,
+            kind: timer.kind,
+        });
     }
 
     /// The earliest due time.

@@ -1,10 +1,31 @@
 //! The embedded, durable default backend: one redb file (`cnsm.redb`) in a data directory.
 //!
 //! Every [`Store::commit`] is one redb write transaction made durable with
-//! [`Durability::Immediate`] (an fsync) for the whole batch: group commit. The table layout is
-//! described in [`tables`](self::tables); in short, instance rows carry their uid, version,
-//! status, timer and machine in fixed columns beside the CBOR document, records are kept as
-//! their exact bytes under `(uid, version)`, and a global `log` gives the commit order.
+//! [`Durability::Immediate`] (an fsync) for the whole batch: group commit. Instances get a
+//! store-local `uid` (never reused) at creation so that the big tables key on integers.
+//!
+//! # Tables
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `meta` | name | `u64`: `format`, `next_uid`, `next_seq`, `verified_seq` |
+//! | `definitions` | (namespace, name, revision) | (revision hash, created ms, CBOR of the `StateMachine`) |
+//! | `definition_latest` | (namespace, name) | latest revision |
+//! | `instances` | (namespace, id) | (uid, version, status, timer, machine, CBOR of the `Instance`) |
+//! | `instance_uids` | uid | (namespace, id) |
+//! | `active_instances` | (namespace, machine, uid) | () |
+//! | `records` | (uid, version) | (record hash, the record's exact bytes) |
+//! | `log` | commit sequence | (uid, version) |
+//! | `timers` | (due ms, uid) | (entry seq, kind) |
+//! | `idempotency` | (uid, key) | (request hash, version, expires ms) |
+//! | `idempotency_expiry` | (expires ms, uid, key) | () |
+//!
+//! CBOR rows are the deterministic CBOR of the serde form ([`cnsm_core::cbor`]). The instance
+//! row repeats a few fields of its document in fixed columns (version, status, timer, machine)
+//! so that a commit maintains the indexes without decoding the previous row, and list queries
+//! filter before decoding. `timers` holds exactly each active instance's current timer;
+//! `active_instances` lets [`Store::delete_definition`] count users without a scan; `log` is the
+//! global commit order (the base of the verification checkpoint, and of an outbox cursor).
 //!
 //! # Verification checkpoints
 //!
@@ -69,6 +90,8 @@ pub const COMMIT_ITEMS_MAX: usize = 100_000;
 pub struct EmbeddedStore {
     db: Database,
     path: PathBuf,
+    quick_repair: bool,
+    verify_tail: bool,
     /// The log sequence where the per-commit check found a problem; it is not retried until
     /// the store is reopened (open reports it).
     tail_problem: Mutex<Option<u64>>,
@@ -98,42 +121,86 @@ impl Checkpoint {
     }
 }
 
+/// How [`EmbeddedStore::open_with_options`] opens a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EmbeddedOptions {
+    /// Check the records committed since the last checkpoint before accepting work (default
+    /// `true`). Off only for forensics: see [`EmbeddedStore::open_unverified`].
+    pub verify_tail: bool,
+    /// Have every commit save redb's allocator state ("quick repair", default `true`), so that
+    /// opening after a crash or a kill is instant instead of a walk over the whole file.
+    ///
+    /// Measured on 2 shared cores: a 3.4 GB store (1 M instances, 5 M records) reopens after a
+    /// kill in 6 ms with it and 12 s without; a single-item commit takes 1.6 ms instead of
+    /// 1.1 ms on a 70 MB store and about 3.3 ms instead of 1.5 ms on the 3.4 GB one (quick
+    /// repair commits in two phases). Durability is the same either way.
+    pub quick_repair: bool,
+}
+
+impl Default for EmbeddedOptions {
+    fn default() -> EmbeddedOptions {
+        EmbeddedOptions {
+            verify_tail: true,
+            quick_repair: true,
+        }
+    }
+}
+
 impl EmbeddedStore {
-    /// Opens (creating if needed) the store in `dir`, checking the records committed since the
-    /// last verification checkpoint.
+    /// Opens (creating if needed) the store in `dir` with the default options, checking the
+    /// records committed since the last verification checkpoint.
     ///
     /// Errors: [`StoreError::Locked`] when another process (or another handle in this process)
     /// has the store open, [`StoreError::FormatTooNew`] for a store written by a newer cnsm,
     /// [`StoreError::Corrupt`] when a record of the unverified tail fails its checks.
     pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
-        EmbeddedStore::open_with(dir, true)
+        EmbeddedStore::open_with_options(dir, EmbeddedOptions::default())
     }
 
     /// Opens the store without checking the unverified tail (and without advancing the
     /// checkpoint): for `store verify` and other forensics on a store that `open` refuses, so
     /// that [`Store::verify`] can list every problem.
     pub fn open_unverified(dir: &Path) -> Result<EmbeddedStore, StoreError> {
-        EmbeddedStore::open_with(dir, false)
+        let options = EmbeddedOptions {
+            verify_tail: false,
+            ..EmbeddedOptions::default()
+        };
+        EmbeddedStore::open_with_options(dir, options)
     }
 
-    fn open_with(dir: &Path, verify_tail: bool) -> Result<EmbeddedStore, StoreError> {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open_with_options(
+        dir: &Path,
+        options: EmbeddedOptions,
+    ) -> Result<EmbeddedStore, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join(FILE_NAME);
         let db = Database::create(&path).map_err(|e| open_error(&path, e))?;
         check_format(&db)?;
-        let mut txn = db.begin_write().io()?;
-        txn.set_durability(Durability::Immediate).io()?;
-        if let Err(e) = init_and_verify(&txn, verify_tail) {
+        let store = EmbeddedStore {
+            db,
+            path,
+            quick_repair: options.quick_repair,
+            verify_tail: options.verify_tail,
+            tail_problem: Mutex::new(None),
+        };
+        let txn = store.begin_durable()?;
+        if let Err(e) = init_and_verify(&txn, options.verify_tail) {
             let _ = txn.abort();
             return Err(e);
         }
         txn.commit().io()?;
-        Ok(EmbeddedStore {
-            db,
-            path,
-            tail_problem: Mutex::new(None),
-        })
+        Ok(store)
+    }
+
+    /// A write transaction that is durable when `commit` returns (fsync).
+    fn begin_durable(&self) -> Result<WriteTransaction, StoreError> {
+        let mut txn = self.db.begin_write().io()?;
+        txn.set_durability(Durability::Immediate).io()?;
+        txn.set_quick_repair(self.quick_repair);
+        Ok(txn)
     }
 
     /// The database file.
@@ -155,10 +222,15 @@ impl EmbeddedStore {
 
     /// Verifies the records committed since the checkpoint and advances it, then closes the
     /// store. The next open has nothing to check. Dropping the store instead is safe: the next
-    /// open checks the tail.
+    /// open checks the tail. A store opened with `verify_tail` off is closed without a check.
+    ///
+    /// Errors: [`StoreError::Corrupt`] when a record of the tail fails its checks (the store is
+    /// closed all the same, with the checkpoint just before that record).
     pub fn close(self) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write().io()?;
-        txn.set_durability(Durability::Immediate).io()?;
+        if !self.verify_tail {
+            return self.db.close().io();
+        }
+        let txn = self.begin_durable()?;
         let verified = {
             let meta = txn.open_table(META).io()?;
             let records = txn.open_table(RECORDS).io()?;
@@ -230,8 +302,7 @@ impl EmbeddedStore {
         &self,
         body: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut txn = self.db.begin_write().io()?;
-        txn.set_durability(Durability::Immediate).io()?;
+        let txn = self.begin_durable()?;
         match body(&txn) {
             Ok(value) => {
                 txn.commit().io()?;
@@ -530,25 +601,30 @@ fn apply_item(
         )
         .io()?;
 
-    if let Some(previous) = &previous {
-        if let Some(old) = previous.timer {
+    // Index entries change only when their key or value does.
+    let old_timer = previous.as_ref().and_then(|p| p.timer);
+    if old_timer != timer {
+        if let Some(old) = old_timer {
             t.timers.remove((old.due_ms, uid)).io()?;
         }
-        if previous.status == Status::Active {
-            t.active
-                .remove((namespace, previous.machine.as_str(), uid))
+        if let Some(new) = timer {
+            t.timers
+                .insert((new.due_ms, uid), (new.entry_seq, kind_code(new.kind)))
                 .io()?;
         }
     }
-    if let Some(new) = timer {
-        t.timers
-            .insert((new.due_ms, uid), (new.entry_seq, kind_code(new.kind)))
-            .io()?;
-    }
-    if instance.status == Status::Active {
-        t.active
-            .insert((namespace, instance.machine.as_str(), uid), ())
-            .io()?;
+    let old_active = previous
+        .as_ref()
+        .filter(|p| p.status == Status::Active)
+        .map(|p| p.machine.as_str());
+    let new_active = (instance.status == Status::Active).then_some(instance.machine.as_str());
+    if old_active != new_active {
+        if let Some(machine) = old_active {
+            t.active.remove((namespace, machine, uid)).io()?;
+        }
+        if let Some(machine) = new_active {
+            t.active.insert((namespace, machine, uid), ()).io()?;
+        }
     }
 
     if let Some(entry) = &item.idempotency {

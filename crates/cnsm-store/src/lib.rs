@@ -83,10 +83,14 @@ pub struct CommitItem {
 /// What happened to one item of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ItemOutcome {
-    Committed { uid: u64 },
+    Committed {
+        uid: u64,
+    },
     /// The durable version was not the expected one (`None`: the instance does not exist, or,
     /// for a create, `Some` of the existing version).
-    Conflict { actual: Option<u64> },
+    Conflict {
+        actual: Option<u64>,
+    },
 }
 
 /// A pending timer as the timer index keeps it.
@@ -154,10 +158,20 @@ pub enum StoreError {
 /// from one committer thread and reads from any thread.
 pub trait Store: Send + Sync + 'static {
     /// Stores a new revision unless the latest one has the same content hash.
-    fn put_definition(&self, definition: &StateMachine, hash: Hash32, now_ms: u64) -> Result<PutDefinition, StoreError>;
+    fn put_definition(
+        &self,
+        definition: &StateMachine,
+        hash: Hash32,
+        now_ms: u64,
+    ) -> Result<PutDefinition, StoreError>;
 
     /// A revision, or the latest one when `revision` is `None`.
-    fn definition(&self, namespace: &str, name: &str, revision: Option<u32>) -> Result<Option<DefinitionRow>, StoreError>;
+    fn definition(
+        &self,
+        namespace: &str,
+        name: &str,
+        revision: Option<u32>,
+    ) -> Result<Option<DefinitionRow>, StoreError>;
 
     /// The latest revision of each definition, ordered by (namespace, name).
     fn list_definitions(&self, namespace: Option<&str>) -> Result<Vec<DefinitionRow>, StoreError>;
@@ -176,9 +190,20 @@ pub trait Store: Send + Sync + 'static {
     fn list_instances(&self, query: &InstanceQuery) -> Result<Vec<StoredInstance>, StoreError>;
 
     /// Records `from_version..` of an instance, at most `limit`, in order, as stored.
-    fn history(&self, namespace: &str, id: &str, from_version: u64, limit: usize) -> Result<Vec<SealedRecord>, StoreError>;
+    fn history(
+        &self,
+        namespace: &str,
+        id: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<SealedRecord>, StoreError>;
 
-    fn idempotency(&self, namespace: &str, id: &str, key: &str) -> Result<Option<IdempotencyEntry>, StoreError>;
+    fn idempotency(
+        &self,
+        namespace: &str,
+        id: &str,
+        key: &str,
+    ) -> Result<Option<IdempotencyEntry>, StoreError>;
 
     /// Forgets idempotency keys that expired at `now_ms`; returns how many.
     fn purge_idempotency(&self, now_ms: u64) -> Result<u64, StoreError>;

@@ -64,7 +64,11 @@ pub struct TransitionRecorder {
 impl CommitListener for TransitionRecorder {
     fn on_commit(&self, record: &StateChangeEvent, hash: Hash32, instance: &Instance) {
         if let Ok(mut v) = self.inner.lock() {
-            v.push(Recorded { record: record.clone(), hash, instance: instance.clone() });
+            v.push(Recorded {
+                record: record.clone(),
+                hash,
+                instance: instance.clone(),
+            });
         }
     }
 }
@@ -107,7 +111,10 @@ impl TransitionRecorder {
 
     /// The states the instance was in after each recorded commit (genesis included).
     pub fn path_of(&self, namespace: &str, id: &str) -> Vec<String> {
-        self.records_of(namespace, id).into_iter().map(|r| r.to).collect()
+        self.records_of(namespace, id)
+            .into_iter()
+            .map(|r| r.to)
+            .collect()
     }
 
     /// Panics with a readable message unless the recorded path equals `expected`.
@@ -130,9 +137,18 @@ pub enum VerifyError {
     #[error("store error: {0}")]
     Store(#[from] cnsm_store::StoreError),
     #[error("hash chain of {instance}: {source}")]
-    Chain { instance: String, source: cnsm_core::record::ChainError },
-    #[error("instance {instance} is at version {stored}, but its history ends at version {history}")]
-    VersionMismatch { instance: String, stored: u64, history: u64 },
+    Chain {
+        instance: String,
+        source: cnsm_core::record::ChainError,
+    },
+    #[error(
+        "instance {instance} is at version {stored}, but its history ends at version {history}"
+    )]
+    VersionMismatch {
+        instance: String,
+        stored: u64,
+        history: u64,
+    },
     #[error("instance {instance} does not equal the replay of its history: {detail}")]
     ReplayMismatch { instance: String, detail: String },
     #[error("instance {instance} has no data key '{key}'")]
@@ -155,13 +171,18 @@ pub struct SnapshotVerifier<'a> {
 
 impl std::fmt::Debug for SnapshotVerifier<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SnapshotVerifier").field("required_keys", &self.required_keys).finish()
+        f.debug_struct("SnapshotVerifier")
+            .field("required_keys", &self.required_keys)
+            .finish()
     }
 }
 
 impl<'a> SnapshotVerifier<'a> {
     pub fn new(store: &'a dyn Store) -> SnapshotVerifier<'a> {
-        SnapshotVerifier { store, required_keys: Vec::new() }
+        SnapshotVerifier {
+            store,
+            required_keys: Vec::new(),
+        }
     }
 
     /// Requires these keys in every verified instance's data.
@@ -171,13 +192,22 @@ impl<'a> SnapshotVerifier<'a> {
     }
 
     /// Verifies one instance.
-    pub fn verify_instance(&self, namespace: &str, id: &str) -> Result<VerifiedInstance, VerifyError> {
+    pub fn verify_instance(
+        &self,
+        namespace: &str,
+        id: &str,
+    ) -> Result<VerifiedInstance, VerifyError> {
         let name = format!("{namespace}/{id}");
-        let stored = self.store.instance(namespace, id)?.ok_or_else(|| VerifyError::NotFound(name.clone()))?;
+        let stored = self
+            .store
+            .instance(namespace, id)?
+            .ok_or_else(|| VerifyError::NotFound(name.clone()))?;
         let mut records = Vec::new();
         let mut from = 0;
         loop {
-            let page = self.store.history(namespace, id, from, cnsm_store::PAGE_LEN_MAX)?;
+            let page = self
+                .store
+                .history(namespace, id, from, cnsm_store::PAGE_LEN_MAX)?;
             let n = page.len();
             records.extend(page);
             if n < cnsm_store::PAGE_LEN_MAX {
@@ -185,8 +215,13 @@ impl<'a> SnapshotVerifier<'a> {
             }
             from += n as u64;
         }
-        let last_hash = verify_chain(namespace, id, 0, Hash32::ZERO, &records)
-            .map_err(|source| VerifyError::Chain { instance: name.clone(), source })?;
+        let last_hash =
+            verify_chain(namespace, id, 0, Hash32::ZERO, &records).map_err(|source| {
+                VerifyError::Chain {
+                    instance: name.clone(),
+                    source,
+                }
+            })?;
         let history_version = records.len().saturating_sub(1) as u64;
         if records.is_empty() || stored.instance.version != history_version {
             return Err(VerifyError::VersionMismatch {
@@ -199,9 +234,16 @@ impl<'a> SnapshotVerifier<'a> {
             .iter()
             .map(|r| r.open().map(|rec| (rec, r.hash)))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| VerifyError::Chain { instance: name.clone(), source })?;
-        let replayed = Instance::replay(decoded.iter().map(|(r, h)| (r, *h)))
-            .map_err(|e| VerifyError::ReplayMismatch { instance: name.clone(), detail: e.to_string() })?;
+            .map_err(|source| VerifyError::Chain {
+                instance: name.clone(),
+                source,
+            })?;
+        let replayed = Instance::replay(decoded.iter().map(|(r, h)| (r, *h))).map_err(|e| {
+            VerifyError::ReplayMismatch {
+                instance: name.clone(),
+                detail: e.to_string(),
+            }
+        })?;
         if replayed.as_ref() != Some(&stored.instance) {
             return Err(VerifyError::ReplayMismatch {
                 instance: name,
@@ -210,15 +252,24 @@ impl<'a> SnapshotVerifier<'a> {
         }
         for key in &self.required_keys {
             if !stored.instance.data.contains_key(key) {
-                return Err(VerifyError::MissingKey { instance: name, key: key.clone() });
+                return Err(VerifyError::MissingKey {
+                    instance: name,
+                    key: key.clone(),
+                });
             }
         }
-        Ok(VerifiedInstance { n_records: records.len() as u64, last_hash })
+        Ok(VerifiedInstance {
+            n_records: records.len() as u64,
+            last_hash,
+        })
     }
 
     /// Verifies every instance of a namespace (all namespaces when `None`).
     pub fn verify_all(&self, namespace: Option<&str>) -> Result<u64, VerifyError> {
-        let mut query = cnsm_store::InstanceQuery { namespace: namespace.map(str::to_owned), ..Default::default() };
+        let mut query = cnsm_store::InstanceQuery {
+            namespace: namespace.map(str::to_owned),
+            ..Default::default()
+        };
         let mut n = 0;
         loop {
             let page = self.store.list_instances(&query)?;

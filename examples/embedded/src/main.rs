@@ -42,17 +42,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let runtime = Runtime::open(store, RuntimeOptions::default())?;
 
     let applied = runtime.apply_yaml(ORDER, Some("order.yaml")).await?;
-    println!("applied {}/{} revision {} ({})", applied.namespace, applied.name, applied.revision, applied.hash);
+    println!(
+        "applied {}/{} revision {} ({})",
+        applied.namespace, applied.name, applied.revision, applied.hash
+    );
 
     let mut data = serde_json::Map::new();
     data.insert("total".into(), json!(40));
     let order = runtime
-        .create_instance(CreateInstance::new("shop", "order").id("o-1").data(data).label("channel", "web"))
+        .create_instance(
+            CreateInstance::new("shop", "order")
+                .id("o-1")
+                .data(data)
+                .label("channel", "web"),
+        )
         .await?;
-    println!("created {} in state {} (version {})", order.id, order.state, order.version);
+    println!(
+        "created {} in state {} (version {})",
+        order.id, order.state, order.version
+    );
 
     // A guard that says no is a typed error, and nothing changes.
-    match runtime.send("shop", "o-1", EventRequest::new("pay").payload(json!({"amount": 10}))).await {
+    match runtime
+        .send(
+            "shop",
+            "o-1",
+            EventRequest::new("pay").payload(json!({"amount": 10})),
+        )
+        .await
+    {
         Err(RuntimeError::Transition(e)) => println!("rejected as expected: {e}"),
         other => return Err(format!("expected a TransitionFailure, got {other:?}").into()),
     }
@@ -62,12 +80,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .send(
             "shop",
             "o-1",
-            EventRequest::new("pay").payload(json!({"amount": 40})).expected_version(0).idempotency_key("pay-1"),
+            EventRequest::new("pay")
+                .payload(json!({"amount": 40}))
+                .expected_version(0)
+                .idempotency_key("pay-1"),
         )
         .await?;
-    println!("{} -> {} (version {})", paid.record.from.as_deref().unwrap_or("-"), paid.instance.state, paid.instance.version);
-    let shipped = runtime.send("shop", "o-1", EventRequest::new("complete")).await?;
-    println!("now {} with status {}", shipped.instance.state, shipped.instance.status.as_str());
+    println!(
+        "{} -> {} (version {})",
+        paid.record.from.as_deref().unwrap_or("-"),
+        paid.instance.state,
+        paid.instance.version
+    );
+    let shipped = runtime
+        .send("shop", "o-1", EventRequest::new("complete"))
+        .await?;
+    println!(
+        "now {} with status {}",
+        shipped.instance.state,
+        shipped.instance.status.as_str()
+    );
 
     for entry in runtime.history("shop", "o-1", 0, 100).await? {
         println!(

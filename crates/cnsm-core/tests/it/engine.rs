@@ -11,7 +11,10 @@ use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 
 fn example(name: &str) -> String {
-    let path = format!("{}/../../../shared/examples/{name}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/../../../shared/examples/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
@@ -30,8 +33,12 @@ impl Run {
     }
 
     fn from_definition(definition: StateMachine, data: Value) -> Run {
-        let machine = Machine::compile(definition).expect("compiles").with_revision(1);
-        let Value::Object(data) = data else { panic!("data must be an object") };
+        let machine = Machine::compile(definition)
+            .expect("compiles")
+            .with_revision(1);
+        let Value::Object(data) = data else {
+            panic!("data must be an object")
+        };
         let genesis = machine
             .create(NewInstance {
                 namespace: "test",
@@ -44,18 +51,32 @@ impl Run {
             .expect("create");
         let sealed = genesis.seal();
         let instance = Instance::from_genesis(&genesis, sealed.hash).expect("genesis");
-        Run { machine, instance, sealed: vec![sealed], now_ms: 1_000 }
+        Run {
+            machine,
+            instance,
+            sealed: vec![sealed],
+            now_ms: 1_000,
+        }
     }
 
     fn commit(&mut self, record: cnsm_core::StateChangeEvent) {
         let sealed = record.seal();
-        self.instance.apply_record(&record, sealed.hash).expect("record applies");
+        self.instance
+            .apply_record(&record, sealed.hash)
+            .expect("record applies");
         self.sealed.push(sealed);
     }
 
     fn send(&mut self, event: &str, payload: Value) -> Result<(), TransitionError> {
         self.now_ms += 10;
-        let input = Input::new(Trigger::Event { name: event, payload: &payload }, self.now_ms, "tester");
+        let input = Input::new(
+            Trigger::Event {
+                name: event,
+                payload: &payload,
+            },
+            self.now_ms,
+            "tester",
+        );
         let record = self.machine.apply(&self.instance, &input)?;
         self.commit(record);
         Ok(())
@@ -63,10 +84,16 @@ impl Run {
 
     /// Jumps to the instance's timer and fires it; false when it has none.
     fn fire_timer(&mut self) -> bool {
-        let Some(timer) = self.instance.timer else { return false };
+        let Some(timer) = self.instance.timer else {
+            return false;
+        };
         self.now_ms = self.now_ms.max(timer.due_ms);
         let input = Input::new(Trigger::Timer(timer), self.now_ms, "system:timer");
-        match self.machine.fire(&self.instance, &input).expect("timer applies") {
+        match self
+            .machine
+            .fire(&self.instance, &input)
+            .expect("timer applies")
+        {
             Some(record) => {
                 self.commit(record);
                 true
@@ -81,8 +108,14 @@ impl Run {
 
     fn check_chain(&self) {
         verify_chain("test", "i-1", 0, Hash32::ZERO, &self.sealed).expect("chain verifies");
-        let decoded: Vec<_> = self.sealed.iter().map(|s| (s.open().unwrap(), s.hash)).collect();
-        let replayed = Instance::replay(decoded.iter().map(|(r, h)| (r, *h))).unwrap().unwrap();
+        let decoded: Vec<_> = self
+            .sealed
+            .iter()
+            .map(|s| (s.open().unwrap(), s.hash))
+            .collect();
+        let replayed = Instance::replay(decoded.iter().map(|(r, h)| (r, *h)))
+            .unwrap()
+            .unwrap();
         assert_eq!(replayed, self.instance, "replay equals the live instance");
     }
 }
@@ -96,7 +129,10 @@ fn order_processing_happy_path() {
     assert_eq!(run.state(), "validated");
     let err = run.send("pay", json!({"amount": 10})).unwrap_err();
     assert_eq!(err.error_type(), "TransitionFailure");
-    assert!(err.to_string().contains("pay") && err.to_string().contains("validated"), "{err}");
+    assert!(
+        err.to_string().contains("pay") && err.to_string().contains("validated"),
+        "{err}"
+    );
     run.send("pay", json!({"amount": 40})).unwrap();
     assert_eq!(run.state(), "paid");
     assert_eq!(run.instance.data["paidAmount"], json!(40));
@@ -137,7 +173,10 @@ fn saga_compensates_in_reverse_order() {
     run.send("complete", Value::Null).unwrap(); // reserve-stock done: push release-stock
     run.send("complete", Value::Null).unwrap(); // charge-card done: push refund-card
     assert_eq!(run.state(), "book-courier");
-    assert_eq!(run.instance.compensations, vec!["release-stock", "refund-card"]);
+    assert_eq!(
+        run.instance.compensations,
+        vec!["release-stock", "refund-card"]
+    );
     // book-courier has no retry and no onFailure: a timeout is a hard failure.
     assert!(run.fire_timer());
     assert_eq!(run.state(), "refund-card");
@@ -180,7 +219,10 @@ fn fail_is_refused_without_retry_or_on_failure() {
     let err = run.send("fail", Value::Null).unwrap_err();
     assert!(matches!(
         err,
-        TransitionError::TransitionFailure { reason: cnsm_core::error::FailureReason::ReservedEventNotHonoured, .. }
+        TransitionError::TransitionFailure {
+            reason: cnsm_core::error::FailureReason::ReservedEventNotHonoured,
+            ..
+        }
     ));
 }
 
@@ -231,7 +273,14 @@ fn flag_gate_with_decision_allows() {
     };
     let decisions = [decision];
     let payload = Value::Null;
-    let mut input = Input::new(Trigger::Event { name: "checkout", payload: &payload }, 2_000, "t");
+    let mut input = Input::new(
+        Trigger::Event {
+            name: "checkout",
+            payload: &payload,
+        },
+        2_000,
+        "t",
+    );
     input.flags = &decisions;
     let record = run.machine.apply(&run.instance, &input).unwrap();
     assert_eq!(record.to, "one-click-review");
@@ -258,7 +307,9 @@ spec:
     let mut run = Run::new(yaml, json!({}));
     let err = run.send("go", json!({})).unwrap_err();
     match err {
-        TransitionError::TransitionFailure { reason, .. } => assert_eq!(reason.as_str(), "GuardError"),
+        TransitionError::TransitionFailure { reason, .. } => {
+            assert_eq!(reason.as_str(), "GuardError")
+        }
         other => panic!("{other:?}"),
     }
     assert_eq!(run.instance.version, 0, "nothing changed");
@@ -284,15 +335,33 @@ fn spec_strategy() -> impl Strategy<Value = Spec0> {
     (2usize..6, 1usize..3).prop_flat_map(|(n_tasks, n_finals)| {
         let n = n_tasks + n_finals;
         (
-            prop::collection::vec((0..n_tasks, 0usize..3, 0..n, prop::option::of(-2i64..3), any::<bool>()), 1..12),
+            prop::collection::vec(
+                (
+                    0..n_tasks,
+                    0usize..3,
+                    0..n,
+                    prop::option::of(-2i64..3),
+                    any::<bool>(),
+                ),
+                1..12,
+            ),
             prop::collection::vec(prop::option::of(0..n), n_tasks),
         )
-            .prop_map(move |(edges, on_timeout)| Spec0 { n_tasks, n_finals, edges, on_timeout })
+            .prop_map(move |(edges, on_timeout)| Spec0 {
+                n_tasks,
+                n_finals,
+                edges,
+                on_timeout,
+            })
     })
 }
 
 fn name(i: usize, n_tasks: usize) -> String {
-    if i < n_tasks { format!("t{i}") } else { format!("f{}", i - n_tasks) }
+    if i < n_tasks {
+        format!("t{i}")
+    } else {
+        format!("f{}", i - n_tasks)
+    }
 }
 
 fn to_definition(spec: &Spec0) -> StateMachine {
@@ -322,14 +391,25 @@ fn to_definition(spec: &Spec0) -> StateMachine {
     }
     for f in 0..spec.n_finals {
         let mut s = StateDef::new(name(spec.n_tasks + f, spec.n_tasks), StateType::Final);
-        s.outcome = Some(if f == 0 { Outcome::Succeeded } else { Outcome::Cancelled });
+        s.outcome = Some(if f == 0 {
+            Outcome::Succeeded
+        } else {
+            Outcome::Cancelled
+        });
         states.push(s);
     }
     StateMachine {
         api_version: "statemachine.cn/v1alpha1".into(),
         kind: "StateMachine".into(),
-        metadata: cnsm_core::resource::Metadata { name: "random".into(), namespace: "test".into(), ..Default::default() },
-        spec: Spec { initial_state: "t0".into(), states },
+        metadata: cnsm_core::resource::Metadata {
+            name: "random".into(),
+            namespace: "test".into(),
+            ..Default::default()
+        },
+        spec: Spec {
+            initial_state: "t0".into(),
+            states,
+        },
     }
 }
 
@@ -383,7 +463,11 @@ impl Model {
         self.state = to;
         self.version += 1;
         if to >= spec.n_tasks {
-            self.status = if to == spec.n_tasks { Status::Succeeded } else { Status::Cancelled };
+            self.status = if to == spec.n_tasks {
+                Status::Succeeded
+            } else {
+                Status::Cancelled
+            };
         }
     }
 }

@@ -330,6 +330,12 @@ fn check_instances(
                         "{name}: the row differs from the replay of its history in {}",
                         fields.join(", ")
                     ));
+                } else if encode_cbor(replayed)? != bytes {
+                    // Equal values from different bytes: a field lost to a default, or bytes
+                    // that were not written by this store.
+                    problems.push(format!(
+                        "{name}: the row's bytes are not the encoding of the replay of its history"
+                    ));
                 }
             }
         }

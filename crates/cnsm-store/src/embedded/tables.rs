@@ -1,24 +1,5 @@
-//! The redb table layout of the embedded store and the small codecs for its columns.
-//!
-//! Every table is created when a store is opened, so readers never meet a missing table.
-//!
-//! | table | key | value |
-//! |---|---|---|
-//! | `meta` | name | `u64` ([`META_FORMAT`], [`META_NEXT_UID`], [`META_NEXT_SEQ`], [`META_VERIFIED_SEQ`]) |
-//! | `definitions` | (namespace, name, revision) | (revision hash, created ms, CBOR of the `StateMachine`) |
-//! | `definition_latest` | (namespace, name) | latest revision |
-//! | `instances` | (namespace, id) | (uid, version, status, timer, machine, CBOR of the `Instance`) |
-//! | `instance_uids` | uid | (namespace, id) |
-//! | `active_instances` | (namespace, machine, uid) | () |
-//! | `records` | (uid, version) | (record hash, exact record bytes) |
-//! | `log` | commit sequence | (uid, version) |
-//! | `timers` | (due ms, uid) | (entry seq, kind) |
-//! | `idempotency` | (uid, key) | (request hash, version, expires ms) |
-//! | `idempotency_expiry` | (expires ms, uid, key) | () |
-//!
-//! The instance row repeats a few fields of the CBOR document in fixed columns (version, status,
-//! timer, machine) so that the commit path maintains the indexes without decoding the previous
-//! row, and list queries filter before decoding.
+//! The redb table definitions of the embedded store (the layout is described in the
+//! [`embedded`](super) module docs) and the small codecs for their columns.
 
 use cnsm_core::cbor;
 use cnsm_core::record::{Timer, TimerKind};

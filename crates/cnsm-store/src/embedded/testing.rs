@@ -80,6 +80,51 @@ pub fn flip_record_byte(
     })
 }
 
+/// Flips every bit of byte `byte_index` of an instance row's CBOR document.
+pub fn flip_instance_row_byte(
+    dir: &Path,
+    namespace: &str,
+    id: &str,
+    byte_index: usize,
+) -> Result<(), StoreError> {
+    edit(dir, |txn| {
+        let mut instances = txn.open_table(INSTANCES).io()?;
+        let (uid, version, status, timer, machine, mut bytes) =
+            match instances.get((namespace, id)).io()? {
+                Some(g) => {
+                    let (uid, version, status, timer, machine, bytes) = g.value();
+                    (
+                        uid,
+                        version,
+                        status,
+                        timer,
+                        machine.to_owned(),
+                        bytes.to_vec(),
+                    )
+                }
+                None => return Err(StoreError::Refused(format!("no instance {namespace}/{id}"))),
+            };
+        let byte = bytes.get_mut(byte_index).ok_or_else(|| {
+            StoreError::Refused(format!("the row is shorter than {byte_index} bytes"))
+        })?;
+        *byte ^= 0xff;
+        instances
+            .insert(
+                (namespace, id),
+                (
+                    uid,
+                    version,
+                    status,
+                    timer,
+                    machine.as_str(),
+                    bytes.as_slice(),
+                ),
+            )
+            .io()?;
+        Ok(())
+    })
+}
+
 /// Replaces a stored record, bytes and hash, with another one.
 pub fn replace_record(
     dir: &Path,

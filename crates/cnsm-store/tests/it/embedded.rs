@@ -5,7 +5,7 @@ use std::path::Path;
 
 use cnsm_core::Instance;
 use cnsm_store::conformance::{Driver, T0_MS};
-use cnsm_store::embedded::{EmbeddedStore, FILE_NAME, testing};
+use cnsm_store::embedded::{EmbeddedOptions, EmbeddedStore, FILE_NAME, testing};
 use cnsm_store::{CommitItem, ItemOutcome, STORE_FORMAT, Store, StoreError};
 
 fn commit(store: &EmbeddedStore, items: &[CommitItem]) {
@@ -169,6 +169,11 @@ fn open_checks_the_unverified_tail_and_names_the_broken_record() {
         "{:?}",
         report.problems
     );
+    // Looking does not move the checkpoint: the store stays refused until repaired.
+    store
+        .close()
+        .expect("an unverified store closes without a check");
+    expect_corrupt(EmbeddedStore::open(dir.path()));
 }
 
 #[test]
@@ -288,4 +293,196 @@ fn close_leaves_nothing_to_check() {
         (checkpoint.verified_seq, checkpoint.n_unverified()),
         (51, 0)
     );
+}
+
+/// Set in a child process of this test binary: what the child does and where
+/// (`crash-quick-repair:<dir>`, `crash-full-repair:<dir>` or `hold:<dir>`).
+const CHILD_ENV: &str = "CNSM_STORE_TEST_CHILD";
+
+/// Runs test `name` of this binary in a child process, in child mode.
+fn spawn_child(name: &str, mode: &str, dir: &Path) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().expect("the test binary"))
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, format!("{mode}:{}", dir.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the child starts")
+}
+
+/// The child mode of a test, when this process is a child.
+fn child_mode() -> Option<(String, std::path::PathBuf)> {
+    let value = std::env::var(CHILD_ENV).ok()?;
+    let (mode, dir) = value.split_once(':')?;
+    Some((mode.to_owned(), dir.into()))
+}
+
+/// Reads the child's stdout lines until `want` of them hold `prefix`; returns what follows it.
+fn read_lines(child: &mut std::process::Child, prefix: &str, want: usize) -> Vec<String> {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut found = Vec::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        // libtest may print the test's name on the same line, before the output.
+        if let Some(at) = line.find(prefix) {
+            found.push(line[at + prefix.len()..].to_owned());
+            if found.len() == want {
+                break;
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_store_held_by_another_process_is_locked() {
+    if let Some((_, dir)) = child_mode() {
+        let _store = EmbeddedStore::open(&dir).expect("the child opens the store");
+        println!("@@open");
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_child(
+        "embedded::a_store_held_by_another_process_is_locked",
+        "hold",
+        dir.path(),
+    );
+    assert_eq!(
+        read_lines(&mut child, "@@open", 1).len(),
+        1,
+        "the child opened the store"
+    );
+    let result = EmbeddedStore::open(dir.path());
+    child.kill().expect("kill the child");
+    child.wait().expect("reap the child");
+    match result {
+        Err(StoreError::Locked(message)) => {
+            assert!(message.contains("another process"), "{message}")
+        }
+        Err(other) => panic!("expected Locked, got {other}"),
+        Ok(_) => panic!("expected Locked, two processes opened the store"),
+    }
+    let store = EmbeddedStore::open(dir.path()).expect("the lock dies with the process");
+    assert!(store.verify().unwrap().is_ok());
+}
+
+#[test]
+fn a_killed_writer_loses_no_acknowledged_commit() {
+    let driver = Driver::new("job");
+    if let Some((mode, dir)) = child_mode() {
+        // Commits forever, printing each acknowledged (id, version), until killed.
+        use std::io::Write;
+        let mut options = EmbeddedOptions::default();
+        options.quick_repair = mode == "crash-quick-repair";
+        let store =
+            EmbeddedStore::open_with_options(&dir, options).expect("the child opens the store");
+        let pid = std::process::id();
+        let mut instances: Vec<Instance> = Vec::new();
+        for round in 0u64.. {
+            let mut batch =
+                vec![driver.create("default", &format!("p{pid}-{round}"), &[], T0_MS + round)];
+            batch.extend(
+                instances
+                    .iter()
+                    .map(|i| driver.event(i, "ping", &format!("round {round}"), T0_MS + round)),
+            );
+            let outcomes = store.commit(&batch).expect("the child commits");
+            assert!(
+                outcomes
+                    .iter()
+                    .all(|o| matches!(o, ItemOutcome::Committed { .. })),
+                "{outcomes:?}"
+            );
+            let mut out = std::io::stdout().lock();
+            for item in &batch {
+                writeln!(out, "@@ack {} {}", item.instance.id, item.instance.version)
+                    .expect("stdout");
+            }
+            out.flush().expect("stdout");
+            instances = batch.into_iter().map(|item| item.instance).collect();
+            // Keep the batch size bounded: the oldest instances stop.
+            if instances.len() > 20 {
+                instances.remove(0);
+            }
+        }
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for attempt in 0..3 {
+        let mut child = spawn_child(
+            "embedded::a_killed_writer_loses_no_acknowledged_commit",
+            // Both ways redb recovers: from the allocator state saved by the last commit, or
+            // by walking the file.
+            ["crash-quick-repair", "crash-full-repair"][attempt % 2],
+            dir.path(),
+        );
+        // Kill at a different point each time, mid-stream.
+        let acks = read_lines(&mut child, "@@ack ", 300 + attempt * 137);
+        child.kill().expect("kill the child");
+        child.wait().expect("reap the child");
+        assert!(!acks.is_empty(), "the child acknowledged commits");
+
+        let store = EmbeddedStore::open(dir.path()).expect("the store opens after the kill");
+        for ack in &acks {
+            let (id, version) = ack.split_once(' ').expect("id and version");
+            let version: u64 = version.parse().expect("a version");
+            let row = store
+                .instance("default", id)
+                .unwrap()
+                .unwrap_or_else(|| panic!("{id} survived"));
+            assert!(
+                row.instance.version >= version,
+                "{id} lost version {version}"
+            );
+        }
+        let report = store.verify().unwrap();
+        assert!(report.is_ok(), "{:?}", report.problems);
+        // The next child goes on writing to the same store.
+    }
+}
+
+#[test]
+fn any_flipped_byte_of_a_record_or_an_instance_row_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = closed_store(dir.path());
+    let record_len = one[2].record.bytes.len();
+    let row_len = cnsm_core::cbor::encode(&serde_json::to_value(&two[4].instance).unwrap()).len();
+    // A spread of positions: the first bytes (headers), then every 7th.
+    let positions = |len: usize| {
+        (0..len)
+            .filter(|i| *i < 8 || i % 7 == 0)
+            .collect::<Vec<_>>()
+    };
+    for at in positions(record_len) {
+        testing::flip_record_byte(dir.path(), "default", "one", 2, at).unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let report = store.verify().unwrap();
+        assert!(
+            !report.problems.is_empty()
+                && report.problems.iter().all(|p| p.contains("default/one")),
+            "record byte {at}: {:?}",
+            report.problems
+        );
+        store.close().unwrap();
+        testing::flip_record_byte(dir.path(), "default", "one", 2, at).unwrap();
+    }
+    for at in positions(row_len) {
+        testing::flip_instance_row_byte(dir.path(), "default", "two", at).unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let report = store.verify().unwrap();
+        assert!(
+            !report.problems.is_empty()
+                && report.problems.iter().all(|p| p.contains("default/two")),
+            "row byte {at}: {:?}",
+            report.problems
+        );
+        // Reads of the damaged row fail cleanly or return something; they never panic.
+        let _ = store.instance("default", "two");
+        store.close().unwrap();
+        testing::flip_instance_row_byte(dir.path(), "default", "two", at).unwrap();
+    }
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    assert!(store.verify().unwrap().is_ok(), "every flip was undone");
 }

@@ -4,6 +4,7 @@
 
 mod conformance;
 mod embedded;
+mod model;
 
 use std::path::Path;
 

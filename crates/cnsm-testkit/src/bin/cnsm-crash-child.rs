@@ -37,19 +37,27 @@ fn main() {
     }
     let n_instances: usize = args[3].parse().unwrap_or(16);
     let n_clients: usize = args[4].parse().unwrap_or(32);
-    let ack = std::fs::OpenOptions::new().create(true).append(true).open(&args[2]).unwrap_or_else(|e| {
-        eprintln!("cannot open {}: {e}", args[2]);
-        std::process::exit(1);
-    });
+    let ack = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&args[2])
+        .unwrap_or_else(|e| {
+            eprintln!("cannot open {}: {e}", args[2]);
+            std::process::exit(1);
+        });
     let ack = Arc::new(Mutex::new(ack));
     let store = EmbeddedStore::open(std::path::Path::new(&args[1])).unwrap_or_else(|e| {
         eprintln!("cannot open store: {e}");
         std::process::exit(1);
     });
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap_or_else(|e| {
-        eprintln!("tokio: {e}");
-        std::process::exit(1);
-    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| {
+            eprintln!("tokio: {e}");
+            std::process::exit(1);
+        });
     rt.block_on(async move {
         let runtime = Runtime::open(store, RuntimeOptions::default()).unwrap_or_else(|e| {
             eprintln!("runtime: {e}");
@@ -63,7 +71,10 @@ fn main() {
             let id = format!("c-{i}");
             let mut data = serde_json::Map::new();
             data.insert("n".into(), 0.into());
-            match runtime.create_instance(CreateInstance::new("crash", "counter").id(&id).data(data)).await {
+            match runtime
+                .create_instance(CreateInstance::new("crash", "counter").id(&id).data(data))
+                .await
+            {
                 Ok(instance) => write_ack(&ack, &id, instance.version),
                 Err(RuntimeError::Conflict(_)) => {}
                 Err(e) => {
@@ -82,7 +93,8 @@ fn main() {
                 loop {
                     let id = format!("c-{}", i % n_instances);
                     i += 7;
-                    if let Ok(outcome) = runtime.send("crash", &id, EventRequest::new("inc")).await {
+                    if let Ok(outcome) = runtime.send("crash", &id, EventRequest::new("inc")).await
+                    {
                         write_ack(&ack, &id, outcome.record.version);
                     }
                 }

@@ -19,7 +19,10 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
 }
@@ -31,7 +34,9 @@ fn read_acks(path: &std::path::Path) -> HashMap<String, u64> {
         // A line cut by the kill has no trailing newline and is not counted by `lines()`
         // only if it is complete; skip anything that does not parse.
         let mut parts = line.split(' ');
-        let (Some(id), Some(v), None) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let (Some(id), Some(v), None) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
         let Ok(v) = v.parse::<u64>() else { continue };
         let e = acks.entry(id.to_owned()).or_insert(0);
         *e = (*e).max(v);
@@ -44,7 +49,12 @@ fn sigkill_under_load_loses_nothing_acknowledged() {
     let seed = std::env::var("CNSM_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
     eprintln!("crash test seed: CNSM_CRASH_SEED={seed}");
     let mut rng = Lcg(seed);
     let dir = tempfile::tempdir().unwrap();
@@ -76,20 +86,32 @@ fn sigkill_under_load_loses_nothing_acknowledged() {
         let acks = read_acks(&ack_path);
         let store = EmbeddedStore::open(&data_dir).expect("store reopens after SIGKILL");
         for (id, acked_version) in &acks {
-            let stored = store.instance("crash", id).unwrap().unwrap_or_else(|| panic!("cycle {cycle}: {id} lost"));
+            let stored = store
+                .instance("crash", id)
+                .unwrap()
+                .unwrap_or_else(|| panic!("cycle {cycle}: {id} lost"));
             assert!(
                 stored.instance.version >= *acked_version,
                 "cycle {cycle}: {id} acknowledged at version {acked_version} but the store has {}",
                 stored.instance.version
             );
             // The counter equals the version: every committed inc is there exactly once.
-            assert_eq!(stored.instance.data["n"], serde_json::json!(stored.instance.version), "cycle {cycle}: {id}");
+            assert_eq!(
+                stored.instance.data["n"],
+                serde_json::json!(stored.instance.version),
+                "cycle {cycle}: {id}"
+            );
         }
-        let verified = SnapshotVerifier::new(&store).require_keys(["n"]).verify_all(Some("crash")).expect("chains verify");
+        let verified = SnapshotVerifier::new(&store)
+            .require_keys(["n"])
+            .verify_all(Some("crash"))
+            .expect("chains verify");
         let report = store.verify().unwrap();
         assert!(report.is_ok(), "cycle {cycle}: {:?}", report.problems);
         total_acked = acks.values().sum::<u64>();
-        eprintln!("cycle {cycle}: killed after {delay:?}, {verified} instances verified, {total_acked} transitions acknowledged so far");
+        eprintln!(
+            "cycle {cycle}: killed after {delay:?}, {verified} instances verified, {total_acked} transitions acknowledged so far"
+        );
         drop(store);
     }
     assert!(total_acked > 0, "the child never acknowledged anything");

@@ -4,13 +4,15 @@
 use std::sync::Arc;
 
 use cnsm_runtime::{CreateInstance, EventRequest, Runtime, RuntimeError, RuntimeOptions};
-use cnsm_store::Store;
 use cnsm_store::embedded::EmbeddedStore;
 use cnsm_testkit::{SnapshotVerifier, TransitionRecorder, VirtualClock};
 use serde_json::{Map, Value, json};
 
 fn example(name: &str) -> String {
-    let path = format!("{}/../../../shared/examples/{name}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/../../../shared/examples/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
@@ -31,17 +33,30 @@ impl Env {
     fn new() -> Env {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_owned();
-        Env { _dir: dir, path, clock: VirtualClock::new(1_700_000_000_000) }
+        Env {
+            _dir: dir,
+            path,
+            clock: VirtualClock::new(1_700_000_000_000),
+        }
     }
 
     fn runtime(&self) -> Runtime {
         let store = EmbeddedStore::open(&self.path).unwrap();
-        Runtime::open(store, RuntimeOptions::default().with_clock(Arc::new(self.clock.clone()))).unwrap()
+        Runtime::open(
+            store,
+            RuntimeOptions::default().with_clock(Arc::new(self.clock.clone())),
+        )
+        .unwrap()
     }
 }
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(f)
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
 }
 
 #[test]
@@ -50,40 +65,86 @@ fn order_flow_with_versions_and_idempotency() {
         let env = Env::new();
         let rt = env.runtime();
         let recorder = TransitionRecorder::attach(&rt);
-        let applied = rt.apply_yaml(&example("order-processing.yaml"), None).await.unwrap();
+        let applied = rt
+            .apply_yaml(&example("order-processing.yaml"), None)
+            .await
+            .unwrap();
         assert_eq!((applied.revision, applied.created), (1, true));
-        let again = rt.apply_yaml(&example("order-processing.yaml"), None).await.unwrap();
-        assert_eq!((again.revision, again.created), (1, false), "same content is a no-op");
+        let again = rt
+            .apply_yaml(&example("order-processing.yaml"), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            (again.revision, again.created),
+            (1, false),
+            "same content is a no-op"
+        );
 
         let created = rt
-            .create_instance(CreateInstance::new("shop", "order-processing").id("o-1").data(obj(json!({"total": 40}))))
+            .create_instance(
+                CreateInstance::new("shop", "order-processing")
+                    .id("o-1")
+                    .data(obj(json!({"total": 40}))),
+            )
             .await
             .unwrap();
         assert_eq!((created.state.as_str(), created.version), ("created", 0));
-        let dup = rt.create_instance(CreateInstance::new("shop", "order-processing").id("o-1")).await.unwrap_err();
+        let dup = rt
+            .create_instance(CreateInstance::new("shop", "order-processing").id("o-1"))
+            .await
+            .unwrap_err();
         assert_eq!(dup.error_type(), "Conflict");
 
-        rt.send("shop", "o-1", EventRequest::new("complete")).await.unwrap();
-        let stale = rt.send("shop", "o-1", EventRequest::new("pay").expected_version(0)).await.unwrap_err();
+        rt.send("shop", "o-1", EventRequest::new("complete"))
+            .await
+            .unwrap();
+        let stale = rt
+            .send("shop", "o-1", EventRequest::new("pay").expected_version(0))
+            .await
+            .unwrap_err();
         assert_eq!(stale.error_type(), "StaleState");
 
-        let pay = || EventRequest::new("pay").payload(json!({"amount": 40})).expected_version(1).idempotency_key("k1");
+        let pay = || {
+            EventRequest::new("pay")
+                .payload(json!({"amount": 40}))
+                .expected_version(1)
+                .idempotency_key("k1")
+        };
         let first = rt.send("shop", "o-1", pay()).await.unwrap();
-        assert_eq!((first.instance.state.as_str(), first.record.version, first.replayed), ("paid", 2, false));
+        assert_eq!(
+            (
+                first.instance.state.as_str(),
+                first.record.version,
+                first.replayed
+            ),
+            ("paid", 2, false)
+        );
         // The same key replays the original result, even though the version moved on.
         let replay = rt.send("shop", "o-1", pay()).await.unwrap();
         assert!(replay.replayed);
         assert_eq!(replay.record.version, 2);
         assert_eq!(replay.hash, first.hash);
         let other = rt
-            .send("shop", "o-1", EventRequest::new("pay").payload(json!({"amount": 41})).idempotency_key("k1"))
+            .send(
+                "shop",
+                "o-1",
+                EventRequest::new("pay")
+                    .payload(json!({"amount": 41}))
+                    .idempotency_key("k1"),
+            )
             .await
             .unwrap_err();
         assert_eq!(other.error_type(), "Conflict");
 
-        let failure = rt.send("shop", "o-1", EventRequest::new("pay")).await.unwrap_err();
+        let failure = rt
+            .send("shop", "o-1", EventRequest::new("pay"))
+            .await
+            .unwrap_err();
         assert_eq!(failure.error_type(), "TransitionFailure");
-        let missing = rt.send("shop", "o-9", EventRequest::new("pay")).await.unwrap_err();
+        let missing = rt
+            .send("shop", "o-9", EventRequest::new("pay"))
+            .await
+            .unwrap_err();
         assert!(matches!(missing, RuntimeError::NotFound(_)));
 
         recorder.assert_path("shop", "o-1", &["created", "validated", "paid"]);
@@ -92,7 +153,10 @@ fn order_flow_with_versions_and_idempotency() {
         for pair in history.windows(2) {
             assert_eq!(pair[1].record.prev_hash, pair[0].hash);
         }
-        SnapshotVerifier::new(rt.store().as_ref()).require_keys(["total", "paidAmount"]).verify_instance("shop", "o-1").unwrap();
+        SnapshotVerifier::new(rt.store().as_ref())
+            .require_keys(["total", "paidAmount"])
+            .verify_instance("shop", "o-1")
+            .unwrap();
         rt.shutdown();
     });
 }
@@ -102,23 +166,35 @@ fn concurrent_expected_versions_one_winner_rest_race_or_stale() {
     block_on(async {
         let env = Env::new();
         let rt = env.runtime();
-        rt.apply_yaml(&example("payment-saga.yaml"), None).await.unwrap();
+        rt.apply_yaml(&example("payment-saga.yaml"), None)
+            .await
+            .unwrap();
         for round in 0..20 {
             let id = format!("s-{round}");
-            rt.create_instance(CreateInstance::new("shop", "payment-saga").id(&id)).await.unwrap();
+            rt.create_instance(CreateInstance::new("shop", "payment-saga").id(&id))
+                .await
+                .unwrap();
             let mut tasks = Vec::new();
             for _ in 0..8 {
                 let rt = rt.clone();
                 let id = id.clone();
                 tasks.push(tokio::spawn(async move {
-                    rt.send("shop", &id, EventRequest::new("complete").expected_version(0)).await
+                    rt.send(
+                        "shop",
+                        &id,
+                        EventRequest::new("complete").expected_version(0),
+                    )
+                    .await
                 }));
             }
             let mut n_ok = 0;
             for t in tasks {
                 match t.await.unwrap() {
                     Ok(_) => n_ok += 1,
-                    Err(e) => assert!(matches!(e.error_type(), "RaceCondition" | "StaleState"), "{e}"),
+                    Err(e) => assert!(
+                        matches!(e.error_type(), "RaceCondition" | "StaleState"),
+                        "{e}"
+                    ),
                 }
             }
             assert_eq!(n_ok, 1, "round {round}: exactly one compare-and-swap wins");
@@ -134,25 +210,43 @@ fn many_instances_in_flight_share_commits() {
         let env = Env::new();
         let rt = env.runtime();
         let recorder = TransitionRecorder::attach(&rt);
-        rt.apply_yaml(&example("order-processing.yaml"), None).await.unwrap();
+        rt.apply_yaml(&example("order-processing.yaml"), None)
+            .await
+            .unwrap();
         let mut tasks = Vec::new();
         for i in 0..64 {
             let rt = rt.clone();
             tasks.push(tokio::spawn(async move {
                 let id = format!("o-{i}");
-                rt.create_instance(CreateInstance::new("shop", "order-processing").id(&id).data(obj(json!({"total": 5}))))
+                rt.create_instance(
+                    CreateInstance::new("shop", "order-processing")
+                        .id(&id)
+                        .data(obj(json!({"total": 5}))),
+                )
+                .await
+                .unwrap();
+                rt.send("shop", &id, EventRequest::new("complete"))
                     .await
                     .unwrap();
-                rt.send("shop", &id, EventRequest::new("complete")).await.unwrap();
-                rt.send("shop", &id, EventRequest::new("pay").payload(json!({"amount": 5}))).await.unwrap();
-                rt.send("shop", &id, EventRequest::new("ship")).await.unwrap();
+                rt.send(
+                    "shop",
+                    &id,
+                    EventRequest::new("pay").payload(json!({"amount": 5})),
+                )
+                .await
+                .unwrap();
+                rt.send("shop", &id, EventRequest::new("ship"))
+                    .await
+                    .unwrap();
             }));
         }
         for t in tasks {
             t.await.unwrap();
         }
         assert_eq!(recorder.len(), 64 * 4);
-        let n = SnapshotVerifier::new(rt.store().as_ref()).verify_all(Some("shop")).unwrap();
+        let n = SnapshotVerifier::new(rt.store().as_ref())
+            .verify_all(Some("shop"))
+            .unwrap();
         assert_eq!(n, 64);
         assert!(rt.store().verify().unwrap().is_ok());
         rt.shutdown();
@@ -164,17 +258,32 @@ fn thirty_day_timeout_runs_in_milliseconds_and_survives_restart() {
     block_on(async {
         let env = Env::new();
         let rt = env.runtime();
-        rt.apply_yaml(&example("order-processing.yaml"), None).await.unwrap();
-        rt.create_instance(CreateInstance::new("shop", "order-processing").id("o-1").data(obj(json!({"total": 1}))))
+        rt.apply_yaml(&example("order-processing.yaml"), None)
             .await
             .unwrap();
-        rt.send("shop", "o-1", EventRequest::new("complete")).await.unwrap();
-        rt.send("shop", "o-1", EventRequest::new("pay").payload(json!({"amount": 1}))).await.unwrap();
+        rt.create_instance(
+            CreateInstance::new("shop", "order-processing")
+                .id("o-1")
+                .data(obj(json!({"total": 1}))),
+        )
+        .await
+        .unwrap();
+        rt.send("shop", "o-1", EventRequest::new("complete"))
+            .await
+            .unwrap();
+        rt.send(
+            "shop",
+            "o-1",
+            EventRequest::new("pay").payload(json!({"amount": 1})),
+        )
+        .await
+        .unwrap();
         assert_eq!(rt.pending_timers().await.unwrap(), 1);
         // Not yet due: nothing fires.
         env.clock.advance_secs(3600);
         assert_eq!(rt.fire_due_timers().await.unwrap(), 0);
         rt.shutdown();
+        drop(rt); // the store closes with the last handle
 
         // Restart: the timer index is rebuilt from the store; the week-long "paid" timeout is
         // overdue after 30 days and fires right after start.
@@ -183,7 +292,10 @@ fn thirty_day_timeout_runs_in_milliseconds_and_survives_restart() {
         assert_eq!(rt.pending_timers().await.unwrap(), 1);
         assert_eq!(rt.fire_due_timers().await.unwrap(), 1);
         let order = rt.instance("shop", "o-1").await.unwrap();
-        assert_eq!((order.state.as_str(), order.status.as_str()), ("refunded", "cancelled"));
+        assert_eq!(
+            (order.state.as_str(), order.status.as_str()),
+            ("refunded", "cancelled")
+        );
         assert_eq!(rt.pending_timers().await.unwrap(), 0);
         let last = rt.history("shop", "o-1", 3, 1).await.unwrap();
         assert_eq!(last[0].record.actor, "system:timer");
@@ -199,29 +311,57 @@ fn saga_retries_and_compensation_through_timers() {
         let env = Env::new();
         let rt = env.runtime();
         let recorder = TransitionRecorder::attach(&rt);
-        rt.apply_yaml(&example("payment-saga.yaml"), None).await.unwrap();
-        rt.create_instance(CreateInstance::new("shop", "payment-saga").id("p-1")).await.unwrap();
-        rt.send("shop", "p-1", EventRequest::new("complete")).await.unwrap();
+        rt.apply_yaml(&example("payment-saga.yaml"), None)
+            .await
+            .unwrap();
+        rt.create_instance(CreateInstance::new("shop", "payment-saga").id("p-1"))
+            .await
+            .unwrap();
+        rt.send("shop", "p-1", EventRequest::new("complete"))
+            .await
+            .unwrap();
         // charge-card fails: back-off 2s, then a new attempt with its own 30s timeout.
-        rt.send("shop", "p-1", EventRequest::new("fail")).await.unwrap();
+        rt.send("shop", "p-1", EventRequest::new("fail"))
+            .await
+            .unwrap();
         env.clock.advance_secs(2);
         assert_eq!(rt.fire_due_timers().await.unwrap(), 1);
         let p = rt.instance("shop", "p-1").await.unwrap();
-        assert_eq!((p.state.as_str(), p.attempt, p.in_backoff), ("charge-card", 2, false));
-        rt.send("shop", "p-1", EventRequest::new("complete")).await.unwrap();
+        assert_eq!(
+            (p.state.as_str(), p.attempt, p.in_backoff),
+            ("charge-card", 2, false)
+        );
+        rt.send("shop", "p-1", EventRequest::new("complete"))
+            .await
+            .unwrap();
         // book-courier times out (no retry): compensations run in reverse order.
         env.clock.advance_secs(61);
         assert_eq!(rt.fire_due_timers().await.unwrap(), 1);
-        rt.send("shop", "p-1", EventRequest::new("complete")).await.unwrap();
-        rt.send("shop", "p-1", EventRequest::new("complete")).await.unwrap();
+        rt.send("shop", "p-1", EventRequest::new("complete"))
+            .await
+            .unwrap();
+        rt.send("shop", "p-1", EventRequest::new("complete"))
+            .await
+            .unwrap();
         recorder.assert_path(
             "shop",
             "p-1",
-            &["reserve-stock", "charge-card", "charge-card", "charge-card", "book-courier", "refund-card", "release-stock", "release-stock"],
+            &[
+                "reserve-stock",
+                "charge-card",
+                "charge-card",
+                "charge-card",
+                "book-courier",
+                "refund-card",
+                "release-stock",
+                "release-stock",
+            ],
         );
         let p = rt.instance("shop", "p-1").await.unwrap();
         assert_eq!(p.status.as_str(), "failed");
-        SnapshotVerifier::new(rt.store().as_ref()).verify_instance("shop", "p-1").unwrap();
+        SnapshotVerifier::new(rt.store().as_ref())
+            .verify_instance("shop", "p-1")
+            .unwrap();
         rt.shutdown();
     });
 }
@@ -231,15 +371,33 @@ fn wait_state_and_choice_in_provisioning() {
     block_on(async {
         let env = Env::new();
         let rt = env.runtime();
-        rt.apply_yaml(&example("provisioning.yaml"), None).await.unwrap();
-        rt.create_instance(CreateInstance::new("default", "provisioning").id("v-1")).await.unwrap();
-        rt.send("default", "v-1", EventRequest::new("submit").payload(json!({"size": 4}))).await.unwrap();
-        rt.send("default", "v-1", EventRequest::new("complete")).await.unwrap();
-        assert_eq!(rt.instance("default", "v-1").await.unwrap().state, "settling");
+        rt.apply_yaml(&example("provisioning.yaml"), None)
+            .await
+            .unwrap();
+        rt.create_instance(CreateInstance::new("default", "provisioning").id("v-1"))
+            .await
+            .unwrap();
+        rt.send(
+            "default",
+            "v-1",
+            EventRequest::new("submit").payload(json!({"size": 4})),
+        )
+        .await
+        .unwrap();
+        rt.send("default", "v-1", EventRequest::new("complete"))
+            .await
+            .unwrap();
+        assert_eq!(
+            rt.instance("default", "v-1").await.unwrap().state,
+            "settling"
+        );
         env.clock.advance_secs(30);
         assert_eq!(rt.fire_due_timers().await.unwrap(), 1);
         let v = rt.instance("default", "v-1").await.unwrap();
-        assert_eq!((v.state.as_str(), v.status.as_str()), ("ready", "succeeded"));
+        assert_eq!(
+            (v.state.as_str(), v.status.as_str()),
+            ("ready", "succeeded")
+        );
         rt.shutdown();
     });
 }
@@ -249,17 +407,39 @@ fn bad_requests_change_nothing() {
     block_on(async {
         let env = Env::new();
         let rt = env.runtime();
-        let err = rt.apply_yaml(&example("seed-fragment.yaml"), None).await.unwrap_err();
-        assert!(matches!(&err, RuntimeError::Admission(p) if p.iter().any(|p| p.message.contains("validated"))), "{err:?}");
+        let err = rt
+            .apply_yaml(&example("seed-fragment.yaml"), None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, RuntimeError::Admission(p) if p.iter().any(|p| p.message.contains("validated"))),
+            "{err:?}"
+        );
         assert!(rt.definitions(None).await.unwrap().is_empty());
-        let err = rt.create_instance(CreateInstance::new("shop", "order-processing")).await.unwrap_err();
+        let err = rt
+            .create_instance(CreateInstance::new("shop", "order-processing"))
+            .await
+            .unwrap_err();
         assert_eq!(err.error_type(), "NotFound");
-        rt.apply_yaml(&example("order-processing.yaml"), None).await.unwrap();
-        let err = rt.create_instance(CreateInstance::new("shop", "order-processing").id("bad id!")).await.unwrap_err();
+        rt.apply_yaml(&example("order-processing.yaml"), None)
+            .await
+            .unwrap();
+        let err = rt
+            .create_instance(CreateInstance::new("shop", "order-processing").id("bad id!"))
+            .await
+            .unwrap_err();
         assert_eq!(err.error_type(), "Invalid");
-        let err = rt.create_instance(CreateInstance::new("Shop", "order-processing")).await.unwrap_err();
+        let err = rt
+            .create_instance(CreateInstance::new("Shop", "order-processing"))
+            .await
+            .unwrap_err();
         assert_eq!(err.error_type(), "Invalid");
-        assert!(rt.list_instances(&Default::default()).await.unwrap().is_empty());
+        assert!(
+            rt.list_instances(&Default::default())
+                .await
+                .unwrap()
+                .is_empty()
+        );
         rt.shutdown();
     });
 }
