@@ -64,6 +64,14 @@ fn run(machine: &Machine, n_orders: usize, seal: bool) -> f64 {
     n as f64 / started.elapsed().as_secs_f64()
 }
 
+fn n_orders_warmup() -> usize {
+    std::env::var("CNSM_BENCH_ORDERS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .map(|n| n / 10)
+        .unwrap_or(10_000)
+}
+
 fn best_of(rounds: usize, f: impl Fn() -> f64) -> f64 {
     (0..rounds).map(|_| f()).fold(0.0, f64::max)
 }
@@ -71,8 +79,11 @@ fn best_of(rounds: usize, f: impl Fn() -> f64) -> f64 {
 fn main() {
     let plain = machine(ORDER_PROCESSING);
     let guarded = machine(ORDER_GUARDED);
-    run(&plain, 10_000, false); // warm-up
-    let n_orders = 250_000;
+    run(&plain, n_orders_warmup(), false); // warm-up
+    let n_orders = std::env::var("CNSM_BENCH_ORDERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(250_000);
     let plain_rate = best_of(3, || run(&plain, n_orders, false));
     report(
         "engine.apply.order_processing",

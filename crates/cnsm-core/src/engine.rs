@@ -27,7 +27,7 @@
 //!     .apply(&door, &Input::new(Trigger::Event { name: "open", payload: &payload }, 1_000, "test"))
 //!     .unwrap();
 //! door.apply_record(&record, record.seal().hash).unwrap();
-//! assert_eq!(door.state, "opened");
+//! assert_eq!(&*door.state, "opened");
 //! assert!(door.status.is_final());
 //! ```
 
@@ -94,6 +94,10 @@ pub struct Machine {
     by_name: FastMap<String, StateId>,
     initial: StateId,
     env: Arc<cel::Env>,
+    /// The machine name, shared by every record.
+    name: Arc<str>,
+    /// The empty state name a genesis step starts from.
+    empty: Arc<str>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -107,14 +111,15 @@ impl std::fmt::Debug for Machine {
 }
 
 struct CompiledState {
-    name: String,
+    name: Arc<str>,
     state_type: StateType,
     timeout_ms: u64,
     on_timeout: Option<StateId>,
     /// Entries per event in declaration order; a task state's `transition` is a last, unguarded
     /// `complete` entry.
-    events: FastMap<String, Vec<CompiledTransition>>,
-    choices: Vec<(Expr, StateId, usize)>,
+    events: FastMap<Arc<str>, Vec<CompiledTransition>>,
+    /// (guard, target, `choices[i]` label)
+    choices: Vec<(Expr, StateId, Arc<str>)>,
     default: Option<StateId>,
     outcome: Outcome,
     retry: Option<Retry>,
@@ -125,8 +130,8 @@ struct CompiledState {
 }
 
 struct CompiledTransition {
-    /// Index in `onEvent`, or `None` for the `transition` shorthand.
-    entry: Option<usize>,
+    /// `onEvent[i]`, or `transition` for the shorthand: where a guard trace points.
+    entry: Arc<str>,
     target: StateId,
     guard: Option<Expr>,
     flag: Option<FlagGate>,
@@ -215,7 +220,7 @@ impl Machine {
         };
         let mut states = Vec::with_capacity(definition.spec.states.len());
         for state in &definition.spec.states {
-            let mut events: FastMap<String, Vec<CompiledTransition>> = FastMap::default();
+            let mut events: FastMap<Arc<str>, Vec<CompiledTransition>> = FastMap::default();
             for (i, t) in state.on_event.iter().enumerate() {
                 let guard = t.guard.as_deref().map(compile).transpose()?;
                 let assign = t
@@ -224,10 +229,10 @@ impl Machine {
                     .map(|(k, v)| Ok((k.clone(), compile(v)?)))
                     .collect::<Result<Vec<_>, CompileError>>()?;
                 events
-                    .entry(t.event.clone())
+                    .entry(Arc::from(t.event.as_str()))
                     .or_default()
                     .push(CompiledTransition {
-                        entry: Some(i),
+                        entry: Arc::from(format!("onEvent[{i}]").as_str()),
                         target: resolve(&t.target)?,
                         guard,
                         flag: t.flag.clone(),
@@ -238,9 +243,9 @@ impl Machine {
             match state.state_type {
                 StateType::Task => {
                     if let Some(next) = &state.transition {
-                        events.entry(EVENT_COMPLETE.to_owned()).or_default().push(
+                        events.entry(Arc::from(EVENT_COMPLETE)).or_default().push(
                             CompiledTransition {
-                                entry: None,
+                                entry: Arc::from("transition"),
                                 target: resolve(next)?,
                                 guard: None,
                                 flag: None,
@@ -256,7 +261,13 @@ impl Machine {
                 .choices
                 .iter()
                 .enumerate()
-                .map(|(i, c)| Ok((compile(&c.guard)?, resolve(&c.target)?, i)))
+                .map(|(i, c)| {
+                    Ok((
+                        compile(&c.guard)?,
+                        resolve(&c.target)?,
+                        Arc::from(format!("choices[{i}]").as_str()),
+                    ))
+                })
                 .collect::<Result<Vec<_>, CompileError>>()?;
             let timeout_ms = match (state.state_type, state.timeout_seconds) {
                 (StateType::Final, t) => t.unwrap_or(0) * 1000,
@@ -264,7 +275,7 @@ impl Machine {
                 (_, None) => return Err(CompileError::MissingTimeout(state.name.clone())),
             };
             states.push(CompiledState {
-                name: state.name.clone(),
+                name: Arc::from(state.name.as_str()),
                 state_type: state.state_type,
                 timeout_ms,
                 on_timeout: resolve_opt(&state.on_timeout)?,
@@ -280,6 +291,7 @@ impl Machine {
         }
         let initial = resolve(&definition.spec.initial_state)?;
         let hash = revision_hash(&definition);
+        let name: Arc<str> = Arc::from(definition.metadata.name.as_str());
         Ok(Machine {
             definition,
             revision: 0,
@@ -288,6 +300,8 @@ impl Machine {
             by_name,
             initial,
             env: Arc::new(cel::Env::stdlib()),
+            name,
+            empty: Arc::from(""),
         })
     }
 
@@ -326,15 +340,15 @@ impl Machine {
     pub fn create(&self, new: NewInstance<'_>) -> Result<StateChangeEvent, TransitionError> {
         let mut record = StateChangeEvent {
             format: RECORD_FORMAT,
-            namespace: new.namespace.to_owned(),
-            instance: new.id.to_owned(),
-            machine: self.name().to_owned(),
+            namespace: Arc::from(new.namespace),
+            instance: Arc::from(new.id),
+            machine: Arc::clone(&self.name),
             revision: self.revision,
             revision_hash: self.hash,
             version: 0,
             kind: RecordKind::Genesis,
             from: None,
-            to: String::new(),
+            to: Arc::clone(&self.empty),
             via: Vec::new(),
             event: None,
             payload: None,
@@ -350,7 +364,7 @@ impl Machine {
             compensations: Vec::new(),
             pending_outcome: None,
             timer: None,
-            actor: new.actor.to_owned(),
+            actor: Arc::from(new.actor),
             idempotency_key: None,
             time_ms: new.now_ms,
             trace: None,
@@ -363,7 +377,7 @@ impl Machine {
             version: 0,
             labels: &new.labels,
         };
-        let mut step = Step::new(self, "", &new.data, None, &Value::Null, view);
+        let mut step = Step::new(self, &self.empty, &new.data, None, &Value::Null, view);
         step.enter(self.initial, new.now_ms, "create")?;
         step.finish(&mut record);
         record.data = new.data;
@@ -468,8 +482,8 @@ impl Machine {
                             .guard(guard)
                             .map_err(|e| fail(FailureReason::GuardError(e)))?;
                         step.guards.push(GuardTrace {
-                            state: state.name.clone(),
-                            entry: entry_name(t.entry),
+                            state: Arc::clone(&state.name),
+                            entry: Arc::clone(&t.entry),
                             result,
                         });
                         if !result {
@@ -526,10 +540,16 @@ impl Machine {
             version: instance.version + 1,
             kind,
             from: Some(instance.state.clone()),
-            to: String::new(),
+            to: Arc::clone(&self.empty),
             via: Vec::new(),
             event: match input.trigger {
-                Trigger::Event { name, .. } => Some(name.to_owned()),
+                Trigger::Event { name, .. } => Some(
+                    state
+                        .events
+                        .get_key_value(name)
+                        .map(|(k, _)| Arc::clone(k))
+                        .unwrap_or_else(|| Arc::from(name)),
+                ),
                 Trigger::Timer(_) => None,
             },
             payload: (!payload.is_null()).then(|| payload.clone()),
@@ -545,7 +565,7 @@ impl Machine {
             compensations: Vec::new(),
             pending_outcome: None,
             timer: None,
-            actor: input.actor.to_owned(),
+            actor: Arc::from(input.actor),
             idempotency_key: input.idempotency_key.map(str::to_owned),
             time_ms: input.now_ms,
             trace: input.trace.clone(),
@@ -554,13 +574,6 @@ impl Machine {
         };
         step.finish(&mut record);
         Ok(record)
-    }
-}
-
-fn entry_name(entry: Option<usize>) -> String {
-    match entry {
-        Some(i) => format!("onEvent[{i}]"),
-        None => "transition".to_owned(),
     }
 }
 
@@ -621,8 +634,8 @@ fn decide_flag(gate: &FlagGate, decisions: &[FlagDecision]) -> FlagDecision {
 struct Step<'m> {
     machine: &'m Machine,
     /// The state the instance is in as the step goes (borrowed from the machine or instance).
-    state: &'m str,
-    via: Vec<String>,
+    state: &'m Arc<str>,
+    via: Vec<Arc<str>>,
     entered_any: bool,
     data_set: Map<String, Value>,
     base_data: &'m Map<String, Value>,
@@ -647,7 +660,7 @@ struct Step<'m> {
 impl<'m> Step<'m> {
     fn new(
         machine: &'m Machine,
-        state: &'m str,
+        state: &'m Arc<str>,
         data: &'m Map<String, Value>,
         instance: Option<&'m Instance>,
         payload: &'m Value,
@@ -731,7 +744,7 @@ impl<'m> Step<'m> {
         }
         if let Some(compensation) = self.machine.state(state).compensation {
             self.compensations
-                .push(self.machine.state(compensation).name.clone());
+                .push(self.machine.state(compensation).name.to_string());
         }
     }
 
@@ -755,7 +768,7 @@ impl<'m> Step<'m> {
         for _ in 0..CHOICE_HOPS_MAX {
             let state = machine.state(current);
             if self.entered_any {
-                self.via.push(self.state.to_owned());
+                self.via.push(Arc::clone(self.state));
             }
             self.entered_any = true;
             self.state = &state.name;
@@ -794,8 +807,8 @@ impl<'m> Step<'m> {
                             )
                         })?;
                         self.guards.push(GuardTrace {
-                            state: state.name.clone(),
-                            entry: format!("choices[{index}]"),
+                            state: Arc::clone(&state.name),
+                            entry: Arc::clone(index),
                             result,
                         });
                         if result {
@@ -913,7 +926,7 @@ impl<'m> Step<'m> {
 
     fn finish(self, record: &mut StateChangeEvent) {
         let ended = self.status.is_final();
-        record.to = self.state.to_owned();
+        record.to = Arc::clone(self.state);
         record.via = self.via;
         record.data = self.data_set;
         record.guards = self.guards;

@@ -1,6 +1,7 @@
 //! The current state of one instance: a fold over its history records.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -67,12 +68,12 @@ pub enum Phase {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Instance {
-    pub namespace: String,
-    pub id: String,
-    pub machine: String,
+    pub namespace: Arc<str>,
+    pub id: Arc<str>,
+    pub machine: Arc<str>,
     pub revision: u32,
     pub revision_hash: Hash32,
-    pub state: String,
+    pub state: Arc<str>,
     pub status: Status,
     #[serde(default)]
     pub phase: Phase,

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -127,8 +128,8 @@ pub struct Timer {
 #[serde(rename_all = "camelCase")]
 pub struct GuardTrace {
     /// Where the guard is: `onEvent[1]` or `choices[0]` of `state`.
-    pub state: String,
-    pub entry: String,
+    pub state: Arc<str>,
+    pub entry: Arc<str>,
     pub result: bool,
 }
 
@@ -161,22 +162,22 @@ pub struct TraceContext {
 #[serde(rename_all = "camelCase")]
 pub struct StateChangeEvent {
     pub format: u32,
-    pub namespace: String,
-    pub instance: String,
-    pub machine: String,
+    pub namespace: Arc<str>,
+    pub instance: Arc<str>,
+    pub machine: Arc<str>,
     pub revision: u32,
     pub revision_hash: Hash32,
     /// Record N is version N.
     pub version: u64,
     pub kind: RecordKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from: Option<String>,
-    pub to: String,
+    pub from: Option<Arc<str>>,
+    pub to: Arc<str>,
     /// Choice states passed through between `from` and `to`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub via: Vec<String>,
+    pub via: Vec<Arc<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub event: Option<String>,
+    pub event: Option<Arc<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<Value>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -202,7 +203,7 @@ pub struct StateChangeEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timer: Option<Timer>,
     /// Who caused it: the authenticated subject, or `system:timer`.
-    pub actor: String,
+    pub actor: Arc<str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
     pub time_ms: u64,
@@ -312,7 +313,7 @@ pub fn verify_chain<'a>(
             });
         }
         let record = sealed.open()?;
-        if record.instance != instance || record.namespace != namespace {
+        if &*record.instance != instance || &*record.namespace != namespace {
             return Err(ChainError::WrongInstance {
                 version: sealed.version,
                 expected: format!("{namespace}/{instance}"),

@@ -486,8 +486,8 @@ impl Committer {
             return Ok(false);
         };
         let key = (
-            stored.instance.namespace.clone(),
-            stored.instance.id.clone(),
+            stored.instance.namespace.to_string(),
+            stored.instance.id.to_string(),
         );
         let shared = Arc::clone(&self.shared);
         let Some(cached) = self.load(&key)? else {

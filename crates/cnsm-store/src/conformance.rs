@@ -974,7 +974,7 @@ pub fn timers_follow_each_instance_current_timer(harness: &mut dyn Harness) {
     // b completes, c's timeout fires (it expires): both end and lose their timers.
     let b3 = driver.event(&b2.instance, "complete", "", T0_MS + 7_000);
     let c2 = driver.fire(&c.instance, T0_MS + 80_020);
-    assert_eq!(c2.instance.state, "expired");
+    assert_eq!(&*c2.instance.state, "expired");
     assert_eq!(c2.instance.status, Status::Failed);
     store.commit(&[b3, c2]).unwrap();
     assert_eq!(timers(&*store), vec![expected_timer(uid_a, &a2.instance)]);
@@ -1193,7 +1193,10 @@ pub fn list_instances_filters_and_pages(harness: &mut dyn Harness) {
             .unwrap();
         assert!(page.len() <= 2);
         let Some(last) = page.last() else { break };
-        after = Some((last.instance.namespace.clone(), last.instance.id.clone()));
+        after = Some((
+            last.instance.namespace.to_string(),
+            last.instance.id.to_string(),
+        ));
         pages.extend(
             page.into_iter()
                 .map(|s| format!("{}/{}", s.instance.namespace, s.instance.id)),

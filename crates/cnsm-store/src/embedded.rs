@@ -521,8 +521,8 @@ fn apply_item(
     counters: &mut Counters,
 ) -> Result<ItemOutcome, StoreError> {
     let instance = &item.instance;
-    let namespace = instance.namespace.as_str();
-    let id = instance.id.as_str();
+    let namespace: &str = &instance.namespace;
+    let id: &str = &instance.id;
     let version = item.record.version;
     let corrupt =
         |detail: String| StoreError::Corrupt(format!("instance {namespace}/{id}: {detail}"));
@@ -595,7 +595,7 @@ fn apply_item(
                 version,
                 status_code(instance.status),
                 timer_column(timer),
-                instance.machine.as_str(),
+                &*instance.machine,
                 row.as_slice(),
             ),
         )
@@ -617,7 +617,7 @@ fn apply_item(
         .as_ref()
         .filter(|p| p.status == Status::Active)
         .map(|p| p.machine.as_str());
-    let new_active = (instance.status == Status::Active).then_some(instance.machine.as_str());
+    let new_active = (instance.status == Status::Active).then_some(&*instance.machine);
     if old_active != new_active {
         if let Some(machine) = old_active {
             t.active.remove((namespace, machine, uid)).io()?;
@@ -684,7 +684,7 @@ fn capped(limit: usize) -> usize {
 }
 
 fn matches_query(query: &InstanceQuery, instance: &Instance) -> bool {
-    query.state.as_deref().is_none_or(|s| s == instance.state)
+    query.state.as_deref().is_none_or(|s| s == &*instance.state)
         && query
             .labels
             .iter()

@@ -104,7 +104,7 @@ impl TransitionRecorder {
     pub fn records_of(&self, namespace: &str, id: &str) -> Vec<StateChangeEvent> {
         self.all()
             .into_iter()
-            .filter(|r| r.record.namespace == namespace && r.record.instance == id)
+            .filter(|r| &*r.record.namespace == namespace && &*r.record.instance == id)
             .map(|r| r.record)
             .collect()
     }
@@ -113,7 +113,7 @@ impl TransitionRecorder {
     pub fn path_of(&self, namespace: &str, id: &str) -> Vec<String> {
         self.records_of(namespace, id)
             .into_iter()
-            .map(|r| r.to)
+            .map(|r| r.to.to_string())
             .collect()
     }
 
@@ -279,7 +279,10 @@ impl<'a> SnapshotVerifier<'a> {
             }
             match page.last() {
                 Some(last) if page.len() >= cnsm_store::PAGE_LEN_MAX => {
-                    query.after = Some((last.instance.namespace.clone(), last.instance.id.clone()));
+                    query.after = Some((
+                        last.instance.namespace.to_string(),
+                        last.instance.id.to_string(),
+                    ));
                 }
                 _ => break,
             }

@@ -148,7 +148,9 @@ impl Api for Local {
             let full = page.len() == query.limit;
             out.extend(page);
             match out.last() {
-                Some(last) if full => query.after = Some((last.namespace.clone(), last.id.clone())),
+                Some(last) if full => {
+                    query.after = Some((last.namespace.to_string(), last.id.to_string()))
+                }
                 _ => break,
             }
         }

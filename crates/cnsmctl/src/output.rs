@@ -301,10 +301,10 @@ pub fn history_table(entries: &[HistoryEntry], wide: bool) -> Table {
         let mut row = vec![
             r.version.to_string(),
             kind,
-            r.from.clone().unwrap_or_else(|| "-".into()),
-            r.to.clone(),
-            r.event.clone().unwrap_or_else(|| "-".into()),
-            r.actor.clone(),
+            r.from.as_deref().unwrap_or("-").to_owned(),
+            r.to.to_string(),
+            r.event.as_deref().unwrap_or("-").to_owned(),
+            r.actor.to_string(),
             rfc3339_ms(r.time_ms),
             short_hash(&hash).to_owned(),
         ];

@@ -154,7 +154,7 @@ fn order_processing_timeout_cancels() {
     assert_eq!(run.instance.status, Status::Cancelled);
     let last = run.sealed.last().unwrap().open().unwrap();
     assert_eq!(last.kind, RecordKind::Timer);
-    assert_eq!(last.actor, "system:timer");
+    assert_eq!(&*last.actor, "system:timer");
     run.check_chain();
 }
 
@@ -232,7 +232,10 @@ fn provisioning_choice_and_wait() {
     small.send("submit", json!({"size": 8})).unwrap();
     assert_eq!(small.state(), "creating");
     let record = small.sealed.last().unwrap().open().unwrap();
-    assert_eq!(record.via, vec!["route"]);
+    assert_eq!(
+        record.via.iter().map(|s| &**s).collect::<Vec<_>>(),
+        vec!["route"]
+    );
     assert_eq!(record.version, 1, "a choice resolves in the same record");
     small.send("complete", Value::Null).unwrap();
     assert_eq!(small.state(), "settling");
@@ -283,7 +286,7 @@ fn flag_gate_with_decision_allows() {
     );
     input.flags = &decisions;
     let record = run.machine.apply(&run.instance, &input).unwrap();
-    assert_eq!(record.to, "one-click-review");
+    assert_eq!(&*record.to, "one-click-review");
     assert!(record.flags[0].allowed);
     run.commit(record);
     run.check_chain();
@@ -502,7 +505,7 @@ proptest! {
                 Action::Timeout => run.instance.status == Status::Active && run.fire_timer(),
             };
             prop_assert_eq!(accepted_by_engine, accepted_by_model, "action {:?}", action);
-            prop_assert_eq!(&run.instance.state, &name(model.state, spec.n_tasks));
+            prop_assert_eq!(run.instance.state.to_string(), name(model.state, spec.n_tasks));
             prop_assert_eq!(run.instance.status, model.status);
             prop_assert_eq!(run.instance.version, model.version);
             prop_assert_eq!(run.instance.data.get("n").cloned(), Some(json!(model.n)));

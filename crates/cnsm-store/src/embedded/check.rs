@@ -102,7 +102,7 @@ pub(crate) fn check_record(
         Ok(decoded) => decoded,
         Err(e) => return Ok(Err(format!("{name}: {e}"))),
     };
-    if decoded.namespace != namespace || decoded.instance != id {
+    if &*decoded.namespace != namespace || &*decoded.instance != id {
         return Ok(Err(format!(
             "{name}: belongs to {}/{}",
             decoded.namespace, decoded.instance
@@ -314,10 +314,10 @@ fn check_instances(
         if let Some(stored) = &stored {
             let fixed = head.version == stored.version
                 && head.status == stored.status
-                && head.machine == stored.machine
+                && *head.machine == *stored.machine
                 && head.timer == indexed_timer(stored)
-                && stored.namespace == namespace
-                && stored.id == id;
+                && &*stored.namespace == namespace
+                && &*stored.id == id;
             if !fixed {
                 problems.push(format!(
                     "{name}: the row's fixed columns disagree with its document"
@@ -382,7 +382,7 @@ fn replay(
                 continue;
             }
         };
-        if record.namespace != namespace || record.instance != id {
+        if &*record.namespace != namespace || &*record.instance != id {
             problems.push(format!(
                 "{name}: belongs to {}/{}",
                 record.namespace, record.instance

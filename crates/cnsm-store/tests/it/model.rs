@@ -64,7 +64,7 @@ fn next_item(
     if instance.status.is_final() {
         return None;
     }
-    let item = match (instance.state.as_str(), rng.below(4)) {
+    let item = match (&*instance.state, rng.below(4)) {
         ("queued", 0) => driver.event(instance, "start", "", now_ms),
         ("queued", 1) => driver.fire(instance, now_ms),
         ("queued", _) => driver.event(instance, "ping", &format!("at {now_ms}"), now_ms),
@@ -198,7 +198,10 @@ fn run(seed: u64, n_steps: u64) {
                 let outcomes = store.commit(&batch).unwrap();
                 assert_eq!(outcomes.len(), batch.len());
                 for ((item, outcome), conflict) in batch.iter().zip(&outcomes).zip(&expect) {
-                    let key = (item.instance.namespace.clone(), item.instance.id.clone());
+                    let key = (
+                        item.instance.namespace.to_string(),
+                        item.instance.id.to_string(),
+                    );
                     match (outcome, conflict) {
                         (ItemOutcome::Committed { uid }, None) => {
                             if let Some((known, _)) = model.instances.get(&key) {

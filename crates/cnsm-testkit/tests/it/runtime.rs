@@ -88,7 +88,7 @@ fn order_flow_with_versions_and_idempotency() {
             )
             .await
             .unwrap();
-        assert_eq!((created.state.as_str(), created.version), ("created", 0));
+        assert_eq!((created.state.as_ref(), created.version), ("created", 0));
         let dup = rt
             .create_instance(CreateInstance::new("shop", "order-processing").id("o-1"))
             .await
@@ -113,7 +113,7 @@ fn order_flow_with_versions_and_idempotency() {
         let first = rt.send("shop", "o-1", pay()).await.unwrap();
         assert_eq!(
             (
-                first.instance.state.as_str(),
+                first.instance.state.as_ref(),
                 first.record.version,
                 first.replayed
             ),
@@ -293,12 +293,12 @@ fn thirty_day_timeout_runs_in_milliseconds_and_survives_restart() {
         assert_eq!(rt.fire_due_timers().await.unwrap(), 1);
         let order = rt.instance("shop", "o-1").await.unwrap();
         assert_eq!(
-            (order.state.as_str(), order.status.as_str()),
+            (order.state.as_ref(), order.status.as_str()),
             ("refunded", "cancelled")
         );
         assert_eq!(rt.pending_timers().await.unwrap(), 0);
         let last = rt.history("shop", "o-1", 3, 1).await.unwrap();
-        assert_eq!(last[0].record.actor, "system:timer");
+        assert_eq!(&*last[0].record.actor, "system:timer");
         // Fires at most once.
         assert_eq!(rt.fire_due_timers().await.unwrap(), 0);
         rt.shutdown();
@@ -328,7 +328,7 @@ fn saga_retries_and_compensation_through_timers() {
         assert_eq!(rt.fire_due_timers().await.unwrap(), 1);
         let p = rt.instance("shop", "p-1").await.unwrap();
         assert_eq!(
-            (p.state.as_str(), p.attempt, p.in_backoff),
+            (p.state.as_ref(), p.attempt, p.in_backoff),
             ("charge-card", 2, false)
         );
         rt.send("shop", "p-1", EventRequest::new("complete"))
@@ -388,14 +388,14 @@ fn wait_state_and_choice_in_provisioning() {
             .await
             .unwrap();
         assert_eq!(
-            rt.instance("default", "v-1").await.unwrap().state,
+            &*rt.instance("default", "v-1").await.unwrap().state,
             "settling"
         );
         env.clock.advance_secs(30);
         assert_eq!(rt.fire_due_timers().await.unwrap(), 1);
         let v = rt.instance("default", "v-1").await.unwrap();
         assert_eq!(
-            (v.state.as_str(), v.status.as_str()),
+            (v.state.as_ref(), v.status.as_str()),
             ("ready", "succeeded")
         );
         rt.shutdown();

@@ -490,7 +490,7 @@ pub async fn delete(
     };
     let active = api.instances(&filter).await?;
     if !active.is_empty() {
-        let shown: Vec<&str> = active.iter().take(5).map(|i| i.id.as_str()).collect();
+        let shown: Vec<&str> = active.iter().take(5).map(|i| &*i.id).collect();
         let more = if active.len() > shown.len() {
             format!(" and {} more", active.len() - shown.len())
         } else {

@@ -218,13 +218,13 @@ fn instances_table(instances: &[Instance], with_namespace: bool, wide: bool) -> 
     for i in instances {
         let mut cells = Vec::new();
         if with_namespace {
-            cells.push(i.namespace.clone());
+            cells.push(i.namespace.to_string());
         }
         cells.extend([
-            i.id.clone(),
-            i.machine.clone(),
+            i.id.to_string(),
+            i.machine.to_string(),
             i.revision.to_string(),
-            i.state.clone(),
+            i.state.to_string(),
             i.status.as_str().to_owned(),
             i.version.to_string(),
             age(now, i.created_ms),

@@ -1,0 +1,355 @@
+//! A small HTTP/1.1 client for this API over plain HTTP (hyper's connection API, one
+//! connection per request), with a reader for watch streams (Server-Sent Events).
+//!
+//! `cnsmctl --server` and the tests use it. It speaks `http://host:port` only; TLS comes with
+//! the server's TLS support.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), cnsm_server::client::ClientError> {
+//! let client = cnsm_server::client::Client::new("http://127.0.0.1:8080")?;
+//! let response = client.get("/health/livez").await?;
+//! assert_eq!(response.status, 200);
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper_util::rt::TokioIo;
+
+/// How long a request (not a stream) may take before the client gives up.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why a request got no HTTP answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("invalid server URL '{url}': {reason}")]
+    Url { url: String, reason: String },
+    #[error("cannot reach the server at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("the connection to {url} failed: {reason}")]
+    Http { url: String, reason: String },
+    #[error("the server at {url} did not answer within {} s", REQUEST_TIMEOUT.as_secs())]
+    Timeout { url: String },
+}
+
+/// A complete answer.
+#[derive(Debug, Clone)]
+pub struct ClientResponse {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl ClientResponse {
+    /// A header as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The body as JSON (`Null` when it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The body as text (lossy).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A client of one server.
+#[derive(Debug, Clone)]
+pub struct Client {
+    url: String,
+    host: String,
+    port: u16,
+    authority: String,
+}
+
+impl Client {
+    /// A client for `http://host[:port][/]`.
+    pub fn new(url: &str) -> Result<Client, ClientError> {
+        let bad = |reason: &str| ClientError::Url {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if url.starts_with("https://") {
+            return Err(bad(
+                "https is not supported yet; use http:// on a loopback address",
+            ));
+        }
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| bad("it must start with http://"))?;
+        let authority = rest.trim_end_matches('/');
+        if authority.is_empty() || authority.contains('/') || authority.contains('@') {
+            return Err(bad("expected http://HOST:PORT with no path"));
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
+                match port.parse::<u16>() {
+                    Ok(port) => (host, port),
+                    Err(_) if authority.starts_with('[') && authority.ends_with(']') => {
+                        (authority, 80)
+                    }
+                    Err(_) => return Err(bad("the port is not a number")),
+                }
+            }
+            _ => (authority, 80),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad("the host is empty"));
+        }
+        Ok(Client {
+            url: format!("http://{authority}"),
+            host: host.to_owned(),
+            port,
+            authority: authority.to_owned(),
+        })
+    }
+
+    /// The base URL, `http://host:port`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn open(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
+        let http_error = |reason: String| ClientError::Http {
+            url: self.url.clone(),
+            reason,
+        };
+        let stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| ClientError::Connect {
+                url: self.url.clone(),
+                reason: e.to_string(),
+            })?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| http_error(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, self.authority.as_str());
+        for (name, value) in headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| http_error(format!("bad header name {name}: {e}")))?;
+            let value = HeaderValue::from_str(value)
+                .map_err(|e| http_error(format!("bad value of header {name}: {e}")))?;
+            request = request.header(name, value);
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| http_error(e.to_string()))?;
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| http_error(e.to_string()))
+    }
+
+    /// Sends a request and reads the whole answer.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<ClientResponse, ClientError> {
+        let exchange = async {
+            let response = self.open(method, path, headers, body).await?;
+            let status = response.status().as_u16();
+            let (parts, body) = response.into_parts();
+            let body = body.collect().await.map_err(|e| ClientError::Http {
+                url: self.url.clone(),
+                reason: e.to_string(),
+            })?;
+            Ok(ClientResponse {
+                status,
+                headers: parts.headers,
+                body: body.to_bytes().to_vec(),
+            })
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                url: self.url.clone(),
+            })?
+    }
+
+    /// `GET path`.
+    pub async fn get(&self, path: &str) -> Result<ClientResponse, ClientError> {
+        self.request("GET", path, &[], Vec::new()).await
+    }
+
+    /// `POST path` with a JSON body and extra headers.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+        headers: &[(&str, &str)],
+    ) -> Result<ClientResponse, ClientError> {
+        let mut all = vec![("content-type", "application/json")];
+        all.extend_from_slice(headers);
+        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Http {
+            url: self.url.clone(),
+            reason: format!("cannot encode the body: {e}"),
+        })?;
+        self.request("POST", path, &all, bytes).await
+    }
+
+    /// Opens a watch stream. A non-2xx answer comes back whole as `Err(Ok(response))`.
+    pub async fn stream(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Result<EventStream, ClientResponse>, ClientError> {
+        let mut all = vec![("accept", "text/event-stream")];
+        all.extend_from_slice(headers);
+        let response =
+            tokio::time::timeout(REQUEST_TIMEOUT, self.open("GET", path, &all, Vec::new()))
+                .await
+                .map_err(|_| ClientError::Timeout {
+                    url: self.url.clone(),
+                })??;
+        let status = response.status().as_u16();
+        let (parts, body) = response.into_parts();
+        if !(200..300).contains(&status) {
+            let body = body.collect().await.map_err(|e| ClientError::Http {
+                url: self.url.clone(),
+                reason: e.to_string(),
+            })?;
+            return Ok(Err(ClientResponse {
+                status,
+                headers: parts.headers,
+                body: body.to_bytes().to_vec(),
+            }));
+        }
+        Ok(Ok(EventStream {
+            url: self.url.clone(),
+            body,
+            buffer: Vec::new(),
+            done: false,
+        }))
+    }
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SseEvent {
+    /// `message` when the server named none.
+    pub event: String,
+    pub id: Option<String>,
+    /// The data lines, joined by `\n`.
+    pub data: String,
+}
+
+/// Reads Server-Sent Events from an open stream.
+#[derive(Debug)]
+pub struct EventStream {
+    url: String,
+    body: Incoming,
+    buffer: Vec<u8>,
+    done: bool,
+}
+
+impl EventStream {
+    /// The next event; `None` when the server ended the stream. Comments (keep-alives) are
+    /// skipped.
+    pub async fn next_event(&mut self) -> Result<Option<SseEvent>, ClientError> {
+        loop {
+            if let Some(event) = self.take_event() {
+                return Ok(Some(event));
+            }
+            if self.done {
+                return Ok(None);
+            }
+            match self.body.frame().await {
+                None => self.done = true,
+                Some(Err(e)) => {
+                    return Err(ClientError::Http {
+                        url: self.url.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buffer
+                            .extend(data.iter().copied().filter(|&b| b != b'\r'));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Parses one complete event (up to a blank line) out of the buffer.
+    fn take_event(&mut self) -> Option<SseEvent> {
+        loop {
+            let end = self.buffer.windows(2).position(|w| w == b"\n\n")?;
+            let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
+            let text = String::from_utf8_lossy(&block);
+            let mut event = SseEvent::default();
+            let mut data_lines = Vec::new();
+            let mut any = false;
+            for line in text.lines() {
+                if line.is_empty() || line.starts_with(':') {
+                    continue;
+                }
+                let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                let value = value.strip_prefix(' ').unwrap_or(value);
+                match field {
+                    "event" => event.event = value.to_owned(),
+                    "id" => event.id = Some(value.to_owned()),
+                    "data" => data_lines.push(value.to_owned()),
+                    _ => continue,
+                }
+                any = true;
+            }
+            if any {
+                if event.event.is_empty() {
+                    event.event = "message".into();
+                }
+                event.data = data_lines.join("\n");
+                return Some(event);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let c = Client::new("http://127.0.0.1:8080/").expect("valid");
+        assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 8080));
+        let c = Client::new("http://localhost").expect("valid");
+        assert_eq!((c.host.as_str(), c.port), ("localhost", 80));
+        let c = Client::new("http://[::1]:9000").expect("valid");
+        assert_eq!((c.host.as_str(), c.port), ("::1", 9000));
+        for bad in [
+            "127.0.0.1:8080",
+            "https://x:1",
+            "http://",
+            "http://h:x",
+            "http://h:1/api",
+        ] {
+            assert!(Client::new(bad).is_err(), "{bad}");
+        }
+    }
+}

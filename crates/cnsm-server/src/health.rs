@@ -1,0 +1,548 @@
+//! Health and debug endpoints: `/health/livez`, `/health/readyz`, `/health/statez`,
+//! `/debug/statemachine`, and the [`Diagnostics`] they report (ring buffers of the last
+//! transitions and errors, fed by the commit listener and the problem middleware).
+//!
+//! `statez` and `debug` answer JSON, or text for people with `?format=text`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use cnsm_core::{StateChangeEvent, Status};
+use cnsm_store::{InstanceQuery, PAGE_LEN_MAX};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::ServerState;
+use crate::params::{self, QueryPairs};
+use crate::problem::ApiError;
+
+/// How many transitions and errors `/debug/statemachine` keeps.
+pub const RING_LEN: usize = 50;
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A recent transition.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TransitionNote {
+    pub time_ms: u64,
+    pub namespace: String,
+    pub instance: String,
+    pub machine: String,
+    pub revision: u32,
+    pub version: u64,
+    pub from: Option<String>,
+    pub to: String,
+    pub event: Option<String>,
+    pub actor: String,
+}
+
+/// A recent error answer.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorNote {
+    pub time_ms: u64,
+    pub error_type: String,
+    pub status: u16,
+    pub method: String,
+    pub path: String,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+}
+
+/// What the server has seen, for the debug endpoints.
+#[derive(Debug, Default)]
+pub struct Diagnostics {
+    transitions: Mutex<VecDeque<TransitionNote>>,
+    errors: Mutex<VecDeque<ErrorNote>>,
+    last_commit_ms: AtomicU64,
+    last_commit_duration_us: AtomicU64,
+    n_batches: AtomicU64,
+    n_records: AtomicU64,
+    n_errors: AtomicU64,
+}
+
+fn push_bounded<T>(ring: &Mutex<VecDeque<T>>, item: T) {
+    if let Ok(mut ring) = ring.lock() {
+        if ring.len() == RING_LEN {
+            ring.pop_front();
+        }
+        ring.push_back(item);
+    }
+}
+
+impl Diagnostics {
+    pub fn record_transition(&self, record: &StateChangeEvent) {
+        push_bounded(
+            &self.transitions,
+            TransitionNote {
+                time_ms: record.time_ms,
+                namespace: record.namespace.to_string(),
+                instance: record.instance.to_string(),
+                machine: record.machine.to_string(),
+                revision: record.revision,
+                version: record.version,
+                from: record.from.as_ref().map(|s| s.to_string()),
+                to: record.to.to_string(),
+                event: record.event.as_ref().map(|s| s.to_string()),
+                actor: record.actor.to_string(),
+            },
+        );
+    }
+
+    pub fn record_batch(&self, n_items: usize, commit_duration: Duration) {
+        self.last_commit_ms.store(now_ms(), Ordering::Relaxed);
+        self.last_commit_duration_us
+            .store(commit_duration.as_micros() as u64, Ordering::Relaxed);
+        self.n_batches.fetch_add(1, Ordering::Relaxed);
+        self.n_records.fetch_add(n_items as u64, Ordering::Relaxed);
+    }
+
+    pub fn record_error(&self, method: &str, path: &str, problem: &ApiError) {
+        self.n_errors.fetch_add(1, Ordering::Relaxed);
+        let text = |key: &str| {
+            problem
+                .extensions
+                .get(key)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        push_bounded(
+            &self.errors,
+            ErrorNote {
+                time_ms: now_ms(),
+                error_type: problem.kind.error_type().to_owned(),
+                status: problem.kind.status().as_u16(),
+                method: method.to_owned(),
+                path: path.to_owned(),
+                detail: problem.detail.clone(),
+                namespace: text("namespace"),
+                instance_id: text("instanceId"),
+                state: text("state"),
+                event: text("event"),
+            },
+        );
+    }
+
+    fn recent_transitions(&self) -> Vec<TransitionNote> {
+        self.transitions
+            .lock()
+            .map(|r| r.iter().rev().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn recent_errors(&self) -> Vec<ErrorNote> {
+        self.errors
+            .lock()
+            .map(|r| r.iter().rev().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// `2026-11-27T06:36:00.123Z`.
+fn rfc3339_ms(time_ms: u64) -> String {
+    let seconds = time_ms / 1000;
+    let (days, second_of_day) = (seconds / 86_400, seconds % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z - era * 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        second_of_day / 3600,
+        second_of_day / 60 % 60,
+        second_of_day % 60,
+        time_ms % 1000
+    )
+}
+
+fn text_response(status: StatusCode, text: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}
+
+fn wants_text(query: QueryPairs) -> Result<bool, ApiError> {
+    let query = params::query(query)?;
+    match params::param(&query, "format") {
+        None | Some("") | Some("json") => Ok(false),
+        Some("text") => Ok(true),
+        Some(other) => Err(ApiError::invalid(format!(
+            "query parameter 'format' must be json or text, got '{other}'"
+        ))),
+    }
+}
+
+/// `/health/livez`: the process answers.
+pub async fn livez() -> Response {
+    text_response(StatusCode::OK, "ok\n".into())
+}
+
+/// Whether the store can be read and the committer answers (its timer index included).
+async fn check_ready(state: &ServerState) -> Result<usize, ApiError> {
+    let runtime = state.runtime();
+    runtime
+        .store()
+        .list_definitions(Some("cnsm-readyz-probe"))
+        .map_err(|_| ApiError::unavailable("the store cannot be read"))?;
+    match tokio::time::timeout(Duration::from_secs(2), runtime.pending_timers()).await {
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(_)) => Err(ApiError::unavailable("the committer is not running")),
+        Err(_) => Err(ApiError::unavailable(
+            "the committer did not answer within 2 s",
+        )),
+    }
+}
+
+/// `/health/readyz`: 200 when the store is readable and the committer and timers run, else 503.
+pub async fn readyz(State(state): State<ServerState>) -> Result<Response, ApiError> {
+    check_ready(&state).await?;
+    Ok(text_response(StatusCode::OK, "ok\n".into()))
+}
+
+/// Counts instances with `query` up to `max`; returns (count, capped).
+fn count_instances(
+    state: &ServerState,
+    mut query: InstanceQuery,
+    max: usize,
+) -> Option<(usize, bool)> {
+    let store = state.runtime().store();
+    let mut n = 0;
+    loop {
+        query.limit = PAGE_LEN_MAX.min(max - n + 1);
+        let page = store.list_instances(&query).ok()?;
+        let full = page.len() == query.limit;
+        n += page.len();
+        if n > max {
+            return Some((max, true));
+        }
+        match page.last() {
+            Some(last) if full => {
+                query.after = Some((
+                    last.instance.namespace.to_string(),
+                    last.instance.id.to_string(),
+                ))
+            }
+            _ => return Some((n, false)),
+        }
+    }
+}
+
+/// `/health/statez`: store, commits, queue, instances, timers, version, uptime.
+pub async fn statez(
+    State(state): State<ServerState>,
+    query: QueryPairs,
+) -> Result<Response, ApiError> {
+    let text = wants_text(query)?;
+    let ready = check_ready(&state).await;
+    let diagnostics = &state.inner.diagnostics;
+    let options = state.options();
+    let store = state.runtime().store();
+    let active = count_instances(
+        &state,
+        InstanceQuery {
+            status: Some(Status::Active),
+            ..InstanceQuery::default()
+        },
+        options.scan_instances_max,
+    );
+    let mut n_timers_stored = 0u64;
+    let mut next_due_ms: Option<u64> = None;
+    let timers_readable = store
+        .pending_timers(&mut |t| {
+            n_timers_stored += 1;
+            next_due_ms = Some(next_due_ms.map_or(t.due_ms, |d| d.min(t.due_ms)));
+        })
+        .is_ok();
+    let last_commit_ms = diagnostics.last_commit_ms.load(Ordering::Relaxed);
+    let uptime = state.inner.started.elapsed();
+    let in_flight = options.requests_in_flight_max - state.inner.in_flight.available_permits();
+    let value = json!({
+        "status": if ready.is_ok() { "ok" } else { "unavailable" },
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptimeSeconds": uptime.as_secs(),
+        "store": {
+            "kind": options.store_kind,
+            "status": if ready.is_ok() { "ok" } else { "unavailable" },
+        },
+        "commits": {
+            "lastCommitMs": (last_commit_ms > 0).then_some(last_commit_ms),
+            "lastCommitDurationUs": (last_commit_ms > 0)
+                .then(|| diagnostics.last_commit_duration_us.load(Ordering::Relaxed)),
+            "batches": diagnostics.n_batches.load(Ordering::Relaxed),
+            "records": diagnostics.n_records.load(Ordering::Relaxed),
+        },
+        "queue": {
+            "requestsInFlight": in_flight,
+            "requestsInFlightMax": options.requests_in_flight_max,
+            "watchers": state.inner.hub.n_watchers(),
+        },
+        "instances": {
+            "active": active.map(|(n, _)| n),
+            "activeCapped": active.is_some_and(|(_, capped)| capped),
+        },
+        "timers": {
+            "pending": ready.as_ref().ok(),
+            "stored": timers_readable.then_some(n_timers_stored),
+            "nextDueMs": next_due_ms,
+        },
+        "errors": diagnostics.n_errors.load(Ordering::Relaxed),
+    });
+    let status = if ready.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    if !text {
+        return Ok((status, Json(value)).into_response());
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "status:            {}",
+        value["status"].as_str().unwrap_or("?")
+    );
+    let _ = writeln!(out, "version:           {}", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(out, "uptime:            {} s", uptime.as_secs());
+    let _ = writeln!(
+        out,
+        "store:             {} ({})",
+        options.store_kind,
+        value["store"]["status"].as_str().unwrap_or("?")
+    );
+    let last = if last_commit_ms > 0 {
+        format!(
+            "{} ({} µs)",
+            rfc3339_ms(last_commit_ms),
+            diagnostics.last_commit_duration_us.load(Ordering::Relaxed)
+        )
+    } else {
+        "none since start".into()
+    };
+    let _ = writeln!(out, "last commit:       {last}");
+    let _ = writeln!(
+        out,
+        "commits:           {} batch(es), {} record(s)",
+        diagnostics.n_batches.load(Ordering::Relaxed),
+        diagnostics.n_records.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "requests:          {in_flight} in flight (max {}), {} watcher(s)",
+        options.requests_in_flight_max,
+        state.inner.hub.n_watchers()
+    );
+    let active_text = match active {
+        Some((n, true)) => format!("{n}+"),
+        Some((n, false)) => n.to_string(),
+        None => "unknown".into(),
+    };
+    let _ = writeln!(out, "instances active:  {active_text}");
+    let next = next_due_ms.map_or_else(|| "none".to_owned(), rfc3339_ms);
+    let pending = ready
+        .as_ref()
+        .map_or_else(|_| "unknown".to_owned(), usize::to_string);
+    let _ = writeln!(out, "timers pending:    {pending} (next due {next})");
+    let _ = writeln!(
+        out,
+        "errors answered:   {}",
+        diagnostics.n_errors.load(Ordering::Relaxed)
+    );
+    Ok(text_response(status, out))
+}
+
+/// Instance counts of one machine revision.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RevisionCounts {
+    total: usize,
+    by_state: BTreeMap<String, usize>,
+    by_status: BTreeMap<String, usize>,
+}
+
+/// `/debug/statemachine`: per machine and revision, instance counts by state; the last 50
+/// transitions and the last 50 errors.
+pub async fn debug(
+    State(state): State<ServerState>,
+    query: QueryPairs,
+) -> Result<Response, ApiError> {
+    let text = wants_text(query)?;
+    let store = state.runtime().store();
+    let max = state.options().scan_instances_max;
+    // (namespace, machine) -> revision -> counts
+    let mut machines: BTreeMap<(String, String), BTreeMap<u32, RevisionCounts>> = BTreeMap::new();
+    for row in store
+        .list_definitions(None)
+        .map_err(|_| ApiError::unavailable("the store cannot be read"))?
+    {
+        machines.entry((row.namespace, row.name)).or_default();
+    }
+    let mut query = InstanceQuery::default();
+    let mut n_scanned = 0;
+    let mut capped = false;
+    loop {
+        query.limit = PAGE_LEN_MAX.min(max - n_scanned).max(1);
+        let page = store
+            .list_instances(&query)
+            .map_err(|_| ApiError::unavailable("the store cannot be read"))?;
+        let full = page.len() == query.limit;
+        n_scanned += page.len();
+        for stored in &page {
+            let i = &stored.instance;
+            let counts = machines
+                .entry((i.namespace.to_string(), i.machine.to_string()))
+                .or_default()
+                .entry(i.revision)
+                .or_default();
+            counts.total += 1;
+            *counts.by_state.entry(i.state.to_string()).or_default() += 1;
+            *counts
+                .by_status
+                .entry(i.status.as_str().to_owned())
+                .or_default() += 1;
+        }
+        match page.last() {
+            Some(last) if full && n_scanned < max => {
+                query.after = Some((
+                    last.instance.namespace.to_string(),
+                    last.instance.id.to_string(),
+                ))
+            }
+            Some(_) if full => {
+                capped = true;
+                break;
+            }
+            _ => break,
+        }
+    }
+    let transitions = state.inner.diagnostics.recent_transitions();
+    let errors = state.inner.diagnostics.recent_errors();
+    if !text {
+        let machines: Vec<Value> = machines
+            .iter()
+            .map(|((ns, name), revisions)| {
+                let revisions: Vec<Value> = revisions
+                    .iter()
+                    .map(|(revision, counts)| {
+                        json!({
+                            "revision": revision,
+                            "instances": counts.total,
+                            "byState": counts.by_state,
+                            "byStatus": counts.by_status,
+                        })
+                    })
+                    .collect();
+                json!({ "namespace": ns, "name": name, "revisions": revisions })
+            })
+            .collect();
+        return Ok(Json(json!({
+            "machines": machines,
+            "instancesScanned": n_scanned,
+            "instancesCapped": capped,
+            "recentTransitions": transitions,
+            "recentErrors": errors,
+        }))
+        .into_response());
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Machines ({} instance(s) scanned{}):",
+        n_scanned,
+        if capped { ", capped" } else { "" }
+    );
+    for ((ns, name), revisions) in &machines {
+        let _ = writeln!(out, "  {ns}/{name}");
+        if revisions.is_empty() {
+            let _ = writeln!(out, "    no instances");
+        }
+        for (revision, counts) in revisions {
+            let states: Vec<String> = counts
+                .by_state
+                .iter()
+                .map(|(s, n)| format!("{s}={n}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "    revision {revision}: {} instance(s): {}",
+                counts.total,
+                states.join(", ")
+            );
+        }
+    }
+    let _ = writeln!(out, "Last transitions (newest first):");
+    if transitions.is_empty() {
+        let _ = writeln!(out, "  none since start");
+    }
+    for t in &transitions {
+        let _ = writeln!(
+            out,
+            "  {} {}/{} v{} {} -> {} on {} by {}",
+            rfc3339_ms(t.time_ms),
+            t.namespace,
+            t.instance,
+            t.version,
+            t.from.as_deref().unwrap_or("-"),
+            t.to,
+            t.event.as_deref().unwrap_or("-"),
+            t.actor
+        );
+    }
+    let _ = writeln!(out, "Last errors (newest first):");
+    if errors.is_empty() {
+        let _ = writeln!(out, "  none since start");
+    }
+    for e in &errors {
+        let _ = writeln!(
+            out,
+            "  {} {} {} {} {} {}: {}",
+            rfc3339_ms(e.time_ms),
+            e.status,
+            e.error_type,
+            e.method,
+            e.path,
+            [e.state.as_deref(), e.event.as_deref()]
+                .iter()
+                .flatten()
+                .copied()
+                .collect::<Vec<_>>()
+                .join("/"),
+            e.detail
+        );
+    }
+    Ok(text_response(StatusCode::OK, out))
+}

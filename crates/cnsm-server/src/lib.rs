@@ -1,0 +1,350 @@
+//! The HTTP API of cnsm: Kubernetes-style routes over a [`Runtime`], events as JSON or
+//! CloudEvents 1.0, watch streams (Server-Sent Events), health and debug endpoints.
+//!
+//! Code map:
+//! - [`wire`]: the JSON bodies, shared with clients.
+//! - [`problem`]: every error as an RFC 9457 problem with a stable `type` URI.
+//! - `definitions`, `instances`, `events`: the resource routes; `events` turns a plain JSON body,
+//!   a structured or a binary CloudEvent into one [`cnsm_runtime::EventRequest`].
+//! - `watch`: the [`cnsm_runtime::CommitListener`] that feeds a broadcast channel, and the SSE
+//!   streams (resumable per instance with `Last-Event-ID`).
+//! - `health`: `/health/*` and `/debug/statemachine`, with the ring buffers of recent
+//!   transitions and errors.
+//! - [`client`]: a small HTTP/1.1 client for this API (used by `cnsmctl --server` and tests).
+//!
+//! ```no_run
+//! # async fn run() -> std::io::Result<()> {
+//! use cnsm_runtime::{Runtime, RuntimeOptions};
+//! use cnsm_store::embedded::EmbeddedStore;
+//! let store = EmbeddedStore::open("./cnsm-data").expect("store");
+//! let runtime = Runtime::open(store, RuntimeOptions::default()).expect("runtime");
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! cnsm_server::serve(listener, runtime, cnsm_server::ServerOptions::default(), cnsm_server::shutdown_signal()).await
+//! # }
+//! ```
+//!
+//! The server sets no global state (no tracing subscriber, no metrics provider).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use cnsm_runtime::Runtime;
+use tokio::sync::{Semaphore, watch};
+
+pub mod client;
+mod definitions;
+mod events;
+mod health;
+mod instances;
+mod params;
+pub mod problem;
+mod watch_stream;
+pub mod wire;
+
+use crate::health::Diagnostics;
+use crate::problem::{ApiError, PendingProblem, ProblemKind};
+use crate::watch_stream::WatchHub;
+use crate::wire::API_PREFIX;
+
+/// Limits and settings of a server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Allow a listener on a non-loopback address without authentication.
+    pub insecure: bool,
+    /// Largest request body; larger ones get 413.
+    pub body_bytes_max: usize,
+    /// A request that has not answered by then gets 503 (watch streams are not limited).
+    pub request_timeout: Duration,
+    /// Requests served at once (health endpoints excepted); more get 503 with `Retry-After`.
+    pub requests_in_flight_max: usize,
+    /// Open watch streams at once; more get 503.
+    pub watchers_max: usize,
+    /// Committed transitions buffered for watchers; a watcher that falls further behind is
+    /// told to resync.
+    pub watch_buffer_len: usize,
+    /// Interval of SSE keep-alive comments.
+    pub keep_alive_interval: Duration,
+    /// Reported by `/health/statez`.
+    pub store_kind: String,
+    /// Most instances `/health/statez` and `/debug/statemachine` count.
+    pub scan_instances_max: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> ServerOptions {
+        ServerOptions {
+            insecure: false,
+            body_bytes_max: 1 << 20,
+            request_timeout: Duration::from_secs(30),
+            requests_in_flight_max: 1024,
+            watchers_max: 1024,
+            watch_buffer_len: 4096,
+            keep_alive_interval: Duration::from_secs(15),
+            store_kind: "embedded".into(),
+            scan_instances_max: 100_000,
+        }
+    }
+}
+
+/// Why a server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The address is not loopback and neither authentication nor `--insecure` was given.
+    #[error(
+        "refusing to listen on {0}: it is not a loopback address and the API has no authentication. \
+         Token authentication (--auth-file) is not yet available; to serve this address without \
+         authentication pass --insecure (anyone who can reach it can change every instance), or \
+         listen on 127.0.0.1"
+    )]
+    NotLoopback(SocketAddr),
+    #[error("server I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Refuses a non-loopback address unless `insecure` (there is no authentication yet).
+pub fn check_listen_address(address: SocketAddr, insecure: bool) -> Result<(), ServeError> {
+    if address.ip().is_loopback() || insecure {
+        Ok(())
+    } else {
+        Err(ServeError::NotLoopback(address))
+    }
+}
+
+/// Everything the handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct ServerState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    runtime: Runtime,
+    options: ServerOptions,
+    hub: Arc<WatchHub>,
+    diagnostics: Arc<Diagnostics>,
+    in_flight: Arc<Semaphore>,
+    watchers: Arc<Semaphore>,
+    stop_sender: watch::Sender<bool>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState").finish_non_exhaustive()
+    }
+}
+
+impl ServerState {
+    /// Builds the shared state and subscribes its commit listener (watch streams, recent
+    /// transitions, last commit time) to `runtime`.
+    pub fn new(runtime: Runtime, options: ServerOptions) -> ServerState {
+        let diagnostics = Arc::new(Diagnostics::default());
+        let hub = Arc::new(WatchHub::new(options.watch_buffer_len));
+        runtime.subscribe(Arc::new(watch_stream::Listener {
+            hub: Arc::clone(&hub),
+            diagnostics: Arc::clone(&diagnostics),
+        }));
+        let (stop_sender, _) = watch::channel(false);
+        ServerState {
+            inner: Arc::new(Inner {
+                in_flight: Arc::new(Semaphore::new(options.requests_in_flight_max)),
+                watchers: Arc::new(Semaphore::new(options.watchers_max)),
+                runtime,
+                options,
+                hub,
+                diagnostics,
+                stop_sender,
+                started: Instant::now(),
+            }),
+        }
+    }
+
+    /// Ends every open watch stream (graceful shutdown starts with this, since a stream would
+    /// otherwise keep its connection open forever).
+    pub fn begin_shutdown(&self) {
+        self.inner.stop_sender.send_replace(true);
+    }
+
+    pub(crate) fn runtime(&self) -> &Runtime {
+        &self.inner.runtime
+    }
+
+    pub(crate) fn options(&self) -> &ServerOptions {
+        &self.inner.options
+    }
+
+    pub(crate) fn stop_receiver(&self) -> watch::Receiver<bool> {
+        self.inner.stop_sender.subscribe()
+    }
+}
+
+/// The whole API as an axum router.
+pub fn router(state: ServerState) -> Router {
+    let ns = format!("{API_PREFIX}/namespaces/{{ns}}");
+    let body_limit = state.options().body_bytes_max;
+    Router::new()
+        .route(
+            &format!("{API_PREFIX}/statemachines"),
+            get(definitions::list_all),
+        )
+        .route(&format!("{API_PREFIX}/instances"), get(instances::list_all))
+        .route(
+            &format!("{ns}/statemachines"),
+            get(definitions::list).post(definitions::apply),
+        )
+        .route(
+            &format!("{ns}/statemachines/{{name}}"),
+            get(definitions::get_one).delete(definitions::delete),
+        )
+        .route(
+            &format!("{ns}/instances"),
+            get(instances::list).post(instances::create),
+        )
+        .route(&format!("{ns}/instances/{{id}}"), get(instances::get_one))
+        .route(
+            &format!("{ns}/instances/{{id}}/events"),
+            post(instances::send_event),
+        )
+        .route(
+            &format!("{ns}/instances/{{id}}/history"),
+            get(instances::history),
+        )
+        .route("/health/livez", get(health::livez))
+        .route("/health/readyz", get(health::readyz))
+        .route("/health/statez", get(health::statez))
+        .route("/debug/statemachine", get(health::debug))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(state.clone(), limits))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            finish_problems,
+        ))
+        .with_state(state)
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::not_found(format!("no route for {}", request.uri().path()))
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::new(
+        ProblemKind::MethodNotAllowed,
+        format!(
+            "{} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+}
+
+/// Bounded concurrency and the request timeout. Health endpoints bypass both so that probes
+/// answer under load.
+async fn limits(State(state): State<ServerState>, request: Request, next: Next) -> Response {
+    if request.uri().path().starts_with("/health/") {
+        return next.run(request).await;
+    }
+    let Ok(_permit) = Arc::clone(&state.inner.in_flight).try_acquire_owned() else {
+        return axum::response::IntoResponse::into_response(ApiError::unavailable(
+            "too many requests in flight; retry later",
+        ));
+    };
+    let timeout = state.options().request_timeout;
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => axum::response::IntoResponse::into_response(ApiError::unavailable(format!(
+            "the request did not complete within {} s; its outcome is unknown \
+             (retry with the same Idempotency-Key)",
+            timeout.as_secs_f64()
+        ))),
+    }
+}
+
+/// Renders every problem: adds the request path as `instance`, writes the body, and records
+/// the error for `/debug/statemachine`.
+async fn finish_problems(
+    State(state): State<ServerState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let path = request.uri().path().to_owned();
+    let method = request.method().clone();
+    let mut response = next.run(request).await;
+    let Some(PendingProblem(problem)) = response.extensions_mut().remove::<PendingProblem>() else {
+        return response;
+    };
+    let mut body = problem.body();
+    body.insert("instance".into(), path.clone().into());
+    state
+        .inner
+        .diagnostics
+        .record_error(method.as_str(), &path, &problem);
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    response.headers_mut().insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(bytes.len() as u64),
+    );
+    *response.body_mut() = Body::from(bytes);
+    response
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then drains: stops accepting,
+/// ends watch streams, waits for in-flight requests, and shuts the runtime down (flushing the
+/// committer) before returning.
+///
+/// Refuses a non-loopback listener unless `options.insecure`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    runtime: Runtime,
+    options: ServerOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    check_listen_address(listener.local_addr()?, options.insecure)?;
+    let state = ServerState::new(runtime.clone(), options);
+    let app = router(state.clone());
+    let stopping = state.clone();
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            stopping.begin_shutdown();
+        })
+        .await;
+    // Every acknowledged request has been answered; stop the committer after what is queued.
+    let stopped = tokio::task::spawn_blocking(move || runtime.shutdown()).await;
+    served?;
+    stopped.map_err(|e| ServeError::Io(std::io::Error::other(e.to_string())))?;
+    Ok(())
+}
+
+/// Completes on SIGTERM or Ctrl-C (SIGINT).
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = interrupt => {}
+            () = terminate => {}
+        }
+    }
+    #[cfg(not(unix))]
+    interrupt.await;
+}
