@@ -3,6 +3,10 @@
 //! with sealing (deterministic CBOR + SHA-256) included.
 //!
 //! Run: `cargo bench -p cnsm-bench --bench engine`
+//!
+//! `CNSM_BENCH_ORDERS=N` sets the orders per round (default 250,000); `CNSM_BENCH_ONLY=guarded`
+//! (a comma-separated list of `plain`, `guarded`, `sealed`) runs only those cases, e.g. to count
+//! instructions of one case under `valgrind --tool=callgrind`.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -76,33 +80,49 @@ fn best_of(rounds: usize, f: impl Fn() -> f64) -> f64 {
     (0..rounds).map(|_| f()).fold(0.0, f64::max)
 }
 
+/// Whether the case `name` is selected by `CNSM_BENCH_ONLY` (all are when it is unset).
+fn selected(name: &str) -> bool {
+    match std::env::var("CNSM_BENCH_ONLY") {
+        Ok(only) => only.split(',').any(|s| s.trim() == name),
+        Err(_) => true,
+    }
+}
+
 fn main() {
     let plain = machine(ORDER_PROCESSING);
     let guarded = machine(ORDER_GUARDED);
-    run(&plain, n_orders_warmup(), false); // warm-up
     let n_orders = std::env::var("CNSM_BENCH_ORDERS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(250_000);
-    let plain_rate = best_of(3, || run(&plain, n_orders, false));
-    report(
-        "engine.apply.order_processing",
-        plain_rate,
-        "transitions/s",
-        "(1 of 4 guarded, no I/O, one core)",
-    );
-    let guarded_rate = best_of(3, || run(&guarded, n_orders / 2, false));
-    report(
-        "engine.apply.cel_guard_every_transition",
-        guarded_rate,
-        "transitions/s",
-        "(4 of 4 guarded)",
-    );
-    let sealed_rate = best_of(3, || run(&plain, n_orders / 2, true));
-    report(
-        "engine.apply_and_seal.order_processing",
-        sealed_rate,
-        "transitions/s",
-        "(+ CBOR encode + SHA-256 chain)",
-    );
+    if selected("plain") {
+        run(&plain, n_orders_warmup(), false); // warm-up
+        let plain_rate = best_of(3, || run(&plain, n_orders, false));
+        report(
+            "engine.apply.order_processing",
+            plain_rate,
+            "transitions/s",
+            "(1 of 4 guarded, no I/O, one core)",
+        );
+    }
+    if selected("guarded") {
+        run(&guarded, n_orders_warmup(), false); // warm-up
+        let guarded_rate = best_of(3, || run(&guarded, n_orders / 2, false));
+        report(
+            "engine.apply.cel_guard_every_transition",
+            guarded_rate,
+            "transitions/s",
+            "(4 of 4 guarded)",
+        );
+    }
+    if selected("sealed") {
+        run(&plain, n_orders_warmup(), true); // warm-up
+        let sealed_rate = best_of(3, || run(&plain, n_orders / 2, true));
+        report(
+            "engine.apply_and_seal.order_processing",
+            sealed_rate,
+            "transitions/s",
+            "(+ CBOR encode + SHA-256 chain)",
+        );
+    }
 }

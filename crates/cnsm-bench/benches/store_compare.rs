@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use cnsm_bench::{percentile, report};
-use redb::{ReadableDatabase, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 const RECORDS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("records");

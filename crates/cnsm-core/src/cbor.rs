@@ -176,13 +176,51 @@ pub fn decode(bytes: &[u8]) -> Result<Value, CborError> {
     Ok(value)
 }
 
+/// Reads the text values of the given keys of a top-level map without decoding the rest:
+/// `out[i]` is the value of `keys[i]` when present and a text string. Used by stores for cheap
+/// pair assertions on record bytes whose hash was already checked.
+pub fn top_level_texts<'a>(
+    bytes: &'a [u8],
+    keys: &[&str],
+) -> Result<Vec<Option<&'a str>>, CborError> {
+    let mut decoder = Decoder { bytes, pos: 0 };
+    let mut out = vec![None; keys.len()];
+    let (major, _, n_entries) = decoder.head()?;
+    if major != 5 {
+        return Err(CborError::Unsupported {
+            offset: 0,
+            reason: "not a map",
+        });
+    }
+    for _ in 0..n_entries {
+        let key = decoder.text_ref()?;
+        let value_start = decoder.pos;
+        match keys.iter().position(|k| *k == key) {
+            Some(i) => {
+                let (major, _, len) = decoder.head()?;
+                if major == 3 {
+                    let len =
+                        usize::try_from(len).map_err(|_| CborError::Truncated(value_start))?;
+                    let raw = decoder.take(len)?;
+                    out[i] = std::str::from_utf8(raw).ok();
+                } else {
+                    decoder.pos = value_start;
+                    decoder.skip(0)?;
+                }
+            }
+            None => decoder.skip(0)?,
+        }
+    }
+    Ok(out)
+}
+
 struct Decoder<'a> {
     bytes: &'a [u8],
     pos: usize,
 }
 
-impl Decoder<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], CborError> {
+impl<'a> Decoder<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], CborError> {
         let end = self
             .pos
             .checked_add(n)
@@ -236,6 +274,63 @@ impl Decoder<'_> {
             }
         }
         Ok((major, info, arg))
+    }
+
+    /// Reads a text string in place.
+    fn text_ref(&mut self) -> Result<&'a str, CborError> {
+        let start = self.pos;
+        let (major, _, len) = self.head()?;
+        if major != 3 {
+            return Err(CborError::Unsupported {
+                offset: start,
+                reason: "map key is not a text string",
+            });
+        }
+        let len = usize::try_from(len).map_err(|_| CborError::Truncated(start))?;
+        let end = self
+            .pos
+            .checked_add(len)
+            .ok_or(CborError::Truncated(start))?;
+        let raw = self
+            .bytes
+            .get(self.pos..end)
+            .ok_or(CborError::Truncated(start))?;
+        self.pos = end;
+        std::str::from_utf8(raw).map_err(|_| CborError::Unsupported {
+            offset: start,
+            reason: "text string is not UTF-8",
+        })
+    }
+
+    /// Skips one item without building it.
+    fn skip(&mut self, depth: usize) -> Result<(), CborError> {
+        if depth > DEPTH_MAX {
+            return Err(CborError::TooDeep);
+        }
+        let start = self.pos;
+        let (major, _, arg) = self.head()?;
+        let len = || usize::try_from(arg).map_err(|_| CborError::Truncated(start));
+        match major {
+            0 | 1 | 7 => Ok(()),
+            2 | 3 => self.take(len()?).map(|_| ()),
+            4 => {
+                for _ in 0..arg {
+                    self.skip(depth + 1)?;
+                }
+                Ok(())
+            }
+            5 => {
+                for _ in 0..arg {
+                    self.skip(depth + 1)?;
+                    self.skip(depth + 1)?;
+                }
+                Ok(())
+            }
+            _ => Err(CborError::Unsupported {
+                offset: start,
+                reason: "tags are not used in cnsm documents",
+            }),
+        }
     }
 
     fn item(&mut self, depth: usize) -> Result<Value, CborError> {
@@ -379,6 +474,14 @@ mod tests {
             assert_eq!(to_hex(&bytes), hex, "{value}");
             assert_eq!(decode(&bytes).unwrap(), value);
         }
+    }
+
+    #[test]
+    fn reads_top_level_texts_without_decoding() {
+        let value = json!({"to": "paid", "nested": {"to": "x", "list": [1, 2.5, "y", null]}, "n": -3, "prevHash": "ab"});
+        let bytes = encode(&value);
+        let found = top_level_texts(&bytes, &["prevHash", "to", "n", "missing"]).unwrap();
+        assert_eq!(found, vec![Some("ab"), Some("paid"), None, None]);
     }
 
     #[test]

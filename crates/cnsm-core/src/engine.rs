@@ -37,7 +37,8 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use crate::error::{FailureReason, TransitionError};
-use crate::expr::{Expr, Scope, VAR_DATA, VAR_EVENT, VAR_INSTANCE, json_to_cel, map_to_cel};
+use crate::expr::{Expr, Scope, VAR_DATA};
+use crate::fastexpr::{InstanceView, Vars};
 use crate::instance::{Instance, Phase, Status};
 use crate::record::{
     FlagDecision, GuardTrace, Hash32, RECORD_FORMAT, REVISION_DOMAIN, RecordKind, StateChangeEvent,
@@ -578,32 +579,7 @@ impl Machine {
 }
 
 /// What expressions see as `instance`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    id: &'a str,
-    state: &'a str,
-    version: u64,
-    labels: &'a BTreeMap<String, String>,
-}
-
-impl View<'_> {
-    fn to_cel(self) -> cel::Value {
-        let mut map = Map::new();
-        map.insert("id".into(), Value::from(self.id));
-        map.insert("state".into(), Value::from(self.state));
-        map.insert("version".into(), Value::from(self.version));
-        map.insert(
-            "labels".into(),
-            Value::Object(
-                self.labels
-                    .iter()
-                    .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
-                    .collect(),
-            ),
-        );
-        map_to_cel(&map)
-    }
-}
+type View<'a> = InstanceView<'a>;
 
 /// Applies a gate to the pre-evaluated decision for its key; no decision is a provider error.
 fn decide_flag(gate: &FlagGate, decisions: &[FlagDecision]) -> FlagDecision {
@@ -694,43 +670,47 @@ impl<'m> Step<'m> {
         }
     }
 
-    /// The scope with every variable `expr` needs.
-    fn scope_for(&mut self, expr: &Expr) -> &Scope {
-        let scope = self
+    /// The variables expressions see. Guards (event guards, then choice guards after `assign`)
+    /// see the data with this transition's assignments overlaid; assignments see the data as it
+    /// was before the transition (`pending: false`), every one of them.
+    fn vars(&self, pending: bool) -> Vars<'_> {
+        Vars {
+            data: self.base_data,
+            pending: (pending && !self.data_set.is_empty()).then_some(&self.data_set),
+            event: self.payload,
+            instance: self.view,
+        }
+    }
+
+    /// The interpreter's scope with every variable `expr` needs, `data` with or without the
+    /// pending assignments.
+    fn scope_for(&mut self, expr: &Expr, pending: bool) -> &Scope {
+        let mut scope = self
             .scope
-            .get_or_insert_with(|| Scope::new(&self.machine.env));
-        if self.data_stale {
+            .take()
+            .unwrap_or_else(|| Scope::new(&self.machine.env));
+        let vars = self.vars(pending);
+        let want_pending = vars.pending.is_some();
+        if self.data_stale || scope.data_pending() != want_pending {
             scope.forget(VAR_DATA);
-            self.data_stale = false;
         }
-        let missing = expr.needs() & !scope.has();
-        if missing & VAR_DATA != 0 {
-            let data = if self.data_set.is_empty() {
-                map_to_cel(self.base_data)
-            } else {
-                let mut data = self.base_data.clone();
-                for (k, v) in &self.data_set {
-                    data.insert(k.clone(), v.clone());
-                }
-                map_to_cel(&data)
-            };
-            scope.set(VAR_DATA, data);
-        }
-        if missing & VAR_EVENT != 0 {
-            scope.set(VAR_EVENT, json_to_cel(self.payload));
-        }
-        if missing & VAR_INSTANCE != 0 {
-            scope.set(VAR_INSTANCE, self.view.to_cel());
-        }
-        scope
+        scope.bind(expr.needs(), &vars);
+        self.data_stale = false;
+        self.scope.insert(scope)
     }
 
     fn guard(&mut self, expr: &Expr) -> Result<bool, String> {
-        self.scope_for(expr).guard(expr)
+        if let Some(result) = expr.fast_guard(&self.vars(true)) {
+            return Ok(result);
+        }
+        self.scope_for(expr, true).guard(expr)
     }
 
     fn value(&mut self, expr: &Expr) -> Result<Value, String> {
-        self.scope_for(expr).value(expr)
+        if let Some(value) = expr.fast_value(&self.vars(false)) {
+            return Ok(value);
+        }
+        self.scope_for(expr, false).value(expr)
     }
 
     fn set(&mut self, field: &str, value: Value) {

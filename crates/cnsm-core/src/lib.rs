@@ -26,6 +26,7 @@ pub mod cbor;
 pub mod engine;
 pub mod error;
 pub mod expr;
+pub mod fastexpr;
 pub mod graph;
 pub mod instance;
 pub mod record;

@@ -20,6 +20,9 @@ use crate::{CreateInstance, EventRequest, RuntimeError, Shared, TransitionOutcom
 /// Longest sleep of the timer driver, so a clock jump is noticed.
 const SLEEP_MS_MAX: u64 = 1000;
 
+/// How often expired idempotency keys are purged from the store.
+const PURGE_INTERVAL_MS: u64 = 60_000;
+
 pub(crate) enum Command {
     Create {
         request: CreateInstance,
@@ -74,6 +77,9 @@ enum Waiter {
 
 struct Committer {
     shared: Arc<Shared>,
+    /// The decoded record of each item of the current batch, in item order, so nothing is
+    /// decoded again after sealing.
+    batch_records: Vec<StateChangeEvent>,
     cache: HashMap<Key, Cached>,
     timers: TimerIndex,
 }
@@ -84,6 +90,7 @@ pub(crate) fn start(
     let (tx, rx) = std::sync::mpsc::sync_channel(shared.options.queue_len_max);
     let mut committer = Committer {
         shared,
+        batch_records: Vec::new(),
         cache: HashMap::new(),
         timers: TimerIndex::default(),
     };
@@ -144,6 +151,7 @@ impl Committer {
         let batch_len_max = self.shared.options.batch_len_max.max(1);
         let clock = Arc::clone(&self.shared.options.clock);
         let drive_timers = self.shared.options.timers && !clock.is_virtual();
+        let mut next_purge_ms = clock.now_ms().saturating_add(PURGE_INTERVAL_MS);
         loop {
             let wait = if drive_timers {
                 let now = clock.now_ms();
@@ -179,6 +187,11 @@ impl Committer {
             let fire_timers =
                 drive_timers || batch.iter().any(|c| matches!(c, Command::Tick { .. }));
             self.process(batch, fire_timers);
+            // Forget expired idempotency keys now and then (expired ones are ignored anyway).
+            if drive_timers && clock.now_ms() >= next_purge_ms {
+                let _ = self.shared.store.purge_idempotency(clock.now_ms());
+                next_purge_ms = clock.now_ms().saturating_add(PURGE_INTERVAL_MS);
+            }
             if stop {
                 break;
             }
@@ -264,8 +277,9 @@ impl Committer {
                 *n_fired = n_timers_fired;
             }
         }
+        let records = std::mem::take(&mut self.batch_records);
         if items.is_empty() {
-            answer(waiters, &[], &[]);
+            answer(waiters, &[], &[], &[]);
             return;
         }
         let commit_started = std::time::Instant::now();
@@ -277,8 +291,8 @@ impl Committer {
                         l.on_batch(items.len(), commit_duration);
                     }
                 }
-                self.after_commit(&items, &item_keys, &outcomes, &before);
-                answer(waiters, &items, &outcomes);
+                self.after_commit(&items, &records, &item_keys, &outcomes, &before);
+                answer(waiters, &items, &records, &outcomes);
             }
             Err(e) => {
                 // Nothing of the batch is durable: forget the working copies, rebuild the timer
@@ -348,6 +362,7 @@ impl Committer {
                 instance: instance.clone(),
             },
         );
+        self.batch_records.push(record);
         items.push(CommitItem {
             instance,
             record: sealed,
@@ -379,7 +394,9 @@ impl Committer {
                 }
                 return Ok((*item, true));
             }
-            if let Some(entry) = self.shared.store.idempotency(&key.0, &key.1, k)? {
+            if let Some(entry) = self.shared.store.idempotency(&key.0, &key.1, k)?
+                && entry.expires_ms > now_ms
+            {
                 // Committed by an earlier batch after this request passed its arrival check.
                 return Err(match replay(&self.shared, &key.0, &key.1, &event, &entry) {
                     Ok(_) => RuntimeError::Conflict(format!(
@@ -441,6 +458,7 @@ impl Committer {
             idempotency,
         });
         item_keys.push(key.clone());
+        self.batch_records.push(record);
         if let Some(k) = event.idempotency_key {
             pending_keys.insert((key.clone(), k), (request_hash, items.len() - 1));
         }
@@ -521,12 +539,14 @@ impl Committer {
             idempotency: None,
         });
         item_keys.push(key);
+        self.batch_records.push(record);
         Ok(true)
     }
 
     fn after_commit(
         &mut self,
         items: &[CommitItem],
+        records: &[StateChangeEvent],
         item_keys: &[Key],
         outcomes: &[ItemOutcome],
         before: &HashMap<Key, Option<Instance>>,
@@ -549,7 +569,8 @@ impl Committer {
             old_timers.insert(key, prior.as_ref().and_then(|i| i.timer));
         }
         let mut conflicted: Vec<&Key> = Vec::new();
-        for ((item, key), outcome) in items.iter().zip(item_keys).zip(outcomes) {
+        for (index, ((item, key), outcome)) in items.iter().zip(item_keys).zip(outcomes).enumerate()
+        {
             match outcome {
                 ItemOutcome::Committed { uid } => {
                     if let Some(old) = old_timers.get_mut(key) {
@@ -567,11 +588,9 @@ impl Committer {
                     if let Some(v) = versions.as_mut() {
                         v.insert(key.clone(), item.instance.version);
                     }
-                    if !listeners.is_empty()
-                        && let Ok(record) = item.record.open()
-                    {
+                    if let Some(record) = records.get(index) {
                         for l in &listeners {
-                            l.on_commit(&record, item.record.hash, &item.instance);
+                            l.on_commit(record, item.record.hash, &item.instance);
                         }
                     }
                 }
@@ -590,7 +609,12 @@ impl Committer {
     }
 }
 
-fn answer(waiters: Vec<Waiter>, items: &[CommitItem], outcomes: &[ItemOutcome]) {
+fn answer(
+    waiters: Vec<Waiter>,
+    items: &[CommitItem],
+    records: &[StateChangeEvent],
+    outcomes: &[ItemOutcome],
+) {
     let conflict = |item: usize| match outcomes.get(item) {
         Some(ItemOutcome::Committed { .. }) => None,
         Some(ItemOutcome::Conflict { actual }) => Some(*actual),
@@ -614,7 +638,7 @@ fn answer(waiters: Vec<Waiter>, items: &[CommitItem], outcomes: &[ItemOutcome]) 
                 reply,
             } => {
                 let result = match conflict(item) {
-                    None => outcome_of(&items[item], replayed),
+                    None => outcome_of(&items[item], records.get(item), replayed),
                     Some(actual) => {
                         let expected = items[item].expected_version.unwrap_or(0);
                         Err(TransitionError::RaceCondition {
@@ -639,8 +663,15 @@ fn answer(waiters: Vec<Waiter>, items: &[CommitItem], outcomes: &[ItemOutcome]) 
     }
 }
 
-fn outcome_of(item: &CommitItem, replayed: bool) -> Result<TransitionOutcome, RuntimeError> {
-    let record: StateChangeEvent = open(&item.record)?;
+fn outcome_of(
+    item: &CommitItem,
+    record: Option<&StateChangeEvent>,
+    replayed: bool,
+) -> Result<TransitionOutcome, RuntimeError> {
+    let record = match record {
+        Some(record) => record.clone(),
+        None => open(&item.record)?,
+    };
     Ok(TransitionOutcome {
         record,
         hash: item.record.hash,

@@ -486,6 +486,7 @@ impl Runtime {
         };
         if let Some(key) = &event.idempotency_key
             && let Some(entry) = store.idempotency(namespace, id, key)?
+            && entry.expires_ms > self.shared.options.clock.now_ms()
         {
             return self.replay(namespace, id, &event, &entry).await;
         }

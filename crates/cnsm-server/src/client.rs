@@ -26,12 +26,16 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
+    /// The URL is not `http://host[:port]`.
     #[error("invalid server URL '{url}': {reason}")]
     Url { url: String, reason: String },
+    /// No TCP connection (nothing listens there).
     #[error("cannot reach the server at {url}: {reason}")]
     Connect { url: String, reason: String },
+    /// The connection broke before a complete answer.
     #[error("the connection to {url} failed: {reason}")]
     Http { url: String, reason: String },
+    /// No answer within [`REQUEST_TIMEOUT`].
     #[error("the server at {url} did not answer within {} s", REQUEST_TIMEOUT.as_secs())]
     Timeout { url: String },
 }
@@ -39,8 +43,11 @@ pub enum ClientError {
 /// A complete answer.
 #[derive(Debug, Clone)]
 pub struct ClientResponse {
+    /// The HTTP status code.
     pub status: u16,
+    /// The response headers.
     pub headers: HeaderMap,
+    /// The whole body.
     pub body: Vec<u8>,
 }
 
@@ -253,6 +260,7 @@ impl Client {
 pub struct SseEvent {
     /// `message` when the server named none.
     pub event: String,
+    /// The `id:` field, when the event had one.
     pub id: Option<String>,
     /// The data lines, joined by `\n`.
     pub data: String,

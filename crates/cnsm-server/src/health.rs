@@ -6,8 +6,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Json;
@@ -15,7 +15,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use cnsm_core::{StateChangeEvent, Status};
-use cnsm_store::{InstanceQuery, PAGE_LEN_MAX};
+use cnsm_store::{InstanceQuery, PAGE_LEN_MAX, Store};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -236,11 +236,10 @@ pub async fn readyz(State(state): State<ServerState>) -> Result<Response, ApiErr
 
 /// Counts instances with `query` up to `max`; returns (count, capped).
 fn count_instances(
-    state: &ServerState,
+    store: &dyn Store,
     mut query: InstanceQuery,
     max: usize,
 ) -> Option<(usize, bool)> {
-    let store = state.runtime().store();
     let mut n = 0;
     loop {
         query.limit = PAGE_LEN_MAX.min(max - n + 1);
@@ -262,6 +261,38 @@ fn count_instances(
     }
 }
 
+/// What statez reads from the store: active instances (count, capped) and stored timers
+/// (count, next due). Scans, so it runs on a blocking thread.
+struct StoreCounts {
+    active: Option<(usize, bool)>,
+    n_timers: Option<u64>,
+    next_due_ms: Option<u64>,
+}
+
+fn store_counts(store: &dyn Store, max: usize) -> StoreCounts {
+    let active = count_instances(
+        store,
+        InstanceQuery {
+            status: Some(Status::Active),
+            ..InstanceQuery::default()
+        },
+        max,
+    );
+    let mut n_timers = 0u64;
+    let mut next_due_ms: Option<u64> = None;
+    let readable = store
+        .pending_timers(&mut |t| {
+            n_timers += 1;
+            next_due_ms = Some(next_due_ms.map_or(t.due_ms, |d| d.min(t.due_ms)));
+        })
+        .is_ok();
+    StoreCounts {
+        active,
+        n_timers: readable.then_some(n_timers),
+        next_due_ms,
+    }
+}
+
 /// `/health/statez`: store, commits, queue, instances, timers, version, uptime.
 pub async fn statez(
     State(state): State<ServerState>,
@@ -271,23 +302,16 @@ pub async fn statez(
     let ready = check_ready(&state).await;
     let diagnostics = &state.inner.diagnostics;
     let options = state.options();
-    let store = state.runtime().store();
-    let active = count_instances(
-        &state,
-        InstanceQuery {
-            status: Some(Status::Active),
-            ..InstanceQuery::default()
-        },
-        options.scan_instances_max,
-    );
-    let mut n_timers_stored = 0u64;
-    let mut next_due_ms: Option<u64> = None;
-    let timers_readable = store
-        .pending_timers(&mut |t| {
-            n_timers_stored += 1;
-            next_due_ms = Some(next_due_ms.map_or(t.due_ms, |d| d.min(t.due_ms)));
-        })
-        .is_ok();
+    let store = Arc::clone(state.runtime().store());
+    let max = options.scan_instances_max;
+    let counts = tokio::task::spawn_blocking(move || store_counts(&*store, max))
+        .await
+        .map_err(|_| ApiError::unavailable("the store could not be read"))?;
+    let StoreCounts {
+        active,
+        n_timers,
+        next_due_ms,
+    } = counts;
     let last_commit_ms = diagnostics.last_commit_ms.load(Ordering::Relaxed);
     let uptime = state.inner.started.elapsed();
     let in_flight = options.requests_in_flight_max - state.inner.in_flight.available_permits();
@@ -317,7 +341,7 @@ pub async fn statez(
         },
         "timers": {
             "pending": ready.as_ref().ok(),
-            "stored": timers_readable.then_some(n_timers_stored),
+            "stored": n_timers,
             "nextDueMs": next_due_ms,
         },
         "errors": diagnostics.n_errors.load(Ordering::Relaxed),
@@ -394,31 +418,22 @@ struct RevisionCounts {
     by_status: BTreeMap<String, usize>,
 }
 
-/// `/debug/statemachine`: per machine and revision, instance counts by state; the last 50
-/// transitions and the last 50 errors.
-pub async fn debug(
-    State(state): State<ServerState>,
-    query: QueryPairs,
-) -> Result<Response, ApiError> {
-    let text = wants_text(query)?;
-    let store = state.runtime().store();
-    let max = state.options().scan_instances_max;
-    // (namespace, machine) -> revision -> counts
-    let mut machines: BTreeMap<(String, String), BTreeMap<u32, RevisionCounts>> = BTreeMap::new();
-    for row in store
-        .list_definitions(None)
-        .map_err(|_| ApiError::unavailable("the store cannot be read"))?
-    {
+/// Instance counts per (namespace, machine) and revision.
+type MachineCounts = BTreeMap<(String, String), BTreeMap<u32, RevisionCounts>>;
+
+/// Scans up to `max` instances; returns the counts, how many were scanned, and whether the
+/// scan stopped at `max`.
+fn machine_counts(store: &dyn Store, max: usize) -> Result<(MachineCounts, usize, bool), ApiError> {
+    let unreadable = |_| ApiError::unavailable("the store cannot be read");
+    let mut machines = MachineCounts::new();
+    for row in store.list_definitions(None).map_err(unreadable)? {
         machines.entry((row.namespace, row.name)).or_default();
     }
     let mut query = InstanceQuery::default();
     let mut n_scanned = 0;
-    let mut capped = false;
     loop {
         query.limit = PAGE_LEN_MAX.min(max - n_scanned).max(1);
-        let page = store
-            .list_instances(&query)
-            .map_err(|_| ApiError::unavailable("the store cannot be read"))?;
+        let page = store.list_instances(&query).map_err(unreadable)?;
         let full = page.len() == query.limit;
         n_scanned += page.len();
         for stored in &page {
@@ -442,13 +457,25 @@ pub async fn debug(
                     last.instance.id.to_string(),
                 ))
             }
-            Some(_) if full => {
-                capped = true;
-                break;
-            }
-            _ => break,
+            Some(_) if full => return Ok((machines, n_scanned, true)),
+            _ => return Ok((machines, n_scanned, false)),
         }
     }
+}
+
+/// `/debug/statemachine`: per machine and revision, instance counts by state; the last 50
+/// transitions and the last 50 errors.
+pub async fn debug(
+    State(state): State<ServerState>,
+    query: QueryPairs,
+) -> Result<Response, ApiError> {
+    let text = wants_text(query)?;
+    let store = Arc::clone(state.runtime().store());
+    let max = state.options().scan_instances_max;
+    let (machines, n_scanned, capped) =
+        tokio::task::spawn_blocking(move || machine_counts(&*store, max))
+            .await
+            .map_err(|_| ApiError::unavailable("the store could not be read"))??;
     let transitions = state.inner.diagnostics.recent_transitions();
     let errors = state.inner.diagnostics.recent_errors();
     if !text {
@@ -527,20 +554,23 @@ pub async fn debug(
         let _ = writeln!(out, "  none since start");
     }
     for e in &errors {
+        let at: Vec<&str> = [e.state.as_deref(), e.event.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let at = if at.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", at.join(" / "))
+        };
         let _ = writeln!(
             out,
-            "  {} {} {} {} {} {}: {}",
+            "  {} {} {} {} {}{at}: {}",
             rfc3339_ms(e.time_ms),
             e.status,
             e.error_type,
             e.method,
             e.path,
-            [e.state.as_deref(), e.event.as_deref()]
-                .iter()
-                .flatten()
-                .copied()
-                .collect::<Vec<_>>()
-                .join("/"),
             e.detail
         );
     }

@@ -13,13 +13,15 @@
 //! - [`client`]: a small HTTP/1.1 client for this API (used by `cnsmctl --server` and tests).
 //!
 //! ```no_run
-//! # async fn run() -> std::io::Result<()> {
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! use cnsm_runtime::{Runtime, RuntimeOptions};
+//! use cnsm_server::{ServerOptions, serve, shutdown_signal};
 //! use cnsm_store::embedded::EmbeddedStore;
-//! let store = EmbeddedStore::open("./cnsm-data").expect("store");
-//! let runtime = Runtime::open(store, RuntimeOptions::default()).expect("runtime");
+//! let store = EmbeddedStore::open(std::path::Path::new("./cnsm-data"))?;
+//! let runtime = Runtime::open(store, RuntimeOptions::default())?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
-//! cnsm_server::serve(listener, runtime, cnsm_server::ServerOptions::default(), cnsm_server::shutdown_signal()).await
+//! serve(listener, runtime, ServerOptions::default(), shutdown_signal()).await?;
+//! # Ok(())
 //! # }
 //! ```
 //!
@@ -106,6 +108,7 @@ pub enum ServeError {
          listen on 127.0.0.1"
     )]
     NotLoopback(SocketAddr),
+    /// Accepting or serving connections failed.
     #[error("server I/O failed: {0}")]
     Io(#[from] std::io::Error),
 }

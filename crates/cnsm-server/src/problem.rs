@@ -164,7 +164,9 @@ impl ProblemKind {
 /// An error answer: a kind, a detail for people, and extension members.
 #[derive(Debug, Clone)]
 pub struct ApiError {
+    /// Decides the status, the `type` URI and the `errorType`.
     pub kind: ProblemKind,
+    /// For people: what went wrong with this request.
     pub detail: String,
     /// Extension members (`state`, `event`, `namespace`, `instanceId`, `problems`...).
     pub extensions: Map<String, Value>,
@@ -175,6 +177,7 @@ const UNAVAILABLE_DETAIL: &str =
     "the store is unavailable; nothing was committed. Retry the request later";
 
 impl ApiError {
+    /// A problem of `kind` without extension members.
     pub fn new(kind: ProblemKind, detail: impl Into<String>) -> ApiError {
         ApiError {
             kind,
@@ -183,14 +186,17 @@ impl ApiError {
         }
     }
 
+    /// A 400.
     pub fn invalid(detail: impl Into<String>) -> ApiError {
         ApiError::new(ProblemKind::Invalid, detail)
     }
 
+    /// A 404.
     pub fn not_found(detail: impl Into<String>) -> ApiError {
         ApiError::new(ProblemKind::NotFound, detail)
     }
 
+    /// A 503 (with `Retry-After: 1`).
     pub fn unavailable(detail: impl Into<String>) -> ApiError {
         ApiError::new(ProblemKind::Unavailable, detail)
     }

@@ -232,7 +232,7 @@ impl InstanceWatch {
                 None | Some(Err(broadcast::error::RecvError::Closed)) => self.done = true,
                 Some(Ok(committed)) => {
                     let record = &committed.record;
-                    if &*record.namespace != self.namespace || &*record.instance != self.id {
+                    if self.namespace != *record.namespace || self.id != *record.instance {
                         continue;
                     }
                     let version = record.version;

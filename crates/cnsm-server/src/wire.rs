@@ -285,7 +285,7 @@ pub fn encode_continue(namespace: &str, id: &str) -> String {
 
 /// Decodes a `continue` token; `None` when it is not one this server made.
 pub fn decode_continue(token: &str) -> Option<(String, String)> {
-    if token.len() % 2 != 0 || token.len() > 1024 {
+    if !token.len().is_multiple_of(2) || token.len() > 1024 {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..token.len())

@@ -30,16 +30,20 @@
 //! # Verification checkpoints
 //!
 //! The `log` numbers every committed record; `meta.verified_seq` says up to where records were
-//! read back from the file and checked (stored hash over the stored bytes, decodable, belongs to
-//! the instance of its uid, links to the previous record of that instance).
+//! read back from the file and checked (stored hash over the stored bytes, belongs to the
+//! instance of its uid, links to the previous record of that instance).
 //!
 //! - [`EmbeddedStore::open`] checks the tail after `verified_seq` and refuses to open a store
 //!   whose tail is corrupt ([`StoreError::Corrupt`] naming instance and version).
-//! - [`Store::commit`] checks, in its own transaction, up to as many earlier records of the tail
-//!   as the batch holds (at least [`VERIFY_PER_COMMIT_MIN`]) and advances the checkpoint in the
-//!   same commit, so the tail stays about one batch long and open stays fast however large the
-//!   store grows. A problem found there stops the checkpoint (open then reports it); the commit
-//!   itself goes on, since the batch at hand is not at fault.
+//! - A background verifier thread (`cnsm-verifier`) reads back every committed record on a read
+//!   snapshot, beside the writer and off the commit path, and advances an in-memory watermark;
+//!   each [`Store::commit`] persists that watermark as `verified_seq` in its own transaction. The
+//!   unverified tail therefore stays about as long as the verifier's lag (milliseconds of
+//!   commits), and open stays fast however large the store grows. A problem found there stops
+//!   the watermark (open then reports it); commits go on, since the batch at hand is not at fault.
+//! - [`Store::commit`] itself checks each item against its own bytes (pair assertions: the hash
+//!   over the bytes, identity, previous hash against the stored previous record, state and
+//!   status) without a full decode, and refuses the whole batch on a mismatch.
 //! - [`EmbeddedStore::close`] checks whatever tail is left, so a cleanly closed store opens with
 //!   nothing to check.
 //! - [`Store::verify`] checks everything from genesis.
@@ -54,9 +58,12 @@
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
-use cnsm_core::record::{Hash32, RECORD_DOMAIN, SealedRecord, decode_record};
+use cnsm_core::record::{Hash32, RECORD_DOMAIN, SealedRecord};
 use cnsm_core::resource::StateMachine;
 use cnsm_core::{Instance, Status};
 use redb::{
@@ -79,22 +86,103 @@ use tables::*;
 /// The database file inside the data directory.
 pub const FILE_NAME: &str = "cnsm.redb";
 
-/// The least number of earlier tail records a commit verifies (see the module docs).
-pub const VERIFY_PER_COMMIT_MIN: u64 = 64;
-
 /// Most items one [`Store::commit`] accepts.
 pub const COMMIT_ITEMS_MAX: usize = 100_000;
 
 /// The embedded store. Cheap to share behind an `Arc`; redb serializes write transactions and
 /// lets reads run beside them on a consistent snapshot.
 pub struct EmbeddedStore {
-    db: Database,
+    db: Arc<Database>,
     path: PathBuf,
     quick_repair: bool,
     verify_tail: bool,
     /// The log sequence where the per-commit check found a problem; it is not retried until
     /// the store is reopened (open reports it).
-    tail_problem: Mutex<Option<u64>>,
+    tail_problem: Arc<Mutex<Option<u64>>>,
+    /// Every record logged at or below this sequence was read back and verified by the
+    /// background verifier; the next commit persists it as the checkpoint.
+    verified_upto: Arc<AtomicU64>,
+    verifier: Option<Verifier>,
+}
+
+/// The background thread that reads back committed records (on a read snapshot, beside the
+/// writer) and advances the verification watermark, so commits do no verification work and
+/// the tail an open must check after a crash stays short.
+struct Verifier {
+    stop: Arc<(AtomicBool, Mutex<()>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Verifier {
+    fn shut_down(&mut self) {
+        let (stop, lock, wake) = &*self.stop;
+        stop.store(true, Ordering::SeqCst);
+        let _guard = lock.lock();
+        wake.notify_all();
+        drop(_guard);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        if let Some(verifier) = self.verifier.as_mut() {
+            verifier.shut_down();
+        }
+    }
+}
+
+/// How often the verifier looks for new records.
+const VERIFY_INTERVAL: Duration = Duration::from_millis(20);
+/// Most records the verifier checks per read snapshot.
+const VERIFY_CHUNK: u64 = 20_000;
+
+fn run_verifier(
+    db: Arc<Database>,
+    verified_upto: Arc<AtomicU64>,
+    tail_problem: Arc<Mutex<Option<u64>>>,
+    stop: Arc<(AtomicBool, Mutex<()>, Condvar)>,
+) {
+    let (stopping, lock, wake) = &*stop;
+    while !stopping.load(Ordering::SeqCst) {
+        let mut progressed = false;
+        let problem_known = tail_problem.lock().map(|p| p.is_some()).unwrap_or(true);
+        if !problem_known && let Ok(txn) = db.begin_read() {
+            let result = (|| -> Result<Option<(u64, Option<String>)>, StoreError> {
+                let meta = txn.open_table(META).io()?;
+                let records = txn.open_table(RECORDS).io()?;
+                let uids = txn.open_table(INSTANCE_UIDS).io()?;
+                let log = txn.open_table(LOG).io()?;
+                let durable = meta_get(&meta, META_VERIFIED_SEQ)?;
+                let next_seq = meta_get(&meta, META_NEXT_SEQ)?;
+                let from = durable.max(verified_upto.load(Ordering::SeqCst));
+                if from + 1 >= next_seq {
+                    return Ok(None);
+                }
+                let checked =
+                    check::verify_tail(&records, &uids, &log, from, next_seq, Some(VERIFY_CHUNK))?;
+                Ok(Some((checked.verified_seq, checked.problem)))
+            })();
+            if let Ok(Some((verified_seq, problem))) = result {
+                progressed = verified_seq > verified_upto.load(Ordering::SeqCst);
+                verified_upto.fetch_max(verified_seq, Ordering::SeqCst);
+                if problem.is_some()
+                    && let Ok(mut p) = tail_problem.lock()
+                {
+                    *p = Some(verified_seq + 1);
+                }
+            }
+        }
+        if !progressed {
+            let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+            if stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            let _ = wake.wait_timeout(guard, VERIFY_INTERVAL);
+        }
+    }
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -179,12 +267,14 @@ impl EmbeddedStore {
         let path = dir.join(FILE_NAME);
         let db = Database::create(&path).map_err(|e| open_error(&path, e))?;
         check_format(&db)?;
-        let store = EmbeddedStore {
-            db,
+        let mut store = EmbeddedStore {
+            db: Arc::new(db),
             path,
             quick_repair: options.quick_repair,
             verify_tail: options.verify_tail,
-            tail_problem: Mutex::new(None),
+            tail_problem: Arc::new(Mutex::new(None)),
+            verified_upto: Arc::new(AtomicU64::new(0)),
+            verifier: None,
         };
         let txn = store.begin_durable()?;
         if let Err(e) = init_and_verify(&txn, options.verify_tail) {
@@ -192,6 +282,25 @@ impl EmbeddedStore {
             return Err(e);
         }
         txn.commit().io()?;
+        if options.verify_tail {
+            let stop = Arc::new((AtomicBool::new(false), Mutex::new(()), Condvar::new()));
+            let thread = {
+                let (db, upto, problem, stop) = (
+                    Arc::clone(&store.db),
+                    Arc::clone(&store.verified_upto),
+                    Arc::clone(&store.tail_problem),
+                    Arc::clone(&stop),
+                );
+                std::thread::Builder::new()
+                    .name("cnsm-verifier".into())
+                    .spawn(move || run_verifier(db, upto, problem, stop))
+                    .map_err(|e| StoreError::Io(format!("cannot start the verifier: {e}")))?
+            };
+            store.verifier = Some(Verifier {
+                stop,
+                thread: Some(thread),
+            });
+        }
         Ok(store)
     }
 
@@ -206,6 +315,12 @@ impl EmbeddedStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The sequence up to which the background verifier has read back and checked records
+    /// (persisted as the checkpoint by the next commit).
+    pub fn verified_in_memory(&self) -> u64 {
+        self.verified_upto.load(Ordering::SeqCst)
     }
 
     /// Where the verification checkpoint stands.
@@ -226,9 +341,12 @@ impl EmbeddedStore {
     ///
     /// Errors: [`StoreError::Corrupt`] when a record of the tail fails its checks (the store is
     /// closed all the same, with the checkpoint just before that record).
-    pub fn close(self) -> Result<(), StoreError> {
+    pub fn close(mut self) -> Result<(), StoreError> {
+        if let Some(verifier) = self.verifier.as_mut() {
+            verifier.shut_down();
+        }
         if !self.verify_tail {
-            return self.db.close().io();
+            return Ok(());
         }
         let txn = self.begin_durable()?;
         let verified = {
@@ -236,7 +354,8 @@ impl EmbeddedStore {
             let records = txn.open_table(RECORDS).io()?;
             let uids = txn.open_table(INSTANCE_UIDS).io()?;
             let log = txn.open_table(LOG).io()?;
-            let from = meta_get(&meta, META_VERIFIED_SEQ)?;
+            let from =
+                meta_get(&meta, META_VERIFIED_SEQ)?.max(self.verified_upto.load(Ordering::SeqCst));
             let next_seq = meta_get(&meta, META_NEXT_SEQ)?;
             check::verify_tail(&records, &uids, &log, from, next_seq, None)?
         };
@@ -245,7 +364,6 @@ impl EmbeddedStore {
             meta.insert(META_VERIFIED_SEQ, verified.verified_seq).io()?;
         }
         txn.commit().io()?;
-        self.db.close().io()?;
         match verified.problem {
             Some(problem) => Err(StoreError::Corrupt(problem)),
             None => Ok(()),
@@ -268,25 +386,12 @@ impl EmbeddedStore {
             next_uid: meta_get(&t.meta, META_NEXT_UID)?,
             next_seq: meta_get(&t.meta, META_NEXT_SEQ)?,
         };
-        let mut verified_seq = meta_get(&t.meta, META_VERIFIED_SEQ)?;
-        // Read back part of what earlier commits wrote (see the module docs).
-        let mut tail_problem = self.tail_problem.lock().unwrap_or_else(|e| e.into_inner());
-        if tail_problem.is_none() {
-            let budget = (items.len() as u64).max(VERIFY_PER_COMMIT_MIN);
-            let checked = check::verify_tail(
-                &t.records,
-                &t.uids,
-                &t.log,
-                verified_seq,
-                counters.next_seq,
-                Some(budget),
-            )?;
-            verified_seq = checked.verified_seq;
-            if checked.problem.is_some() {
-                *tail_problem = Some(verified_seq + 1);
-            }
-        }
-        drop(tail_problem);
+        // The background verifier read back everything up to `verified_upto`; persist it.
+        let verified_seq = meta_get(&t.meta, META_VERIFIED_SEQ)?.max(
+            self.verified_upto
+                .load(Ordering::SeqCst)
+                .min(counters.next_seq.saturating_sub(1)),
+        );
 
         let mut outcomes = Vec::with_capacity(items.len());
         for (item, prev_hash) in items.iter().zip(prev_hashes) {
@@ -484,24 +589,30 @@ fn check_item(index: usize, item: &CommitItem) -> Result<Hash32, StoreError> {
     if Hash32::digest(RECORD_DOMAIN, &record.bytes) != record.hash {
         return fail("the record's hash does not match its bytes".into());
     }
-    let decoded = match decode_record(record.version, &record.bytes) {
-        Ok(decoded) => decoded,
+    // Pair assertions on the bytes themselves, without a full decode: identity, link, state.
+    let fields = match cnsm_core::cbor::top_level_texts(
+        &record.bytes,
+        &["namespace", "instance", "prevHash", "to", "status"],
+    ) {
+        Ok(fields) => fields,
         Err(e) => return fail(e.to_string()),
     };
-    if decoded.namespace != instance.namespace || decoded.instance != instance.id {
-        return fail(format!(
-            "the record belongs to {}/{}",
-            decoded.namespace, decoded.instance
-        ));
+    let (Some(namespace), Some(id), Some(prev_hex), Some(to), Some(status)) =
+        (fields[0], fields[1], fields[2], fields[3], fields[4])
+    else {
+        return fail("the bytes are not a record (a required field is missing)".into());
+    };
+    if namespace != &*instance.namespace || id != &*instance.id {
+        return fail(format!("the record belongs to {namespace}/{id}"));
     }
-    if record.version == 0 && decoded.prev_hash != Hash32::ZERO {
+    let Some(prev_hash) = Hash32::from_hex(prev_hex) else {
+        return fail("the record's previous hash is not 64 hex digits".into());
+    };
+    if record.version == 0 && prev_hash != Hash32::ZERO {
         return fail("a genesis record must have a zero previous hash".into());
     }
-    if decoded.to != instance.state
-        || decoded.status != instance.status
-        || decoded.timer != instance.timer
-    {
-        return fail("the instance's state, status or timer differ from the record's".into());
+    if to != &*instance.state || status != instance.status.as_str() {
+        return fail("the instance's state or status differ from the record's".into());
     }
     if let Some(entry) = &item.idempotency
         && entry.version != record.version
@@ -511,7 +622,7 @@ fn check_item(index: usize, item: &CommitItem) -> Result<Hash32, StoreError> {
             entry.version
         ));
     }
-    Ok(decoded.prev_hash)
+    Ok(prev_hash)
 }
 
 fn apply_item(

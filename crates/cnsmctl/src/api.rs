@@ -1,9 +1,10 @@
 //! The seam between commands and wherever the machines live.
 //!
-//! Every command talks to an [`Api`]; it never touches a runtime or a store directly. Today the
-//! only implementation is [`crate::local::Local`] (a [`cnsm_runtime::Runtime`] over the embedded
-//! store in `--data-dir`). A client mode (`--server URL`) adds an HTTP implementation of the same
-//! trait and a branch in [`crate::commands::Context::connect`]; the commands stay as they are.
+//! Every command talks to an [`Api`]; it never touches a runtime or a store directly. Two
+//! implementations exist: [`crate::local::Local`] (a [`cnsm_runtime::Runtime`] over the embedded
+//! store in `--data-dir`) and [`crate::remote::Remote`] (the HTTP API of a `cnsmctl serve`,
+//! with `--server URL`). [`crate::commands::Context::connect`] picks one and returns it as a
+//! [`Connection`]; the commands do not know which.
 //!
 //! The trait speaks the core's types ([`Instance`], [`HistoryEntry`], ...), which all have a JSON
 //! form, and [`CliError`], which carries the `error.type` of DESIGN.md §4 so an HTTP problem
@@ -17,6 +18,8 @@ use cnsm_runtime::{
 use cnsm_store::{DefinitionRow, VerifyReport};
 
 use crate::error::CliError;
+use crate::local::Local;
+use crate::remote::Remote;
 
 /// Whether a command changes anything. Local mode runs timers only for mutating commands:
 /// overdue timers fire when a mutating command opens the store (the runtime's contract), and a
@@ -88,4 +91,79 @@ pub trait Api {
 
     /// Checks the whole store (every chain, every instance, every index).
     async fn verify_store(&self) -> Result<VerifyReport, CliError>;
+}
+
+/// The [`Api`] a command got: local or remote.
+#[derive(Debug)]
+pub enum Connection {
+    Local(Local),
+    Remote(Remote),
+}
+
+/// Runs the same call on whichever implementation the connection holds.
+macro_rules! delegate {
+    ($self:ident, $api:ident => $call:expr) => {
+        match $self {
+            Connection::Local($api) => $call.await,
+            Connection::Remote($api) => $call.await,
+        }
+    };
+}
+
+impl Api for Connection {
+    async fn apply(&self, machine: StateMachine) -> Result<AppliedDefinition, CliError> {
+        delegate!(self, api => api.apply(machine))
+    }
+
+    async fn machine(
+        &self,
+        namespace: &str,
+        name: &str,
+        revision: Option<u32>,
+    ) -> Result<DefinitionRow, CliError> {
+        delegate!(self, api => api.machine(namespace, name, revision))
+    }
+
+    async fn machines(&self, namespace: Option<&str>) -> Result<Vec<DefinitionRow>, CliError> {
+        delegate!(self, api => api.machines(namespace))
+    }
+
+    async fn delete_machine(&self, namespace: &str, name: &str) -> Result<(), CliError> {
+        delegate!(self, api => api.delete_machine(namespace, name))
+    }
+
+    async fn create_instance(&self, request: CreateInstance) -> Result<Instance, CliError> {
+        delegate!(self, api => api.create_instance(request))
+    }
+
+    async fn send(
+        &self,
+        namespace: &str,
+        id: &str,
+        event: EventRequest,
+    ) -> Result<TransitionOutcome, CliError> {
+        delegate!(self, api => api.send(namespace, id, event))
+    }
+
+    async fn instance(&self, namespace: &str, id: &str) -> Result<Instance, CliError> {
+        delegate!(self, api => api.instance(namespace, id))
+    }
+
+    async fn instances(&self, filter: &InstanceFilter) -> Result<Vec<Instance>, CliError> {
+        delegate!(self, api => api.instances(filter))
+    }
+
+    async fn history(
+        &self,
+        namespace: &str,
+        id: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, CliError> {
+        delegate!(self, api => api.history(namespace, id, from_version, limit))
+    }
+
+    async fn verify_store(&self) -> Result<VerifyReport, CliError> {
+        delegate!(self, api => api.verify_store())
+    }
 }

@@ -17,7 +17,8 @@ Exit codes:
   3  not found (machine, revision or instance)
   4  rejected: TransitionFailure, StaleState, RaceCondition, Locked, or a conflict
      (instance exists, idempotency key reused with another payload, machine still in use)
-  5  store unavailable: locked by another process, unreadable, or too new for this binary
+  5  store unavailable: locked by another process, unreadable, or too new for this binary;
+     with --server also: the server cannot be reached or answers 503
 
 Errors are one line on stderr: `error: <ErrorType>: <message>`.
 
@@ -28,7 +29,9 @@ First steps:
   cnsmctl -n shop create instance order-processing --id o-1 --data '{\"total\": 40}'
   cnsmctl -n shop send o-1 complete
   cnsmctl -n shop get instances -o wide
-  cnsmctl -n shop history o-1";
+  cnsmctl -n shop history o-1
+  cnsmctl serve                                  # the HTTP API on http://127.0.0.1:8080
+  cnsmctl --server http://127.0.0.1:8080 get instances -A";
 
 /// cnsmctl: run and inspect cnsm state machines, kubectl style.
 #[derive(Debug, Parser)]
@@ -42,7 +45,9 @@ First steps:
         current state, JSON data and a version (0 at creation, +1 per committed transition). \
         `send` delivers an event; every committed transition is a hash-chained history record \
         (`history`).\n\n\
-        cnsmctl works on the embedded store in --data-dir; no server or setup is needed.",
+        cnsmctl works on the embedded store in --data-dir; no server or setup is needed. \
+        `cnsmctl serve` runs the HTTP API on that store, and --server URL (or CNSM_SERVER) makes \
+        every command go through a running server instead.",
     after_help = ROOT_AFTER_HELP,
     propagate_version = true
 )]
@@ -61,6 +66,10 @@ pub struct Cli {
         value_name = "NS"
     )]
     pub namespace: String,
+
+    /// Talk to a running `cnsmctl serve` (http://HOST:PORT) instead of the embedded store
+    #[arg(long, global = true, env = "CNSM_SERVER", value_name = "URL")]
+    pub server: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -160,6 +169,23 @@ pub enum Command {
     #[command(subcommand)]
     Store(StoreCommand),
 
+    /// Run the HTTP API on the embedded store in --data-dir
+    #[command(
+        long_about = "Run the HTTP API (statemachine.cn/v1alpha1) on the embedded store in --data-dir.\n\n\
+            Routes live under /apis/statemachine.cn/v1alpha1/namespaces/{ns}/: statemachines, \
+            instances, instances/{id}/events (JSON or CloudEvents 1.0), instances/{id}/history, \
+            and ?watch=true streams (Server-Sent Events). Health: /health/livez, /health/readyz, \
+            /health/statez; diagnostics: /debug/statemachine. See docs/api.md.\n\n\
+            The server listens on loopback only unless --insecure is given: there is no \
+            authentication yet (--auth-file comes later). SIGTERM or Ctrl-C stops accepting, \
+            drains in-flight requests, flushes the group commit and exits 0.",
+        after_help = "Examples:\n  \
+            cnsmctl serve                                   # http://127.0.0.1:8080, store in ./cnsm-data\n  \
+            cnsmctl --data-dir /var/lib/cnsm serve --listen 127.0.0.1:9000\n  \
+            cnsmctl --server http://127.0.0.1:8080 get instances -A"
+    )]
+    Serve(ServeArgs),
+
     /// A complete tour on a throw-away store: apply, create, send, history, graph
     #[command(
         long_about = "A complete tour on a throw-away store.\n\n\
@@ -234,7 +260,8 @@ pub enum GetCommand {
             cnsmctl -n shop get instances\n  \
             cnsmctl -n shop get instances -l tier=gold --state paid -o wide\n  \
             cnsmctl get inst -A --status failed\n  \
-            cnsmctl -n shop get instance o-1 -o json"
+            cnsmctl -n shop get instance o-1 -o json\n  \
+            cnsmctl --server http://127.0.0.1:8080 -n shop get instances -w   # stream transitions"
     )]
     Instances(GetInstancesArgs),
 }
@@ -288,6 +315,9 @@ pub struct GetInstancesArgs {
     /// Output format; wide adds LABELS, TIMER-DUE and UPDATED
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     pub output: OutputFormat,
+    /// After listing, print one line per transition as it commits (needs --server)
+    #[arg(short = 'w', long)]
+    pub watch: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -449,3 +479,19 @@ pub enum StoreCommand {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port (the first line of output names it)
+    #[arg(
+        long,
+        env = "CNSM_LISTEN",
+        default_value = "127.0.0.1:8080",
+        value_name = "ADDR"
+    )]
+    pub listen: String,
+    /// Allow a non-loopback address without authentication (anyone who can reach it can
+    /// change every instance)
+    #[arg(long)]
+    pub insecure: bool,
+}

@@ -69,6 +69,8 @@ pub async fn run(context: &Context, out: &mut Out) -> Result<(), CliError> {
         data_dir_on_command_line: kept,
         namespace: "default".into(),
         namespace_on_command_line: false,
+        // The tour always runs on its own embedded store.
+        server: None,
     };
     let api = Local::open(&data_dir, Access::Mutating)?;
     let result = tour(&demo_context, &api, out).await;

@@ -3,14 +3,16 @@
 //! Code map:
 //! - [`cli`]: every command, flag and help text (clap derive).
 //! - [`commands`]: runs a command: checks its input, connects to an [`api::Api`], prints.
-//! - [`api`]: the trait every command goes through; the seam for a future `--server` mode.
+//! - [`api`]: the trait every command goes through, and [`api::Connection`] (local or remote).
 //! - [`local`]: the `Api` over an in-process runtime and the embedded store (`--data-dir`).
+//! - [`remote`]: the `Api` over the HTTP API of a `cnsmctl serve` (`--server URL`).
 //! - [`output`]: tables, times, and the JSON views scripts rely on.
 //! - [`error`]: the error type and the exit codes (documented in `--help` and `docs/cli.md`).
 //! - [`demo`]: the guided tour (`cnsmctl demo`).
 //!
 //! Exit codes: 0 ok, 1 invalid input, 2 usage, 3 not found, 4 rejected or conflict, 5 store
-//! unavailable. Errors are one line on stderr: `error: <ErrorType>: <message>`.
+//! (or server) unavailable. Errors are one line on stderr: `error: <ErrorType>: <message>`.
+//! The same holds in client mode: a problem+json answer maps back through its `errorType`.
 
 mod api;
 mod cli;
@@ -19,6 +21,7 @@ mod demo;
 mod error;
 mod local;
 mod output;
+mod remote;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,7 +29,7 @@ use std::process::ExitCode;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches};
 
-use crate::cli::Cli;
+use crate::cli::{Cli, Command};
 use crate::commands::{Context, DEFAULT_DATA_DIR};
 use crate::error::{EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE};
 use crate::output::Out;
@@ -52,11 +55,14 @@ fn main() -> ExitCode {
         data_dir_on_command_line: on_command_line("data_dir"),
         namespace: cli.namespace.clone(),
         namespace_on_command_line: on_command_line("namespace"),
+        server: cli.server.clone(),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // The server uses every core; a command is one thread waiting on a store or a server.
+    let mut builder = match cli.command {
+        Command::Serve(_) => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: Unavailable: cannot start the async runtime: {e}");

@@ -7,6 +7,9 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
+#[path = "cli/server.rs"]
+mod server;
+
 /// The shared example machines (CI checks `shared/` out beside the repository).
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/examples/");
 
@@ -75,12 +78,15 @@ impl Run {
 /// A temporary data directory and a way to run the binary on it.
 struct Cli {
     dir: tempfile::TempDir,
+    /// `--server URL`: every command goes through that server.
+    server: Option<String>,
 }
 
 impl Cli {
     fn new() -> Cli {
         Cli {
             dir: tempfile::tempdir().expect("tempdir"),
+            server: None,
         }
     }
 
@@ -97,7 +103,11 @@ impl Cli {
             .env_remove("CNSM_DATA_DIR")
             .env_remove("CNSM_NAMESPACE")
             .env_remove("CNSM_ACTOR")
+            .env_remove("CNSM_SERVER")
             .current_dir(self.dir.path());
+        if let Some(url) = &self.server {
+            command.arg("--server").arg(url);
+        }
         command
     }
 
@@ -158,7 +168,22 @@ impl Cli {
 /// The script on order-processing.yaml, step by step.
 #[test]
 fn order_processing_script() {
-    let cli = Cli::new();
+    run_order_processing_script(&Cli::new());
+}
+
+/// The same script, every command through the HTTP API of a `cnsmctl serve` child.
+#[test]
+fn order_processing_script_through_a_server() {
+    let server_dir = tempfile::tempdir().expect("tempdir");
+    let server = server::ServerChild::start(server_dir.path());
+    let mut cli = Cli::new();
+    cli.server = Some(server.url.clone());
+    run_order_processing_script(&cli);
+    // Nothing went to the client's own data directory.
+    assert!(!cli.data_dir().exists());
+}
+
+fn run_order_processing_script(cli: &Cli) {
     let file = example("order-processing.yaml");
 
     cli.run(&["validate", "-f", &file])

@@ -1,2 +1,3 @@
 mod admission;
 mod engine;
+mod fastexpr;

@@ -1,1 +1,9 @@
-fn main() {}
+//! End-to-end tests of the HTTP API over real HTTP on 127.0.0.1: every route, every error
+//! status, CloudEvents, concurrency contracts, watch streams, health and shutdown.
+
+mod api;
+mod cloudevents;
+mod concurrency;
+mod health;
+mod support;
+mod watch;

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use cnsm_core::Instance;
 use cnsm_core::engine::revision_hash;
-use cnsm_core::record::{Hash32, RECORD_DOMAIN, SealedRecord, decode_record};
+use cnsm_core::record::{Hash32, RECORD_DOMAIN, SealedRecord};
 use cnsm_core::resource::StateMachine;
 use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata};
 
@@ -98,16 +98,28 @@ pub(crate) fn check_record(
     if Hash32::digest(RECORD_DOMAIN, bytes) != Hash32(hash) {
         return Ok(Err(format!("{name}: stored hash does not match its bytes")));
     }
-    let decoded = match decode_record(version, bytes) {
-        Ok(decoded) => decoded,
-        Err(e) => return Ok(Err(format!("{name}: {e}"))),
-    };
-    if &*decoded.namespace != namespace || &*decoded.instance != id {
+    // The hash matched, so the bytes are what was committed: read just the identity and the
+    // link (a full decode is `verify`'s job).
+    let fields =
+        match cnsm_core::cbor::top_level_texts(bytes, &["namespace", "instance", "prevHash"]) {
+            Ok(fields) => fields,
+            Err(e) => return Ok(Err(format!("{name}: {e}"))),
+        };
+    let (Some(record_namespace), Some(record_id), Some(prev_hex)) =
+        (fields[0], fields[1], fields[2])
+    else {
         return Ok(Err(format!(
-            "{name}: belongs to {}/{}",
-            decoded.namespace, decoded.instance
+            "{name}: bytes are not a record (identity or link missing)"
+        )));
+    };
+    if record_namespace != namespace || record_id != id {
+        return Ok(Err(format!(
+            "{name}: belongs to {record_namespace}/{record_id}"
         )));
     }
+    let Some(prev_hash) = Hash32::from_hex(prev_hex) else {
+        return Ok(Err(format!("{name}: previous hash is not 64 hex digits")));
+    };
     let expected_prev = match version.checked_sub(1) {
         None => Hash32::ZERO,
         Some(previous) => match records.get((uid, previous)).io()? {
@@ -119,7 +131,7 @@ pub(crate) fn check_record(
             }
         },
     };
-    if decoded.prev_hash != expected_prev {
+    if prev_hash != expected_prev {
         return Ok(Err(format!(
             "{name}: previous hash does not match the stored record before it"
         )));

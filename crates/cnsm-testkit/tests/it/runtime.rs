@@ -443,3 +443,36 @@ fn bad_requests_change_nothing() {
         rt.shutdown();
     });
 }
+
+#[test]
+fn idempotency_keys_expire_after_their_window() {
+    block_on(async {
+        let env = Env::new();
+        let rt = env.runtime();
+        rt.apply_yaml(&example("provisioning.yaml"), None)
+            .await
+            .unwrap();
+        rt.create_instance(CreateInstance::new("default", "provisioning").id("v-1"))
+            .await
+            .unwrap();
+        rt.create_instance(CreateInstance::new("default", "provisioning").id("v-2"))
+            .await
+            .unwrap();
+        let submit = || {
+            EventRequest::new("submit")
+                .payload(json!({"size": 128}))
+                .idempotency_key("once")
+        };
+        let first = rt.send("default", "v-1", submit()).await.unwrap();
+        assert!(!first.replayed);
+        // Within the window the key replays; keys are scoped to the instance.
+        assert!(rt.send("default", "v-1", submit()).await.unwrap().replayed);
+        assert!(!rt.send("default", "v-2", submit()).await.unwrap().replayed);
+        // After 24 h the key is forgotten: the same request is a new event (and here a failure,
+        // since the instance moved on).
+        env.clock.advance_secs(24 * 3600 + 1);
+        let again = rt.send("default", "v-1", submit()).await.unwrap_err();
+        assert_eq!(again.error_type(), "TransitionFailure");
+        rt.shutdown();
+    });
+}

@@ -1,12 +1,12 @@
 //! Commands on instances: `create instance`, `send`, `get instances`, `describe instance`,
 //! `history`.
 
-use cnsm_core::{Instance, Status};
+use cnsm_core::{Instance, StateChangeEvent, Status};
 use cnsm_runtime::{CreateInstance, EventRequest, TransitionOutcome};
 use serde_json::{Map, Value, json};
 
 use super::{Context, no_resources, parse_json, parse_labels};
-use crate::api::{Access, Api, InstanceFilter};
+use crate::api::{Access, Api, Connection, InstanceFilter};
 use crate::cli::{
     CreateInstanceArgs, DescribeInstanceArgs, GetInstancesArgs, HistoryArgs, OutputFormat,
     ResultFormat, SendArgs, StatusArg,
@@ -52,7 +52,12 @@ pub fn created_line(instance: &Instance) -> String {
 /// replayed result or an instance that has ended.
 pub fn transition_line(outcome: &TransitionOutcome) -> String {
     let record = &outcome.record;
-    let from = record.from.as_deref().unwrap_or("-");
+    let Some(from) = record.from.as_deref() else {
+        return format!(
+            "instance/{} created (state {}, version {})",
+            record.instance, record.to, record.version
+        );
+    };
     let via = if record.via.is_empty() {
         String::new()
     } else {
@@ -149,7 +154,7 @@ fn status_of(arg: StatusArg) -> Status {
     }
 }
 
-/// `get instances [ID]`.
+/// `get instances [ID] [-w]`.
 pub async fn get(
     context: &Context,
     args: &GetInstancesArgs,
@@ -158,6 +163,12 @@ pub async fn get(
     if args.all_namespaces && args.id.is_some() {
         return Err(CliError::invalid(
             "an instance cannot be retrieved by id across all namespaces",
+        ));
+    }
+    if args.watch && context.server.is_none() {
+        return Err(CliError::invalid(
+            "watching (-w) needs a server: start `cnsmctl serve` and pass --server URL \
+             (or set CNSM_SERVER)",
         ));
     }
     let filter = InstanceFilter {
@@ -169,38 +180,132 @@ pub async fn get(
         limit: args.limit,
     };
     let api = context.connect(Access::ReadOnly)?;
-    let Some(id) = &args.id else {
-        let instances = api.instances(&filter).await?;
-        return match args.output {
-            OutputFormat::Json => out.json(&items(instances.iter().map(instance_json).collect())),
-            OutputFormat::Yaml => out.yaml(&items(instances.iter().map(instance_json).collect())),
-            OutputFormat::Table | OutputFormat::Wide if instances.is_empty() => {
-                no_resources(filter.namespace.as_deref());
-                Ok(())
-            }
-            OutputFormat::Table | OutputFormat::Wide => {
-                out.text(instances_table(
-                    &instances,
-                    args.all_namespaces,
-                    args.output == OutputFormat::Wide,
-                ));
-                Ok(())
-            }
-        };
+    // Open the watch before listing, so nothing committed in between is missed.
+    let stream = match (&api, args.watch) {
+        (Connection::Remote(remote), true) => {
+            Some(remote.watch(&filter, args.id.as_deref()).await?)
+        }
+        _ => None,
     };
-    let instance = api.instance(&context.namespace, id).await?;
-    match args.output {
-        OutputFormat::Json => out.json(&instance_json(&instance)),
-        OutputFormat::Yaml => out.yaml(&instance_json(&instance)),
-        OutputFormat::Table | OutputFormat::Wide => {
-            out.text(instances_table(
-                std::slice::from_ref(&instance),
-                false,
-                args.output == OutputFormat::Wide,
-            ));
-            Ok(())
+    match &args.id {
+        None => {
+            let instances = api.instances(&filter).await?;
+            match args.output {
+                OutputFormat::Json => {
+                    out.json(&items(instances.iter().map(instance_json).collect()))?
+                }
+                OutputFormat::Yaml => {
+                    out.yaml(&items(instances.iter().map(instance_json).collect()))?
+                }
+                OutputFormat::Table | OutputFormat::Wide if instances.is_empty() => {
+                    no_resources(filter.namespace.as_deref());
+                }
+                OutputFormat::Table | OutputFormat::Wide => {
+                    out.text(instances_table(
+                        &instances,
+                        args.all_namespaces,
+                        args.output == OutputFormat::Wide,
+                    ));
+                }
+            }
+        }
+        Some(id) => {
+            let instance = api.instance(&context.namespace, id).await?;
+            match args.output {
+                OutputFormat::Json => out.json(&instance_json(&instance))?,
+                OutputFormat::Yaml => out.yaml(&instance_json(&instance))?,
+                OutputFormat::Table | OutputFormat::Wide => {
+                    out.text(instances_table(
+                        std::slice::from_ref(&instance),
+                        false,
+                        args.output == OutputFormat::Wide,
+                    ));
+                }
+            }
         }
     }
+    match stream {
+        Some(stream) => watch(stream, args, out).await,
+        None => Ok(()),
+    }
+}
+
+/// Prints one line per transition until the server ends the stream (or the process is
+/// stopped). JSON output prints one compact object per line: record, hash, instance.
+async fn watch(
+    mut stream: cnsm_server::client::EventStream,
+    args: &GetInstancesArgs,
+    out: &mut Out,
+) -> Result<(), CliError> {
+    loop {
+        let event = stream
+            .next_event()
+            .await
+            .map_err(|e| CliError::unavailable(format!("the watch stream broke: {e}")))?;
+        let Some(event) = event else {
+            return Ok(());
+        };
+        let data: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+        match event.event.as_str() {
+            "transition" => {}
+            "error" => {
+                let message = data["message"]
+                    .as_str()
+                    .unwrap_or("the server ended the watch");
+                return Err(CliError::unavailable(format!("watch ended: {message}")));
+            }
+            // The opening `instance` event repeats what was just printed.
+            _ => continue,
+        }
+        let Ok(record) = serde_json::from_value::<StateChangeEvent>(data["record"].clone()) else {
+            continue;
+        };
+        let instance: Option<Instance> = serde_json::from_value(data["instance"].clone()).ok();
+        match (args.output, instance) {
+            (OutputFormat::Json | OutputFormat::Yaml, Some(instance)) => {
+                let hash = data["hash"].as_str().unwrap_or_default();
+                let value = json!({
+                    "record": record_json(&record, hash),
+                    "instance": instance_json(&instance),
+                });
+                out.line(value);
+            }
+            (_, instance) => {
+                let line = watch_line(&record, instance.as_ref());
+                if args.all_namespaces {
+                    out.line(format_args!("{}\t{line}", record.namespace));
+                } else {
+                    out.line(line);
+                }
+            }
+        }
+    }
+}
+
+/// `instance/ID: FROM -> TO (version N)` for a watched record, as `send` prints it.
+fn watch_line(record: &StateChangeEvent, instance: Option<&Instance>) -> String {
+    let Some(from) = record.from.as_deref() else {
+        return format!(
+            "instance/{} created (state {}, version {})",
+            record.instance, record.to, record.version
+        );
+    };
+    let via = if record.via.is_empty() {
+        String::new()
+    } else {
+        format!(" (via {})", record.via.join(", "))
+    };
+    let mut line = format!(
+        "instance/{}: {from} -> {}{via} (version {})",
+        record.instance, record.to, record.version
+    );
+    if let Some(event) = &record.event {
+        line.push_str(&format!(" on {event}"));
+    }
+    if let Some(status) = instance.map(|i| i.status).filter(|s| s.is_final()) {
+        line.push_str(&format!(" [{}]", status.as_str()));
+    }
+    line
 }
 
 /// ID MACHINE REV STATE STATUS VERSION AGE; wide adds LABELS TIMER-DUE UPDATED.

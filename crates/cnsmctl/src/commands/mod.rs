@@ -5,19 +5,21 @@
 
 mod definitions;
 mod instances;
+mod serve;
 
 use std::io::Read;
 use std::path::PathBuf;
 
 use serde_json::Value;
 
-use crate::api::Access;
+use crate::api::{Access, Connection};
 use crate::cli::{
     Command, CreateCommand, DeleteCommand, DescribeCommand, GetCommand, StoreCommand,
 };
 use crate::error::{CliError, EXIT_INVALID, EXIT_OK};
 use crate::local::Local;
 use crate::output::Out;
+use crate::remote::Remote;
 
 pub use definitions::{applied_line, apply_source};
 pub use instances::{created_line, transition_line};
@@ -35,20 +37,25 @@ pub struct Context {
     /// True when `-n` was given on the command line: `apply` then refuses a file naming another
     /// namespace (kubectl's rule).
     pub namespace_on_command_line: bool,
+    /// `--server URL`: commands go through that server's HTTP API instead of the store.
+    pub server: Option<String>,
 }
 
 impl Context {
-    /// The API this invocation talks to.
-    ///
-    /// The seam for client mode: a `--server URL` flag would return an HTTP implementation of
-    /// [`crate::api::Api`] here (e.g. through an enum of both), and nothing else would change.
-    pub fn connect(&self, access: Access) -> Result<Local, CliError> {
-        Local::open(&self.data_dir, access)
+    /// The API this invocation talks to: the server of `--server`, else the embedded store.
+    pub fn connect(&self, access: Access) -> Result<Connection, CliError> {
+        match &self.server {
+            Some(url) => Ok(Connection::Remote(Remote::new(url)?)),
+            None => Local::open(&self.data_dir, access).map(Connection::Local),
+        }
     }
 
     /// The API for `store verify`, which must open even a damaged store.
-    pub fn connect_for_verify(&self) -> Result<Local, CliError> {
-        Local::open_for_verify(&self.data_dir)
+    pub fn connect_for_verify(&self) -> Result<Connection, CliError> {
+        match &self.server {
+            Some(url) => Ok(Connection::Remote(Remote::new(url)?)),
+            None => Local::open_for_verify(&self.data_dir).map(Connection::Local),
+        }
     }
 }
 
@@ -90,6 +97,7 @@ pub async fn run(context: &Context, command: Command, out: &mut Out) -> Result<u
             .map(|()| EXIT_OK),
         Command::Store(StoreCommand::Verify) => store_verify(context, out).await,
         Command::Demo(_) => crate::demo::run(context, out).await.map(|()| EXIT_OK),
+        Command::Serve(args) => serve::run(context, &args, out).await.map(|()| EXIT_OK),
     }
 }
 

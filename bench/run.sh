@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs cnsm's benchmarks and the XState side-by-side in one go; prints `bench NAME: VALUE` lines
+# that BENCHMARKS.md quotes. Usage: bench/run.sh [engine|durable|timers|recovery|stores|xstate ...]
+# (default: all but recovery, which builds a 3+ GB store and takes several minutes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what=("$@")
+if [ ${#what[@]} -eq 0 ]; then what=(engine xstate durable timers stores); fi
+echo "# $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), rustc $(rustc --version | cut -d' ' -f2)"
+for w in "${what[@]}"; do
+  case "$w" in
+    engine)   cargo bench -q -p cnsm-bench --bench engine ;;
+    durable)  cargo bench -q -p cnsm-bench --bench durable ;;
+    timers)   cargo bench -q -p cnsm-bench --bench timers ;;
+    recovery) cargo bench -q -p cnsm-bench --bench recovery ;;
+    stores)   cargo bench -q -p cnsm-bench --features sqlite --bench store_compare ;;
+    xstate)
+      (cd bench/xstate && npm ci --no-audit --no-fund --silent && node order.mjs 50000) ;;
+    *) echo "unknown benchmark: $w" >&2; exit 2 ;;
+  esac
+done

@@ -1,0 +1,91 @@
+//! `serve`: the HTTP API on the embedded store in `--data-dir`, until SIGTERM or Ctrl-C.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+
+use cnsm_runtime::{Runtime, RuntimeOptions};
+use cnsm_server::{ServeError, ServerOptions};
+use cnsm_store::embedded::EmbeddedStore;
+
+use super::Context;
+use crate::cli::ServeArgs;
+use crate::error::CliError;
+use crate::output::Out;
+
+/// The address of `--listen`: `HOST:PORT`, a name resolved once (`localhost:8080`).
+fn listen_address(text: &str) -> Result<SocketAddr, CliError> {
+    if let Ok(address) = text.parse::<SocketAddr>() {
+        return Ok(address);
+    }
+    text.to_socket_addrs()
+        .ok()
+        .and_then(|mut addresses| addresses.next())
+        .ok_or_else(|| {
+            CliError::invalid(format!(
+                "--listen '{text}' is not an address like 127.0.0.1:8080"
+            ))
+        })
+}
+
+/// Serves until a signal, then drains and flushes. The first line of stdout names the
+/// address (useful with port 0).
+pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(), CliError> {
+    if context.server.is_some() {
+        return Err(CliError::invalid(
+            "serve runs a server on --data-dir; it does not take --server (unset CNSM_SERVER)",
+        ));
+    }
+    let address = listen_address(&args.listen)?;
+    cnsm_server::check_listen_address(address, args.insecure)
+        .map_err(|e| CliError::invalid(e.to_string()))?;
+    let data_dir = &context.data_dir;
+    std::fs::create_dir_all(data_dir).map_err(|e| {
+        CliError::unavailable(format!(
+            "cannot create data directory {}: {e}",
+            data_dir.display()
+        ))
+    })?;
+    let store = EmbeddedStore::open(data_dir).map_err(|e| {
+        let mut error = CliError::from(e);
+        error.message = format!(
+            "cannot open the store in {}: {}",
+            data_dir.display(),
+            error.message
+        );
+        error
+    })?;
+    let runtime = Runtime::open(store, RuntimeOptions::default())?;
+    let listener = match tokio::net::TcpListener::bind(address).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            runtime.shutdown();
+            return Err(CliError::unavailable(format!(
+                "cannot listen on {address}: {e}"
+            )));
+        }
+    };
+    let bound = listener.local_addr().unwrap_or(address);
+    out.line(format_args!("listening on http://{bound}"));
+    eprintln!(
+        "cnsm: serving the store in {} on http://{bound}{}; SIGTERM or Ctrl-C stops",
+        data_dir.display(),
+        if bound.ip().is_loopback() {
+            ""
+        } else {
+            " WITHOUT authentication (--insecure)"
+        }
+    );
+    let options = ServerOptions {
+        insecure: args.insecure,
+        ..ServerOptions::default()
+    };
+    match cnsm_server::serve(listener, runtime, options, cnsm_server::shutdown_signal()).await {
+        Ok(()) => {
+            eprintln!("cnsm: stopped; every acknowledged event is durable");
+            Ok(())
+        }
+        Err(ServeError::NotLoopback(_)) => Err(CliError::invalid(
+            "refusing a non-loopback address without --insecure",
+        )),
+        Err(e) => Err(CliError::unavailable(e.to_string())),
+    }
+}
