@@ -11,22 +11,28 @@
 //! The subset, mirroring cel-rust 0.15:
 //!
 //! - the variables `data`, `event`, `instance`; field selection `a.b` and indexing `a["b"]` of
-//!   maps (a missing key is an error: `None`), `a[i]` of lists with an int or uint index in
-//!   range; `has(a.b)` on maps;
-//! - literals: int, uint, double, string, bool, null;
+//!   maps (a missing key is an error), `a[i]` of lists with an int, uint or whole double index
+//!   in range; `has(a.b)` on maps (on anything else it is an error);
+//! - literals: int, uint, double, string, bool, null (not bytes);
 //! - `==` and `!=` on any values: numbers compare numerically across int, uint and double
 //!   (`1 == 1.0`, `1 == 1u`), values of different kinds are unequal (`1 == "1"` and
-//!   `null == 0` are false), lists element by element, maps key by key;
+//!   `null == 0` are false, never an error), lists element by element, maps key by key;
 //! - `<`, `<=`, `>`, `>=` on numbers (across kinds, as the interpreter does: an int against a
 //!   double is compared as `int as f64`), strings (by bytes), bools; anything else, or a NaN,
 //!   is an error;
-//! - `&&`, `||` with CEL's error absorption as cel-rust implements it: the left operand
-//!   short-circuits, an error on the left is absorbed by a right operand that decides the result
-//!   (`error || true` is true, `error && false` is false), an error on the right is an error;
-//!   `!` on a bool; `c ? a : b` with a bool condition;
+//! - `&&`, `||` as cel-rust evaluates them: the left operand short-circuits; otherwise the right
+//!   one is evaluated and its error is the result; a right operand that decides the result
+//!   absorbs an error or a non-bool on the left (`error || true` is true, `error && false` is
+//!   false); `!` on a bool; `c ? a : b` with a bool condition;
 //! - `+ - * / %` on ints and on uints (checked: overflow, division or remainder by zero is an
-//!   error), `+ - * /` on doubles (IEEE), `+` on strings; unary `-` on ints (checked) and
-//!   doubles; `size(x)` and `x.size()` of strings (code points), lists and maps.
+//!   error), `+ - * /` on doubles (IEEE: `1.0 / 0.0` is infinity; `%` is an error), `+` on
+//!   strings and on lists (a list plus a map appends its keys: known only for at most one key);
+//!   unary `-` on ints (checked) and doubles; `size(x)` and `x.size()` of strings (code
+//!   points), lists and maps.
+//!
+//! Everything else (macros such as `exists`, `in`, list and map literals, conversions such as
+//! `int()`, string methods, optionals, bytes) is left to the interpreter, as is any evaluation
+//! that errors: the error messages are the interpreter's.
 //!
 //! JSON numbers are what [`json_to_cel`](crate::expr::json_to_cel) makes of them: a whole number
 //! that fits an `i64` is an int, else one that fits a `u64` a uint, else a double.

@@ -26,9 +26,9 @@
 //! "#;
 //! runtime.apply_yaml(yaml, None).await.unwrap();
 //! let door = runtime.create_instance(CreateInstance::new("default", "door").id("d-1")).await.unwrap();
-//! assert_eq!(door.state, "closed");
+//! assert_eq!(&*door.state, "closed");
 //! let done = runtime.send("default", "d-1", EventRequest::new("open")).await.unwrap();
-//! assert_eq!(done.instance.state, "opened");
+//! assert_eq!(&*done.instance.state, "opened");
 //! assert_eq!(runtime.history("default", "d-1", 0, 100).await.unwrap().len(), 2);
 //! runtime.shutdown();
 //! # });

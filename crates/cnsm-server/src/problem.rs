@@ -2,7 +2,7 @@
 //! status per kind of error (DESIGN.md §4), and no internals in any message.
 //!
 //! A handler returns an [`ApiError`]. Its response carries the problem as an extension and an
-//! empty body; the outermost middleware ([`crate::finish_problems`]) adds the request path as
+//! empty body; the outermost middleware (`finish_problems` in `lib.rs`) adds the request path as
 //! the `instance` member, writes the body, and records the error for `/debug/statemachine`.
 
 use axum::http::{HeaderValue, StatusCode, header};
