@@ -1,11 +1,13 @@
 //! Engine apply path, no I/O, one core: lookup + guard + transition + record (+ fold into the
 //! instance), on the order-processing machine; then with a CEL guard on every transition; then
-//! with sealing (deterministic CBOR + SHA-256) included.
+//! with sealing (deterministic CBOR + SHA-256) included; then with the guards of the second
+//! case evaluated by the CEL interpreter (they are outside the fast path of
+//! `cnsm_core::fastexpr`).
 //!
 //! Run: `cargo bench -p cnsm-bench --bench engine`
 //!
 //! `CNSM_BENCH_ORDERS=N` sets the orders per round (default 250,000); `CNSM_BENCH_ONLY=guarded`
-//! (a comma-separated list of `plain`, `guarded`, `sealed`) runs only those cases, e.g. to count
+//! (a comma-separated list of `plain`, `guarded`, `sealed`, `interpreted`) runs only those cases, e.g. to count
 //! instructions of one case under `valgrind --tool=callgrind`.
 
 use std::collections::BTreeMap;
@@ -80,6 +82,29 @@ fn best_of(rounds: usize, f: impl Fn() -> f64) -> f64 {
     (0..rounds).map(|_| f()).fold(0.0, f64::max)
 }
 
+/// [`ORDER_GUARDED`] with every guard wrapped in `int()`, which only the CEL interpreter
+/// evaluates.
+fn interpreted_yaml() -> String {
+    let mut yaml = ORDER_GUARDED.to_owned();
+    for (guard, interpreted) in [
+        ("data.total > 0", "int(data.total) > 0"),
+        (
+            "event.amount >= data.total",
+            "int(event.amount) >= int(data.total)",
+        ),
+        ("instance.version == 2", "int(instance.version) == 2"),
+        ("data.total < 1000", "int(data.total) < 1000"),
+    ] {
+        let quoted = format!("\"{guard}\"");
+        assert!(
+            yaml.contains(&quoted),
+            "the guarded machine has no guard `{guard}`"
+        );
+        yaml = yaml.replace(&quoted, &format!("\"{interpreted}\""));
+    }
+    yaml
+}
+
 /// Whether the case `name` is selected by `CNSM_BENCH_ONLY` (all are when it is unset).
 fn selected(name: &str) -> bool {
     match std::env::var("CNSM_BENCH_ONLY") {
@@ -123,6 +148,17 @@ fn main() {
             sealed_rate,
             "transitions/s",
             "(+ CBOR encode + SHA-256 chain)",
+        );
+    }
+    if selected("interpreted") {
+        let interpreted = machine(&interpreted_yaml());
+        run(&interpreted, n_orders_warmup(), false); // warm-up
+        let rate = best_of(3, || run(&interpreted, n_orders / 2, false));
+        report(
+            "engine.apply.cel_interpreter_every_transition",
+            rate,
+            "transitions/s",
+            "(4 of 4 guarded, all by the CEL interpreter)",
         );
     }
 }

@@ -13,6 +13,8 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 const RECORDS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("records");
 const LOG: TableDefinition<u64, (u64, u64)> = TableDefinition::new("log");
+const RECORDS_BY_SEQ: TableDefinition<u64, &[u8]> = TableDefinition::new("records_by_seq");
+const RECORD_INDEX: TableDefinition<(u64, u64), u64> = TableDefinition::new("record_index");
 
 const INSTANCE_ROW: [u8; 320] = [1; 320];
 const RECORD_ROW: [u8; 420] = [2; 420];
@@ -66,6 +68,52 @@ fn redb_run(batch: u64, seconds: f64) -> (f64, Duration, Duration) {
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
     let _ = db.begin_read().unwrap();
+    (
+        rate,
+        percentile(&mut samples, 0.5),
+        percentile(&mut samples, 0.99),
+    )
+}
+
+/// The same writes with records keyed by commit sequence (append-only pages) and a small
+/// (uid, version) -> sequence index: the layout alternative to scattered record pages.
+fn redb_seq_run(batch: u64, seconds: f64) -> (f64, Duration, Duration) {
+    let dir = dir();
+    let db = redb::Database::create(dir.path().join("bench.redb")).unwrap();
+    let mut versions = vec![0u64; N_INSTANCES as usize];
+    let mut seq = 0u64;
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed().as_secs_f64() < seconds {
+        let t = Instant::now();
+        let mut tx = db.begin_write().unwrap();
+        tx.set_durability(redb::Durability::Immediate).unwrap();
+        {
+            let mut instances = tx.open_table(INSTANCES).unwrap();
+            let mut records = tx.open_table(RECORDS_BY_SEQ).unwrap();
+            let mut index = tx.open_table(RECORD_INDEX).unwrap();
+            for _ in 0..batch {
+                let uid = n % N_INSTANCES;
+                let key = format!("bench/c-{uid}");
+                let _ = instances
+                    .get(key.as_str())
+                    .unwrap()
+                    .map(|v| v.value().len());
+                versions[uid as usize] += 1;
+                instances
+                    .insert(key.as_str(), INSTANCE_ROW.as_slice())
+                    .unwrap();
+                seq += 1;
+                records.insert(seq, RECORD_ROW.as_slice()).unwrap();
+                index.insert((uid, versions[uid as usize]), seq).unwrap();
+                n += 1;
+            }
+        }
+        tx.commit().unwrap();
+        samples.push(t.elapsed());
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
     (
         rate,
         percentile(&mut samples, 0.5),
@@ -143,6 +191,13 @@ fn main() {
         let (rate, p50, p99) = redb_run(batch, 3.0);
         report(
             &format!("store_compare.redb.batch_{batch}"),
+            rate,
+            "transitions/s",
+            &format!("(commit p50 {p50:?} p99 {p99:?})"),
+        );
+        let (rate, p50, p99) = redb_seq_run(batch, 3.0);
+        report(
+            &format!("store_compare.redb_seq_keyed.batch_{batch}"),
             rate,
             "transitions/s",
             &format!("(commit p50 {p50:?} p99 {p99:?})"),
