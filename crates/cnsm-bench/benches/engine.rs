@@ -50,12 +50,18 @@ fn genesis(machine: &Machine) -> Instance {
 fn run(machine: &Machine, n_orders: usize, seal: bool) -> f64 {
     let start_instance = genesis(machine);
     let events = events();
+    // The caller's identity, shared: a service keeps one per authenticated subject.
+    let actor: std::sync::Arc<str> = std::sync::Arc::from("bench");
     let started = Instant::now();
     let mut n = 0u64;
     for i in 0..n_orders {
         let mut instance = start_instance.clone();
         for (name, payload) in &events {
-            let input = Input::new(Trigger::Event { name, payload }, 2 + i as u64, "bench");
+            let input = Input::new(
+                Trigger::Event { name, payload },
+                2 + i as u64,
+                actor.clone(),
+            );
             let record = machine.apply(&instance, &input).expect("transition");
             let hash = if seal {
                 record.seal().hash

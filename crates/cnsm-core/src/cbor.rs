@@ -58,7 +58,8 @@ pub fn encode_text(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-fn encode_map(out: &mut Vec<u8>, map: &Map<String, Value>) {
+/// Appends a JSON object as a map with its keys in deterministic order.
+pub fn encode_map(out: &mut Vec<u8>, map: &Map<String, Value>) {
     write_head(out, 5, map.len() as u64);
     // Text keys sort bytewise by encoding: shorter first, then by bytes.
     let mut keys: Vec<&String> = map.keys().collect();

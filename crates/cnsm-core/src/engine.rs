@@ -176,7 +176,8 @@ pub enum Trigger<'a> {
 pub struct Input<'a> {
     pub trigger: Trigger<'a>,
     pub now_ms: u64,
-    pub actor: &'a str,
+    /// Who caused it; shared so that building a record does not copy it.
+    pub actor: Arc<str>,
     pub idempotency_key: Option<&'a str>,
     pub trace: Option<TraceContext>,
     /// Flag evaluations made before the event was queued, by flag key.
@@ -184,11 +185,11 @@ pub struct Input<'a> {
 }
 
 impl<'a> Input<'a> {
-    pub fn new(trigger: Trigger<'a>, now_ms: u64, actor: &'a str) -> Input<'a> {
+    pub fn new(trigger: Trigger<'a>, now_ms: u64, actor: impl Into<Arc<str>>) -> Input<'a> {
         Input {
             trigger,
             now_ms,
-            actor,
+            actor: actor.into(),
             idempotency_key: None,
             trace: None,
             flags: &[],
@@ -566,7 +567,7 @@ impl Machine {
             compensations: Vec::new(),
             pending_outcome: None,
             timer: None,
-            actor: Arc::from(input.actor),
+            actor: Arc::clone(&input.actor),
             idempotency_key: input.idempotency_key.map(str::to_owned),
             time_ms: input.now_ms,
             trace: input.trace.clone(),

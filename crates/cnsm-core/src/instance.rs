@@ -64,6 +64,15 @@ pub enum Phase {
     Compensating,
 }
 
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Running => "running",
+            Phase::Compensating => "compensating",
+        }
+    }
+}
+
 /// One instance as of its latest committed record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

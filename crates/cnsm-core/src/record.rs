@@ -248,13 +248,165 @@ pub enum ChainError {
 impl StateChangeEvent {
     /// Encodes and hashes the record.
     pub fn seal(&self) -> SealedRecord {
-        let value = serde_json::to_value(self).unwrap_or(Value::Null);
-        let bytes = cbor::encode(&value);
+        let bytes = self.encode();
+        debug_assert_eq!(
+            bytes,
+            self.encode_generic(),
+            "the direct encoder drifted from the serde form"
+        );
         let hash = Hash32::digest(RECORD_DOMAIN, &bytes);
         SealedRecord {
             version: self.version,
             bytes,
             hash,
+        }
+    }
+
+    /// The record's bytes: deterministic CBOR of its serde (JSON) form, written directly.
+    ///
+    /// Equal to [`StateChangeEvent::encode_generic`] by construction (checked on every seal in
+    /// debug builds, so by every test); this one skips building a JSON tree first.
+    pub fn encode(&self) -> Vec<u8> {
+        use crate::cbor::{encode_into, encode_text, write_head};
+        let mut out = Vec::with_capacity(384);
+        let present = |key: &str| -> bool {
+            match key {
+                "from" => self.from.is_some(),
+                "via" => !self.via.is_empty(),
+                "event" => self.event.is_some(),
+                "payload" => self.payload.is_some(),
+                "guards" => !self.guards.is_empty(),
+                "flags" => !self.flags.is_empty(),
+                "data" => !self.data.is_empty(),
+                "reason" => self.reason.is_some(),
+                "compensations" => !self.compensations.is_empty(),
+                "pendingOutcome" => self.pending_outcome.is_some(),
+                "timer" => self.timer.is_some(),
+                "idempotencyKey" => self.idempotency_key.is_some(),
+                "trace" => self.trace.is_some(),
+                "labels" => !self.labels.is_empty(),
+                _ => true,
+            }
+        };
+        let n = RECORD_KEYS_CANONICAL.iter().filter(|k| present(k)).count();
+        write_head(&mut out, 5, n as u64);
+        let uint = |out: &mut Vec<u8>, v: u64| write_head(out, 0, v);
+        let text = |out: &mut Vec<u8>, v: &str| encode_text(out, v);
+        for key in RECORD_KEYS_CANONICAL {
+            if !present(key) {
+                continue;
+            }
+            encode_text(&mut out, key);
+            match key {
+                "to" => text(&mut out, &self.to),
+                "via" => {
+                    write_head(&mut out, 4, self.via.len() as u64);
+                    for v in &self.via {
+                        text(&mut out, v);
+                    }
+                }
+                "data" => crate::cbor::encode_map(&mut out, &self.data),
+                "from" => text(&mut out, self.from.as_deref().unwrap_or_default()),
+                "kind" => text(&mut out, self.kind.as_str()),
+                "actor" => text(&mut out, &self.actor),
+                "event" => text(&mut out, self.event.as_deref().unwrap_or_default()),
+                "flags" | "guards" | "trace" | "labels" | "timer" => {
+                    let value = match key {
+                        "flags" => serde_json::to_value(&self.flags),
+                        "guards" => serde_json::to_value(&self.guards),
+                        "trace" => serde_json::to_value(&self.trace),
+                        "labels" => serde_json::to_value(&self.labels),
+                        _ => serde_json::to_value(self.timer),
+                    };
+                    encode_into(&mut out, &value.unwrap_or(Value::Null));
+                }
+                "phase" => text(&mut out, self.phase.as_str()),
+                "format" => uint(&mut out, u64::from(self.format)),
+                "reason" => text(&mut out, self.reason.as_deref().unwrap_or_default()),
+                "status" => text(&mut out, self.status.as_str()),
+                "timeMs" => uint(&mut out, self.time_ms),
+                "attempt" => uint(&mut out, u64::from(self.attempt)),
+                "machine" => text(&mut out, &self.machine),
+                "payload" => encode_into(&mut out, self.payload.as_ref().unwrap_or(&Value::Null)),
+                "version" => uint(&mut out, self.version),
+                "entrySeq" => uint(&mut out, self.entry_seq),
+                "instance" => text(&mut out, &self.instance),
+                "prevHash" => text(&mut out, &self.prev_hash.to_hex()),
+                "revision" => uint(&mut out, u64::from(self.revision)),
+                "inBackoff" => out.push(if self.in_backoff { 0xf5 } else { 0xf4 }),
+                "namespace" => text(&mut out, &self.namespace),
+                "revisionHash" => text(&mut out, &self.revision_hash.to_hex()),
+                "compensations" => {
+                    write_head(&mut out, 4, self.compensations.len() as u64);
+                    for c in &self.compensations {
+                        text(&mut out, c);
+                    }
+                }
+                "idempotencyKey" => text(
+                    &mut out,
+                    self.idempotency_key.as_deref().unwrap_or_default(),
+                ),
+                "pendingOutcome" => text(
+                    &mut out,
+                    self.pending_outcome
+                        .map(Outcome::as_str)
+                        .unwrap_or_default(),
+                ),
+                _ => out.push(0xf6),
+            }
+        }
+        out
+    }
+
+    /// The reference encoding: deterministic CBOR of `serde_json::to_value(self)`.
+    pub fn encode_generic(&self) -> Vec<u8> {
+        let value = serde_json::to_value(self).unwrap_or(Value::Null);
+        cbor::encode(&value)
+    }
+}
+
+/// Every key a record may have, in core deterministic order (shorter first, then bytewise).
+const RECORD_KEYS_CANONICAL: [&str; 31] = [
+    "to",
+    "via",
+    "data",
+    "from",
+    "kind",
+    "actor",
+    "event",
+    "flags",
+    "phase",
+    "timer",
+    "trace",
+    "format",
+    "guards",
+    "labels",
+    "reason",
+    "status",
+    "timeMs",
+    "attempt",
+    "machine",
+    "payload",
+    "version",
+    "entrySeq",
+    "instance",
+    "prevHash",
+    "revision",
+    "inBackoff",
+    "namespace",
+    "revisionHash",
+    "compensations",
+    "idempotencyKey",
+    "pendingOutcome",
+];
+
+impl RecordKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Genesis => "genesis",
+            RecordKind::Event => "event",
+            RecordKind::Timer => "timer",
+            RecordKind::Retry => "retry",
         }
     }
 }
@@ -328,4 +480,20 @@ pub fn verify_chain<'a>(
         prev = sealed.hash;
     }
     Ok(prev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RECORD_KEYS_CANONICAL;
+
+    #[test]
+    fn record_keys_are_in_deterministic_order() {
+        for pair in RECORD_KEYS_CANONICAL.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            assert!(
+                (a.len(), a.as_bytes()) < (b.len(), b.as_bytes()),
+                "{a} before {b}"
+            );
+        }
+    }
 }

@@ -431,7 +431,7 @@ impl Committer {
                 payload: &event.payload,
             },
             now_ms,
-            &event.actor,
+            event.actor.as_str(),
         );
         input.idempotency_key = event.idempotency_key.as_deref();
         input.trace = event.trace.clone();

@@ -11,27 +11,35 @@
 //! | `meta` | name | `u64`: `format`, `next_uid`, `next_seq`, `verified_seq` |
 //! | `definitions` | (namespace, name, revision) | (revision hash, created ms, CBOR of the `StateMachine`) |
 //! | `definition_latest` | (namespace, name) | latest revision |
-//! | `instances` | (namespace, id) | (uid, version, status, timer, machine, CBOR of the `Instance`) |
+//! | `instances` | (namespace, id) | (uid, version, status, timer, last record hash, machine, compact JSON of the `Instance`) |
 //! | `instance_uids` | uid | (namespace, id) |
 //! | `active_instances` | (namespace, machine, uid) | () |
-//! | `records` | (uid, version) | (record hash, the record's exact bytes) |
-//! | `log` | commit sequence | (uid, version) |
+//! | `records` | commit sequence | (uid, version, record hash, the record's exact bytes) |
+//! | `record_index` | (uid, version) | commit sequence |
 //! | `timers` | (due ms, uid) | (entry seq, kind) |
 //! | `idempotency` | (uid, key) | (request hash, version, expires ms) |
 //! | `idempotency_expiry` | (expires ms, uid, key) | () |
 //!
-//! CBOR rows are the deterministic CBOR of the serde form ([`cnsm_core::cbor`]). The instance
-//! row repeats a few fields of its document in fixed columns (version, status, timer, machine)
-//! so that a commit maintains the indexes without decoding the previous row, and list queries
+//! Definition rows are the deterministic CBOR of the serde form ([`cnsm_core::cbor`]); instance
+//! rows, rewritten on every commit, are compact JSON encoded straight from the struct. The instance
+//! row repeats a few fields of its document in fixed columns (version, status, timer, last
+//! record hash, machine) so that a commit maintains the indexes and checks the new record's
+//! link without decoding the previous row or reading the previous record, and list queries
 //! filter before decoding. `timers` holds exactly each active instance's current timer;
-//! `active_instances` lets [`Store::delete_definition`] count users without a scan; `log` is the
-//! global commit order (the base of the verification checkpoint, and of an outbox cursor).
+//! `active_instances` lets [`Store::delete_definition`] count users without a scan.
+//!
+//! `records` is keyed by the global commit sequence, so it is the commit log itself (the base
+//! of the verification checkpoint, and of an outbox cursor) and a commit only appends to it:
+//! its pages fill in order instead of a random leaf per transition being copied on write.
+//! `record_index` finds an instance's records by version (history, chain checks) with small
+//! values.
 //!
 //! # Verification checkpoints
 //!
-//! The `log` numbers every committed record; `meta.verified_seq` says up to where records were
+//! `records` numbers every committed record; `meta.verified_seq` says up to where records were
 //! read back from the file and checked (stored hash over the stored bytes, belongs to the
-//! instance of its uid, links to the previous record of that instance).
+//! instance of its uid, links to the previous record of that instance, and the index points
+//! back at it).
 //!
 //! - [`EmbeddedStore::open`] checks the tail after `verified_seq` and refuses to open a store
 //!   whose tail is corrupt ([`StoreError::Corrupt`] naming instance and version).
@@ -42,8 +50,8 @@
 //!   commits), and open stays fast however large the store grows. A problem found there stops
 //!   the watermark (open then reports it); commits go on, since the batch at hand is not at fault.
 //! - [`Store::commit`] itself checks each item against its own bytes (pair assertions: the hash
-//!   over the bytes, identity, previous hash against the stored previous record, state and
-//!   status) without a full decode, and refuses the whole batch on a mismatch.
+//!   over the bytes, identity, previous hash against the instance row's last hash column,
+//!   state and status) without a full decode, and refuses the whole batch on a mismatch.
 //! - [`EmbeddedStore::close`] checks whatever tail is left, so a cleanly closed store opens with
 //!   nothing to check.
 //! - [`Store::verify`] checks everything from genesis.
@@ -154,15 +162,21 @@ fn run_verifier(
                 let meta = txn.open_table(META).io()?;
                 let records = txn.open_table(RECORDS).io()?;
                 let uids = txn.open_table(INSTANCE_UIDS).io()?;
-                let log = txn.open_table(LOG).io()?;
+                let index = txn.open_table(RECORD_INDEX).io()?;
                 let durable = meta_get(&meta, META_VERIFIED_SEQ)?;
                 let next_seq = meta_get(&meta, META_NEXT_SEQ)?;
                 let from = durable.max(verified_upto.load(Ordering::SeqCst));
                 if from + 1 >= next_seq {
                     return Ok(None);
                 }
-                let checked =
-                    check::verify_tail(&records, &uids, &log, from, next_seq, Some(VERIFY_CHUNK))?;
+                let checked = check::verify_tail(
+                    &records,
+                    &uids,
+                    &index,
+                    from,
+                    next_seq,
+                    Some(VERIFY_CHUNK),
+                )?;
                 Ok(Some((checked.verified_seq, checked.problem)))
             })();
             if let Ok(Some((verified_seq, problem))) = result {
@@ -353,11 +367,11 @@ impl EmbeddedStore {
             let meta = txn.open_table(META).io()?;
             let records = txn.open_table(RECORDS).io()?;
             let uids = txn.open_table(INSTANCE_UIDS).io()?;
-            let log = txn.open_table(LOG).io()?;
+            let index = txn.open_table(RECORD_INDEX).io()?;
             let from =
                 meta_get(&meta, META_VERIFIED_SEQ)?.max(self.verified_upto.load(Ordering::SeqCst));
             let next_seq = meta_get(&meta, META_NEXT_SEQ)?;
-            check::verify_tail(&records, &uids, &log, from, next_seq, None)?
+            check::verify_tail(&records, &uids, &index, from, next_seq, None)?
         };
         {
             let mut meta = txn.open_table(META).io()?;
@@ -471,7 +485,7 @@ fn init_and_verify(txn: &WriteTransaction, verify_tail: bool) -> Result<(), Stor
         let from = meta_get(&t.meta, META_VERIFIED_SEQ)?;
         let next_seq = meta_get(&t.meta, META_NEXT_SEQ)?;
         if from + 1 < next_seq {
-            let checked = check::verify_tail(&t.records, &t.uids, &t.log, from, next_seq, None)?;
+            let checked = check::verify_tail(&t.records, &t.uids, &t.index, from, next_seq, None)?;
             if let Some(problem) = checked.problem {
                 return Err(StoreError::Corrupt(problem));
             }
@@ -503,8 +517,8 @@ pub(crate) struct WriteTables<'txn> {
     pub(crate) instances: redb::Table<'txn, (&'static str, &'static str), InstanceValue>,
     pub(crate) uids: redb::Table<'txn, u64, (&'static str, &'static str)>,
     pub(crate) active: redb::Table<'txn, (&'static str, &'static str, u64), ()>,
-    pub(crate) records: redb::Table<'txn, (u64, u64), RecordValue>,
-    pub(crate) log: redb::Table<'txn, u64, (u64, u64)>,
+    pub(crate) records: redb::Table<'txn, u64, RecordValue>,
+    pub(crate) index: redb::Table<'txn, (u64, u64), u64>,
     pub(crate) timers: redb::Table<'txn, (u64, u64), (u64, u8)>,
     pub(crate) idempotency: redb::Table<'txn, (u64, &'static str), IdempotencyValue>,
     pub(crate) idempotency_expiry: redb::Table<'txn, (u64, u64, &'static str), ()>,
@@ -520,7 +534,7 @@ impl<'txn> WriteTables<'txn> {
             uids: txn.open_table(INSTANCE_UIDS).io()?,
             active: txn.open_table(ACTIVE_INSTANCES).io()?,
             records: txn.open_table(RECORDS).io()?,
-            log: txn.open_table(LOG).io()?,
+            index: txn.open_table(RECORD_INDEX).io()?,
             timers: txn.open_table(TIMERS).io()?,
             idempotency: txn.open_table(IDEMPOTENCY).io()?,
             idempotency_expiry: txn.open_table(IDEMPOTENCY_EXPIRY).io()?,
@@ -540,18 +554,20 @@ pub(crate) struct InstanceHead {
     pub(crate) version: u64,
     pub(crate) status: Status,
     pub(crate) timer: Option<cnsm_core::record::Timer>,
+    pub(crate) last_hash: Hash32,
     pub(crate) machine: String,
 }
 
 pub(crate) fn head_of(
-    value: &(u64, u64, u8, Option<TimerColumn>, &str, &[u8]),
+    value: &(u64, u64, u8, Option<TimerColumn>, [u8; 32], &str, &[u8]),
 ) -> Result<InstanceHead, String> {
-    let (uid, version, status, timer, machine, _) = *value;
+    let (uid, version, status, timer, last_hash, machine, _) = *value;
     Ok(InstanceHead {
         uid,
         version,
         status: status_from_code(status).ok_or_else(|| format!("unknown status code {status}"))?,
         timer: timer_from_column(timer)?,
+        last_hash: Hash32(last_hash),
         machine: machine.to_owned(),
     })
 }
@@ -665,38 +681,40 @@ fn apply_item(
             (uid, None)
         }
         (Some(expected), Some(head)) => {
-            let stored = t
-                .records
-                .get((head.uid, expected))
-                .io()?
-                .map(|g| Hash32(g.value().0));
-            match stored {
-                None => return Err(corrupt(format!("record {expected} is missing"))),
-                Some(stored) if stored != prev_hash => {
-                    return Err(corrupt(format!(
-                        "record {version} does not chain to the stored record {expected}"
-                    )));
-                }
-                Some(_) => {}
+            // The row carries the hash of its last record: no record read on the commit path.
+            if head.last_hash != prev_hash {
+                return Err(corrupt(format!(
+                    "record {version} does not chain to the stored record {expected}"
+                )));
             }
             (head.uid, Some(head))
         }
     };
 
+    let seq = counters.next_seq;
+    if t.index.insert((uid, version), seq).io()?.is_some() {
+        return Err(corrupt(format!("record {version} already exists")));
+    }
     if t.records
         .insert(
-            (uid, version),
-            (item.record.hash.0, item.record.bytes.as_slice()),
+            seq,
+            (
+                uid,
+                version,
+                item.record.hash.0,
+                item.record.bytes.as_slice(),
+            ),
         )
         .io()?
         .is_some()
     {
-        return Err(corrupt(format!("record {version} already exists")));
+        return Err(corrupt(format!(
+            "commit sequence {seq} from the meta counter is already taken"
+        )));
     }
-    t.log.insert(counters.next_seq, (uid, version)).io()?;
     counters.next_seq += 1;
 
-    let row = encode_cbor(instance)?;
+    let row = encode_row(instance)?;
     let timer = indexed_timer(instance);
     t.instances
         .insert(
@@ -706,6 +724,7 @@ fn apply_item(
                 version,
                 status_code(instance.status),
                 timer_column(timer),
+                item.record.hash.0,
                 &*instance.machine,
                 row.as_slice(),
             ),
@@ -759,7 +778,7 @@ fn apply_item(
 }
 
 fn decode_instance(bytes: &[u8], namespace: &str, id: &str) -> Result<Instance, StoreError> {
-    decode_cbor(bytes, &|| {
+    decode_row(bytes, &|| {
         format!("instance {namespace}/{id}: row does not decode")
     })
 }
@@ -960,7 +979,7 @@ impl Store for EmbeddedStore {
         let Some(row) = instances.get((namespace, id)).io()? else {
             return Ok(None);
         };
-        let (uid, _, _, _, _, bytes) = row.value();
+        let (uid, _, _, _, _, _, bytes) = row.value();
         Ok(Some(StoredInstance {
             uid,
             instance: decode_instance(bytes, namespace, id)?,
@@ -980,7 +999,7 @@ impl Store for EmbeddedStore {
                 "uid {uid} names {namespace}/{id}, which has no row"
             )));
         };
-        let (row_uid, _, _, _, _, bytes) = row.value();
+        let (row_uid, _, _, _, _, _, bytes) = row.value();
         if row_uid != uid {
             return Err(StoreError::Corrupt(format!(
                 "uid {uid} names {namespace}/{id}, whose uid is {row_uid}"
@@ -1021,7 +1040,7 @@ impl Store for EmbeddedStore {
             if namespace.is_some_and(|wanted| wanted != ns) {
                 break;
             }
-            let (uid, _, row_status, _, machine, bytes) = row.value();
+            let (uid, _, row_status, _, _, machine, bytes) = row.value();
             if status.is_some_and(|s| s != row_status)
                 || query.machine.as_deref().is_some_and(|m| m != machine)
             {
@@ -1052,17 +1071,31 @@ impl Store for EmbeddedStore {
             return Ok(Vec::new());
         };
         let uid = row.value().0;
+        let index = txn.open_table(RECORD_INDEX).io()?;
         let records = txn.open_table(RECORDS).io()?;
         let mut out = Vec::new();
-        for entry in records
+        for entry in index
             .range((uid, from_version)..=(uid, u64::MAX))
             .io()?
             .take(limit)
         {
-            let (key, value) = entry.io()?;
-            let (hash, bytes) = value.value();
+            let (key, seq) = entry.io()?;
+            let version = key.value().1;
+            let seq = seq.value();
+            let Some(value) = records.get(seq).io()? else {
+                return Err(StoreError::Corrupt(format!(
+                    "instance {namespace}/{id} record {version}: missing (commit sequence {seq})"
+                )));
+            };
+            let (record_uid, record_version, hash, bytes) = value.value();
+            if (record_uid, record_version) != (uid, version) {
+                return Err(StoreError::Corrupt(format!(
+                    "instance {namespace}/{id} record {version}: commit sequence {seq} holds \
+                     record {record_version} of uid {record_uid}"
+                )));
+            }
             out.push(SealedRecord {
-                version: key.value().1,
+                version,
                 bytes: bytes.to_vec(),
                 hash: Hash32(hash),
             });

@@ -25,12 +25,12 @@ pub(crate) struct TailCheck {
     pub(crate) problem: Option<String>,
 }
 
-/// Verifies logged records after `verified_seq` (up to `budget` of them, or all), in commit
-/// order, and stops at the first problem.
+/// Verifies the records committed after `verified_seq` (up to `budget` of them, or all), in
+/// commit order, and stops at the first problem.
 pub(crate) fn verify_tail(
-    records: &impl ReadableTable<(u64, u64), RecordValue>,
+    records: &impl ReadableTable<u64, RecordValue>,
     uids: &impl ReadableTable<u64, (&'static str, &'static str)>,
-    log: &impl ReadableTable<u64, (u64, u64)>,
+    index: &impl ReadableTable<(u64, u64), u64>,
     verified_seq: u64,
     next_seq: u64,
     budget: Option<u64>,
@@ -53,20 +53,25 @@ pub(crate) fn verify_tail(
             problem: Some(problem),
         })
     };
-    for entry in log.range(start..end).io()? {
-        let (seq, position) = entry.io()?;
+    for entry in records.range(start..end).io()? {
+        let (seq, value) = entry.io()?;
         let seq = seq.value();
         if seq != done + 1 {
-            return stop(done, format!("commit log entry {} is missing", done + 1));
+            return stop(
+                done,
+                format!("commit sequence {} holds no record", done + 1),
+            );
         }
-        let (uid, version) = position.value();
-        if let Err(problem) = check_record(records, uids, uid, version)? {
+        if let Err(problem) = check_record(records, uids, index, seq, value.value())? {
             return stop(done, problem);
         }
         done = seq;
     }
     if done + 1 < end {
-        return stop(done, format!("commit log entry {} is missing", done + 1));
+        return stop(
+            done,
+            format!("commit sequence {} holds no record", done + 1),
+        );
     }
     Ok(TailCheck {
         verified_seq: done,
@@ -74,27 +79,26 @@ pub(crate) fn verify_tail(
     })
 }
 
-/// Checks one stored record: its hash over the stored bytes, that it decodes as record
-/// `version` of the instance its uid names, and that it links to the stored previous record.
+/// Checks one stored record, committed at `seq`: its hash over the stored bytes, that it is
+/// record `version` of the instance its uid names, that it links to the stored previous record
+/// of that instance, and that the record index points back at `seq`.
 ///
 /// The inner error is a problem description naming the instance and version.
 pub(crate) fn check_record(
-    records: &impl ReadableTable<(u64, u64), RecordValue>,
+    records: &impl ReadableTable<u64, RecordValue>,
     uids: &impl ReadableTable<u64, (&'static str, &'static str)>,
-    uid: u64,
-    version: u64,
+    index: &impl ReadableTable<(u64, u64), u64>,
+    seq: u64,
+    value: (u64, u64, [u8; 32], &[u8]),
 ) -> Result<Result<(), String>, StoreError> {
+    let (uid, version, hash, bytes) = value;
     let Some(key) = uids.get(uid).io()? else {
         return Ok(Err(format!(
-            "record {version} of uid {uid}: the uid names no instance"
+            "record {version} of uid {uid} (commit sequence {seq}): the uid names no instance"
         )));
     };
     let (namespace, id) = key.value();
     let name = format!("instance {namespace}/{id} record {version}");
-    let Some(value) = records.get((uid, version)).io()? else {
-        return Ok(Err(format!("{name}: missing")));
-    };
-    let (hash, bytes) = value.value();
     if Hash32::digest(RECORD_DOMAIN, bytes) != Hash32(hash) {
         return Ok(Err(format!("{name}: stored hash does not match its bytes")));
     }
@@ -122,11 +126,11 @@ pub(crate) fn check_record(
     };
     let expected_prev = match version.checked_sub(1) {
         None => Hash32::ZERO,
-        Some(previous) => match records.get((uid, previous)).io()? {
-            Some(value) => Hash32(value.value().0),
-            None => {
+        Some(previous) => match stored_hash(records, index, uid, previous)? {
+            Ok(hash) => hash,
+            Err(problem) => {
                 return Ok(Err(format!(
-                    "{name}: record {previous} before it is missing"
+                    "{name}: record {previous} before it {problem}"
                 )));
             }
         },
@@ -136,7 +140,43 @@ pub(crate) fn check_record(
             "{name}: previous hash does not match the stored record before it"
         )));
     }
+    match index.get((uid, version)).io()?.map(|g| g.value()) {
+        Some(indexed) if indexed == seq => {}
+        Some(indexed) => {
+            return Ok(Err(format!(
+                "{name}: the record index points at commit sequence {indexed}, not {seq}"
+            )));
+        }
+        None => {
+            return Ok(Err(format!(
+                "{name}: missing from the record index (commit sequence {seq})"
+            )));
+        }
+    }
     Ok(Ok(()))
+}
+
+/// The stored hash of record `version` of `uid`, found through the record index; the inner
+/// error says what is wrong with it.
+fn stored_hash(
+    records: &impl ReadableTable<u64, RecordValue>,
+    index: &impl ReadableTable<(u64, u64), u64>,
+    uid: u64,
+    version: u64,
+) -> Result<Result<Hash32, String>, StoreError> {
+    let Some(seq) = index.get((uid, version)).io()?.map(|g| g.value()) else {
+        return Ok(Err("is missing".into()));
+    };
+    let Some(value) = records.get(seq).io()? else {
+        return Ok(Err(format!("is missing (commit sequence {seq})")));
+    };
+    let (record_uid, record_version, hash, _) = value.value();
+    if (record_uid, record_version) != (uid, version) {
+        return Ok(Err(format!(
+            "is indexed at commit sequence {seq}, which holds record {record_version} of uid {record_uid}"
+        )));
+    }
+    Ok(Ok(Hash32(hash)))
 }
 
 /// Problems found so far, capped at [`PROBLEMS_MAX`].
@@ -205,8 +245,7 @@ pub(crate) fn verify_all(txn: &ReadTransaction) -> Result<VerifyReport, StoreErr
             expected.max_uid
         ));
     }
-    check_orphan_records(txn, &expected, report.n_records, &mut problems)?;
-    check_log(txn, next_seq, &mut problems)?;
+    check_log(txn, &expected, next_seq, report.n_records, &mut problems)?;
     check_indexes(txn, expected, &mut problems)?;
     report.problems = problems.finish();
     Ok(report)
@@ -274,12 +313,13 @@ fn check_instances(
     let instances = txn.open_table(INSTANCES).io()?;
     let uids = txn.open_table(INSTANCE_UIDS).io()?;
     let records = txn.open_table(RECORDS).io()?;
+    let index = txn.open_table(RECORD_INDEX).io()?;
     let mut expected = Expected::default();
     for entry in instances.iter().io()? {
         let (key, value) = entry.io()?;
         let (namespace, id) = key.value();
         let value = value.value();
-        let bytes = value.5;
+        let bytes = value.6;
         let name = format!("instance {namespace}/{id}");
         report.n_instances += 1;
         let head = match head_of(&value) {
@@ -315,19 +355,20 @@ fn check_instances(
         }
 
         let stored: Option<Instance> =
-            match decode_cbor(bytes, &|| format!("{name}: row does not decode")) {
+            match decode_row(bytes, &|| format!("{name}: row does not decode")) {
                 Ok(instance) => Some(instance),
                 Err(e) => {
                     problems.push(e.to_string());
                     None
                 }
             };
-        let replayed = replay(&records, namespace, id, uid, report, problems)?;
+        let replayed = replay(&records, &index, namespace, id, uid, report, problems)?;
         if let Some(stored) = &stored {
             let fixed = head.version == stored.version
                 && head.status == stored.status
                 && *head.machine == *stored.machine
                 && head.timer == indexed_timer(stored)
+                && head.last_hash == stored.last_hash
                 && &*stored.namespace == namespace
                 && &*stored.id == id;
             if !fixed {
@@ -342,7 +383,7 @@ fn check_instances(
                         "{name}: the row differs from the replay of its history in {}",
                         fields.join(", ")
                     ));
-                } else if encode_cbor(replayed)? != bytes {
+                } else if encode_row(replayed)? != bytes {
                     // Equal values from different bytes: a field lost to a default, or bytes
                     // that were not written by this store.
                     problems.push(format!(
@@ -357,7 +398,8 @@ fn check_instances(
 
 /// Replays one instance's history from genesis; `None` when the chain is broken (reported).
 fn replay(
-    records: &impl ReadableTable<(u64, u64), RecordValue>,
+    records: &impl ReadableTable<u64, RecordValue>,
+    index: &impl ReadableTable<(u64, u64), u64>,
     namespace: &str,
     id: &str,
     uid: u64,
@@ -367,17 +409,30 @@ fn replay(
     let mut replayed: Option<Instance> = None;
     let mut broken = false;
     let mut expected_version = 0u64;
-    for entry in records.range((uid, 0)..=(uid, u64::MAX)).io()? {
-        let (key, value) = entry.io()?;
+    for entry in index.range((uid, 0)..=(uid, u64::MAX)).io()? {
+        let (key, seq) = entry.io()?;
         report.n_records += 1;
         if broken {
             continue;
         }
         let version = key.value().1;
-        let (hash, bytes) = value.value();
+        let seq = seq.value();
         let name = format!("instance {namespace}/{id} record {version}");
         if version != expected_version {
             problems.push(format!("{name}: expected record {expected_version} first"));
+            broken = true;
+            continue;
+        }
+        let Some(value) = records.get(seq).io()? else {
+            problems.push(format!("{name}: missing (commit sequence {seq})"));
+            broken = true;
+            continue;
+        };
+        let (record_uid, record_version, hash, bytes) = value.value();
+        if (record_uid, record_version) != (uid, version) {
+            problems.push(format!(
+                "{name}: indexed at commit sequence {seq}, which holds record {record_version} of uid {record_uid}"
+            ));
             broken = true;
             continue;
         }
@@ -462,70 +517,84 @@ fn differences(stored: &Instance, replayed: &Instance) -> Vec<&'static str> {
     fields
 }
 
-/// Records whose uid belongs to no instance (only scanned when the counts disagree).
-fn check_orphan_records(
+/// The commit log (`records` by sequence) against the record index: every record is below
+/// the log end, belongs to an instance, is indexed at its own sequence, and each instance's
+/// records appear in version order without gaps; every index entry names a stored record
+/// (entries of live instances were followed by the replay; the rest are scanned only when the
+/// counts disagree).
+fn check_log(
     txn: &ReadTransaction,
     expected: &Expected,
+    next_seq: u64,
     n_replayed: u64,
     problems: &mut Problems,
 ) -> Result<(), StoreError> {
     let records = txn.open_table(RECORDS).io()?;
-    if records.len().io()? == n_replayed {
-        return Ok(());
-    }
-    let mut reported = HashSet::new();
-    for entry in records.iter().io()? {
-        let (key, _) = entry.io()?;
-        let (uid, version) = key.value();
-        if !expected.uids.contains(&uid) && reported.insert(uid) {
-            problems.push(format!(
-                "records of uid {uid} (record {version} and on) belong to no instance"
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// The commit log: every entry names a stored record, each instance's records appear in
-/// version order without gaps, and every record is logged once.
-fn check_log(
-    txn: &ReadTransaction,
-    next_seq: u64,
-    problems: &mut Problems,
-) -> Result<(), StoreError> {
-    let log = txn.open_table(LOG).io()?;
-    let records = txn.open_table(RECORDS).io()?;
+    let index = txn.open_table(RECORD_INDEX).io()?;
+    let uids = txn.open_table(INSTANCE_UIDS).io()?;
+    let name_of = |uid: u64, version: u64| -> Result<String, StoreError> {
+        Ok(match uids.get(uid).io()? {
+            Some(g) => {
+                let (namespace, id) = g.value();
+                format!("instance {namespace}/{id} record {version}")
+            }
+            None => format!("record {version} of uid {uid}"),
+        })
+    };
     let mut next_version: HashMap<u64, u64> = HashMap::new();
-    let mut n_log = 0u64;
-    for entry in log.iter().io()? {
-        let (seq, position) = entry.io()?;
+    let mut orphans = HashSet::new();
+    for entry in records.iter().io()? {
+        let (seq, value) = entry.io()?;
         let seq = seq.value();
-        let (uid, version) = position.value();
-        n_log += 1;
+        let (uid, version, _, _) = value.value();
         if seq >= next_seq {
             problems.push(format!(
-                "commit log entry {seq} is past the log end {next_seq}"
+                "{} (commit sequence {seq}) is past the log end {next_seq}",
+                name_of(uid, version)?
             ));
         }
-        if records.get((uid, version)).io()?.is_none() {
+        if !expected.uids.contains(&uid) {
+            if orphans.insert(uid) {
+                problems.push(format!(
+                    "records of uid {uid} (record {version} at commit sequence {seq} and on) belong to no instance"
+                ));
+            }
+            continue;
+        }
+        match index.get((uid, version)).io()?.map(|g| g.value()) {
+            Some(indexed) if indexed == seq => {}
+            Some(indexed) => problems.push(format!(
+                "{} (commit sequence {seq}): the record index points at commit sequence {indexed}",
+                name_of(uid, version)?
+            )),
+            None => problems.push(format!(
+                "{} (commit sequence {seq}): missing from the record index",
+                name_of(uid, version)?
+            )),
+        }
+        let wanted = next_version.get(&uid).copied().unwrap_or(0);
+        if version != wanted {
             problems.push(format!(
-                "commit log entry {seq} names record {version} of uid {uid}, which is not stored"
+                "{} (commit sequence {seq}): out of order (expected record {wanted})",
+                name_of(uid, version)?
             ));
         }
-        let expected = next_version.get(&uid).copied().unwrap_or(0);
-        if version != expected {
-            problems.push(format!(
-                "commit log entry {seq}: record {version} of uid {uid} is out of order (expected {expected})"
-            ));
+        next_version.insert(uid, version.max(wanted) + 1);
+    }
+    if index.len().io()? != n_replayed {
+        let mut reported = HashSet::new();
+        for entry in index.iter().io()? {
+            let (key, _) = entry.io()?;
+            let (uid, version) = key.value();
+            if !expected.uids.contains(&uid) && reported.insert(uid) {
+                problems.push(format!(
+                    "record index entries of uid {uid} (record {version} and on) belong to no instance"
+                ));
+            }
         }
-        next_version.insert(uid, version.max(expected) + 1);
     }
-    let n_records = records.len().io()?;
-    if n_log != n_records {
-        problems.push(format!(
-            "the commit log has {n_log} entries for {n_records} records"
-        ));
-    }
+    // Every record maps to its own index entry (above) and every index entry of a live uid was
+    // followed to a record of that (uid, version) by the replay, so the two tables agree.
     Ok(())
 }
 

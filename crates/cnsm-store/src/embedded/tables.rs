@@ -28,12 +28,13 @@ pub(crate) const DEFINITION_LATEST: TableDefinition<(&str, &str), u32> =
 
 /// A timer column: (due_ms, entry_seq, kind).
 pub(crate) type TimerColumn = (u64, u64, u8);
-/// (uid, version, status, timer, machine, CBOR of the instance).
+/// (uid, version, status, timer, last record hash, machine, CBOR of the instance).
 pub(crate) type InstanceValue = (
     u64,
     u64,
     u8,
     Option<TimerColumn>,
+    [u8; 32],
     &'static str,
     &'static [u8],
 );
@@ -45,12 +46,14 @@ pub(crate) const INSTANCE_UIDS: TableDefinition<u64, (&str, &str)> =
 pub(crate) const ACTIVE_INSTANCES: TableDefinition<(&str, &str, u64), ()> =
     TableDefinition::new("active_instances");
 
-/// (record hash, exact record bytes).
-pub(crate) type RecordValue = ([u8; 32], &'static [u8]);
-pub(crate) const RECORDS: TableDefinition<(u64, u64), RecordValue> =
-    TableDefinition::new("records");
-/// Global commit order: the base of verification checkpoints and of a future outbox cursor.
-pub(crate) const LOG: TableDefinition<u64, (u64, u64)> = TableDefinition::new("log");
+/// (uid, version, record hash, exact record bytes).
+pub(crate) type RecordValue = (u64, u64, [u8; 32], &'static [u8]);
+/// Every record by commit sequence: the global commit log (append-only pages), the base of
+/// verification checkpoints and of a future outbox cursor.
+pub(crate) const RECORDS: TableDefinition<u64, RecordValue> = TableDefinition::new("records");
+/// (uid, version) -> commit sequence of that record in [`RECORDS`].
+pub(crate) const RECORD_INDEX: TableDefinition<(u64, u64), u64> =
+    TableDefinition::new("record_index");
 /// (due_ms, uid) -> (entry_seq, kind): exactly each active instance's current timer.
 pub(crate) const TIMERS: TableDefinition<(u64, u64), (u64, u8)> = TableDefinition::new("timers");
 
@@ -136,6 +139,21 @@ pub(crate) fn decode_cbor<T: serde::de::DeserializeOwned>(
 ) -> Result<T, StoreError> {
     let json = cbor::decode(bytes).map_err(|e| StoreError::Corrupt(format!("{}: {e}", what())))?;
     serde_json::from_value(json).map_err(|e| StoreError::Corrupt(format!("{}: {e}", what())))
+}
+
+/// An instance row's document: compact JSON, written on every commit, so it is encoded straight
+/// from the struct (no intermediate tree). Records, not rows, carry the hashed CBOR form.
+pub(crate) fn encode_row(instance: &cnsm_core::Instance) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(instance)
+        .map_err(|e| StoreError::Corrupt(format!("cannot encode an instance row: {e}")))
+}
+
+/// Decodes an instance row; `what` names the row in the error.
+pub(crate) fn decode_row(
+    bytes: &[u8],
+    what: &dyn Fn() -> String,
+) -> Result<cnsm_core::Instance, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{}: {e}", what())))
 }
 
 /// Maps any redb error to [`StoreError::Io`].

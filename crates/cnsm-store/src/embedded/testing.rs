@@ -37,6 +37,21 @@ fn uid_of(txn: &WriteTransaction, namespace: &str, id: &str) -> Result<u64, Stor
         .ok_or_else(|| StoreError::Refused(format!("no instance {namespace}/{id}")))
 }
 
+/// The commit sequence of record `version` of an instance, through the record index.
+fn seq_of(
+    txn: &WriteTransaction,
+    namespace: &str,
+    id: &str,
+    version: u64,
+) -> Result<(u64, u64), StoreError> {
+    let uid = uid_of(txn, namespace, id)?;
+    let index = txn.open_table(RECORD_INDEX).io()?;
+    let seq = index.get((uid, version)).io()?.map(|g| g.value());
+    let seq =
+        seq.ok_or_else(|| StoreError::Refused(format!("no record {version} of {namespace}/{id}")))?;
+    Ok((uid, seq))
+}
+
 /// Sets a meta counter (`format`, `verified_seq`, ...).
 pub fn set_meta(dir: &Path, key: &str, value: u64) -> Result<(), StoreError> {
     edit(dir, |txn| {
@@ -54,11 +69,11 @@ pub fn flip_record_byte(
     byte_index: usize,
 ) -> Result<(), StoreError> {
     edit(dir, |txn| {
-        let uid = uid_of(txn, namespace, id)?;
+        let (uid, seq) = seq_of(txn, namespace, id, version)?;
         let mut records = txn.open_table(RECORDS).io()?;
-        let (hash, mut bytes) = match records.get((uid, version)).io()? {
+        let (hash, mut bytes) = match records.get(seq).io()? {
             Some(g) => {
-                let (hash, bytes) = g.value();
+                let (_, _, hash, bytes) = g.value();
                 (hash, bytes.to_vec())
             }
             None => {
@@ -74,7 +89,7 @@ pub fn flip_record_byte(
         })?;
         *byte ^= 0xff;
         records
-            .insert((uid, version), (hash, bytes.as_slice()))
+            .insert(seq, (uid, version, hash, bytes.as_slice()))
             .io()?;
         Ok(())
     })
@@ -89,15 +104,16 @@ pub fn flip_instance_row_byte(
 ) -> Result<(), StoreError> {
     edit(dir, |txn| {
         let mut instances = txn.open_table(INSTANCES).io()?;
-        let (uid, version, status, timer, machine, mut bytes) =
+        let (uid, version, status, timer, last_hash, machine, mut bytes) =
             match instances.get((namespace, id)).io()? {
                 Some(g) => {
-                    let (uid, version, status, timer, machine, bytes) = g.value();
+                    let (uid, version, status, timer, last_hash, machine, bytes) = g.value();
                     (
                         uid,
                         version,
                         status,
                         timer,
+                        last_hash,
                         machine.to_owned(),
                         bytes.to_vec(),
                     )
@@ -116,6 +132,7 @@ pub fn flip_instance_row_byte(
                     version,
                     status,
                     timer,
+                    last_hash,
                     machine.as_str(),
                     bytes.as_slice(),
                 ),
@@ -125,7 +142,7 @@ pub fn flip_instance_row_byte(
     })
 }
 
-/// Replaces a stored record, bytes and hash, with another one.
+/// Replaces a stored record, bytes and hash, with another one (at the same commit sequence).
 pub fn replace_record(
     dir: &Path,
     namespace: &str,
@@ -133,13 +150,72 @@ pub fn replace_record(
     record: &SealedRecord,
 ) -> Result<(), StoreError> {
     edit(dir, |txn| {
-        let uid = uid_of(txn, namespace, id)?;
+        let (uid, seq) = seq_of(txn, namespace, id, record.version)?;
         let mut records = txn.open_table(RECORDS).io()?;
         records
             .insert(
-                (uid, record.version),
-                (record.hash.0, record.bytes.as_slice()),
+                seq,
+                (uid, record.version, record.hash.0, record.bytes.as_slice()),
             )
+            .io()?;
+        Ok(())
+    })
+}
+
+/// Sets the last record hash column of an instance row, leaving its document alone.
+pub fn set_row_last_hash(
+    dir: &Path,
+    namespace: &str,
+    id: &str,
+    last_hash: [u8; 32],
+) -> Result<(), StoreError> {
+    edit(dir, |txn| {
+        let mut instances = txn.open_table(INSTANCES).io()?;
+        let (uid, version, status, timer, machine, bytes) =
+            match instances.get((namespace, id)).io()? {
+                Some(g) => {
+                    let (uid, version, status, timer, _, machine, bytes) = g.value();
+                    (
+                        uid,
+                        version,
+                        status,
+                        timer,
+                        machine.to_owned(),
+                        bytes.to_vec(),
+                    )
+                }
+                None => return Err(StoreError::Refused(format!("no instance {namespace}/{id}"))),
+            };
+        instances
+            .insert(
+                (namespace, id),
+                (
+                    uid,
+                    version,
+                    status,
+                    timer,
+                    last_hash,
+                    machine.as_str(),
+                    bytes.as_slice(),
+                ),
+            )
+            .io()?;
+        Ok(())
+    })
+}
+
+/// Removes the record index entry of record `version` of an instance, leaving the record.
+pub fn remove_record_index_entry(
+    dir: &Path,
+    namespace: &str,
+    id: &str,
+    version: u64,
+) -> Result<(), StoreError> {
+    edit(dir, |txn| {
+        let (uid, _) = seq_of(txn, namespace, id, version)?;
+        txn.open_table(RECORD_INDEX)
+            .io()?
+            .remove((uid, version))
             .io()?;
         Ok(())
     })
