@@ -436,28 +436,13 @@ impl Committer {
         input.idempotency_key = event.idempotency_key.as_deref();
         input.trace = event.trace.clone();
         let record = machine.apply(instance, &input)?;
-        let sealed = record.seal();
-        let expected_version = instance.version;
-        before
-            .entry(key.clone())
-            .or_insert_with(|| Some(cached.instance.clone()));
-        cached
-            .instance
-            .apply_record(&record, sealed.hash)
-            .map_err(|e| RuntimeError::Unavailable(format!("record does not apply: {e}")))?;
         let idempotency = event.idempotency_key.as_ref().map(|k| IdempotencyEntry {
             key: k.clone(),
             request_hash,
             version: record.version,
             expires_ms: now_ms.saturating_add(ttl),
         });
-        items.push(CommitItem {
-            instance: cached.instance.clone(),
-            record: sealed,
-            expected_version: Some(expected_version),
-            idempotency,
-        });
-        item_keys.push(key.clone());
+        stage(cached, key, &record, idempotency, items, item_keys, before)?;
         self.batch_records.push(record);
         if let Some(k) = event.idempotency_key {
             pending_keys.insert((key.clone(), k), (request_hash, items.len() - 1));
@@ -523,22 +508,7 @@ impl Committer {
         let Some(record) = machine.fire(instance, &input)? else {
             return Ok(false);
         };
-        let sealed = record.seal();
-        let expected_version = instance.version;
-        before
-            .entry(key.clone())
-            .or_insert_with(|| Some(cached.instance.clone()));
-        cached
-            .instance
-            .apply_record(&record, sealed.hash)
-            .map_err(|e| RuntimeError::Unavailable(format!("record does not apply: {e}")))?;
-        items.push(CommitItem {
-            instance: cached.instance.clone(),
-            record: sealed,
-            expected_version: Some(expected_version),
-            idempotency: None,
-        });
-        item_keys.push(key);
+        stage(cached, &key, &record, None, items, item_keys, before)?;
         self.batch_records.push(record);
         Ok(true)
     }
@@ -607,6 +577,36 @@ impl Committer {
         // Drop final instances from the cache: nothing more happens to them.
         self.cache.retain(|_, c| !c.instance.status.is_final());
     }
+}
+
+/// Seals `record`, folds it into the working copy of its instance, and adds it to the batch.
+#[allow(clippy::too_many_arguments)]
+fn stage(
+    cached: &mut Cached,
+    key: &Key,
+    record: &StateChangeEvent,
+    idempotency: Option<IdempotencyEntry>,
+    items: &mut Vec<CommitItem>,
+    item_keys: &mut Vec<Key>,
+    before: &mut HashMap<Key, Option<Instance>>,
+) -> Result<(), RuntimeError> {
+    let sealed = record.seal();
+    let expected_version = cached.instance.version;
+    before
+        .entry(key.clone())
+        .or_insert_with(|| Some(cached.instance.clone()));
+    cached
+        .instance
+        .apply_record(record, sealed.hash)
+        .map_err(|e| RuntimeError::Unavailable(format!("record does not apply: {e}")))?;
+    items.push(CommitItem {
+        instance: cached.instance.clone(),
+        record: sealed,
+        expected_version: Some(expected_version),
+        idempotency,
+    });
+    item_keys.push(key.clone());
+    Ok(())
 }
 
 fn answer(
