@@ -75,6 +75,17 @@ pub struct Client {
     host: String,
     port: u16,
     authority: String,
+    token: Option<BearerToken>,
+}
+
+/// A bearer token that never prints.
+#[derive(Clone)]
+struct BearerToken(String);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(<redacted>)")
+    }
 }
 
 impl Client {
@@ -117,7 +128,15 @@ impl Client {
             host: host.to_owned(),
             port,
             authority: authority.to_owned(),
+            token: None,
         })
+    }
+
+    /// Sends `Authorization: Bearer <token>` with every request (unless a request sets its
+    /// own `Authorization`).
+    pub fn with_bearer_token(mut self, token: &str) -> Client {
+        self.token = Some(BearerToken(token.to_owned()));
+        self
     }
 
     /// The base URL, `http://host:port`.
@@ -153,11 +172,21 @@ impl Client {
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, self.authority.as_str());
+        if let Some(BearerToken(token)) = &self.token
+            && !headers
+                .iter()
+                .any(|(name, _)| name.eq_ignore_ascii_case("authorization"))
+        {
+            // The value is not echoed in the error: it would contain the token.
+            let value = HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| http_error("the bearer token is not valid header text".into()))?;
+            request = request.header(hyper::header::AUTHORIZATION, value);
+        }
         for (name, value) in headers {
             let name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|e| http_error(format!("bad header name {name}: {e}")))?;
             let value = HeaderValue::from_str(value)
-                .map_err(|e| http_error(format!("bad value of header {name}: {e}")))?;
+                .map_err(|_| http_error(format!("bad value of header {name}")))?;
             request = request.header(name, value);
         }
         let request = request

@@ -1,17 +1,18 @@
 //! `instances`: create, get (with `ETag`), list (filters and pagination), events (with
 //! `If-Match` and `Idempotency-Key`), history, and the entry points of watch streams.
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use cnsm_core::{Instance, Status};
 use cnsm_runtime::{CreateInstance, RuntimeError};
 use cnsm_store::InstanceQuery;
 
 use crate::ServerState;
+use crate::auth::Caller;
 use crate::params::{self, QueryPairs};
 use crate::problem::{ApiError, ProblemKind};
 use crate::watch_stream::{self, CollectionFilter};
@@ -34,6 +35,7 @@ fn with_etag(status: StatusCode, body: impl serde::Serialize, version: u64) -> R
 pub async fn create(
     State(state): State<ServerState>,
     path: Result<Path<String>, PathRejection>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -51,7 +53,11 @@ pub async fn create(
     request.id = parsed.id;
     request.labels = parsed.labels;
     request.revision = parsed.revision;
-    request.actor = parsed.actor.unwrap_or_else(|| ANONYMOUS_ACTOR.to_owned());
+    request.actor = match caller.as_ref().and_then(|Extension(c)| c.actor()) {
+        // With authentication on, the actor is the token's subject, whatever the body says.
+        Some(subject) => subject.to_owned(),
+        None => parsed.actor.unwrap_or_else(|| ANONYMOUS_ACTOR.to_owned()),
+    };
     let requested_id = request.id.clone();
     let instance = state
         .runtime()
@@ -222,13 +228,18 @@ async fn list_in(
 pub async fn send_event(
     State(state): State<ServerState>,
     path: Result<Path<(String, String)>, PathRejection>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Path((ns, id)) = path.map_err(params::path_error)?;
     params::namespace(&ns)?;
     let body = params::body(body)?;
-    let event = crate::events::parse(&headers, &body).map_err(|e| e.at_instance(&ns, &id))?;
+    let mut event = crate::events::parse(&headers, &body).map_err(|e| e.at_instance(&ns, &id))?;
+    if let Some(subject) = caller.as_ref().and_then(|Extension(c)| c.actor()) {
+        // With authentication on, the actor is the token's subject, whatever the body says.
+        event.actor = subject.to_owned();
+    }
     let event_name = event.name.clone();
     let outcome = match state.runtime().send(&ns, &id, event).await {
         Ok(outcome) => outcome,

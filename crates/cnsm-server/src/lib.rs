@@ -10,6 +10,10 @@
 //!   streams (resumable per instance with `Last-Event-ID`).
 //! - `health`: `/health/*` and `/debug/statemachine`, with the ring buffers of recent
 //!   transitions and errors.
+//! - [`routes`]: the one route table (method, path, handler, access, documented bodies and
+//!   statuses) that both [`router`] and [`openapi::document`] are built from.
+//! - [`auth`]: bearer tokens with namespace-scoped roles (`--auth-file`): 401 and 403.
+//! - [`openapi`]: the OpenAPI 3.1 document served at `/openapi.json`.
 //! - [`client`]: a small HTTP/1.1 client for this API (used by `cnsmctl --server` and tests).
 //!
 //! ```no_run
@@ -37,24 +41,26 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
 use cnsm_runtime::Runtime;
 use tokio::sync::{Semaphore, watch};
 
+pub mod auth;
 pub mod client;
 mod definitions;
 mod events;
 mod health;
 mod instances;
+pub mod openapi;
 mod params;
 pub mod problem;
+pub mod routes;
 mod watch_stream;
 pub mod wire;
 
+use crate::auth::AuthConfig;
 use crate::health::Diagnostics;
 use crate::problem::{ApiError, PendingProblem, ProblemKind};
 use crate::watch_stream::WatchHub;
-use crate::wire::API_PREFIX;
 
 /// Limits and settings of a server.
 #[derive(Debug, Clone)]
@@ -78,6 +84,9 @@ pub struct ServerOptions {
     pub store_kind: String,
     /// Most instances `/health/statez` and `/debug/statemachine` count.
     pub scan_instances_max: usize,
+    /// Bearer tokens with namespace-scoped roles (`--auth-file`); `None`: everyone is
+    /// `anonymous` with every right, and only loopback addresses are served.
+    pub auth: Option<Arc<AuthConfig>>,
 }
 
 impl Default for ServerOptions {
@@ -92,6 +101,7 @@ impl Default for ServerOptions {
             keep_alive_interval: Duration::from_secs(15),
             store_kind: "embedded".into(),
             scan_instances_max: 100_000,
+            auth: None,
         }
     }
 }
@@ -103,9 +113,8 @@ pub enum ServeError {
     /// The address is not loopback and neither authentication nor `--insecure` was given.
     #[error(
         "refusing to listen on {0}: it is not a loopback address and the API has no authentication. \
-         Token authentication (--auth-file) is not yet available; to serve this address without \
-         authentication pass --insecure (anyone who can reach it can change every instance), or \
-         listen on 127.0.0.1"
+         Give bearer tokens with --auth-file, or pass --insecure to serve this address without \
+         authentication (anyone who can reach it can change every instance), or listen on 127.0.0.1"
     )]
     NotLoopback(SocketAddr),
     /// Accepting or serving connections failed.
@@ -113,9 +122,13 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// Refuses a non-loopback address unless `insecure` (there is no authentication yet).
-pub fn check_listen_address(address: SocketAddr, insecure: bool) -> Result<(), ServeError> {
-    if address.ip().is_loopback() || insecure {
+/// Refuses a non-loopback address unless the API has authentication or `insecure` is set.
+pub fn check_listen_address(
+    address: SocketAddr,
+    authenticated: bool,
+    insecure: bool,
+) -> Result<(), ServeError> {
+    if address.ip().is_loopback() || authenticated || insecure {
         Ok(())
     } else {
         Err(ServeError::NotLoopback(address))
@@ -189,45 +202,27 @@ impl ServerState {
     }
 }
 
-/// The whole API as an axum router.
+/// The whole API as an axum router, built from the route table ([`routes::ROUTES`]), the
+/// same table `/openapi.json` is generated from.
 pub fn router(state: ServerState) -> Router {
-    let ns = format!("{API_PREFIX}/namespaces/{{ns}}");
     let body_limit = state.options().body_bytes_max;
-    Router::new()
-        .route(
-            &format!("{API_PREFIX}/statemachines"),
-            get(definitions::list_all),
-        )
-        .route(&format!("{API_PREFIX}/instances"), get(instances::list_all))
-        .route(
-            &format!("{ns}/statemachines"),
-            get(definitions::list).post(definitions::apply),
-        )
-        .route(
-            &format!("{ns}/statemachines/{{name}}"),
-            get(definitions::get_one).delete(definitions::delete),
-        )
-        .route(
-            &format!("{ns}/instances"),
-            get(instances::list).post(instances::create),
-        )
-        .route(&format!("{ns}/instances/{{id}}"), get(instances::get_one))
-        .route(
-            &format!("{ns}/instances/{{id}}/events"),
-            post(instances::send_event),
-        )
-        .route(
-            &format!("{ns}/instances/{{id}}/history"),
-            get(instances::history),
-        )
-        .route("/health/livez", get(health::livez))
-        .route("/health/readyz", get(health::readyz))
-        .route("/health/statez", get(health::statez))
-        .route("/debug/statemachine", get(health::debug))
+    let mut router = Router::new();
+    for route in routes::ROUTES {
+        let method_router = (route.handler)().route_layer(middleware::from_fn_with_state(
+            route.access,
+            auth::authorize,
+        ));
+        router = router.route(route.path, method_router);
+    }
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(state.clone(), limits))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             finish_problems,
@@ -304,14 +299,18 @@ async fn finish_problems(
 /// ends watch streams, waits for in-flight requests, and shuts the runtime down (flushing the
 /// committer) before returning.
 ///
-/// Refuses a non-loopback listener unless `options.insecure`.
+/// Refuses a non-loopback listener unless `options.auth` or `options.insecure`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     runtime: Runtime,
     options: ServerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    check_listen_address(listener.local_addr()?, options.insecure)?;
+    check_listen_address(
+        listener.local_addr()?,
+        options.auth.is_some(),
+        options.insecure,
+    )?;
     let state = ServerState::new(runtime.clone(), options);
     let app = router(state.clone());
     let stopping = state.clone();

@@ -37,9 +37,9 @@ pub enum ProblemKind {
     Unavailable,
     /// The body is larger than the limit (413).
     PayloadTooLarge,
-    /// No valid credentials (401). Not produced until authentication exists.
+    /// No valid bearer token on a server with `--auth-file` (401, with `WWW-Authenticate`).
     Unauthorized,
-    /// Credentials without the right role (403). Not produced until authentication exists.
+    /// A known token without the role the route needs in its namespace (403).
     Forbidden,
     /// The route exists but not for this method (405).
     MethodNotAllowed,

@@ -67,7 +67,7 @@ pub struct CreateInstanceBody {
     /// Pin this revision instead of the latest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<u32>,
-    /// Who creates it. Honoured until authentication exists; then the token's subject wins.
+    /// Who creates it. Ignored on a server with `--auth-file`: the token's name is recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
 }
@@ -81,7 +81,7 @@ pub struct EventBody {
     /// Read by guards and assignments as `event`.
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub payload: Value,
-    /// Who sends it. Honoured until authentication exists; then the token's subject wins.
+    /// Who sends it. Ignored on a server with `--auth-file`: the token's name is recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
 }

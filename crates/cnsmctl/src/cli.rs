@@ -12,7 +12,8 @@ pub const ROOT_AFTER_HELP: &str = "\
 Exit codes:
   0  success
   1  invalid input: a definition that fails admission, malformed --data/--payload JSON,
-     a file that cannot be read, store verification problems
+     a file that cannot be read, store verification problems; with --server also a
+     missing, unknown or insufficient --token (Unauthorized, Forbidden)
   2  usage error (unknown flag, missing argument)
   3  not found (machine, revision or instance)
   4  rejected: TransitionFailure, StaleState, RaceCondition, Locked, or a conflict
@@ -70,6 +71,16 @@ pub struct Cli {
     /// Talk to a running `cnsmctl serve` (http://HOST:PORT) instead of the embedded store
     #[arg(long, global = true, env = "CNSM_SERVER", value_name = "URL")]
     pub server: Option<String>,
+
+    /// Bearer token sent to --server (a server started with --auth-file needs one)
+    #[arg(
+        long,
+        global = true,
+        env = "CNSM_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -176,12 +187,17 @@ pub enum Command {
             instances, instances/{id}/events (JSON or CloudEvents 1.0), instances/{id}/history, \
             and ?watch=true streams (Server-Sent Events). Health: /health/livez, /health/readyz, \
             /health/statez; diagnostics: /debug/statemachine. See docs/api.md.\n\n\
-            The server listens on loopback only unless --insecure is given: there is no \
-            authentication yet (--auth-file comes later). SIGTERM or Ctrl-C stops accepting, \
-            drains in-flight requests, flushes the group commit and exits 0.",
+            Without --auth-file the server listens on loopback only (unless --insecure) and \
+            everyone may do everything. With --auth-file every /apis and /debug request needs \
+            `Authorization: Bearer <token>` whose roles (reader, writer, admin per namespace or \
+            \"*\") cover it, and any address may be served. The OpenAPI document is at \
+            /openapi.json. SIGTERM or Ctrl-C stops accepting, drains in-flight requests, flushes \
+            the group commit and exits 0.",
         after_help = "Examples:\n  \
             cnsmctl serve                                   # http://127.0.0.1:8080, store in ./cnsm-data\n  \
             cnsmctl --data-dir /var/lib/cnsm serve --listen 127.0.0.1:9000\n  \
+            cnsmctl serve --listen 0.0.0.0:8080 --auth-file tokens.yaml\n  \
+            CNSM_TOKEN=... cnsmctl --server http://host:8080 -n shop get instances\n  \
             cnsmctl --server http://127.0.0.1:8080 get instances -A"
     )]
     Serve(ServeArgs),
@@ -494,4 +510,8 @@ pub struct ServeArgs {
     /// change every instance)
     #[arg(long)]
     pub insecure: bool,
+    /// YAML file of bearer tokens with namespace-scoped roles (see docs/cli.md); turns
+    /// authentication on and allows non-loopback addresses
+    #[arg(long, env = "CNSM_AUTH_FILE", value_name = "FILE")]
+    pub auth_file: Option<std::path::PathBuf>,
 }

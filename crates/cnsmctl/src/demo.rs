@@ -71,6 +71,7 @@ pub async fn run(context: &Context, out: &mut Out) -> Result<(), CliError> {
         namespace_on_command_line: false,
         // The tour always runs on its own embedded store.
         server: None,
+        token: None,
     };
     let api = Local::open(&data_dir, Access::Mutating)?;
     let result = tour(&demo_context, &api, out).await;

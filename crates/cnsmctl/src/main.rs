@@ -56,6 +56,7 @@ fn main() -> ExitCode {
         namespace: cli.namespace.clone(),
         namespace_on_command_line: on_command_line("namespace"),
         server: cli.server.clone(),
+        token: cli.token.clone(),
     };
     // The server uses every core; a command is one thread waiting on a store or a server.
     let mut builder = match cli.command {

@@ -76,8 +76,13 @@ fn problem_error(response: &ClientResponse) -> CliError {
 
 impl Remote {
     /// A client of the server at `url` (`http://host:port`). Nothing is contacted yet.
-    pub fn new(url: &str) -> Result<Remote, CliError> {
-        let client = Client::new(url).map_err(|e| CliError::invalid(format!("--server: {e}")))?;
+    /// `token` is sent as `Authorization: Bearer <token>` with every request.
+    pub fn new(url: &str, token: Option<&str>) -> Result<Remote, CliError> {
+        let mut client =
+            Client::new(url).map_err(|e| CliError::invalid(format!("--server: {e}")))?;
+        if let Some(token) = token.filter(|t| !t.is_empty()) {
+            client = client.with_bearer_token(token);
+        }
         Ok(Remote { client })
     }
 

@@ -104,6 +104,8 @@ impl Cli {
             .env_remove("CNSM_NAMESPACE")
             .env_remove("CNSM_ACTOR")
             .env_remove("CNSM_SERVER")
+            .env_remove("CNSM_TOKEN")
+            .env_remove("CNSM_AUTH_FILE")
             .current_dir(self.dir.path());
         if let Some(url) = &self.server {
             command.arg("--server").arg(url);

@@ -746,21 +746,19 @@ async fn unknown_routes_methods_and_timeouts_are_problems() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn non_loopback_addresses_need_insecure() {
+async fn non_loopback_addresses_need_auth_or_insecure() {
     let any: std::net::SocketAddr = "0.0.0.0:8080".parse().expect("address");
-    let error = cnsm_server::check_listen_address(any, false)
+    let error = cnsm_server::check_listen_address(any, false, false)
         .expect_err("refused")
         .to_string();
-    assert!(
-        error.contains("--auth-file") && error.contains("not yet available"),
-        "{error}"
-    );
+    assert!(error.contains("--auth-file"), "{error}");
     assert!(error.contains("--insecure"), "{error}");
-    assert!(cnsm_server::check_listen_address(any, true).is_ok());
+    assert!(cnsm_server::check_listen_address(any, false, true).is_ok());
+    assert!(cnsm_server::check_listen_address(any, true, false).is_ok());
     let loopback: std::net::SocketAddr = "127.0.0.1:8080".parse().expect("address");
-    assert!(cnsm_server::check_listen_address(loopback, false).is_ok());
+    assert!(cnsm_server::check_listen_address(loopback, false, false).is_ok());
     let v6: std::net::SocketAddr = "[::1]:8080".parse().expect("address");
-    assert!(cnsm_server::check_listen_address(v6, false).is_ok());
+    assert!(cnsm_server::check_listen_address(v6, false, false).is_ok());
 
     let dir = tempfile::tempdir().expect("tempdir");
     let store = cnsm_store::embedded::EmbeddedStore::open(dir.path()).expect("store");

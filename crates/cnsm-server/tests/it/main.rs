@@ -2,8 +2,10 @@
 //! status, CloudEvents, concurrency contracts, watch streams, health and shutdown.
 
 mod api;
+mod auth;
 mod cloudevents;
 mod concurrency;
 mod health;
+mod openapi;
 mod support;
 mod watch;

@@ -39,13 +39,15 @@ pub struct Context {
     pub namespace_on_command_line: bool,
     /// `--server URL`: commands go through that server's HTTP API instead of the store.
     pub server: Option<String>,
+    /// `--token`: the bearer token sent to `--server`.
+    pub token: Option<String>,
 }
 
 impl Context {
     /// The API this invocation talks to: the server of `--server`, else the embedded store.
     pub fn connect(&self, access: Access) -> Result<Connection, CliError> {
         match &self.server {
-            Some(url) => Ok(Connection::Remote(Remote::new(url)?)),
+            Some(url) => Ok(Connection::Remote(Remote::new(url, self.token.as_deref())?)),
             None => Local::open(&self.data_dir, access).map(Connection::Local),
         }
     }
@@ -53,7 +55,7 @@ impl Context {
     /// The API for `store verify`, which must open even a damaged store.
     pub fn connect_for_verify(&self) -> Result<Connection, CliError> {
         match &self.server {
-            Some(url) => Ok(Connection::Remote(Remote::new(url)?)),
+            Some(url) => Ok(Connection::Remote(Remote::new(url, self.token.as_deref())?)),
             None => Local::open_for_verify(&self.data_dir).map(Connection::Local),
         }
     }

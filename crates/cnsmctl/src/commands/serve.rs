@@ -1,8 +1,10 @@
 //! `serve`: the HTTP API on the embedded store in `--data-dir`, until SIGTERM or Ctrl-C.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 
 use cnsm_runtime::{Runtime, RuntimeOptions};
+use cnsm_server::auth::AuthConfig;
 use cnsm_server::{ServeError, ServerOptions};
 use cnsm_store::embedded::EmbeddedStore;
 
@@ -35,7 +37,19 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
         ));
     }
     let address = listen_address(&args.listen)?;
-    cnsm_server::check_listen_address(address, args.insecure)
+    // A bad auth file is refused before the store is opened or anything listens.
+    let auth = match &args.auth_file {
+        Some(path) => {
+            let (config, warnings) =
+                AuthConfig::load(path).map_err(|e| CliError::invalid(e.to_string()))?;
+            for warning in warnings {
+                eprintln!("cnsm: warning: {warning}");
+            }
+            Some(Arc::new(config))
+        }
+        None => None,
+    };
+    cnsm_server::check_listen_address(address, auth.is_some(), args.insecure)
         .map_err(|e| CliError::invalid(e.to_string()))?;
     let data_dir = &context.data_dir;
     std::fs::create_dir_all(data_dir).map_err(|e| {
@@ -68,7 +82,9 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
     eprintln!(
         "cnsm: serving the store in {} on http://{bound}{}; SIGTERM or Ctrl-C stops",
         data_dir.display(),
-        if bound.ip().is_loopback() {
+        if auth.is_some() {
+            " with bearer-token authentication (--auth-file)"
+        } else if bound.ip().is_loopback() {
             ""
         } else {
             " WITHOUT authentication (--insecure)"
@@ -76,6 +92,7 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
     );
     let options = ServerOptions {
         insecure: args.insecure,
+        auth,
         ..ServerOptions::default()
     };
     match cnsm_server::serve(listener, runtime, options, cnsm_server::shutdown_signal()).await {
@@ -84,7 +101,7 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
             Ok(())
         }
         Err(ServeError::NotLoopback(_)) => Err(CliError::invalid(
-            "refusing a non-loopback address without --insecure",
+            "refusing a non-loopback address without --auth-file or --insecure",
         )),
         Err(e) => Err(CliError::unavailable(e.to_string())),
     }

@@ -12,7 +12,7 @@ use cnsm_store::Store;
 use cnsm_store::embedded::EmbeddedStore;
 use serde_json::json;
 
-use super::Cli;
+use super::{Cli, output_of};
 
 /// A machine with a self-loop (`tick`) and a final state (`close`).
 const COUNTER_YAML: &str = "apiVersion: statemachine.cn/v1alpha1
@@ -45,12 +45,19 @@ pub struct ServerChild {
 
 impl ServerChild {
     pub fn start(data_dir: &Path) -> ServerChild {
+        ServerChild::start_with(data_dir, &["--listen", "127.0.0.1:0"])
+    }
+
+    /// `cnsmctl serve` with `serve_args` (which must make it listen on port 0).
+    pub fn start_with(data_dir: &Path, serve_args: &[&str]) -> ServerChild {
         let mut child = Command::new(env!("CARGO_BIN_EXE_cnsmctl"))
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .arg("serve")
+            .args(serve_args)
             .env_remove("CNSM_SERVER")
             .env_remove("CNSM_LISTEN")
+            .env_remove("CNSM_AUTH_FILE")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -284,10 +291,7 @@ fn serve_is_loopback_only_without_insecure() {
         line.starts_with("error: Invalid: refusing to listen on 0.0.0.0:0"),
         "{line}"
     );
-    assert!(
-        line.contains("--auth-file") && line.contains("not yet available"),
-        "{line}"
-    );
+    assert!(line.contains("--auth-file"), "{line}");
     assert!(line.contains("--insecure"), "{line}");
     assert!(!cli.data_dir().exists(), "nothing was created");
     let with_server = cli.run(&["--server", "http://127.0.0.1:1", "serve"]);
@@ -413,4 +417,172 @@ fn get_instances_watch_prints_one_line_per_transition() {
     );
     let _ = watcher.kill();
     let _ = watcher.wait();
+}
+
+/// Writes an auth file with a plaintext admin token and a hashed writer and reader.
+fn write_auth_file(dir: &Path) -> std::path::PathBuf {
+    use cnsm_server::auth::{digest_hex, token_digest};
+    let file = dir.join("tokens.yaml");
+    let text = format!(
+        "tokens:
+- name: ops
+  token: ops-admin-token
+  roles:
+  - {{namespace: \"*\", role: admin}}
+- name: ci-bot
+  tokenSha256: {}
+  roles:
+  - {{namespace: shop, role: writer}}
+- name: viewer
+  tokenSha256: {}
+  roles:
+  - {{namespace: shop, role: reader}}
+",
+        digest_hex(&token_digest("ci-bot-token")),
+        digest_hex(&token_digest("viewer-token")),
+    );
+    std::fs::write(&file, text).expect("write the auth file");
+    file
+}
+
+#[test]
+fn serve_with_an_auth_file_takes_tokens_from_flag_or_environment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth_file = write_auth_file(dir.path());
+    let auth_file = auth_file.to_string_lossy();
+    // With tokens, a non-loopback address is allowed.
+    let mut server = ServerChild::start_with(
+        &dir.path().join("data"),
+        &["--listen", "0.0.0.0:0", "--auth-file", &auth_file],
+    );
+    let mut cli = Cli::new();
+    cli.server = Some(server.url.clone());
+    let file = cli.dir.path().join("counter.yaml");
+    std::fs::write(&file, COUNTER_YAML).expect("write");
+    let file = file.to_string_lossy();
+
+    let anonymous = cli.run(&["-n", "shop", "get", "instances"]);
+    anonymous.code(1);
+    assert!(
+        anonymous.error_line().starts_with("error: Unauthorized: "),
+        "{anonymous:?}"
+    );
+    let wrong = cli.run(&[
+        "--token",
+        "nope-nope-nope",
+        "-n",
+        "shop",
+        "get",
+        "instances",
+    ]);
+    wrong.code(1);
+    assert!(!wrong.stderr.contains("nope-nope-nope"), "{wrong:?}");
+
+    let writer_apply = cli.run(&[
+        "--token",
+        "ci-bot-token",
+        "-n",
+        "shop",
+        "apply",
+        "-f",
+        &file,
+    ]);
+    writer_apply.code(1);
+    assert!(
+        writer_apply.error_line().starts_with("error: Forbidden: "),
+        "{writer_apply:?}"
+    );
+    cli.run(&[
+        "--token",
+        "ops-admin-token",
+        "-n",
+        "shop",
+        "apply",
+        "-f",
+        &file,
+    ])
+    .ok();
+    cli.run(&[
+        "--token",
+        "ci-bot-token",
+        "-n",
+        "shop",
+        "create",
+        "instance",
+        "counter",
+        "--id",
+        "c-1",
+    ])
+    .ok();
+    cli.run(&[
+        "--token",
+        "ci-bot-token",
+        "-n",
+        "shop",
+        "send",
+        "c-1",
+        "tick",
+        "--actor",
+        "mallory",
+    ])
+    .ok();
+
+    // CNSM_TOKEN works like --token.
+    let mut as_viewer = cli.command(&["-n", "shop", "history", "c-1", "-o", "json"]);
+    as_viewer.env("CNSM_TOKEN", "viewer-token");
+    let history = output_of(as_viewer);
+    history.ok();
+    let records = history.json();
+    let actors: Vec<&str> = records
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|r| r["actor"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(actors, ["ci-bot", "ci-bot"], "{records:#}");
+    let mut viewer_sends = cli.command(&["-n", "shop", "send", "c-1", "tick"]);
+    viewer_sends.env("CNSM_TOKEN", "viewer-token");
+    let refused = output_of(viewer_sends);
+    refused.code(1);
+    assert!(
+        refused.error_line().starts_with("error: Forbidden: "),
+        "{refused:?}"
+    );
+
+    server.signal("TERM");
+    let (status, stderr) = server.wait();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("plaintext"), "{stderr}");
+    for token in ["ops-admin-token", "ci-bot-token", "viewer-token"] {
+        assert!(!stderr.contains(token), "{stderr}");
+    }
+}
+
+#[test]
+fn a_bad_auth_file_is_refused_naming_the_field() {
+    let cli = Cli::new();
+    let file = cli.dir.path().join("tokens.yaml");
+    std::fs::write(
+        &file,
+        "tokens:\n- name: x\n  tokenSha256: 1234\n  roles: [{namespace: shop, role: reader}]\n",
+    )
+    .expect("write");
+    let file = file.to_string_lossy();
+    let refused = cli.run(&["serve", "--listen", "127.0.0.1:0", "--auth-file", &file]);
+    refused.code(1);
+    assert!(
+        refused.error_line().contains("tokens[0].tokenSha256"),
+        "{refused:?}"
+    );
+    assert!(!cli.data_dir().exists(), "nothing was created");
+    let missing = cli.run(&["serve", "--auth-file", "no-such-file.yaml"]);
+    missing.code(1).stderr_has("no-such-file.yaml");
+    std::fs::write(
+        cli.dir.path().join("typo.yaml"),
+        "tokens:\n- name: x\n  token: secret-typo-token\n  role: [{namespace: shop, role: reader}]\n",
+    )
+    .expect("write");
+    let typo = cli.run(&["serve", "--auth-file", "typo.yaml"]);
+    typo.code(1).stderr_has("line ");
+    assert!(!typo.stderr.contains("secret-typo-token"), "{typo:?}");
 }

@@ -1,0 +1,569 @@
+//! The OpenAPI 3.1 document served at `/openapi.json`, generated from the route table
+//! ([`crate::routes::ROUTES`]) the router is built from, so every route, parameter, body and
+//! error status in it is one the server has.
+//!
+//! ```
+//! let document = cnsm_server::openapi::document();
+//! assert_eq!(document["openapi"], "3.1.0");
+//! assert!(document["paths"]["/health/livez"]["get"].is_object());
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use crate::auth::Access;
+use crate::problem::ProblemKind;
+use crate::routes::{ROUTES, Route};
+use crate::wire::{
+    CONTENT_TYPE_CLOUDEVENTS, CONTENT_TYPE_EVENT_STREAM, CONTENT_TYPE_PROBLEM,
+    HISTORY_PAGE_LEN_MAX, LIST_PAGE_LEN_MAX, PROBLEM_TYPE_BASE,
+};
+
+/// `GET /openapi.json`.
+pub async fn serve_document() -> Response {
+    static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
+    let bytes = BYTES.get_or_init(|| serde_json::to_vec_pretty(&document()).unwrap_or_default());
+    let mut response = bytes.clone().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// A query parameter's schema and description.
+fn query_parameter(name: &str) -> Value {
+    let (schema, description) = match name {
+        "watch" => (
+            json!({"type": "boolean"}),
+            "Stream changes as Server-Sent Events (text/event-stream) instead of answering once",
+        ),
+        "machine" => (json!({"type": "string"}), "Only instances of this machine"),
+        "state" => (json!({"type": "string"}), "Only instances in this state"),
+        "status" => (
+            json!({"type": "string", "enum": ["active", "succeeded", "failed", "cancelled"]}),
+            "Only instances with this status",
+        ),
+        "labelSelector" => (
+            json!({"type": "string"}),
+            "key=value pairs, comma-separated; every pair must match",
+        ),
+        "limit" => (
+            json!({"type": "integer", "minimum": 0, "maximum": LIST_PAGE_LEN_MAX.max(HISTORY_PAGE_LEN_MAX)}),
+            "Items per page (clamped to the route's maximum)",
+        ),
+        "continue" => (
+            json!({"type": "string"}),
+            "The metadata.continue of the previous page",
+        ),
+        "revision" => (
+            json!({"type": "integer", "minimum": 1}),
+            "A revision instead of the latest",
+        ),
+        "resourceVersion" => (
+            json!({"type": "integer", "minimum": 0}),
+            "With watch=true: replay the history after this version first",
+        ),
+        "from" => (
+            json!({"type": "integer", "minimum": 0}),
+            "The first version of the page",
+        ),
+        "format" => (
+            json!({"type": "string", "enum": ["json", "text"]}),
+            "text: human-readable instead of JSON",
+        ),
+        _ => (json!({"type": "string"}), ""),
+    };
+    json!({"name": name, "in": "query", "required": false, "schema": schema, "description": description})
+}
+
+/// A request header's schema and description.
+fn header_parameter(name: &str) -> Value {
+    let (schema, description) = match name {
+        "If-Match" => (
+            json!({"type": "string", "examples": ["\"3\""]}),
+            "The expected instance version (an ETag); the event is a compare-and-swap: 412 when \
+             already behind on arrival, 409 when a concurrent commit won",
+        ),
+        "Idempotency-Key" => (
+            json!({"type": "string", "maxLength": 512}),
+            "Replays the original answer for a repeated key; 409 when reused with another request",
+        ),
+        "Last-Event-ID" => (
+            json!({"type": "string"}),
+            "With watch=true: resume after this version (or <instance>@<version>)",
+        ),
+        "traceparent" => (
+            json!({"type": "string"}),
+            "W3C trace context recorded with the event",
+        ),
+        "ce-specversion" => (
+            json!({"type": "string", "const": "1.0"}),
+            "Binary-mode CloudEvent: spec version",
+        ),
+        "ce-id" => (
+            json!({"type": "string"}),
+            "Binary-mode CloudEvent: id (with source, the idempotency key)",
+        ),
+        "ce-source" => (json!({"type": "string"}), "Binary-mode CloudEvent: source"),
+        "ce-type" => (
+            json!({"type": "string"}),
+            "Binary-mode CloudEvent: type (the event name)",
+        ),
+        "ce-traceparent" => (
+            json!({"type": "string"}),
+            "Binary-mode CloudEvent: distributed-tracing extension",
+        ),
+        _ => (json!({"type": "string"}), ""),
+    };
+    json!({"name": name, "in": "header", "required": false, "schema": schema, "description": description})
+}
+
+fn schema_ref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn header_ref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/headers/{name}")})
+}
+
+fn request_body(name: &str) -> Value {
+    let content = match name {
+        "StateMachine" => json!({
+            "application/json": {"schema": schema_ref("StateMachine")},
+            "application/yaml": {"schema": {"type": "string"}},
+        }),
+        "Event" => json!({
+            "application/json": {"schema": schema_ref("Event")},
+            CONTENT_TYPE_CLOUDEVENTS: {"schema": schema_ref("CloudEvent")},
+        }),
+        other => json!({"application/json": {"schema": schema_ref(other)}}),
+    };
+    json!({"required": true, "content": content})
+}
+
+fn success_response(route: &Route, status: u16, body: &str) -> Value {
+    let mut content = Map::new();
+    if body == "Text" {
+        content.insert("text/plain".into(), json!({"schema": {"type": "string"}}));
+    } else {
+        content.insert(
+            "application/json".into(),
+            json!({"schema": schema_ref(body)}),
+        );
+    }
+    if route.query.contains(&"format") {
+        content.insert("text/plain".into(), json!({"schema": {"type": "string"}}));
+    }
+    if route.query.contains(&"watch") {
+        content.insert(
+            CONTENT_TYPE_EVENT_STREAM.into(),
+            json!({"schema": {"type": "string", "description": "Server-Sent Events (watch=true)"}}),
+        );
+    }
+    let mut headers = Map::new();
+    if matches!(body, "Instance" | "Transition") {
+        headers.insert("ETag".into(), header_ref("ETag"));
+    }
+    if status == 201 {
+        headers.insert("Location".into(), header_ref("Location"));
+    }
+    let description = match status {
+        201 => "Created",
+        _ => "OK",
+    };
+    let mut response = json!({"description": description, "content": content});
+    if !headers.is_empty() {
+        response["headers"] = Value::Object(headers);
+    }
+    response
+}
+
+/// Every problem a route can answer with, 401 and 403 included when it needs a token.
+pub fn error_kinds(route: &Route) -> Vec<ProblemKind> {
+    let mut kinds = route.errors.to_vec();
+    if route.access != Access::Open {
+        kinds.push(ProblemKind::Unauthorized);
+        kinds.push(ProblemKind::Forbidden);
+    }
+    kinds
+}
+
+/// Every status a route is documented to answer with.
+pub fn statuses(route: &Route) -> Vec<u16> {
+    let mut statuses: Vec<u16> = route.ok.iter().map(|(status, _)| *status).collect();
+    statuses.extend(error_kinds(route).iter().map(|k| k.status().as_u16()));
+    statuses.sort_unstable();
+    statuses.dedup();
+    statuses
+}
+
+fn operation(route: &Route) -> Value {
+    let mut parameters: Vec<Value> = Vec::new();
+    for segment in route.path.split('/') {
+        if let Some(name) = segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+            let description = match name {
+                "ns" => "Namespace",
+                "name" => "Machine name",
+                _ => "Instance id",
+            };
+            parameters.push(json!({
+                "name": name, "in": "path", "required": true,
+                "schema": {"type": "string"}, "description": description,
+            }));
+        }
+    }
+    parameters.extend(route.query.iter().map(|q| query_parameter(q)));
+    parameters.extend(route.headers.iter().map(|h| header_parameter(h)));
+
+    let mut responses = Map::new();
+    for (status, body) in route.ok {
+        responses.insert(status.to_string(), success_response(route, *status, body));
+    }
+    let mut by_status: BTreeMap<u16, Vec<ProblemKind>> = BTreeMap::new();
+    for kind in error_kinds(route) {
+        by_status
+            .entry(kind.status().as_u16())
+            .or_default()
+            .push(kind);
+    }
+    for (status, kinds) in by_status {
+        let names: Vec<&str> = kinds.iter().map(|k| k.error_type()).collect();
+        let types: Vec<String> = kinds.iter().map(|k| k.type_uri()).collect();
+        let mut response = json!({
+            "description": format!("{} ({})", kinds[0].title(), names.join(", ")),
+            "content": {CONTENT_TYPE_PROBLEM: {"schema": {
+                "allOf": [schema_ref("Problem")],
+                "properties": {"type": {"enum": types}},
+            }}},
+        });
+        if status == 503 {
+            response["headers"] = json!({"Retry-After": header_ref("Retry-After")});
+        }
+        if status == 401 {
+            response["headers"] = json!({"WWW-Authenticate": header_ref("WWW-Authenticate")});
+        }
+        responses.insert(status.to_string(), response);
+    }
+
+    let mut operation = json!({
+        "operationId": route.operation_id,
+        "summary": route.summary,
+        "parameters": parameters,
+        "responses": responses,
+        "tags": [tag(route)],
+    });
+    operation["security"] = match route.access {
+        Access::Open => json!([]),
+        _ => json!([{"bearer": []}]),
+    };
+    if let Some(role) = access_role(route.access) {
+        operation["x-cnsm-role"] = json!(role);
+    }
+    if let Some(body) = route.body {
+        operation["requestBody"] = request_body(body);
+    }
+    operation
+}
+
+fn access_role(access: Access) -> Option<String> {
+    match access {
+        Access::Open => None,
+        Access::Namespace(role) => Some(format!("{} in the namespace", role.as_str())),
+        Access::AllNamespaces(role) => Some(format!("{} on \"*\"", role.as_str())),
+    }
+}
+
+fn tag(route: &Route) -> &'static str {
+    if route.path.contains("statemachines") {
+        "statemachines"
+    } else if route.path.contains("instances") {
+        "instances"
+    } else {
+        "operations"
+    }
+}
+
+fn schemas() -> Value {
+    let problem_types: Vec<String> = ProblemKind::ALL.iter().map(|k| k.type_uri()).collect();
+    let error_types: Vec<&str> = {
+        let mut names: Vec<&str> = ProblemKind::ALL.iter().map(|k| k.error_type()).collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    };
+    json!({
+        "Problem": {
+            "type": "object",
+            "description": format!("RFC 9457 problem details; `type` is {PROBLEM_TYPE_BASE}<kind>"),
+            "required": ["type", "title", "status", "detail", "instance", "errorType"],
+            "properties": {
+                "type": {"type": "string", "enum": problem_types},
+                "title": {"type": "string"},
+                "status": {"type": "integer"},
+                "detail": {"type": "string"},
+                "instance": {"type": "string", "description": "The request path"},
+                "errorType": {"type": "string", "enum": error_types},
+                "namespace": {"type": "string"},
+                "instanceId": {"type": "string"},
+                "state": {"type": "string"},
+                "event": {"type": "string"},
+                "reason": {"type": "string"},
+                "expectedVersion": {"type": "integer"},
+                "actualVersion": {"type": "integer"},
+                "requiredRole": {"type": "string", "enum": ["reader", "writer", "admin"]},
+                "problems": {"type": "array", "items": schema_ref("AdmissionProblem")},
+            },
+        },
+        "AdmissionProblem": {
+            "type": "object",
+            "properties": {
+                "severity": {"type": "string"},
+                "path": {"type": "string"},
+                "line": {"type": "integer"},
+                "column": {"type": "integer"},
+                "message": {"type": "string"},
+            },
+        },
+        "StateMachine": {
+            "type": "object",
+            "description": "A statemachine.cn/v1alpha1 StateMachine resource (docs/resource.md)",
+            "required": ["apiVersion", "kind", "metadata", "spec"],
+            "properties": {
+                "apiVersion": {"const": "statemachine.cn/v1alpha1"},
+                "kind": {"const": "StateMachine"},
+                "metadata": {"type": "object", "required": ["name"], "properties": {
+                    "name": {"type": "string"},
+                    "namespace": {"type": "string"},
+                    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                }},
+                "spec": {"type": "object"},
+            },
+        },
+        "Definition": {
+            "allOf": [schema_ref("StateMachine")],
+            "properties": {"status": {"type": "object", "properties": {
+                "revision": {"type": "integer"},
+                "hash": {"type": "string"},
+                "createdMs": {"type": "integer"},
+            }}},
+        },
+        "DefinitionList": {
+            "type": "object", "required": ["items"],
+            "properties": {"items": {"type": "array", "items": schema_ref("Definition")}},
+        },
+        "Applied": {
+            "type": "object",
+            "required": ["namespace", "name", "revision", "hash", "created"],
+            "properties": {
+                "namespace": {"type": "string"},
+                "name": {"type": "string"},
+                "revision": {"type": "integer"},
+                "hash": {"type": "string"},
+                "created": {"type": "boolean"},
+                "warnings": {"type": "array", "items": schema_ref("AdmissionProblem")},
+            },
+        },
+        "Deleted": {
+            "type": "object",
+            "properties": {
+                "namespace": {"type": "string"},
+                "name": {"type": "string"},
+                "deleted": {"type": "boolean"},
+            },
+        },
+        "CreateInstance": {
+            "type": "object", "required": ["machine"], "additionalProperties": false,
+            "properties": {
+                "id": {"type": "string"},
+                "machine": {"type": "string"},
+                "data": {"type": "object"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "revision": {"type": "integer", "minimum": 1},
+                "actor": {"type": "string", "description": "Ignored when the server has --auth-file (the token's name is recorded)"},
+            },
+        },
+        "Event": {
+            "type": "object", "required": ["event"], "additionalProperties": false,
+            "properties": {
+                "event": {"type": "string"},
+                "payload": {},
+                "actor": {"type": "string", "description": "Ignored when the server has --auth-file (the token's name is recorded)"},
+            },
+        },
+        "CloudEvent": {
+            "type": "object", "required": ["specversion", "id", "source", "type"],
+            "properties": {
+                "specversion": {"const": "1.0"},
+                "id": {"type": "string"},
+                "source": {"type": "string"},
+                "type": {"type": "string"},
+                "datacontenttype": {"type": "string"},
+                "data": {},
+                "traceparent": {"type": "string"},
+            },
+        },
+        "Instance": {
+            "type": "object",
+            "required": ["namespace", "id", "machine", "revision", "state", "status", "data", "version"],
+            "properties": {
+                "namespace": {"type": "string"},
+                "id": {"type": "string"},
+                "machine": {"type": "string"},
+                "revision": {"type": "integer"},
+                "revisionHash": {"type": "string"},
+                "state": {"type": "string"},
+                "status": {"type": "string", "enum": ["active", "succeeded", "failed", "cancelled"]},
+                "phase": {"type": "string"},
+                "data": {"type": "object"},
+                "version": {"type": "integer"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "createdMs": {"type": "integer"},
+                "updatedMs": {"type": "integer"},
+                "lastHash": {"type": "string"},
+            },
+        },
+        "InstanceList": {
+            "type": "object", "required": ["items"],
+            "properties": {
+                "items": {"type": "array", "items": schema_ref("Instance")},
+                "metadata": {"type": "object", "properties": {"continue": {"type": "string"}}},
+            },
+        },
+        "HistoryRecord": {
+            "type": "object",
+            "required": ["namespace", "instance", "version", "kind", "to", "status", "actor", "timeMs", "prevHash"],
+            "properties": {
+                "namespace": {"type": "string"},
+                "instance": {"type": "string"},
+                "machine": {"type": "string"},
+                "version": {"type": "integer"},
+                "kind": {"type": "string"},
+                "from": {"type": "string"},
+                "to": {"type": "string"},
+                "event": {"type": "string"},
+                "payload": {},
+                "status": {"type": "string"},
+                "actor": {"type": "string"},
+                "idempotencyKey": {"type": "string"},
+                "timeMs": {"type": "integer"},
+                "prevHash": {"type": "string"},
+            },
+        },
+        "Transition": {
+            "type": "object", "required": ["record", "hash", "instance"],
+            "properties": {
+                "record": schema_ref("HistoryRecord"),
+                "hash": {"type": "string"},
+                "instance": schema_ref("Instance"),
+                "replayed": {"type": "boolean"},
+            },
+        },
+        "HistoryPage": {
+            "type": "object", "required": ["items"],
+            "properties": {
+                "items": {"type": "array", "items": {"type": "object", "properties": {
+                    "record": schema_ref("HistoryRecord"),
+                    "hash": {"type": "string"},
+                }}},
+                "next": {"type": "integer"},
+            },
+        },
+        "Statez": {"type": "object", "description": "Store, commits, queue, instances, timers, version, uptime"},
+        "Debug": {"type": "object", "description": "Counts by machine, revision and state; recent transitions and errors"},
+        "OpenApi": {"type": "object", "description": "An OpenAPI 3.1 document"},
+    })
+}
+
+/// The whole document.
+pub fn document() -> Value {
+    let mut paths: BTreeMap<&str, Map<String, Value>> = BTreeMap::new();
+    for route in ROUTES {
+        paths
+            .entry(route.path)
+            .or_default()
+            .insert(route.method.to_ascii_lowercase(), operation(route));
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "cnsm API (statemachine.cn/v1alpha1)",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "State machines as a service: definitions, instances, events (plain \
+                JSON or CloudEvents 1.0), history and watch streams. Every error is \
+                application/problem+json (RFC 9457). Without --auth-file the server answers \
+                loopback only and needs no token; with it every /apis and /debug request needs \
+                a bearer token whose roles cover the namespace (x-cnsm-role).",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas(),
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http", "scheme": "bearer",
+                    "description": "A token from the server's --auth-file, with namespace-scoped roles reader < writer < admin",
+                },
+            },
+            "headers": {
+                "ETag": {"description": "The instance version, quoted: \"<version>\"", "schema": {"type": "string"}},
+                "Location": {"description": "The path of the created resource", "schema": {"type": "string"}},
+                "Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}},
+                "WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}},
+            },
+        },
+        "security": [{"bearer": []}],
+        "tags": [
+            {"name": "statemachines"},
+            {"name": "instances"},
+            {"name": "operations"},
+        ],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_is_documented_once_and_refs_resolve() {
+        let document = document();
+        let text = document.to_string();
+        for route in ROUTES {
+            let operation = &document["paths"][route.path][route.method.to_ascii_lowercase()];
+            assert_eq!(operation["operationId"], route.operation_id, "{route:?}");
+            for status in statuses(route) {
+                assert!(
+                    operation["responses"][status.to_string()].is_object(),
+                    "{route:?} {status}"
+                );
+            }
+        }
+        let n_operations: usize = document["paths"]
+            .as_object()
+            .map(|paths| {
+                paths
+                    .values()
+                    .map(|p| p.as_object().map_or(0, Map::len))
+                    .sum()
+            })
+            .unwrap_or(0);
+        assert_eq!(n_operations, ROUTES.len());
+        let mut ids: Vec<&str> = ROUTES.iter().map(|r| r.operation_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), ROUTES.len(), "operation ids are unique");
+        // Every $ref points at a component that exists.
+        for piece in text.split("\"$ref\":\"#/components/").skip(1) {
+            let target = piece.split('"').next().unwrap_or("");
+            let (kind, name) = target.split_once('/').unwrap_or((target, ""));
+            assert!(
+                document["components"][kind][name].is_object(),
+                "dangling $ref {target}"
+            );
+        }
+    }
+}
