@@ -1,8 +1,9 @@
-//! A small HTTP/1.1 client for this API over plain HTTP (hyper's connection API, one
-//! connection per request), with a reader for watch streams (Server-Sent Events).
+//! A small HTTP/1.1 client for this API (hyper's connection API, one connection per
+//! request), with a reader for watch streams (Server-Sent Events).
 //!
-//! `cnsmctl --server` and the tests use it. It speaks `http://host:port` only; TLS comes with
-//! the server's TLS support.
+//! `cnsmctl --server` and the tests use it. It speaks `http://host:port`, and
+//! `https://host:port` once given the certificates to trust ([`Client::with_tls`], from
+//! [`crate::tls::client_config`]); system roots are not used.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), cnsm_server::client::ClientError> {
@@ -12,12 +13,14 @@
 //! # Ok(()) }
 //! ```
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// How long a request (not a stream) may take before the client gives up.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -26,7 +29,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    /// The URL is not `http://host[:port]`.
+    /// The URL is not `http(s)://host[:port]`, or it is https and no TLS configuration was
+    /// given.
     #[error("invalid server URL '{url}': {reason}")]
     Url { url: String, reason: String },
     /// No TCP connection (nothing listens there).
@@ -76,6 +80,8 @@ pub struct Client {
     port: u16,
     authority: String,
     token: Option<BearerToken>,
+    https: bool,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// A bearer token that never prints.
@@ -89,47 +95,63 @@ impl std::fmt::Debug for BearerToken {
 }
 
 impl Client {
-    /// A client for `http://host[:port][/]`.
+    /// A client for `http://host[:port][/]` or `https://host[:port][/]` (an https client
+    /// needs [`Client::with_tls`] before its first request).
     pub fn new(url: &str) -> Result<Client, ClientError> {
         let bad = |reason: &str| ClientError::Url {
             url: url.to_owned(),
             reason: reason.to_owned(),
         };
-        if url.starts_with("https://") {
-            return Err(bad(
-                "https is not supported yet; use http:// on a loopback address",
-            ));
-        }
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| bad("it must start with http://"))?;
+        let (https, rest) = if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest)
+        } else {
+            return Err(bad("it must start with http:// or https://"));
+        };
+        let scheme = if https { "https" } else { "http" };
+        let default_port = if https { 443 } else { 80 };
         let authority = rest.trim_end_matches('/');
         if authority.is_empty() || authority.contains('/') || authority.contains('@') {
-            return Err(bad("expected http://HOST:PORT with no path"));
+            return Err(bad(&format!("expected {scheme}://HOST:PORT with no path")));
         }
         let (host, port) = match authority.rsplit_once(':') {
             Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
                 match port.parse::<u16>() {
                     Ok(port) => (host, port),
                     Err(_) if authority.starts_with('[') && authority.ends_with(']') => {
-                        (authority, 80)
+                        (authority, default_port)
                     }
                     Err(_) => return Err(bad("the port is not a number")),
                 }
             }
-            _ => (authority, 80),
+            _ => (authority, default_port),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
             return Err(bad("the host is empty"));
         }
         Ok(Client {
-            url: format!("http://{authority}"),
+            url: format!("{scheme}://{authority}"),
             host: host.to_owned(),
             port,
             authority: authority.to_owned(),
             token: None,
+            https,
+            tls: None,
         })
+    }
+
+    /// Trusts the server certificates `config` trusts (see [`crate::tls::client_config`]);
+    /// used by `https://` URLs only.
+    pub fn with_tls(mut self, config: Arc<rustls::ClientConfig>) -> Client {
+        self.tls = Some(config);
+        self
+    }
+
+    /// True for an `https://` URL.
+    pub fn is_https(&self) -> bool {
+        self.https
     }
 
     /// Sends `Authorization: Bearer <token>` with every request (unless a request sets its
@@ -139,7 +161,7 @@ impl Client {
         self
     }
 
-    /// The base URL, `http://host:port`.
+    /// The base URL, `http://host:port` or `https://host:port`.
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -162,12 +184,33 @@ impl Client {
                 reason: e.to_string(),
             })?;
         let _ = stream.set_nodelay(true);
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| http_error(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let mut sender = if self.https {
+            let Some(config) = &self.tls else {
+                return Err(ClientError::Url {
+                    url: self.url.clone(),
+                    reason: "https needs the certificate of the server's CA (or its \
+                             self-signed certificate) to trust: pass --ca-cert FILE"
+                        .into(),
+                });
+            };
+            let name = rustls::pki_types::ServerName::try_from(self.host.clone()).map_err(|e| {
+                ClientError::Url {
+                    url: self.url.clone(),
+                    reason: format!("the host is not a valid TLS server name: {e}"),
+                }
+            })?;
+            let tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
+                .connect(name, stream)
+                .await
+                .map_err(|e| ClientError::Connect {
+                    url: self.url.clone(),
+                    reason: format!("TLS handshake failed: {e}"),
+                })?;
+            handshake(tls).await
+        } else {
+            handshake(stream).await
+        }
+        .map_err(|e| http_error(e.to_string()))?;
         let mut request = hyper::Request::builder()
             .method(method)
             .uri(path)
@@ -284,6 +327,20 @@ impl Client {
     }
 }
 
+/// Starts HTTP/1.1 on `io`; the connection runs in its own task.
+async fn handshake<T>(
+    io: T,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, hyper::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
 /// One Server-Sent Event.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SseEvent {
@@ -379,9 +436,13 @@ mod tests {
         assert_eq!((c.host.as_str(), c.port), ("localhost", 80));
         let c = Client::new("http://[::1]:9000").expect("valid");
         assert_eq!((c.host.as_str(), c.port), ("::1", 9000));
+        let c = Client::new("https://localhost").expect("valid");
+        assert_eq!((c.host.as_str(), c.port, c.https), ("localhost", 443, true));
+        assert_eq!(c.url(), "https://localhost");
         for bad in [
             "127.0.0.1:8080",
-            "https://x:1",
+            "ftp://x:1",
+            "https://",
             "http://",
             "http://h:x",
             "http://h:1/api",

@@ -15,6 +15,7 @@
 //! - [`auth`]: bearer tokens with namespace-scoped roles (`--auth-file`): 401 and 403.
 //! - [`openapi`]: the OpenAPI 3.1 document served at `/openapi.json`.
 //! - [`client`]: a small HTTP/1.1 client for this API (used by `cnsmctl --server` and tests).
+//! - [`tls`]: HTTPS with rustls (`--tls-cert`, `--tls-key`; `--ca-cert` on the client side).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -54,6 +55,7 @@ pub mod openapi;
 mod params;
 pub mod problem;
 pub mod routes;
+pub mod tls;
 mod watch_stream;
 pub mod wire;
 
@@ -87,6 +89,9 @@ pub struct ServerOptions {
     /// Bearer tokens with namespace-scoped roles (`--auth-file`); `None`: everyone is
     /// `anonymous` with every right, and only loopback addresses are served.
     pub auth: Option<Arc<AuthConfig>>,
+    /// Serve HTTPS with this configuration (`--tls-cert`, `--tls-key`; see
+    /// [`tls::server_config`]); `None`: plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServerOptions {
@@ -102,6 +107,7 @@ impl Default for ServerOptions {
             store_kind: "embedded".into(),
             scan_instances_max: 100_000,
             auth: None,
+            tls: None,
         }
     }
 }
@@ -299,6 +305,8 @@ async fn finish_problems(
 /// ends watch streams, waits for in-flight requests, and shuts the runtime down (flushing the
 /// committer) before returning.
 ///
+/// With `options.tls` every connection must complete a TLS handshake (HTTPS only).
+///
 /// Refuses a non-loopback listener unless `options.auth` or `options.insecure`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -311,20 +319,39 @@ pub async fn serve(
         options.auth.is_some(),
         options.insecure,
     )?;
+    let tls = options.tls.clone();
     let state = ServerState::new(runtime.clone(), options);
-    let app = router(state.clone());
-    let stopping = state.clone();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            stopping.begin_shutdown();
-        })
-        .await;
+    let served = match tls {
+        Some(config) => {
+            let listener = tls::TlsListener::new(listener, config)?;
+            serve_on(listener, state, shutdown).await
+        }
+        None => serve_on(listener, state, shutdown).await,
+    };
     // Every acknowledged request has been answered; stop the committer after what is queued.
     let stopped = tokio::task::spawn_blocking(move || runtime.shutdown()).await;
     served?;
     stopped.map_err(|e| ServeError::Io(std::io::Error::other(e.to_string())))?;
     Ok(())
+}
+
+/// Serves until `shutdown`, then ends watch streams and waits for in-flight requests.
+async fn serve_on<L>(
+    listener: L,
+    state: ServerState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let app = router(state.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            state.begin_shutdown();
+        })
+        .await
 }
 
 /// Completes on SIGTERM or Ctrl-C (SIGINT).

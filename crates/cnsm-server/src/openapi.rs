@@ -53,8 +53,9 @@ fn query_parameter(name: &str) -> Value {
             "key=value pairs, comma-separated; every pair must match",
         ),
         "limit" => (
-            json!({"type": "integer", "minimum": 0, "maximum": LIST_PAGE_LEN_MAX.max(HISTORY_PAGE_LEN_MAX)}),
-            "Items per page (clamped to the route's maximum)",
+            json!({"type": "integer", "minimum": 0,
+                   "x-cnsm-clamped-to": LIST_PAGE_LEN_MAX.max(HISTORY_PAGE_LEN_MAX)}),
+            "Items per page; larger values are clamped to the route's maximum (x-cnsm-clamped-to)",
         ),
         "continue" => (
             json!({"type": "string"}),
@@ -106,12 +107,15 @@ fn header_parameter(name: &str) -> Value {
             "Binary-mode CloudEvent: spec version",
         ),
         "ce-id" => (
-            json!({"type": "string"}),
+            json!({"type": "string", "minLength": 1}),
             "Binary-mode CloudEvent: id (with source, the idempotency key)",
         ),
-        "ce-source" => (json!({"type": "string"}), "Binary-mode CloudEvent: source"),
+        "ce-source" => (
+            json!({"type": "string", "minLength": 1}),
+            "Binary-mode CloudEvent: source",
+        ),
         "ce-type" => (
-            json!({"type": "string"}),
+            json!({"type": "string", "minLength": 1}),
             "Binary-mode CloudEvent: type (the event name)",
         ),
         "ce-traceparent" => (
@@ -122,6 +126,19 @@ fn header_parameter(name: &str) -> Value {
     };
     json!({"name": name, "in": "header", "required": false, "schema": schema, "description": description})
 }
+
+/// Namespaces and machine names: lowercase RFC 1123 labels (`cnsm_runtime::validate_name`).
+fn name_schema() -> Value {
+    json!({"type": "string", "pattern": NAME_PATTERN, "minLength": 1, "maxLength": 63})
+}
+
+/// Instance ids: 1 to 253 of `[A-Za-z0-9._:-]` (`cnsm_runtime::validate_id`).
+fn id_schema() -> Value {
+    json!({"type": "string", "pattern": ID_PATTERN, "minLength": 1, "maxLength": 253})
+}
+
+const NAME_PATTERN: &str = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$";
+const ID_PATTERN: &str = "^[A-Za-z0-9._:-]+$";
 
 fn schema_ref(name: &str) -> Value {
     json!({"$ref": format!("#/components/schemas/{name}")})
@@ -206,14 +223,14 @@ fn operation(route: &Route) -> Value {
     let mut parameters: Vec<Value> = Vec::new();
     for segment in route.path.split('/') {
         if let Some(name) = segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-            let description = match name {
-                "ns" => "Namespace",
-                "name" => "Machine name",
-                _ => "Instance id",
+            let (description, schema) = match name {
+                "ns" => ("Namespace (an RFC 1123 label)", name_schema()),
+                "name" => ("Machine name (an RFC 1123 label)", name_schema()),
+                _ => ("Instance id", id_schema()),
             };
             parameters.push(json!({
                 "name": name, "in": "path", "required": true,
-                "schema": {"type": "string"}, "description": description,
+                "schema": schema, "description": description,
             }));
         }
     }
@@ -337,11 +354,14 @@ fn schemas() -> Value {
                 "apiVersion": {"const": "statemachine.cn/v1alpha1"},
                 "kind": {"const": "StateMachine"},
                 "metadata": {"type": "object", "required": ["name"], "properties": {
-                    "name": {"type": "string"},
-                    "namespace": {"type": "string"},
+                    "name": name_schema(),
+                    "namespace": name_schema(),
                     "labels": {"type": "object", "additionalProperties": {"type": "string"}},
                 }},
-                "spec": {"type": "object"},
+                "spec": {"type": "object", "required": ["initialState", "states"], "properties": {
+                    "initialState": {"type": "string", "minLength": 1},
+                    "states": {"type": "array", "minItems": 1, "items": {"type": "object"}},
+                }},
             },
         },
         "Definition": {
@@ -379,8 +399,8 @@ fn schemas() -> Value {
         "CreateInstance": {
             "type": "object", "required": ["machine"], "additionalProperties": false,
             "properties": {
-                "id": {"type": "string"},
-                "machine": {"type": "string"},
+                "id": id_schema(),
+                "machine": name_schema(),
                 "data": {"type": "object"},
                 "labels": {"type": "object", "additionalProperties": {"type": "string"}},
                 "revision": {"type": "integer", "minimum": 1},
@@ -390,7 +410,7 @@ fn schemas() -> Value {
         "Event": {
             "type": "object", "required": ["event"], "additionalProperties": false,
             "properties": {
-                "event": {"type": "string"},
+                "event": {"type": "string", "minLength": 1, "maxLength": 253},
                 "payload": {},
                 "actor": {"type": "string", "description": "Ignored when the server has --auth-file (the token's name is recorded)"},
             },
@@ -399,10 +419,14 @@ fn schemas() -> Value {
             "type": "object", "required": ["specversion", "id", "source", "type"],
             "properties": {
                 "specversion": {"const": "1.0"},
-                "id": {"type": "string"},
-                "source": {"type": "string"},
-                "type": {"type": "string"},
-                "datacontenttype": {"type": "string"},
+                "id": {"type": "string", "minLength": 1},
+                "source": {"type": "string", "minLength": 1},
+                "type": {"type": "string", "minLength": 1},
+                "datacontenttype": {
+                    "type": "string",
+                    "pattern": "^\\s*([Aa][Pp][Pp][Ll][Ii][Cc][Aa][Tt][Ii][Oo][Nn]/([Jj][Ss][Oo][Nn]|[^;]*\\+[Jj][Ss][Oo][Nn])|[Tt][Ee][Xx][Tt]/[Jj][Ss][Oo][Nn])\\s*(;.*)?$",
+                    "description": "A JSON media type: application/json, text/json or any +json",
+                },
                 "data": {},
                 "traceparent": {"type": "string"},
             },

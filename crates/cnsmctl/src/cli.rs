@@ -68,7 +68,8 @@ pub struct Cli {
     )]
     pub namespace: String,
 
-    /// Talk to a running `cnsmctl serve` (http://HOST:PORT) instead of the embedded store
+    /// Talk to a running `cnsmctl serve` (http://HOST:PORT or https://HOST:PORT) instead of
+    /// the embedded store
     #[arg(long, global = true, env = "CNSM_SERVER", value_name = "URL")]
     pub server: Option<String>,
 
@@ -81,6 +82,11 @@ pub struct Cli {
         value_name = "TOKEN"
     )]
     pub token: Option<String>,
+
+    /// PEM certificate(s) trusted for an https --server: its CA, or its self-signed
+    /// certificate (system roots are not used)
+    #[arg(long, global = true, env = "CNSM_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -190,13 +196,17 @@ pub enum Command {
             Without --auth-file the server listens on loopback only (unless --insecure) and \
             everyone may do everything. With --auth-file every /apis and /debug request needs \
             `Authorization: Bearer <token>` whose roles (reader, writer, admin per namespace or \
-            \"*\") cover it, and any address may be served. The OpenAPI document is at \
+            \"*\") cover it, and any address may be served. With --tls-cert and --tls-key \
+            (PEM files) it serves HTTPS only (rustls); clients then pass --ca-cert. The OpenAPI \
+            document is at \
             /openapi.json. SIGTERM or Ctrl-C stops accepting, drains in-flight requests, flushes \
             the group commit and exits 0.",
         after_help = "Examples:\n  \
             cnsmctl serve                                   # http://127.0.0.1:8080, store in ./cnsm-data\n  \
             cnsmctl --data-dir /var/lib/cnsm serve --listen 127.0.0.1:9000\n  \
             cnsmctl serve --listen 0.0.0.0:8080 --auth-file tokens.yaml\n  \
+            cnsmctl serve --tls-cert cert.pem --tls-key key.pem   # https://127.0.0.1:8080\n  \
+            cnsmctl --server https://127.0.0.1:8080 --ca-cert cert.pem get instances -A\n  \
             CNSM_TOKEN=... cnsmctl --server http://host:8080 -n shop get instances\n  \
             cnsmctl --server http://127.0.0.1:8080 get instances -A"
     )]
@@ -514,4 +524,10 @@ pub struct ServeArgs {
     /// authentication on and allows non-loopback addresses
     #[arg(long, env = "CNSM_AUTH_FILE", value_name = "FILE")]
     pub auth_file: Option<std::path::PathBuf>,
+    /// PEM certificate chain (leaf first): serve HTTPS instead of HTTP (needs --tls-key)
+    #[arg(long, env = "CNSM_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert (needs --tls-cert)
+    #[arg(long, env = "CNSM_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 }

@@ -72,6 +72,7 @@ pub async fn run(context: &Context, out: &mut Out) -> Result<(), CliError> {
         // The tour always runs on its own embedded store.
         server: None,
         token: None,
+        ca_cert: None,
     };
     let api = Local::open(&data_dir, Access::Mutating)?;
     let result = tour(&demo_context, &api, out).await;

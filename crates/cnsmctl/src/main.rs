@@ -57,6 +57,7 @@ fn main() -> ExitCode {
         namespace_on_command_line: on_command_line("namespace"),
         server: cli.server.clone(),
         token: cli.token.clone(),
+        ca_cert: cli.ca_cert.clone(),
     };
     // The server uses every core; a command is one thread waiting on a store or a server.
     let mut builder = match cli.command {

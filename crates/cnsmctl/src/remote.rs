@@ -75,11 +75,28 @@ fn problem_error(response: &ClientResponse) -> CliError {
 }
 
 impl Remote {
-    /// A client of the server at `url` (`http://host:port`). Nothing is contacted yet.
-    /// `token` is sent as `Authorization: Bearer <token>` with every request.
-    pub fn new(url: &str, token: Option<&str>) -> Result<Remote, CliError> {
+    /// A client of the server at `url` (`http://host:port` or `https://host:port`). Nothing
+    /// is contacted yet. `token` is sent as `Authorization: Bearer <token>` with every
+    /// request; `ca_cert` (a PEM file) holds the certificates trusted for https.
+    pub fn new(
+        url: &str,
+        token: Option<&str>,
+        ca_cert: Option<&std::path::Path>,
+    ) -> Result<Remote, CliError> {
         let mut client =
             Client::new(url).map_err(|e| CliError::invalid(format!("--server: {e}")))?;
+        if client.is_https() {
+            let Some(ca_cert) = ca_cert else {
+                return Err(CliError::invalid(format!(
+                    "--server {url}: https needs the certificate to trust: pass --ca-cert FILE \
+                     (or set CNSM_CA_CERT) with the PEM certificate of the server's CA, or the \
+                     server's own self-signed certificate (system roots are not used)"
+                )));
+            };
+            let config = cnsm_server::tls::client_config(ca_cert)
+                .map_err(|e| CliError::invalid(format!("--ca-cert: {e}")))?;
+            client = client.with_tls(config);
+        }
         if let Some(token) = token.filter(|t| !t.is_empty()) {
             client = client.with_bearer_token(token);
         }

@@ -106,6 +106,9 @@ impl Cli {
             .env_remove("CNSM_SERVER")
             .env_remove("CNSM_TOKEN")
             .env_remove("CNSM_AUTH_FILE")
+            .env_remove("CNSM_CA_CERT")
+            .env_remove("CNSM_TLS_CERT")
+            .env_remove("CNSM_TLS_KEY")
             .current_dir(self.dir.path());
         if let Some(url) = &self.server {
             command.arg("--server").arg(url);

@@ -1,5 +1,6 @@
 //! End-to-end tests of the HTTP API over real HTTP on 127.0.0.1: every route, every error
-//! status, CloudEvents, concurrency contracts, watch streams, health and shutdown.
+//! status, CloudEvents, concurrency contracts, watch streams, health and shutdown; and HTTPS
+//! (`tls`).
 
 mod api;
 mod auth;
@@ -8,4 +9,5 @@ mod concurrency;
 mod health;
 mod openapi;
 mod support;
+mod tls;
 mod watch;

@@ -41,13 +41,19 @@ pub struct Context {
     pub server: Option<String>,
     /// `--token`: the bearer token sent to `--server`.
     pub token: Option<String>,
+    /// `--ca-cert FILE`: the certificates trusted for an `https://` `--server`.
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl Context {
     /// The API this invocation talks to: the server of `--server`, else the embedded store.
     pub fn connect(&self, access: Access) -> Result<Connection, CliError> {
         match &self.server {
-            Some(url) => Ok(Connection::Remote(Remote::new(url, self.token.as_deref())?)),
+            Some(url) => Ok(Connection::Remote(Remote::new(
+                url,
+                self.token.as_deref(),
+                self.ca_cert.as_deref(),
+            )?)),
             None => Local::open(&self.data_dir, access).map(Connection::Local),
         }
     }
@@ -55,7 +61,11 @@ impl Context {
     /// The API for `store verify`, which must open even a damaged store.
     pub fn connect_for_verify(&self) -> Result<Connection, CliError> {
         match &self.server {
-            Some(url) => Ok(Connection::Remote(Remote::new(url, self.token.as_deref())?)),
+            Some(url) => Ok(Connection::Remote(Remote::new(
+                url,
+                self.token.as_deref(),
+                self.ca_cert.as_deref(),
+            )?)),
             None => Local::open_for_verify(&self.data_dir).map(Connection::Local),
         }
     }

@@ -49,6 +49,20 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
         }
         None => None,
     };
+    // So is a bad certificate or key (the message names the file).
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            cnsm_server::tls::server_config(cert, key)
+                .map_err(|e| CliError::invalid(e.to_string()))?,
+        ),
+        (None, None) => None,
+        _ => {
+            return Err(CliError::invalid(
+                "--tls-cert and --tls-key go together: give both or neither",
+            ));
+        }
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     cnsm_server::check_listen_address(address, auth.is_some(), args.insecure)
         .map_err(|e| CliError::invalid(e.to_string()))?;
     let data_dir = &context.data_dir;
@@ -78,9 +92,9 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
         }
     };
     let bound = listener.local_addr().unwrap_or(address);
-    out.line(format_args!("listening on http://{bound}"));
+    out.line(format_args!("listening on {scheme}://{bound}"));
     eprintln!(
-        "cnsm: serving the store in {} on http://{bound}{}; SIGTERM or Ctrl-C stops",
+        "cnsm: serving the store in {} on {scheme}://{bound}{}; SIGTERM or Ctrl-C stops",
         data_dir.display(),
         if auth.is_some() {
             " with bearer-token authentication (--auth-file)"
@@ -93,6 +107,7 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
     let options = ServerOptions {
         insecure: args.insecure,
         auth,
+        tls,
         ..ServerOptions::default()
     };
     match cnsm_server::serve(listener, runtime, options, cnsm_server::shutdown_signal()).await {

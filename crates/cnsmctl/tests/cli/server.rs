@@ -58,6 +58,8 @@ impl ServerChild {
             .env_remove("CNSM_SERVER")
             .env_remove("CNSM_LISTEN")
             .env_remove("CNSM_AUTH_FILE")
+            .env_remove("CNSM_TLS_CERT")
+            .env_remove("CNSM_TLS_KEY")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -585,4 +587,135 @@ fn a_bad_auth_file_is_refused_naming_the_field() {
     let typo = cli.run(&["serve", "--auth-file", "typo.yaml"]);
     typo.code(1).stderr_has("line ");
     assert!(!typo.stderr.contains("secret-typo-token"), "{typo:?}");
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1 in `dir`: (cert.pem, key.pem).
+fn self_signed(dir: &Path, name: &str) -> (String, String) {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .expect("generate a certificate");
+    let cert = dir.join(format!("{name}-cert.pem"));
+    let key = dir.join(format!("{name}-key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).expect("write cert");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write key");
+    (
+        cert.to_string_lossy().into_owned(),
+        key.to_string_lossy().into_owned(),
+    )
+}
+
+#[test]
+fn serve_over_tls_and_the_cli_with_ca_cert() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = self_signed(dir.path(), "server");
+    let mut server = ServerChild::start_with(
+        &dir.path().join("data"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ],
+    );
+    assert!(
+        server.url.starts_with("https://127.0.0.1:"),
+        "{}",
+        server.url
+    );
+    let mut cli = Cli::new();
+    cli.server = Some(server.url.clone());
+    let file = cli.dir.path().join("counter.yaml");
+    std::fs::write(&file, COUNTER_YAML).expect("write");
+    let file = file.to_string_lossy();
+
+    cli.run(&["--ca-cert", &cert, "-n", "shop", "apply", "-f", &file])
+        .ok();
+    cli.run(&[
+        "--ca-cert",
+        &cert,
+        "-n",
+        "shop",
+        "create",
+        "instance",
+        "counter",
+        "--id",
+        "c-1",
+    ])
+    .ok()
+    .stdout_has("instance/c-1 created");
+    // The CA certificate from the environment.
+    let mut command = cli.command(&["-n", "shop", "get", "instances"]);
+    command.env("CNSM_CA_CERT", &cert);
+    output_of(command).ok().stdout_has("c-1");
+
+    // https without --ca-cert: a clear message, exit 1.
+    let untrusted = cli.run(&["-n", "shop", "get", "instances"]);
+    untrusted.code(1);
+    assert!(
+        untrusted.error_line().contains("--ca-cert"),
+        "{untrusted:?}"
+    );
+    // A certificate the server does not have: the handshake fails (unavailable, exit 5).
+    let (other, _) = self_signed(dir.path(), "other");
+    cli.run(&["--ca-cert", &other, "-n", "shop", "get", "instances"])
+        .code(5)
+        .stderr_has("TLS handshake failed");
+    // Plain HTTP to the TLS port gets no answer.
+    let mut plain = Cli::new();
+    plain.server = Some(server.url.replacen("https://", "http://", 1));
+    plain.run(&["-n", "shop", "get", "instances"]).code(5);
+
+    server.signal("TERM");
+    let (status, stderr) = server.wait();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("on https://127.0.0.1:"), "{stderr}");
+}
+
+#[test]
+fn serve_refuses_bad_tls_files_naming_them() {
+    let cli = Cli::new();
+    let (cert, key) = self_signed(cli.dir.path(), "a");
+    let (_, other_key) = self_signed(cli.dir.path(), "b");
+    let bad_key = cli.dir.path().join("bad-key.pem");
+    std::fs::write(
+        &bad_key,
+        "-----BEGIN PRIVATE KEY-----\nnot base64!\n-----END PRIVATE KEY-----\n",
+    )
+    .expect("write");
+    let bad_key = bad_key.to_string_lossy();
+    let listen = ["serve", "--listen", "127.0.0.1:0"];
+    let with = |cert: &str, key: &str| {
+        let mut args = listen.to_vec();
+        args.extend(["--tls-cert", cert, "--tls-key", key]);
+        cli.run(&args)
+    };
+    let refused = with(&cert, &bad_key);
+    refused.code(1);
+    assert!(refused.error_line().contains("bad-key.pem"), "{refused:?}");
+    let missing = with(&cert, "no-such-key.pem");
+    missing.code(1);
+    assert!(
+        missing.error_line().contains("no-such-key.pem"),
+        "{missing:?}"
+    );
+    let missing_cert = with("no-such-cert.pem", &key);
+    missing_cert.code(1);
+    assert!(
+        missing_cert.error_line().contains("no-such-cert.pem"),
+        "{missing_cert:?}"
+    );
+    let mismatch = with(&cert, &other_key);
+    mismatch.code(1);
+    assert!(
+        mismatch.error_line().contains("does not match")
+            && mismatch.error_line().contains("b-key.pem"),
+        "{mismatch:?}"
+    );
+    assert!(!cli.data_dir().exists(), "nothing was created");
+    // One without the other is a usage error.
+    let mut args = listen.to_vec();
+    args.extend(["--tls-cert", cert.as_str()]);
+    cli.run(&args).code(2);
 }
