@@ -1,0 +1,423 @@
+//! The HTTP API under load (issue 3): `cnsmctl serve` runs as a separate process on loopback,
+//! this process generates the load over keep-alive HTTP/1.1 connections; every answer is a
+//! durable acknowledgement (after the group commit's fsync).
+//!
+//! 1. Closed loop: C connections each sending `POST .../instances/{id}/events {"event":"inc"}`
+//!    as fast as answered, round-robin over 1,000 instances, 10 s per C.
+//! 2. Open loop at half the best closed-loop rate: every connection sends on a fixed schedule
+//!    and latency is measured from the scheduled send time (no coordinated omission).
+//!
+//! Run: `cargo build --release -p cnsmctl && cargo bench -p cnsm-bench --bench http_load`
+//! (`CNSMCTL` names another binary; `CNSM_BENCH_DIR` picks the data directory's parent;
+//! `CNSM_HTTP_SECS` changes the 10 s per phase).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cnsm_bench::{percentile, report};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+
+const COUNTER: &str = r#"{
+  "apiVersion": "statemachine.cn/v1alpha1",
+  "kind": "StateMachine",
+  "metadata": {"name": "counter", "namespace": "bench"},
+  "spec": {
+    "initialState": "counting",
+    "states": [{
+      "name": "counting",
+      "type": "task",
+      "timeoutSeconds": 86400,
+      "onEvent": [{"event": "inc", "target": "counting", "assign": {"n": "data.n + 1"}}]
+    }]
+  }
+}"#;
+
+const INSTANCES: usize = 1_000;
+const BASE: &str = "/apis/statemachine.cn/v1alpha1/namespaces/bench";
+
+fn cnsmctl_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("CNSMCTL") {
+        return PathBuf::from(path);
+    }
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    let path = target.join("release").join("cnsmctl");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --release -p cnsmctl` first",
+        path.display()
+    );
+    path
+}
+
+/// The server process; killed (by its pid) when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(data_dir: &std::path::Path) -> Server {
+        let mut child = Command::new(cnsmctl_path())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .env_remove("CNSM_SERVER")
+            .env_remove("CNSM_LISTEN")
+            .env_remove("CNSM_AUTH_FILE")
+            .env_remove("CNSM_TLS_CERT")
+            .env_remove("CNSM_TLS_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn cnsmctl serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("read the address line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).unwrap_or(0) > 0 {
+                sink.clear();
+            }
+        });
+        Server { child, addr }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(addr: &str) -> Sender {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    sender
+}
+
+/// One event on a keep-alive connection; the status code (0 when the connection failed).
+async fn send_inc(sender: &mut Sender, addr: &str, path: &str) -> u16 {
+    if sender.ready().await.is_err() {
+        *sender = connect(addr).await;
+    }
+    let request = hyper::Request::post(path)
+        .header("host", addr)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(br#"{"event":"inc"}"#)))
+        .expect("request");
+    match sender.send_request(request).await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let _ = response.into_body().collect().await;
+            status
+        }
+        Err(_) => 0,
+    }
+}
+
+#[derive(Default)]
+struct Outcome {
+    latencies: Vec<Duration>,
+    ok: u64,
+    not_ok: u64,
+}
+
+impl Outcome {
+    fn merge(&mut self, other: Outcome) {
+        self.latencies.extend(other.latencies);
+        self.ok += other.ok;
+        self.not_ok += other.not_ok;
+    }
+}
+
+fn event_paths(ids: &[String]) -> Arc<Vec<String>> {
+    Arc::new(
+        ids.iter()
+            .map(|id| format!("{BASE}/instances/{id}/events"))
+            .collect(),
+    )
+}
+
+/// C connections, each sending as soon as it is answered, for `secs`.
+async fn closed_loop(
+    addr: &str,
+    paths: Arc<Vec<String>>,
+    c: usize,
+    secs: Duration,
+) -> (Outcome, Duration) {
+    let next = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut senders = Vec::with_capacity(c);
+    for _ in 0..c {
+        senders.push(connect(addr).await);
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(c);
+    for mut sender in senders {
+        let (next, stop, paths, addr) =
+            (next.clone(), stop.clone(), paths.clone(), addr.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Outcome::default();
+            while !stop.load(Ordering::Relaxed) {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize % paths.len();
+                let t = Instant::now();
+                let status = send_inc(&mut sender, &addr, &paths[i]).await;
+                if (200..300).contains(&status) {
+                    out.latencies.push(t.elapsed());
+                    out.ok += 1;
+                } else {
+                    out.not_ok += 1;
+                }
+            }
+            out
+        }));
+    }
+    tokio::time::sleep(secs).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Outcome::default();
+    for task in tasks {
+        all.merge(task.await.expect("client task"));
+    }
+    (all, started.elapsed())
+}
+
+/// `c` connections sending at `rate` events/s in total on a fixed schedule; latency from the
+/// scheduled send time.
+async fn open_loop(
+    addr: &str,
+    paths: Arc<Vec<String>>,
+    c: usize,
+    rate: f64,
+    secs: Duration,
+) -> (Outcome, Duration) {
+    let period = Duration::from_secs_f64(c as f64 / rate);
+    let per_conn = (secs.as_secs_f64() / period.as_secs_f64()).floor() as u64;
+    let mut senders = Vec::with_capacity(c);
+    for _ in 0..c {
+        senders.push(connect(addr).await);
+    }
+    let start = Instant::now() + Duration::from_millis(50);
+    let mut tasks = Vec::with_capacity(c);
+    for (k, mut sender) in senders.into_iter().enumerate() {
+        let (paths, addr) = (paths.clone(), addr.to_owned());
+        // Spread the connections' phases evenly over one period.
+        let offset = period.mul_f64(k as f64 / c as f64);
+        tasks.push(tokio::spawn(async move {
+            let mut out = Outcome::default();
+            for n in 0..per_conn {
+                let scheduled = start + offset + period * n as u32;
+                tokio::time::sleep_until(scheduled.into()).await;
+                let i = (n as usize * c + k) % paths.len();
+                let status = send_inc(&mut sender, &addr, &paths[i]).await;
+                if (200..300).contains(&status) {
+                    out.latencies.push(scheduled.elapsed());
+                    out.ok += 1;
+                } else {
+                    out.not_ok += 1;
+                }
+            }
+            out
+        }));
+    }
+    let mut all = Outcome::default();
+    for task in tasks {
+        all.merge(task.await.expect("client task"));
+    }
+    (all, start.elapsed())
+}
+
+/// CPU seconds (user + system) a process has used so far, from `/proc/PID/stat` (100 Hz ticks).
+fn cpu_secs(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After the command: state is field 3, utime field 14, stime field 15.
+    let tick = |i: usize| {
+        fields
+            .get(i - 3)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (tick(14) + tick(15)) / 100.0
+}
+
+/// CPU cores used by the server and by this load generator since `before`.
+struct CpuSplit {
+    server_pid: String,
+    server: f64,
+    client: f64,
+    at: Instant,
+}
+
+impl CpuSplit {
+    fn start(server_pid: u32) -> CpuSplit {
+        let server_pid = server_pid.to_string();
+        CpuSplit {
+            server: cpu_secs(&server_pid),
+            client: cpu_secs("self"),
+            at: Instant::now(),
+            server_pid,
+        }
+    }
+
+    fn detail(&self) -> String {
+        let wall = self.at.elapsed().as_secs_f64();
+        format!(
+            "server {:.2} cores, load generator {:.2} cores",
+            (cpu_secs(&self.server_pid) - self.server) / wall,
+            (cpu_secs("self") - self.client) / wall
+        )
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+async fn run(addr: String, server_pid: u32, secs: Duration) {
+    let client = cnsm_server::client::Client::new(&format!("http://{addr}")).expect("client");
+    let applied = client
+        .request(
+            "POST",
+            &format!("{BASE}/statemachines"),
+            &[("content-type", "application/json")],
+            COUNTER.as_bytes().to_vec(),
+        )
+        .await
+        .expect("apply");
+    assert!(
+        applied.status / 100 == 2,
+        "apply: {} {}",
+        applied.status,
+        applied.text()
+    );
+    let mut ids = Vec::with_capacity(INSTANCES);
+    for i in 0..INSTANCES {
+        let id = format!("c-{i}");
+        let body = serde_json::json!({"id": id, "machine": "counter", "data": {"n": 0}});
+        let created = client
+            .post_json(&format!("{BASE}/instances"), &body, &[])
+            .await
+            .expect("create");
+        assert_eq!(created.status, 201, "create: {}", created.text());
+        ids.push(id);
+    }
+    let paths = event_paths(&ids);
+
+    // Warm-up: 1 s at 256 connections, not reported.
+    let _ = closed_loop(&addr, paths.clone(), 256, Duration::from_secs(1)).await;
+
+    let mut best = 0.0f64;
+    for c in [256usize, 1_024] {
+        let cpu = CpuSplit::start(server_pid);
+        let (mut out, elapsed) = closed_loop(&addr, paths.clone(), c, secs).await;
+        let cpu = cpu.detail();
+        let rate = out.ok as f64 / elapsed.as_secs_f64();
+        best = best.max(rate);
+        let p50 = percentile(&mut out.latencies, 0.5);
+        let p99 = percentile(&mut out.latencies, 0.99);
+        report(
+            &format!("http.closed_c{c}.events_per_s"),
+            rate,
+            "events/s",
+            &format!(
+                "({c} keep-alive connections, {INSTANCES} instances, {:.1} s; p50 {:.2} ms, p99 {:.2} ms; 2xx {}, non-2xx {})",
+                elapsed.as_secs_f64(),
+                ms(p50),
+                ms(p99),
+                out.ok,
+                out.not_ok
+            ),
+        );
+        report(
+            &format!("http.closed_c{c}.p50"),
+            ms(p50),
+            "ms",
+            &format!("({cpu})"),
+        );
+        report(&format!("http.closed_c{c}.p99"), ms(p99), "ms", "");
+    }
+    report(
+        "http.events_per_s",
+        best,
+        "events/s",
+        "(best closed-loop rate)",
+    );
+
+    let target = best / 2.0;
+    let c = 256;
+    let cpu = CpuSplit::start(server_pid);
+    let (mut out, elapsed) = open_loop(&addr, paths.clone(), c, target, secs).await;
+    let cpu = cpu.detail();
+    let achieved = out.ok as f64 / elapsed.as_secs_f64();
+    let p50 = percentile(&mut out.latencies, 0.5);
+    let p99 = percentile(&mut out.latencies, 0.99);
+    let max = out.latencies.last().copied().unwrap_or_default();
+    report(
+        "http.open_half.p50",
+        ms(p50),
+        "ms",
+        &format!(
+            "(open loop, {target:.0} events/s scheduled on {c} connections, {achieved:.0}/s answered 2xx; latency from the scheduled send; 2xx {}, non-2xx {})",
+            out.ok, out.not_ok
+        ),
+    );
+    report(
+        "http.open_half.p99",
+        ms(p99),
+        "ms",
+        &format!("(max {:.2} ms; {cpu})", ms(max)),
+    );
+}
+
+fn main() {
+    let secs = Duration::from_secs_f64(
+        std::env::var("CNSM_HTTP_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10.0),
+    );
+    let dir = match std::env::var_os("CNSM_BENCH_DIR") {
+        Some(dir) => tempfile::tempdir_in(dir).expect("bench dir"),
+        None => tempfile::tempdir().expect("temp dir"),
+    };
+    let server = Server::start(&dir.path().join("data"));
+    println!(
+        "# cnsmctl serve pid {} on {}",
+        server.child.id(),
+        server.addr
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(run(server.addr.clone(), server.child.id(), secs));
+    drop(server);
+}
