@@ -240,6 +240,8 @@ pub(crate) struct Shared {
     pub listeners: RwLock<Vec<Arc<dyn CommitListener>>>,
     /// Durable versions the committer published, for StaleState checks on arrival.
     pub versions: Mutex<HashMap<(String, String), u64>>,
+    /// Requests queued for the committer and not yet taken into a batch.
+    pub queued: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -306,6 +308,7 @@ impl Runtime {
             machines: RwLock::new(HashMap::new()),
             listeners: RwLock::new(Vec::new()),
             versions: Mutex::new(HashMap::new()),
+            queued: std::sync::atomic::AtomicUsize::new(0),
         });
         let (queue, thread) = committer::start(Arc::clone(&shared))?;
         Ok(Runtime {
@@ -313,6 +316,13 @@ impl Runtime {
             queue,
             thread: Arc::new(Mutex::new(Some(thread))),
         })
+    }
+
+    /// Requests waiting for the committer (not yet in a batch); a diagnostic, not a limit.
+    pub fn queue_depth(&self) -> usize {
+        self.shared
+            .queued
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The store under the runtime.
@@ -346,7 +356,11 @@ impl Runtime {
     ) -> Result<T, RuntimeError> {
         let (tx, rx) = oneshot::channel();
         match self.queue.try_send(make(tx)) {
-            Ok(()) => {}
+            Ok(()) => {
+                self.shared
+                    .queued
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             Err(std::sync::mpsc::TrySendError::Full(_)) => {
                 return Err(RuntimeError::Unavailable(
                     "the request queue is full; retry later".into(),

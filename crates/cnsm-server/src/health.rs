@@ -331,6 +331,7 @@ pub async fn statez(
             "records": diagnostics.n_records.load(Ordering::Relaxed),
         },
         "queue": {
+            "commitQueueDepth": state.runtime().queue_depth(),
             "requestsInFlight": in_flight,
             "requestsInFlightMax": options.requests_in_flight_max,
             "watchers": state.inner.hub.n_watchers(),
