@@ -244,7 +244,11 @@ fn many_instances_in_flight_share_commits() {
             t.await.unwrap();
         }
         assert_eq!(recorder.len(), 64 * 4);
-        assert_eq!(rt.queue_depth(), 0, "every queued request was taken into a batch");
+        assert_eq!(
+            rt.queue_depth(),
+            0,
+            "every queued request was taken into a batch"
+        );
         let n = SnapshotVerifier::new(rt.store().as_ref())
             .verify_all(Some("shop"))
             .unwrap();
