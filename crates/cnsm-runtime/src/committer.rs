@@ -185,11 +185,9 @@ impl Committer {
             }
             // Stop is sent without counting it in; every other command was counted on submit.
             let n_counted = batch.iter().filter(|c| !matches!(c, Command::Stop)).count();
-            let _ = self.shared.queued.fetch_update(
-                std::sync::atomic::Ordering::Relaxed,
-                std::sync::atomic::Ordering::Relaxed,
-                |q| Some(q.saturating_sub(n_counted)),
-            );
+            self.shared
+                .queued
+                .fetch_sub(n_counted, std::sync::atomic::Ordering::SeqCst);
             let stop = batch.iter().any(|c| matches!(c, Command::Stop));
             let fire_timers =
                 drive_timers || batch.iter().any(|c| matches!(c, Command::Tick { .. }));

@@ -355,12 +355,18 @@ impl Runtime {
         make: impl FnOnce(oneshot::Sender<T>) -> committer::Command,
     ) -> Result<T, RuntimeError> {
         let (tx, rx) = oneshot::channel();
-        match self.queue.try_send(make(tx)) {
-            Ok(()) => {
-                self.shared
-                    .queued
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+        // Count before sending: the committer may take the request before `try_send` returns.
+        self.shared
+            .queued
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let sent = self.queue.try_send(make(tx));
+        if sent.is_err() {
+            self.shared
+                .queued
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        match sent {
+            Ok(()) => {}
             Err(std::sync::mpsc::TrySendError::Full(_)) => {
                 return Err(RuntimeError::Unavailable(
                     "the request queue is full; retry later".into(),
