@@ -1188,7 +1188,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 // ------------------------------------------------------------------------------------------------
 
 /// An RFC 1123 label: lowercase letters, digits and `-`, at most 63, alphanumeric at both ends.
-fn is_rfc1123_label(name: &str) -> bool {
+pub fn is_rfc1123_label(name: &str) -> bool {
     let bytes = name.as_bytes();
     let edge_ok = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
     !name.is_empty()

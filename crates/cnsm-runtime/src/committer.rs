@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cnsm_core::TransitionError;
 use cnsm_core::engine::{ACTOR_TIMER, Input, NewInstance, Trigger};
-use cnsm_core::record::{Hash32, StateChangeEvent};
+use cnsm_core::record::{Hash32, StateChangeEvent, Timer};
 use cnsm_core::{Instance, SealedRecord};
 use cnsm_store::{CommitItem, IdempotencyEntry, ItemOutcome, TimerRef};
 use tokio::sync::oneshot;
@@ -229,8 +229,9 @@ impl Committer {
         let now_ms = self.shared.options.clock.now_ms();
         let mut items: Vec<CommitItem> = Vec::new();
         let mut item_keys: Vec<Key> = Vec::new();
-        // The instance before the batch touched it, to restore on a failed commit.
-        let mut before: HashMap<Key, Option<Instance>> = HashMap::new();
+        // The timer each touched instance had before the batch (`None` for new instances), to
+        // take out of the index after the commit; the keys are what a failed commit evicts.
+        let mut before: HashMap<Key, Option<Timer>> = HashMap::new();
         let mut waiters: Vec<Waiter> = Vec::new();
         let mut pending_keys: HashMap<(Key, String), (Hash32, usize)> = HashMap::new();
         let mut n_timers_fired = 0;
@@ -321,7 +322,7 @@ impl Committer {
         now_ms: u64,
         items: &mut Vec<CommitItem>,
         item_keys: &mut Vec<Key>,
-        before: &mut HashMap<Key, Option<Instance>>,
+        before: &mut HashMap<Key, Option<Timer>>,
     ) -> Result<usize, RuntimeError> {
         let row = self
             .shared
@@ -333,9 +334,7 @@ impl Committer {
                     request.namespace, request.machine
                 ))
             })?;
-        let machine = self
-            .shared
-            .machine(&request.namespace, &request.machine, row.revision)?;
+        let machine = self.shared.machine_of(row)?;
         let id = request
             .id
             .clone()
@@ -386,7 +385,7 @@ impl Committer {
         now_ms: u64,
         items: &mut Vec<CommitItem>,
         item_keys: &mut Vec<Key>,
-        before: &mut HashMap<Key, Option<Instance>>,
+        before: &mut HashMap<Key, Option<Timer>>,
         pending_keys: &mut HashMap<(Key, String), (Hash32, usize)>,
     ) -> Result<(usize, bool), RuntimeError> {
         let request_hash = event.request_hash();
@@ -461,7 +460,7 @@ impl Committer {
         now_ms: u64,
         items: &mut Vec<CommitItem>,
         item_keys: &mut Vec<Key>,
-        before: &mut HashMap<Key, Option<Instance>>,
+        before: &mut HashMap<Key, Option<Timer>>,
     ) -> usize {
         let n_max = self.shared.options.batch_len_max.max(1);
         let due = self.timers.pop_due(now_ms, n_max);
@@ -488,7 +487,7 @@ impl Committer {
         now_ms: u64,
         items: &mut Vec<CommitItem>,
         item_keys: &mut Vec<Key>,
-        before: &mut HashMap<Key, Option<Instance>>,
+        before: &mut HashMap<Key, Option<Timer>>,
     ) -> Result<bool, RuntimeError> {
         let Some(stored) = self.shared.store.instance_by_uid(timer.uid)? else {
             return Ok(false);
@@ -524,7 +523,7 @@ impl Committer {
         records: &[StateChangeEvent],
         item_keys: &[Key],
         outcomes: &[ItemOutcome],
-        before: &HashMap<Key, Option<Instance>>,
+        before: &HashMap<Key, Option<Timer>>,
     ) {
         let listeners = self
             .shared
@@ -539,10 +538,8 @@ impl Committer {
             v.clear();
         }
         // The timer each instance had before the batch, to take out of the index.
-        let mut old_timers: HashMap<&Key, Option<cnsm_core::record::Timer>> = HashMap::new();
-        for (key, prior) in before {
-            old_timers.insert(key, prior.as_ref().and_then(|i| i.timer));
-        }
+        let mut old_timers: HashMap<&Key, Option<Timer>> =
+            before.iter().map(|(key, timer)| (key, *timer)).collect();
         let mut conflicted: Vec<&Key> = Vec::new();
         for (index, ((item, key), outcome)) in items.iter().zip(item_keys).zip(outcomes).enumerate()
         {
@@ -593,13 +590,11 @@ fn stage(
     idempotency: Option<IdempotencyEntry>,
     items: &mut Vec<CommitItem>,
     item_keys: &mut Vec<Key>,
-    before: &mut HashMap<Key, Option<Instance>>,
+    before: &mut HashMap<Key, Option<Timer>>,
 ) -> Result<(), RuntimeError> {
     let sealed = record.seal();
     let expected_version = cached.instance.version;
-    before
-        .entry(key.clone())
-        .or_insert_with(|| Some(cached.instance.clone()));
+    before.entry(key.clone()).or_insert(cached.instance.timer);
     cached
         .instance
         .apply_record(record, sealed.hash)

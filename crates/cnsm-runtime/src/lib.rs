@@ -262,11 +262,20 @@ impl Shared {
             .ok_or_else(|| {
                 RuntimeError::NotFound(format!("statemachine {namespace}/{name}@{revision}"))
             })?;
+        self.machine_of(row)
+    }
+
+    /// The compiled machine of a revision already read from the store (cached by revision).
+    pub(crate) fn machine_of(&self, row: DefinitionRow) -> Result<Arc<Machine>, RuntimeError> {
+        let key = (row.namespace, row.name, row.revision);
+        if let Some(m) = self.machines.read().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(m);
+        }
         let machine = Machine::compile(row.definition)
             .map_err(|e| {
                 RuntimeError::Unavailable(format!("stored definition does not compile: {e}"))
             })?
-            .with_revision(revision);
+            .with_revision(row.revision);
         let machine = Arc::new(machine);
         if let Ok(mut cache) = self.machines.write() {
             cache.insert(key, Arc::clone(&machine));
@@ -629,14 +638,7 @@ pub fn decode_history(sealed: &[SealedRecord]) -> Result<Vec<HistoryEntry>, Runt
 
 /// RFC 1123 label.
 pub fn validate_name(what: &str, name: &str) -> Result<(), RuntimeError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
+    if admission::is_rfc1123_label(name) {
         Ok(())
     } else {
         Err(RuntimeError::Invalid(format!(
