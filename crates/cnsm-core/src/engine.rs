@@ -169,6 +169,54 @@ pub enum Trigger<'a> {
     Event { name: &'a str, payload: &'a Value },
     /// A durable timer fell due.
     Timer(Timer),
+    /// An operator control; `reason` is kept on a cancel.
+    Control {
+        action: Control,
+        reason: Option<&'a str>,
+    },
+}
+
+/// An operator control on one instance (DESIGN.md §3), written as an ordinary history record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Control {
+    /// End the instance `cancelled`, running its compensations first if it has any.
+    Cancel,
+    /// Refuse events and hold the timer until [`Control::Resume`].
+    Suspend,
+    /// Accept events again; a timer that fell due meanwhile fires right after.
+    Resume,
+    /// Re-enter the state a failed instance failed in, as a fresh entry (attempt 1, new timer).
+    Redrive,
+}
+
+impl Control {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Control::Cancel => "cancel",
+            Control::Suspend => "suspend",
+            Control::Resume => "resume",
+            Control::Redrive => "redrive",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Control> {
+        Some(match s {
+            "cancel" => Control::Cancel,
+            "suspend" => Control::Suspend,
+            "resume" => Control::Resume,
+            "redrive" => Control::Redrive,
+            _ => return None,
+        })
+    }
+
+    fn record_kind(self) -> RecordKind {
+        match self {
+            Control::Cancel => RecordKind::Cancel,
+            Control::Suspend => RecordKind::Suspend,
+            Control::Resume => RecordKind::Resume,
+            Control::Redrive => RecordKind::Redrive,
+        }
+    }
 }
 
 /// One engine input.
@@ -363,6 +411,7 @@ impl Machine {
             entry_seq: 0,
             attempt: 0,
             in_backoff: false,
+            suspended: false,
             compensations: Vec::new(),
             pending_outcome: None,
             timer: None,
@@ -400,7 +449,9 @@ impl Machine {
             return self.apply(instance, input).map(Some);
         };
         let current = instance.timer.as_ref();
+        // A suspended instance holds its timer: the resume record re-arms it.
         if instance.status.is_final()
+            || instance.suspended
             || current != Some(&timer)
             || timer.entry_seq != instance.entry_seq
         {
@@ -418,10 +469,16 @@ impl Machine {
         let (event_name, payload) = match input.trigger {
             Trigger::Event { name, payload } => (name, payload),
             Trigger::Timer(_) => ("timer", &Value::Null),
+            Trigger::Control { action, .. } => (action.as_str(), &Value::Null),
         };
         let fail = |reason| TransitionError::failure(&instance.state, event_name, reason);
-        if instance.status.is_final() {
-            return Err(fail(FailureReason::InstanceFinal));
+        if !matches!(input.trigger, Trigger::Control { .. }) {
+            if instance.status.is_final() {
+                return Err(fail(FailureReason::InstanceFinal));
+            }
+            if instance.suspended {
+                return Err(fail(FailureReason::Suspended));
+            }
         }
         let Some(state_id) = self.state_id(&instance.state) else {
             return Err(fail(FailureReason::NoTransition));
@@ -444,6 +501,63 @@ impl Machine {
         let mut kind = RecordKind::Event;
 
         match input.trigger {
+            Trigger::Control { action, reason } => {
+                kind = action.record_kind();
+                let refuse = |why: String| fail(FailureReason::ControlRefused(why));
+                let ended = || {
+                    refuse(format!(
+                        "the instance has already ended ({})",
+                        instance.status.as_str()
+                    ))
+                };
+                match action {
+                    Control::Cancel => {
+                        if instance.status.is_final() {
+                            return Err(ended());
+                        }
+                        step.suspended = false;
+                        step.reason = Some(reason.unwrap_or("cancelled by an operator").to_owned());
+                        step.cancel(input.now_ms, event_name)?;
+                    }
+                    Control::Suspend => {
+                        if instance.status.is_final() {
+                            return Err(ended());
+                        }
+                        if instance.suspended {
+                            return Err(refuse("the instance is already suspended".into()));
+                        }
+                        step.suspended = true;
+                        step.in_backoff = instance.in_backoff;
+                    }
+                    Control::Resume => {
+                        if !instance.suspended {
+                            return Err(refuse("the instance is not suspended".into()));
+                        }
+                        step.suspended = false;
+                        step.in_backoff = instance.in_backoff;
+                    }
+                    Control::Redrive => {
+                        if instance.status != Status::Failed {
+                            return Err(refuse(format!(
+                                "only a failed instance can be redriven; this one is {}",
+                                instance.status.as_str()
+                            )));
+                        }
+                        if state.state_type == StateType::Final {
+                            return Err(refuse(format!(
+                                "the instance failed by reaching the final state '{}'; there is no state to re-enter",
+                                instance.state
+                            )));
+                        }
+                        step.status = Status::Active;
+                        step.phase = Phase::Running;
+                        step.reason = None;
+                        step.compensations.clear();
+                        step.pending_outcome = None;
+                        step.enter(state_id, input.now_ms, event_name)?;
+                    }
+                }
+            }
             Trigger::Timer(timer) => {
                 kind = match timer.kind {
                     TimerKind::Backoff => RecordKind::Retry,
@@ -552,7 +666,7 @@ impl Machine {
                         .map(|(k, _)| Arc::clone(k))
                         .unwrap_or_else(|| Arc::from(name)),
                 ),
-                Trigger::Timer(_) => None,
+                Trigger::Timer(_) | Trigger::Control { .. } => None,
             },
             payload: (!payload.is_null()).then(|| payload.clone()),
             guards: Vec::new(),
@@ -564,6 +678,7 @@ impl Machine {
             entry_seq: instance.entry_seq,
             attempt: instance.attempt,
             in_backoff: false,
+            suspended: false,
             compensations: Vec::new(),
             pending_outcome: None,
             timer: None,
@@ -629,6 +744,7 @@ struct Step<'m> {
     entry_seq: u64,
     attempt: u32,
     in_backoff: bool,
+    suspended: bool,
     compensations: Vec<String>,
     pending_outcome: Option<Outcome>,
     timer: Option<Timer>,
@@ -662,6 +778,7 @@ impl<'m> Step<'m> {
             entry_seq: instance.map(|i| i.entry_seq).unwrap_or(0),
             attempt: instance.map(|i| i.attempt).unwrap_or(0),
             in_backoff: false,
+            suspended: instance.is_some_and(|i| i.suspended),
             compensations: instance
                 .map(|i| i.compensations.clone())
                 .unwrap_or_default(),
@@ -859,6 +976,24 @@ impl<'m> Step<'m> {
         }
     }
 
+    /// An operator cancel: end `cancelled` now, or after the compensation stack has run.
+    fn cancel(&mut self, now_ms: u64, event: &str) -> Result<(), TransitionError> {
+        self.in_backoff = false;
+        if self.phase == Phase::Compensating {
+            // Already rolling back: finish the stack, then end cancelled.
+            self.pending_outcome = Some(Outcome::Cancelled);
+            return Ok(());
+        }
+        if self.compensations.is_empty() {
+            self.status = Status::Cancelled;
+            self.timer = None;
+            return Ok(());
+        }
+        self.phase = Phase::Compensating;
+        self.pending_outcome = Some(Outcome::Cancelled);
+        self.next_compensation(now_ms, event)
+    }
+
     /// A `fail` or a timeout without `onTimeout`: retry, `onFailure`, or a hard failure.
     fn attempt_failed(
         &mut self,
@@ -918,6 +1053,7 @@ impl<'m> Step<'m> {
         record.entry_seq = self.entry_seq;
         record.attempt = self.attempt;
         record.in_backoff = self.in_backoff;
+        record.suspended = self.suspended && !ended;
         record.compensations = if ended {
             Vec::new()
         } else {

@@ -23,6 +23,8 @@ pub enum FailureReason {
     GuardError(String),
     /// A chain of choice states did not settle (admission prevents this).
     ChoiceLoop,
+    /// An operator control that does not apply to the instance as it is (the message says why).
+    ControlRefused(String),
 }
 
 impl FailureReason {
@@ -37,6 +39,7 @@ impl FailureReason {
             FailureReason::RetryBackoff => "RetryBackoff",
             FailureReason::GuardError(_) => "GuardError",
             FailureReason::ChoiceLoop => "ChoiceLoop",
+            FailureReason::ControlRefused(_) => "ControlRefused",
         }
     }
 }
@@ -86,13 +89,16 @@ impl TransitionError {
                 "'{event}' is honoured only in a state that declares retry or onFailure, or while compensating"
             ),
             FailureReason::InstanceFinal => "the instance has already ended".to_owned(),
-            FailureReason::Suspended => "the instance is suspended".to_owned(),
+            FailureReason::Suspended => {
+                "the instance is suspended by an operator; resume it first".to_owned()
+            }
             FailureReason::RetryBackoff => {
                 "the instance is waiting out a retry back-off; the next attempt has not started"
                     .to_owned()
             }
             FailureReason::GuardError(detail) => format!("expression failed: {detail}"),
             FailureReason::ChoiceLoop => "choice states did not settle".to_owned(),
+            FailureReason::ControlRefused(detail) => format!("'{event}' refused: {detail}"),
         };
         TransitionError::TransitionFailure {
             state: state.to_owned(),

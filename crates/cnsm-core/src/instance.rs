@@ -98,6 +98,10 @@ pub struct Instance {
     /// True while waiting out a retry back-off.
     #[serde(default)]
     pub in_backoff: bool,
+    /// True while an operator holds the instance suspended: events are refused and its timer
+    /// does not fire until it is resumed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
     /// Compensation states still to run, the last one first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub compensations: Vec<String>,
@@ -149,6 +153,7 @@ impl Instance {
             entry_seq: record.entry_seq,
             attempt: record.attempt,
             in_backoff: record.in_backoff,
+            suspended: record.suspended,
             compensations: record.compensations.clone(),
             pending_outcome: record.pending_outcome,
             timer: record.timer,
@@ -197,6 +202,7 @@ impl Instance {
         self.entry_seq = record.entry_seq;
         self.attempt = record.attempt;
         self.in_backoff = record.in_backoff;
+        self.suspended = record.suspended;
         self.compensations.clone_from(&record.compensations);
         self.pending_outcome = record.pending_outcome;
         self.timer = record.timer;

@@ -99,6 +99,14 @@ pub enum RecordKind {
     Timer,
     /// A retry back-off ended and the state was re-entered.
     Retry,
+    /// An operator cancelled the instance (compensations, if any, run first).
+    Cancel,
+    /// An operator suspended the instance: events are refused and timers held.
+    Suspend,
+    /// An operator resumed a suspended instance; held timers are re-armed.
+    Resume,
+    /// An operator re-entered the state a failed instance failed in.
+    Redrive,
 }
 
 /// What a durable timer is for.
@@ -196,6 +204,9 @@ pub struct StateChangeEvent {
     pub attempt: u32,
     #[serde(default)]
     pub in_backoff: bool,
+    /// True while an operator holds the instance suspended (absent when false).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub suspended: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub compensations: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -213,6 +224,10 @@ pub struct StateChangeEvent {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     pub prev_hash: Hash32,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A record with its exact stored bytes and hash.
@@ -285,6 +300,7 @@ impl StateChangeEvent {
                 "idempotencyKey" => self.idempotency_key.is_some(),
                 "trace" => self.trace.is_some(),
                 "labels" => !self.labels.is_empty(),
+                "suspended" => self.suspended,
                 _ => true,
             }
         };
@@ -335,6 +351,7 @@ impl StateChangeEvent {
                 "revision" => uint(&mut out, u64::from(self.revision)),
                 "inBackoff" => out.push(if self.in_backoff { 0xf5 } else { 0xf4 }),
                 "namespace" => text(&mut out, &self.namespace),
+                "suspended" => out.push(0xf5),
                 "revisionHash" => text(&mut out, &self.revision_hash.to_hex()),
                 "compensations" => {
                     write_head(&mut out, 4, self.compensations.len() as u64);
@@ -366,7 +383,7 @@ impl StateChangeEvent {
 }
 
 /// Every key a record may have, in core deterministic order (shorter first, then bytewise).
-const RECORD_KEYS_CANONICAL: [&str; 31] = [
+const RECORD_KEYS_CANONICAL: [&str; 32] = [
     "to",
     "via",
     "data",
@@ -394,6 +411,7 @@ const RECORD_KEYS_CANONICAL: [&str; 31] = [
     "revision",
     "inBackoff",
     "namespace",
+    "suspended",
     "revisionHash",
     "compensations",
     "idempotencyKey",
@@ -407,6 +425,10 @@ impl RecordKind {
             RecordKind::Event => "event",
             RecordKind::Timer => "timer",
             RecordKind::Retry => "retry",
+            RecordKind::Cancel => "cancel",
+            RecordKind::Suspend => "suspend",
+            RecordKind::Resume => "resume",
+            RecordKind::Redrive => "redrive",
         }
     }
 }

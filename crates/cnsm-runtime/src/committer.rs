@@ -15,7 +15,9 @@ use cnsm_store::{CommitItem, IdempotencyEntry, ItemOutcome, TimerRef};
 use tokio::sync::oneshot;
 
 use crate::timers::TimerIndex;
-use crate::{CreateInstance, EventRequest, RuntimeError, Shared, TransitionOutcome};
+use crate::{
+    ControlRequest, CreateInstance, EventRequest, RuntimeError, Shared, TransitionOutcome,
+};
 
 /// Longest sleep of the timer driver, so a clock jump is noticed.
 const SLEEP_MS_MAX: u64 = 1000;
@@ -32,6 +34,12 @@ pub(crate) enum Command {
         namespace: String,
         id: String,
         event: EventRequest,
+        reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>>,
+    },
+    Control {
+        namespace: String,
+        id: String,
+        request: ControlRequest,
         reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>>,
     },
     Tick {
@@ -273,6 +281,29 @@ impl Committer {
                         Err(error) => waiters.push(Waiter::EventFailed { error, reply }),
                     }
                 }
+                Command::Control {
+                    namespace,
+                    id,
+                    request,
+                    reply,
+                } => {
+                    let key = (namespace, id);
+                    match self.control(
+                        &key,
+                        &request,
+                        now_ms,
+                        &mut items,
+                        &mut item_keys,
+                        &mut before,
+                    ) {
+                        Ok(item) => waiters.push(Waiter::Applied {
+                            item,
+                            replayed: false,
+                            reply,
+                        }),
+                        Err(error) => waiters.push(Waiter::EventFailed { error, reply }),
+                    }
+                }
             }
         }
         if fire_timers {
@@ -452,6 +483,39 @@ impl Committer {
             pending_keys.insert((key.clone(), k), (request_hash, items.len() - 1));
         }
         Ok((items.len() - 1, false))
+    }
+
+    fn control(
+        &mut self,
+        key: &Key,
+        request: &ControlRequest,
+        now_ms: u64,
+        items: &mut Vec<CommitItem>,
+        item_keys: &mut Vec<Key>,
+        before: &mut HashMap<Key, Option<Timer>>,
+    ) -> Result<usize, RuntimeError> {
+        let shared = Arc::clone(&self.shared);
+        let Some(cached) = self.load(key)? else {
+            return Err(RuntimeError::NotFound(format!(
+                "instance {}/{}",
+                key.0, key.1
+            )));
+        };
+        let instance = &cached.instance;
+        let machine = shared.machine(&instance.namespace, &instance.machine, instance.revision)?;
+        let mut input = Input::new(
+            Trigger::Control {
+                action: request.action,
+                reason: request.reason.as_deref(),
+            },
+            now_ms,
+            request.actor.as_str(),
+        );
+        input.trace = request.trace.clone();
+        let record = machine.apply(instance, &input)?;
+        stage(cached, key, &record, None, items, item_keys, before)?;
+        self.batch_records.push(record);
+        Ok(items.len() - 1)
     }
 
     /// Turns due timers into items. A timer whose instance moved on is dropped silently.

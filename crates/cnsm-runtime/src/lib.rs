@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use cnsm_core::admission::{self, Problem};
+pub use cnsm_core::engine::Control;
 use cnsm_core::engine::Machine;
 use cnsm_core::record::{Hash32, SealedRecord, StateChangeEvent, TraceContext};
 use cnsm_core::resource::StateMachine;
@@ -187,6 +188,38 @@ impl EventRequest {
         cnsm_core::cbor::encode_text(&mut bytes, &self.name);
         cnsm_core::cbor::encode_into(&mut bytes, &self.payload);
         Hash32::digest(b"cnsm/idempotency/v1\0", &bytes)
+    }
+}
+
+/// An operator control (cancel, suspend, resume, redrive) for an instance.
+#[derive(Debug, Clone)]
+pub struct ControlRequest {
+    pub action: Control,
+    /// Why (kept on the record of a cancel).
+    pub reason: Option<String>,
+    pub trace: Option<TraceContext>,
+    /// The acting subject, written on the record.
+    pub actor: String,
+}
+
+impl ControlRequest {
+    pub fn new(action: Control) -> ControlRequest {
+        ControlRequest {
+            action,
+            reason: None,
+            trace: None,
+            actor: "anonymous".into(),
+        }
+    }
+
+    pub fn reason(mut self, reason: impl Into<String>) -> ControlRequest {
+        self.reason = Some(reason.into());
+        self
+    }
+
+    pub fn actor(mut self, actor: impl Into<String>) -> ControlRequest {
+        self.actor = actor.into();
+        self
     }
 }
 
@@ -533,6 +566,34 @@ impl Runtime {
             namespace,
             id,
             event,
+            reply,
+        })
+        .await?
+    }
+
+    /// Applies an operator control through the same queue as events (so it is ordered with
+    /// them), as one history record with the acting subject.
+    pub async fn control(
+        &self,
+        namespace: &str,
+        id: &str,
+        request: ControlRequest,
+    ) -> Result<TransitionOutcome, RuntimeError> {
+        if let Some(reason) = &request.reason
+            && reason.len() > 1024
+        {
+            return Err(RuntimeError::Invalid(
+                "a control reason is at most 1024 bytes".into(),
+            ));
+        }
+        if self.durable_version(namespace, id)?.is_none() {
+            return Err(RuntimeError::NotFound(format!("instance {namespace}/{id}")));
+        }
+        let (namespace, id) = (namespace.to_owned(), id.to_owned());
+        self.submit(|reply| committer::Command::Control {
+            namespace,
+            id,
+            request,
             reply,
         })
         .await?

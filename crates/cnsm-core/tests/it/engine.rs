@@ -525,3 +525,122 @@ proptest! {
         prop_assert_eq!(reencoded.hash, sealed.hash);
     }
 }
+
+// --- Operator controls ---------------------------------------------------------------------
+
+impl Run {
+    fn control(
+        &mut self,
+        action: cnsm_core::engine::Control,
+        reason: Option<&str>,
+    ) -> Result<(), TransitionError> {
+        self.now_ms += 10;
+        let input = Input::new(
+            Trigger::Control { action, reason },
+            self.now_ms,
+            "ops@example",
+        );
+        let record = self.machine.apply(&self.instance, &input)?;
+        self.commit(record);
+        Ok(())
+    }
+}
+
+#[test]
+fn suspend_refuses_events_and_holds_the_timer_until_resume() {
+    use cnsm_core::engine::Control;
+    let mut run = Run::new(&example("order-processing.yaml"), json!({"total": 40}));
+    let timer = run.instance.timer.unwrap();
+    run.control(Control::Suspend, None).unwrap();
+    assert!(run.instance.suspended);
+    assert_eq!(
+        run.instance.timer,
+        Some(timer),
+        "the timer is held, not dropped"
+    );
+    let last = run.sealed.last().unwrap().open().unwrap();
+    assert_eq!(last.kind, RecordKind::Suspend);
+    assert_eq!(&*last.actor, "ops@example");
+    let err = run.send("complete", Value::Null).unwrap_err();
+    assert_eq!(err.error_type(), "TransitionFailure");
+    assert!(err.to_string().contains("suspended"), "{err}");
+    // The timer falls due while suspended: it does not fire.
+    let input = Input::new(Trigger::Timer(timer), timer.due_ms + 5, "system:timer");
+    assert_eq!(run.machine.fire(&run.instance, &input).unwrap(), None);
+    let err = run.control(Control::Suspend, None).unwrap_err();
+    assert!(err.to_string().contains("already suspended"), "{err}");
+    run.control(Control::Resume, None).unwrap();
+    assert!(!run.instance.suspended);
+    assert_eq!(
+        run.instance.timer,
+        Some(timer),
+        "resume re-arms the same timer"
+    );
+    // Overdue: it fires right after resume.
+    assert!(run.fire_timer());
+    assert_eq!(run.state(), "cancelled");
+    let err = run.control(Control::Resume, None).unwrap_err();
+    assert!(err.to_string().contains("not suspended"), "{err}");
+    run.check_chain();
+}
+
+#[test]
+fn cancel_ends_the_instance_and_keeps_the_reason() {
+    use cnsm_core::engine::Control;
+    let mut run = Run::new(&example("order-processing.yaml"), json!({"total": 40}));
+    run.send("complete", Value::Null).unwrap();
+    run.control(Control::Cancel, Some("customer request"))
+        .unwrap();
+    assert_eq!(run.instance.status, Status::Cancelled);
+    assert_eq!(run.instance.reason.as_deref(), Some("customer request"));
+    assert_eq!(run.instance.timer, None);
+    assert_eq!(run.state(), "validated", "cancel does not move the state");
+    let err = run.control(Control::Cancel, None).unwrap_err();
+    assert!(err.to_string().contains("already ended"), "{err}");
+    run.check_chain();
+}
+
+#[test]
+fn cancel_runs_compensations_first() {
+    use cnsm_core::engine::Control;
+    let mut run = Run::new(&example("payment-saga.yaml"), json!({}));
+    run.send("complete", Value::Null).unwrap();
+    run.send("complete", Value::Null).unwrap();
+    run.control(Control::Suspend, None).unwrap();
+    run.control(Control::Cancel, None).unwrap();
+    assert!(!run.instance.suspended, "cancel lifts a suspension");
+    assert_eq!(run.instance.phase, cnsm_core::instance::Phase::Compensating);
+    assert_eq!(run.state(), "refund-card");
+    run.send("complete", Value::Null).unwrap();
+    assert_eq!(run.state(), "release-stock");
+    run.send("complete", Value::Null).unwrap();
+    assert_eq!(run.instance.status, Status::Cancelled);
+    run.check_chain();
+}
+
+#[test]
+fn redrive_reenters_the_failed_state() {
+    use cnsm_core::engine::Control;
+    let mut run = Run::new(&example("payment-saga.yaml"), json!({}));
+    let err = run.control(Control::Redrive, None).unwrap_err();
+    assert!(err.to_string().contains("only a failed instance"), "{err}");
+    // reserve-stock: three attempts, then a hard failure with nothing to compensate.
+    run.send("fail", Value::Null).unwrap();
+    assert!(run.fire_timer());
+    run.send("fail", Value::Null).unwrap();
+    assert!(run.fire_timer());
+    run.send("fail", Value::Null).unwrap();
+    assert_eq!(run.instance.status, Status::Failed);
+    let failed_in = run.state().to_owned();
+    let entry_seq = run.instance.entry_seq;
+    run.control(Control::Redrive, None).unwrap();
+    assert_eq!(run.instance.status, Status::Active);
+    assert_eq!(run.state(), failed_in);
+    assert_eq!(run.instance.attempt, 1);
+    assert_eq!(run.instance.reason, None);
+    assert_eq!(run.instance.entry_seq, entry_seq + 1);
+    assert_eq!(run.instance.timer.map(|t| t.kind), Some(TimerKind::Timeout));
+    run.send("complete", Value::Null).unwrap();
+    assert_eq!(run.state(), "charge-card");
+    run.check_chain();
+}

@@ -481,3 +481,185 @@ fn idempotency_keys_expire_after_their_window() {
         rt.shutdown();
     });
 }
+
+// --- Operator controls ---------------------------------------------------------------------
+
+use cnsm_runtime::{Control, ControlRequest};
+
+fn kinds(history: &[cnsm_runtime::HistoryEntry]) -> Vec<&'static str> {
+    history.iter().map(|h| h.record.kind.as_str()).collect()
+}
+
+#[test]
+fn suspend_holds_a_due_timer_across_restart_and_resume_fires_it() {
+    block_on(async {
+        let env = Env::new();
+        let rt = env.runtime();
+        rt.apply_yaml(&example("order-processing.yaml"), None)
+            .await
+            .unwrap();
+        rt.create_instance(CreateInstance::new("shop", "order-processing").id("o-1"))
+            .await
+            .unwrap();
+        let suspended = rt
+            .control(
+                "shop",
+                "o-1",
+                ControlRequest::new(Control::Suspend).actor("oncall@example"),
+            )
+            .await
+            .unwrap();
+        assert!(suspended.instance.suspended);
+        assert_eq!(&*suspended.record.actor, "oncall@example");
+        // The 30 s timeout of `created` falls due while suspended: it is held.
+        env.clock.advance_secs(60);
+        assert_eq!(rt.fire_due_timers().await.unwrap(), 0);
+        let err = rt
+            .send("shop", "o-1", EventRequest::new("complete"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("suspended"), "{err}");
+        rt.shutdown();
+        drop(rt);
+
+        // Still held after a restart (the index is rebuilt from the store).
+        let rt = env.runtime();
+        assert_eq!(rt.fire_due_timers().await.unwrap(), 0);
+        assert_eq!(
+            rt.instance("shop", "o-1").await.unwrap().state.as_ref(),
+            "created"
+        );
+        rt.control("shop", "o-1", ControlRequest::new(Control::Resume))
+            .await
+            .unwrap();
+        // Overdue: it fires right after resume.
+        assert_eq!(rt.fire_due_timers().await.unwrap(), 1);
+        let order = rt.instance("shop", "o-1").await.unwrap();
+        assert_eq!(order.status.as_str(), "cancelled");
+        let history = rt.history("shop", "o-1", 0, 100).await.unwrap();
+        assert_eq!(kinds(&history), ["genesis", "suspend", "resume", "timer"]);
+        SnapshotVerifier::new(rt.store().as_ref())
+            .verify_all(Some("shop"))
+            .unwrap();
+        rt.shutdown();
+    });
+}
+
+#[test]
+fn cancel_races_events_in_flight_and_wins_exactly_once() {
+    block_on(async {
+        let env = Env::new();
+        let rt = Arc::new(env.runtime());
+        rt.apply_yaml(&example("order-processing.yaml"), None)
+            .await
+            .unwrap();
+        rt.create_instance(
+            CreateInstance::new("shop", "order-processing")
+                .id("o-1")
+                .data(obj(json!({"total": 5}))),
+        )
+        .await
+        .unwrap();
+        let mut tasks = Vec::new();
+        for (i, event) in ["complete", "pay", "ship", "deliver"].iter().enumerate() {
+            let rt = Arc::clone(&rt);
+            tasks.push(tokio::spawn(async move {
+                let request = EventRequest::new(*event).payload(json!({"amount": 5}));
+                (i, rt.send("shop", "o-1", request).await.map(|_| ()))
+            }));
+        }
+        let cancel = {
+            let rt = Arc::clone(&rt);
+            tokio::spawn(async move {
+                rt.control(
+                    "shop",
+                    "o-1",
+                    ControlRequest::new(Control::Cancel).reason("customer request"),
+                )
+                .await
+            })
+        };
+        let cancelled = cancel.await.unwrap();
+        for task in tasks {
+            let (_, result) = task.await.unwrap();
+            if let Err(e) = result {
+                assert!(
+                    matches!(e, RuntimeError::Transition(_)),
+                    "an event loses to the cancel only as a TransitionFailure: {e}"
+                );
+            }
+        }
+        let order = rt.instance("shop", "o-1").await.unwrap();
+        let history = rt.history("shop", "o-1", 0, 100).await.unwrap();
+        let n_cancels = history
+            .iter()
+            .filter(|h| h.record.kind.as_str() == "cancel")
+            .count();
+        match cancelled {
+            Ok(outcome) => {
+                assert_eq!(n_cancels, 1);
+                assert_eq!(order.status.as_str(), "cancelled");
+                assert_eq!(order.reason.as_deref(), Some("customer request"));
+                assert_eq!(history.last().unwrap().hash, outcome.hash, "cancel is last");
+            }
+            // The events won the race and the order ended first: the cancel is refused.
+            Err(e) => {
+                assert_eq!(n_cancels, 0);
+                assert!(e.to_string().contains("already ended"), "{e}");
+            }
+        }
+        SnapshotVerifier::new(rt.store().as_ref())
+            .verify_all(Some("shop"))
+            .unwrap();
+        rt.shutdown();
+    });
+}
+
+#[test]
+fn redrive_after_a_timeout_failure() {
+    block_on(async {
+        let env = Env::new();
+        let rt = env.runtime();
+        rt.apply_yaml(&example("payment-saga.yaml"), None)
+            .await
+            .unwrap();
+        rt.create_instance(CreateInstance::new("shop", "payment-saga").id("p-1"))
+            .await
+            .unwrap();
+        let err = rt
+            .control("shop", "p-1", ControlRequest::new(Control::Redrive))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("only a failed instance"), "{err}");
+        // reserve-stock: 3 attempts, each timing out after 10 s, back-offs of 2 s and 4 s.
+        for _ in 0..10 {
+            env.clock.advance_secs(10);
+            rt.fire_due_timers().await.unwrap();
+        }
+        let failed = rt.instance("shop", "p-1").await.unwrap();
+        assert_eq!(failed.status.as_str(), "failed");
+        assert_eq!(failed.reason.as_deref(), Some("Timeout"));
+        let redriven = rt
+            .control("shop", "p-1", ControlRequest::new(Control::Redrive))
+            .await
+            .unwrap();
+        assert_eq!(redriven.instance.status.as_str(), "active");
+        assert_eq!(redriven.instance.state.as_ref(), "reserve-stock");
+        assert_eq!(
+            rt.pending_timers().await.unwrap(),
+            1,
+            "the new entry is timed"
+        );
+        rt.send("shop", "p-1", EventRequest::new("complete"))
+            .await
+            .unwrap();
+        assert_eq!(
+            rt.instance("shop", "p-1").await.unwrap().state.as_ref(),
+            "charge-card"
+        );
+        SnapshotVerifier::new(rt.store().as_ref())
+            .verify_all(Some("shop"))
+            .unwrap();
+        rt.shutdown();
+    });
+}
