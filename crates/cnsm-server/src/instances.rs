@@ -23,7 +23,7 @@ use crate::wire::{
 };
 
 /// A JSON response with an `ETag` holding the instance version.
-fn with_etag(status: StatusCode, body: impl serde::Serialize, version: u64) -> Response {
+pub(crate) fn with_etag(status: StatusCode, body: impl serde::Serialize, version: u64) -> Response {
     let mut response = (status, Json(body)).into_response();
     if let Ok(value) = HeaderValue::from_str(&params::etag(version)) {
         response.headers_mut().insert(header::ETAG, value);

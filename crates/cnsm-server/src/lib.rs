@@ -47,6 +47,7 @@ use tokio::sync::{Semaphore, watch};
 
 pub mod auth;
 pub mod client;
+mod controls;
 mod definitions;
 mod events;
 mod health;

@@ -160,7 +160,8 @@ fn request_body(name: &str) -> Value {
         }),
         other => json!({"application/json": {"schema": schema_ref(other)}}),
     };
-    json!({"required": true, "content": content})
+    // A control's body is optional (an empty body is an empty request).
+    json!({"required": name != "Control", "content": content})
 }
 
 fn success_response(route: &Route, status: u16, body: &str) -> Value {
@@ -412,6 +413,13 @@ fn schemas() -> Value {
             "properties": {
                 "event": {"type": "string", "minLength": 1, "maxLength": 253},
                 "payload": {},
+                "actor": {"type": "string", "description": "Ignored when the server has --auth-file (the token's name is recorded)"},
+            },
+        },
+        "Control": {
+            "type": "object", "additionalProperties": false,
+            "properties": {
+                "reason": {"type": "string", "maxLength": 1024, "description": "Why; kept on the record of a cancel"},
                 "actor": {"type": "string", "description": "Ignored when the server has --auth-file (the token's name is recorded)"},
             },
         },

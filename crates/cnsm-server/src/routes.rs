@@ -7,7 +7,7 @@ use axum::routing::{MethodRouter, delete, get, post};
 use crate::ServerState;
 use crate::auth::{Access, Role};
 use crate::problem::ProblemKind;
-use crate::{definitions, health, instances, openapi};
+use crate::{controls, definitions, health, instances, openapi};
 
 /// One route: a method on a path template.
 pub struct Route {
@@ -61,6 +61,15 @@ const EVENT_HEADERS: &[&str] = &[
     "ce-source",
     "ce-type",
     "ce-traceparent",
+];
+
+const CONTROL_ERRORS: &[ProblemKind] = &[
+    P::Invalid,
+    P::NotFound,
+    P::TransitionFailure,
+    P::PayloadTooLarge,
+    P::UnsupportedMediaType,
+    P::Unavailable,
 ];
 
 /// Every route of the API.
@@ -216,6 +225,58 @@ pub static ROUTES: &[Route] = &[
             P::Unavailable,
         ],
         handler: || post(instances::send_event),
+    },
+    Route {
+        method: "POST",
+        path: "/apis/statemachine.cn/v1alpha1/namespaces/{ns}/instances/{id}/cancel",
+        operation_id: "cancelInstance",
+        summary: "Operator control: end the instance cancelled (its compensations run first)",
+        access: Access::Namespace(Role::Writer),
+        query: &[],
+        headers: &[],
+        body: Some("Control"),
+        ok: &[(200, "Transition")],
+        errors: CONTROL_ERRORS,
+        handler: || post(controls::cancel),
+    },
+    Route {
+        method: "POST",
+        path: "/apis/statemachine.cn/v1alpha1/namespaces/{ns}/instances/{id}/suspend",
+        operation_id: "suspendInstance",
+        summary: "Operator control: refuse events and hold the timer until resume",
+        access: Access::Namespace(Role::Writer),
+        query: &[],
+        headers: &[],
+        body: Some("Control"),
+        ok: &[(200, "Transition")],
+        errors: CONTROL_ERRORS,
+        handler: || post(controls::suspend),
+    },
+    Route {
+        method: "POST",
+        path: "/apis/statemachine.cn/v1alpha1/namespaces/{ns}/instances/{id}/resume",
+        operation_id: "resumeInstance",
+        summary: "Operator control: accept events again; an overdue timer fires right after",
+        access: Access::Namespace(Role::Writer),
+        query: &[],
+        headers: &[],
+        body: Some("Control"),
+        ok: &[(200, "Transition")],
+        errors: CONTROL_ERRORS,
+        handler: || post(controls::resume),
+    },
+    Route {
+        method: "POST",
+        path: "/apis/statemachine.cn/v1alpha1/namespaces/{ns}/instances/{id}/redrive",
+        operation_id: "redriveInstance",
+        summary: "Operator control: a failed instance re-enters the state where it failed",
+        access: Access::Namespace(Role::Writer),
+        query: &[],
+        headers: &[],
+        body: Some("Control"),
+        ok: &[(200, "Transition")],
+        errors: CONTROL_ERRORS,
+        handler: || post(controls::redrive),
     },
     Route {
         method: "GET",

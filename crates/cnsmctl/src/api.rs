@@ -13,7 +13,8 @@
 use cnsm_core::resource::StateMachine;
 use cnsm_core::{Instance, Status};
 use cnsm_runtime::{
-    AppliedDefinition, CreateInstance, EventRequest, HistoryEntry, TransitionOutcome,
+    AppliedDefinition, ControlRequest, CreateInstance, EventRequest, HistoryEntry,
+    TransitionOutcome,
 };
 use cnsm_store::{DefinitionRow, VerifyReport};
 
@@ -73,6 +74,14 @@ pub trait Api {
         namespace: &str,
         id: &str,
         event: EventRequest,
+    ) -> Result<TransitionOutcome, CliError>;
+
+    /// An operator control (cancel, suspend, resume, redrive).
+    async fn control(
+        &self,
+        namespace: &str,
+        id: &str,
+        request: ControlRequest,
     ) -> Result<TransitionOutcome, CliError>;
 
     async fn instance(&self, namespace: &str, id: &str) -> Result<Instance, CliError>;
@@ -143,6 +152,15 @@ impl Api for Connection {
         event: EventRequest,
     ) -> Result<TransitionOutcome, CliError> {
         delegate!(self, api => api.send(namespace, id, event))
+    }
+
+    async fn control(
+        &self,
+        namespace: &str,
+        id: &str,
+        request: ControlRequest,
+    ) -> Result<TransitionOutcome, CliError> {
+        delegate!(self, api => api.control(namespace, id, request))
     }
 
     async fn instance(&self, namespace: &str, id: &str) -> Result<Instance, CliError> {

@@ -158,6 +158,40 @@ pub enum Command {
     )]
     Send(SendArgs),
 
+    /// Operator control: end an instance cancelled (its compensations run first)
+    #[command(
+        long_about = "Cancel an instance: it ends with status cancelled. If it has completed \
+            steps with compensations, those run first (the instance is compensating until the \
+            stack is empty, then ends cancelled). Written as one history record with the acting \
+            subject and --reason. Refused (TransitionFailure, exit 4) once the instance has ended.",
+        after_help = "Examples:\n  \
+            cnsmctl -n shop cancel o-1 --reason \"customer request\"\n  \
+            cnsmctl --server http://127.0.0.1:8080 -n shop cancel o-1 -o json"
+    )]
+    Cancel(ControlArgs),
+
+    /// Operator control: hold an instance (events refused, timers held)
+    #[command(
+        long_about = "Suspend an instance: events are refused with TransitionFailure until it is \
+            resumed, and its timer does not fire (a timer that falls due meanwhile fires right \
+            after resume). Written as one history record with the acting subject.",
+        after_help = "Examples:\n  cnsmctl -n shop suspend o-1\n  cnsmctl -n shop resume o-1"
+    )]
+    Suspend(ControlArgs),
+
+    /// Operator control: release a suspended instance (an overdue timer fires right after)
+    Resume(ControlArgs),
+
+    /// Operator control: a failed instance re-enters the state where it failed
+    #[command(
+        long_about = "Redrive a failed instance: it re-enters the state it failed in as a fresh \
+            entry (attempt 1, a new timeout, compensations and failure reason cleared) and is \
+            active again. Refused (exit 4) for an instance that did not fail, or that failed by \
+            reaching a final state. The history chain continues: nothing is rewritten.",
+        after_help = "Examples:\n  cnsmctl -n shop redrive o-9"
+    )]
+    Redrive(ControlArgs),
+
     /// Show the hash-chained history of an instance
     #[command(
         long_about = "Show the history of an instance.\n\n\
@@ -435,6 +469,21 @@ pub struct SendArgs {
     #[arg(long, value_name = "KEY")]
     pub idempotency_key: Option<String>,
     /// Who sends it, recorded in the history record
+    #[arg(long, env = "CNSM_ACTOR", default_value = "cnsmctl")]
+    pub actor: String,
+    /// Output format of the result; json prints the record and the instance
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: ResultFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    /// The instance
+    pub id: String,
+    /// Why (kept on the record of a cancel)
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+    /// Who acts, recorded in the history record (the token's name when the server has auth)
     #[arg(long, env = "CNSM_ACTOR", default_value = "cnsmctl")]
     pub actor: String,
     /// Output format of the result; json prints the record and the instance

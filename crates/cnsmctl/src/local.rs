@@ -9,8 +9,8 @@ use std::path::Path;
 use cnsm_core::Instance;
 use cnsm_core::resource::StateMachine;
 use cnsm_runtime::{
-    AppliedDefinition, CreateInstance, EventRequest, HistoryEntry, Runtime, RuntimeOptions,
-    TransitionOutcome,
+    AppliedDefinition, ControlRequest, CreateInstance, EventRequest, HistoryEntry, Runtime,
+    RuntimeOptions, TransitionOutcome,
 };
 use cnsm_store::embedded::EmbeddedStore;
 use cnsm_store::{DefinitionRow, InstanceQuery, PAGE_LEN_MAX, VerifyReport};
@@ -123,6 +123,15 @@ impl Api for Local {
         event: EventRequest,
     ) -> Result<TransitionOutcome, CliError> {
         Ok(self.runtime.send(namespace, id, event).await?)
+    }
+
+    async fn control(
+        &self,
+        namespace: &str,
+        id: &str,
+        request: ControlRequest,
+    ) -> Result<TransitionOutcome, CliError> {
+        Ok(self.runtime.control(namespace, id, request).await?)
     }
 
     async fn instance(&self, namespace: &str, id: &str) -> Result<Instance, CliError> {

@@ -8,7 +8,8 @@
 use cnsm_core::Instance;
 use cnsm_core::resource::StateMachine;
 use cnsm_runtime::{
-    AppliedDefinition, CreateInstance, EventRequest, HistoryEntry, TransitionOutcome,
+    AppliedDefinition, ControlRequest, CreateInstance, EventRequest, HistoryEntry,
+    TransitionOutcome,
 };
 use cnsm_server::client::{Client, ClientResponse, EventStream};
 use cnsm_server::wire::{
@@ -298,6 +299,26 @@ impl Api for Remote {
             actor: Some(event.actor),
         };
         let view: TransitionView = self.post(&path, &body, &headers).await?;
+        Ok(TransitionOutcome {
+            record: view.record,
+            hash: view.hash,
+            instance: view.instance,
+            replayed: view.replayed,
+        })
+    }
+
+    async fn control(
+        &self,
+        namespace: &str,
+        id: &str,
+        request: ControlRequest,
+    ) -> Result<TransitionOutcome, CliError> {
+        let path = namespace_path(
+            namespace,
+            &format!("instances/{}/{}", encode(id), request.action.as_str()),
+        );
+        let body = serde_json::json!({"reason": request.reason, "actor": request.actor});
+        let view: TransitionView = self.post(&path, &body, &[]).await?;
         Ok(TransitionOutcome {
             record: view.record,
             hash: view.hash,

@@ -735,6 +735,64 @@ fn send_prints_the_record_and_the_instance() {
 }
 
 #[test]
+fn operator_controls_suspend_resume_cancel() {
+    run_operator_controls(&Cli::new());
+}
+
+#[test]
+fn operator_controls_through_a_server() {
+    let server_dir = tempfile::tempdir().expect("tempdir");
+    let server = server::ServerChild::start(server_dir.path());
+    let mut cli = Cli::new();
+    cli.server = Some(server.url.clone());
+    run_operator_controls(&cli);
+}
+
+fn run_operator_controls(cli: &Cli) {
+    cli.order("o-1", r#"{"total": 40}"#);
+    cli.run(&["-n", "shop", "suspend", "o-1", "--actor", "oncall"])
+        .ok()
+        .stdout_has("instance/o-1 suspended: state created, status active, suspended (version 1)");
+    let refused = cli.run(&["-n", "shop", "send", "o-1", "complete"]);
+    refused.code(4);
+    assert!(refused.error_line().contains("suspended"), "{refused:#?}");
+    cli.run(&["-n", "shop", "resume", "o-1"])
+        .ok()
+        .stdout_has("instance/o-1 resumed: state created, status active (version 2)");
+    let cancelled = cli
+        .run(&[
+            "-n",
+            "shop",
+            "cancel",
+            "o-1",
+            "--reason",
+            "customer request",
+            "-o",
+            "json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(cancelled["record"]["kind"], "cancel");
+    assert_eq!(cancelled["record"]["reason"], "customer request");
+    assert_eq!(cancelled["instance"]["status"], "cancelled");
+    let history = cli.history("shop", "o-1");
+    let kinds: Vec<&str> = history
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|r| r["kind"].as_str())
+        .collect();
+    assert_eq!(kinds, ["genesis", "suspend", "resume", "cancel"]);
+    assert_eq!(history[1]["actor"], "oncall");
+    let redrive = cli.run(&["-n", "shop", "redrive", "o-1"]);
+    redrive.code(4);
+    assert!(
+        redrive.error_line().contains("only a failed instance"),
+        "{redrive:#?}"
+    );
+}
+
+#[test]
 fn rejected_and_malformed_requests() {
     let cli = Cli::new();
     cli.order("o-1", r#"{"total": 40}"#);

@@ -2,14 +2,14 @@
 //! `history`.
 
 use cnsm_core::{Instance, StateChangeEvent, Status};
-use cnsm_runtime::{CreateInstance, EventRequest, TransitionOutcome};
+use cnsm_runtime::{Control, ControlRequest, CreateInstance, EventRequest, TransitionOutcome};
 use serde_json::{Map, Value, json};
 
 use super::{Context, no_resources, parse_json, parse_labels};
 use crate::api::{Access, Api, Connection, InstanceFilter};
 use crate::cli::{
-    CreateInstanceArgs, DescribeInstanceArgs, GetInstancesArgs, HistoryArgs, OutputFormat,
-    ResultFormat, SendArgs, StatusArg,
+    ControlArgs, CreateInstanceArgs, DescribeInstanceArgs, GetInstancesArgs, HistoryArgs,
+    OutputFormat, ResultFormat, SendArgs, StatusArg,
 };
 use crate::error::CliError;
 use crate::output::{
@@ -142,6 +142,48 @@ pub async fn send(context: &Context, args: &SendArgs, out: &mut Out) -> Result<(
         }
         ResultFormat::Json => out.json(&outcome_json(&outcome)),
         ResultFormat::Yaml => out.yaml(&outcome_json(&outcome)),
+    }
+}
+
+/// `cancel|suspend|resume|redrive ID`.
+pub async fn control(
+    context: &Context,
+    action: Control,
+    args: &ControlArgs,
+    out: &mut Out,
+) -> Result<(), CliError> {
+    let mut request = ControlRequest::new(action).actor(&args.actor);
+    request.reason = args.reason.clone();
+    let api = context.connect(Access::Mutating)?;
+    let outcome = api.control(&context.namespace, &args.id, request).await?;
+    match args.output {
+        ResultFormat::Text => {
+            out.line(format_args!(
+                "instance/{} {}: state {}, status {}{} (version {})",
+                outcome.instance.id,
+                past_tense(action),
+                outcome.instance.state,
+                outcome.instance.status.as_str(),
+                if outcome.instance.suspended {
+                    ", suspended"
+                } else {
+                    ""
+                },
+                outcome.instance.version
+            ));
+            Ok(())
+        }
+        ResultFormat::Json => out.json(&outcome_json(&outcome)),
+        ResultFormat::Yaml => out.yaml(&outcome_json(&outcome)),
+    }
+}
+
+fn past_tense(action: Control) -> &'static str {
+    match action {
+        Control::Cancel => "cancelled",
+        Control::Suspend => "suspended",
+        Control::Resume => "resumed",
+        Control::Redrive => "redriven",
     }
 }
 

@@ -20,6 +20,7 @@ use crate::error::{CliError, EXIT_INVALID, EXIT_OK};
 use crate::local::Local;
 use crate::output::Out;
 use crate::remote::Remote;
+use cnsm_runtime::Control;
 
 pub use definitions::{applied_line, apply_source};
 pub use instances::{created_line, transition_line};
@@ -98,6 +99,18 @@ pub async fn run(context: &Context, command: Command, out: &mut Out) -> Result<u
             .await
             .map(|()| EXIT_OK),
         Command::Send(args) => instances::send(context, &args, out).await.map(|()| EXIT_OK),
+        Command::Cancel(args) => instances::control(context, Control::Cancel, &args, out)
+            .await
+            .map(|()| EXIT_OK),
+        Command::Suspend(args) => instances::control(context, Control::Suspend, &args, out)
+            .await
+            .map(|()| EXIT_OK),
+        Command::Resume(args) => instances::control(context, Control::Resume, &args, out)
+            .await
+            .map(|()| EXIT_OK),
+        Command::Redrive(args) => instances::control(context, Control::Redrive, &args, out)
+            .await
+            .map(|()| EXIT_OK),
         Command::History(args) => instances::history(context, &args, out)
             .await
             .map(|()| EXIT_OK),

@@ -1,0 +1,92 @@
+//! Operator controls: `POST .../instances/{id}/cancel|suspend|resume|redrive`.
+//!
+//! Each is one history record with the acting subject (the token's name when authentication
+//! is on), ordered with the instance's events through the runtime's queue. The body is optional:
+//! `{"reason": "..."}` (kept on a cancel) and, without authentication, `{"actor": "..."}`.
+
+use axum::Extension;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use cnsm_runtime::{Control, ControlRequest};
+use serde::Deserialize;
+
+use crate::ServerState;
+use crate::auth::Caller;
+use crate::params;
+use crate::problem::ApiError;
+use crate::wire::{ANONYMOUS_ACTOR, TransitionView};
+
+/// The optional body of a control request.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ControlBody {
+    reason: Option<String>,
+    actor: Option<String>,
+}
+
+async fn control(
+    state: ServerState,
+    path: Result<Path<(String, String)>, PathRejection>,
+    caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    action: Control,
+) -> Result<Response, ApiError> {
+    let Path((ns, id)) = path.map_err(params::path_error)?;
+    params::namespace(&ns)?;
+    let body = params::body(body)?;
+    let parsed = if body.iter().all(u8::is_ascii_whitespace) {
+        ControlBody::default()
+    } else {
+        let media_type = params::media_type(&headers);
+        if !params::is_json_like(&media_type) {
+            return Err(params::unsupported(&media_type, "application/json"));
+        }
+        serde_json::from_slice(&body).map_err(|e| ApiError::json("the control body", &e))?
+    };
+    let mut request = ControlRequest::new(action);
+    request.reason = parsed.reason;
+    request.actor = match caller.as_ref().and_then(|Extension(c)| c.actor()) {
+        Some(subject) => subject.to_owned(),
+        None => parsed.actor.unwrap_or_else(|| ANONYMOUS_ACTOR.to_owned()),
+    };
+    let outcome = state
+        .runtime()
+        .control(&ns, &id, request)
+        .await
+        .map_err(|e| {
+            ApiError::from_runtime(e)
+                .at_instance(&ns, &id)
+                .with("event", action.as_str())
+        })?;
+    let version = outcome.instance.version;
+    let view = TransitionView {
+        record: outcome.record,
+        hash: outcome.hash,
+        instance: outcome.instance,
+        replayed: false,
+    };
+    Ok(crate::instances::with_etag(StatusCode::OK, &view, version))
+}
+
+macro_rules! control_handler {
+    ($name:ident, $action:expr) => {
+        pub async fn $name(
+            State(state): State<ServerState>,
+            path: Result<Path<(String, String)>, PathRejection>,
+            caller: Option<Extension<Caller>>,
+            headers: HeaderMap,
+            body: Result<Bytes, BytesRejection>,
+        ) -> Result<Response, ApiError> {
+            control(state, path, caller, headers, body, $action).await
+        }
+    };
+}
+
+control_handler!(cancel, Control::Cancel);
+control_handler!(suspend, Control::Suspend);
+control_handler!(resume, Control::Resume);
+control_handler!(redrive, Control::Redrive);
