@@ -41,7 +41,7 @@ use crate::expr::{Expr, Scope, VAR_DATA};
 use crate::fastexpr::{InstanceView, Vars};
 use crate::instance::{Instance, Phase, Status};
 use crate::record::{
-    FlagDecision, GuardTrace, Hash32, RECORD_FORMAT, REVISION_DOMAIN, RecordKind, StateChangeEvent,
+    FlagDecision, GuardTrace, Hash32, REVISION_DOMAIN, RecordKind, StateChangeEvent,
     Timer, TimerKind, TraceContext,
 };
 use crate::resource::{
@@ -389,7 +389,7 @@ impl Machine {
     /// The genesis record (version 0) of a new instance. An initial choice state resolves in it.
     pub fn create(&self, new: NewInstance<'_>) -> Result<StateChangeEvent, TransitionError> {
         let mut record = StateChangeEvent {
-            format: RECORD_FORMAT,
+            format: 1,
             namespace: Arc::from(new.namespace),
             instance: Arc::from(new.id),
             machine: Arc::clone(&self.name),
@@ -647,7 +647,7 @@ impl Machine {
             }
         }
         let mut record = StateChangeEvent {
-            format: RECORD_FORMAT,
+            format: 1,
             namespace: instance.namespace.clone(),
             instance: instance.id.clone(),
             machine: instance.machine.clone(),
@@ -690,6 +690,7 @@ impl Machine {
             prev_hash: instance.last_hash,
         };
         step.finish(&mut record);
+        record.format = record.min_format();
         Ok(record)
     }
 }

@@ -20,8 +20,13 @@ use crate::resource::Outcome;
 pub const RECORD_DOMAIN: &[u8] = b"cnsm/StateChangeEvent/v1\0";
 /// Domain separation tag for revision hashes.
 pub const REVISION_DOMAIN: &[u8] = b"cnsm/StateMachineRevision/v1\0";
-/// The record format this code writes; readers accept this and older.
-pub const RECORD_FORMAT: u32 = 1;
+/// The newest record format this code reads and writes; readers accept this and older.
+///
+/// Each record carries the lowest format that can read it ([`StateChangeEvent::min_format`]):
+/// 1 for everything but operator controls, 2 for records that an older binary would misread
+/// (the `cancel`/`suspend`/`resume`/`redrive` kinds, `suspended: true`). A binary that knows
+/// only format 1 refuses those with a clear error instead of ignoring a suspension.
+pub const RECORD_FORMAT: u32 = 2;
 
 /// A SHA-256 digest; hex in JSON and CBOR documents.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -261,6 +266,15 @@ pub enum ChainError {
 }
 
 impl StateChangeEvent {
+    /// The lowest record format that can read this record (see [`RECORD_FORMAT`]).
+    pub fn min_format(&self) -> u32 {
+        let control = matches!(
+            self.kind,
+            RecordKind::Cancel | RecordKind::Suspend | RecordKind::Resume | RecordKind::Redrive
+        );
+        if control || self.suspended { 2 } else { 1 }
+    }
+
     /// Encodes and hashes the record.
     pub fn seal(&self) -> SealedRecord {
         let bytes = self.encode();
