@@ -41,8 +41,8 @@ use crate::expr::{Expr, Scope, VAR_DATA};
 use crate::fastexpr::{InstanceView, Vars};
 use crate::instance::{Instance, Phase, Status};
 use crate::record::{
-    FlagDecision, GuardTrace, Hash32, REVISION_DOMAIN, RecordKind, StateChangeEvent,
-    Timer, TimerKind, TraceContext,
+    FlagDecision, GuardTrace, Hash32, REVISION_DOMAIN, RecordKind, StateChangeEvent, Timer,
+    TimerKind, TraceContext,
 };
 use crate::resource::{
     EVENT_COMPLETE, EVENT_FAIL, FlagErrorPolicy, FlagGate, Outcome, Retry, StateMachine, StateType,

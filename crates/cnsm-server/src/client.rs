@@ -327,6 +327,59 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Sends a request and writes a 2xx answer's body to `dest` as it arrives (no whole-body
+    /// buffer, no overall deadline: only [`REQUEST_TIMEOUT`] of silence fails it). Returns the
+    /// bytes written; a non-2xx answer comes back whole as `Err(Ok(response))`.
+    pub async fn download(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        dest: &mut (dyn std::io::Write + Send),
+    ) -> Result<Result<u64, ClientResponse>, ClientError> {
+        use http_body_util::BodyExt as _;
+        let response = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.open(method, path, headers, Vec::new()),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout {
+            url: self.url.clone(),
+        })??;
+        let status = response.status().as_u16();
+        let (parts, mut body) = response.into_parts();
+        let http = |reason: String| ClientError::Http {
+            url: self.url.clone(),
+            reason,
+        };
+        if !(200..300).contains(&status) {
+            let body = body.collect().await.map_err(|e| http(e.to_string()))?;
+            return Ok(Err(ClientResponse {
+                status,
+                headers: parts.headers,
+                body: body.to_bytes().to_vec(),
+            }));
+        }
+        let mut written = 0u64;
+        loop {
+            let frame = tokio::time::timeout(REQUEST_TIMEOUT, body.frame())
+                .await
+                .map_err(|_| ClientError::Timeout {
+                    url: self.url.clone(),
+                })?;
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(|e| http(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                dest.write_all(&data)
+                    .map_err(|e| http(format!("cannot write the download: {e}")))?;
+                written += data.len() as u64;
+            }
+        }
+        Ok(Ok(written))
+    }
+}
+
 /// Starts HTTP/1.1 on `io`; the connection runs in its own task.
 async fn handshake<T>(
     io: T,

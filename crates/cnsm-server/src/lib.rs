@@ -45,6 +45,7 @@ use axum::response::Response;
 use cnsm_runtime::Runtime;
 use tokio::sync::{Semaphore, watch};
 
+mod admin;
 pub mod auth;
 pub mod client;
 mod controls;

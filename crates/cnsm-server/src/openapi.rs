@@ -168,6 +168,11 @@ fn success_response(route: &Route, status: u16, body: &str) -> Value {
     let mut content = Map::new();
     if body == "Text" {
         content.insert("text/plain".into(), json!({"schema": {"type": "string"}}));
+    } else if body == "Backup" {
+        content.insert(
+            "application/octet-stream".into(),
+            json!({"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}),
+        );
     } else {
         content.insert(
             "application/json".into(),

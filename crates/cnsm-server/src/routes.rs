@@ -7,7 +7,7 @@ use axum::routing::{MethodRouter, delete, get, post};
 use crate::ServerState;
 use crate::auth::{Access, Role};
 use crate::problem::ProblemKind;
-use crate::{controls, definitions, health, instances, openapi};
+use crate::{admin, controls, definitions, health, instances, openapi};
 
 /// One route: a method on a path template.
 pub struct Route {
@@ -290,6 +290,19 @@ pub static ROUTES: &[Route] = &[
         ok: &[(200, "HistoryPage")],
         errors: &[P::Invalid, P::NotFound, P::Unavailable],
         handler: || get(instances::history),
+    },
+    Route {
+        method: "POST",
+        path: "/apis/statemachine.cn/v1alpha1/backup",
+        operation_id: "backupStore",
+        summary: "A consistent, verified point-in-time copy of the whole store, streamed as a store file",
+        access: Access::AllNamespaces(Role::Admin),
+        query: &[],
+        headers: &[],
+        body: None,
+        ok: &[(200, "Backup")],
+        errors: &[P::Conflict, P::Unavailable],
+        handler: || post(admin::backup),
     },
     Route {
         method: "GET",

@@ -84,6 +84,7 @@ use crate::{
     PutDefinition, STORE_FORMAT, Store, StoreError, StoredInstance, TimerRef, VerifyReport,
 };
 
+pub mod backup;
 mod check;
 pub(crate) mod tables;
 #[doc(hidden)]
@@ -278,7 +279,12 @@ impl EmbeddedStore {
     ) -> Result<EmbeddedStore, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dir.display())))?;
-        let path = dir.join(FILE_NAME);
+        EmbeddedStore::open_file(&dir.join(FILE_NAME), options)
+    }
+
+    /// Opens (creating if needed) the store file `path` itself, e.g. a backup.
+    pub fn open_file(path: &Path, options: EmbeddedOptions) -> Result<EmbeddedStore, StoreError> {
+        let path = path.to_owned();
         let db = Database::create(&path).map_err(|e| open_error(&path, e))?;
         check_format(&db)?;
         let mut store = EmbeddedStore {
@@ -1171,6 +1177,10 @@ impl Store for EmbeddedStore {
             });
         }
         Ok(())
+    }
+
+    fn backup(&self, out: &Path) -> Result<crate::BackupReport, StoreError> {
+        self.backup_to(out)
     }
 
     fn verify(&self) -> Result<VerifyReport, StoreError> {

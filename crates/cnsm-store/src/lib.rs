@@ -154,6 +154,17 @@ pub enum StoreError {
     Refused(String),
 }
 
+/// What a backup or a restore wrote and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupReport {
+    /// The file written.
+    pub path: std::path::PathBuf,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// The verification of the copy (every chain, every index, from genesis).
+    pub verified: VerifyReport,
+}
+
 /// A durable store. Implementations are internally synchronized; the runtime calls `commit`
 /// from one committer thread and reads from any thread.
 pub trait Store: Send + Sync + 'static {
@@ -213,4 +224,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks every hash chain, every instance against its last record, every index.
     fn verify(&self) -> Result<VerifyReport, StoreError>;
+
+    /// Writes a consistent point-in-time copy of the whole store to the file `out` while it
+    /// keeps serving, verified before it is kept. Stores without a file of their own (a
+    /// database server) refuse: their database's own backup tools apply.
+    fn backup(&self, out: &std::path::Path) -> Result<BackupReport, StoreError> {
+        Err(StoreError::Refused(format!(
+            "this store cannot write a backup file ({}); use the database's own backup tools",
+            out.display()
+        )))
+    }
 }

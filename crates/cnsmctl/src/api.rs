@@ -16,7 +16,7 @@ use cnsm_runtime::{
     AppliedDefinition, ControlRequest, CreateInstance, EventRequest, HistoryEntry,
     TransitionOutcome,
 };
-use cnsm_store::{DefinitionRow, VerifyReport};
+use cnsm_store::{BackupReport, DefinitionRow, VerifyReport};
 
 use crate::error::CliError;
 use crate::local::Local;
@@ -100,6 +100,9 @@ pub trait Api {
 
     /// Checks the whole store (every chain, every instance, every index).
     async fn verify_store(&self) -> Result<VerifyReport, CliError>;
+
+    /// Writes a verified point-in-time copy of the store to the file `out`.
+    async fn backup(&self, out: &std::path::Path) -> Result<BackupReport, CliError>;
 }
 
 /// The [`Api`] a command got: local or remote.
@@ -183,5 +186,9 @@ impl Api for Connection {
 
     async fn verify_store(&self) -> Result<VerifyReport, CliError> {
         delegate!(self, api => api.verify_store())
+    }
+
+    async fn backup(&self, out: &std::path::Path) -> Result<BackupReport, CliError> {
+        delegate!(self, api => api.backup(out))
     }
 }

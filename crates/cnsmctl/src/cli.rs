@@ -550,6 +550,45 @@ pub enum StoreCommand {
             Exit code 1 when a problem is found."
     )]
     Verify,
+
+    /// Write a consistent, verified point-in-time copy of the store while it serves
+    #[command(
+        long_about = "Write a backup: a consistent point-in-time copy of the whole store (every \
+            definition, instance, record, timer and idempotency key), taken from one read \
+            snapshot while commits go on beside it, verified from genesis before it is kept. \
+            The backup is itself a store file. Locally it reads --data-dir; with --server it \
+            asks the server (admin role) and downloads the copy, verifying it again on arrival. \
+            An existing --out file is never overwritten.",
+        after_help = "Examples:\n  \
+            cnsmctl store backup --out backup.cnsm\n  \
+            cnsmctl --server http://127.0.0.1:8080 store backup --out backup.cnsm\n  \
+            cnsmctl store restore backup.cnsm --data-dir /var/lib/cnsm-restored"
+    )]
+    Backup(BackupArgs),
+
+    /// Restore a backup into a new data directory (--data-dir), after verifying it
+    #[command(
+        long_about = "Restore a backup file as the store of --data-dir. The backup is verified \
+            from genesis first (every chain, every index); a backup that does not verify, or a \
+            data directory that already holds a store, is refused and nothing is written. \
+            Local only: run it where the new data directory lives, then start the server on it.",
+        after_help = "Examples:\n  cnsmctl store restore backup.cnsm --data-dir ./restored\n  \
+            cnsmctl --data-dir ./restored store verify"
+    )]
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The backup file to write (refused if it exists)
+    #[arg(long, value_name = "FILE")]
+    pub out: std::path::PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The backup file to restore
+    pub backup: std::path::PathBuf,
 }
 
 #[derive(Debug, Args)]

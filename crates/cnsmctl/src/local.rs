@@ -13,7 +13,7 @@ use cnsm_runtime::{
     RuntimeOptions, TransitionOutcome,
 };
 use cnsm_store::embedded::EmbeddedStore;
-use cnsm_store::{DefinitionRow, InstanceQuery, PAGE_LEN_MAX, VerifyReport};
+use cnsm_store::{BackupReport, DefinitionRow, InstanceQuery, PAGE_LEN_MAX, VerifyReport};
 
 use crate::api::{Access, Api, InstanceFilter};
 use crate::error::CliError;
@@ -181,5 +181,14 @@ impl Api for Local {
 
     async fn verify_store(&self) -> Result<VerifyReport, CliError> {
         Ok(self.runtime.store().verify()?)
+    }
+
+    async fn backup(&self, out: &std::path::Path) -> Result<BackupReport, CliError> {
+        let store = std::sync::Arc::clone(self.runtime.store());
+        let out = out.to_owned();
+        tokio::task::spawn_blocking(move || store.backup(&out))
+            .await
+            .map_err(|e| CliError::unavailable(e.to_string()))?
+            .map_err(CliError::from)
     }
 }

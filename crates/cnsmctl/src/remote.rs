@@ -16,7 +16,7 @@ use cnsm_server::wire::{
     API_PREFIX, AppliedView, CreateInstanceBody, EventBody, HISTORY_PAGE_LEN_MAX, HistoryPage,
     InstanceList, LIST_PAGE_LEN_MAX, ProblemDetails, TransitionView, definition_from_view,
 };
-use cnsm_store::{DefinitionRow, VerifyReport};
+use cnsm_store::{BackupReport, DefinitionRow, VerifyReport};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -386,6 +386,54 @@ impl Api for Remote {
             }
         }
         Ok(out)
+    }
+
+    async fn backup(&self, out: &std::path::Path) -> Result<BackupReport, CliError> {
+        if out.exists() {
+            return Err(CliError::conflict(format!(
+                "{} exists; choose another file or remove it first",
+                out.display()
+            )));
+        }
+        let mut name = out.file_name().unwrap_or_default().to_os_string();
+        name.push(".partial");
+        let partial = out.with_file_name(name);
+        let io = |e: std::io::Error| {
+            CliError::unavailable(format!("cannot write {}: {e}", partial.display()))
+        };
+        let result = async {
+            let mut file = std::fs::File::create(&partial).map_err(io)?;
+            let path = format!("{API_PREFIX}/backup");
+            let downloaded = self
+                .client
+                .download("POST", &path, &[], &mut file)
+                .await
+                .map_err(|e| CliError::unavailable(e.to_string()))?;
+            if let Err(response) = downloaded {
+                return Err(problem_error(&response));
+            }
+            file.sync_all().map_err(io)?;
+            drop(file);
+            // Checked again on arrival: what was written here is a store that verifies.
+            let checked = partial.clone();
+            let verified = tokio::task::spawn_blocking(move || {
+                cnsm_store::embedded::backup::verify_backup_file(&checked)
+            })
+            .await
+            .map_err(|e| CliError::unavailable(e.to_string()))??;
+            std::fs::rename(&partial, out).map_err(io)?;
+            let bytes = std::fs::metadata(out).map_err(io)?.len();
+            Ok(BackupReport {
+                path: out.to_owned(),
+                bytes,
+                verified,
+            })
+        }
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        result
     }
 
     async fn verify_store(&self) -> Result<VerifyReport, CliError> {

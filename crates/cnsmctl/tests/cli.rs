@@ -1233,3 +1233,80 @@ fn embedded_examples_match_the_shared_ones() {
         );
     }
 }
+
+/// Backup (local, then through a serving server), restore into new directories, verify.
+#[test]
+fn store_backup_and_restore() {
+    let cli = Cli::new();
+    cli.order("o-1", r#"{"total": 40}"#);
+    cli.order("o-2", r#"{"total": 5}"#);
+    cli.run(&["-n", "shop", "send", "o-1", "complete"]).ok();
+    let backup = cli.dir.path().join("backup.cnsm");
+    let backup_arg = backup.to_str().expect("utf-8 path");
+    cli.run(&["store", "backup", "--out", backup_arg])
+        .ok()
+        .stdout_has("2 instance(s), 3 record(s)");
+    // Never overwritten.
+    cli.run(&["store", "backup", "--out", backup_arg]).code(4);
+
+    let restored = cli.dir.path().join("restored");
+    let restored_arg = restored.to_str().expect("utf-8 path");
+    let restore = |args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cnsmctl"));
+        command
+            .args(args)
+            .env_remove("CNSM_DATA_DIR")
+            .env_remove("CNSM_SERVER")
+            .stdin(Stdio::null());
+        command.output().expect("cnsmctl runs")
+    };
+    let done = restore(&["--data-dir", restored_arg, "store", "restore", backup_arg]);
+    assert!(done.status.success(), "{done:?}");
+    let again = restore(&["--data-dir", restored_arg, "store", "restore", backup_arg]);
+    assert_eq!(again.status.code(), Some(4), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already holds a store"),
+        "{again:?}"
+    );
+    let listed = restore(&[
+        "--data-dir",
+        restored_arg,
+        "-n",
+        "shop",
+        "get",
+        "instances",
+        "-o",
+        "json",
+    ]);
+    assert!(listed.status.success(), "{listed:?}");
+    let items: Value = serde_json::from_slice(&listed.stdout).expect("json");
+    let states: Vec<&str> = items["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|i| i["state"].as_str())
+        .collect();
+    assert_eq!(states, ["validated", "created"]);
+    let verified = restore(&["--data-dir", restored_arg, "store", "verify"]);
+    assert!(verified.status.success(), "{verified:?}");
+
+    // Through a server that keeps serving: the copy is downloaded and checked on arrival.
+    let server_dir = tempfile::tempdir().expect("tempdir");
+    let server = server::ServerChild::start(server_dir.path());
+    let mut remote = Cli::new();
+    remote.server = Some(server.url.clone());
+    remote.order("r-1", r#"{"total": 40}"#);
+    let remote_backup = remote.dir.path().join("remote.cnsm");
+    let remote_arg = remote_backup.to_str().expect("utf-8 path");
+    remote
+        .run(&["store", "backup", "--out", remote_arg])
+        .ok()
+        .stdout_has("1 instance(s), 1 record(s)");
+    remote.run(&["-n", "shop", "send", "r-1", "complete"]).ok();
+    let target = remote.dir.path().join("from-server");
+    let target_arg = target.to_str().expect("utf-8 path");
+    let done = restore(&["--data-dir", target_arg, "store", "restore", remote_arg]);
+    assert!(done.status.success(), "{done:?}");
+    let refused = remote.run(&["store", "restore", remote_arg]);
+    refused.code(1);
+}

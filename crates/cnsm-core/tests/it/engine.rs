@@ -561,7 +561,10 @@ fn suspend_refuses_events_and_holds_the_timer_until_resume() {
     let last = run.sealed.last().unwrap().open().unwrap();
     assert_eq!(last.kind, RecordKind::Suspend);
     assert_eq!(&*last.actor, "ops@example");
-    assert_eq!(last.format, 2, "an older binary must refuse, not misread, a suspension");
+    assert_eq!(
+        last.format, 2,
+        "an older binary must refuse, not misread, a suspension"
+    );
     let genesis = run.sealed[0].open().unwrap();
     assert_eq!(genesis.format, 1, "records without controls keep format 1");
     let err = run.send("complete", Value::Null).unwrap_err();

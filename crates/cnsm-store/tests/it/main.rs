@@ -2,8 +2,10 @@
 //! embedded store, and the embedded store's own behaviour (locking, formats, verification
 //! checkpoints, corruption).
 
+mod backup;
 mod conformance;
 mod embedded;
+mod fixtures;
 mod model;
 
 use std::path::Path;

@@ -663,3 +663,46 @@ fn redrive_after_a_timeout_failure() {
         rt.shutdown();
     });
 }
+
+/// The format-1 fixture store of cnsm-store runs on: the next event commits, chains verify.
+#[test]
+fn fixture_store_of_format_1_accepts_the_next_event() {
+    block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let source = format!(
+            "{}/../cnsm-store/tests/fixtures/store-format-1/cnsm.redb",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::copy(&source, dir.path().join("cnsm.redb")).unwrap();
+        let updated_ms = {
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            cnsm_store::Store::instance(&store, "shop", "o-1")
+                .unwrap()
+                .unwrap()
+                .instance
+                .updated_ms
+        };
+        // A minute after the fixture was written: no timer is due yet.
+        let clock = VirtualClock::new(updated_ms + 60_000);
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let rt = Runtime::open(
+            store,
+            RuntimeOptions::default().with_clock(Arc::new(clock.clone())),
+        )
+        .unwrap();
+        let shipped = rt
+            .send("shop", "o-1", EventRequest::new("ship"))
+            .await
+            .unwrap();
+        assert_eq!(shipped.instance.state.as_ref(), "shipped");
+        assert_eq!(shipped.record.format, 1);
+        // p-1's retry back-off (1 s) is long over: the next attempt starts.
+        assert_eq!(rt.fire_due_timers().await.unwrap(), 1);
+        let saga = rt.instance("shop", "p-1").await.unwrap();
+        assert_eq!((saga.attempt, saga.in_backoff), (2, false));
+        SnapshotVerifier::new(rt.store().as_ref())
+            .verify_all(Some("shop"))
+            .unwrap();
+        rt.shutdown();
+    });
+}

@@ -121,9 +121,55 @@ pub async fn run(context: &Context, command: Command, out: &mut Out) -> Result<u
             .await
             .map(|()| EXIT_OK),
         Command::Store(StoreCommand::Verify) => store_verify(context, out).await,
+        Command::Store(StoreCommand::Backup(args)) => store_backup(context, &args, out).await,
+        Command::Store(StoreCommand::Restore(args)) => store_restore(context, &args, out),
         Command::Demo(_) => crate::demo::run(context, out).await.map(|()| EXIT_OK),
         Command::Serve(args) => serve::run(context, &args, out).await.map(|()| EXIT_OK),
     }
+}
+
+/// `store backup --out FILE`.
+async fn store_backup(
+    context: &Context,
+    args: &crate::cli::BackupArgs,
+    out: &mut Out,
+) -> Result<u8, CliError> {
+    use crate::api::Api;
+    let api = context.connect(Access::ReadOnly)?;
+    let report = api.backup(&args.out).await?;
+    out.line(format_args!(
+        "backup {}: {} bytes; verified {} definition revision(s), {} instance(s), {} record(s)",
+        report.path.display(),
+        report.bytes,
+        report.verified.n_definitions,
+        report.verified.n_instances,
+        report.verified.n_records
+    ));
+    Ok(EXIT_OK)
+}
+
+/// `store restore FILE` into `--data-dir`.
+fn store_restore(
+    context: &Context,
+    args: &crate::cli::RestoreArgs,
+    out: &mut Out,
+) -> Result<u8, CliError> {
+    if context.server.is_some() {
+        return Err(CliError::invalid(
+            "store restore writes a local data directory and does not work with --server; \
+             run it on the host of the new data directory, then start the server on it",
+        ));
+    }
+    let report = cnsm_store::embedded::backup::restore(&args.backup, &context.data_dir)?;
+    out.line(format_args!(
+        "restored {} into {}: verified {} definition revision(s), {} instance(s), {} record(s)",
+        args.backup.display(),
+        context.data_dir.display(),
+        report.verified.n_definitions,
+        report.verified.n_instances,
+        report.verified.n_records
+    ));
+    Ok(EXIT_OK)
 }
 
 /// `store verify`: exit 1 when anything is wrong.
