@@ -11,10 +11,12 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
+use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
+use crate::ServerState;
 use crate::auth::Access;
 use crate::problem::ProblemKind;
 use crate::routes::{ROUTES, Route};
@@ -24,9 +26,13 @@ use crate::wire::{
 };
 
 /// `GET /openapi.json`.
-pub async fn serve_document() -> Response {
-    static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
-    let bytes = BYTES.get_or_init(|| serde_json::to_vec_pretty(&document()).unwrap_or_default());
+pub async fn serve_document(State(state): State<ServerState>) -> Response {
+    static WITH_AUTH: OnceLock<Vec<u8>> = OnceLock::new();
+    static WITHOUT_AUTH: OnceLock<Vec<u8>> = OnceLock::new();
+    let auth = state.options().auth.is_some();
+    let cell = if auth { &WITH_AUTH } else { &WITHOUT_AUTH };
+    let bytes =
+        cell.get_or_init(|| serde_json::to_vec_pretty(&document_for(auth)).unwrap_or_default());
     let mut response = bytes.clone().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -518,13 +524,32 @@ fn schemas() -> Value {
 
 /// The whole document.
 pub fn document() -> Value {
+    document_for(true)
+}
+
+/// The document as a server serves it: with `auth` off (no `--auth-file`) no operation requires
+/// a token (`security: [{}]`) and none answers 401 or 403.
+pub fn document_for(auth: bool) -> Value {
     let mut paths: BTreeMap<&str, Map<String, Value>> = BTreeMap::new();
     for route in ROUTES {
+        let mut op = operation(route);
+        if !auth {
+            op["security"] = json!([{}]);
+            if let Some(responses) = op["responses"].as_object_mut() {
+                responses.remove("401");
+                responses.remove("403");
+            }
+        }
         paths
             .entry(route.path)
             .or_default()
-            .insert(route.method.to_ascii_lowercase(), operation(route));
+            .insert(route.method.to_ascii_lowercase(), op);
     }
+    let security = if auth {
+        json!([{"bearer": []}])
+    } else {
+        json!([{}])
+    };
     json!({
         "openapi": "3.1.0",
         "info": {
@@ -552,7 +577,7 @@ pub fn document() -> Value {
                 "WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}},
             },
         },
-        "security": [{"bearer": []}],
+        "security": security,
         "tags": [
             {"name": "statemachines"},
             {"name": "instances"},

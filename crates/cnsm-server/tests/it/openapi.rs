@@ -406,3 +406,40 @@ async fn every_documented_status_of_these_routes_is_produced() {
         documented(&document, "/health/livez", "get")
     );
 }
+
+/// Without --auth-file no operation asks for a token and none documents 401 or 403; with it,
+/// every /apis and /debug operation requires the bearer scheme.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_follows_the_auth_configuration() {
+    let open = crate::support::TestServer::start().await;
+    let served = open.get("/openapi.json").await;
+    assert_eq!(served.status, 200);
+    let document = served.json();
+    assert_eq!(document["security"], serde_json::json!([{}]));
+    for (path, operations) in document["paths"].as_object().expect("paths") {
+        for (method, operation) in operations.as_object().expect("operations") {
+            assert_eq!(
+                operation["security"],
+                serde_json::json!([{}]),
+                "{method} {path}"
+            );
+            assert!(
+                operation["responses"].get("401").is_none(),
+                "{method} {path}"
+            );
+            assert!(
+                operation["responses"].get("403").is_none(),
+                "{method} {path}"
+            );
+        }
+    }
+    let secured = start(ServerOptions::default()).await;
+    let document: Value =
+        serde_json::from_slice(&secured.client.get("/openapi.json").await.expect("GET").body)
+            .expect("json");
+    assert_eq!(document["security"], serde_json::json!([{"bearer": []}]));
+    let events = &document["paths"]["/apis/statemachine.cn/v1alpha1/namespaces/{ns}/instances/{id}/events"]
+        ["post"];
+    assert_eq!(events["security"], serde_json::json!([{"bearer": []}]));
+    assert!(events["responses"]["401"].is_object());
+}
