@@ -25,8 +25,8 @@ use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue, operators};
 
 use crate::resource::{
     API_VERSION, Choice, DEFAULT_NAMESPACE, EVENT_COMPLETE, EventTransition, FlagErrorPolicy,
-    FlagGate, KIND_STATE_MACHINE, Metadata, Outcome, Retry, Spec, StateDef, StateMachine,
-    StateType,
+    FlagGate, KIND_STATE_MACHINE, Metadata, Outcome, RETENTION_DAYS_MAX, Retention, Retry, Spec,
+    StateDef, StateMachine, StateType,
 };
 use crate::yaml::{self, Entry, Node, NodeKind, Pos, Scalar, path_index, path_key};
 
@@ -123,6 +123,8 @@ pub mod codes {
     pub const CHOICE_CYCLE: &str = "choice-cycle";
     /// `retry.maxAttempts < 1`, `backoffSeconds < 0` or `backoffRate < 1`.
     pub const INVALID_RETRY: &str = "invalid-retry";
+    /// `retention.finishedAfterDays` outside 1..=36500.
+    pub const INVALID_RETENTION: &str = "invalid-retention";
     /// A compensation names a state that is not a task without transitions of its own.
     pub const INVALID_COMPENSATION: &str = "invalid-compensation";
     /// An empty, too long or blank event name.
@@ -400,7 +402,8 @@ fn is_under_failed(failed: &HashSet<String>, path: &str) -> bool {
 
 const ROOT_FIELDS: &[&str] = &["apiVersion", "kind", "metadata", "spec"];
 const METADATA_FIELDS: &[&str] = &["name", "namespace", "labels", "annotations"];
-const SPEC_FIELDS: &[&str] = &["initialState", "states"];
+const SPEC_FIELDS: &[&str] = &["initialState", "states", "retention"];
+const RETENTION_FIELDS: &[&str] = &["finishedAfterDays"];
 const STATE_FIELDS: &[&str] = &[
     "name",
     "type",
@@ -683,6 +686,7 @@ impl Reader {
             spec: Spec {
                 initial_state: String::new(),
                 states: Vec::new(),
+                retention: None,
             },
         };
         let Some(fields) = self.mapping(root, "", ROOT_FIELDS) else {
@@ -759,9 +763,13 @@ impl Reader {
             // Without the states, "initialState names no state" would only be noise.
             self.failed.insert("spec.initialState".to_owned());
         }
+        let retention = fields
+            .get("retention")
+            .and_then(|node| self.retention(node, &fields.path("retention")));
         Some(Spec {
             initial_state,
             states,
+            retention,
         })
     }
 
@@ -928,6 +936,36 @@ impl Reader {
         };
         let target = self.required_string(&fields, "target");
         Some(Choice { guard, target })
+    }
+
+    fn retention(&mut self, node: &Node, path: &str) -> Option<Retention> {
+        if is_null(node) {
+            self.visit(path, node);
+            return None;
+        }
+        let fields = self.mapping(node, path, RETENTION_FIELDS)?;
+        let Some(node) = fields.get("finishedAfterDays") else {
+            self.missing(&fields, "finishedAfterDays");
+            return None;
+        };
+        let field_path = fields.path("finishedAfterDays");
+        let value = self.integer(node, field_path.clone())?;
+        match u32::try_from(value) {
+            Ok(days) if (1..=RETENTION_DAYS_MAX).contains(&days) => Some(Retention {
+                finished_after_days: days,
+            }),
+            _ => {
+                self.error(
+                    codes::INVALID_RETENTION,
+                    field_path,
+                    node.pos,
+                    format!(
+                        "retention.finishedAfterDays must be between 1 and {RETENTION_DAYS_MAX}, found {value}"
+                    ),
+                );
+                None
+            }
+        }
     }
 
     fn retry(&mut self, node: &Node, path: &str) -> Option<Retry> {

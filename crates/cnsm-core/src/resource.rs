@@ -73,7 +73,21 @@ fn default_namespace() -> String {
 pub struct Spec {
     pub initial_state: String,
     pub states: Vec<StateDef>,
+    /// How long finished instances are kept (absent: forever).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
 }
+
+/// `spec.retention`: finished instances (succeeded, failed, cancelled) are deleted with their
+/// whole history this many days after they ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Retention {
+    pub finished_after_days: u32,
+}
+
+/// The longest `retention.finishedAfterDays` (100 years).
+pub const RETENTION_DAYS_MAX: u32 = 36_500;
 
 /// The kind of a state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -25,6 +25,14 @@ const SLEEP_MS_MAX: u64 = 1000;
 /// How often expired idempotency keys are purged from the store.
 const PURGE_INTERVAL_MS: u64 = 60_000;
 
+/// How often retention deletes finished instances past their machine's window.
+const RETENTION_INTERVAL_MS: u64 = 600_000;
+
+/// Most instances one retention transaction deletes, and transactions per machine per sweep
+/// (the sweep runs between batches, so it stays short).
+const RETENTION_CHUNK: usize = 1_000;
+const RETENTION_CHUNKS_MAX: usize = 20;
+
 pub(crate) enum Command {
     Create {
         request: CreateInstance,
@@ -47,6 +55,10 @@ pub(crate) enum Command {
     },
     CountTimers {
         reply: oneshot::Sender<usize>,
+    },
+    /// Apply every machine's retention now; answers how many instances were deleted.
+    Retention {
+        reply: oneshot::Sender<Result<u64, RuntimeError>>,
     },
     Stop,
 }
@@ -160,6 +172,7 @@ impl Committer {
         let clock = Arc::clone(&self.shared.options.clock);
         let drive_timers = self.shared.options.timers && !clock.is_virtual();
         let mut next_purge_ms = clock.now_ms().saturating_add(PURGE_INTERVAL_MS);
+        let mut next_retention_ms = clock.now_ms().saturating_add(PURGE_INTERVAL_MS);
         loop {
             let wait = if drive_timers {
                 let now = clock.now_ms();
@@ -205,10 +218,43 @@ impl Committer {
                 let _ = self.shared.store.purge_idempotency(clock.now_ms());
                 next_purge_ms = clock.now_ms().saturating_add(PURGE_INTERVAL_MS);
             }
+            if drive_timers && clock.now_ms() >= next_retention_ms {
+                let _ = self.apply_retention(clock.now_ms());
+                next_retention_ms = clock.now_ms().saturating_add(RETENTION_INTERVAL_MS);
+            }
             if stop {
                 break;
             }
         }
+    }
+
+    /// Deletes the finished instances of every machine with `spec.retention` (its latest
+    /// revision's) that ended more than `finishedAfterDays` before `now_ms`.
+    fn apply_retention(&mut self, now_ms: u64) -> Result<u64, RuntimeError> {
+        let store = Arc::clone(&self.shared.store);
+        let mut n_deleted = 0;
+        for row in store.list_definitions(None)? {
+            let Some(retention) = row.definition.spec.retention else {
+                continue;
+            };
+            let window_ms = u64::from(retention.finished_after_days) * 86_400_000;
+            let cutoff = now_ms.saturating_sub(window_ms);
+            for _ in 0..RETENTION_CHUNKS_MAX {
+                let n = store.purge_finished(&row.namespace, &row.name, cutoff, RETENTION_CHUNK)?;
+                n_deleted += n;
+                if (n as usize) < RETENTION_CHUNK {
+                    break;
+                }
+            }
+        }
+        if n_deleted > 0 {
+            // Deleted instances had ended, so the cache holds none of them; the version map
+            // might.
+            if let Ok(mut versions) = self.shared.versions.lock() {
+                versions.clear();
+            }
+        }
+        Ok(n_deleted)
     }
 
     /// The current state of an instance: this batch's working copy, the cache, or the store.
@@ -251,6 +297,9 @@ impl Committer {
                     let _ = reply.send(self.timers.len());
                 }
                 Command::Tick { reply } => waiters.push(Waiter::Tick { n_fired: 0, reply }),
+                Command::Retention { reply } => {
+                    let _ = reply.send(self.apply_retention(now_ms));
+                }
                 Command::Create { request, reply } => {
                     match self.create(request, now_ms, &mut items, &mut item_keys, &mut before) {
                         Ok(item) => waiters.push(Waiter::Created { item, reply }),

@@ -571,6 +571,15 @@ impl Runtime {
         .await?
     }
 
+    /// Applies retention now: deletes the finished instances of every machine with
+    /// `spec.retention` that ended more than `finishedAfterDays` ago (by the runtime's clock),
+    /// with their history. The committer also does this every 10 minutes on a real clock.
+    /// Returns how many instances were deleted.
+    pub async fn apply_retention(&self) -> Result<u64, RuntimeError> {
+        self.submit(|reply| committer::Command::Retention { reply })
+            .await?
+    }
+
     /// Applies an operator control through the same queue as events (so it is ordered with
     /// them), as one history record with the acting subject.
     pub async fn control(

@@ -373,6 +373,9 @@ fn schemas() -> Value {
                 "spec": {"type": "object", "required": ["initialState", "states"], "properties": {
                     "initialState": {"type": "string", "minLength": 1},
                     "states": {"type": "array", "minItems": 1, "items": {"type": "object"}},
+                    "retention": {"type": "object", "properties": {
+                        "finishedAfterDays": {"type": "integer", "minimum": 1, "maximum": 36500},
+                    }},
                 }},
             },
         },

@@ -98,6 +98,10 @@ pub const CASES: &[(&str, Case)] = &[
         idempotency_keys_expire_and_purge,
     ),
     (
+        "retention_purges_only_old_finished_instances",
+        retention_purges_only_old_finished_instances,
+    ),
+    (
         "timers_follow_each_instance_current_timer",
         timers_follow_each_instance_current_timer,
     ),
@@ -161,6 +165,7 @@ macro_rules! conformance_tests {
             batch_of_100_instances,
             inconsistent_item_refuses_the_whole_batch,
             idempotency_keys_expire_and_purge,
+            retention_purges_only_old_finished_instances,
             timers_follow_each_instance_current_timer,
             reopen_keeps_everything,
             list_instances_filters_and_pages,
@@ -853,6 +858,84 @@ pub fn inconsistent_item_refuses_the_whole_batch(harness: &mut dyn Harness) {
 }
 
 /// Idempotency keys commit with their transition, read back, and are purged once expired.
+/// Retention deletes an instance that ended before the cut-off with its history and keys,
+/// and nothing else: not active instances, not recently ended ones, not other machines.
+///
+/// A store may defer an instance whose records it has not finished checking yet (the embedded
+/// store purges only below its verification watermark), so the case polls for a few seconds.
+pub fn retention_purges_only_old_finished_instances(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let driver = Driver::new("job");
+    let other = Driver::new("other");
+    // old: started, then cancelled at T0 + 2.
+    let old = driver.create("default", "old", &[], T0_MS);
+    commit_one(&*store, &old);
+    let old_start = driver.event_with_key(&old.instance, "start", "", T0_MS + 1, Some("k-old"));
+    commit_one(&*store, &old_start);
+    let old_end = driver.event(&old_start.instance, "cancel", "", T0_MS + 2);
+    commit_one(&*store, &old_end);
+    // recent: cancelled a day later.
+    let recent = driver.create("default", "recent", &[], T0_MS);
+    commit_one(&*store, &recent);
+    let recent_start = driver.event(&recent.instance, "start", "", T0_MS + 1);
+    commit_one(&*store, &recent_start);
+    let day_ms = 86_400_000;
+    let recent_end = driver.event(&recent_start.instance, "cancel", "", T0_MS + day_ms);
+    commit_one(&*store, &recent_end);
+    // active, and an old finished instance of another machine.
+    commit_one(&*store, &driver.create("default", "active", &[], T0_MS));
+    let foreign = other.create("default", "foreign", &[], T0_MS);
+    commit_one(&*store, &foreign);
+    let foreign_start = other.event(&foreign.instance, "start", "", T0_MS + 1);
+    commit_one(&*store, &foreign_start);
+    commit_one(
+        &*store,
+        &other.event(&foreign_start.instance, "cancel", "", T0_MS + 2),
+    );
+
+    let cutoff = T0_MS + day_ms / 2;
+    let mut purged = 0;
+    for _ in 0..100 {
+        purged += store.purge_finished("default", "job", cutoff, 100).unwrap();
+        if purged > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        purged, 1,
+        "exactly the old finished instance of this machine"
+    );
+    assert!(store.instance("default", "old").unwrap().is_none());
+    assert!(store.history("default", "old", 0, 100).unwrap().is_empty());
+    assert!(
+        store
+            .idempotency("default", "old", "k-old")
+            .unwrap()
+            .is_none()
+    );
+    for id in ["recent", "active", "foreign"] {
+        assert!(store.instance("default", id).unwrap().is_some(), "{id}");
+    }
+    assert_eq!(store.history("default", "recent", 0, 100).unwrap().len(), 3);
+    assert_eq!(
+        store.purge_finished("default", "job", cutoff, 100).unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .purge_finished("elsewhere", "job", u64::MAX, 100)
+            .unwrap(),
+        0
+    );
+    let report = store.verify().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(report.n_instances, 3);
+    let store = harness.reopen(store);
+    assert!(store.instance("default", "old").unwrap().is_none());
+    assert!(store.verify().unwrap().is_ok());
+}
+
 pub fn idempotency_keys_expire_and_purge(harness: &mut dyn Harness) {
     let store = harness.open();
     let driver = Driver::new("job");

@@ -86,6 +86,7 @@ use crate::{
 
 pub mod backup;
 mod check;
+mod retention;
 pub(crate) mod tables;
 #[doc(hidden)]
 pub mod testing;
@@ -1177,6 +1178,16 @@ impl Store for EmbeddedStore {
             });
         }
         Ok(())
+    }
+
+    fn purge_finished(
+        &self,
+        namespace: &str,
+        machine: &str,
+        ended_before_ms: u64,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        self.purge_finished_in(namespace, machine, ended_before_ms, limit)
     }
 
     fn backup(&self, out: &Path) -> Result<crate::BackupReport, StoreError> {

@@ -225,6 +225,17 @@ pub trait Store: Send + Sync + 'static {
     /// Checks every hash chain, every instance against its last record, every index.
     fn verify(&self) -> Result<VerifyReport, StoreError>;
 
+    /// Retention: deletes up to `limit` instances of `namespace/machine` that ended
+    /// (succeeded, failed, cancelled) before `ended_before_ms`, with their whole history and
+    /// idempotency keys, durably; returns how many. Active instances are never touched.
+    fn purge_finished(
+        &self,
+        namespace: &str,
+        machine: &str,
+        ended_before_ms: u64,
+        limit: usize,
+    ) -> Result<u64, StoreError>;
+
     /// Writes a consistent point-in-time copy of the whole store to the file `out` while it
     /// keeps serving, verified before it is kept. Stores without a file of their own (a
     /// database server) refuse: their database's own backup tools apply.

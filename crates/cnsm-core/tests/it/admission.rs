@@ -214,6 +214,10 @@ fn a_machine_using_every_field_is_accepted() {
     let machine = admit_str(yaml, None).into_result().expect("accepted");
     assert_eq!(machine.metadata.namespace, "team-a");
     assert_eq!(machine.spec.states.len(), 8);
+    assert_eq!(
+        machine.spec.retention.map(|r| r.finished_after_days),
+        Some(30)
+    );
     let first = &machine.spec.states[0].on_event[0];
     let flag = first.flag.as_ref().expect("a flag");
     assert_eq!(flag.variant.as_deref(), Some("on"));
@@ -279,6 +283,22 @@ fn invalid_definitions_are_rejected_with_code_and_path() {
             "apiVersion: statemachine.cn/v1alpha1\nkind: StateMachine\nmetadata: {name: m}\n"
                 .to_owned(),
             "error missing-field spec @1:1",
+        ),
+        (
+            "retention of zero days",
+            edit(
+                "  initialState: a\n",
+                "  initialState: a\n  retention: {finishedAfterDays: 0}\n",
+            ),
+            "error invalid-retention spec.retention.finishedAfterDays @6:34 ~between 1 and 36500",
+        ),
+        (
+            "retention with an unknown field",
+            edit(
+                "  initialState: a\n",
+                "  initialState: a\n  retention: {days: 3}\n",
+            ),
+            "error unknown-field spec.retention.days @6:15\nerror missing-field spec.retention.finishedAfterDays @6:14",
         ),
         (
             "metadata not a mapping",

@@ -412,6 +412,7 @@ fn to_definition(spec: &Spec0) -> StateMachine {
         spec: Spec {
             initial_state: "t0".into(),
             states,
+            retention: None,
         },
     }
 }
