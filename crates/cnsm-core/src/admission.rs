@@ -203,7 +203,12 @@ pub struct Problem {
 }
 
 impl Problem {
-    fn new(severity: Severity, code: &'static str, path: String, message: String) -> Problem {
+    pub(crate) fn new(
+        severity: Severity,
+        code: &'static str,
+        path: String,
+        message: String,
+    ) -> Problem {
         Problem {
             severity,
             code,
@@ -214,7 +219,7 @@ impl Problem {
         }
     }
 
-    fn at(mut self, pos: Option<Pos>) -> Problem {
+    pub(crate) fn at(mut self, pos: Option<Pos>) -> Problem {
         if let Some(pos) = pos {
             self.line = Some(pos.line);
             self.column = Some(pos.column);

@@ -41,8 +41,8 @@ use crate::expr::{Expr, Scope, VAR_DATA};
 use crate::fastexpr::{InstanceView, Vars};
 use crate::instance::{Instance, Phase, Status};
 use crate::record::{
-    FlagDecision, GuardTrace, Hash32, REVISION_DOMAIN, RecordKind, StateChangeEvent, Timer,
-    TimerKind, TraceContext,
+    FlagDecision, GuardTrace, Hash32, MigrationLock, REVISION_DOMAIN, RecordKind, StateChangeEvent,
+    Timer, TimerKind, TraceContext,
 };
 use crate::resource::{
     EVENT_COMPLETE, EVENT_FAIL, FlagErrorPolicy, FlagGate, Outcome, Retry, StateMachine, StateType,
@@ -374,6 +374,21 @@ impl Machine {
     }
 
     /// Content hash over the deterministic CBOR of the normalized spec.
+    /// The CEL environment expressions of this machine run in.
+    pub(crate) fn env(&self) -> &Arc<cel::Env> {
+        &self.env
+    }
+
+    /// Whether the machine defines a state of this name.
+    pub fn has_state(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    /// Every state name, in definition order.
+    pub fn state_names(&self) -> impl Iterator<Item = &str> {
+        self.states.iter().map(|s| &*s.name)
+    }
+
     pub fn hash(&self) -> Hash32 {
         self.hash
     }
@@ -412,6 +427,7 @@ impl Machine {
             attempt: 0,
             in_backoff: false,
             suspended: false,
+            lock: None,
             compensations: Vec::new(),
             pending_outcome: None,
             timer: None,
@@ -479,6 +495,14 @@ impl Machine {
             if instance.suspended {
                 return Err(fail(FailureReason::Suspended));
             }
+            if let Some(lock) = &instance.lock
+                && input.now_ms < lock.until_ms
+            {
+                return Err(TransitionError::Locked {
+                    migration: lock.migration.clone(),
+                    until_ms: lock.until_ms,
+                });
+            }
         }
         let Some(state_id) = self.state_id(&instance.state) else {
             return Err(fail(FailureReason::NoTransition));
@@ -498,6 +522,11 @@ impl Machine {
             payload,
             view,
         );
+        // An expired lease is dropped by the next record.
+        step.lock = instance
+            .lock
+            .clone()
+            .filter(|lock| input.now_ms < lock.until_ms);
         let mut kind = RecordKind::Event;
 
         match input.trigger {
@@ -646,7 +675,32 @@ impl Machine {
                 }
             }
         }
-        let mut record = StateChangeEvent {
+        let event = match input.trigger {
+            Trigger::Event { name, .. } => Some(
+                state
+                    .events
+                    .get_key_value(name)
+                    .map(|(k, _)| Arc::clone(k))
+                    .unwrap_or_else(|| Arc::from(name)),
+            ),
+            Trigger::Timer(_) | Trigger::Control { .. } => None,
+        };
+        let mut record = self.base_record(instance, input, kind, event, payload);
+        step.finish(&mut record);
+        record.format = record.min_format();
+        Ok(record)
+    }
+
+    /// The record of a transition of `instance`, before the step fills in its outcome.
+    fn base_record(
+        &self,
+        instance: &Instance,
+        input: &Input<'_>,
+        kind: RecordKind,
+        event: Option<Arc<str>>,
+        payload: &Value,
+    ) -> StateChangeEvent {
+        StateChangeEvent {
             format: 1,
             namespace: instance.namespace.clone(),
             instance: instance.id.clone(),
@@ -658,16 +712,7 @@ impl Machine {
             from: Some(instance.state.clone()),
             to: Arc::clone(&self.empty),
             via: Vec::new(),
-            event: match input.trigger {
-                Trigger::Event { name, .. } => Some(
-                    state
-                        .events
-                        .get_key_value(name)
-                        .map(|(k, _)| Arc::clone(k))
-                        .unwrap_or_else(|| Arc::from(name)),
-                ),
-                Trigger::Timer(_) | Trigger::Control { .. } => None,
-            },
+            event,
             payload: (!payload.is_null()).then(|| payload.clone()),
             guards: Vec::new(),
             flags: Vec::new(),
@@ -679,6 +724,7 @@ impl Machine {
             attempt: instance.attempt,
             in_backoff: false,
             suspended: false,
+            lock: None,
             compensations: Vec::new(),
             pending_outcome: None,
             timer: None,
@@ -688,10 +734,142 @@ impl Machine {
             trace: input.trace.clone(),
             labels: BTreeMap::new(),
             prev_hash: instance.last_hash,
-        };
+        }
+    }
+
+    /// The `pre` phase of a migration: a `lock` record that leaves the instance where it is and
+    /// makes events fail with `Locked` until `until_ms` (a lease) or the migration record.
+    /// Re-locking by the same migration renews the lease.
+    pub fn lock(
+        &self,
+        instance: &Instance,
+        migration: &str,
+        until_ms: u64,
+        input: &Input<'_>,
+    ) -> Result<StateChangeEvent, TransitionError> {
+        self.check_migratable(instance, migration, input.now_ms)?;
+        let mut step = Step::new(
+            self,
+            &instance.state,
+            &instance.data,
+            Some(instance),
+            &Value::Null,
+            self.view(instance),
+        );
+        step.in_backoff = instance.in_backoff;
+        step.lock = Some(MigrationLock {
+            migration: migration.to_owned(),
+            until_ms,
+        });
+        let mut record = self.base_record(instance, input, RecordKind::Lock, None, &Value::Null);
         step.finish(&mut record);
         record.format = record.min_format();
         Ok(record)
+    }
+
+    /// The `post` phase of a migration, on the target revision (`self`): one `migration`
+    /// record that moves `instance` into `target_state` of this revision as a fresh entry (its
+    /// timer armed under this revision's timeouts; a choice state resolves at once), sets
+    /// `data_set`, pins the instance to this revision, and lifts the lock.
+    pub fn migrate(
+        &self,
+        instance: &Instance,
+        migration: &str,
+        target_state: &str,
+        data_set: Map<String, Value>,
+        input: &Input<'_>,
+    ) -> Result<StateChangeEvent, TransitionError> {
+        self.check_migratable(instance, migration, input.now_ms)?;
+        let refuse = |why: String| {
+            TransitionError::failure(
+                &instance.state,
+                "migrate",
+                FailureReason::ControlRefused(why),
+            )
+        };
+        if instance.machine.as_ref() != self.name() {
+            return Err(refuse(format!(
+                "the instance runs machine '{}', not '{}'",
+                instance.machine,
+                self.name()
+            )));
+        }
+        if instance.revision == self.revision {
+            return Err(refuse(format!(
+                "the instance is already at revision {}",
+                self.revision
+            )));
+        }
+        let target = self.state_id(target_state).ok_or_else(|| {
+            refuse(format!(
+                "revision {} has no state '{target_state}'",
+                self.revision
+            ))
+        })?;
+        let mut step = Step::new(
+            self,
+            &instance.state,
+            &instance.data,
+            Some(instance),
+            &Value::Null,
+            self.view(instance),
+        );
+        step.lock = None;
+        step.suspended = instance.suspended;
+        step.data_set = data_set;
+        step.enter(target, input.now_ms, "migrate")?;
+        let mut record =
+            self.base_record(instance, input, RecordKind::Migration, None, &Value::Null);
+        record.revision = self.revision;
+        record.revision_hash = self.hash;
+        record.machine = Arc::clone(&self.name);
+        step.finish(&mut record);
+        record.format = record.min_format();
+        Ok(record)
+    }
+
+    /// A migration step applies to an active instance that no other migration holds.
+    fn check_migratable(
+        &self,
+        instance: &Instance,
+        migration: &str,
+        now_ms: u64,
+    ) -> Result<(), TransitionError> {
+        if instance.status.is_final() {
+            return Err(TransitionError::failure(
+                &instance.state,
+                "migrate",
+                FailureReason::InstanceFinal,
+            ));
+        }
+        if let Some(lock) = &instance.lock
+            && lock.migration != migration
+            && now_ms < lock.until_ms
+        {
+            return Err(TransitionError::Locked {
+                migration: lock.migration.clone(),
+                until_ms: lock.until_ms,
+            });
+        }
+        if instance.phase == Phase::Compensating {
+            return Err(TransitionError::failure(
+                &instance.state,
+                "migrate",
+                FailureReason::ControlRefused(
+                    "the instance is compensating; migrate it after its compensations ran".into(),
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn view<'a>(&self, instance: &'a Instance) -> View<'a> {
+        View {
+            id: &instance.id,
+            state: &instance.state,
+            version: instance.version,
+            labels: &instance.labels,
+        }
     }
 }
 
@@ -746,6 +924,7 @@ struct Step<'m> {
     attempt: u32,
     in_backoff: bool,
     suspended: bool,
+    lock: Option<MigrationLock>,
     compensations: Vec<String>,
     pending_outcome: Option<Outcome>,
     timer: Option<Timer>,
@@ -780,6 +959,7 @@ impl<'m> Step<'m> {
             attempt: instance.map(|i| i.attempt).unwrap_or(0),
             in_backoff: false,
             suspended: instance.is_some_and(|i| i.suspended),
+            lock: instance.and_then(|i| i.lock.clone()),
             compensations: instance
                 .map(|i| i.compensations.clone())
                 .unwrap_or_default(),
@@ -1055,6 +1235,7 @@ impl<'m> Step<'m> {
         record.attempt = self.attempt;
         record.in_backoff = self.in_backoff;
         record.suspended = self.suspended && !ended;
+        record.lock = if ended { None } else { self.lock };
         record.compensations = if ended {
             Vec::new()
         } else {

@@ -65,6 +65,12 @@ pub enum TransitionError {
         "RaceCondition: expected version {expected} matched on arrival, but a concurrent commit moved the instance to version {actual}"
     )]
     RaceCondition { expected: u64, actual: u64 },
+    /// The instance is locked by a migration's `pre` phase until `until_ms` (a lease): retry
+    /// later; nothing was applied.
+    #[error(
+        "Locked: the instance is locked by migration '{migration}' (lease until {until_ms} ms since the epoch); retry after it"
+    )]
+    Locked { migration: String, until_ms: u64 },
 }
 
 impl TransitionError {
@@ -74,6 +80,7 @@ impl TransitionError {
             TransitionError::TransitionFailure { .. } => "TransitionFailure",
             TransitionError::StaleState { .. } => "StaleState",
             TransitionError::RaceCondition { .. } => "RaceCondition",
+            TransitionError::Locked { .. } => "Locked",
         }
     }
 

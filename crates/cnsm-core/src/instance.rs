@@ -102,6 +102,9 @@ pub struct Instance {
     /// does not fire until it is resumed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspended: bool,
+    /// A migration's lock (a lease): events are refused with `Locked` until it ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<crate::record::MigrationLock>,
     /// Compensation states still to run, the last one first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub compensations: Vec<String>,
@@ -154,6 +157,7 @@ impl Instance {
             attempt: record.attempt,
             in_backoff: record.in_backoff,
             suspended: record.suspended,
+            lock: record.lock.clone(),
             compensations: record.compensations.clone(),
             pending_outcome: record.pending_outcome,
             timer: record.timer,
@@ -203,6 +207,7 @@ impl Instance {
         self.attempt = record.attempt;
         self.in_backoff = record.in_backoff;
         self.suspended = record.suspended;
+        self.lock.clone_from(&record.lock);
         self.compensations.clone_from(&record.compensations);
         self.pending_outcome = record.pending_outcome;
         self.timer = record.timer;

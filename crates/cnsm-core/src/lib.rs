@@ -29,6 +29,7 @@ pub mod expr;
 pub mod fastexpr;
 pub mod graph;
 pub mod instance;
+pub mod migration;
 pub mod record;
 pub mod resource;
 mod yaml;

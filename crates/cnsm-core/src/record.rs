@@ -112,6 +112,19 @@ pub enum RecordKind {
     Resume,
     /// An operator re-entered the state a failed instance failed in.
     Redrive,
+    /// A migration's `pre` phase locked the instance (events refused until the lease ends).
+    Lock,
+    /// A migration moved the instance to another revision (and unlocked it).
+    Migration,
+}
+
+/// A migration's lock on an instance: a lease, so an abandoned migration never locks forever.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationLock {
+    /// The `StateMigrationPolicy` name.
+    pub migration: String,
+    pub until_ms: u64,
 }
 
 /// What a durable timer is for.
@@ -212,6 +225,9 @@ pub struct StateChangeEvent {
     /// True while an operator holds the instance suspended (absent when false).
     #[serde(default, skip_serializing_if = "is_false")]
     pub suspended: bool,
+    /// The migration lock the instance holds after this record (absent when none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<MigrationLock>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub compensations: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -268,11 +284,20 @@ pub enum ChainError {
 impl StateChangeEvent {
     /// The lowest record format that can read this record (see [`RECORD_FORMAT`]).
     pub fn min_format(&self) -> u32 {
-        let control = matches!(
+        let newer = matches!(
             self.kind,
-            RecordKind::Cancel | RecordKind::Suspend | RecordKind::Resume | RecordKind::Redrive
+            RecordKind::Cancel
+                | RecordKind::Suspend
+                | RecordKind::Resume
+                | RecordKind::Redrive
+                | RecordKind::Lock
+                | RecordKind::Migration
         );
-        if control || self.suspended { 2 } else { 1 }
+        if newer || self.suspended || self.lock.is_some() {
+            2
+        } else {
+            1
+        }
     }
 
     /// Encodes and hashes the record.
@@ -315,6 +340,7 @@ impl StateChangeEvent {
                 "trace" => self.trace.is_some(),
                 "labels" => !self.labels.is_empty(),
                 "suspended" => self.suspended,
+                "lock" => self.lock.is_some(),
                 _ => true,
             }
         };
@@ -340,9 +366,10 @@ impl StateChangeEvent {
                 "kind" => text(&mut out, self.kind.as_str()),
                 "actor" => text(&mut out, &self.actor),
                 "event" => text(&mut out, self.event.as_deref().unwrap_or_default()),
-                "flags" | "guards" | "trace" | "labels" | "timer" => {
+                "flags" | "guards" | "trace" | "labels" | "timer" | "lock" => {
                     let value = match key {
                         "flags" => serde_json::to_value(&self.flags),
+                        "lock" => serde_json::to_value(&self.lock),
                         "guards" => serde_json::to_value(&self.guards),
                         "trace" => serde_json::to_value(&self.trace),
                         "labels" => serde_json::to_value(&self.labels),
@@ -397,12 +424,13 @@ impl StateChangeEvent {
 }
 
 /// Every key a record may have, in core deterministic order (shorter first, then bytewise).
-const RECORD_KEYS_CANONICAL: [&str; 32] = [
+const RECORD_KEYS_CANONICAL: [&str; 33] = [
     "to",
     "via",
     "data",
     "from",
     "kind",
+    "lock",
     "actor",
     "event",
     "flags",
@@ -443,6 +471,8 @@ impl RecordKind {
             RecordKind::Suspend => "suspend",
             RecordKind::Resume => "resume",
             RecordKind::Redrive => "redrive",
+            RecordKind::Lock => "lock",
+            RecordKind::Migration => "migration",
         }
     }
 }
