@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use cnsm_core::TransitionError;
 use cnsm_core::engine::{ACTOR_TIMER, Input, NewInstance, Trigger};
+use cnsm_core::migration::CompiledMigration;
 use cnsm_core::record::{Hash32, StateChangeEvent, Timer};
 use cnsm_core::{Instance, SealedRecord};
 use cnsm_store::{CommitItem, IdempotencyEntry, ItemOutcome, TimerRef};
@@ -55,6 +56,15 @@ pub(crate) enum Command {
     },
     CountTimers {
         reply: oneshot::Sender<usize>,
+    },
+    /// One step of a migration for one instance: its `pre` lock or its migration record.
+    Migrate {
+        namespace: String,
+        id: String,
+        migration: Arc<CompiledMigration>,
+        lock: bool,
+        actor: String,
+        reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>>,
     },
     /// Apply every machine's retention now; answers how many instances were deleted.
     Retention {
@@ -297,6 +307,33 @@ impl Committer {
                     let _ = reply.send(self.timers.len());
                 }
                 Command::Tick { reply } => waiters.push(Waiter::Tick { n_fired: 0, reply }),
+                Command::Migrate {
+                    namespace,
+                    id,
+                    migration,
+                    lock,
+                    actor,
+                    reply,
+                } => {
+                    let key = (namespace, id);
+                    match self.migrate(
+                        &key,
+                        &migration,
+                        lock,
+                        &actor,
+                        now_ms,
+                        &mut items,
+                        &mut item_keys,
+                        &mut before,
+                    ) {
+                        Ok(item) => waiters.push(Waiter::Applied {
+                            item,
+                            replayed: false,
+                            reply,
+                        }),
+                        Err(error) => waiters.push(Waiter::EventFailed { error, reply }),
+                    }
+                }
                 Command::Retention { reply } => {
                     let _ = reply.send(self.apply_retention(now_ms));
                 }
@@ -567,6 +604,74 @@ impl Committer {
         Ok(items.len() - 1)
     }
 
+    /// A migration step: the `pre` lock (`lock`), or the migration record on the target
+    /// revision. The plan is decided here, against the instance as it is now.
+    #[allow(clippy::too_many_arguments)]
+    fn migrate(
+        &mut self,
+        key: &Key,
+        migration: &CompiledMigration,
+        lock: bool,
+        actor: &str,
+        now_ms: u64,
+        items: &mut Vec<CommitItem>,
+        item_keys: &mut Vec<Key>,
+        before: &mut HashMap<Key, Option<Timer>>,
+    ) -> Result<usize, RuntimeError> {
+        let shared = Arc::clone(&self.shared);
+        let Some(cached) = self.load(key)? else {
+            return Err(RuntimeError::NotFound(format!(
+                "instance {}/{}",
+                key.0, key.1
+            )));
+        };
+        let instance = &cached.instance;
+        let refuse = |why: String| -> RuntimeError {
+            TransitionError::TransitionFailure {
+                state: instance.state.to_string(),
+                event: "migrate".into(),
+                reason: cnsm_core::error::FailureReason::ControlRefused(why.clone()),
+                message: format!("'migrate' refused: {why}"),
+            }
+            .into()
+        };
+        let plan = migration.plan(instance).map_err(refuse)?;
+        let input = Input::new(
+            Trigger::Event {
+                name: "migrate",
+                payload: &serde_json::Value::Null,
+            },
+            now_ms,
+            actor,
+        );
+        let record = if lock {
+            let machine =
+                shared.machine(&instance.namespace, &instance.machine, instance.revision)?;
+            machine.lock(
+                instance,
+                &migration.name,
+                now_ms.saturating_add(migration.lock_ms),
+                &input,
+            )?
+        } else {
+            let target = shared.machine(
+                &instance.namespace,
+                &instance.machine,
+                migration.to_revision,
+            )?;
+            target.migrate(
+                instance,
+                &migration.name,
+                &plan.target_state,
+                plan.data_set,
+                &input,
+            )?
+        };
+        stage(cached, key, &record, None, items, item_keys, before)?;
+        self.batch_records.push(record);
+        Ok(items.len() - 1)
+    }
+
     /// Turns due timers into items. A timer whose instance moved on is dropped silently.
     fn fire_due(
         &mut self,
@@ -582,6 +687,15 @@ impl Committer {
             match self.fire_one(timer, now_ms, items, item_keys, before) {
                 Ok(true) => n_fired += 1,
                 Ok(false) => {}
+                Err(RuntimeError::Transition(TransitionError::Locked { until_ms, .. })) => {
+                    // Held by a migration's lock: try again when the lease ends (the migration
+                    // record re-arms the timer under the new revision before that, if it
+                    // commits).
+                    self.timers.insert_ref(TimerRef {
+                        due_ms: until_ms.max(now_ms + 1),
+                        ..timer
+                    });
+                }
                 Err(_) => {
                     // Retried until it commits: put it back for the next round.
                     self.timers.insert_ref(TimerRef {

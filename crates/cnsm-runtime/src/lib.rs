@@ -51,10 +51,14 @@ use tokio::sync::oneshot;
 pub mod clock;
 mod committer;
 mod error;
+mod migrate;
 pub mod timers;
 
 pub use clock::{Clock, SystemClock, VirtualClock};
 pub use error::RuntimeError;
+pub use migrate::{
+    MigrationEntry, MigrationOutcome, MigrationPhase, MigrationReport, MigrationRequest,
+};
 
 /// Limits and defaults of a runtime.
 #[derive(Debug, Clone)]
@@ -396,6 +400,16 @@ impl Runtime {
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> committer::Command,
     ) -> Result<T, RuntimeError> {
+        let rx = self.enqueue(make)?;
+        rx.await
+            .map_err(|_| RuntimeError::Unavailable("the runtime stopped before answering".into()))
+    }
+
+    /// Queues a command without waiting for its answer (so many can share one commit).
+    pub(crate) fn enqueue<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> committer::Command,
+    ) -> Result<oneshot::Receiver<T>, RuntimeError> {
         let (tx, rx) = oneshot::channel();
         // Count before sending: the committer may take the request before `try_send` returns.
         self.shared
@@ -418,8 +432,7 @@ impl Runtime {
                 return Err(RuntimeError::Unavailable("the runtime has stopped".into()));
             }
         }
-        rx.await
-            .map_err(|_| RuntimeError::Unavailable("the runtime stopped before answering".into()))
+        Ok(rx)
     }
 
     /// Admits a YAML definition and stores it (a new revision when the content changed).

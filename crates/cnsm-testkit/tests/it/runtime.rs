@@ -764,3 +764,204 @@ fn retention_deletes_finished_instances_after_their_window() {
         rt.shutdown();
     });
 }
+
+// --- Migration -----------------------------------------------------------------------------
+
+fn fixture(name: &str) -> String {
+    let path = format!(
+        "{}/../cnsm-core/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Creates `n` orders spread over every state of order-processing (revision 1).
+async fn orders_in_every_state(rt: &Runtime, n: usize) {
+    let paths: [&[(&str, Value)]; 7] = [
+        &[],
+        &[("complete", Value::Null)],
+        &[("complete", Value::Null), ("pay", json!({"amount": 40}))],
+        &[
+            ("complete", Value::Null),
+            ("pay", json!({"amount": 40})),
+            ("ship", Value::Null),
+        ],
+        &[
+            ("complete", Value::Null),
+            ("pay", json!({"amount": 40})),
+            ("ship", Value::Null),
+            ("deliver", Value::Null),
+        ],
+        &[
+            ("complete", Value::Null),
+            ("pay", json!({"amount": 40})),
+            ("refund", Value::Null),
+        ],
+        &[("cancel", Value::Null)],
+    ];
+    for i in 0..n {
+        let id = format!("o-{i:05}");
+        rt.create_instance(
+            CreateInstance::new("shop", "order-processing")
+                .id(id.clone())
+                .data(obj(json!({"total": 40}))),
+        )
+        .await
+        .unwrap();
+        for (event, payload) in paths[i % paths.len()] {
+            rt.send(
+                "shop",
+                &id,
+                EventRequest::new(*event).payload(payload.clone()),
+            )
+            .await
+            .unwrap();
+        }
+    }
+}
+
+fn migration_request(dry_run: bool) -> cnsm_runtime::MigrationRequest {
+    let policy = cnsm_core::migration::parse_policy(&fixture("order-migration.yaml")).unwrap();
+    let mut request = cnsm_runtime::MigrationRequest::new(policy, 1, 2);
+    request.dry_run = dry_run;
+    request.chunk = 40;
+    request
+}
+
+#[test]
+fn migration_dry_run_pre_post_and_an_interrupted_run_resume_exactly_once() {
+    use cnsm_runtime::{MigrationOutcome, MigrationPhase};
+    block_on(async {
+        let env = Env::new();
+        let rt = env.runtime();
+        rt.apply_yaml(&example("order-processing.yaml"), None)
+            .await
+            .unwrap();
+        orders_in_every_state(&rt, 350).await;
+        let applied = rt
+            .apply_yaml(&fixture("order-processing-v2.yaml"), None)
+            .await
+            .unwrap();
+        assert_eq!(applied.revision, 2);
+
+        let plan = rt
+            .migrate(&migration_request(true), &mut |_, _| {})
+            .await
+            .unwrap();
+        // 4 of 7 paths end active: created, validated, paid, shipped.
+        assert_eq!(plan.entries.len(), 200);
+        assert_eq!(plan.n_migrated(), 200);
+        assert_eq!(
+            rt.instance("shop", "o-00002").await.unwrap().revision,
+            1,
+            "a dry run changes nothing"
+        );
+
+        // A run interrupted between its phases: `pre` locked everything, `post` never ran.
+        let mut pre = migration_request(false);
+        pre.phase = MigrationPhase::Pre;
+        let locked = rt.migrate(&pre, &mut |_, _| {}).await.unwrap();
+        assert!(
+            locked
+                .entries
+                .iter()
+                .all(|e| e.outcome == MigrationOutcome::Locked)
+        );
+        assert_eq!(locked.entries.len(), 200);
+        // Events during `pre` are refused with Locked, naming the migration; nothing changes.
+        let before = rt.instance("shop", "o-00001").await.unwrap();
+        let err = rt
+            .send("shop", "o-00001", EventRequest::new("cancel"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.error_type(), "Locked", "{err}");
+        assert!(err.to_string().contains("order-v1-to-v2"), "{err}");
+        assert_eq!(rt.instance("shop", "o-00001").await.unwrap(), before);
+        // A due timer is held until the lock ends (here: the migration re-arms it).
+        env.clock.advance_secs(61);
+        rt.fire_due_timers().await.unwrap();
+        assert_eq!(
+            rt.instance("shop", "o-00000").await.unwrap().state.as_ref(),
+            "created"
+        );
+
+        // Resume with a full run: it renews the locks it finds and migrates everything left.
+        let mut half = migration_request(false);
+        half.phase = MigrationPhase::Post;
+        half.chunk = 40;
+        let mut calls = 0;
+        let first = rt
+            .migrate(&half, &mut |done, total| {
+                calls += 1;
+                assert!(done <= total);
+            })
+            .await
+            .unwrap();
+        assert_eq!(first.n_migrated(), 200);
+        assert_eq!(calls, 5, "one progress call per chunk of 40");
+        let again = rt
+            .migrate(&migration_request(false), &mut |_, _| {})
+            .await
+            .unwrap();
+        assert!(again.entries.is_empty(), "nothing is left to migrate");
+
+        for i in 0..350 {
+            let id = format!("o-{i:05}");
+            let instance = rt.instance("shop", &id).await.unwrap();
+            let history = rt.history("shop", &id, 0, 100).await.unwrap();
+            let n_migrations = history
+                .iter()
+                .filter(|h| h.record.kind.as_str() == "migration")
+                .count();
+            if instance.status.as_str() == "active" {
+                assert_eq!(instance.revision, 2, "{id}");
+                assert_eq!(n_migrations, 1, "{id} migrated exactly once");
+                assert_eq!(instance.lock, None);
+                let expected = match i % 7 {
+                    0 | 1 => "created",
+                    2 => "payment-received",
+                    3 => "shipped",
+                    _ => unreachable!(),
+                };
+                assert_eq!(instance.state.as_ref(), expected, "{id}");
+                let timer = instance.timer.expect("a timer under revision 2");
+                let timeout_s = match expected {
+                    "created" => 60,
+                    "payment-received" => 604_800,
+                    _ => 1_209_600,
+                };
+                assert_eq!(timer.due_ms, instance.updated_ms + timeout_s * 1000, "{id}");
+                if i % 7 < 2 {
+                    assert_eq!(instance.data["currency"], json!("EUR"));
+                    assert_eq!(instance.data["totalCents"], json!(4000));
+                }
+            } else {
+                assert_eq!(instance.revision, 1, "finished instances stay");
+                assert_eq!(n_migrations, 0);
+            }
+        }
+        // Accepted after: the instances take revision 2's events.
+        let moved = rt
+            .send("shop", "o-00002", EventRequest::new("pack"))
+            .await
+            .unwrap();
+        assert_eq!(moved.instance.state.as_ref(), "packed");
+        SnapshotVerifier::new(rt.store().as_ref())
+            .verify_all(Some("shop"))
+            .unwrap();
+        assert!(rt.store().verify().unwrap().is_ok());
+
+        // Rollback: back to revision 1 where the reverse mapping exists.
+        let mut rollback = migration_request(false);
+        rollback.rollback = true;
+        let back = rt.migrate(&rollback, &mut |_, _| {}).await.unwrap();
+        let packed = back.entries.iter().find(|e| e.id == "o-00002").unwrap();
+        assert!(
+            matches!(&packed.outcome, MigrationOutcome::Blocked(why) if why.contains("packed")),
+            "{packed:?}"
+        );
+        let o3 = rt.instance("shop", "o-00003").await.unwrap();
+        assert_eq!((o3.revision, o3.state.as_ref()), (1, "shipped"));
+        rt.shutdown();
+    });
+}
