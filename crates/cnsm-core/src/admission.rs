@@ -125,6 +125,8 @@ pub mod codes {
     pub const INVALID_RETRY: &str = "invalid-retry";
     /// `retention.finishedAfterDays` outside 1..=36500.
     pub const INVALID_RETENTION: &str = "invalid-retention";
+    /// Warning (on apply): a new revision removes a state that running instances are in.
+    pub const BREAKING_CHANGE: &str = "breaking-change";
     /// A compensation names a state that is not a task without transitions of its own.
     pub const INVALID_COMPENSATION: &str = "invalid-compensation";
     /// An empty, too long or blank event name.
@@ -217,6 +219,16 @@ impl Problem {
             column: None,
             message,
         }
+    }
+
+    /// A warning found outside admission proper (e.g. by the runtime against running
+    /// instances).
+    pub fn warning(
+        code: &'static str,
+        path: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Problem {
+        Problem::new(Severity::Warning, code, path.into(), message.into())
     }
 
     pub(crate) fn at(mut self, pos: Option<Pos>) -> Problem {

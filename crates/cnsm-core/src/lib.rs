@@ -23,6 +23,7 @@
 
 pub mod admission;
 pub mod cbor;
+pub mod diff;
 pub mod engine;
 pub mod error;
 pub mod expr;

@@ -316,26 +316,31 @@ impl CompiledMigration {
         })
     }
 
-    /// The reverse migration (for rollback): the inverted state mapping, no data changes.
-    /// Fails when two old states map to one new state (the way back is ambiguous).
-    pub fn reverse(&self, from: &Machine, to: &Machine) -> Result<CompiledMigration, String> {
-        let mut mapping = BTreeMap::new();
-        for (old, new) in &self.mapping {
-            if mapping.insert(new.clone(), old.clone()).is_some() {
-                return Err(format!(
-                    "two states map to '{new}'; the reverse mapping is ambiguous"
-                ));
+    /// The reverse migration (for rollback): each state of the target revision goes back to
+    /// the one state of the source revision that maps to it; a state with no way back, or
+    /// that two source states map to (ambiguous), is refused. Data is left as it is.
+    pub fn reverse(&self, from: &Machine, to: &Machine) -> CompiledMigration {
+        let mut sources: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for state in from.state_names() {
+            if self.refuse.contains(state) {
+                continue;
             }
+            let target = self.mapping.get(state).map(String::as_str).unwrap_or(state);
+            sources.entry(target).or_default().push(state);
         }
-        // States of the target revision with no way back are refused.
+        let mut mapping = BTreeMap::new();
         let mut refuse = BTreeSet::new();
         for state in to.state_names() {
-            let back = mapping.get(state).map(String::as_str).unwrap_or(state);
-            if !from.has_state(back) {
-                refuse.insert(state.to_owned());
+            match sources.get(state).map(Vec::as_slice) {
+                Some([only]) => {
+                    mapping.insert(state.to_owned(), (*only).to_owned());
+                }
+                _ => {
+                    refuse.insert(state.to_owned());
+                }
             }
         }
-        Ok(CompiledMigration {
+        CompiledMigration {
             name: format!("{}-rollback", self.name),
             from_revision: self.to_revision,
             to_revision: self.from_revision,
@@ -345,7 +350,7 @@ impl CompiledMigration {
             defaults: Map::new(),
             transforms: Vec::new(),
             env: Arc::clone(&self.env),
-        })
+        }
     }
 
     /// What migrating `instance` would do, or why it is blocked.

@@ -456,10 +456,15 @@ impl Runtime {
     /// Admits a typed definition and stores it.
     pub async fn apply(&self, machine: StateMachine) -> Result<AppliedDefinition, RuntimeError> {
         let admitted = admission::admit(machine);
-        let warnings: Vec<Problem> = admitted.warnings().cloned().collect();
+        let mut warnings: Vec<Problem> = admitted.warnings().cloned().collect();
         let Some(machine) = admitted.machine else {
             return Err(RuntimeError::Admission(admitted.problems));
         };
+        let previous = self.shared.store.definition(
+            &machine.metadata.namespace,
+            &machine.metadata.name,
+            None,
+        )?;
         let compiled =
             Machine::compile(machine.clone()).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         let hash = compiled.hash();
@@ -469,6 +474,9 @@ impl Runtime {
             PutDefinition::Created(r) => (r, true),
             PutDefinition::Unchanged(r) => (r, false),
         };
+        if created && let Some(previous) = previous {
+            warnings.extend(self.breaking_changes(&previous.definition, &machine)?);
+        }
         Ok(AppliedDefinition {
             namespace: machine.metadata.namespace.clone(),
             name: machine.metadata.name.clone(),
@@ -477,6 +485,46 @@ impl Runtime {
             created,
             warnings,
         })
+    }
+
+    /// Warnings for states the new revision removes while active instances are in them.
+    fn breaking_changes(
+        &self,
+        previous: &StateMachine,
+        next: &StateMachine,
+    ) -> Result<Vec<Problem>, RuntimeError> {
+        let mut warnings = Vec::new();
+        for state in &previous.spec.states {
+            if next.spec.states.iter().any(|s| s.name == state.name) {
+                continue;
+            }
+            let running = self.shared.store.list_instances(&InstanceQuery {
+                namespace: Some(next.metadata.namespace.clone()),
+                machine: Some(next.metadata.name.clone()),
+                state: Some(state.name.clone()),
+                status: Some(Status::Active),
+                limit: cnsm_store::PAGE_LEN_MAX,
+                ..InstanceQuery::default()
+            })?;
+            if !running.is_empty() {
+                let more = if running.len() >= cnsm_store::PAGE_LEN_MAX {
+                    " or more"
+                } else {
+                    ""
+                };
+                warnings.push(Problem::warning(
+                    admission::codes::BREAKING_CHANGE,
+                    "spec.states",
+                    format!(
+                        "state '{}' is removed, but {}{more} running instance(s) are in it; they stay on their revision until migrated with a StateMigrationPolicy that maps or refuses '{}' (cnsmctl migrate)",
+                        state.name,
+                        running.len(),
+                        state.name
+                    ),
+                ));
+            }
+        }
+        Ok(warnings)
     }
 
     /// A definition revision (the latest when `revision` is `None`).

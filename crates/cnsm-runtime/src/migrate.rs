@@ -138,7 +138,7 @@ impl Runtime {
         let forward = CompiledMigration::compile(&request.policy, &from, &to)
             .map_err(|problems| RuntimeError::Invalid(problems.join("; ")))?;
         let migration = Arc::new(if request.rollback {
-            forward.reverse(&from, &to).map_err(RuntimeError::Invalid)?
+            forward.reverse(&from, &to)
         } else {
             forward
         });

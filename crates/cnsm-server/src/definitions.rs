@@ -61,7 +61,7 @@ pub async fn apply(
     }
     // JSON is YAML: one admission path gives every problem with its line and column.
     let admission = admit_str(text, None);
-    let warnings: Vec<ProblemItem> = admission.warnings().map(ProblemItem::from).collect();
+    let mut warnings: Vec<ProblemItem> = admission.warnings().map(ProblemItem::from).collect();
     let Some(mut machine) = admission.machine else {
         return Err(ApiError::from_runtime(RuntimeError::Admission(
             admission.problems,
@@ -78,6 +78,14 @@ pub async fn apply(
     }
     machine.metadata.namespace = ns.clone();
     let applied = state.runtime().apply(machine).await?;
+    // The runtime adds what only it can see: states removed under running instances.
+    warnings.extend(
+        applied
+            .warnings
+            .iter()
+            .filter(|w| w.code == cnsm_core::admission::codes::BREAKING_CHANGE)
+            .map(ProblemItem::from),
+    );
     let status = if applied.created {
         StatusCode::CREATED
     } else {

@@ -53,6 +53,7 @@ mod definitions;
 mod events;
 mod health;
 mod instances;
+pub mod migrations;
 pub mod openapi;
 mod params;
 pub mod problem;

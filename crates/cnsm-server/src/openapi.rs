@@ -430,6 +430,37 @@ fn schemas() -> Value {
                 "actor": {"type": "string", "description": "Ignored when the server has --auth-file (the token's name is recorded)"},
             },
         },
+        "Migration": {
+            "type": "object", "additionalProperties": false,
+            "required": ["policy", "fromRevision", "toRevision"],
+            "properties": {
+                "policy": {"type": "string", "description": "The StateMigrationPolicy as YAML"},
+                "fromRevision": {"type": "integer", "minimum": 1},
+                "toRevision": {"type": "integer", "minimum": 1},
+                "dryRun": {"type": "boolean"},
+                "rollback": {"type": "boolean"},
+                "phase": {"enum": ["all", "pre", "post"]},
+                "chunk": {"type": "integer", "minimum": 0},
+                "actor": {"type": "string"},
+            },
+        },
+        "MigrationReport": {
+            "type": "object", "required": ["migrated", "blocked", "entries"],
+            "properties": {
+                "migrated": {"type": "integer"},
+                "blocked": {"type": "integer"},
+                "entries": {"type": "array", "items": {
+                    "type": "object", "required": ["id", "outcome"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "outcome": {"enum": ["would-migrate", "migrated", "locked", "blocked"]},
+                        "from": {"type": "string"},
+                        "to": {"type": "string"},
+                        "reason": {"type": "string"},
+                    },
+                }},
+            },
+        },
         "Control": {
             "type": "object", "additionalProperties": false,
             "properties": {

@@ -7,7 +7,7 @@ use axum::routing::{MethodRouter, delete, get, post};
 use crate::ServerState;
 use crate::auth::{Access, Role};
 use crate::problem::ProblemKind;
-use crate::{admin, controls, definitions, health, instances, openapi};
+use crate::{admin, controls, definitions, health, instances, migrations, openapi};
 
 /// One route: a method on a path template.
 pub struct Route {
@@ -156,6 +156,25 @@ pub static ROUTES: &[Route] = &[
         ok: &[(200, "Deleted")],
         errors: &[P::Invalid, P::NotFound, P::Conflict, P::Unavailable],
         handler: || delete(definitions::delete),
+    },
+    Route {
+        method: "POST",
+        path: "/apis/statemachine.cn/v1alpha1/namespaces/{ns}/statemachines/{name}/migrations",
+        operation_id: "migrateInstances",
+        summary: "Run or plan (dryRun) a StateMigrationPolicy between two revisions; per-instance report",
+        access: Access::Namespace(Role::Admin),
+        query: &[],
+        headers: &[],
+        body: Some("Migration"),
+        ok: &[(200, "MigrationReport")],
+        errors: &[
+            P::Invalid,
+            P::NotFound,
+            P::PayloadTooLarge,
+            P::UnsupportedMediaType,
+            P::Unavailable,
+        ],
+        handler: || post(migrations::run),
     },
     Route {
         method: "GET",

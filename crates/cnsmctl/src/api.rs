@@ -13,8 +13,8 @@
 use cnsm_core::resource::StateMachine;
 use cnsm_core::{Instance, Status};
 use cnsm_runtime::{
-    AppliedDefinition, ControlRequest, CreateInstance, EventRequest, HistoryEntry,
-    TransitionOutcome,
+    AppliedDefinition, ControlRequest, CreateInstance, EventRequest, HistoryEntry, MigrationReport,
+    MigrationRequest, TransitionOutcome,
 };
 use cnsm_store::{BackupReport, DefinitionRow, VerifyReport};
 
@@ -103,6 +103,13 @@ pub trait Api {
 
     /// Writes a verified point-in-time copy of the store to the file `out`.
     async fn backup(&self, out: &std::path::Path) -> Result<BackupReport, CliError>;
+
+    /// Runs (or plans) a migration; `progress(done, total)` after each chunk (local only).
+    async fn migrate(
+        &self,
+        request: MigrationRequest,
+        progress: &mut (dyn FnMut(usize, usize) + Send),
+    ) -> Result<MigrationReport, CliError>;
 }
 
 /// The [`Api`] a command got: local or remote.
@@ -190,5 +197,13 @@ impl Api for Connection {
 
     async fn backup(&self, out: &std::path::Path) -> Result<BackupReport, CliError> {
         delegate!(self, api => api.backup(out))
+    }
+
+    async fn migrate(
+        &self,
+        request: MigrationRequest,
+        progress: &mut (dyn FnMut(usize, usize) + Send),
+    ) -> Result<MigrationReport, CliError> {
+        delegate!(self, api => api.migrate(request, progress))
     }
 }

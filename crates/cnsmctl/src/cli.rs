@@ -212,6 +212,35 @@ pub enum Command {
             cnsmctl -n shop graph order-processing --revision 1")]
     Graph(GraphArgs),
 
+    /// Compare two revisions of a machine: states and transitions added, removed, changed
+    #[command(after_help = "Examples:\n  \
+            cnsmctl -n shop diff order-processing 1 2\n  \
+            cnsmctl -n shop diff order-processing 1 2 -o json")]
+    Diff(DiffArgs),
+
+    /// Move running instances to another revision under a StateMigrationPolicy
+    #[command(
+        args_conflicts_with_subcommands = true,
+        long_about = "Migrate the active instances of a machine from one revision to another \
+            under a StateMigrationPolicy (kind: StateMigrationPolicy; see docs/migration.md): a \
+            state mapping, data defaults and CEL transforms, and states from which migration is \
+            refused.\n\n\
+            --dry-run reports per instance what would happen and changes nothing. A real run \
+            works in chunks: `pre` locks each instance of the chunk (events get Locked, 423, \
+            naming the migration; the lock is a lease of lockSeconds), then `post` writes one \
+            migration record per instance (new revision, data changes, timers re-armed under \
+            the new revision's timeouts) and lifts the lock. --phase pre|post runs one phase \
+            alone. A run that stopped (crash, kill) is resumed by running it again: migrated \
+            instances are at the new revision and are skipped; locked ones are completed. \
+            `migrate rollback` moves the instances this policy migrated back where the reverse \
+            mapping exists.",
+        after_help = "Examples:\n  \
+            cnsmctl -n shop migrate order-processing --from 1 --to 2 --policy migration.yaml --dry-run\n  \
+            cnsmctl -n shop migrate order-processing --from 1 --to 2 --policy migration.yaml\n  \
+            cnsmctl -n shop migrate rollback order-processing --from 1 --to 2 --policy migration.yaml"
+    )]
+    Migrate(MigrateCommand),
+
     /// Delete a machine (every revision)
     #[command(subcommand)]
     Delete(DeleteCommand),
@@ -525,6 +554,60 @@ pub struct GraphArgs {
     /// Diagram language
     #[arg(long, value_enum, default_value = "mermaid")]
     pub format: GraphFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The machine
+    pub machine: String,
+    /// The old revision
+    pub from: u32,
+    /// The new revision
+    pub to: u32,
+    /// Output format
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: ResultFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateCommand {
+    #[command(subcommand)]
+    pub rollback: Option<MigrateSubcommand>,
+    #[command(flatten)]
+    pub args: Option<MigrateArgs>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrateSubcommand {
+    /// Move the instances this policy migrated back to --from, by the reverse mapping
+    Rollback(MigrateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The machine
+    pub machine: String,
+    /// The revision the instances are on
+    #[arg(long, value_name = "N")]
+    pub from: u32,
+    /// The revision to move them to
+    #[arg(long, value_name = "N")]
+    pub to: u32,
+    /// The StateMigrationPolicy file (YAML)
+    #[arg(long, value_name = "FILE")]
+    pub policy: std::path::PathBuf,
+    /// Report per instance what would happen; change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Run one phase alone: pre (lock) or post (migrate what this policy locked)
+    #[arg(long, value_parser = ["all", "pre", "post"], default_value = "all")]
+    pub phase: String,
+    /// Instances per round (each round shares its commits)
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub chunk: usize,
+    /// Output format; json lists every instance
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: ResultFormat,
 }
 
 #[derive(Debug, Subcommand)]

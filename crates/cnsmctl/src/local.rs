@@ -9,8 +9,8 @@ use std::path::Path;
 use cnsm_core::Instance;
 use cnsm_core::resource::StateMachine;
 use cnsm_runtime::{
-    AppliedDefinition, ControlRequest, CreateInstance, EventRequest, HistoryEntry, Runtime,
-    RuntimeOptions, TransitionOutcome,
+    AppliedDefinition, ControlRequest, CreateInstance, EventRequest, HistoryEntry, MigrationReport,
+    MigrationRequest, Runtime, RuntimeOptions, TransitionOutcome,
 };
 use cnsm_store::embedded::EmbeddedStore;
 use cnsm_store::{BackupReport, DefinitionRow, InstanceQuery, PAGE_LEN_MAX, VerifyReport};
@@ -181,6 +181,14 @@ impl Api for Local {
 
     async fn verify_store(&self) -> Result<VerifyReport, CliError> {
         Ok(self.runtime.store().verify()?)
+    }
+
+    async fn migrate(
+        &self,
+        request: MigrationRequest,
+        progress: &mut (dyn FnMut(usize, usize) + Send),
+    ) -> Result<MigrationReport, CliError> {
+        Ok(self.runtime.migrate(&request, progress).await?)
     }
 
     async fn backup(&self, out: &std::path::Path) -> Result<BackupReport, CliError> {

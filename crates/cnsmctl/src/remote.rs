@@ -8,10 +8,11 @@
 use cnsm_core::Instance;
 use cnsm_core::resource::StateMachine;
 use cnsm_runtime::{
-    AppliedDefinition, ControlRequest, CreateInstance, EventRequest, HistoryEntry,
-    TransitionOutcome,
+    AppliedDefinition, ControlRequest, CreateInstance, EventRequest, HistoryEntry, MigrationPhase,
+    MigrationReport, MigrationRequest, TransitionOutcome,
 };
 use cnsm_server::client::{Client, ClientResponse, EventStream};
+use cnsm_server::migrations::{MigrationBody, MigrationReportView};
 use cnsm_server::wire::{
     API_PREFIX, AppliedView, CreateInstanceBody, EventBody, HISTORY_PAGE_LEN_MAX, HistoryPage,
     InstanceList, LIST_PAGE_LEN_MAX, ProblemDetails, TransitionView, definition_from_view,
@@ -212,8 +213,20 @@ impl Api for Remote {
             revision: view.revision,
             hash: view.hash,
             created: view.created,
-            // Admission ran in this process first and printed its warnings already.
-            warnings: Vec::new(),
+            // Admission ran in this process first and printed its warnings already; keep
+            // what only the server could see (states removed under running instances).
+            warnings: view
+                .warnings
+                .iter()
+                .filter(|w| w.code == cnsm_core::admission::codes::BREAKING_CHANGE)
+                .map(|w| {
+                    cnsm_core::admission::Problem::warning(
+                        cnsm_core::admission::codes::BREAKING_CHANGE,
+                        w.path.clone(),
+                        w.message.clone(),
+                    )
+                })
+                .collect(),
         })
     }
 
@@ -386,6 +399,42 @@ impl Api for Remote {
             }
         }
         Ok(out)
+    }
+
+    async fn migrate(
+        &self,
+        request: MigrationRequest,
+        progress: &mut (dyn FnMut(usize, usize) + Send),
+    ) -> Result<MigrationReport, CliError> {
+        let policy = serde_json::to_string(&request.policy)
+            .map_err(|e| CliError::invalid(format!("cannot encode the policy: {e}")))?;
+        let body = MigrationBody {
+            policy,
+            from_revision: request.from_revision,
+            to_revision: request.to_revision,
+            dry_run: request.dry_run,
+            rollback: request.rollback,
+            phase: Some(
+                match request.phase {
+                    MigrationPhase::All => "all",
+                    MigrationPhase::Pre => "pre",
+                    MigrationPhase::Post => "post",
+                }
+                .into(),
+            ),
+            chunk: request.chunk,
+            actor: Some(request.actor.clone()),
+        };
+        let path = namespace_path(
+            &request.namespace,
+            &format!("statemachines/{}/migrations", encode(&request.machine)),
+        );
+        let view: MigrationReportView = self.post(&path, &body, &[]).await?;
+        let report = MigrationReport {
+            entries: view.entries.iter().map(|e| e.to_entry()).collect(),
+        };
+        progress(report.entries.len(), report.entries.len());
+        Ok(report)
     }
 
     async fn backup(&self, out: &std::path::Path) -> Result<BackupReport, CliError> {

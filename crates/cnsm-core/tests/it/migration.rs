@@ -273,12 +273,54 @@ fn expired_lock_no_longer_blocks_and_is_dropped() {
 fn reverse_mapping_for_rollback() {
     let (v1, v2) = machines();
     let migration = CompiledMigration::compile(&policy(), &v1, &v2).unwrap();
-    let back = migration.reverse(&v1, &v2).unwrap();
+    let back = migration.reverse(&v1, &v2);
     assert_eq!((back.from_revision, back.to_revision), (2, 1));
     let (instance, _) = drive(
         &v2,
         &[("pay", json!({"amount": 40})), ("pack", Value::Null)],
     );
     let blocked = back.plan(&instance).unwrap_err();
-    assert!(blocked.contains("'packed'"), "{blocked}");
+    assert!(blocked.contains("'packed'"), "no way back: {blocked}");
+    let (created, _) = drive(&v2, &[]);
+    let blocked = back.plan(&created).unwrap_err();
+    assert!(
+        blocked.contains("'created'"),
+        "created and validated both map to it: {blocked}"
+    );
+    let (paid, _) = drive(&v2, &[("pay", json!({"amount": 40}))]);
+    assert_eq!(back.plan(&paid).unwrap().target_state, "paid");
+}
+
+#[test]
+fn diff_lists_states_and_transitions() {
+    let (v1, v2) = machines();
+    let d = cnsm_core::diff::diff(v1.definition(), v2.definition());
+    assert_eq!(d.states_added, ["packed", "payment-received"]);
+    assert_eq!(d.states_removed, ["paid", "validated"]);
+    assert_eq!(d.states_changed.len(), 1, "{:?}", d.states_changed);
+    assert_eq!(d.states_changed[0].name, "created");
+    assert_eq!(d.states_changed[0].changes, ["timeoutSeconds: 30 -> 60"]);
+    let added: Vec<String> = d
+        .transitions_added
+        .iter()
+        .map(|e| format!("{} -{}-> {}", e.from, e.label, e.to))
+        .collect();
+    assert!(
+        added.contains(&"created -event pay-> payment-received".to_owned()),
+        "{added:?}"
+    );
+    assert!(
+        added.contains(&"packed -event ship-> shipped".to_owned()),
+        "{added:?}"
+    );
+    let removed: Vec<String> = d
+        .transitions_removed
+        .iter()
+        .map(|e| format!("{} -{}-> {}", e.from, e.label, e.to))
+        .collect();
+    assert!(
+        removed.contains(&"created -complete-> validated".to_owned()),
+        "{removed:?}"
+    );
+    assert!(cnsm_core::diff::diff(v1.definition(), v1.definition()).is_empty());
 }

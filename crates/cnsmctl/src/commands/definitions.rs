@@ -181,6 +181,14 @@ pub async fn apply(context: &Context, args: &ApplyArgs, out: &mut Out) -> Result
     let mut results = Vec::new();
     for machine in machines {
         let applied = api.apply(machine).await?;
+        // Admission warnings were printed above; these come from the running instances.
+        for warning in applied
+            .warnings
+            .iter()
+            .filter(|w| w.code == cnsm_core::admission::codes::BREAKING_CHANGE)
+        {
+            eprintln!("{}", render_problem(warning, None));
+        }
         if args.output == ResultFormat::Text {
             out.line(applied_line(&applied));
         }

@@ -5,6 +5,7 @@
 
 mod definitions;
 mod instances;
+mod migrate;
 mod serve;
 
 use std::io::Read;
@@ -114,6 +115,10 @@ pub async fn run(context: &Context, command: Command, out: &mut Out) -> Result<u
         Command::History(args) => instances::history(context, &args, out)
             .await
             .map(|()| EXIT_OK),
+        Command::Diff(args) => migrate::run_diff(context, &args, out)
+            .await
+            .map(|()| EXIT_OK),
+        Command::Migrate(command) => migrate::run_migrate(context, &command, out).await,
         Command::Graph(args) => definitions::graph(context, &args, out)
             .await
             .map(|()| EXIT_OK),
