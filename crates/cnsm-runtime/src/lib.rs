@@ -47,13 +47,16 @@ use cnsm_store::{DefinitionRow, InstanceQuery, PutDefinition, Store};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
+pub mod audit;
 pub mod clock;
 mod committer;
 mod error;
+pub mod telemetry;
 pub mod timers;
 
 pub use clock::{Clock, SystemClock, VirtualClock};
 pub use error::RuntimeError;
+pub use telemetry::{Telemetry, TraceParent, TransitionContext, TransitionHook};
 
 /// Limits and defaults of a runtime.
 #[derive(Debug, Clone)]
@@ -71,6 +74,8 @@ pub struct RuntimeOptions {
     /// Whether the timer driver runs (read-only tools turn it off).
     pub timers: bool,
     pub clock: Arc<dyn Clock>,
+    /// Spans, metrics and hooks (all off by default); see [`telemetry`].
+    pub telemetry: Telemetry,
 }
 
 impl Default for RuntimeOptions {
@@ -83,6 +88,7 @@ impl Default for RuntimeOptions {
             payload_len_max: 1 << 20,
             timers: true,
             clock: Arc::new(SystemClock),
+            telemetry: Telemetry::default(),
         }
     }
 }
@@ -90,6 +96,11 @@ impl Default for RuntimeOptions {
 impl RuntimeOptions {
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> RuntimeOptions {
         self.clock = clock;
+        self
+    }
+
+    pub fn with_telemetry(mut self, telemetry: Telemetry) -> RuntimeOptions {
+        self.telemetry = telemetry;
         self
     }
 }
@@ -145,7 +156,11 @@ pub struct EventRequest {
     pub idempotency_key: Option<String>,
     /// Compare-and-swap: apply only at this version.
     pub expected_version: Option<u64>,
+    /// The caller's trace context (W3C `traceparent` ids); see also `trace_parent`.
     pub trace: Option<TraceContext>,
+    /// The full incoming W3C context (sampled flag, `tracestate`); the parent of the transition
+    /// span. When absent, `trace` (if any) is the parent, taken as sampled.
+    pub trace_parent: Option<TraceParent>,
     pub actor: String,
 }
 
@@ -157,8 +172,16 @@ impl EventRequest {
             idempotency_key: None,
             expected_version: None,
             trace: None,
+            trace_parent: None,
             actor: "anonymous".into(),
         }
+    }
+
+    /// Sets the incoming W3C trace context (the parent of the transition span).
+    pub fn traced(mut self, parent: TraceParent) -> EventRequest {
+        self.trace = Some(parent.context.clone());
+        self.trace_parent = Some(parent);
+        self
     }
 
     pub fn payload(mut self, payload: Value) -> EventRequest {
@@ -319,6 +342,9 @@ impl Runtime {
             versions: Mutex::new(HashMap::new()),
             queued: std::sync::atomic::AtomicUsize::new(0),
         });
+        if shared.options.telemetry.metrics_enabled() {
+            seed_active(&shared)?;
+        }
         let (queue, thread) = committer::start(Arc::clone(&shared))?;
         Ok(Runtime {
             shared,
@@ -493,6 +519,7 @@ impl Runtime {
         id: &str,
         event: EventRequest,
     ) -> Result<TransitionOutcome, RuntimeError> {
+        let received = std::time::Instant::now();
         if event.name.is_empty() || event.name.len() > 253 {
             return Err(RuntimeError::Invalid(
                 "event name must be 1 to 253 characters".into(),
@@ -533,6 +560,7 @@ impl Runtime {
             namespace,
             id,
             event,
+            received,
             reply,
         })
         .await?
@@ -616,6 +644,25 @@ impl Runtime {
     pub async fn pending_timers(&self) -> Result<usize, RuntimeError> {
         self.submit(|reply| committer::Command::CountTimers { reply })
             .await
+    }
+}
+
+/// Seeds the `cnsm.instances.active` gauge with the instances already stored.
+fn seed_active(shared: &Shared) -> Result<(), RuntimeError> {
+    let mut query = InstanceQuery {
+        limit: cnsm_store::PAGE_LEN_MAX,
+        ..InstanceQuery::default()
+    };
+    loop {
+        let page = shared.store.list_instances(&query)?;
+        let instances: Vec<Instance> = page.into_iter().map(|s| s.instance).collect();
+        shared.options.telemetry.seed_active(&instances);
+        match instances.last() {
+            Some(last) if instances.len() == query.limit => {
+                query.after = Some((last.namespace.to_string(), last.id.to_string()));
+            }
+            _ => return Ok(()),
+        }
     }
 }
 
