@@ -56,11 +56,13 @@ const EVENT_HEADERS: &[&str] = &[
     "If-Match",
     "Idempotency-Key",
     "traceparent",
+    "tracestate",
     "ce-specversion",
     "ce-id",
     "ce-source",
     "ce-type",
     "ce-traceparent",
+    "ce-tracestate",
 ];
 
 /// Every route of the API.
@@ -281,6 +283,19 @@ pub static ROUTES: &[Route] = &[
         ok: &[(200, "Debug")],
         errors: &[P::Invalid, P::Unavailable],
         handler: || get(health::debug),
+    },
+    Route {
+        method: "GET",
+        path: "/metrics",
+        operation_id: "metrics",
+        summary: "The cnsm.* metrics in the Prometheus text format",
+        access: Access::AllNamespaces(Role::Reader),
+        query: &[],
+        headers: &[],
+        body: None,
+        ok: &[(200, "Text")],
+        errors: &[],
+        handler: || get(health::metrics),
     },
     Route {
         method: "GET",
