@@ -255,10 +255,7 @@ async fn rejected_attempts_get_error_status_and_type() {
         "one wins, the other loses: {types:?}"
     );
     let loser = types[0];
-    assert!(
-        loser == "RaceCondition" || loser == "StaleState",
-        "{loser}"
-    );
+    assert!(loser == "RaceCondition" || loser == "StaleState", "{loser}");
     let _ = s.provider.force_flush();
     let spans = transitions(&s.exporter);
     let failed: Vec<_> = spans
@@ -271,7 +268,10 @@ async fn rejected_attempts_get_error_status_and_type() {
         .collect();
     assert!(failed_types.contains(&"TransitionFailure".to_owned()));
     if loser == "RaceCondition" {
-        assert!(failed_types.contains(&"RaceCondition".to_owned()), "{failed_types:?}");
+        assert!(
+            failed_types.contains(&"RaceCondition".to_owned()),
+            "{failed_types:?}"
+        );
     }
     let ship = failed
         .iter()

@@ -56,9 +56,7 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<EventRequest, ApiError>
         && let Some(parent) = header_text(headers, "traceparent")
             .ok()
             .flatten()
-            .and_then(|t| {
-                TraceParent::parse(t, header_text(headers, "tracestate").ok().flatten())
-            })
+            .and_then(|t| TraceParent::parse(t, header_text(headers, "tracestate").ok().flatten()))
     {
         event = event.traced(parent);
     }
@@ -173,9 +171,7 @@ fn structured(body: &[u8]) -> Result<EventRequest, ApiError> {
     let trace = attributes
         .get("traceparent")
         .and_then(Value::as_str)
-        .and_then(|t| {
-            TraceParent::parse(t, attributes.get("tracestate").and_then(Value::as_str))
-        });
+        .and_then(|t| TraceParent::parse(t, attributes.get("tracestate").and_then(Value::as_str)));
     let data = attributes.remove("data").unwrap_or(Value::Null);
     Ok(cloudevent(required, data, trace))
 }

@@ -67,12 +67,7 @@ pub struct TelemetryArgs {
     )]
     pub audit_max_bytes: u64,
     /// Rotated audit files kept (audit.jsonl.1 is the newest)
-    #[arg(
-        long,
-        env = "CNSM_AUDIT_KEEP",
-        default_value_t = 5,
-        value_name = "N"
-    )]
+    #[arg(long, env = "CNSM_AUDIT_KEEP", default_value_t = 5, value_name = "N")]
     pub audit_keep: usize,
 }
 
@@ -139,7 +134,8 @@ pub fn wire(args: &TelemetryArgs, store: &Arc<dyn Store>) -> Result<Wired, CliEr
     let disabled = env_is("OTEL_SDK_DISABLED", "true");
     let otlp_traces = !disabled
         && !env_is("OTEL_TRACES_EXPORTER", "none")
-        && (env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"));
+        && (env_set("OTEL_EXPORTER_OTLP_ENDPOINT")
+            || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"));
     let otlp_metrics = !disabled
         && !args.no_metrics
         && !env_is("OTEL_METRICS_EXPORTER", "none")
@@ -205,8 +201,9 @@ fn build(otlp_traces: bool, otlp_metrics: bool, no_metrics: bool) -> Result<Buil
         resource = resource.with_service_name("cnsm");
     }
     let resource = resource.build();
-    let exporter_error =
-        |what: &str, e: &dyn std::fmt::Display| CliError::invalid(format!("OTLP {what} exporter: {e}"));
+    let exporter_error = |what: &str, e: &dyn std::fmt::Display| {
+        CliError::invalid(format!("OTLP {what} exporter: {e}"))
+    };
     let tracer_provider = if otlp_traces {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()

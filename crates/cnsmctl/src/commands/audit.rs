@@ -56,7 +56,11 @@ pub fn run(context: &Context, command: &AuditCommand, out: &mut Out) -> Result<(
             ))
         })?),
     };
-    if !context.data_dir.join(cnsm_store::embedded::FILE_NAME).exists() {
+    if !context
+        .data_dir
+        .join(cnsm_store::embedded::FILE_NAME)
+        .exists()
+    {
         return Err(CliError::not_found(format!(
             "no store in {}",
             context.data_dir.display()
@@ -73,9 +77,9 @@ pub fn run(context: &Context, command: &AuditCommand, out: &mut Out) -> Result<(
         let last = *last;
         for (seq, sealed) in &page {
             if let Since::Time(from_ms) = since {
-                let record = sealed.open().map_err(|e| {
-                    CliError::unavailable(format!("commit position {seq}: {e}"))
-                })?;
+                let record = sealed
+                    .open()
+                    .map_err(|e| CliError::unavailable(format!("commit position {seq}: {e}")))?;
                 if record.time_ms < from_ms {
                     continue;
                 }
