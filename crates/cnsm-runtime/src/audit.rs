@@ -128,7 +128,7 @@ impl AuditLog {
             }
         };
         let cursor = Arc::new(AtomicU64::new(cursor));
-        catch_up(store.as_ref(), &mut out, &cursor).map_err(|e| AuditError::Store(e))?;
+        catch_up(store.as_ref(), &mut out, &cursor).map_err(AuditError::Store)?;
         let (queue, rx) = std::sync::mpsc::sync_channel(queue_len.max(16));
         let thread_cursor = Arc::clone(&cursor);
         let thread = std::thread::Builder::new()

@@ -346,7 +346,7 @@ impl Telemetry {
             m.batch_size.record(batch.n_items as u64, &[]);
         }
         let mut counts: HashMap<(Arc<str>, Trigger), u64> = HashMap::new();
-        let mut active_delta: Vec<((Arc<str>, Arc<str>), i64)> = Vec::new();
+        let mut active_delta: Vec<(MachineState, i64)> = Vec::new();
         for (attempt, record, hash, error) in batch.items {
             let Some(mut attempt) = attempt else { continue };
             if let Some(error) = error {
@@ -595,9 +595,12 @@ impl LocalMetrics {
     }
 }
 
+/// A (machine, state) label pair of `cnsm.instances.active`.
+type MachineState = (Arc<str>, Arc<str>);
+
 #[derive(Default)]
 struct Gauges {
-    active: Mutex<HashMap<(Arc<str>, Arc<str>), i64>>,
+    active: Mutex<HashMap<MachineState, i64>>,
     timers_pending: AtomicU64,
 }
 

@@ -41,17 +41,20 @@ spec:
     type: final
 ";
 
+/// (path, body) of every request the receiver got.
+type Requests = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A minimal OTLP/HTTP receiver: records (path, body) of every POST and answers 200.
 struct Receiver {
     url: String,
-    requests: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    requests: Requests,
 }
 
 impl Receiver {
     fn start() -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind receiver");
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let requests: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+        let requests: Requests = Arc::default();
         let seen = Arc::clone(&requests);
         std::thread::spawn(move || {
             for stream in listener.incoming() {
@@ -74,7 +77,7 @@ impl Receiver {
     }
 }
 
-fn serve_connection(stream: std::net::TcpStream, seen: Arc<Mutex<Vec<(String, Vec<u8>)>>>) {
+fn serve_connection(stream: std::net::TcpStream, seen: Requests) {
     let mut writer = stream.try_clone().expect("clone stream");
     let mut reader = BufReader::new(stream);
     loop {
@@ -243,7 +246,7 @@ fn parse_prometheus(text: &str) -> BTreeMap<String, Vec<String>> {
             continue;
         }
         let name_end = line
-            .find(|c: char| c == '{' || c == ' ')
+            .find(['{', ' '])
             .unwrap_or_else(|| panic!("no value in {line}"));
         let name = &line[..name_end];
         assert!(
