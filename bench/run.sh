@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs cnsm's benchmarks and the XState side-by-side in one go; prints `bench NAME: VALUE` lines
-# that BENCHMARKS.md quotes. Usage: bench/run.sh [engine|durable|timers|recovery|stores|xstate|http ...]
+# that BENCHMARKS.md quotes. Usage: bench/run.sh [engine|durable|timers|recovery|stores|xstate|http|telemetry ...]
 # (default: all but recovery, which builds a 3+ GB store and takes several minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,7 @@ for w in "${what[@]}"; do
     durable)  cargo bench -q -p cnsm-bench --bench durable ;;
     timers)   cargo bench -q -p cnsm-bench --bench timers ;;
     recovery) cargo bench -q -p cnsm-bench --bench recovery ;;
+    telemetry) cargo bench -q -p cnsm-bench --bench telemetry ;;
     http)     cargo build -q --release -p cnsmctl && cargo bench -q -p cnsm-bench --bench http_load ;;
     stores)   cargo bench -q -p cnsm-bench --features sqlite --bench store_compare ;;
     xstate)

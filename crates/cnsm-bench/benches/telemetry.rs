@@ -1,0 +1,316 @@
+//! The cost of telemetry.
+//!
+//! 1. Engine apply path (no I/O, one core), plain vs. plus the metric work the runtime does per
+//!    transition: three `Instant::now()` reads, three histogram records
+//!    (`cnsm.transition.duration`, `.queue.duration`, `.evaluation.duration`) with the
+//!    machine's pre-built attribute set, and the per-batch-aggregated `cnsm.transitions`
+//!    counter (one add per 256 transitions), on the OpenTelemetry SDK with a Prometheus-style
+//!    cumulative reader attached (the Prometheus reader `cnsmctl serve` uses).
+//! 2. The durable runtime (embedded store, every transition fsynced in its group commit), with
+//!    telemetry off, metrics only, spans at 100 % and spans at 1 % (plus metrics): the real
+//!    `Telemetry` of the runtime, spans through the SDK's batch processor into an exporter
+//!    that discards them (what leaves the process is the exporter's business).
+//!
+//! Run: `cargo bench -p cnsm-bench --bench telemetry` (`CNSM_BENCH_SECONDS`, default 5, per
+//! durable case; `CNSM_BENCH_CLIENTS`, default 256).
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cnsm_bench::{ORDER_PROCESSING, machine, report};
+use cnsm_core::Instance;
+use cnsm_core::engine::{Input, Machine, NewInstance, Trigger};
+use cnsm_runtime::{CreateInstance, EventRequest, Runtime, RuntimeOptions, Telemetry};
+use cnsm_store::embedded::EmbeddedStore;
+use opentelemetry::KeyValue;
+use opentelemetry::global::BoxedTracer;
+use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
+use serde_json::{Value, json};
+
+const COUNTER: &str = r#"
+apiVersion: statemachine.cn/v1alpha1
+kind: StateMachine
+metadata: {name: counter, namespace: bench}
+spec:
+  initialState: counting
+  states:
+  - name: counting
+    type: task
+    timeoutSeconds: 86400
+    onEvent:
+    - event: inc
+      target: counting
+      assign: {n: "data.n + 1"}
+"#;
+
+#[derive(Debug)]
+struct Discard;
+
+impl SpanExporter for Discard {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        black_box(batch);
+        Ok(())
+    }
+}
+
+fn genesis(machine: &Machine) -> Instance {
+    let mut data = serde_json::Map::new();
+    data.insert("total".into(), json!(40));
+    let record = machine
+        .create(NewInstance {
+            namespace: "shop",
+            id: "o-1",
+            data,
+            labels: BTreeMap::new(),
+            now_ms: 1,
+            actor: "bench",
+        })
+        .expect("create");
+    let hash = record.seal().hash;
+    Instance::from_genesis(&record, hash).expect("genesis")
+}
+
+struct Instruments {
+    duration: opentelemetry::metrics::Histogram<f64>,
+    queue: opentelemetry::metrics::Histogram<f64>,
+    evaluation: opentelemetry::metrics::Histogram<f64>,
+    transitions: opentelemetry::metrics::Counter<u64>,
+    attrs: Vec<KeyValue>,
+    counter_attrs: Vec<KeyValue>,
+}
+
+fn instruments(provider: &SdkMeterProvider) -> Instruments {
+    let meter = provider.meter("cnsm");
+    let buckets = cnsm_runtime::telemetry::DURATION_BUCKETS_S.to_vec();
+    let h = |name: &'static str| {
+        meter
+            .f64_histogram(name)
+            .with_unit("s")
+            .with_boundaries(buckets.clone())
+            .build()
+    };
+    Instruments {
+        duration: h("cnsm.transition.duration"),
+        queue: h("cnsm.transition.queue.duration"),
+        evaluation: h("cnsm.transition.evaluation.duration"),
+        transitions: meter.u64_counter("cnsm.transitions").build(),
+        attrs: vec![KeyValue::new("cnsm.machine.name", "order-processing")],
+        counter_attrs: vec![
+            KeyValue::new("cnsm.machine.name", "order-processing"),
+            KeyValue::new("cnsm.trigger", "event"),
+        ],
+    }
+}
+
+/// Orders through the engine; with `metrics`, the runtime's per-transition metric work too.
+fn apply_path(machine: &Machine, n_orders: usize, metrics: Option<&Instruments>) -> f64 {
+    let start_instance = genesis(machine);
+    let events: [(&str, Value); 4] = [
+        ("complete", Value::Null),
+        ("pay", json!({"amount": 40})),
+        ("ship", Value::Null),
+        ("deliver", Value::Null),
+    ];
+    let actor: Arc<str> = Arc::from("bench");
+    let started = Instant::now();
+    let mut n = 0u64;
+    let mut pending = 0u64;
+    for i in 0..n_orders {
+        let mut instance = start_instance.clone();
+        for (name, payload) in &events {
+            let received = metrics.map(|_| Instant::now());
+            let input = Input::new(
+                Trigger::Event { name, payload },
+                2 + i as u64,
+                actor.clone(),
+            );
+            let evaluated = metrics.map(|_| Instant::now());
+            let record = machine.apply(&instance, &input).expect("transition");
+            instance
+                .apply_record(&record, instance.last_hash)
+                .expect("applies");
+            if let (Some(m), Some(received), Some(evaluated)) = (metrics, received, evaluated) {
+                let now = Instant::now();
+                m.duration
+                    .record(now.duration_since(received).as_secs_f64(), &m.attrs);
+                m.queue
+                    .record(evaluated.duration_since(received).as_secs_f64(), &m.attrs);
+                m.evaluation
+                    .record(now.duration_since(evaluated).as_secs_f64(), &m.attrs);
+                pending += 1;
+                if pending == 256 {
+                    m.transitions.add(pending, &m.counter_attrs);
+                    pending = 0;
+                }
+            }
+            n += 1;
+        }
+        black_box(&instance);
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+fn best_of(rounds: usize, f: impl Fn() -> f64) -> f64 {
+    (0..rounds).map(|_| f()).fold(0.0, f64::max)
+}
+
+fn bench_dir() -> tempfile::TempDir {
+    match std::env::var_os("CNSM_BENCH_DIR") {
+        Some(dir) => tempfile::tempdir_in(dir).expect("bench dir"),
+        None => tempfile::tempdir().expect("temp dir"),
+    }
+}
+
+/// Durable transitions/s with `n_clients` clients for `seconds`.
+async fn durable(telemetry: Telemetry, n_clients: usize, seconds: u64) -> f64 {
+    let dir = bench_dir();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let runtime =
+        Runtime::open(store, RuntimeOptions::default().with_telemetry(telemetry)).unwrap();
+    runtime.apply_yaml(COUNTER, None).await.unwrap();
+    for i in 0..n_clients {
+        let mut data = serde_json::Map::new();
+        data.insert("n".into(), 0.into());
+        runtime
+            .create_instance(
+                CreateInstance::new("bench", "counter")
+                    .id(format!("c-{i}"))
+                    .data(data),
+            )
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..n_clients {
+        let runtime = runtime.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("c-{c}");
+            let parent = cnsm_runtime::TraceParent::parse(
+                &format!("00-{:032x}-{:016x}-01", c + 1, c + 1),
+                None,
+            )
+            .expect("traceparent");
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                runtime
+                    .send(
+                        "bench",
+                        &id,
+                        EventRequest::new("inc").traced(parent.clone()),
+                    )
+                    .await
+                    .unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut n = 0;
+    for t in tasks {
+        n += t.await.unwrap();
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    runtime.shutdown();
+    rate
+}
+
+fn meter_provider() -> SdkMeterProvider {
+    // The reader `cnsmctl serve` uses for /metrics.
+    let reader = opentelemetry_prometheus::exporter()
+        .with_registry(prometheus::Registry::new())
+        .scope_info_enabled(false)
+        .without_target_info()
+        .build()
+        .expect("prometheus reader");
+    SdkMeterProvider::builder().with_reader(reader).build()
+}
+
+fn tracer_provider(ratio: f64) -> SdkTracerProvider {
+    // Not parent-based: the sampled incoming parent would otherwise force 100 %.
+    SdkTracerProvider::builder()
+        .with_sampler(Sampler::TraceIdRatioBased(ratio))
+        .with_batch_exporter(Discard)
+        .build()
+}
+
+fn main() {
+    let order = machine(ORDER_PROCESSING);
+    let n_orders = 100_000;
+    let meters = meter_provider();
+    let inst = instruments(&meters);
+    apply_path(&order, n_orders / 10, None);
+    apply_path(&order, n_orders / 10, Some(&inst));
+    let plain = best_of(3, || apply_path(&order, n_orders, None));
+    let with_metrics = best_of(3, || apply_path(&order, n_orders, Some(&inst)));
+    report(
+        "telemetry.apply.off",
+        plain,
+        "transitions/s",
+        "(engine apply path, no I/O, one core)",
+    );
+    report(
+        "telemetry.apply.metrics",
+        with_metrics,
+        "transitions/s",
+        &format!(
+            "(+ the runtime's per-transition metric work: {:.1} % cost, {:.0} ns per transition)",
+            (1.0 - with_metrics / plain) * 100.0,
+            (1.0 / with_metrics - 1.0 / plain) * 1e9
+        ),
+    );
+
+    let seconds: u64 = std::env::var("CNSM_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let n_clients: usize = std::env::var("CNSM_BENCH_CLIENTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut results = Vec::new();
+    for case in ["off", "metrics", "spans_100", "spans_1"] {
+        let meters = meter_provider();
+        let tracer = match case {
+            "spans_100" => Some(tracer_provider(1.0)),
+            "spans_1" => Some(tracer_provider(0.01)),
+            _ => None,
+        };
+        let mut telemetry = Telemetry::default();
+        if case != "off" {
+            telemetry = telemetry.with_meter(&meters.meter("cnsm"));
+        }
+        if let Some(tp) = &tracer {
+            telemetry = telemetry.with_tracer(BoxedTracer::new(Box::new(tp.tracer("cnsm"))));
+        }
+        let rate = rt.block_on(durable(telemetry, n_clients, seconds));
+        if let Some(tp) = tracer {
+            let _ = tp.shutdown();
+        }
+        results.push((case, rate));
+    }
+    let off = results[0].1;
+    for (case, rate) in &results {
+        report(
+            &format!("telemetry.durable.{case}.clients_{n_clients}"),
+            *rate,
+            "transitions/s",
+            &format!(
+                "({:.0} % of off; fsynced group commits)",
+                rate / off * 100.0
+            ),
+        );
+    }
+}
