@@ -520,40 +520,100 @@ impl Runtime {
         event: EventRequest,
     ) -> Result<TransitionOutcome, RuntimeError> {
         let received = std::time::Instant::now();
+        let telemetry = &self.shared.options.telemetry;
+        if !telemetry.is_enabled() {
+            return self
+                .send_checked(namespace, id, event, received)
+                .await
+                .map_err(|e| e.error);
+        }
+        // A request refused before it reaches the committer is still an attempted transition:
+        // its span, error count and audit line are made here.
+        let name = event.name.clone();
+        let actor = event.actor.clone();
+        let parent = event.trace_parent.clone().or_else(|| {
+            event.trace.clone().map(|context| TraceParent {
+                context,
+                sampled: true,
+                tracestate: None,
+            })
+        });
+        let result = self.send_checked(namespace, id, event, received).await;
+        if let Err(error) = &result
+            && !error.from_committer
+        {
+            telemetry.rejected(
+                telemetry::AttemptStart {
+                    trigger: telemetry::Trigger::Event,
+                    namespace,
+                    instance: id,
+                    event: Some(&name),
+                    actor: &actor,
+                    received,
+                    parent: parent.as_ref(),
+                    link: None,
+                },
+                &error.error,
+            );
+        }
+        result.map_err(|e| e.error)
+    }
+
+    async fn send_checked(
+        &self,
+        namespace: &str,
+        id: &str,
+        event: EventRequest,
+        received: std::time::Instant,
+    ) -> Result<TransitionOutcome, SendError> {
         if event.name.is_empty() || event.name.len() > 253 {
-            return Err(RuntimeError::Invalid(
+            return Err(SendError::arrival(RuntimeError::Invalid(
                 "event name must be 1 to 253 characters".into(),
-            ));
+            )));
         }
         let size = serde_json::to_vec(&event.payload)
             .map(|v| v.len())
             .unwrap_or(0);
         if size > self.shared.options.payload_len_max {
-            return Err(RuntimeError::Invalid(format!(
+            return Err(SendError::arrival(RuntimeError::Invalid(format!(
                 "payload is {size} bytes, more than the limit of {}",
                 self.shared.options.payload_len_max
-            )));
+            ))));
         }
         let store = &self.shared.store;
         // Arrival checks: a repeated key replays; an expected version already behind is stale.
-        let durable = match self.durable_version(namespace, id)? {
+        let durable = match self
+            .durable_version(namespace, id)
+            .map_err(SendError::arrival)?
+        {
             Some(v) => v,
-            None => return Err(RuntimeError::NotFound(format!("instance {namespace}/{id}"))),
+            None => {
+                return Err(SendError::arrival(RuntimeError::NotFound(format!(
+                    "instance {namespace}/{id}"
+                ))));
+            }
         };
         if let Some(key) = &event.idempotency_key
-            && let Some(entry) = store.idempotency(namespace, id, key)?
+            && let Some(entry) = store
+                .idempotency(namespace, id, key)
+                .map_err(|e| SendError::arrival(e.into()))?
             && entry.expires_ms > self.shared.options.clock.now_ms()
         {
-            return self.replay(namespace, id, &event, &entry).await;
+            return self
+                .replay(namespace, id, &event, &entry)
+                .await
+                .map_err(SendError::arrival);
         }
         if let Some(expected) = event.expected_version
             && expected != durable
         {
-            return Err(cnsm_core::TransitionError::StaleState {
-                expected,
-                actual: durable,
-            }
-            .into());
+            return Err(SendError::arrival(
+                cnsm_core::TransitionError::StaleState {
+                    expected,
+                    actual: durable,
+                }
+                .into(),
+            ));
         }
         let (namespace, id) = (namespace.to_owned(), id.to_owned());
         self.submit(|reply| committer::Command::Event {
@@ -563,7 +623,12 @@ impl Runtime {
             received,
             reply,
         })
-        .await?
+        .await
+        .map_err(SendError::arrival)?
+        .map_err(|error| SendError {
+            error,
+            from_committer: true,
+        })
     }
 
     pub(crate) async fn replay(
@@ -644,6 +709,21 @@ impl Runtime {
     pub async fn pending_timers(&self) -> Result<usize, RuntimeError> {
         self.submit(|reply| committer::Command::CountTimers { reply })
             .await
+    }
+}
+
+/// The error of `Runtime::send`, and whether the committer already reported it.
+struct SendError {
+    error: RuntimeError,
+    from_committer: bool,
+}
+
+impl SendError {
+    fn arrival(error: RuntimeError) -> SendError {
+        SendError {
+            error,
+            from_committer: false,
+        }
     }
 }
 

@@ -262,10 +262,13 @@ impl Telemetry {
                 .and_then(TraceParent::otel_context)
                 .unwrap_or_default();
             let mut attributes = vec![
-                KeyValue::new("cnsm.instance.id", attempt.instance.clone()),
                 KeyValue::new("cnsm.namespace", attempt.namespace.clone()),
                 KeyValue::new("cnsm.trigger", start.trigger.as_str()),
             ];
+            // A created instance without a given id gets its generated one at commit.
+            if !attempt.instance.is_empty() {
+                attributes.push(KeyValue::new("cnsm.instance.id", attempt.instance.clone()));
+            }
             if let Some(e) = &attempt.event {
                 attributes.push(KeyValue::new("cnsm.event.name", e.clone()));
             }
@@ -287,6 +290,13 @@ impl Telemetry {
             attempt.span = Some(span);
         }
         Some(attempt)
+    }
+
+    /// An attempt refused before it reached the committer (arrival checks, a full queue).
+    pub(crate) fn rejected(&self, start: AttemptStart<'_>, error: &RuntimeError) {
+        if let Some(attempt) = self.start(start) {
+            self.failed(attempt, error);
+        }
     }
 
     /// The instance of the attempt is loaded: records the state context, calls `before` hooks.
@@ -349,6 +359,12 @@ impl Telemetry {
         let mut active_delta: Vec<(MachineState, i64)> = Vec::new();
         for (attempt, record, hash, error) in batch.items {
             let Some(mut attempt) = attempt else { continue };
+            if attempt.instance.is_empty() {
+                attempt.instance = record.instance.to_string();
+                if let Some(span) = &mut attempt.span {
+                    span.set_attribute(KeyValue::new("cnsm.instance.id", attempt.instance.clone()));
+                }
+            }
             if let Some(error) = error {
                 self.failed(attempt, &error);
                 continue;

@@ -278,13 +278,31 @@ async fn rejected_attempts_get_error_status_and_type() {
         .find(|sp| attr(sp, "cnsm.event.name").as_deref() == Some("ship"))
         .unwrap();
     assert_eq!(attr(ship, "cnsm.state.from").as_deref(), Some("pending"));
-    // NotFound: no instance; still a span with its error type.
+    // Refused on arrival (before the committer): NotFound and StaleState still get their span.
     let e = s
         .runtime
         .send("default", "nobody", EventRequest::new("pay"))
         .await
         .unwrap_err();
     assert_eq!(e.error_type(), "NotFound");
+    let e = s
+        .runtime
+        .send(
+            "default",
+            "o-2",
+            EventRequest::new("pay").expected_version(0),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.error_type(), "StaleState");
+    let _ = s.provider.force_flush();
+    let types: Vec<String> = transitions(&s.exporter)
+        .iter()
+        .filter(|sp| matches!(sp.status, Status::Error { .. }))
+        .filter_map(|sp| attr(sp, "error.type"))
+        .collect();
+    assert!(types.contains(&"NotFound".to_owned()), "{types:?}");
+    assert!(types.contains(&"StaleState".to_owned()), "{types:?}");
     s.runtime.shutdown();
 }
 
