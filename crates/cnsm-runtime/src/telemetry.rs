@@ -235,12 +235,15 @@ impl Telemetry {
         if !self.is_enabled() {
             return None;
         }
+        // Metrics alone need no names: copy them only for spans and hooks.
+        let names = self.tracer.is_some() || !self.hooks.is_empty();
+        let copy = |s: &str| if names { s.to_owned() } else { String::new() };
         let mut attempt = Box::new(Attempt {
             trigger: start.trigger,
-            namespace: start.namespace.to_owned(),
-            instance: start.instance.to_owned(),
-            event: start.event.map(str::to_owned),
-            actor: start.actor.to_owned(),
+            namespace: copy(start.namespace),
+            instance: copy(start.instance),
+            event: start.event.filter(|_| names).map(str::to_owned),
+            actor: copy(start.actor),
             machine: None,
             revision: None,
             from: None,
@@ -359,7 +362,7 @@ impl Telemetry {
         let mut active_delta: Vec<(MachineState, i64)> = Vec::new();
         for (attempt, record, hash, error) in batch.items {
             let Some(mut attempt) = attempt else { continue };
-            if attempt.instance.is_empty() {
+            if attempt.instance.is_empty() && (attempt.span.is_some() || !self.hooks.is_empty()) {
                 attempt.instance = record.instance.to_string();
                 if let Some(span) = &mut attempt.span {
                     span.set_attribute(KeyValue::new("cnsm.instance.id", attempt.instance.clone()));
@@ -395,10 +398,11 @@ impl Telemetry {
                 .as_secs_f64();
             let evaluation_s = attempt.evaluation.as_secs_f64();
             if let Some(m) = &self.metrics {
-                let attrs = local.machine_attrs(&machine);
-                m.duration.record(total_s, attrs);
-                m.queue.record(queue_s, attrs);
-                m.evaluation.record(evaluation_s, attrs);
+                // By machine for the end-to-end figure; the split without attributes (the SDK's
+                // cheapest path): per-transition work stays small on the committer.
+                m.duration.record(total_s, local.machine_attrs(&machine));
+                m.queue.record(queue_s, &[]);
+                m.evaluation.record(evaluation_s, &[]);
             }
             if let Some(mut span) = attempt.span.take() {
                 let mut attrs = vec![
