@@ -340,7 +340,7 @@ fn durable_cases() {
             *rate,
             "transitions/s",
             &format!(
-                "({:.0} % of off; fsynced group commits)",
+                "({:.0} % of off; best of {rounds} interleaved rounds; fsynced group commits)",
                 rate / off * 100.0
             ),
         );
