@@ -234,4 +234,63 @@ mod tests {
                 .is_some()
         );
     }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.insert(*k, v.parse().expect("header value"));
+        }
+        map
+    }
+
+    #[test]
+    fn trace_context_with_state_and_flags_becomes_the_parent() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        // Plain JSON with the W3C headers.
+        let event = parse(
+            &headers(&[
+                ("content-type", "application/json"),
+                ("traceparent", tp),
+                ("tracestate", "congo=t61rcWkgMzE"),
+            ]),
+            br#"{"event":"go"}"#,
+        )
+        .expect("parses");
+        let parent = event.trace_parent.expect("a parent");
+        assert!(!parent.sampled);
+        assert_eq!(parent.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
+        assert_eq!(event.trace, Some(parent.context));
+        // Binary CloudEvent: the ce- headers win over the plain ones.
+        let event = parse(
+            &headers(&[
+                ("content-type", "application/json"),
+                ("ce-specversion", "1.0"),
+                ("ce-id", "1"),
+                ("ce-source", "s"),
+                ("ce-type", "go"),
+                (
+                    "ce-traceparent",
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                ),
+                ("ce-tracestate", "rojo=1"),
+                ("traceparent", tp),
+            ]),
+            b"{}",
+        )
+        .expect("parses");
+        let parent = event.trace_parent.expect("a parent");
+        assert_eq!(parent.context.trace_id, "0af7651916cd43dd8448eb211c80319c");
+        assert!(parent.sampled);
+        assert_eq!(parent.tracestate.as_deref(), Some("rojo=1"));
+        // An invalid traceparent is ignored.
+        let event = parse(
+            &headers(&[
+                ("content-type", "application/json"),
+                ("traceparent", "junk"),
+            ]),
+            br#"{"event":"go"}"#,
+        )
+        .expect("parses");
+        assert!(event.trace_parent.is_none() && event.trace.is_none());
+    }
 }
