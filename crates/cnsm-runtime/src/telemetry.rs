@@ -397,12 +397,14 @@ impl Telemetry {
                 .saturating_duration_since(attempt.received)
                 .as_secs_f64();
             let evaluation_s = attempt.evaluation.as_secs_f64();
-            if let Some(m) = &self.metrics {
-                // By machine for the end-to-end figure; the split without attributes (the SDK's
-                // cheapest path): per-transition work stays small on the committer.
-                m.duration.record(total_s, local.machine_attrs(&machine));
-                m.queue.record(queue_s, &[]);
-                m.evaluation.record(evaluation_s, &[]);
+            if self.metrics.is_some() {
+                // Recorded by the metrics thread after the batch (see `Metrics`).
+                local.samples.push(Sample {
+                    machine: Arc::clone(&machine),
+                    total_s,
+                    queue_s,
+                    evaluation_s,
+                });
             }
             if let Some(mut span) = attempt.span.take() {
                 let mut attrs = vec![
@@ -477,6 +479,7 @@ impl Telemetry {
             }
         }
         if let Some(m) = &self.metrics {
+            m.send_samples(local);
             for ((machine, trigger), n) in counts {
                 m.transitions.add(
                     n,
@@ -591,27 +594,39 @@ pub(crate) struct CommittedBatch<'a> {
     )>,
 }
 
-/// Attribute sets built once per machine, kept by the committer thread.
-#[derive(Default)]
-pub(crate) struct LocalMetrics {
-    machine_attrs: HashMap<Arc<str>, Vec<KeyValue>>,
+/// One committed transition's timings, for the histograms.
+struct Sample {
+    machine: Arc<str>,
+    total_s: f64,
+    queue_s: f64,
+    evaluation_s: f64,
 }
 
-impl LocalMetrics {
-    fn machine_attrs(&mut self, machine: &Arc<str>) -> &[KeyValue] {
-        if !self.machine_attrs.contains_key(machine) {
-            if self.machine_attrs.len() > 10_000 {
-                self.machine_attrs.clear();
+/// The committer's side of the metrics: the batch's samples, and attribute sets built once per
+/// machine (for recording inline when the metrics thread lags).
+#[derive(Default)]
+pub(crate) struct LocalMetrics {
+    samples: Vec<Sample>,
+    machine_attrs: MachineAttrs,
+}
+
+/// `cnsm.machine.name` attribute sets, built once per machine.
+#[derive(Default)]
+struct MachineAttrs(HashMap<Arc<str>, Vec<KeyValue>>);
+
+impl MachineAttrs {
+    fn get(&mut self, machine: &Arc<str>) -> &[KeyValue] {
+        let map = &mut self.0;
+        if !map.contains_key(machine) {
+            if map.len() > 10_000 {
+                map.clear();
             }
-            self.machine_attrs.insert(
+            map.insert(
                 Arc::clone(machine),
                 vec![KeyValue::new("cnsm.machine.name", machine.to_string())],
             );
         }
-        self.machine_attrs
-            .get(machine)
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
+        map.get(machine).map(Vec::as_slice).unwrap_or(&[])
     }
 }
 
@@ -635,9 +650,46 @@ struct Metrics {
     batch_size: Histogram<u64>,
     gauges: Arc<Gauges>,
     _observed: (ObservableGauge<i64>, ObservableGauge<u64>),
+    /// The per-transition histogram records happen on a `cnsm-metrics` thread, one hand-off
+    /// per batch, so the committer (the serial path) pays a `Vec` push per transition instead
+    /// of three SDK records. When the hand-off queue is full the committer records inline.
+    samples: std::sync::mpsc::SyncSender<Vec<Sample>>,
+}
+
+/// Records a batch's samples on the three transition histograms.
+fn record_samples(
+    batch: &[Sample],
+    attrs: &mut MachineAttrs,
+    histograms: &(Histogram<f64>, Histogram<f64>, Histogram<f64>),
+) {
+    let (duration, queue, evaluation) = histograms;
+    for s in batch {
+        duration.record(s.total_s, attrs.get(&s.machine));
+        queue.record(s.queue_s, &[]);
+        evaluation.record(s.evaluation_s, &[]);
+    }
 }
 
 impl Metrics {
+    fn send_samples(&self, local: &mut LocalMetrics) {
+        if local.samples.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut local.samples);
+        if let Err(
+            std::sync::mpsc::TrySendError::Full(batch)
+            | std::sync::mpsc::TrySendError::Disconnected(batch),
+        ) = self.samples.try_send(batch)
+        {
+            let histograms = (
+                self.duration.clone(),
+                self.queue.clone(),
+                self.evaluation.clone(),
+            );
+            record_samples(&batch, &mut local.machine_attrs, &histograms);
+        }
+    }
+
     fn new(meter: &Meter) -> Metrics {
         let buckets = DURATION_BUCKETS_S.to_vec();
         let seconds = |name: &'static str, description: &'static str| {
@@ -675,23 +727,38 @@ impl Metrics {
                 observer.observe(g.timers_pending.load(Ordering::Relaxed), &[]);
             })
             .build();
+        let duration = seconds(
+            "cnsm.transition.duration",
+            "Event receipt to durable commit, per committed transition",
+        );
+        let queue = seconds(
+            "cnsm.transition.queue.duration",
+            "Event receipt until the committer took it into a batch",
+        );
+        let evaluation = seconds(
+            "cnsm.transition.evaluation.duration",
+            "Engine evaluation (guards, assignments, choices) of one transition",
+        );
+        let (samples, rx) = std::sync::mpsc::sync_channel::<Vec<Sample>>(256);
+        let histograms = (duration.clone(), queue.clone(), evaluation.clone());
+        // Ends when the last sender (this `Metrics`) is dropped.
+        let _ = std::thread::Builder::new()
+            .name("cnsm-metrics".into())
+            .spawn(move || {
+                let mut attrs = MachineAttrs::default();
+                while let Ok(batch) = rx.recv() {
+                    record_samples(&batch, &mut attrs, &histograms);
+                }
+            });
         Metrics {
+            samples,
+            duration,
+            queue,
+            evaluation,
             transitions: meter
                 .u64_counter("cnsm.transitions")
                 .with_description("Committed transitions (records), by machine and trigger")
                 .build(),
-            duration: seconds(
-                "cnsm.transition.duration",
-                "Event receipt to durable commit, per committed transition",
-            ),
-            queue: seconds(
-                "cnsm.transition.queue.duration",
-                "Event receipt until the committer took it into a batch",
-            ),
-            evaluation: seconds(
-                "cnsm.transition.evaluation.duration",
-                "Engine evaluation (guards, assignments, choices) of one transition",
-            ),
             errors: meter
                 .u64_counter("cnsm.transition.errors")
                 .with_description("Rejected transition attempts, by error.type")
