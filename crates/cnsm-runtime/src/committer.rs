@@ -238,6 +238,8 @@ impl Committer {
 
     fn process(&mut self, batch: Vec<Command>, fire_timers: bool) {
         let now_ms = self.shared.options.clock.now_ms();
+        // When the batch was taken: the end of every request's queue wait.
+        let batch_started = std::time::Instant::now();
         let mut items: Vec<CommitItem> = Vec::new();
         let mut item_keys: Vec<Key> = Vec::new();
         // The timer each touched instance had before the batch (`None` for new instances), to
@@ -262,7 +264,8 @@ impl Committer {
                         instance: request.id.as_deref().unwrap_or_default(),
                         event: None,
                         actor: &request.actor,
-                        received: std::time::Instant::now(),
+                        received: batch_started,
+                        dequeued: batch_started,
                         parent: None,
                         link: None,
                     });
@@ -302,6 +305,7 @@ impl Committer {
                         event: Some(&event.name),
                         actor: &event.actor,
                         received,
+                        dequeued: batch_started,
                         parent: parent.as_ref(),
                         link: None,
                     });
@@ -634,13 +638,15 @@ impl Committer {
             } else {
                 Trigger::Timer
             };
+            let now = std::time::Instant::now();
             attempt = telemetry.start(AttemptStart {
                 trigger,
                 namespace: &instance.namespace,
                 instance: &instance.id,
                 event: None,
                 actor: ACTOR_TIMER,
-                received: std::time::Instant::now(),
+                received: now,
+                dequeued: now,
                 parent: None,
                 link: cached.trace.as_ref(),
             });

@@ -250,13 +250,13 @@ impl Telemetry {
             version: None,
             prev_active: false,
             received: start.received,
-            dequeued: Instant::now(),
+            dequeued: start.dequeued,
             evaluation: Duration::ZERO,
             span: None,
             trace: start.parent.map(|p| p.context.clone()),
         });
         if let Some(tracer) = &self.tracer {
-            let elapsed = attempt.dequeued.saturating_duration_since(start.received);
+            let elapsed = Instant::now().saturating_duration_since(start.received);
             let start_time = SystemTime::now()
                 .checked_sub(elapsed)
                 .unwrap_or_else(SystemTime::now);
@@ -538,6 +538,8 @@ pub(crate) struct AttemptStart<'a> {
     pub event: Option<&'a str>,
     pub actor: &'a str,
     pub received: Instant,
+    /// When the committer took it (one clock read per batch).
+    pub dequeued: Instant,
     pub parent: Option<&'a TraceParent>,
     /// For timers: the trace of the record that armed the timer.
     pub link: Option<&'a TraceContext>,
@@ -825,6 +827,7 @@ mod tests {
             event: Some("go"),
             actor: "me",
             received: Instant::now(),
+            dequeued: Instant::now(),
             parent: None,
             link: None,
         });
