@@ -2,6 +2,7 @@
 //! in-memory span exporter.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use cnsm_core::record::{Hash32, StateChangeEvent};
 use cnsm_runtime::audit::{AuditLog, AuditSink};
@@ -504,5 +505,157 @@ async fn audit_file_rotates_and_resumes_from_the_rotated_file() {
     let again = AuditLog::start(Arc::clone(&store), sink, 64).unwrap();
     assert_eq!(again.cursor(), cursor, "resumed from the rotated file");
     again.stop();
+    runtime.shutdown();
+}
+
+/// Sums the data points of metric `name` whose attributes include `filter` (all when empty).
+fn metric_value(
+    exporter: &opentelemetry_sdk::metrics::InMemoryMetricExporter,
+    name: &str,
+    filter: &[(&str, &str)],
+) -> f64 {
+    use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+    let matches = |attrs: Vec<&opentelemetry::KeyValue>| {
+        filter.iter().all(|(k, v)| {
+            attrs
+                .iter()
+                .any(|kv| kv.key.as_str() == *k && kv.value.to_string() == *v)
+        })
+    };
+    let finished = exporter.get_finished_metrics().unwrap();
+    let Some(last) = finished.last() else {
+        return 0.0;
+    };
+    let mut total = 0.0;
+    for sm in last.scope_metrics() {
+        for m in sm.metrics().filter(|m| m.name() == name) {
+            match m.data() {
+                AggregatedMetrics::U64(MetricData::Sum(s)) => {
+                    for p in s
+                        .data_points()
+                        .filter(|p| matches(p.attributes().collect()))
+                    {
+                        total += p.value() as f64;
+                    }
+                }
+                AggregatedMetrics::I64(MetricData::Gauge(g)) => {
+                    for p in g
+                        .data_points()
+                        .filter(|p| matches(p.attributes().collect()))
+                    {
+                        total += p.value() as f64;
+                    }
+                }
+                AggregatedMetrics::F64(MetricData::Histogram(h)) => {
+                    for p in h
+                        .data_points()
+                        .filter(|p| matches(p.attributes().collect()))
+                    {
+                        total += p.count() as f64;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+#[tokio::test]
+async fn metrics_count_transitions_errors_and_active_instances() {
+    use opentelemetry::metrics::MeterProvider as _;
+    use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    // One instance from before telemetry was on: the active gauge is seeded with it.
+    let before = Runtime::open_shared(Arc::clone(&store), RuntimeOptions::default()).unwrap();
+    before.apply_yaml(MACHINE, None).await.unwrap();
+    before
+        .create_instance(CreateInstance::new("default", "order").id("old"))
+        .await
+        .unwrap();
+    before.shutdown();
+
+    let exporter = InMemoryMetricExporter::default();
+    let reader = PeriodicReader::builder(exporter.clone())
+        .with_interval(Duration::from_secs(3600))
+        .build();
+    let provider = SdkMeterProvider::builder().with_reader(reader).build();
+    let telemetry = Telemetry::default().with_meter(&provider.meter("cnsm"));
+    let runtime = Runtime::open_shared(
+        Arc::clone(&store),
+        RuntimeOptions::default().with_telemetry(telemetry),
+    )
+    .unwrap();
+    for id in ["m-1", "m-2"] {
+        runtime
+            .create_instance(CreateInstance::new("default", "order").id(id))
+            .await
+            .unwrap();
+    }
+    runtime
+        .send(
+            "default",
+            "m-1",
+            EventRequest::new("pay").payload(serde_json::json!({"amount": 99})),
+        )
+        .await
+        .unwrap();
+    let _ = runtime
+        .send("default", "m-2", EventRequest::new("ship"))
+        .await
+        .unwrap_err();
+    let _ = runtime
+        .send(
+            "default",
+            "m-2",
+            EventRequest::new("pay").expected_version(7),
+        )
+        .await
+        .unwrap_err();
+    // Histograms are recorded by the metrics thread just after each batch: wait for them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        exporter.reset();
+        provider.force_flush().unwrap();
+        if metric_value(&exporter, "cnsm.transition.duration", &[]) >= 3.0
+            || std::time::Instant::now() > deadline
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let v = |name: &str, filter: &[(&str, &str)]| metric_value(&exporter, name, filter);
+    assert_eq!(v("cnsm.transitions", &[]), 3.0, "2 creates + 1 event");
+    assert_eq!(v("cnsm.transitions", &[("cnsm.trigger", "create")]), 2.0);
+    assert_eq!(
+        v(
+            "cnsm.transition.duration",
+            &[("cnsm.machine.name", "order")]
+        ),
+        3.0
+    );
+    assert_eq!(v("cnsm.transition.queue.duration", &[]), 3.0);
+    assert_eq!(
+        v(
+            "cnsm.transition.errors",
+            &[("error.type", "TransitionFailure")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        v("cnsm.transition.errors", &[("error.type", "StaleState")]),
+        1.0
+    );
+    // old + m-2 wait in `pending`; m-1 is final (`paid`) and no longer active.
+    assert_eq!(
+        v(
+            "cnsm.instances.active",
+            &[("cnsm.machine.name", "order"), ("cnsm.state", "pending")]
+        ),
+        2.0
+    );
+    assert_eq!(v("cnsm.instances.active", &[("cnsm.state", "paid")]), 0.0);
+    assert!(v("cnsm.store.commit.duration", &[]) >= 3.0);
     runtime.shutdown();
 }
