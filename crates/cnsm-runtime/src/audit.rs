@@ -85,7 +85,7 @@ impl std::fmt::Debug for AuditLog {
 struct Inner {
     queue: SyncSender<Message>,
     cursor: Arc<AtomicU64>,
-    dropped: AtomicU64,
+    dropped: Arc<AtomicU64>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -131,9 +131,11 @@ impl AuditLog {
         catch_up(store.as_ref(), &mut out, &cursor).map_err(AuditError::Store)?;
         let (queue, rx) = std::sync::mpsc::sync_channel(queue_len.max(16));
         let thread_cursor = Arc::clone(&cursor);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let thread_dropped = Arc::clone(&dropped);
         let thread = std::thread::Builder::new()
             .name("cnsm-audit".into())
-            .spawn(move || run(store, out, thread_cursor, rx))
+            .spawn(move || run(store, out, thread_cursor, thread_dropped, rx))
             .map_err(|e| AuditError::Io {
                 path: "thread".into(),
                 source: e,
@@ -142,7 +144,7 @@ impl AuditLog {
             inner: Arc::new(Inner {
                 queue,
                 cursor,
-                dropped: AtomicU64::new(0),
+                dropped,
                 thread: Mutex::new(Some(thread)),
             }),
         })
@@ -249,7 +251,14 @@ impl Out {
     }
 }
 
-fn run(store: Arc<dyn Store>, mut out: Out, cursor: Arc<AtomicU64>, rx: Receiver<Message>) {
+fn run(
+    store: Arc<dyn Store>,
+    mut out: Out,
+    cursor: Arc<AtomicU64>,
+    dropped: Arc<AtomicU64>,
+    rx: Receiver<Message>,
+) {
+    let mut dropped_reported = 0;
     while let Ok(first) = rx.recv() {
         let mut messages = vec![first];
         while let Ok(m) = rx.try_recv() {
@@ -278,6 +287,14 @@ fn run(store: Arc<dyn Store>, mut out: Out, cursor: Arc<AtomicU64>, rx: Receiver
         }
         if let Err(e) = &result {
             tracing::error!("audit log write failed: {e}");
+        }
+        let n_dropped = dropped.load(Ordering::Relaxed);
+        if n_dropped > dropped_reported {
+            tracing::warn!(
+                dropped = n_dropped,
+                "audit log: rejected-attempt lines dropped because the sink lags (committed lines are never dropped)"
+            );
+            dropped_reported = n_dropped;
         }
         for reply in syncs {
             let _ = reply.send(result.clone().map(|()| cursor.load(Ordering::SeqCst)));
