@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs cnsm's benchmarks and the XState side-by-side in one go; prints `bench NAME: VALUE` lines
-# that BENCHMARKS.md quotes. Usage: bench/run.sh [engine|durable|timers|recovery|stores|xstate|http|soak|migration ...]
+# that BENCHMARKS.md quotes. Usage: bench/run.sh [engine|durable|timers|recovery|stores|xstate|http|telemetry|soak|migration ...]
 # (default: all but recovery, which builds a 3+ GB store and takes several minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,7 @@ for w in "${what[@]}"; do
     durable)  cargo bench -q -p cnsm-bench --bench durable ;;
     timers)   cargo bench -q -p cnsm-bench --bench timers ;;
     recovery) cargo bench -q -p cnsm-bench --bench recovery ;;
+    telemetry) cargo bench -q -p cnsm-bench --bench telemetry ;;
     http)     cargo build -q --release -p cnsmctl && cargo bench -q -p cnsm-bench --bench http_load ;;
     migration) cargo bench -q -p cnsm-bench --bench migration ;;
     soak)     cargo bench -q -p cnsm-bench --bench retention_soak ;;

@@ -8,13 +8,14 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use cnsm_core::TransitionError;
-use cnsm_core::engine::{ACTOR_TIMER, Input, NewInstance, Trigger};
+use cnsm_core::engine::{ACTOR_TIMER, Input, NewInstance, Trigger as EngineTrigger};
 use cnsm_core::migration::CompiledMigration;
 use cnsm_core::record::{Hash32, StateChangeEvent, Timer};
 use cnsm_core::{Instance, SealedRecord};
 use cnsm_store::{CommitItem, IdempotencyEntry, ItemOutcome, TimerRef};
 use tokio::sync::oneshot;
 
+use crate::telemetry::{Attempt, AttemptStart, CommittedBatch, LocalMetrics, TraceParent, Trigger};
 use crate::timers::TimerIndex;
 use crate::{
     ControlRequest, CreateInstance, EventRequest, RuntimeError, Shared, TransitionOutcome,
@@ -43,6 +44,8 @@ pub(crate) enum Command {
         namespace: String,
         id: String,
         event: EventRequest,
+        /// When `Runtime::send` got the event: the start of its transition timing.
+        received: std::time::Instant,
         reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>>,
     },
     Control {
@@ -78,6 +81,8 @@ type Key = (String, String);
 struct Cached {
     uid: Option<u64>,
     instance: Instance,
+    /// The trace of the last record this process committed for it (timer spans link to it).
+    trace: Option<cnsm_core::record::TraceContext>,
 }
 
 /// What to answer once the batch is durable.
@@ -110,6 +115,9 @@ struct Committer {
     /// The decoded record of each item of the current batch, in item order, so nothing is
     /// decoded again after sealing.
     batch_records: Vec<StateChangeEvent>,
+    /// The telemetry of each item of the current batch, in item order (`None` when off).
+    batch_attempts: Vec<Option<Box<Attempt>>>,
+    local_metrics: LocalMetrics,
     cache: HashMap<Key, Cached>,
     timers: TimerIndex,
 }
@@ -121,6 +129,8 @@ pub(crate) fn start(
     let mut committer = Committer {
         shared,
         batch_records: Vec::new(),
+        batch_attempts: Vec::new(),
+        local_metrics: LocalMetrics::default(),
         cache: HashMap::new(),
         timers: TimerIndex::default(),
     };
@@ -280,6 +290,7 @@ impl Committer {
                         Cached {
                             uid: Some(stored.uid),
                             instance: stored.instance,
+                            trace: None,
                         },
                     );
                 }
@@ -291,6 +302,8 @@ impl Committer {
 
     fn process(&mut self, batch: Vec<Command>, fire_timers: bool) {
         let now_ms = self.shared.options.clock.now_ms();
+        // When the batch was taken: the end of every request's queue wait.
+        let batch_started = std::time::Instant::now();
         let mut items: Vec<CommitItem> = Vec::new();
         let mut item_keys: Vec<Key> = Vec::new();
         // The timer each touched instance had before the batch (`None` for new instances), to
@@ -316,7 +329,18 @@ impl Committer {
                     reply,
                 } => {
                     let key = (namespace, id);
-                    match self.migrate(
+                    let attempt = self.shared.options.telemetry.start(AttemptStart {
+                        trigger: Trigger::Migration,
+                        namespace: &key.0,
+                        instance: &key.1,
+                        event: Some(if lock { "lock" } else { "migrate" }),
+                        actor: &actor,
+                        received: batch_started,
+                        dequeued: batch_started,
+                        parent: None,
+                        link: None,
+                    });
+                    let result = self.migrate(
                         &key,
                         &migration,
                         lock,
@@ -325,46 +349,91 @@ impl Committer {
                         &mut items,
                         &mut item_keys,
                         &mut before,
-                    ) {
-                        Ok(item) => waiters.push(Waiter::Applied {
-                            item,
-                            replayed: false,
-                            reply,
-                        }),
-                        Err(error) => waiters.push(Waiter::EventFailed { error, reply }),
-                    }
+                    );
+                    self.settle(result, attempt, reply, &mut waiters);
                 }
                 Command::Retention { reply } => {
                     let _ = reply.send(self.apply_retention(now_ms));
                 }
                 Command::Create { request, reply } => {
+                    let telemetry = &self.shared.options.telemetry;
+                    let attempt = telemetry.start(AttemptStart {
+                        trigger: Trigger::Create,
+                        namespace: &request.namespace,
+                        instance: request.id.as_deref().unwrap_or_default(),
+                        event: None,
+                        actor: &request.actor,
+                        received: batch_started,
+                        dequeued: batch_started,
+                        parent: None,
+                        link: None,
+                    });
+                    let attempt_slot = &mut Some(attempt);
                     match self.create(request, now_ms, &mut items, &mut item_keys, &mut before) {
-                        Ok(item) => waiters.push(Waiter::Created { item, reply }),
-                        Err(error) => waiters.push(Waiter::CreateFailed { error, reply }),
+                        Ok(item) => {
+                            self.batch_attempts.push(attempt_slot.take().flatten());
+                            waiters.push(Waiter::Created { item, reply });
+                        }
+                        Err(error) => {
+                            if let Some(a) = attempt_slot.take().flatten() {
+                                self.shared.options.telemetry.failed(a, &error);
+                            }
+                            waiters.push(Waiter::CreateFailed { error, reply });
+                        }
                     }
                 }
                 Command::Event {
                     namespace,
                     id,
                     event,
+                    received,
                     reply,
                 } => {
                     let key = (namespace, id);
+                    let parent = event.trace_parent.clone().or_else(|| {
+                        event.trace.clone().map(|context| TraceParent {
+                            context,
+                            sampled: true,
+                            tracestate: None,
+                        })
+                    });
+                    let mut attempt = self.shared.options.telemetry.start(AttemptStart {
+                        trigger: Trigger::Event,
+                        namespace: &key.0,
+                        instance: &key.1,
+                        event: Some(&event.name),
+                        actor: &event.actor,
+                        received,
+                        dequeued: batch_started,
+                        parent: parent.as_ref(),
+                        link: None,
+                    });
                     match self.event(
                         &key,
                         event,
                         now_ms,
+                        &mut attempt,
                         &mut items,
                         &mut item_keys,
                         &mut before,
                         &mut pending_keys,
                     ) {
-                        Ok((item, replayed)) => waiters.push(Waiter::Applied {
-                            item,
-                            replayed,
-                            reply,
-                        }),
-                        Err(error) => waiters.push(Waiter::EventFailed { error, reply }),
+                        Ok((item, replayed)) => {
+                            if !replayed {
+                                self.batch_attempts.push(attempt);
+                            }
+                            waiters.push(Waiter::Applied {
+                                item,
+                                replayed,
+                                reply,
+                            })
+                        }
+                        Err(error) => {
+                            if let Some(a) = attempt {
+                                self.shared.options.telemetry.failed(a, &error);
+                            }
+                            waiters.push(Waiter::EventFailed { error, reply })
+                        }
                     }
                 }
                 Command::Control {
@@ -374,21 +443,31 @@ impl Committer {
                     reply,
                 } => {
                     let key = (namespace, id);
-                    match self.control(
+                    let parent = request.trace.clone().map(|context| TraceParent {
+                        context,
+                        sampled: true,
+                        tracestate: None,
+                    });
+                    let attempt = self.shared.options.telemetry.start(AttemptStart {
+                        trigger: Trigger::Control,
+                        namespace: &key.0,
+                        instance: &key.1,
+                        event: Some(request.action.as_str()),
+                        actor: &request.actor,
+                        received: batch_started,
+                        dequeued: batch_started,
+                        parent: parent.as_ref(),
+                        link: None,
+                    });
+                    let result = self.control(
                         &key,
                         &request,
                         now_ms,
                         &mut items,
                         &mut item_keys,
                         &mut before,
-                    ) {
-                        Ok(item) => waiters.push(Waiter::Applied {
-                            item,
-                            replayed: false,
-                            reply,
-                        }),
-                        Err(error) => waiters.push(Waiter::EventFailed { error, reply }),
-                    }
+                    );
+                    self.settle(result, attempt, reply, &mut waiters);
                 }
             }
         }
@@ -401,6 +480,11 @@ impl Committer {
             }
         }
         let records = std::mem::take(&mut self.batch_records);
+        let attempts = std::mem::take(&mut self.batch_attempts);
+        self.shared
+            .options
+            .telemetry
+            .timers_pending(self.timers.len());
         if items.is_empty() {
             answer(waiters, &[], &[], &[]);
             return;
@@ -409,12 +493,45 @@ impl Committer {
         match self.shared.store.commit(&items) {
             Ok(outcomes) => {
                 let commit_duration = commit_started.elapsed();
+                self.after_commit(&items, &records, &item_keys, &outcomes, &before);
+                self.shared
+                    .options
+                    .telemetry
+                    .timers_pending(self.timers.len());
+                if self.shared.options.telemetry.is_enabled() {
+                    let batch = CommittedBatch {
+                        n_items: items.len(),
+                        commit_duration,
+                        items: attempts
+                            .into_iter()
+                            .zip(&records)
+                            .zip(items.iter().zip(&outcomes))
+                            .map(|((attempt, record), (item, outcome))| {
+                                let error = match outcome {
+                                    ItemOutcome::Committed { .. } => None,
+                                    ItemOutcome::Conflict { actual } => {
+                                        Some(RuntimeError::from(TransitionError::RaceCondition {
+                                            expected: item.expected_version.unwrap_or(0),
+                                            actual: actual.unwrap_or(0),
+                                        }))
+                                    }
+                                };
+                                (attempt, record, item.record.hash, error)
+                            })
+                            .collect(),
+                    };
+                    self.shared
+                        .options
+                        .telemetry
+                        .committed(batch, &mut self.local_metrics);
+                }
+                // Listeners hear of the batch after its transitions are marked committed (the
+                // audit log's rejected lines come from the telemetry hooks above).
                 if let Ok(listeners) = self.shared.listeners.read() {
                     for l in listeners.iter() {
                         l.on_batch(items.len(), commit_duration);
                     }
                 }
-                self.after_commit(&items, &records, &item_keys, &outcomes, &before);
                 answer(waiters, &items, &records, &outcomes);
             }
             Err(e) => {
@@ -428,6 +545,11 @@ impl Committer {
                 }
                 let _ = self.rebuild_timers();
                 let message = format!("the durable commit failed, nothing was committed: {e}");
+                tracing::warn!(n_items = items.len(), "{message}");
+                let error = RuntimeError::Unavailable(message.clone());
+                for a in attempts.into_iter().flatten() {
+                    self.shared.options.telemetry.failed(a, &error);
+                }
                 fail_all(waiters, &message);
             }
         }
@@ -481,6 +603,7 @@ impl Committer {
             Cached {
                 uid: None,
                 instance: instance.clone(),
+                trace: None,
             },
         );
         self.batch_records.push(record);
@@ -500,6 +623,7 @@ impl Committer {
         key: &Key,
         event: EventRequest,
         now_ms: u64,
+        attempt: &mut Option<Box<Attempt>>,
         items: &mut Vec<CommitItem>,
         item_keys: &mut Vec<Key>,
         before: &mut HashMap<Key, Option<Timer>>,
@@ -547,7 +671,7 @@ impl Committer {
         let instance = &cached.instance;
         let machine = shared.machine(&instance.namespace, &instance.machine, instance.revision)?;
         let mut input = Input::new(
-            Trigger::Event {
+            EngineTrigger::Event {
                 name: &event.name,
                 payload: &event.payload,
             },
@@ -556,7 +680,19 @@ impl Committer {
         );
         input.idempotency_key = event.idempotency_key.as_deref();
         input.trace = event.trace.clone();
-        let record = machine.apply(instance, &input)?;
+        let evaluated = match attempt {
+            Some(a) => {
+                shared.options.telemetry.loaded(a, instance);
+                input.trace = a.trace.clone();
+                Some(std::time::Instant::now())
+            }
+            None => None,
+        };
+        let record = machine.apply(instance, &input);
+        if let (Some(a), Some(t)) = (attempt.as_mut(), evaluated) {
+            a.evaluation = t.elapsed();
+        }
+        let record = record?;
         let idempotency = event.idempotency_key.as_ref().map(|k| IdempotencyEntry {
             key: k.clone(),
             request_hash,
@@ -569,6 +705,33 @@ impl Committer {
             pending_keys.insert((key.clone(), k), (request_hash, items.len() - 1));
         }
         Ok((items.len() - 1, false))
+    }
+
+    /// Queues the answer of a control or migration step, and its attempt for telemetry (kept
+    /// aligned with the batch's items).
+    fn settle(
+        &mut self,
+        result: Result<usize, RuntimeError>,
+        attempt: Option<Box<Attempt>>,
+        reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>>,
+        waiters: &mut Vec<Waiter>,
+    ) {
+        match result {
+            Ok(item) => {
+                self.batch_attempts.push(attempt);
+                waiters.push(Waiter::Applied {
+                    item,
+                    replayed: false,
+                    reply,
+                });
+            }
+            Err(error) => {
+                if let Some(a) = attempt {
+                    self.shared.options.telemetry.failed(a, &error);
+                }
+                waiters.push(Waiter::EventFailed { error, reply });
+            }
+        }
     }
 
     fn control(
@@ -590,7 +753,7 @@ impl Committer {
         let instance = &cached.instance;
         let machine = shared.machine(&instance.namespace, &instance.machine, instance.revision)?;
         let mut input = Input::new(
-            Trigger::Control {
+            EngineTrigger::Control {
                 action: request.action,
                 reason: request.reason.as_deref(),
             },
@@ -637,7 +800,7 @@ impl Committer {
         };
         let plan = migration.plan(instance).map_err(refuse)?;
         let input = Input::new(
-            Trigger::Event {
+            EngineTrigger::Event {
                 name: "migrate",
                 payload: &serde_json::Value::Null,
             },
@@ -735,12 +898,51 @@ impl Committer {
             entry_seq: timer.entry_seq,
             kind: timer.kind,
         };
-        let input = Input::new(Trigger::Timer(fired), now_ms, ACTOR_TIMER);
-        let Some(record) = machine.fire(instance, &input)? else {
-            return Ok(false);
+        let mut input = Input::new(EngineTrigger::Timer(fired), now_ms, ACTOR_TIMER);
+        let telemetry = &shared.options.telemetry;
+        let mut attempt = None;
+        if telemetry.is_enabled() && instance.timer == Some(fired) {
+            let trigger = if fired.kind == cnsm_core::record::TimerKind::Backoff {
+                Trigger::Retry
+            } else {
+                Trigger::Timer
+            };
+            let now = std::time::Instant::now();
+            attempt = telemetry.start(AttemptStart {
+                trigger,
+                namespace: &instance.namespace,
+                instance: &instance.id,
+                event: None,
+                actor: ACTOR_TIMER,
+                received: now,
+                dequeued: now,
+                parent: None,
+                link: cached.trace.as_ref(),
+            });
+            if let Some(a) = attempt.as_mut() {
+                telemetry.loaded(a, instance);
+                input.trace = a.trace.clone();
+            }
+        }
+        let evaluated = std::time::Instant::now();
+        let record = match machine.fire(instance, &input) {
+            Ok(Some(record)) => record,
+            Ok(None) => return Ok(false),
+            Err(e) => {
+                let e = RuntimeError::from(e);
+                if let Some(a) = attempt {
+                    telemetry.failed(a, &e);
+                }
+                return Err(e);
+            }
         };
+        if let Some(a) = attempt.as_mut() {
+            a.evaluation = evaluated.elapsed();
+        }
+        telemetry.timer_fired(Duration::from_millis(now_ms.saturating_sub(timer.due_ms)));
         stage(cached, &key, &record, None, items, item_keys, before)?;
         self.batch_records.push(record);
+        self.batch_attempts.push(attempt);
         Ok(true)
     }
 
@@ -822,6 +1024,9 @@ fn stage(
     let sealed = record.seal();
     let expected_version = cached.instance.version;
     before.entry(key.clone()).or_insert(cached.instance.timer);
+    if record.trace.is_some() || cached.trace.is_some() {
+        cached.trace = record.trace.clone();
+    }
     cached
         .instance
         .apply_record(record, sealed.hash)

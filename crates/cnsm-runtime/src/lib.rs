@@ -48,10 +48,12 @@ use cnsm_store::{DefinitionRow, InstanceQuery, PutDefinition, Store};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
+pub mod audit;
 pub mod clock;
 mod committer;
 mod error;
 mod migrate;
+pub mod telemetry;
 pub mod timers;
 
 pub use clock::{Clock, SystemClock, VirtualClock};
@@ -59,6 +61,7 @@ pub use error::RuntimeError;
 pub use migrate::{
     MigrationEntry, MigrationOutcome, MigrationPhase, MigrationReport, MigrationRequest,
 };
+pub use telemetry::{Telemetry, TraceParent, TransitionContext, TransitionHook};
 
 /// Limits and defaults of a runtime.
 #[derive(Debug, Clone)]
@@ -76,6 +79,8 @@ pub struct RuntimeOptions {
     /// Whether the timer driver runs (read-only tools turn it off).
     pub timers: bool,
     pub clock: Arc<dyn Clock>,
+    /// Spans, metrics and hooks (all off by default); see [`telemetry`].
+    pub telemetry: Telemetry,
 }
 
 impl Default for RuntimeOptions {
@@ -88,6 +93,7 @@ impl Default for RuntimeOptions {
             payload_len_max: 1 << 20,
             timers: true,
             clock: Arc::new(SystemClock),
+            telemetry: Telemetry::default(),
         }
     }
 }
@@ -95,6 +101,11 @@ impl Default for RuntimeOptions {
 impl RuntimeOptions {
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> RuntimeOptions {
         self.clock = clock;
+        self
+    }
+
+    pub fn with_telemetry(mut self, telemetry: Telemetry) -> RuntimeOptions {
+        self.telemetry = telemetry;
         self
     }
 }
@@ -150,7 +161,11 @@ pub struct EventRequest {
     pub idempotency_key: Option<String>,
     /// Compare-and-swap: apply only at this version.
     pub expected_version: Option<u64>,
+    /// The caller's trace context (W3C `traceparent` ids); see also `trace_parent`.
     pub trace: Option<TraceContext>,
+    /// The full incoming W3C context (sampled flag, `tracestate`); the parent of the transition
+    /// span. When absent, `trace` (if any) is the parent, taken as sampled.
+    pub trace_parent: Option<TraceParent>,
     pub actor: String,
 }
 
@@ -162,8 +177,16 @@ impl EventRequest {
             idempotency_key: None,
             expected_version: None,
             trace: None,
+            trace_parent: None,
             actor: "anonymous".into(),
         }
+    }
+
+    /// Sets the incoming W3C trace context (the parent of the transition span).
+    pub fn traced(mut self, parent: TraceParent) -> EventRequest {
+        self.trace = Some(parent.context.clone());
+        self.trace_parent = Some(parent);
+        self
     }
 
     pub fn payload(mut self, payload: Value) -> EventRequest {
@@ -356,6 +379,9 @@ impl Runtime {
             versions: Mutex::new(HashMap::new()),
             queued: std::sync::atomic::AtomicUsize::new(0),
         });
+        if shared.options.telemetry.metrics_enabled() {
+            seed_active(&shared)?;
+        }
         let (queue, thread) = committer::start(Arc::clone(&shared))?;
         Ok(Runtime {
             shared,
@@ -587,49 +613,117 @@ impl Runtime {
         id: &str,
         event: EventRequest,
     ) -> Result<TransitionOutcome, RuntimeError> {
+        let received = std::time::Instant::now();
+        let telemetry = &self.shared.options.telemetry;
+        if !telemetry.is_enabled() {
+            return self
+                .send_checked(namespace, id, event, received)
+                .await
+                .map_err(|e| e.error);
+        }
+        // A request refused before it reaches the committer is still an attempted transition:
+        // its span, error count and audit line are made here.
+        let name = event.name.clone();
+        let actor = event.actor.clone();
+        let parent = event.trace_parent.clone().or_else(|| {
+            event.trace.clone().map(|context| TraceParent {
+                context,
+                sampled: true,
+                tracestate: None,
+            })
+        });
+        let result = self.send_checked(namespace, id, event, received).await;
+        if let Err(error) = &result
+            && !error.from_committer
+        {
+            telemetry.rejected(
+                telemetry::AttemptStart {
+                    trigger: telemetry::Trigger::Event,
+                    namespace,
+                    instance: id,
+                    event: Some(&name),
+                    actor: &actor,
+                    received,
+                    dequeued: std::time::Instant::now(),
+                    parent: parent.as_ref(),
+                    link: None,
+                },
+                &error.error,
+            );
+        }
+        result.map_err(|e| e.error)
+    }
+
+    async fn send_checked(
+        &self,
+        namespace: &str,
+        id: &str,
+        event: EventRequest,
+        received: std::time::Instant,
+    ) -> Result<TransitionOutcome, SendError> {
         if event.name.is_empty() || event.name.len() > 253 {
-            return Err(RuntimeError::Invalid(
+            return Err(SendError::arrival(RuntimeError::Invalid(
                 "event name must be 1 to 253 characters".into(),
-            ));
+            )));
         }
         let size = serde_json::to_vec(&event.payload)
             .map(|v| v.len())
             .unwrap_or(0);
         if size > self.shared.options.payload_len_max {
-            return Err(RuntimeError::Invalid(format!(
+            return Err(SendError::arrival(RuntimeError::Invalid(format!(
                 "payload is {size} bytes, more than the limit of {}",
                 self.shared.options.payload_len_max
-            )));
+            ))));
         }
         let store = &self.shared.store;
         // Arrival checks: a repeated key replays; an expected version already behind is stale.
-        let durable = match self.durable_version(namespace, id)? {
+        let durable = match self
+            .durable_version(namespace, id)
+            .map_err(SendError::arrival)?
+        {
             Some(v) => v,
-            None => return Err(RuntimeError::NotFound(format!("instance {namespace}/{id}"))),
+            None => {
+                return Err(SendError::arrival(RuntimeError::NotFound(format!(
+                    "instance {namespace}/{id}"
+                ))));
+            }
         };
         if let Some(key) = &event.idempotency_key
-            && let Some(entry) = store.idempotency(namespace, id, key)?
+            && let Some(entry) = store
+                .idempotency(namespace, id, key)
+                .map_err(|e| SendError::arrival(e.into()))?
             && entry.expires_ms > self.shared.options.clock.now_ms()
         {
-            return self.replay(namespace, id, &event, &entry).await;
+            return self
+                .replay(namespace, id, &event, &entry)
+                .await
+                .map_err(SendError::arrival);
         }
         if let Some(expected) = event.expected_version
             && expected != durable
         {
-            return Err(cnsm_core::TransitionError::StaleState {
-                expected,
-                actual: durable,
-            }
-            .into());
+            return Err(SendError::arrival(
+                cnsm_core::TransitionError::StaleState {
+                    expected,
+                    actual: durable,
+                }
+                .into(),
+            ));
         }
         let (namespace, id) = (namespace.to_owned(), id.to_owned());
         self.submit(|reply| committer::Command::Event {
             namespace,
             id,
             event,
+            received,
             reply,
         })
-        .await?
+        .await
+        .map_err(SendError::arrival)?
+        .map_err(|error| SendError {
+            error,
+            from_committer: true,
+        })
     }
 
     /// Applies retention now: deletes the finished instances of every machine with
@@ -747,6 +841,40 @@ impl Runtime {
     pub async fn pending_timers(&self) -> Result<usize, RuntimeError> {
         self.submit(|reply| committer::Command::CountTimers { reply })
             .await
+    }
+}
+
+/// The error of `Runtime::send`, and whether the committer already reported it.
+struct SendError {
+    error: RuntimeError,
+    from_committer: bool,
+}
+
+impl SendError {
+    fn arrival(error: RuntimeError) -> SendError {
+        SendError {
+            error,
+            from_committer: false,
+        }
+    }
+}
+
+/// Seeds the `cnsm.instances.active` gauge with the instances already stored.
+fn seed_active(shared: &Shared) -> Result<(), RuntimeError> {
+    let mut query = InstanceQuery {
+        limit: cnsm_store::PAGE_LEN_MAX,
+        ..InstanceQuery::default()
+    };
+    loop {
+        let page = shared.store.list_instances(&query)?;
+        let instances: Vec<Instance> = page.into_iter().map(|s| s.instance).collect();
+        shared.options.telemetry.seed_active(&instances);
+        match instances.last() {
+            Some(last) if instances.len() == query.limit => {
+                query.after = Some((last.namespace.to_string(), last.id.to_string()));
+            }
+            _ => return Ok(()),
+        }
     }
 }
 

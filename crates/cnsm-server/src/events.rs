@@ -4,11 +4,11 @@
 //! CloudEvents mapping (DESIGN.md §3): `type` is the event name, `data` the payload, and
 //! `source` + " " + `id` the idempotency key (a CloudEvent is unique by source and id).
 //! `specversion` must be `1.0`. The trace context comes from the CloudEvents distributed-tracing
-//! extension (`traceparent`) first, then the W3C `traceparent` header; an invalid one is ignored.
+//! extension (`traceparent`, `tracestate`) first, then the W3C `traceparent`/`tracestate`
+//! headers; an invalid one is ignored. It becomes the parent of the transition span.
 
 use axum::http::HeaderMap;
-use cnsm_core::record::TraceContext;
-use cnsm_runtime::EventRequest;
+use cnsm_runtime::{EventRequest, TraceParent};
 use serde_json::{Map, Value};
 
 use crate::params::{self, header_text};
@@ -52,11 +52,13 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<EventRequest, ApiError>
             "the idempotency key is longer than 512 bytes",
         ));
     }
-    if event.trace.is_none() {
-        event.trace = header_text(headers, "traceparent")
+    if event.trace.is_none()
+        && let Some(parent) = header_text(headers, "traceparent")
             .ok()
             .flatten()
-            .and_then(parse_traceparent);
+            .and_then(|t| TraceParent::parse(t, header_text(headers, "tracestate").ok().flatten()))
+    {
+        event = event.traced(parent);
     }
     Ok(event)
 }
@@ -118,14 +120,16 @@ fn check_required(get: impl Fn(&str) -> Option<Value>) -> Result<[String; 4], Ap
 fn cloudevent(
     [_, id, source, event_type]: [String; 4],
     data: Value,
-    trace: Option<TraceContext>,
+    trace: Option<TraceParent>,
 ) -> EventRequest {
-    let mut event = EventRequest::new(event_type)
+    let event = EventRequest::new(event_type)
         .payload(data)
         .idempotency_key(format!("{source} {id}"))
         .actor(ANONYMOUS_ACTOR);
-    event.trace = trace;
-    event
+    match trace {
+        Some(parent) => event.traced(parent),
+        None => event,
+    }
 }
 
 fn is_json_content_type(content_type: &str) -> bool {
@@ -167,7 +171,7 @@ fn structured(body: &[u8]) -> Result<EventRequest, ApiError> {
     let trace = attributes
         .get("traceparent")
         .and_then(Value::as_str)
-        .and_then(parse_traceparent);
+        .and_then(|t| TraceParent::parse(t, attributes.get("tracestate").and_then(Value::as_str)));
     let data = attributes.remove("data").unwrap_or(Value::Null);
     Ok(cloudevent(required, data, trace))
 }
@@ -194,35 +198,14 @@ fn binary(headers: &HeaderMap, media_type: &str, body: &[u8]) -> Result<EventReq
     let trace = header_text(headers, "ce-traceparent")
         .ok()
         .flatten()
-        .and_then(parse_traceparent);
+        .and_then(|t| TraceParent::parse(t, header_text(headers, "ce-tracestate").ok().flatten()));
     Ok(cloudevent(required, data, trace))
 }
 
 /// Parses a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`); `None` when invalid.
-pub fn parse_traceparent(text: &str) -> Option<TraceContext> {
-    let parts: Vec<&str> = text.trim().split('-').collect();
-    let [version, trace_id, span_id, flags, rest @ ..] = parts.as_slice() else {
-        return None;
-    };
-    let hex = |s: &str, len: usize| {
-        s.len() == len
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    // Version ff is invalid; version 00 has exactly four fields; later versions may add more.
-    if !hex(version, 2) || *version == "ff" || (*version == "00" && !rest.is_empty()) {
-        return None;
-    }
-    if !hex(trace_id, 32) || !hex(span_id, 16) || !hex(flags, 2) {
-        return None;
-    }
-    if trace_id.bytes().all(|b| b == b'0') || span_id.bytes().all(|b| b == b'0') {
-        return None;
-    }
-    Some(TraceContext {
-        trace_id: (*trace_id).to_owned(),
-        span_id: (*span_id).to_owned(),
-    })
+#[cfg(test)]
+fn parse_traceparent(text: &str) -> Option<cnsm_core::record::TraceContext> {
+    TraceParent::parse(text, None).map(|p| p.context)
 }
 
 #[cfg(test)]
@@ -250,5 +233,64 @@ mod tests {
             parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra")
                 .is_some()
         );
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.insert(*k, v.parse().expect("header value"));
+        }
+        map
+    }
+
+    #[test]
+    fn trace_context_with_state_and_flags_becomes_the_parent() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        // Plain JSON with the W3C headers.
+        let event = parse(
+            &headers(&[
+                ("content-type", "application/json"),
+                ("traceparent", tp),
+                ("tracestate", "congo=t61rcWkgMzE"),
+            ]),
+            br#"{"event":"go"}"#,
+        )
+        .expect("parses");
+        let parent = event.trace_parent.expect("a parent");
+        assert!(!parent.sampled);
+        assert_eq!(parent.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
+        assert_eq!(event.trace, Some(parent.context));
+        // Binary CloudEvent: the ce- headers win over the plain ones.
+        let event = parse(
+            &headers(&[
+                ("content-type", "application/json"),
+                ("ce-specversion", "1.0"),
+                ("ce-id", "1"),
+                ("ce-source", "s"),
+                ("ce-type", "go"),
+                (
+                    "ce-traceparent",
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                ),
+                ("ce-tracestate", "rojo=1"),
+                ("traceparent", tp),
+            ]),
+            b"{}",
+        )
+        .expect("parses");
+        let parent = event.trace_parent.expect("a parent");
+        assert_eq!(parent.context.trace_id, "0af7651916cd43dd8448eb211c80319c");
+        assert!(parent.sampled);
+        assert_eq!(parent.tracestate.as_deref(), Some("rojo=1"));
+        // An invalid traceparent is ignored.
+        let event = parse(
+            &headers(&[
+                ("content-type", "application/json"),
+                ("traceparent", "junk"),
+            ]),
+            br#"{"event":"go"}"#,
+        )
+        .expect("parses");
+        assert!(event.trace_parent.is_none() && event.trace.is_none());
     }
 }

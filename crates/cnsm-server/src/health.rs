@@ -208,6 +208,28 @@ fn wants_text(query: QueryPairs) -> Result<bool, ApiError> {
 }
 
 /// `/health/livez`: the process answers.
+/// `GET /metrics`: the Prometheus text exposition of the `cnsm.*` metrics.
+pub async fn metrics(State(state): State<ServerState>) -> Response {
+    let text = match &state.options().metrics {
+        Some(render) => {
+            let render = Arc::clone(&render.0);
+            tokio::task::spawn_blocking(move || render())
+                .await
+                .unwrap_or_default()
+        }
+        None => "# metrics are off in this server\n".to_owned(),
+    };
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
 pub async fn livez() -> Response {
     text_response(StatusCode::OK, "ok\n".into())
 }

@@ -95,6 +95,18 @@ pub struct ServerOptions {
     /// Serve HTTPS with this configuration (`--tls-cert`, `--tls-key`; see
     /// [`tls::server_config`]); `None`: plain HTTP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// What `GET /metrics` answers (Prometheus text); `None`: metrics are off.
+    pub metrics: Option<MetricsText>,
+}
+
+/// Renders the metrics in the Prometheus text format (the binary wires the exporter).
+#[derive(Clone)]
+pub struct MetricsText(pub Arc<dyn Fn() -> String + Send + Sync>);
+
+impl std::fmt::Debug for MetricsText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MetricsText")
+    }
 }
 
 impl Default for ServerOptions {
@@ -111,6 +123,7 @@ impl Default for ServerOptions {
             scan_instances_max: 100_000,
             auth: None,
             tls: None,
+            metrics: None,
         }
     }
 }

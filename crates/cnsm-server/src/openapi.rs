@@ -106,7 +106,15 @@ fn header_parameter(name: &str) -> Value {
         ),
         "traceparent" => (
             json!({"type": "string"}),
-            "W3C trace context recorded with the event",
+            "W3C trace context: the parent of the transition span; the record keeps the span's ids",
+        ),
+        "tracestate" => (
+            json!({"type": "string"}),
+            "W3C trace state, carried into the transition span",
+        ),
+        "ce-tracestate" => (
+            json!({"type": "string"}),
+            "Binary-mode CloudEvent: distributed-tracing extension (trace state)",
         ),
         "ce-specversion" => (
             json!({"type": "string", "const": "1.0"}),

@@ -56,11 +56,13 @@ const EVENT_HEADERS: &[&str] = &[
     "If-Match",
     "Idempotency-Key",
     "traceparent",
+    "tracestate",
     "ce-specversion",
     "ce-id",
     "ce-source",
     "ce-type",
     "ce-traceparent",
+    "ce-tracestate",
 ];
 
 const CONTROL_ERRORS: &[ProblemKind] = &[
@@ -377,6 +379,19 @@ pub static ROUTES: &[Route] = &[
     },
     Route {
         method: "GET",
+        path: "/metrics",
+        operation_id: "metrics",
+        summary: "The cnsm.* metrics in the Prometheus text format",
+        access: Access::AllNamespaces(Role::Reader),
+        query: &[],
+        headers: &[],
+        body: None,
+        ok: &[(200, "Text")],
+        errors: &[],
+        handler: || get(health::metrics),
+    },
+    Route {
+        method: "GET",
         path: "/openapi.json",
         operation_id: "openapi",
         summary: "This OpenAPI 3.1 document",
@@ -432,7 +447,11 @@ mod tests {
             }
             if route.method != "GET" {
                 assert!(
-                    matches!(route.access, Access::Namespace(Role::Writer | Role::Admin)),
+                    matches!(
+                        route.access,
+                        Access::Namespace(Role::Writer | Role::Admin)
+                            | Access::AllNamespaces(Role::Admin)
+                    ),
                     "{route:?}: a change needs writer or admin"
                 );
             }

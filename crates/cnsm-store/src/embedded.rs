@@ -1194,6 +1194,34 @@ impl Store for EmbeddedStore {
         self.backup_to(out)
     }
 
+    fn records_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, SealedRecord)>, StoreError> {
+        let limit = capped(limit);
+        let txn = self.read()?;
+        let records = txn.open_table(RECORDS).io()?;
+        let mut out = Vec::new();
+        for entry in records
+            .range((Bound::Excluded(after), Bound::Unbounded))
+            .io()?
+            .take(limit)
+        {
+            let (seq, value) = entry.io()?;
+            let (_uid, version, hash, bytes) = value.value();
+            out.push((
+                seq.value(),
+                SealedRecord {
+                    version,
+                    bytes: bytes.to_vec(),
+                    hash: Hash32(hash),
+                },
+            ));
+        }
+        Ok(out)
+    }
+
     fn verify(&self) -> Result<VerifyReport, StoreError> {
         let txn = self.read()?;
         check::verify_all(&txn)

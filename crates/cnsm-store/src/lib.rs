@@ -245,4 +245,20 @@ pub trait Store: Send + Sync + 'static {
             out.display()
         )))
     }
+
+    /// The commit log: committed records whose commit position is greater than `after`, in
+    /// commit order, at most `limit` (0 = a page of [`PAGE_LEN_MAX`]), each with its position.
+    /// Positions increase with commit order but need not be gap-free; outbox readers (the audit
+    /// log) keep the last position they handled as their cursor. A backend without a commit log
+    /// says so with [`StoreError::Refused`].
+    fn records_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, SealedRecord)>, StoreError> {
+        let _ = (after, limit);
+        Err(StoreError::Refused(
+            "this store does not expose a commit log".into(),
+        ))
+    }
 }

@@ -275,6 +275,10 @@ pub enum Command {
     )]
     Serve(ServeArgs),
 
+    /// The audit log (ECS JSON lines) of committed transitions
+    #[command(subcommand)]
+    Audit(crate::commands::audit::AuditCommand),
+
     /// A complete tour on a throw-away store: apply, create, send, history, graph
     #[command(
         long_about = "A complete tour on a throw-away store.\n\n\
@@ -701,4 +705,6 @@ pub struct ServeArgs {
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert (needs --tls-cert)
     #[arg(long, env = "CNSM_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub telemetry: crate::telemetry::TelemetryArgs,
 }

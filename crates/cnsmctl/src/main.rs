@@ -22,6 +22,7 @@ mod error;
 mod local;
 mod output;
 mod remote;
+mod telemetry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

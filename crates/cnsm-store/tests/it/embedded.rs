@@ -596,3 +596,28 @@ fn a_missing_record_index_entry_is_found_on_open_and_by_verify() {
         "{message}"
     );
 }
+
+/// `records_after` reads the commit log in commit order, from any position, in pages.
+#[test]
+fn records_after_reads_the_commit_log_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let driver = Driver::new("job");
+    let a = chain(&store, &driver, "a", 3);
+    let b = chain(&store, &driver, "b", 2);
+    let all = store.records_after(0, 0).unwrap();
+    let hashes: Vec<_> = all.iter().map(|(_, s)| s.hash).collect();
+    let expected: Vec<_> = a.iter().chain(&b).map(|i| i.record.hash).collect();
+    assert_eq!(hashes, expected, "commit order");
+    let seqs: Vec<u64> = all.iter().map(|(seq, _)| *seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    // From a position: strictly after it; pages of `limit`.
+    let tail = store.records_after(seqs[2], 2).unwrap();
+    assert_eq!(
+        tail.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        seqs[3..5].to_vec()
+    );
+    assert!(store.records_after(seqs[4], 0).unwrap().is_empty());
+    // The bytes are the stored record bytes.
+    assert_eq!(all[0].1.bytes, a[0].record.bytes);
+}

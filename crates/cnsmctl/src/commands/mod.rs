@@ -3,6 +3,7 @@
 //! Every command checks its own input (JSON arguments, label syntax, files) *before* it opens the
 //! store, so a malformed request never takes the store's lock, fires a timer or changes anything.
 
+pub mod audit;
 mod definitions;
 mod instances;
 mod migrate;
@@ -130,6 +131,7 @@ pub async fn run(context: &Context, command: Command, out: &mut Out) -> Result<u
         Command::Store(StoreCommand::Restore(args)) => store_restore(context, &args, out),
         Command::Demo(_) => crate::demo::run(context, out).await.map(|()| EXIT_OK),
         Command::Serve(args) => serve::run(context, &args, out).await.map(|()| EXIT_OK),
+        Command::Audit(command) => audit::run(context, &command, out).map(|()| EXIT_OK),
     }
 }
 

@@ -81,11 +81,27 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
         );
         error
     })?;
-    let runtime = Runtime::open(store, RuntimeOptions::default())?;
+    crate::telemetry::init_logs(args.telemetry.log_format);
+    let store: Arc<dyn cnsm_store::Store> = Arc::new(store);
+    let wired = crate::telemetry::wire(&args.telemetry, &store)?;
+    let runtime = match Runtime::open_shared(
+        store,
+        RuntimeOptions::default().with_telemetry(wired.telemetry.clone()),
+    ) {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            wired.shutdown();
+            return Err(e.into());
+        }
+    };
+    if let Some(audit) = &wired.audit {
+        runtime.subscribe(Arc::new(audit.clone()));
+    }
     let listener = match tokio::net::TcpListener::bind(address).await {
         Ok(listener) => listener,
         Err(e) => {
             runtime.shutdown();
+            wired.shutdown();
             return Err(CliError::unavailable(format!(
                 "cannot listen on {address}: {e}"
             )));
@@ -108,9 +124,14 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
         insecure: args.insecure,
         auth,
         tls,
+        metrics: wired.metrics.clone(),
         ..ServerOptions::default()
     };
-    match cnsm_server::serve(listener, runtime, options, cnsm_server::shutdown_signal()).await {
+    let served =
+        cnsm_server::serve(listener, runtime, options, cnsm_server::shutdown_signal()).await;
+    // The runtime has stopped: flush the audit log and the exporters.
+    wired.shutdown();
+    match served {
         Ok(()) => {
             eprintln!("cnsm: stopped; every acknowledged event is durable");
             Ok(())

@@ -1,0 +1,842 @@
+//! Telemetry of the runtime (DESIGN.md §5): one `cnsm.transition` span per attempted transition,
+//! the `cnsm.*` metrics, and [`TransitionHook`]s for embedders.
+//!
+//! The runtime only uses the OpenTelemetry *API*: the caller hands it a tracer and a meter in
+//! [`Telemetry`] (built from whatever SDK and exporters the binary wires); nothing global is
+//! read or installed. With [`Telemetry::default`] everything here is off and costs one branch.
+//!
+//! Spans are created on the committer thread, which handles whole batches, so the parent is
+//! carried with each queued request (the W3C trace context of the incoming request) and each
+//! span starts at the request's receipt time and ends after the durable commit. The span's ids
+//! are written into the history record (`StateChangeEvent.trace`), so a record leads to its
+//! trace.
+//!
+//! Metrics are aggregated per batch where they can be (counters), recorded per transition where
+//! they must be (histograms), with attribute sets built once per machine. Label cardinality is
+//! bounded: machine names, state names, triggers and `error.type`, never instance ids.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use cnsm_core::Instance;
+use cnsm_core::record::{Hash32, StateChangeEvent, TraceContext};
+use opentelemetry::global::{BoxedSpan, BoxedTracer};
+use opentelemetry::metrics::{Counter, Histogram, Meter, ObservableGauge};
+use opentelemetry::trace::{
+    Span as _, SpanBuilder, SpanContext, SpanId, SpanKind, Status as SpanStatus, TraceContextExt,
+    TraceFlags, TraceId, TraceState, Tracer as _,
+};
+use opentelemetry::{Context, KeyValue};
+
+use crate::RuntimeError;
+
+/// The span of one attempted transition.
+pub const SPAN_TRANSITION: &str = "cnsm.transition";
+
+/// Bucket bounds (seconds) of every duration histogram: 10 µs up to 60 s.
+pub const DURATION_BUCKETS_S: [f64; 22] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+];
+
+/// What caused an attempted transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Trigger {
+    /// Instance creation (the genesis record).
+    Create,
+    /// An event sent by a caller.
+    Event,
+    /// A state timeout or a wait elapsed.
+    Timer,
+    /// A retry back-off ended.
+    Retry,
+    /// An operator control (cancel, suspend, resume, redrive).
+    Control,
+    /// A migration step (its lock, or its migration record).
+    Migration,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Create => "create",
+            Trigger::Event => "event",
+            Trigger::Timer => "timer",
+            Trigger::Retry => "retry",
+            Trigger::Control => "control",
+            Trigger::Migration => "migration",
+        }
+    }
+}
+
+/// What a [`TransitionHook`] sees of one attempted transition: the state context (machine,
+/// revision, state, version), the trigger, and the span context (trace) of the transition.
+#[derive(Debug, Clone, Copy)]
+pub struct TransitionContext<'a> {
+    pub namespace: &'a str,
+    pub instance: &'a str,
+    /// Unknown when the instance was not found.
+    pub machine: Option<&'a str>,
+    pub revision: Option<u32>,
+    /// The state before the transition (none for creation).
+    pub state: Option<&'a str>,
+    /// The version before the transition (none for creation).
+    pub version: Option<u64>,
+    /// The event name (none for timers and creation).
+    pub event: Option<&'a str>,
+    pub trigger: Trigger,
+    pub actor: &'a str,
+    /// The trace and span ids of the transition's span (what the record will carry).
+    pub trace: Option<&'a TraceContext>,
+}
+
+/// In-process observer of transitions for embedding applications, without OpenTelemetry.
+///
+/// Called on the committer thread: `before` once the instance is loaded and just before the
+/// engine decides, `after` once the record is durable (before the caller is answered), `error`
+/// when the attempt is rejected or its commit fails. Keep them quick; they are on the hot path.
+pub trait TransitionHook: Send + Sync + 'static {
+    fn before(&self, cx: &TransitionContext<'_>) {
+        let _ = cx;
+    }
+    fn after(&self, cx: &TransitionContext<'_>, record: &StateChangeEvent, hash: Hash32) {
+        let _ = (cx, record, hash);
+    }
+    fn error(&self, cx: &TransitionContext<'_>, error: &RuntimeError) {
+        let _ = (cx, error);
+    }
+}
+
+/// The incoming W3C trace context of a request: the parent of its transition span.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceParent {
+    pub context: TraceContext,
+    /// The `sampled` bit of `trace-flags`.
+    pub sampled: bool,
+    /// The `tracestate` header (or CloudEvents attribute), as received.
+    pub tracestate: Option<String>,
+}
+
+impl TraceParent {
+    /// Parses `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`; later versions may append fields)
+    /// and an optional `tracestate`. `None` when the traceparent is invalid.
+    pub fn parse(traceparent: &str, tracestate: Option<&str>) -> Option<TraceParent> {
+        let parts: Vec<&str> = traceparent.trim().split('-').collect();
+        let [version, trace_id, span_id, flags, rest @ ..] = parts.as_slice() else {
+            return None;
+        };
+        let hex = |s: &str, n: usize| {
+            s.len() == n
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        if !hex(version, 2) || *version == "ff" || (*version == "00" && !rest.is_empty()) {
+            return None;
+        }
+        if !hex(trace_id, 32) || !hex(span_id, 16) || !hex(flags, 2) {
+            return None;
+        }
+        if trace_id.bytes().all(|b| b == b'0') || span_id.bytes().all(|b| b == b'0') {
+            return None;
+        }
+        let flags = u8::from_str_radix(flags, 16).ok()?;
+        Some(TraceParent {
+            context: TraceContext {
+                trace_id: (*trace_id).to_owned(),
+                span_id: (*span_id).to_owned(),
+            },
+            sampled: flags & 1 == 1,
+            tracestate: tracestate
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
+        })
+    }
+
+    /// The `traceparent` text of a trace context (sampled).
+    pub fn format(context: &TraceContext) -> String {
+        format!("00-{}-{}-01", context.trace_id, context.span_id)
+    }
+
+    fn otel_context(&self) -> Option<Context> {
+        let trace_id = TraceId::from_hex(&self.context.trace_id).ok()?;
+        let span_id = SpanId::from_hex(&self.context.span_id).ok()?;
+        let flags = if self.sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        let state = self
+            .tracestate
+            .as_deref()
+            .and_then(|s| s.parse::<TraceState>().ok())
+            .unwrap_or_default();
+        let cx = SpanContext::new(trace_id, span_id, flags, true, state);
+        Some(Context::new().with_remote_span_context(cx))
+    }
+}
+
+/// The telemetry a runtime reports to. Cheap to clone; [`Telemetry::default`] is all off.
+#[derive(Clone, Default)]
+pub struct Telemetry {
+    tracer: Option<Arc<BoxedTracer>>,
+    metrics: Option<Arc<Metrics>>,
+    hooks: Vec<Arc<dyn TransitionHook>>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry")
+            .field("spans", &self.tracer.is_some())
+            .field("metrics", &self.metrics.is_some())
+            .field("hooks", &self.hooks.len())
+            .finish()
+    }
+}
+
+impl Telemetry {
+    /// Spans go to `tracer` (e.g. `BoxedTracer::new(Box::new(sdk_provider.tracer("cnsm")))`).
+    pub fn with_tracer(mut self, tracer: BoxedTracer) -> Telemetry {
+        self.tracer = Some(Arc::new(tracer));
+        self
+    }
+
+    /// Creates the `cnsm.*` instruments on `meter`.
+    pub fn with_meter(mut self, meter: &Meter) -> Telemetry {
+        self.metrics = Some(Arc::new(Metrics::new(meter)));
+        self
+    }
+
+    /// Adds an in-process hook.
+    pub fn with_hook(mut self, hook: Arc<dyn TransitionHook>) -> Telemetry {
+        self.hooks.push(hook);
+        self
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.tracer.is_some() || self.metrics.is_some() || !self.hooks.is_empty()
+    }
+
+    pub(crate) fn metrics_enabled(&self) -> bool {
+        self.metrics.is_some()
+    }
+
+    /// Seeds the `cnsm.instances.active` gauge from the instances already in the store.
+    pub(crate) fn seed_active(&self, instances: &[Instance]) {
+        if let Some(m) = &self.metrics
+            && let Ok(mut active) = m.gauges.active.lock()
+        {
+            for i in instances.iter().filter(|i| !i.status.is_final()) {
+                *active
+                    .entry((Arc::clone(&i.machine), Arc::clone(&i.state)))
+                    .or_insert(0) += 1;
+            }
+        }
+    }
+
+    /// Starts one attempted transition. `None` (and nothing to do later) when telemetry is off.
+    pub(crate) fn start(&self, start: AttemptStart<'_>) -> Option<Box<Attempt>> {
+        if !self.is_enabled() {
+            return None;
+        }
+        // Metrics alone need no names: copy them only for spans and hooks.
+        let names = self.tracer.is_some() || !self.hooks.is_empty();
+        let copy = |s: &str| if names { s.to_owned() } else { String::new() };
+        let mut attempt = Box::new(Attempt {
+            trigger: start.trigger,
+            namespace: copy(start.namespace),
+            instance: copy(start.instance),
+            event: start.event.filter(|_| names).map(str::to_owned),
+            actor: copy(start.actor),
+            machine: None,
+            revision: None,
+            from: None,
+            version: None,
+            prev_active: false,
+            received: start.received,
+            dequeued: start.dequeued,
+            evaluation: Duration::ZERO,
+            span: None,
+            trace: start.parent.map(|p| p.context.clone()),
+        });
+        if let Some(tracer) = &self.tracer {
+            let elapsed = Instant::now().saturating_duration_since(start.received);
+            let start_time = SystemTime::now()
+                .checked_sub(elapsed)
+                .unwrap_or_else(SystemTime::now);
+            let parent = start
+                .parent
+                .and_then(TraceParent::otel_context)
+                .unwrap_or_default();
+            let mut attributes = vec![
+                KeyValue::new("cnsm.namespace", attempt.namespace.clone()),
+                KeyValue::new("cnsm.trigger", start.trigger.as_str()),
+            ];
+            // A created instance without a given id gets its generated one at commit.
+            if !attempt.instance.is_empty() {
+                attributes.push(KeyValue::new("cnsm.instance.id", attempt.instance.clone()));
+            }
+            if let Some(e) = &attempt.event {
+                attributes.push(KeyValue::new("cnsm.event.name", e.clone()));
+            }
+            let mut builder = SpanBuilder::from_name(SPAN_TRANSITION)
+                .with_kind(SpanKind::Internal)
+                .with_start_time(start_time)
+                .with_attributes(attributes);
+            if let Some(link) = start.link.and_then(link_of) {
+                builder = builder.with_links(vec![opentelemetry::trace::Link::with_context(link)]);
+            }
+            let span = tracer.build_with_context(builder, &parent);
+            let cx = span.span_context();
+            if cx.is_valid() {
+                attempt.trace = Some(TraceContext {
+                    trace_id: format!("{:032x}", cx.trace_id()),
+                    span_id: format!("{:016x}", cx.span_id()),
+                });
+            }
+            attempt.span = Some(span);
+        }
+        Some(attempt)
+    }
+
+    /// An attempt refused before it reached the committer (arrival checks, a full queue).
+    pub(crate) fn rejected(&self, start: AttemptStart<'_>, error: &RuntimeError) {
+        if let Some(attempt) = self.start(start) {
+            self.failed(attempt, error);
+        }
+    }
+
+    /// The instance of the attempt is loaded: records the state context, calls `before` hooks.
+    pub(crate) fn loaded(&self, attempt: &mut Attempt, instance: &Instance) {
+        attempt.machine = Some(Arc::clone(&instance.machine));
+        attempt.revision = Some(instance.revision);
+        attempt.from = Some(Arc::clone(&instance.state));
+        attempt.version = Some(instance.version);
+        attempt.prev_active = !instance.status.is_final();
+        if let Some(span) = &mut attempt.span {
+            span.set_attributes([
+                KeyValue::new("cnsm.machine.name", instance.machine.to_string()),
+                KeyValue::new("cnsm.machine.revision", i64::from(instance.revision)),
+                KeyValue::new("cnsm.state.from", instance.state.to_string()),
+            ]);
+        }
+        if !self.hooks.is_empty() {
+            let cx = attempt.context();
+            for h in &self.hooks {
+                h.before(&cx);
+            }
+        }
+    }
+
+    /// A rejected attempt (or one whose commit failed): error status, `error.type`, the error
+    /// counter, the `error` hooks.
+    pub(crate) fn failed(&self, mut attempt: Box<Attempt>, error: &RuntimeError) {
+        let error_type = error.error_type();
+        if let Some(m) = &self.metrics {
+            m.errors.add(1, &[KeyValue::new("error.type", error_type)]);
+        }
+        if let Some(mut span) = attempt.span.take() {
+            span.set_attribute(KeyValue::new("error.type", error_type));
+            span.set_status(SpanStatus::error(error.to_string()));
+            span.end();
+        }
+        tracing::debug!(
+            namespace = %attempt.namespace,
+            instance = %attempt.instance,
+            error.type = error_type,
+            trace_id = attempt.trace.as_ref().map(|t| t.trace_id.as_str()),
+            span_id = attempt.trace.as_ref().map(|t| t.span_id.as_str()),
+            "transition rejected: {error}"
+        );
+        for h in &self.hooks {
+            h.error(&attempt.context(), error);
+        }
+    }
+
+    /// The attempts of one durable batch, in item order (with their records), committed.
+    /// `conflicts[i]` is the error of an item the store refused.
+    pub(crate) fn committed(&self, batch: CommittedBatch<'_>, local: &mut LocalMetrics) {
+        let now = Instant::now();
+        let commit_s = batch.commit_duration.as_secs_f64();
+        if let Some(m) = &self.metrics {
+            m.commit_duration.record(commit_s, &[]);
+            m.batch_size.record(batch.n_items as u64, &[]);
+        }
+        let mut counts: HashMap<(Arc<str>, Trigger), u64> = HashMap::new();
+        let mut active_delta: Vec<(MachineState, i64)> = Vec::new();
+        for (attempt, record, hash, error) in batch.items {
+            let Some(mut attempt) = attempt else { continue };
+            if attempt.instance.is_empty() && (attempt.span.is_some() || !self.hooks.is_empty()) {
+                attempt.instance = record.instance.to_string();
+                if let Some(span) = &mut attempt.span {
+                    span.set_attribute(KeyValue::new("cnsm.instance.id", attempt.instance.clone()));
+                }
+            }
+            if let Some(error) = error {
+                self.failed(attempt, &error);
+                continue;
+            }
+            let machine = attempt
+                .machine
+                .clone()
+                .unwrap_or_else(|| Arc::clone(&record.machine));
+            if self.metrics.is_some() {
+                *counts
+                    .entry((Arc::clone(&machine), attempt.trigger))
+                    .or_insert(0) += 1;
+                if attempt.prev_active
+                    && let Some(from) = &attempt.from
+                {
+                    active_delta.push(((Arc::clone(&machine), Arc::clone(from)), -1));
+                }
+                if !record.status.is_final() {
+                    active_delta.push(((Arc::clone(&machine), Arc::clone(&record.to)), 1));
+                }
+            }
+            let total_s = now
+                .saturating_duration_since(attempt.received)
+                .as_secs_f64();
+            let queue_s = attempt
+                .dequeued
+                .saturating_duration_since(attempt.received)
+                .as_secs_f64();
+            let evaluation_s = attempt.evaluation.as_secs_f64();
+            if self.metrics.is_some() {
+                // Recorded by the metrics thread after the batch (see `Metrics`).
+                local.samples.push(Sample {
+                    machine: Arc::clone(&machine),
+                    total_s,
+                    queue_s,
+                    evaluation_s,
+                });
+            }
+            if let Some(mut span) = attempt.span.take() {
+                let mut attrs = vec![
+                    KeyValue::new("cnsm.machine.name", record.machine.to_string()),
+                    KeyValue::new("cnsm.machine.revision", i64::from(record.revision)),
+                    KeyValue::new("cnsm.state.to", record.to.to_string()),
+                    KeyValue::new("cnsm.instance.version", record.version as i64),
+                    KeyValue::new("cnsm.record.hash", hash.to_hex()),
+                    KeyValue::new("cnsm.duration.queue", queue_s),
+                    KeyValue::new("cnsm.duration.evaluation", evaluation_s),
+                    KeyValue::new("cnsm.duration.commit", commit_s),
+                    KeyValue::new("cnsm.duration.total", total_s),
+                ];
+                if !record.via.is_empty() {
+                    let via: Vec<String> = record.via.iter().map(|v| v.to_string()).collect();
+                    attrs.push(KeyValue::new("cnsm.state.via", via.join(",")));
+                }
+                if let Some(flag) = record.flags.last() {
+                    attrs.push(KeyValue::new("feature_flag.key", flag.key.clone()));
+                    if let Some(v) = &flag.variant {
+                        attrs.push(KeyValue::new("feature_flag.result.variant", v.clone()));
+                    }
+                    attrs.push(KeyValue::new(
+                        "feature_flag.result.reason",
+                        flag.reason.to_lowercase(),
+                    ));
+                    attrs.push(KeyValue::new("feature_flag.provider.name", "cnsm"));
+                }
+                span.set_attributes(attrs);
+                for g in &record.guards {
+                    span.add_event(
+                        "cnsm.guard",
+                        vec![
+                            KeyValue::new("cnsm.guard.state", g.state.to_string()),
+                            KeyValue::new("cnsm.guard.entry", g.entry.to_string()),
+                            KeyValue::new("cnsm.guard.result", g.result),
+                        ],
+                    );
+                }
+                for f in &record.flags {
+                    let mut attrs = vec![
+                        KeyValue::new("feature_flag.key", f.key.clone()),
+                        KeyValue::new("feature_flag.result.reason", f.reason.to_lowercase()),
+                        KeyValue::new("cnsm.flag.allowed", f.allowed),
+                    ];
+                    if let Some(v) = &f.variant {
+                        attrs.push(KeyValue::new("feature_flag.result.variant", v.clone()));
+                    }
+                    if let Some(e) = &f.error {
+                        attrs.push(KeyValue::new("error.type", e.clone()));
+                    }
+                    span.add_event("feature_flag.evaluation", attrs);
+                }
+                span.end();
+            }
+            tracing::debug!(
+                namespace = %record.namespace,
+                instance = %record.instance,
+                machine = %record.machine,
+                from = record.from.as_deref(),
+                to = %record.to,
+                version = record.version,
+                trace_id = record.trace.as_ref().map(|t| t.trace_id.as_str()),
+                span_id = record.trace.as_ref().map(|t| t.span_id.as_str()),
+                "transition committed"
+            );
+            if !self.hooks.is_empty() {
+                let cx = attempt.context();
+                for h in &self.hooks {
+                    h.after(&cx, record, hash);
+                }
+            }
+        }
+        if let Some(m) = &self.metrics {
+            m.send_samples(local);
+            for ((machine, trigger), n) in counts {
+                m.transitions.add(
+                    n,
+                    &[
+                        KeyValue::new("cnsm.machine.name", machine.to_string()),
+                        KeyValue::new("cnsm.trigger", trigger.as_str()),
+                    ],
+                );
+            }
+            if !active_delta.is_empty()
+                && let Ok(mut active) = m.gauges.active.lock()
+            {
+                for (key, d) in active_delta {
+                    let n = active.entry(key).or_insert(0);
+                    *n += d;
+                }
+                active.retain(|_, n| *n > 0);
+            }
+        }
+    }
+
+    /// A timer fired `lateness` after its due time.
+    pub(crate) fn timer_fired(&self, lateness: Duration) {
+        if let Some(m) = &self.metrics {
+            m.timer_lateness.record(lateness.as_secs_f64(), &[]);
+        }
+    }
+
+    /// The timers pending in the index after a batch.
+    pub(crate) fn timers_pending(&self, n: usize) {
+        if let Some(m) = &self.metrics {
+            m.gauges.timers_pending.store(n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The parent link of a timer's span: the trace of the record that armed it.
+fn link_of(trace: &TraceContext) -> Option<SpanContext> {
+    let trace_id = TraceId::from_hex(&trace.trace_id).ok()?;
+    let span_id = SpanId::from_hex(&trace.span_id).ok()?;
+    let cx = SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    cx.is_valid().then_some(cx)
+}
+
+/// What starts an attempt.
+pub(crate) struct AttemptStart<'a> {
+    pub trigger: Trigger,
+    pub namespace: &'a str,
+    pub instance: &'a str,
+    pub event: Option<&'a str>,
+    pub actor: &'a str,
+    pub received: Instant,
+    /// When the committer took it (one clock read per batch).
+    pub dequeued: Instant,
+    pub parent: Option<&'a TraceParent>,
+    /// For timers: the trace of the record that armed the timer.
+    pub link: Option<&'a TraceContext>,
+}
+
+/// One attempted transition in flight on the committer.
+pub(crate) struct Attempt {
+    trigger: Trigger,
+    namespace: String,
+    instance: String,
+    event: Option<String>,
+    actor: String,
+    machine: Option<Arc<str>>,
+    revision: Option<u32>,
+    from: Option<Arc<str>>,
+    version: Option<u64>,
+    /// Whether the instance counted in `cnsm.instances.active` before the transition.
+    prev_active: bool,
+    received: Instant,
+    dequeued: Instant,
+    pub(crate) evaluation: Duration,
+    span: Option<BoxedSpan>,
+    /// The trace context the record carries: the span's ids, or the caller's without a tracer.
+    pub(crate) trace: Option<TraceContext>,
+}
+
+impl Attempt {
+    fn context(&self) -> TransitionContext<'_> {
+        TransitionContext {
+            namespace: &self.namespace,
+            instance: &self.instance,
+            machine: self.machine.as_deref(),
+            revision: self.revision,
+            state: self.from.as_deref(),
+            version: self.version,
+            event: self.event.as_deref(),
+            trigger: self.trigger,
+            actor: &self.actor,
+            trace: self.trace.as_ref(),
+        }
+    }
+}
+
+/// The items of one durable batch for [`Telemetry::committed`].
+pub(crate) struct CommittedBatch<'a> {
+    pub n_items: usize,
+    pub commit_duration: Duration,
+    #[allow(clippy::type_complexity)]
+    pub items: Vec<(
+        Option<Box<Attempt>>,
+        &'a StateChangeEvent,
+        Hash32,
+        Option<RuntimeError>,
+    )>,
+}
+
+/// One committed transition's timings, for the histograms.
+struct Sample {
+    machine: Arc<str>,
+    total_s: f64,
+    queue_s: f64,
+    evaluation_s: f64,
+}
+
+/// The committer's side of the metrics: the batch's samples, and attribute sets built once per
+/// machine (for recording inline when the metrics thread lags).
+#[derive(Default)]
+pub(crate) struct LocalMetrics {
+    samples: Vec<Sample>,
+    machine_attrs: MachineAttrs,
+}
+
+/// `cnsm.machine.name` attribute sets, built once per machine.
+#[derive(Default)]
+struct MachineAttrs(HashMap<Arc<str>, Vec<KeyValue>>);
+
+impl MachineAttrs {
+    fn get(&mut self, machine: &Arc<str>) -> &[KeyValue] {
+        let map = &mut self.0;
+        if !map.contains_key(machine) {
+            if map.len() > 10_000 {
+                map.clear();
+            }
+            map.insert(
+                Arc::clone(machine),
+                vec![KeyValue::new("cnsm.machine.name", machine.to_string())],
+            );
+        }
+        map.get(machine).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+/// A (machine, state) label pair of `cnsm.instances.active`.
+type MachineState = (Arc<str>, Arc<str>);
+
+#[derive(Default)]
+struct Gauges {
+    active: Mutex<HashMap<MachineState, i64>>,
+    timers_pending: AtomicU64,
+}
+
+struct Metrics {
+    transitions: Counter<u64>,
+    duration: Histogram<f64>,
+    queue: Histogram<f64>,
+    evaluation: Histogram<f64>,
+    errors: Counter<u64>,
+    timer_lateness: Histogram<f64>,
+    commit_duration: Histogram<f64>,
+    batch_size: Histogram<u64>,
+    gauges: Arc<Gauges>,
+    _observed: (ObservableGauge<i64>, ObservableGauge<u64>),
+    /// The per-transition histogram records happen on a `cnsm-metrics` thread, one hand-off
+    /// per batch, so the committer (the serial path) pays a `Vec` push per transition instead
+    /// of three SDK records. When the hand-off queue is full the committer records inline.
+    samples: std::sync::mpsc::SyncSender<Vec<Sample>>,
+}
+
+/// Records a batch's samples on the three transition histograms.
+fn record_samples(
+    batch: &[Sample],
+    attrs: &mut MachineAttrs,
+    histograms: &(Histogram<f64>, Histogram<f64>, Histogram<f64>),
+) {
+    let (duration, queue, evaluation) = histograms;
+    for s in batch {
+        duration.record(s.total_s, attrs.get(&s.machine));
+        queue.record(s.queue_s, &[]);
+        evaluation.record(s.evaluation_s, &[]);
+    }
+}
+
+impl Metrics {
+    fn send_samples(&self, local: &mut LocalMetrics) {
+        if local.samples.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut local.samples);
+        if let Err(
+            std::sync::mpsc::TrySendError::Full(batch)
+            | std::sync::mpsc::TrySendError::Disconnected(batch),
+        ) = self.samples.try_send(batch)
+        {
+            let histograms = (
+                self.duration.clone(),
+                self.queue.clone(),
+                self.evaluation.clone(),
+            );
+            record_samples(&batch, &mut local.machine_attrs, &histograms);
+        }
+    }
+
+    fn new(meter: &Meter) -> Metrics {
+        let buckets = DURATION_BUCKETS_S.to_vec();
+        let seconds = |name: &'static str, description: &'static str| {
+            meter
+                .f64_histogram(name)
+                .with_unit("s")
+                .with_description(description)
+                .with_boundaries(buckets.clone())
+                .build()
+        };
+        let gauges = Arc::new(Gauges::default());
+        let g = Arc::clone(&gauges);
+        let active = meter
+            .i64_observable_gauge("cnsm.instances.active")
+            .with_description("Instances not in a final status, by machine and state")
+            .with_callback(move |observer| {
+                if let Ok(active) = g.active.lock() {
+                    for ((machine, state), n) in active.iter() {
+                        observer.observe(
+                            *n,
+                            &[
+                                KeyValue::new("cnsm.machine.name", machine.to_string()),
+                                KeyValue::new("cnsm.state", state.to_string()),
+                            ],
+                        );
+                    }
+                }
+            })
+            .build();
+        let g = Arc::clone(&gauges);
+        let pending = meter
+            .u64_observable_gauge("cnsm.timers.pending")
+            .with_description("Durable timers waiting in the timer index")
+            .with_callback(move |observer| {
+                observer.observe(g.timers_pending.load(Ordering::Relaxed), &[]);
+            })
+            .build();
+        let duration = seconds(
+            "cnsm.transition.duration",
+            "Event receipt to durable commit, per committed transition",
+        );
+        let queue = seconds(
+            "cnsm.transition.queue.duration",
+            "Event receipt until the committer took it into a batch",
+        );
+        let evaluation = seconds(
+            "cnsm.transition.evaluation.duration",
+            "Engine evaluation (guards, assignments, choices) of one transition",
+        );
+        let (samples, rx) = std::sync::mpsc::sync_channel::<Vec<Sample>>(256);
+        let histograms = (duration.clone(), queue.clone(), evaluation.clone());
+        // Ends when the last sender (this `Metrics`) is dropped.
+        let _ = std::thread::Builder::new()
+            .name("cnsm-metrics".into())
+            .spawn(move || {
+                let mut attrs = MachineAttrs::default();
+                while let Ok(batch) = rx.recv() {
+                    record_samples(&batch, &mut attrs, &histograms);
+                }
+            });
+        Metrics {
+            samples,
+            duration,
+            queue,
+            evaluation,
+            transitions: meter
+                .u64_counter("cnsm.transitions")
+                .with_description("Committed transitions (records), by machine and trigger")
+                .build(),
+            errors: meter
+                .u64_counter("cnsm.transition.errors")
+                .with_description("Rejected transition attempts, by error.type")
+                .build(),
+            timer_lateness: seconds(
+                "cnsm.timer.lateness",
+                "How long after its due time a timer fired",
+            ),
+            commit_duration: seconds(
+                "cnsm.store.commit.duration",
+                "One durable store commit (group commit), including its fsync",
+            ),
+            batch_size: meter
+                .u64_histogram("cnsm.store.commit.batch_size")
+                .with_description("Records per durable store commit")
+                .with_boundaries(vec![
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+                ])
+                .build(),
+            gauges,
+            _observed: (active, pending),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_parses_flags_and_state() {
+        let p = TraceParent::parse(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+            Some("congo=t61rcWkgMzE"),
+        )
+        .expect("valid");
+        assert!(!p.sampled);
+        assert_eq!(p.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
+        assert_eq!(
+            TraceParent::format(&p.context),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+        ] {
+            assert_eq!(TraceParent::parse(bad, None), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn disabled_telemetry_starts_nothing() {
+        let t = Telemetry::default();
+        assert!(!t.is_enabled());
+        let started = t.start(AttemptStart {
+            trigger: Trigger::Event,
+            namespace: "default",
+            instance: "a",
+            event: Some("go"),
+            actor: "me",
+            received: Instant::now(),
+            dequeued: Instant::now(),
+            parent: None,
+            link: None,
+        });
+        assert!(started.is_none());
+    }
+}

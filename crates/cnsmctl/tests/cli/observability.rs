@@ -1,0 +1,639 @@
+//! `cnsmctl serve` telemetry end to end, as a real child process: an OTLP/HTTP receiver on
+//! loopback (decoding with the opentelemetry-proto types) gets the spans and metrics the binary
+//! exports, `/metrics` parses as Prometheus text, the audit log validates as ECS, and after a
+//! SIGKILL mid-load and a restart every committed transition has exactly one audit line.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cnsm_server::client::Client;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message;
+use serde_json::{Value, json};
+
+const PREFIX: &str = "/apis/statemachine.cn/v1alpha1/namespaces";
+const SHARED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/");
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT_SPAN: &str = "00f067aa0ba902b7";
+
+const ORDER_YAML: &str = "apiVersion: statemachine.cn/v1alpha1
+kind: StateMachine
+metadata:
+  name: order
+spec:
+  initialState: open
+  states:
+  - name: open
+    type: task
+    timeoutSeconds: 86400
+    onEvent:
+    - event: tick
+      target: open
+    - event: close
+      target: closed
+  - name: closed
+    type: final
+";
+
+/// (path, body) of every request the receiver got.
+type Requests = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A minimal OTLP/HTTP receiver: records (path, body) of every POST and answers 200.
+struct Receiver {
+    url: String,
+    requests: Requests,
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind receiver");
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let requests: Requests = Arc::default();
+        let seen = Arc::clone(&requests);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let seen = Arc::clone(&seen);
+                std::thread::spawn(move || serve_connection(stream, seen));
+            }
+        });
+        Receiver { url, requests }
+    }
+
+    fn bodies(&self, path: &str) -> Vec<Vec<u8>> {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, b)| b.clone())
+            .collect()
+    }
+}
+
+fn serve_connection(stream: std::net::TcpStream, seen: Requests) {
+    let mut writer = stream.try_clone().expect("clone stream");
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        let path = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned();
+        let mut length = 0usize;
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                return;
+            }
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        seen.lock().unwrap().push((path, body));
+        let answer =
+            "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+        if writer.write_all(answer.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+struct Serve {
+    child: Child,
+    url: String,
+    _stdout: BufReader<ChildStdout>,
+}
+
+impl Serve {
+    fn start(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Serve {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cnsmctl"));
+        command
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env_remove("CNSM_SERVER")
+            .env_remove("CNSM_LISTEN")
+            .env_remove("CNSM_AUTH_FILE")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_SDK_DISABLED")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn cnsmctl serve");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("address line");
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Serve {
+            child,
+            url,
+            _stdout: stdout,
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    fn wait(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.child.try_wait().expect("try_wait").is_some() {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = self.child.stderr.take() {
+                    let _ = pipe.read_to_string(&mut stderr);
+                }
+                return stderr;
+            }
+            assert!(Instant::now() < deadline, "the server did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn tokio_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio")
+}
+
+async fn apply_and_create(client: &Client, ids: &[String]) {
+    let r = client
+        .request(
+            "POST",
+            &format!("{PREFIX}/shop/statemachines"),
+            &[("content-type", "application/yaml")],
+            ORDER_YAML.as_bytes().to_vec(),
+        )
+        .await
+        .expect("apply");
+    assert_eq!(r.status, 201, "{}", r.text());
+    for id in ids {
+        let r = client
+            .post_json(
+                &format!("{PREFIX}/shop/instances"),
+                &json!({"id": id, "machine": "order"}),
+                &[],
+            )
+            .await
+            .expect("create");
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+}
+
+/// Checks the Prometheus text exposition format line by line; returns sample name -> lines.
+fn parse_prometheus(text: &str) -> BTreeMap<String, Vec<String>> {
+    let mut samples: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(comment) = line.strip_prefix('#') {
+            let words: Vec<&str> = comment.split_whitespace().collect();
+            if words.first() == Some(&"TYPE") {
+                assert!(
+                    ["counter", "gauge", "histogram", "summary", "untyped"]
+                        .contains(&words.get(2).copied().unwrap_or_default()),
+                    "bad TYPE line {line}"
+                );
+            }
+            continue;
+        }
+        let name_end = line
+            .find(['{', ' '])
+            .unwrap_or_else(|| panic!("no value in {line}"));
+        let name = &line[..name_end];
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line}"
+        );
+        let rest = &line[name_end..];
+        let value_part = if rest.starts_with('{') {
+            let close = rest
+                .rfind('}')
+                .unwrap_or_else(|| panic!("unclosed labels: {line}"));
+            let labels = &rest[1..close];
+            for pair in labels.split("\",").filter(|p| !p.is_empty()) {
+                let (k, v) = pair
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("bad label {pair} in {line}"));
+                assert!(
+                    k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "bad label name {k}"
+                );
+                assert!(v.starts_with('"'), "unquoted label value in {line}");
+            }
+            &rest[close + 1..]
+        } else {
+            rest
+        };
+        let value = value_part.split_whitespace().next().unwrap_or_default();
+        assert!(
+            value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value),
+            "bad value in {line}"
+        );
+        samples
+            .entry(name.to_owned())
+            .or_default()
+            .push(line.to_owned());
+    }
+    samples
+}
+
+/// Runs the shared ECS checker over an audit file.
+fn validate_ecs(audit: &Path) {
+    let output = Command::new("python3")
+        .arg(format!("{SHARED}tools/validate_ecs.py"))
+        .arg(format!("{SHARED}conformance/ecs/ecs_flat.yml"))
+        .arg(audit)
+        .arg("state_change")
+        .output()
+        .expect("python3 runs (with PyYAML) to validate ECS lines");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "ECS validation failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.lines().all(|l| l.ends_with(": OK")), "{stdout}");
+}
+
+#[test]
+fn serve_exports_spans_and_metrics_over_otlp_serves_metrics_and_writes_ecs_audit_lines() {
+    let data = tempfile::tempdir().unwrap();
+    let audit = data.path().join("audit").join("audit.jsonl");
+    let receiver = Receiver::start();
+    let mut server = Serve::start(
+        &data.path().join("store"),
+        &[
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--log-format",
+            "json",
+        ],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url.as_str()),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_SERVICE_NAME", "cnsm-test"),
+            ("RUST_LOG", "info,cnsm_runtime=debug"),
+        ],
+    );
+    let client = Client::new(&server.url).unwrap();
+    let ids: Vec<String> = (0..3).map(|i| format!("o-{i}")).collect();
+    let rt = tokio_runtime();
+    let answer = rt.block_on(async {
+        apply_and_create(&client, &ids).await;
+        for id in &ids {
+            let r = client
+                .post_json(
+                    &format!("{PREFIX}/shop/instances/{id}/events"),
+                    &json!({"event": "tick"}),
+                    &[],
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+        // One with a W3C parent, one CloudEvent with the distributed-tracing extension.
+        let traced = client
+            .post_json(
+                &format!("{PREFIX}/shop/instances/o-0/events"),
+                &json!({"event": "close"}),
+                &[("traceparent", &format!("00-{TRACE_ID}-{PARENT_SPAN}-01"))],
+            )
+            .await
+            .unwrap();
+        assert_eq!(traced.status, 200, "{}", traced.text());
+        let ce = client
+            .request(
+                "POST",
+                &format!("{PREFIX}/shop/instances/o-1/events"),
+                &[("content-type", "application/cloudevents+json")],
+                serde_json::to_vec(&json!({
+                    "specversion": "1.0", "id": "e-1", "source": "test", "type": "tick",
+                    "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                    "tracestate": "rojo=00f067aa0ba902b7",
+                }))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(ce.status, 200, "{}", ce.text());
+        assert_eq!(
+            ce.json()["record"]["trace"]["traceId"],
+            "0af7651916cd43dd8448eb211c80319c"
+        );
+        // Rejected: o-0 is closed now.
+        let rejected = client
+            .post_json(
+                &format!("{PREFIX}/shop/instances/o-0/events"),
+                &json!({"event": "tick"}),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rejected.status, 422);
+        let metrics = client.get("/metrics").await.unwrap();
+        assert_eq!(metrics.status, 200);
+        assert!(
+            metrics
+                .header("content-type")
+                .unwrap_or_default()
+                .starts_with("text/plain; version=0.0.4")
+        );
+        (traced.json(), metrics.text())
+    });
+    let (traced, metrics_text) = answer;
+    // The answer carries the transition span's ids: same trace, a new span.
+    let trace = &traced["record"]["trace"];
+    assert_eq!(trace["traceId"], TRACE_ID);
+    let span_id = trace["spanId"].as_str().unwrap().to_owned();
+    assert_eq!(span_id.len(), 16);
+    assert_ne!(span_id, PARENT_SPAN);
+
+    let samples = parse_prometheus(&metrics_text);
+    for name in [
+        "cnsm_transitions_total",
+        "cnsm_transition_duration_seconds_bucket",
+        "cnsm_transition_duration_seconds_count",
+        "cnsm_transition_errors_total",
+        "cnsm_instances_active",
+        "cnsm_timers_pending",
+        "cnsm_store_commit_duration_seconds_bucket",
+        "cnsm_store_commit_batch_size_bucket",
+    ] {
+        assert!(
+            samples.contains_key(name),
+            "{name} missing:\n{metrics_text}"
+        );
+    }
+    assert!(
+        samples["cnsm_transition_errors_total"]
+            .iter()
+            .any(|l| l.contains("error_type=\"TransitionFailure\"")),
+        "{metrics_text}"
+    );
+    assert!(
+        samples["cnsm_transition_duration_seconds_bucket"]
+            .iter()
+            .any(|l| l.contains("le=\"1e-5\"") || l.contains("le=\"0.00001\"")),
+        "the 10 µs bucket:\n{metrics_text}"
+    );
+    // o-0 closed: 2 instances open.
+    let open: f64 = samples["cnsm_instances_active"]
+        .iter()
+        .filter(|l| l.contains("cnsm_state=\"open\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(open, 2.0, "{metrics_text}");
+
+    // SIGTERM: drain, flush the exporters and the audit log.
+    server.signal("TERM");
+    let stderr = server.wait();
+    // JSON logs with trace ids on the committed transition lines.
+    let log_line = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["trace_id"] == TRACE_ID)
+        .unwrap_or_else(|| panic!("no JSON log line with the trace id:\n{stderr}"));
+    assert_eq!(log_line["span_id"], span_id.as_str());
+
+    // Spans over OTLP/HTTP.
+    let mut spans = Vec::new();
+    for body in receiver.bodies("/v1/traces") {
+        let request = ExportTraceServiceRequest::decode(body.as_slice()).expect("OTLP traces");
+        for rs in request.resource_spans {
+            for ss in rs.scope_spans {
+                spans.extend(ss.spans);
+            }
+        }
+    }
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let close = spans
+        .iter()
+        .find(|s| s.name == "cnsm.transition" && hex(&s.span_id) == span_id)
+        .unwrap_or_else(|| panic!("the traced span was not exported: {} spans", spans.len()));
+    assert_eq!(hex(&close.trace_id), TRACE_ID);
+    assert_eq!(hex(&close.parent_span_id), PARENT_SPAN);
+    let attribute = |name: &str| {
+        close
+            .attributes
+            .iter()
+            .find(|kv| kv.key == name)
+            .and_then(|kv| kv.value.as_ref())
+            .and_then(|v| v.value.as_ref())
+            .map(|v| format!("{v:?}"))
+    };
+    assert!(attribute("cnsm.state.to").unwrap().contains("closed"));
+    assert!(attribute("cnsm.machine.name").unwrap().contains("order"));
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.status.as_ref().is_some_and(|st| st.code == 2)
+                && s.attributes.iter().any(|kv| kv.key == "error.type")),
+        "an error span"
+    );
+    // Metrics over OTLP/HTTP.
+    let mut names = std::collections::BTreeSet::new();
+    for body in receiver.bodies("/v1/metrics") {
+        let request = ExportMetricsServiceRequest::decode(body.as_slice()).expect("OTLP metrics");
+        for rm in request.resource_metrics {
+            for sm in rm.scope_metrics {
+                for m in sm.metrics {
+                    names.insert(m.name);
+                }
+            }
+        }
+    }
+    for name in [
+        "cnsm.transitions",
+        "cnsm.transition.duration",
+        "cnsm.transition.errors",
+        "cnsm.store.commit.duration",
+    ] {
+        assert!(names.contains(name), "{name} not exported: {names:?}");
+    }
+
+    // Audit: every committed transition once (apply makes none; 3 creates, 5 events), the
+    // rejected one live, every line ECS.
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ok = lines
+        .iter()
+        .filter(|l| l["event"]["outcome"] == "success")
+        .count();
+    let failed = lines
+        .iter()
+        .filter(|l| l["event"]["outcome"] == "failure")
+        .count();
+    assert_eq!((ok, failed), (8, 1), "{text}");
+    let close_line = lines
+        .iter()
+        .find(|l| l["state_change"]["to"] == "closed")
+        .unwrap();
+    assert_eq!(close_line["trace"]["id"], TRACE_ID);
+    assert_eq!(close_line["span"]["id"], span_id.as_str());
+    validate_ecs(&audit);
+
+    // `audit export` regenerates the committed lines byte for byte.
+    let export = Command::new(env!("CARGO_BIN_EXE_cnsmctl"))
+        .arg("--data-dir")
+        .arg(data.path().join("store"))
+        .args(["audit", "export"])
+        .env_remove("CNSM_SERVER")
+        .output()
+        .unwrap();
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let committed: String = text
+        .lines()
+        .filter(|l| l.contains("\"outcome\":\"success\""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&export.stdout), committed);
+    let since = Command::new(env!("CARGO_BIN_EXE_cnsmctl"))
+        .arg("--data-dir")
+        .arg(data.path().join("store"))
+        .args(["audit", "export", "--since", "5"])
+        .env_remove("CNSM_SERVER")
+        .output()
+        .unwrap();
+    assert!(since.status.success());
+    assert!(String::from_utf8_lossy(&since.stdout).lines().all(|l| {
+        serde_json::from_str::<Value>(l).unwrap()["event"]["sequence"]
+            .as_u64()
+            .unwrap()
+            > 5
+    }));
+}
+
+#[test]
+fn audit_lines_survive_sigkill_exactly_once() {
+    let data = tempfile::tempdir().unwrap();
+    let store_dir = data.path().join("store");
+    let audit = data.path().join("audit.jsonl");
+    let audit_arg = audit.to_str().unwrap().to_owned();
+    let ids: Vec<String> = (0..8).map(|i| format!("k-{i}")).collect();
+    let rt = tokio_runtime();
+    for round in 0..2 {
+        let server = Serve::start(&store_dir, &["--audit-log", &audit_arg], &[]);
+        let client = Client::new(&server.url).unwrap();
+        rt.block_on(async {
+            if round == 0 {
+                apply_and_create(&client, &ids).await;
+            }
+            let mut tasks = Vec::new();
+            for id in ids.clone() {
+                let client = client.clone();
+                tasks.push(tokio::spawn(async move {
+                    for _ in 0..2_000 {
+                        let sent = client
+                            .post_json(
+                                &format!("{PREFIX}/shop/instances/{id}/events"),
+                                &json!({"event": "tick"}),
+                                &[],
+                            )
+                            .await;
+                        match sent {
+                            Ok(r) if r.status == 200 => {}
+                            _ => break,
+                        }
+                    }
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            // SIGKILL mid-load: no drain, no flush.
+            server.signal("KILL");
+            for t in tasks {
+                let _ = t.await;
+            }
+        });
+        drop(server);
+    }
+    // A last clean start catches the audit log up with the store, then stops.
+    let mut server = Serve::start(&store_dir, &["--audit-log", &audit_arg], &[]);
+    server.signal("TERM");
+    server.wait();
+    let store = cnsm_store::embedded::EmbeddedStore::open(&store_dir).unwrap();
+    use cnsm_store::Store;
+    let mut expected = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let page = store.records_after(cursor, 0).unwrap();
+        let Some((last, _)) = page.last() else { break };
+        cursor = *last;
+        expected.extend(page.iter().map(|(seq, s)| (*seq, s.hash.to_hex())));
+    }
+    assert!(expected.len() > 20, "load ran: {} records", expected.len());
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let got: Vec<(u64, String)> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("every line complete JSON"))
+        .filter(|l| l["event"]["outcome"] == "success")
+        .map(|l| {
+            (
+                l["event"]["sequence"].as_u64().unwrap(),
+                l["state_change"]["record_hash"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(got.len(), expected.len(), "no line lost or duplicated");
+    assert_eq!(got, expected);
+}
