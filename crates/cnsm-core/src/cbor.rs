@@ -177,6 +177,29 @@ pub fn decode(bytes: &[u8]) -> Result<Value, CborError> {
     Ok(value)
 }
 
+/// Decodes the deterministic CBOR item at the start of `bytes` (more may follow); returns it
+/// with its length. Used by readers of documents that mix JSON-shaped items with byte strings.
+pub fn decode_prefix(bytes: &[u8]) -> Result<(Value, usize), CborError> {
+    let mut decoder = Decoder { bytes, pos: 0 };
+    let value = decoder.item(0)?;
+    Ok((value, decoder.pos))
+}
+
+/// Reads the head at the start of `bytes`: (major type, argument, length of the head).
+/// Refuses indefinite lengths, reserved forms and arguments not in shortest form (for major
+/// type 7 the argument is the raw simple value or float bits).
+pub fn read_head(bytes: &[u8]) -> Result<(u8, u64, usize), CborError> {
+    let mut decoder = Decoder { bytes, pos: 0 };
+    let (major, _, arg) = decoder.head()?;
+    Ok((major, arg, decoder.pos))
+}
+
+/// Appends a byte string.
+pub fn encode_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    write_head(out, 2, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
 /// Reads the text values of the given keys of a top-level map without decoding the rest:
 /// `out[i]` is the value of `keys[i]` when present and a text string. Used by stores for cheap
 /// pair assertions on record bytes whose hash was already checked.

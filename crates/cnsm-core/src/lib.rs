@@ -31,6 +31,7 @@ pub mod graph;
 pub mod instance;
 pub mod record;
 pub mod resource;
+pub mod snapshot;
 mod yaml;
 
 pub use error::TransitionError;

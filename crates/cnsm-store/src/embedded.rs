@@ -19,6 +19,7 @@
 //! | `timers` | (due ms, uid) | (entry seq, kind) |
 //! | `idempotency` | (uid, key) | (request hash, version, expires ms) |
 //! | `idempotency_expiry` | (expires ms, uid, key) | () |
+//! | `retired_uids` | uid | () - instances replaced by `snapshot import --replace` (their records stay in the log) |
 //!
 //! Definition rows are the deterministic CBOR of the serde form ([`cnsm_core::cbor`]); instance
 //! rows, rewritten on every commit, are compact JSON encoded straight from the struct. The instance
@@ -80,11 +81,13 @@ use redb::{
 };
 
 use crate::{
-    CommitItem, DefinitionRow, IdempotencyEntry, InstanceQuery, ItemOutcome, PAGE_LEN_MAX,
-    PutDefinition, STORE_FORMAT, Store, StoreError, StoredInstance, TimerRef, VerifyReport,
+    CommitItem, DefinitionRow, IdempotencyEntry, ImportItem, ImportReport, InstanceQuery,
+    ItemOutcome, PAGE_LEN_MAX, PutDefinition, STORE_FORMAT, Store, StoreError, StoredInstance,
+    TimerRef, VerifyReport,
 };
 
 mod check;
+mod import;
 pub(crate) mod tables;
 #[doc(hidden)]
 pub mod testing;
@@ -474,6 +477,7 @@ fn check_format(db: &Database) -> Result<(), StoreError> {
 
 /// Creates the tables and counters of a new store; checks the unverified tail.
 fn init_and_verify(txn: &WriteTransaction, verify_tail: bool) -> Result<(), StoreError> {
+    txn.open_table(RETIRED_UIDS).io()?;
     let mut t = WriteTables::open(txn)?;
     if t.meta.get(META_FORMAT).io()?.is_none() {
         t.meta.insert(META_FORMAT, u64::from(STORE_FORMAT)).io()?;
@@ -1171,6 +1175,16 @@ impl Store for EmbeddedStore {
             });
         }
         Ok(())
+    }
+
+    fn import_instances(
+        &self,
+        definitions: &[DefinitionRow],
+        items: &[ImportItem],
+        replace: bool,
+    ) -> Result<ImportReport, StoreError> {
+        crate::check_import(definitions, items)?;
+        self.write(|txn| import::import_in(txn, definitions, items, replace))
     }
 
     fn verify(&self) -> Result<VerifyReport, StoreError> {
