@@ -171,7 +171,10 @@ impl Committer {
             .import_instances(definitions, items, replace);
         let mut versions = self.shared.versions.lock().ok();
         for item in items {
-            let key = (item.instance.namespace.to_string(), item.instance.id.to_string());
+            let key = (
+                item.instance.namespace.to_string(),
+                item.instance.id.to_string(),
+            );
             self.cache.remove(&key);
             if let Some(v) = versions.as_mut() {
                 v.remove(&key);

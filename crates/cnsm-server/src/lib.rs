@@ -55,6 +55,7 @@ pub mod openapi;
 mod params;
 pub mod problem;
 pub mod routes;
+pub mod snapshots;
 pub mod tls;
 mod watch_stream;
 pub mod wire;

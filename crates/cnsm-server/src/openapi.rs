@@ -73,6 +73,14 @@ fn query_parameter(name: &str) -> Value {
             json!({"type": "integer", "minimum": 0}),
             "The first version of the page",
         ),
+        "instance" => (
+            id_schema(),
+            "Only this instance (instead of every instance of the namespace)",
+        ),
+        "replace" => (
+            json!({"type": "boolean"}),
+            "Replace instances that already exist instead of refusing the whole import",
+        ),
         "format" => (
             json!({"type": "string", "enum": ["json", "text"]}),
             "text: human-readable instead of JSON",
@@ -158,6 +166,9 @@ fn request_body(name: &str) -> Value {
             "application/json": {"schema": schema_ref("Event")},
             CONTENT_TYPE_CLOUDEVENTS: {"schema": schema_ref("CloudEvent")},
         }),
+        "SnapshotPayload" => json!({
+            crate::snapshots::SNAPSHOT_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+        }),
         other => json!({"application/json": {"schema": schema_ref(other)}}),
     };
     json!({"required": true, "content": content})
@@ -167,6 +178,11 @@ fn success_response(route: &Route, status: u16, body: &str) -> Value {
     let mut content = Map::new();
     if body == "Text" {
         content.insert("text/plain".into(), json!({"schema": {"type": "string"}}));
+    } else if body == "SnapshotPayload" {
+        content.insert(
+            crate::snapshots::SNAPSHOT_MEDIA_TYPE.into(),
+            json!({"schema": {"type": "string", "format": "binary"}}),
+        );
     } else {
         content.insert(
             "application/json".into(),
@@ -386,6 +402,17 @@ fn schemas() -> Value {
                 "hash": {"type": "string"},
                 "created": {"type": "boolean"},
                 "warnings": {"type": "array", "items": schema_ref("AdmissionProblem")},
+            },
+        },
+        "ImportReport": {
+            "type": "object",
+            "required": ["nInstances", "nRecords", "nReplaced", "nDefinitionsCreated", "nTimers"],
+            "properties": {
+                "nInstances": {"type": "integer"},
+                "nRecords": {"type": "integer"},
+                "nReplaced": {"type": "integer"},
+                "nDefinitionsCreated": {"type": "integer"},
+                "nTimers": {"type": "integer"},
             },
         },
         "Deleted": {

@@ -462,3 +462,32 @@ fn short(hint: &str) -> &str {
 pub fn payload_digest(payload: &[u8]) -> Hash32 {
     Hash32(Sha256::digest(payload).into())
 }
+
+impl ImportPlan {
+    /// Refuses a plan that holds anything outside `namespace` (an import into a namespace
+    /// must not write elsewhere: access is granted per namespace).
+    pub fn check_namespace(&self, namespace: &str) -> Result<(), String> {
+        let outside = self
+            .definitions
+            .iter()
+            .map(|d| {
+                (
+                    d.namespace.as_str(),
+                    format!("definition {}/{}", d.namespace, d.name),
+                )
+            })
+            .chain(self.items.iter().map(|i| {
+                (
+                    &*i.instance.namespace,
+                    format!("instance {}/{}", i.instance.namespace, i.instance.id),
+                )
+            }))
+            .find(|(ns, _)| *ns != namespace);
+        match outside {
+            Some((_, what)) => Err(format!(
+                "the snapshot holds {what}, outside namespace {namespace}; import it into its own namespace"
+            )),
+            None => Ok(()),
+        }
+    }
+}

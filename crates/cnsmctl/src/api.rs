@@ -15,7 +15,8 @@ use cnsm_core::{Instance, Status};
 use cnsm_runtime::{
     AppliedDefinition, CreateInstance, EventRequest, HistoryEntry, TransitionOutcome,
 };
-use cnsm_store::{DefinitionRow, VerifyReport};
+use cnsm_snapshot::Selection;
+use cnsm_store::{DefinitionRow, ImportReport, VerifyReport};
 
 use crate::error::CliError;
 use crate::local::Local;
@@ -91,6 +92,25 @@ pub trait Api {
 
     /// Checks the whole store (every chain, every instance, every index).
     async fn verify_store(&self) -> Result<VerifyReport, CliError>;
+
+    /// The unsigned snapshot payload (deterministic CBOR) of the selected instances of a
+    /// namespace, taken at the deployment's current time. `progress(done, total)`.
+    async fn export_snapshot(
+        &self,
+        namespace: &str,
+        selection: &Selection,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Vec<u8>, CliError>;
+
+    /// Imports a snapshot payload whose signature the caller verified; the deployment checks
+    /// its encoding, chains and definitions again and imports it all or nothing.
+    async fn import_snapshot(
+        &self,
+        namespace: &str,
+        payload: Vec<u8>,
+        replace: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<ImportReport, CliError>;
 }
 
 /// The [`Api`] a command got: local or remote.
@@ -165,5 +185,24 @@ impl Api for Connection {
 
     async fn verify_store(&self) -> Result<VerifyReport, CliError> {
         delegate!(self, api => api.verify_store())
+    }
+
+    async fn export_snapshot(
+        &self,
+        namespace: &str,
+        selection: &Selection,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Vec<u8>, CliError> {
+        delegate!(self, api => api.export_snapshot(namespace, selection, progress))
+    }
+
+    async fn import_snapshot(
+        &self,
+        namespace: &str,
+        payload: Vec<u8>,
+        replace: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<ImportReport, CliError> {
+        delegate!(self, api => api.import_snapshot(namespace, payload, replace, progress))
     }
 }

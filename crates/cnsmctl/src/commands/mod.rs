@@ -6,6 +6,7 @@
 mod definitions;
 mod instances;
 mod serve;
+pub mod snapshot;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -108,6 +109,14 @@ pub async fn run(context: &Context, command: Command, out: &mut Out) -> Result<u
             .await
             .map(|()| EXIT_OK),
         Command::Store(StoreCommand::Verify) => store_verify(context, out).await,
+        Command::Keys(snapshot::KeysCommand::Generate(args)) => snapshot::keys_generate(&args, out),
+        Command::Snapshot(snapshot::SnapshotCommand::Export(args)) => {
+            snapshot::export(context, &args, out).await
+        }
+        Command::Snapshot(snapshot::SnapshotCommand::Verify(args)) => snapshot::verify(&args, out),
+        Command::Snapshot(snapshot::SnapshotCommand::Import(args)) => {
+            snapshot::import(context, &args, out).await
+        }
         Command::Demo(_) => crate::demo::run(context, out).await.map(|()| EXIT_OK),
         Command::Serve(args) => serve::run(context, &args, out).await.map(|()| EXIT_OK),
     }
