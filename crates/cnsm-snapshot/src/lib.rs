@@ -214,7 +214,7 @@ fn read_payload(
         }
         pins.insert(pin_of(&entry));
         visit(entry)?;
-        if summary.n_instances % 1000 == 0 {
+        if summary.n_instances.is_multiple_of(1000) {
             progress(summary.n_instances, n_total);
         }
     }
@@ -440,7 +440,7 @@ pub fn export(
         }
         writer.write_instance(&mut out, &instance, &records, &idempotency)?;
         let done = done as u64 + 1;
-        if done % 1000 == 0 {
+        if done.is_multiple_of(1000) {
             progress(done, n_total);
         }
     }

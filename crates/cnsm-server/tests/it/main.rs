@@ -8,6 +8,7 @@ mod cloudevents;
 mod concurrency;
 mod health;
 mod openapi;
+mod snapshot;
 mod support;
 mod tls;
 mod watch;
