@@ -22,7 +22,9 @@ async fn export_then_import_into_another_server() {
     assert_eq!((summary.n_instances, summary.n_records), (2, 3));
     let one = a.get(&path("shop", "snapshot?instance=c-2")).await;
     assert_eq!(
-        cnsm_snapshot::verify_payload(&one.body).unwrap().n_instances,
+        cnsm_snapshot::verify_payload(&one.body)
+            .unwrap()
+            .n_instances,
         1
     );
     assert_problem(
@@ -32,7 +34,8 @@ async fn export_then_import_into_another_server() {
         "NotFound",
     );
     assert_problem(
-        &a.get(&path("shop", "snapshot?instance=c-1&labelSelector=a=b")).await,
+        &a.get(&path("shop", "snapshot?instance=c-1&labelSelector=a=b"))
+            .await,
         400,
         "invalid",
         "Invalid",
@@ -67,7 +70,10 @@ async fn export_then_import_into_another_server() {
         "invalid",
         "Invalid",
     );
-    assert!(b.runtime.instance("shop", "c-1").await.is_err(), "nothing imported");
+    assert!(
+        b.runtime.instance("shop", "c-1").await.is_err(),
+        "nothing imported"
+    );
 
     let r = import("shop", "", payload.clone(), "application/cbor").await;
     assert_eq!(r.status, 200, "{}", r.text());
