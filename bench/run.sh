@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs cnsm's benchmarks and the XState side-by-side in one go; prints `bench NAME: VALUE` lines
-# that BENCHMARKS.md quotes. Usage: bench/run.sh [engine|durable|timers|recovery|stores|xstate|http ...]
+# that BENCHMARKS.md quotes. Usage: bench/run.sh [engine|durable|timers|recovery|stores|xstate|http|snapshot ...]
 # (default: all but recovery, which builds a 3+ GB store and takes several minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,7 @@ for w in "${what[@]}"; do
     timers)   cargo bench -q -p cnsm-bench --bench timers ;;
     recovery) cargo bench -q -p cnsm-bench --bench recovery ;;
     http)     cargo build -q --release -p cnsmctl && cargo bench -q -p cnsm-bench --bench http_load ;;
+    snapshot) cargo bench -q -p cnsm-bench --bench snapshot ;;
     stores)   cargo bench -q -p cnsm-bench --features sqlite --bench store_compare ;;
     xstate)
       (cd bench/xstate && npm ci --no-audit --no-fund --silent && node order.mjs 50000) ;;

@@ -238,6 +238,61 @@ pub fn top_level_texts<'a>(
     Ok(out)
 }
 
+/// A scalar read by [`top_level_scalars`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scalar<'a> {
+    Text(&'a str),
+    Uint(u64),
+    /// Present, but neither a text string nor an unsigned integer.
+    Other,
+}
+
+/// Reads the text and unsigned-integer values of the given keys of a top-level map without
+/// building the rest (it is walked and its structure checked); `out[i]` is the value of
+/// `keys[i]`. The map must span all of `bytes`. Used to check hash-chain links fast.
+pub fn top_level_scalars<'a>(
+    bytes: &'a [u8],
+    keys: &[&str],
+) -> Result<Vec<Option<Scalar<'a>>>, CborError> {
+    let mut decoder = Decoder { bytes, pos: 0 };
+    let mut out = vec![None; keys.len()];
+    let (major, _, n_entries) = decoder.head()?;
+    if major != 5 {
+        return Err(CborError::Unsupported {
+            offset: 0,
+            reason: "not a map",
+        });
+    }
+    for _ in 0..n_entries {
+        let key = decoder.text_ref()?;
+        let value_start = decoder.pos;
+        match keys.iter().position(|k| *k == key) {
+            Some(i) => {
+                let (major, _, arg) = decoder.head()?;
+                out[i] = Some(match major {
+                    0 => Scalar::Uint(arg),
+                    3 => {
+                        let len = usize::try_from(arg)
+                            .map_err(|_| CborError::Truncated(value_start))?;
+                        let raw = decoder.take(len)?;
+                        std::str::from_utf8(raw).map_or(Scalar::Other, Scalar::Text)
+                    }
+                    _ => {
+                        decoder.pos = value_start;
+                        decoder.skip(0)?;
+                        Scalar::Other
+                    }
+                });
+            }
+            None => decoder.skip(0)?,
+        }
+    }
+    if decoder.pos != bytes.len() {
+        return Err(CborError::Trailing(bytes.len() - decoder.pos));
+    }
+    Ok(out)
+}
+
 struct Decoder<'a> {
     bytes: &'a [u8],
     pos: usize,

@@ -33,7 +33,7 @@ use serde_json::Value;
 use crate::Instance;
 use crate::cbor::{self, CborError};
 use crate::engine::revision_hash;
-use crate::record::{ChainError, Hash32, REVISION_DOMAIN, SealedRecord, verify_chain};
+use crate::record::{ChainError, Hash32, REVISION_DOMAIN, SealedRecord, verify_chain_links};
 use crate::resource::StateMachine;
 
 /// The snapshot format this code writes and reads.
@@ -500,8 +500,9 @@ impl<'a> SnapshotReader<'a> {
 }
 
 /// Checks one instance: records `0..=version` form an unbroken hash chain of this instance
-/// (stored hashes recomputed from the bytes), their versions run without gaps, and the state's
-/// version and last hash are those of the last record.
+/// ([`verify_chain_links`] on hashes as [`SnapshotReader`] computes them from the bytes), their
+/// versions run without gaps, and the state's version and last hash are those of the last
+/// record.
 pub fn verify_instance(entry: &SnapshotInstance) -> Result<(), SnapshotError> {
     let instance = &entry.instance;
     let fail = |detail: String| SnapshotError::Chain {
@@ -509,14 +510,9 @@ pub fn verify_instance(entry: &SnapshotInstance) -> Result<(), SnapshotError> {
         id: instance.id.to_string(),
         detail,
     };
-    let last = verify_chain(
-        &instance.namespace,
-        &instance.id,
-        0,
-        Hash32::ZERO,
-        &entry.records,
-    )
-    .map_err(|e: ChainError| fail(e.to_string()))?;
+    // The reader computed each hash from the bytes it read.
+    let last = verify_chain_links(&instance.namespace, &instance.id, false, &entry.records)
+        .map_err(|e: ChainError| fail(e.to_string()))?;
     let n_records = entry.records.len() as u64;
     if n_records != instance.version + 1 {
         return Err(fail(format!(
@@ -593,4 +589,63 @@ fn cbor_error(base: usize, error: CborError) -> SnapshotError {
         other => (base, other.to_string()),
     };
     SnapshotError::Encoding { offset, detail }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The worked example of `docs/snapshots.md`: an empty snapshot taken at
+    /// 2025-11-27T09:40:00Z.
+    const EMPTY_HEX: &str = "a56461734f661b0000019ac4af1580646465667380646b696e646d636e736d2e736e617073686f7466666f726d61740169696e7374616e63657380";
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn empty_snapshot_bytes_match_the_documented_example() {
+        let mut out = Vec::new();
+        SnapshotWriter::begin(&mut out, 1_764_236_400_000, &[], 0)
+            .finish()
+            .unwrap();
+        assert_eq!(hex(&out), EMPTY_HEX);
+        let mut reader = SnapshotReader::open(&out).unwrap();
+        assert_eq!(reader.as_of_ms(), 1_764_236_400_000);
+        assert_eq!(reader.next_instance().unwrap(), None);
+    }
+
+    #[test]
+    fn reader_refuses_trailing_bytes_truncation_and_other_formats() {
+        let mut out = Vec::new();
+        SnapshotWriter::begin(&mut out, 5, &[], 0).finish().unwrap();
+        let mut trailing = out.clone();
+        trailing.push(0);
+        let mut reader = SnapshotReader::open(&trailing).unwrap();
+        assert!(matches!(
+            reader.next_instance(),
+            Err(SnapshotError::Encoding { .. })
+        ));
+        for len in 0..out.len() - 1 {
+            assert!(SnapshotReader::open(&out[..len]).is_err(), "prefix of {len} bytes");
+        }
+        let future: Vec<u8> = {
+            let text = hex(&out).replace("666f726d617401", "666f726d617402");
+            (0..text.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        assert_eq!(
+            SnapshotReader::open(&future).unwrap_err(),
+            SnapshotError::UnsupportedFormat { found: 2 }
+        );
+    }
+
+    #[test]
+    fn writer_checks_the_announced_count() {
+        let mut out = Vec::new();
+        let writer = SnapshotWriter::begin(&mut out, 5, &[], 1);
+        assert!(matches!(writer.finish(), Err(SnapshotError::Writer(_))));
+    }
 }

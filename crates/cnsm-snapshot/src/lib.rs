@@ -17,6 +17,7 @@
 
 use std::collections::BTreeSet;
 
+use cnsm_core::Instance;
 use cnsm_core::record::Hash32;
 use cnsm_core::snapshot::{
     PinnedRevision, SnapshotDefinition, SnapshotError, SnapshotIdempotency, SnapshotReader,
@@ -384,69 +385,143 @@ pub fn export(
     let n_total = keys.len() as u64;
     let mut out = Vec::with_capacity(1 << 20);
     let mut writer = SnapshotWriter::begin(&mut out, as_of_ms, &definitions, n_total);
-    for (done, id) in keys.iter().enumerate() {
-        let instance = store
-            .instance(namespace, id)?
-            .ok_or_else(|| ExportError::Changed(format!("instance {namespace}/{id} vanished")))?
-            .instance;
-        let pinned = definitions.iter().any(|d| {
-            d.name == *instance.machine
-                && d.revision == instance.revision
-                && d.hash == instance.revision_hash
-        });
-        if !pinned {
-            return Err(ExportError::Changed(format!(
-                "instance {namespace}/{id} moved to {}@{} during the export",
-                instance.machine, instance.revision
-            )));
+    let mut n_written = 0u64;
+    let mut write_one = |out: &mut Vec<u8>, instance: &Instance| -> Result<(), ExportError> {
+        write_instance(
+            store,
+            &mut writer,
+            out,
+            instance,
+            &definitions,
+            as_of_ms,
+        )?;
+        n_written += 1;
+        if n_written.is_multiple_of(1000) {
+            progress(n_written, n_total);
         }
-        let mut records = Vec::with_capacity(instance.version as usize + 1);
-        while (records.len() as u64) <= instance.version {
-            let from = records.len() as u64;
-            let want = (instance.version + 1 - from).min(PAGE_LEN_MAX as u64) as usize;
-            let page = store.history(namespace, id, from, want)?;
-            if page.is_empty() {
-                return Err(ExportError::Store(StoreError::Corrupt(format!(
-                    "instance {namespace}/{id}: record {from} is missing"
-                ))));
-            }
-            records.extend(page);
+        Ok(())
+    };
+    match selection {
+        Selection::Instance(id) => {
+            let instance = store
+                .instance(namespace, id)?
+                .ok_or_else(|| ExportError::Changed(format!("instance {namespace}/{id} vanished")))?
+                .instance;
+            write_one(&mut out, &instance)?;
         }
-        records.truncate(instance.version as usize + 1);
-        let mut idempotency = Vec::new();
-        for record in &records {
-            let fields = cnsm_core::cbor::top_level_texts(&record.bytes, &["idempotencyKey"])
-                .map_err(|e| {
-                    StoreError::Corrupt(format!(
-                        "instance {namespace}/{id} record {}: {e}",
-                        record.version
-                    ))
+        Selection::All | Selection::Labels(_) => {
+            // Second pass over the same pages: the listed rows are the instances to write
+            // (no read per instance); ones created since the first pass are left out.
+            let mut next_key = keys.iter().peekable();
+            let mut after = None;
+            loop {
+                let page = store.list_instances(&InstanceQuery {
+                    namespace: Some(namespace.to_owned()),
+                    labels: labels_of(selection),
+                    after: after.take(),
+                    limit: PAGE_LEN_MAX,
+                    ..InstanceQuery::default()
                 })?;
-            if let Some(key) = fields[0]
-                && let Some(entry) = store.idempotency(namespace, id, key)?
-                && entry.expires_ms > as_of_ms
-                && entry.version <= instance.version
-                && !idempotency
-                    .iter()
-                    .any(|k: &SnapshotIdempotency| k.key == key)
-            {
-                idempotency.push(SnapshotIdempotency {
-                    key: entry.key,
-                    request_hash: entry.request_hash,
-                    version: entry.version,
-                    expires_ms: entry.expires_ms,
-                });
+                let full = page.len() == PAGE_LEN_MAX;
+                for stored in &page {
+                    let id = &*stored.instance.id;
+                    if let Some(wanted) = next_key.peek()
+                        && wanted.as_str() < id
+                    {
+                        return Err(ExportError::Changed(format!(
+                            "instance {namespace}/{wanted} left the selection during the export"
+                        )));
+                    }
+                    if next_key.peek().is_some_and(|wanted| wanted.as_str() == id) {
+                        next_key.next();
+                        write_one(&mut out, &stored.instance)?;
+                    }
+                }
+                match page.last() {
+                    Some(last) if full => {
+                        after = Some((namespace.to_owned(), last.instance.id.to_string()));
+                    }
+                    _ => break,
+                }
             }
-        }
-        writer.write_instance(&mut out, &instance, &records, &idempotency)?;
-        let done = done as u64 + 1;
-        if done.is_multiple_of(1000) {
-            progress(done, n_total);
+            if let Some(wanted) = next_key.next() {
+                return Err(ExportError::Changed(format!(
+                    "instance {namespace}/{wanted} left the selection during the export"
+                )));
+            }
         }
     }
     writer.finish()?;
     progress(n_total, n_total);
     Ok(out)
+}
+
+fn labels_of(selection: &Selection) -> Vec<(String, String)> {
+    match selection {
+        Selection::Labels(labels) => labels.clone(),
+        _ => Vec::new(),
+    }
+}
+
+/// Reads one instance's records `0..=version` and live idempotency keys and writes it.
+fn write_instance(
+    store: &dyn Store,
+    writer: &mut SnapshotWriter,
+    out: &mut Vec<u8>,
+    instance: &Instance,
+    definitions: &[SnapshotDefinition],
+    as_of_ms: u64,
+) -> Result<(), ExportError> {
+    let (namespace, id) = (&*instance.namespace, &*instance.id);
+    let pinned = definitions.iter().any(|d| {
+        d.name == *instance.machine
+            && d.revision == instance.revision
+            && d.hash == instance.revision_hash
+    });
+    if !pinned {
+        return Err(ExportError::Changed(format!(
+            "instance {namespace}/{id} moved to {}@{} during the export",
+            instance.machine, instance.revision
+        )));
+    }
+    let mut records = Vec::with_capacity(instance.version as usize + 1);
+    while (records.len() as u64) <= instance.version {
+        let from = records.len() as u64;
+        let want = (instance.version + 1 - from).min(PAGE_LEN_MAX as u64) as usize;
+        let page = store.history(namespace, id, from, want)?;
+        if page.is_empty() {
+            return Err(ExportError::Store(StoreError::Corrupt(format!(
+                "instance {namespace}/{id}: record {from} is missing"
+            ))));
+        }
+        records.extend(page);
+    }
+    records.truncate(instance.version as usize + 1);
+    let mut idempotency: Vec<SnapshotIdempotency> = Vec::new();
+    for record in &records {
+        let fields = cnsm_core::cbor::top_level_texts(&record.bytes, &["idempotencyKey"])
+            .map_err(|e| {
+                StoreError::Corrupt(format!(
+                    "instance {namespace}/{id} record {}: {e}",
+                    record.version
+                ))
+            })?;
+        if let Some(key) = fields[0]
+            && !idempotency.iter().any(|k| k.key == key)
+            && let Some(entry) = store.idempotency(namespace, id, key)?
+            && entry.expires_ms > as_of_ms
+            && entry.version <= instance.version
+        {
+            idempotency.push(SnapshotIdempotency {
+                key: entry.key,
+                request_hash: entry.request_hash,
+                version: entry.version,
+                expires_ms: entry.expires_ms,
+            });
+        }
+    }
+    writer.write_instance(out, instance, &records, &idempotency)?;
+    Ok(())
 }
 
 /// Lowercase hex.

@@ -160,11 +160,10 @@ pub fn check_import(definitions: &[DefinitionRow], items: &[ImportItem]) -> Resu
                 instance.version
             )));
         }
-        let last = cnsm_core::record::verify_chain(
+        let last = cnsm_core::record::verify_chain_links(
             &instance.namespace,
             &instance.id,
-            0,
-            Hash32::ZERO,
+            true,
             &item.records,
         )
         .map_err(|e| refuse(e.to_string()))?;
