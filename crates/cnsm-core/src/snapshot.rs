@@ -318,6 +318,17 @@ impl<'a> SnapshotReader<'a> {
         self.pos += len;
         let instance: Instance = serde_json::from_value(state)
             .map_err(|e| encoding(at, format!("instance state: {e}")))?;
+        // Only the canonical form of an instance is accepted (no unknown or defaulted keys),
+        // so a re-export of the imported state gives the same bytes.
+        let canonical = serde_json::to_value(&instance)
+            .map(|v| cbor::encode(&v))
+            .unwrap_or_default();
+        if canonical.as_slice() != &self.bytes[at..at + len] {
+            return Err(encoding(
+                at,
+                "instance state is not the canonical encoding of an instance".into(),
+            ));
+        }
         self.expect_key("records")?;
         let n_records = self.array()?;
         if n_records > RECORDS_PER_INSTANCE_MAX {
