@@ -48,7 +48,12 @@ fn main() {
         let mut item = driver.create("default", &id, &[("batch", "bench")], T0_MS);
         let mut records = vec![item.record.clone()];
         for n in 1..RECORDS_PER_INSTANCE {
-            item = driver.event(&item.instance, "ping", &format!("note {n}"), T0_MS + n as u64);
+            item = driver.event(
+                &item.instance,
+                "ping",
+                &format!("note {n}"),
+                T0_MS + n as u64,
+            );
             records.push(item.record.clone());
         }
         items.push(ImportItem {

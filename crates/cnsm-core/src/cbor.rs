@@ -272,8 +272,8 @@ pub fn top_level_scalars<'a>(
                 out[i] = Some(match major {
                     0 => Scalar::Uint(arg),
                     3 => {
-                        let len = usize::try_from(arg)
-                            .map_err(|_| CborError::Truncated(value_start))?;
+                        let len =
+                            usize::try_from(arg).map_err(|_| CborError::Truncated(value_start))?;
                         let raw = decoder.take(len)?;
                         std::str::from_utf8(raw).map_or(Scalar::Other, Scalar::Text)
                     }

@@ -638,7 +638,10 @@ mod tests {
             Err(SnapshotError::Encoding { .. })
         ));
         for len in 0..out.len() - 1 {
-            assert!(SnapshotReader::open(&out[..len]).is_err(), "prefix of {len} bytes");
+            assert!(
+                SnapshotReader::open(&out[..len]).is_err(),
+                "prefix of {len} bytes"
+            );
         }
         let future: Vec<u8> = {
             let text = hex(&out).replace("666f726d617401", "666f726d617402");

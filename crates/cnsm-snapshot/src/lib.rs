@@ -387,14 +387,7 @@ pub fn export(
     let mut writer = SnapshotWriter::begin(&mut out, as_of_ms, &definitions, n_total);
     let mut n_written = 0u64;
     let mut write_one = |out: &mut Vec<u8>, instance: &Instance| -> Result<(), ExportError> {
-        write_instance(
-            store,
-            &mut writer,
-            out,
-            instance,
-            &definitions,
-            as_of_ms,
-        )?;
+        write_instance(store, &mut writer, out, instance, &definitions, as_of_ms)?;
         n_written += 1;
         if n_written.is_multiple_of(1000) {
             progress(n_written, n_total);
@@ -499,8 +492,8 @@ fn write_instance(
     records.truncate(instance.version as usize + 1);
     let mut idempotency: Vec<SnapshotIdempotency> = Vec::new();
     for record in &records {
-        let fields = cnsm_core::cbor::top_level_texts(&record.bytes, &["idempotencyKey"])
-            .map_err(|e| {
+        let fields =
+            cnsm_core::cbor::top_level_texts(&record.bytes, &["idempotencyKey"]).map_err(|e| {
                 StoreError::Corrupt(format!(
                     "instance {namespace}/{id} record {}: {e}",
                     record.version
