@@ -51,6 +51,12 @@ pub fn parse(text: &[u8]) -> Result<Bundle, String> {
     }
     let value: Value =
         serde_json::from_slice(text).map_err(|e| format!("bundle is not JSON: {e}"))?;
+    // Only the members of this bundle form are accepted, so no byte of it goes unchecked.
+    only_keys(
+        &value,
+        "bundle",
+        &["mediaType", "verificationMaterial", "messageSignature"],
+    )?;
     let media_type = value.get("mediaType").and_then(Value::as_str);
     if media_type != Some(BUNDLE_MEDIA_TYPE) {
         return Err(format!(
@@ -66,13 +72,21 @@ pub fn parse(text: &[u8]) -> Result<Bundle, String> {
             "verificationMaterial carries a certificate; cnsm expects a public-key hint".into(),
         );
     }
+    only_keys(
+        material,
+        "verificationMaterial",
+        &["publicKey", "tlogEntries", "timestampVerificationData"],
+    )?;
+    if let Some(public_key) = material.get("publicKey") {
+        only_keys(public_key, "verificationMaterial.publicKey", &["hint"])?;
+    }
     let hint = material
         .pointer("/publicKey/hint")
         .and_then(Value::as_str)
         .ok_or("verificationMaterial.publicKey.hint is missing")?
         .to_owned();
-    if !material.get("tlogEntries").is_none_or(Value::is_array) {
-        return Err("verificationMaterial.tlogEntries is not an array".into());
+    if !material.get("tlogEntries").is_some_and(Value::is_array) {
+        return Err("verificationMaterial.tlogEntries is missing or not an array".into());
     }
     if value.get("dsseEnvelope").is_some() {
         return Err("bundle holds a dsseEnvelope; cnsm expects a messageSignature".into());
@@ -80,6 +94,18 @@ pub fn parse(text: &[u8]) -> Result<Bundle, String> {
     let signature = value
         .get("messageSignature")
         .ok_or("messageSignature is missing")?;
+    only_keys(
+        signature,
+        "messageSignature",
+        &["messageDigest", "signature"],
+    )?;
+    if let Some(digest) = signature.get("messageDigest") {
+        only_keys(
+            digest,
+            "messageSignature.messageDigest",
+            &["algorithm", "digest"],
+        )?;
+    }
     let algorithm = signature
         .pointer("/messageDigest/algorithm")
         .and_then(Value::as_str);
@@ -104,6 +130,16 @@ pub fn parse(text: &[u8]) -> Result<Bundle, String> {
         digest,
         signature,
     })
+}
+
+fn only_keys(value: &Value, what: &str, allowed: &[&str]) -> Result<(), String> {
+    let object = value
+        .as_object()
+        .ok_or_else(|| format!("{what} is not an object"))?;
+    match object.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(key) => Err(format!("{what} has an unexpected member {key:?}")),
+        None => Ok(()),
+    }
 }
 
 fn base64_field(value: Option<&Value>, name: &str) -> Result<Vec<u8>, String> {

@@ -296,11 +296,8 @@ async fn tampering_is_rejected_with_its_own_error_and_nothing_is_imported() {
 
     // Any changed byte fails, wherever it is (magic line, bundle, payload).
     let header_len = good_bytes.len() - payload.len();
-    let step = (good_bytes.len() / 400).max(1);
-    for at in (0..good_bytes.len())
-        .step_by(step)
-        .chain([header_len, good_bytes.len() - 1])
-    {
+    assert!(header_len > 300 && good_bytes.len() > 4000);
+    for at in 0..good_bytes.len() {
         let mut bytes = good_bytes.clone();
         bytes[at] ^= 0x01;
         assert!(check(&bytes).is_err(), "flipped byte {at} was accepted");
