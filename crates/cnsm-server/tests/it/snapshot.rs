@@ -98,3 +98,64 @@ async fn export_then_import_into_another_server() {
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }
+
+/// Export and import are for admins of the namespace: a writer gets 403, no token 401.
+#[tokio::test]
+async fn snapshot_routes_are_admin_only() {
+    use std::sync::Arc;
+
+    use cnsm_server::ServerOptions;
+    use cnsm_server::auth::AuthConfig;
+
+    let yaml = "tokens:
+- name: writer
+  token: shop-writer-token
+  roles:
+  - {namespace: shop, role: writer}
+- name: admin
+  token: shop-admin-token
+  roles:
+  - {namespace: shop, role: admin}
+";
+    let (config, _warnings) = AuthConfig::from_yaml(yaml).expect("auth file");
+    let server = TestServer::start_with(ServerOptions {
+        auth: Some(Arc::new(config)),
+        ..ServerOptions::default()
+    })
+    .await;
+    let call = |token: Option<&'static str>, method: &'static str, body: Vec<u8>| {
+        let server = &server;
+        async move {
+            let bearer = token.map(|t| format!("Bearer {t}"));
+            let mut headers = vec![("content-type", "application/cbor")];
+            if let Some(bearer) = &bearer {
+                headers.push(("authorization", bearer.as_str()));
+            }
+            server
+                .client
+                .request(method, &path("shop", "snapshot"), &headers, body)
+                .await
+                .expect("request")
+        }
+    };
+    let empty = cnsm_snapshot::empty_payload(1);
+    assert_eq!(call(None, "GET", Vec::new()).await.status, 401);
+    assert_eq!(
+        call(Some("shop-writer-token"), "GET", Vec::new())
+            .await
+            .status,
+        403
+    );
+    assert_eq!(
+        call(Some("shop-writer-token"), "POST", empty.clone())
+            .await
+            .status,
+        403
+    );
+    let r = call(Some("shop-admin-token"), "GET", Vec::new()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = call(Some("shop-admin-token"), "POST", empty).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["nInstances"], 0);
+    server.stop().await.unwrap();
+}
