@@ -346,6 +346,16 @@ async fn tampering_is_rejected_with_its_own_error_and_nothing_is_imported() {
         check(&signed(not_shortest)),
         Err(VerifyError::Encoding(_))
     ));
+    // A state with a member an instance does not have is not the canonical encoding.
+    let q0 = source.runtime.instance("shop", "q-0").await.unwrap();
+    let mut state = serde_json::to_value(&q0).unwrap();
+    let canonical = cnsm_core::cbor::encode(&state);
+    state["zzz"] = serde_json::json!(true);
+    let widened = replace_once(&payload, &canonical, &cnsm_core::cbor::encode(&state));
+    assert!(matches!(
+        check(&signed(widened)),
+        Err(VerifyError::Encoding(_))
+    ));
     let future = replace_once(&payload, b"\x66format\x01", b"\x66format\x02");
     assert!(matches!(
         check(&signed(future)),
