@@ -166,8 +166,10 @@ fn request_body(name: &str) -> Value {
             "application/json": {"schema": schema_ref("Event")},
             CONTENT_TYPE_CLOUDEVENTS: {"schema": schema_ref("CloudEvent")},
         }),
+        // application/octet-stream is accepted too (generic HTTP tools and fuzzers send it).
         "SnapshotPayload" => json!({
             crate::snapshots::SNAPSHOT_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         }),
         other => json!({"application/json": {"schema": schema_ref(other)}}),
     };

@@ -110,7 +110,8 @@ pub async fn export(
     Ok(response)
 }
 
-/// `POST .../namespaces/{ns}/snapshot[?replace=true]` with an `application/cbor` payload.
+/// `POST .../namespaces/{ns}/snapshot[?replace=true]` with an `application/cbor` payload
+/// (`application/octet-stream` is accepted as well).
 pub async fn import(
     State(state): State<ServerState>,
     path: Result<Path<String>, PathRejection>,
@@ -123,8 +124,11 @@ pub async fn import(
     let query = params::query(query)?;
     let replace = params::flag(&query, "replace")?;
     let media_type = params::media_type(&headers);
-    if media_type != SNAPSHOT_MEDIA_TYPE {
-        return Err(params::unsupported(&media_type, SNAPSHOT_MEDIA_TYPE));
+    if media_type != SNAPSHOT_MEDIA_TYPE && media_type != "application/octet-stream" {
+        return Err(params::unsupported(
+            &media_type,
+            "application/cbor (or application/octet-stream)",
+        ));
     }
     let body = params::body(body)?;
     let plan =
