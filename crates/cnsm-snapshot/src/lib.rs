@@ -18,7 +18,7 @@
 use std::collections::BTreeSet;
 
 use cnsm_core::Instance;
-use cnsm_core::record::Hash32;
+use cnsm_core::record::{Hash32, SealedRecord};
 use cnsm_core::snapshot::{
     PinnedRevision, SnapshotDefinition, SnapshotError, SnapshotIdempotency, SnapshotReader,
     SnapshotWriter, check_pins, pin_of, verify_instance,
@@ -282,6 +282,9 @@ pub fn plan_import(
     })
 }
 
+/// Instances (with their histories) an export reads per store call.
+const EXPORT_PAGE_LEN: usize = 1000;
+
 /// Which instances of a namespace an export takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selection {
@@ -386,8 +389,19 @@ pub fn export(
     let mut out = Vec::with_capacity(1 << 20);
     let mut writer = SnapshotWriter::begin(&mut out, as_of_ms, &definitions, n_total);
     let mut n_written = 0u64;
-    let mut write_one = |out: &mut Vec<u8>, instance: &Instance| -> Result<(), ExportError> {
-        write_instance(store, &mut writer, out, instance, &definitions, as_of_ms)?;
+    let mut write_one = |out: &mut Vec<u8>,
+                         instance: &Instance,
+                         records: &[SealedRecord]|
+     -> Result<(), ExportError> {
+        write_instance(
+            store,
+            &mut writer,
+            out,
+            instance,
+            records,
+            &definitions,
+            as_of_ms,
+        )?;
         n_written += 1;
         if n_written.is_multiple_of(1000) {
             progress(n_written, n_total);
@@ -400,7 +414,20 @@ pub fn export(
                 .instance(namespace, id)?
                 .ok_or_else(|| ExportError::Changed(format!("instance {namespace}/{id} vanished")))?
                 .instance;
-            write_one(&mut out, &instance)?;
+            let mut records: Vec<SealedRecord> = Vec::new();
+            while (records.len() as u64) <= instance.version {
+                let from = records.len() as u64;
+                let want = (instance.version + 1 - from).min(PAGE_LEN_MAX as u64) as usize;
+                let page = store.history(namespace, id, from, want)?;
+                if page.is_empty() {
+                    return Err(ExportError::Store(StoreError::Corrupt(format!(
+                        "instance {namespace}/{id}: record {from} is missing"
+                    ))));
+                }
+                records.extend(page);
+            }
+            records.truncate(instance.version as usize + 1);
+            write_one(&mut out, &instance, &records)?;
         }
         Selection::All | Selection::Labels(_) => {
             // Second pass over the same pages: the listed rows are the instances to write
@@ -408,15 +435,15 @@ pub fn export(
             let mut next_key = keys.iter().peekable();
             let mut after = None;
             loop {
-                let page = store.list_instances(&InstanceQuery {
+                let page = store.list_instances_with_history(&InstanceQuery {
                     namespace: Some(namespace.to_owned()),
                     labels: labels_of(selection),
                     after: after.take(),
-                    limit: PAGE_LEN_MAX,
+                    limit: EXPORT_PAGE_LEN,
                     ..InstanceQuery::default()
                 })?;
-                let full = page.len() == PAGE_LEN_MAX;
-                for stored in &page {
+                let full = page.len() == EXPORT_PAGE_LEN;
+                for (stored, records) in &page {
                     let id = &*stored.instance.id;
                     if let Some(wanted) = next_key.peek()
                         && wanted.as_str() < id
@@ -427,11 +454,11 @@ pub fn export(
                     }
                     if next_key.peek().is_some_and(|wanted| wanted.as_str() == id) {
                         next_key.next();
-                        write_one(&mut out, &stored.instance)?;
+                        write_one(&mut out, &stored.instance, records)?;
                     }
                 }
                 match page.last() {
-                    Some(last) if full => {
+                    Some((last, _)) if full => {
                         after = Some((namespace.to_owned(), last.instance.id.to_string()));
                     }
                     _ => break,
@@ -456,12 +483,13 @@ fn labels_of(selection: &Selection) -> Vec<(String, String)> {
     }
 }
 
-/// Reads one instance's records `0..=version` and live idempotency keys and writes it.
+/// Writes one instance with its records `0..=version` and its live idempotency keys.
 fn write_instance(
     store: &dyn Store,
     writer: &mut SnapshotWriter,
     out: &mut Vec<u8>,
     instance: &Instance,
+    records: &[SealedRecord],
     definitions: &[SnapshotDefinition],
     as_of_ms: u64,
 ) -> Result<(), ExportError> {
@@ -477,21 +505,15 @@ fn write_instance(
             instance.machine, instance.revision
         )));
     }
-    let mut records = Vec::with_capacity(instance.version as usize + 1);
-    while (records.len() as u64) <= instance.version {
-        let from = records.len() as u64;
-        let want = (instance.version + 1 - from).min(PAGE_LEN_MAX as u64) as usize;
-        let page = store.history(namespace, id, from, want)?;
-        if page.is_empty() {
-            return Err(ExportError::Store(StoreError::Corrupt(format!(
-                "instance {namespace}/{id}: record {from} is missing"
-            ))));
-        }
-        records.extend(page);
+    if records.len() as u64 != instance.version + 1 {
+        return Err(ExportError::Store(StoreError::Corrupt(format!(
+            "instance {namespace}/{id}: {} records for version {}",
+            records.len(),
+            instance.version
+        ))));
     }
-    records.truncate(instance.version as usize + 1);
     let mut idempotency: Vec<SnapshotIdempotency> = Vec::new();
-    for record in &records {
+    for record in records {
         let fields =
             cnsm_core::cbor::top_level_texts(&record.bytes, &["idempotencyKey"]).map_err(|e| {
                 StoreError::Corrupt(format!(
@@ -513,7 +535,7 @@ fn write_instance(
             });
         }
     }
-    writer.write_instance(out, instance, &records, &idempotency)?;
+    writer.write_instance(out, instance, records, &idempotency)?;
     Ok(())
 }
 

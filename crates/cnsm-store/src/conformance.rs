@@ -1457,6 +1457,20 @@ pub fn import_restores_instances_history_timers_and_keys(harness: &mut dyn Harne
             == 0
     );
 
+    // A page with histories (what exports read) is the rows and their exact records.
+    let page = target
+        .list_instances_with_history(&InstanceQuery {
+            namespace: Some("default".into()),
+            limit: 2,
+            ..InstanceQuery::default()
+        })
+        .unwrap();
+    assert_eq!(page.len(), 2);
+    for ((stored, records), item) in page.iter().zip(&items) {
+        assert_eq!(stored.instance, item.instance);
+        assert_eq!(records, &item.records);
+    }
+
     // The imported chain goes on.
     let driver = Driver::new("job");
     let a = stored(&*target, "default", "a").instance;

@@ -1016,49 +1016,55 @@ impl Store for EmbeddedStore {
     }
 
     fn list_instances(&self, query: &InstanceQuery) -> Result<Vec<StoredInstance>, StoreError> {
-        let limit = capped(query.limit);
+        list_on(&self.read()?, query)
+    }
+
+    fn list_instances_with_history(
+        &self,
+        query: &InstanceQuery,
+    ) -> Result<Vec<(StoredInstance, Vec<SealedRecord>)>, StoreError> {
+        // One read transaction for the page and every history in it: a consistent snapshot.
         let txn = self.read()?;
-        let instances = txn.open_table(INSTANCES).io()?;
-        let namespace = query.namespace.as_deref();
-        let after = query
-            .after
-            .as_ref()
-            .map(|(ns, id)| (ns.as_str(), id.as_str()));
-        let start: Bound<(&str, &str)> = match (namespace, after) {
-            (Some(ns), Some((after_ns, after_id))) if after_ns == ns => {
-                Bound::Excluded((ns, after_id))
-            }
-            (Some(ns), Some((after_ns, _))) if after_ns > ns => return Ok(Vec::new()),
-            (Some(ns), _) => Bound::Included((ns, "")),
-            (None, Some(after)) => Bound::Excluded(after),
-            (None, None) => Bound::Unbounded,
-        };
-        let status = query.status.map(status_code);
-        let mut found = Vec::new();
-        for entry in instances
-            .range::<(&str, &str)>((start, Bound::Unbounded))
-            .io()?
-        {
-            let (key, row) = entry.io()?;
-            let (ns, id) = key.value();
-            if namespace.is_some_and(|wanted| wanted != ns) {
-                break;
-            }
-            let (uid, _, row_status, _, _, machine, bytes) = row.value();
-            if status.is_some_and(|s| s != row_status)
-                || query.machine.as_deref().is_some_and(|m| m != machine)
-            {
-                continue;
-            }
-            let instance = decode_instance(bytes, ns, id)?;
-            if matches_query(query, &instance) {
-                found.push(StoredInstance { uid, instance });
-                if found.len() == limit {
-                    break;
+        let page = list_on(&txn, query)?;
+        let index = txn.open_table(RECORD_INDEX).io()?;
+        let records = txn.open_table(RECORDS).io()?;
+        let mut out = Vec::with_capacity(page.len());
+        for stored in page {
+            let (namespace, id) = (&*stored.instance.namespace, &*stored.instance.id);
+            let (uid, last) = (stored.uid, stored.instance.version);
+            let mut history = Vec::with_capacity(last as usize + 1);
+            for entry in index.range((uid, 0)..=(uid, last)).io()? {
+                let (key, seq) = entry.io()?;
+                let version = key.value().1;
+                let seq = seq.value();
+                let Some(value) = records.get(seq).io()? else {
+                    return Err(StoreError::Corrupt(format!(
+                        "instance {namespace}/{id} record {version}: missing (commit sequence {seq})"
+                    )));
+                };
+                let (record_uid, record_version, hash, bytes) = value.value();
+                if (record_uid, record_version) != (uid, version) {
+                    return Err(StoreError::Corrupt(format!(
+                        "instance {namespace}/{id} record {version}: commit sequence {seq} holds \
+                         record {record_version} of uid {record_uid}"
+                    )));
                 }
+                history.push(SealedRecord {
+                    version,
+                    bytes: bytes.to_vec(),
+                    hash: Hash32(hash),
+                });
             }
+            if history.len() as u64 != last + 1 {
+                return Err(StoreError::Corrupt(format!(
+                    "instance {namespace}/{id}: {} of its {} records are indexed",
+                    history.len(),
+                    last + 1
+                )));
+            }
+            out.push((stored, history));
         }
-        Ok(found)
+        Ok(out)
     }
 
     fn history(
@@ -1191,4 +1197,51 @@ impl Store for EmbeddedStore {
         let txn = self.read()?;
         check::verify_all(&txn)
     }
+}
+
+/// [`Store::list_instances`] on a given read transaction.
+fn list_on(
+    txn: &ReadTransaction,
+    query: &InstanceQuery,
+) -> Result<Vec<StoredInstance>, StoreError> {
+    let limit = capped(query.limit);
+    let instances = txn.open_table(INSTANCES).io()?;
+    let namespace = query.namespace.as_deref();
+    let after = query
+        .after
+        .as_ref()
+        .map(|(ns, id)| (ns.as_str(), id.as_str()));
+    let start: Bound<(&str, &str)> = match (namespace, after) {
+        (Some(ns), Some((after_ns, after_id))) if after_ns == ns => Bound::Excluded((ns, after_id)),
+        (Some(ns), Some((after_ns, _))) if after_ns > ns => return Ok(Vec::new()),
+        (Some(ns), _) => Bound::Included((ns, "")),
+        (None, Some(after)) => Bound::Excluded(after),
+        (None, None) => Bound::Unbounded,
+    };
+    let status = query.status.map(status_code);
+    let mut found = Vec::new();
+    for entry in instances
+        .range::<(&str, &str)>((start, Bound::Unbounded))
+        .io()?
+    {
+        let (key, row) = entry.io()?;
+        let (ns, id) = key.value();
+        if namespace.is_some_and(|wanted| wanted != ns) {
+            break;
+        }
+        let (uid, _, row_status, _, _, machine, bytes) = row.value();
+        if status.is_some_and(|s| s != row_status)
+            || query.machine.as_deref().is_some_and(|m| m != machine)
+        {
+            continue;
+        }
+        let instance = decode_instance(bytes, ns, id)?;
+        if matches_query(query, &instance) {
+            found.push(StoredInstance { uid, instance });
+            if found.len() == limit {
+                break;
+            }
+        }
+    }
+    Ok(found)
 }

@@ -297,6 +297,35 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<SealedRecord>, StoreError>;
 
+    /// A page of [`Store::list_instances`] with each instance's records `0..=version`, for
+    /// exports. Backends may read the page on one consistent snapshot; the default makes one
+    /// `history` call per instance. `query.limit` bounds the page as for `list_instances`.
+    fn list_instances_with_history(
+        &self,
+        query: &InstanceQuery,
+    ) -> Result<Vec<(StoredInstance, Vec<SealedRecord>)>, StoreError> {
+        let page = self.list_instances(query)?;
+        let mut out = Vec::with_capacity(page.len());
+        for stored in page {
+            let (namespace, id) = (&*stored.instance.namespace, &*stored.instance.id);
+            let mut records: Vec<SealedRecord> = Vec::new();
+            while (records.len() as u64) <= stored.instance.version {
+                let from = records.len() as u64;
+                let want = (stored.instance.version + 1 - from).min(PAGE_LEN_MAX as u64);
+                let more = self.history(namespace, id, from, want as usize)?;
+                if more.is_empty() {
+                    return Err(StoreError::Corrupt(format!(
+                        "instance {namespace}/{id}: record {from} is missing"
+                    )));
+                }
+                records.extend(more);
+            }
+            records.truncate(stored.instance.version as usize + 1);
+            out.push((stored, records));
+        }
+        Ok(out)
+    }
+
     fn idempotency(
         &self,
         namespace: &str,
