@@ -417,3 +417,39 @@ async fn tampering_is_rejected_with_its_own_error_and_nothing_is_imported() {
     target.import(&good_bytes, &public, false).await.unwrap();
     assert_eq!(target.n_instances(), 5);
 }
+
+/// A snapshot written by the first version of the format (2026-11-27, `fixtures/v1.snapshot`:
+/// order-processing with o-1 paid and o-2 created, signed by `fixtures/fixture-key.pub.pem`)
+/// keeps verifying and importing; its overdue timer fires right after the import.
+#[tokio::test]
+async fn the_v1_fixture_still_verifies_and_imports() {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/");
+    let bytes = std::fs::read(format!("{fixtures}v1.snapshot")).unwrap();
+    let public = PublicKey::from_pem(
+        &std::fs::read_to_string(format!("{fixtures}fixture-key.pub.pem")).unwrap(),
+    )
+    .unwrap();
+    let file = SnapshotFile::from_bytes(&bytes).unwrap();
+    let summary = verify(&file, &public).unwrap();
+    assert_eq!(
+        (
+            summary.n_instances,
+            summary.n_records,
+            summary.n_definitions
+        ),
+        (2, 4, 1)
+    );
+    // Re-encoding what was read gives the same bytes.
+    assert_eq!(rewrite(&file.payload, |_, _| {}), file.payload);
+
+    let target = Node::new(summary.as_of_ms + 60_000);
+    let report = target.import(&bytes, &public, false).await.unwrap();
+    assert_eq!((report.n_instances, report.n_timers), (2, 2));
+    assert_eq!(target.runtime.fire_due_timers().await.unwrap(), 1);
+    let o2 = target.runtime.instance("shop", "o-2").await.unwrap();
+    assert_eq!((&*o2.state, o2.version), ("cancelled", 1));
+    let o1 = target.runtime.instance("shop", "o-1").await.unwrap();
+    assert_eq!((&*o1.state, o1.version), ("paid", 2));
+    let report = target.store().verify().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
