@@ -418,13 +418,13 @@ async fn tampering_is_rejected_with_its_own_error_and_nothing_is_imported() {
     assert_eq!(target.n_instances(), 5);
 }
 
-/// A snapshot written by the first version of the format (2026-11-27, `fixtures/v1.snapshot`:
+/// A snapshot written by the first version of the format (2026-11-27, `fixtures/snapshot-v1.bin`:
 /// order-processing with o-1 paid and o-2 created, signed by `fixtures/fixture-key.pub.pem`)
 /// keeps verifying and importing; its overdue timer fires right after the import.
 #[tokio::test]
 async fn the_v1_fixture_still_verifies_and_imports() {
     let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/");
-    let bytes = std::fs::read(format!("{fixtures}v1.snapshot")).unwrap();
+    let bytes = std::fs::read(format!("{fixtures}snapshot-v1.bin")).unwrap();
     let public = PublicKey::from_pem(
         &std::fs::read_to_string(format!("{fixtures}fixture-key.pub.pem")).unwrap(),
     )
