@@ -232,6 +232,9 @@ pub struct SnapshotReader<'a> {
     spec_bytes: Vec<&'a [u8]>,
     n_instances: u64,
     n_read: u64,
+    /// The (namespace, id) of the last instance read: instances come in strictly increasing
+    /// order, so none repeats and the order is the one the exporter writes.
+    last_key: Option<(std::sync::Arc<str>, std::sync::Arc<str>)>,
 }
 
 impl<'a> SnapshotReader<'a> {
@@ -246,6 +249,7 @@ impl<'a> SnapshotReader<'a> {
             spec_bytes: Vec::new(),
             n_instances: 0,
             n_read: 0,
+            last_key: None,
         };
         reader.expect_map(5)?;
         reader.expect_key("asOf")?;
@@ -329,6 +333,17 @@ impl<'a> SnapshotReader<'a> {
                 "instance state is not the canonical encoding of an instance".into(),
             ));
         }
+        let key = (instance.namespace.clone(), instance.id.clone());
+        if self.last_key.as_ref().is_some_and(|last| *last >= key) {
+            return Err(encoding(
+                at,
+                format!(
+                    "instance {}/{} is out of order or repeated",
+                    instance.namespace, instance.id
+                ),
+            ));
+        }
+        self.last_key = Some(key);
         self.expect_key("records")?;
         let n_records = self.array()?;
         if n_records > RECORDS_PER_INSTANCE_MAX {

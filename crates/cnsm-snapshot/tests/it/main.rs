@@ -366,6 +366,11 @@ async fn tampering_is_rejected_with_its_own_error_and_nothing_is_imported() {
         payload,
         "rewriting without edits is the identity"
     );
+    let reordered = rewrite(&payload, |_, instances| instances.swap(0, 1));
+    assert!(matches!(
+        check(&signed(reordered)),
+        Err(VerifyError::Encoding(_))
+    ));
     // d-4 has records 0 (genesis), 1 (start), 2 (finish).
     let swapped = rewrite(&payload, |_, instances| {
         let d4 = instances
