@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs cnsm's benchmarks and the XState side-by-side in one go; prints `bench NAME: VALUE` lines
-# that BENCHMARKS.md quotes. Usage: bench/run.sh [engine|durable|timers|recovery|stores|xstate|http|telemetry|soak|migration ...]
+# that BENCHMARKS.md quotes. Usage: bench/run.sh [engine|durable|timers|recovery|stores|xstate|http|telemetry|snapshot|soak|migration ...]
 # (default: all but recovery, which builds a 3+ GB store and takes several minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,7 @@ for w in "${what[@]}"; do
     http)     cargo build -q --release -p cnsmctl && cargo bench -q -p cnsm-bench --bench http_load ;;
     migration) cargo bench -q -p cnsm-bench --bench migration ;;
     soak)     cargo bench -q -p cnsm-bench --bench retention_soak ;;
+    snapshot) cargo bench -q -p cnsm-bench --bench snapshot ;;
     stores)   cargo bench -q -p cnsm-bench --features sqlite --bench store_compare ;;
     xstate)
       (cd bench/xstate && npm ci --no-audit --no-fund --silent && node order.mjs 50000) ;;

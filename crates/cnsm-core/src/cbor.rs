@@ -177,6 +177,29 @@ pub fn decode(bytes: &[u8]) -> Result<Value, CborError> {
     Ok(value)
 }
 
+/// Decodes the deterministic CBOR item at the start of `bytes` (more may follow); returns it
+/// with its length. Used by readers of documents that mix JSON-shaped items with byte strings.
+pub fn decode_prefix(bytes: &[u8]) -> Result<(Value, usize), CborError> {
+    let mut decoder = Decoder { bytes, pos: 0 };
+    let value = decoder.item(0)?;
+    Ok((value, decoder.pos))
+}
+
+/// Reads the head at the start of `bytes`: (major type, argument, length of the head).
+/// Refuses indefinite lengths, reserved forms and arguments not in shortest form (for major
+/// type 7 the argument is the raw simple value or float bits).
+pub fn read_head(bytes: &[u8]) -> Result<(u8, u64, usize), CborError> {
+    let mut decoder = Decoder { bytes, pos: 0 };
+    let (major, _, arg) = decoder.head()?;
+    Ok((major, arg, decoder.pos))
+}
+
+/// Appends a byte string.
+pub fn encode_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    write_head(out, 2, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
 /// Reads the text values of the given keys of a top-level map without decoding the rest:
 /// `out[i]` is the value of `keys[i]` when present and a text string. Used by stores for cheap
 /// pair assertions on record bytes whose hash was already checked.
@@ -211,6 +234,61 @@ pub fn top_level_texts<'a>(
             }
             None => decoder.skip(0)?,
         }
+    }
+    Ok(out)
+}
+
+/// A scalar read by [`top_level_scalars`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scalar<'a> {
+    Text(&'a str),
+    Uint(u64),
+    /// Present, but neither a text string nor an unsigned integer.
+    Other,
+}
+
+/// Reads the text and unsigned-integer values of the given keys of a top-level map without
+/// building the rest (it is walked and its structure checked); `out[i]` is the value of
+/// `keys[i]`. The map must span all of `bytes`. Used to check hash-chain links fast.
+pub fn top_level_scalars<'a>(
+    bytes: &'a [u8],
+    keys: &[&str],
+) -> Result<Vec<Option<Scalar<'a>>>, CborError> {
+    let mut decoder = Decoder { bytes, pos: 0 };
+    let mut out = vec![None; keys.len()];
+    let (major, _, n_entries) = decoder.head()?;
+    if major != 5 {
+        return Err(CborError::Unsupported {
+            offset: 0,
+            reason: "not a map",
+        });
+    }
+    for _ in 0..n_entries {
+        let key = decoder.text_ref()?;
+        let value_start = decoder.pos;
+        match keys.iter().position(|k| *k == key) {
+            Some(i) => {
+                let (major, _, arg) = decoder.head()?;
+                out[i] = Some(match major {
+                    0 => Scalar::Uint(arg),
+                    3 => {
+                        let len =
+                            usize::try_from(arg).map_err(|_| CborError::Truncated(value_start))?;
+                        let raw = decoder.take(len)?;
+                        std::str::from_utf8(raw).map_or(Scalar::Other, Scalar::Text)
+                    }
+                    _ => {
+                        decoder.pos = value_start;
+                        decoder.skip(0)?;
+                        Scalar::Other
+                    }
+                });
+            }
+            None => decoder.skip(0)?,
+        }
+    }
+    if decoder.pos != bytes.len() {
+        return Err(CborError::Trailing(bytes.len() - decoder.pos));
     }
     Ok(out)
 }

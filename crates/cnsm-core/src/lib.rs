@@ -33,6 +33,7 @@ pub mod instance;
 pub mod migration;
 pub mod record;
 pub mod resource;
+pub mod snapshot;
 mod yaml;
 
 pub use error::TransitionError;

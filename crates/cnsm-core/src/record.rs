@@ -548,6 +548,79 @@ pub fn verify_chain<'a>(
     Ok(prev)
 }
 
+/// Checks one instance's chain from genesis like [`verify_chain`], but reads only each
+/// record's identity and link (`format`, `version`, `namespace`, `instance`, `prevHash`)
+/// instead of decoding it: for snapshot verification and imports, where the bytes are already
+/// covered by a signature or were hash-checked by the exporting store. With `rehash` each
+/// stored hash is recomputed from the bytes; without it the caller guarantees the hashes were
+/// computed from these bytes. Returns the hash of the last record.
+pub fn verify_chain_links<'a>(
+    namespace: &str,
+    instance: &str,
+    rehash: bool,
+    records: impl IntoIterator<Item = &'a SealedRecord>,
+) -> Result<Hash32, ChainError> {
+    use crate::cbor::Scalar;
+    let mut prev = Hash32::ZERO;
+    for (expected_version, sealed) in (0u64..).zip(records) {
+        let version = sealed.version;
+        if version != expected_version {
+            return Err(ChainError::VersionGap {
+                expected: expected_version,
+                found: version,
+            });
+        }
+        if rehash && Hash32::digest(RECORD_DOMAIN, &sealed.bytes) != sealed.hash {
+            return Err(ChainError::HashMismatch { version });
+        }
+        let fields = cbor::top_level_scalars(
+            &sealed.bytes,
+            &["format", "version", "instance", "prevHash", "namespace"],
+        )
+        .map_err(|e| ChainError::Undecodable {
+            version,
+            detail: e.to_string(),
+        })?;
+        let (
+            Some(Scalar::Uint(format)),
+            Some(Scalar::Uint(record_version)),
+            Some(Scalar::Text(record_instance)),
+            Some(Scalar::Text(prev_hex)),
+            Some(Scalar::Text(record_namespace)),
+        ) = (fields[0], fields[1], fields[2], fields[3], fields[4])
+        else {
+            return Err(ChainError::Undecodable {
+                version,
+                detail: "identity or link fields missing".into(),
+            });
+        };
+        if format > u64::from(RECORD_FORMAT) {
+            return Err(ChainError::FutureFormat {
+                version,
+                format: u32::try_from(format).unwrap_or(u32::MAX),
+            });
+        }
+        if record_version != version {
+            return Err(ChainError::VersionGap {
+                expected: version,
+                found: record_version,
+            });
+        }
+        if record_instance != instance || record_namespace != namespace {
+            return Err(ChainError::WrongInstance {
+                version,
+                expected: format!("{namespace}/{instance}"),
+                found: format!("{record_namespace}/{record_instance}"),
+            });
+        }
+        if Hash32::from_hex(prev_hex) != Some(prev) {
+            return Err(ChainError::BrokenLink { version });
+        }
+        prev = sealed.hash;
+    }
+    Ok(prev)
+}
+
 #[cfg(test)]
 mod tests {
     use super::RECORD_KEYS_CANONICAL;

@@ -12,7 +12,9 @@ use cnsm_core::engine::{ACTOR_TIMER, Input, NewInstance, Trigger as EngineTrigge
 use cnsm_core::migration::CompiledMigration;
 use cnsm_core::record::{Hash32, StateChangeEvent, Timer};
 use cnsm_core::{Instance, SealedRecord};
-use cnsm_store::{CommitItem, IdempotencyEntry, ItemOutcome, TimerRef};
+use cnsm_store::{
+    CommitItem, DefinitionRow, IdempotencyEntry, ImportItem, ImportReport, ItemOutcome, TimerRef,
+};
 use tokio::sync::oneshot;
 
 use crate::telemetry::{Attempt, AttemptStart, CommittedBatch, LocalMetrics, TraceParent, Trigger};
@@ -72,6 +74,13 @@ pub(crate) enum Command {
     /// Apply every machine's retention now; answers how many instances were deleted.
     Retention {
         reply: oneshot::Sender<Result<u64, RuntimeError>>,
+    },
+    /// A snapshot import: runs on this thread (the one writer) after the batch it arrived in.
+    Import {
+        definitions: Vec<DefinitionRow>,
+        items: Vec<ImportItem>,
+        replace: bool,
+        reply: oneshot::Sender<Result<ImportReport, RuntimeError>>,
     },
     Stop,
 }
@@ -187,6 +196,37 @@ impl Committer {
         Ok(())
     }
 
+    /// Imports through the store in one transaction, then forgets cached copies and published
+    /// versions of the imported instances and rebuilds the timer index from the store, so an
+    /// imported timer that is already due fires on the next pass.
+    fn import(
+        &mut self,
+        definitions: &[DefinitionRow],
+        items: &[ImportItem],
+        replace: bool,
+    ) -> Result<ImportReport, RuntimeError> {
+        let result = self
+            .shared
+            .store
+            .import_instances(definitions, items, replace);
+        let mut versions = self.shared.versions.lock().ok();
+        for item in items {
+            let key = (
+                item.instance.namespace.to_string(),
+                item.instance.id.to_string(),
+            );
+            self.cache.remove(&key);
+            if let Some(v) = versions.as_mut() {
+                v.remove(&key);
+            }
+        }
+        drop(versions);
+        if self.shared.options.timers {
+            self.rebuild_timers()?;
+        }
+        Ok(result?)
+    }
+
     fn run(mut self, rx: Receiver<Command>) {
         let batch_len_max = self.shared.options.batch_len_max.max(1);
         let clock = Arc::clone(&self.shared.options.clock);
@@ -232,7 +272,21 @@ impl Committer {
             let stop = batch.iter().any(|c| matches!(c, Command::Stop));
             let fire_timers =
                 drive_timers || batch.iter().any(|c| matches!(c, Command::Tick { .. }));
+            let (imports, batch): (Vec<Command>, Vec<Command>) = batch
+                .into_iter()
+                .partition(|c| matches!(c, Command::Import { .. }));
             self.process(batch, fire_timers);
+            for import in imports {
+                if let Command::Import {
+                    definitions,
+                    items,
+                    replace,
+                    reply,
+                } = import
+                {
+                    let _ = reply.send(self.import(&definitions, &items, replace));
+                }
+            }
             // Forget expired idempotency keys now and then (expired ones are ignored anyway).
             if drive_timers && clock.now_ms() >= next_purge_ms {
                 let _ = self.shared.store.purge_idempotency(clock.now_ms());
@@ -316,6 +370,15 @@ impl Committer {
         for command in batch {
             match command {
                 Command::Stop => {}
+                // `run` takes imports out of the batch; one that got here runs in order.
+                Command::Import {
+                    definitions,
+                    items,
+                    replace,
+                    reply,
+                } => {
+                    let _ = reply.send(self.import(&definitions, &items, replace));
+                }
                 Command::CountTimers { reply } => {
                     let _ = reply.send(self.timers.len());
                 }

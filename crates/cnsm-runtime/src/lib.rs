@@ -837,6 +837,26 @@ impl Runtime {
             .await
     }
 
+    /// Imports definition revisions and instances with their full history (a verified snapshot,
+    /// see `cnsm-snapshot`) through [`Store::import_instances`]: one durable transaction, all
+    /// or nothing, refused for existing instances unless `replace`. Runs on the committer
+    /// thread, so it never interleaves with a batch; afterwards the timer index is rebuilt from
+    /// the store, so imported timers that are already due fire right away.
+    pub async fn import_instances(
+        &self,
+        definitions: Vec<cnsm_store::DefinitionRow>,
+        items: Vec<cnsm_store::ImportItem>,
+        replace: bool,
+    ) -> Result<cnsm_store::ImportReport, RuntimeError> {
+        self.submit(|reply| committer::Command::Import {
+            definitions,
+            items,
+            replace,
+            reply,
+        })
+        .await?
+    }
+
     /// Timers pending in the in-memory index.
     pub async fn pending_timers(&self) -> Result<usize, RuntimeError> {
         self.submit(|reply| committer::Command::CountTimers { reply })

@@ -58,6 +58,7 @@ pub mod openapi;
 mod params;
 pub mod problem;
 pub mod routes;
+pub mod snapshots;
 pub mod tls;
 mod watch_stream;
 pub mod wire;
@@ -279,9 +280,25 @@ async fn limits(State(state): State<ServerState>, request: Request, next: Next) 
         ));
     };
     let timeout = state.options().request_timeout;
-    match tokio::time::timeout(timeout, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => axum::response::IntoResponse::into_response(ApiError::unavailable(format!(
+    // The deadline is checked against the clock on every wake-up, not only by the timer wheel
+    // (which ticks in milliseconds), so a request still pending past it is answered 503 at once.
+    let deadline = tokio::time::Instant::now() + timeout;
+    let run = next.run(request);
+    let sleep = tokio::time::sleep_until(deadline);
+    tokio::pin!(run, sleep);
+    let answered = std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(response) = run.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Some(response));
+        }
+        if tokio::time::Instant::now() >= deadline || sleep.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(None);
+        }
+        std::task::Poll::Pending
+    })
+    .await;
+    match answered {
+        Some(response) => response,
+        None => axum::response::IntoResponse::into_response(ApiError::unavailable(format!(
             "the request did not complete within {} s; its outcome is unknown \
              (retry with the same Idempotency-Key)",
             timeout.as_secs_f64()

@@ -79,6 +79,14 @@ fn query_parameter(name: &str) -> Value {
             json!({"type": "integer", "minimum": 0}),
             "The first version of the page",
         ),
+        "instance" => (
+            id_schema(),
+            "Only this instance (instead of every instance of the namespace)",
+        ),
+        "replace" => (
+            json!({"type": "boolean"}),
+            "Replace instances that already exist instead of refusing the whole import",
+        ),
         "format" => (
             json!({"type": "string", "enum": ["json", "text"]}),
             "text: human-readable instead of JSON",
@@ -172,6 +180,11 @@ fn request_body(name: &str) -> Value {
             "application/json": {"schema": schema_ref("Event")},
             CONTENT_TYPE_CLOUDEVENTS: {"schema": schema_ref("CloudEvent")},
         }),
+        // application/octet-stream is accepted too (generic HTTP tools and fuzzers send it).
+        "SnapshotPayload" => json!({
+            crate::snapshots::SNAPSHOT_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        }),
         other => json!({"application/json": {"schema": schema_ref(other)}}),
     };
     // A control's body is optional (an empty body is an empty request).
@@ -186,6 +199,11 @@ fn success_response(route: &Route, status: u16, body: &str) -> Value {
         content.insert(
             "application/octet-stream".into(),
             json!({"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}),
+        );
+    } else if body == "SnapshotPayload" {
+        content.insert(
+            crate::snapshots::SNAPSHOT_MEDIA_TYPE.into(),
+            json!({"schema": {"type": "string", "format": "binary"}}),
         );
     } else {
         content.insert(
@@ -409,6 +427,17 @@ fn schemas() -> Value {
                 "hash": {"type": "string"},
                 "created": {"type": "boolean"},
                 "warnings": {"type": "array", "items": schema_ref("AdmissionProblem")},
+            },
+        },
+        "ImportReport": {
+            "type": "object",
+            "required": ["nInstances", "nRecords", "nReplaced", "nDefinitionsCreated", "nTimers"],
+            "properties": {
+                "nInstances": {"type": "integer"},
+                "nRecords": {"type": "integer"},
+                "nReplaced": {"type": "integer"},
+                "nDefinitionsCreated": {"type": "integer"},
+                "nTimers": {"type": "integer"},
             },
         },
         "Deleted": {

@@ -2,12 +2,13 @@
 //! and what it takes and answers. `router()` builds the axum router from it and `openapi()`
 //! builds the OpenAPI document from it, so the two cannot drift apart.
 
+use axum::extract::DefaultBodyLimit;
 use axum::routing::{MethodRouter, delete, get, post};
 
 use crate::ServerState;
 use crate::auth::{Access, Role};
 use crate::problem::ProblemKind;
-use crate::{admin, controls, definitions, health, instances, migrations, openapi};
+use crate::{admin, controls, definitions, health, instances, migrations, openapi, snapshots};
 
 /// One route: a method on a path template.
 pub struct Route {
@@ -76,6 +77,40 @@ const CONTROL_ERRORS: &[ProblemKind] = &[
 
 /// Every route of the API.
 pub static ROUTES: &[Route] = &[
+    Route {
+        method: "GET",
+        path: "/apis/statemachine.cn/v1alpha1/namespaces/{ns}/snapshot",
+        operation_id: "exportSnapshot",
+        summary: "The unsigned snapshot payload (deterministic CBOR) of a namespace's instances; docs/snapshots.md",
+        access: Access::Namespace(Role::Admin),
+        query: &["instance", "labelSelector"],
+        headers: &[],
+        body: None,
+        ok: &[(200, "SnapshotPayload")],
+        errors: &[P::Invalid, P::NotFound, P::Unavailable],
+        handler: || get(snapshots::export),
+    },
+    Route {
+        method: "POST",
+        path: "/apis/statemachine.cn/v1alpha1/namespaces/{ns}/snapshot",
+        operation_id: "importSnapshot",
+        summary: "Import a snapshot payload (verified again, all or nothing); 409 if an instance exists unless replace=true",
+        access: Access::Namespace(Role::Admin),
+        query: &["replace"],
+        headers: &[],
+        body: Some("SnapshotPayload"),
+        ok: &[(200, "ImportReport")],
+        errors: &[
+            P::Invalid,
+            P::Conflict,
+            P::PayloadTooLarge,
+            P::UnsupportedMediaType,
+            P::Unavailable,
+        ],
+        handler: || {
+            post(snapshots::import).layer(DefaultBodyLimit::max(snapshots::SNAPSHOT_BYTES_MAX))
+        },
+    },
     Route {
         method: "GET",
         path: "/apis/statemachine.cn/v1alpha1/statemachines",

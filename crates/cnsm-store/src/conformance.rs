@@ -37,8 +37,8 @@ use cnsm_core::{Instance, Status};
 use serde_json::{Value, json};
 
 use crate::{
-    CommitItem, IdempotencyEntry, InstanceQuery, ItemOutcome, PutDefinition, Store, StoreError,
-    StoredInstance, TimerRef,
+    CommitItem, DefinitionRow, IdempotencyEntry, ImportItem, ImportReport, InstanceQuery,
+    ItemOutcome, PutDefinition, Store, StoreError, StoredInstance, TimerRef,
 };
 
 /// How the suite gets stores from a backend.
@@ -115,6 +115,18 @@ pub const CASES: &[(&str, Case)] = &[
         "verify_is_clean_on_a_good_store",
         verify_is_clean_on_a_good_store,
     ),
+    (
+        "import_restores_instances_history_timers_and_keys",
+        import_restores_instances_history_timers_and_keys,
+    ),
+    (
+        "import_refuses_existing_unless_replace",
+        import_refuses_existing_unless_replace,
+    ),
+    (
+        "import_refuses_bad_input_and_writes_nothing",
+        import_refuses_bad_input_and_writes_nothing,
+    ),
 ];
 
 /// Runs every case against the harness.
@@ -171,6 +183,9 @@ macro_rules! conformance_tests {
             list_instances_filters_and_pages,
             instance_by_uid,
             verify_is_clean_on_a_good_store,
+            import_restores_instances_history_timers_and_keys,
+            import_refuses_existing_unless_replace,
+            import_refuses_bad_input_and_writes_nothing,
         );
     };
     (@cases ($harness:expr) $($case:ident,)*) => {
@@ -1407,4 +1422,277 @@ pub fn verify_is_clean_on_a_good_store(harness: &mut dyn Harness) {
     assert_eq!(again, report);
     let labels: BTreeMap<String, String> = [("k".to_owned(), "v".to_owned())].into();
     assert_eq!(stored(&*store, "default", "short").instance.labels, labels);
+}
+
+/// Reads what an export would carry for one instance: its state, every record, and the
+/// idempotency entries its records name.
+fn import_item_of(store: &dyn Store, namespace: &str, id: &str) -> ImportItem {
+    let instance = stored(store, namespace, id).instance;
+    let records = store.history(namespace, id, 0, 0).expect("history reads");
+    let mut idempotency = Vec::new();
+    for record in &records {
+        let decoded = record.open().expect("the record opens");
+        if let Some(key) = decoded.idempotency_key.as_deref()
+            && let Some(entry) = store.idempotency(namespace, id, key).expect("key reads")
+        {
+            idempotency.push(entry);
+        }
+    }
+    ImportItem {
+        instance,
+        records,
+        idempotency,
+    }
+}
+
+/// A source store with the job definition and three instances: `a` pinged with an
+/// idempotency key (timer pending), `b` running (timer pending), `c` done (no timer).
+fn import_source(
+    harness: &mut dyn Harness,
+) -> (Box<dyn Store>, Vec<DefinitionRow>, Vec<ImportItem>) {
+    let store = harness.open();
+    let definition = job_definition("default", "job");
+    store
+        .put_definition(&definition, revision_hash(&definition), T0_MS)
+        .unwrap();
+    let driver = Driver::new("job");
+    let a = driver.create("default", "a", &[("tier", "gold")], T0_MS);
+    let b = driver.create("default", "b", &[], T0_MS);
+    let c = driver.create("default", "c", &[], T0_MS);
+    store.commit(&[a.clone(), b.clone(), c.clone()]).unwrap();
+    let mut a2 = driver.event_with_key(&a.instance, "ping", "hi", T0_MS + 10, Some("k-1"));
+    a2.idempotency = Some(IdempotencyEntry {
+        key: "k-1".into(),
+        request_hash: Hash32([7; 32]),
+        version: 1,
+        expires_ms: T0_MS + 86_400_000,
+    });
+    let b2 = driver.event(&b.instance, "start", "", T0_MS + 20);
+    let c2 = driver.event(&c.instance, "start", "", T0_MS + 30);
+    store.commit(&[a2, b2, c2.clone()]).unwrap();
+    let c3 = driver.event(&c2.instance, "complete", "", T0_MS + 40);
+    store.commit(&[c3]).unwrap();
+    let definitions = vec![
+        store
+            .definition("default", "job", Some(1))
+            .unwrap()
+            .unwrap(),
+    ];
+    let items = ["a", "b", "c"]
+        .iter()
+        .map(|id| import_item_of(&*store, "default", id))
+        .collect();
+    (store, definitions, items)
+}
+
+fn timers_by_instance(store: &dyn Store) -> Vec<(String, u64, u64)> {
+    let mut found: Vec<(String, u64, u64)> = timers(store)
+        .into_iter()
+        .map(|t| {
+            let id = store
+                .instance_by_uid(t.uid)
+                .unwrap()
+                .expect("a timer's uid names an instance")
+                .instance
+                .id
+                .to_string();
+            (id, t.due_ms, t.entry_seq)
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// An import into an empty store restores definitions (same revision and hash), instances,
+/// their exact history, their timers and idempotency keys; the imported instances take the
+/// next transition, a restart keeps it all, and the store verifies clean.
+pub fn import_restores_instances_history_timers_and_keys(harness: &mut dyn Harness) {
+    let (source, definitions, items) = import_source(harness);
+    let target = harness.open();
+    let report = target
+        .import_instances(&definitions, &items, false)
+        .unwrap();
+    assert_eq!(
+        report,
+        ImportReport {
+            n_instances: 3,
+            n_records: items.iter().map(|i| i.records.len() as u64).sum(),
+            n_replaced: 0,
+            n_definitions_created: 1,
+            n_timers: 2,
+        }
+    );
+    let row = target.definition("default", "job", None).unwrap().unwrap();
+    assert_eq!((row.revision, row.hash), (1, definitions[0].hash));
+    for item in &items {
+        let id = &*item.instance.id;
+        assert_eq!(stored(&*target, "default", id).instance, item.instance);
+        assert_eq!(target.history("default", id, 0, 0).unwrap(), item.records);
+    }
+    assert_eq!(timers_by_instance(&*target), timers_by_instance(&*source));
+    let key = target.idempotency("default", "a", "k-1").unwrap().unwrap();
+    assert_eq!((key.version, key.request_hash), (1, Hash32([7; 32])));
+    assert!(
+        target
+            .import_instances(&definitions, &[], false)
+            .unwrap()
+            .n_definitions_created
+            == 0
+    );
+
+    // A page with histories (what exports read) is the rows and their exact records.
+    let page = target
+        .list_instances_with_history(&InstanceQuery {
+            namespace: Some("default".into()),
+            limit: 2,
+            ..InstanceQuery::default()
+        })
+        .unwrap();
+    assert_eq!(page.len(), 2);
+    for ((stored, records), item) in page.iter().zip(&items) {
+        assert_eq!(stored.instance, item.instance);
+        assert_eq!(records, &item.records);
+    }
+
+    // The imported chain goes on.
+    let driver = Driver::new("job");
+    let a = stored(&*target, "default", "a").instance;
+    commit_one(&*target, &driver.event(&a, "start", "", T0_MS + 50));
+    let target = harness.reopen(target);
+    assert_eq!(stored(&*target, "default", "a").instance.version, 2);
+    let report = target.verify().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(report.n_instances, 3);
+}
+
+/// An import that names an existing instance is refused as a whole (nothing written) unless
+/// `replace`; with `replace` the instance, its history, timer and keys are the imported ones
+/// and the store still verifies clean.
+pub fn import_refuses_existing_unless_replace(harness: &mut dyn Harness) {
+    let (_source, definitions, items) = import_source(harness);
+    let target = harness.open();
+    let definition = job_definition("default", "job");
+    target
+        .put_definition(&definition, revision_hash(&definition), T0_MS)
+        .unwrap();
+    let driver = Driver::new("job");
+    let local_a = driver.create("default", "a", &[], T0_MS + 5);
+    target.commit(std::slice::from_ref(&local_a)).unwrap();
+    let local_a2 = driver.event_with_key(
+        &local_a.instance,
+        "ping",
+        "local",
+        T0_MS + 6,
+        Some("k-local"),
+    );
+    let mut local_a2 = local_a2;
+    local_a2.idempotency = Some(IdempotencyEntry {
+        key: "k-local".into(),
+        request_hash: Hash32([1; 32]),
+        version: 1,
+        expires_ms: T0_MS + 1_000_000,
+    });
+    target.commit(std::slice::from_ref(&local_a2)).unwrap();
+    let timers_before = timers(&*target);
+
+    match target.import_instances(&definitions, &items, false) {
+        Err(StoreError::Refused(message)) => {
+            assert!(message.contains("default/a"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(target.instance("default", "b").unwrap().is_none());
+    assert_eq!(stored(&*target, "default", "a").instance, local_a2.instance);
+    assert_eq!(timers(&*target), timers_before);
+
+    let report = target.import_instances(&definitions, &items, true).unwrap();
+    assert_eq!((report.n_instances, report.n_replaced), (3, 1));
+    assert_eq!(stored(&*target, "default", "a").instance, items[0].instance);
+    assert_eq!(
+        target.history("default", "a", 0, 0).unwrap(),
+        items[0].records
+    );
+    assert!(
+        target
+            .idempotency("default", "a", "k-local")
+            .unwrap()
+            .is_none()
+    );
+    assert!(target.idempotency("default", "a", "k-1").unwrap().is_some());
+    let ids: Vec<String> = timers_by_instance(&*target)
+        .into_iter()
+        .map(|t| t.0)
+        .collect();
+    assert_eq!(ids, ["a", "b"]);
+    let target = harness.reopen(target);
+    let report = target.verify().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
+
+/// A broken chain, a state that is not its last record, a definition whose revision exists
+/// with another hash, or an instance pinned to a revision nobody has: each refused, nothing
+/// written.
+pub fn import_refuses_bad_input_and_writes_nothing(harness: &mut dyn Harness) {
+    let (_source, definitions, items) = import_source(harness);
+    let target = harness.open();
+    let refused = |definitions: &[DefinitionRow], items: &[ImportItem], what: &str| {
+        match target.import_instances(definitions, items, true) {
+            Err(StoreError::Refused(_)) => {}
+            other => panic!("{what}: expected a refusal, got {other:?}"),
+        }
+        assert!(
+            target
+                .list_instances(&InstanceQuery::default())
+                .unwrap()
+                .is_empty(),
+            "{what}"
+        );
+        assert!(target.list_definitions(None).unwrap().is_empty(), "{what}");
+        assert!(timers(&*target).is_empty(), "{what}");
+    };
+
+    let mut swapped = items.clone();
+    swapped[0].records.swap(0, 1);
+    refused(&definitions, &swapped, "swapped records");
+
+    let mut dropped = items.clone();
+    dropped[1].records.remove(1);
+    refused(&definitions, &dropped, "dropped record");
+
+    let mut flipped = items.clone();
+    let last = flipped[2].records.len() - 1;
+    flipped[2].records[last].bytes[10] ^= 1;
+    refused(&definitions, &flipped, "flipped byte");
+
+    let mut wrong_state = items.clone();
+    wrong_state[0].instance.state = "running".into();
+    refused(&definitions, &wrong_state, "state not the last record's");
+
+    let mut twice = items.clone();
+    twice.push(items[0].clone());
+    refused(&definitions, &twice, "instance twice");
+
+    refused(&[], &items, "pinned revision missing");
+
+    let mut changed = definitions.clone();
+    changed[0].definition.spec.states[1].timeout_seconds = Some(31);
+    refused(&changed, &items, "definition content not its hash");
+
+    // The target has revision 1 of the same name with other content.
+    let mut other = job_definition("default", "job");
+    other.spec.states[1].timeout_seconds = Some(31);
+    target
+        .put_definition(&other, revision_hash(&other), T0_MS)
+        .unwrap();
+    match target.import_instances(&definitions, &items, true) {
+        Err(StoreError::Refused(message)) => assert!(message.contains("job@1"), "{message}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(
+        target
+            .list_instances(&InstanceQuery::default())
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(target.list_definitions(None).unwrap().len(), 1);
 }

@@ -19,6 +19,7 @@
 //! | `timers` | (due ms, uid) | (entry seq, kind) |
 //! | `idempotency` | (uid, key) | (request hash, version, expires ms) |
 //! | `idempotency_expiry` | (expires ms, uid, key) | () |
+//! | `retired_uids` | uid | () - instances replaced by `snapshot import --replace` (their records stay in the log) |
 //!
 //! Definition rows are the deterministic CBOR of the serde form ([`cnsm_core::cbor`]); instance
 //! rows, rewritten on every commit, are compact JSON encoded straight from the struct. The instance
@@ -80,12 +81,14 @@ use redb::{
 };
 
 use crate::{
-    CommitItem, DefinitionRow, IdempotencyEntry, InstanceQuery, ItemOutcome, PAGE_LEN_MAX,
-    PutDefinition, STORE_FORMAT, Store, StoreError, StoredInstance, TimerRef, VerifyReport,
+    CommitItem, DefinitionRow, IdempotencyEntry, ImportItem, ImportReport, InstanceQuery,
+    ItemOutcome, PAGE_LEN_MAX, PutDefinition, STORE_FORMAT, Store, StoreError, StoredInstance,
+    TimerRef, VerifyReport,
 };
 
 pub mod backup;
 mod check;
+mod import;
 mod retention;
 pub(crate) mod tables;
 #[doc(hidden)]
@@ -481,6 +484,7 @@ fn check_format(db: &Database) -> Result<(), StoreError> {
 
 /// Creates the tables and counters of a new store; checks the unverified tail.
 fn init_and_verify(txn: &WriteTransaction, verify_tail: bool) -> Result<(), StoreError> {
+    txn.open_table(RETIRED_UIDS).io()?;
     let mut t = WriteTables::open(txn)?;
     if t.meta.get(META_FORMAT).io()?.is_none() {
         t.meta.insert(META_FORMAT, u64::from(STORE_FORMAT)).io()?;
@@ -1019,49 +1023,55 @@ impl Store for EmbeddedStore {
     }
 
     fn list_instances(&self, query: &InstanceQuery) -> Result<Vec<StoredInstance>, StoreError> {
-        let limit = capped(query.limit);
+        list_on(&self.read()?, query)
+    }
+
+    fn list_instances_with_history(
+        &self,
+        query: &InstanceQuery,
+    ) -> Result<Vec<(StoredInstance, Vec<SealedRecord>)>, StoreError> {
+        // One read transaction for the page and every history in it: a consistent snapshot.
         let txn = self.read()?;
-        let instances = txn.open_table(INSTANCES).io()?;
-        let namespace = query.namespace.as_deref();
-        let after = query
-            .after
-            .as_ref()
-            .map(|(ns, id)| (ns.as_str(), id.as_str()));
-        let start: Bound<(&str, &str)> = match (namespace, after) {
-            (Some(ns), Some((after_ns, after_id))) if after_ns == ns => {
-                Bound::Excluded((ns, after_id))
-            }
-            (Some(ns), Some((after_ns, _))) if after_ns > ns => return Ok(Vec::new()),
-            (Some(ns), _) => Bound::Included((ns, "")),
-            (None, Some(after)) => Bound::Excluded(after),
-            (None, None) => Bound::Unbounded,
-        };
-        let status = query.status.map(status_code);
-        let mut found = Vec::new();
-        for entry in instances
-            .range::<(&str, &str)>((start, Bound::Unbounded))
-            .io()?
-        {
-            let (key, row) = entry.io()?;
-            let (ns, id) = key.value();
-            if namespace.is_some_and(|wanted| wanted != ns) {
-                break;
-            }
-            let (uid, _, row_status, _, _, machine, bytes) = row.value();
-            if status.is_some_and(|s| s != row_status)
-                || query.machine.as_deref().is_some_and(|m| m != machine)
-            {
-                continue;
-            }
-            let instance = decode_instance(bytes, ns, id)?;
-            if matches_query(query, &instance) {
-                found.push(StoredInstance { uid, instance });
-                if found.len() == limit {
-                    break;
+        let page = list_on(&txn, query)?;
+        let index = txn.open_table(RECORD_INDEX).io()?;
+        let records = txn.open_table(RECORDS).io()?;
+        let mut out = Vec::with_capacity(page.len());
+        for stored in page {
+            let (namespace, id) = (&*stored.instance.namespace, &*stored.instance.id);
+            let (uid, last) = (stored.uid, stored.instance.version);
+            let mut history = Vec::with_capacity(last as usize + 1);
+            for entry in index.range((uid, 0)..=(uid, last)).io()? {
+                let (key, seq) = entry.io()?;
+                let version = key.value().1;
+                let seq = seq.value();
+                let Some(value) = records.get(seq).io()? else {
+                    return Err(StoreError::Corrupt(format!(
+                        "instance {namespace}/{id} record {version}: missing (commit sequence {seq})"
+                    )));
+                };
+                let (record_uid, record_version, hash, bytes) = value.value();
+                if (record_uid, record_version) != (uid, version) {
+                    return Err(StoreError::Corrupt(format!(
+                        "instance {namespace}/{id} record {version}: commit sequence {seq} holds \
+                         record {record_version} of uid {record_uid}"
+                    )));
                 }
+                history.push(SealedRecord {
+                    version,
+                    bytes: bytes.to_vec(),
+                    hash: Hash32(hash),
+                });
             }
+            if history.len() as u64 != last + 1 {
+                return Err(StoreError::Corrupt(format!(
+                    "instance {namespace}/{id}: {} of its {} records are indexed",
+                    history.len(),
+                    last + 1
+                )));
+            }
+            out.push((stored, history));
         }
-        Ok(found)
+        Ok(out)
     }
 
     fn history(
@@ -1222,8 +1232,65 @@ impl Store for EmbeddedStore {
         Ok(out)
     }
 
+    fn import_instances(
+        &self,
+        definitions: &[DefinitionRow],
+        items: &[ImportItem],
+        replace: bool,
+    ) -> Result<ImportReport, StoreError> {
+        crate::check_import(definitions, items)?;
+        self.write(|txn| import::import_in(txn, definitions, items, replace))
+    }
+
     fn verify(&self) -> Result<VerifyReport, StoreError> {
         let txn = self.read()?;
         check::verify_all(&txn)
     }
+}
+
+/// [`Store::list_instances`] on a given read transaction.
+fn list_on(
+    txn: &ReadTransaction,
+    query: &InstanceQuery,
+) -> Result<Vec<StoredInstance>, StoreError> {
+    let limit = capped(query.limit);
+    let instances = txn.open_table(INSTANCES).io()?;
+    let namespace = query.namespace.as_deref();
+    let after = query
+        .after
+        .as_ref()
+        .map(|(ns, id)| (ns.as_str(), id.as_str()));
+    let start: Bound<(&str, &str)> = match (namespace, after) {
+        (Some(ns), Some((after_ns, after_id))) if after_ns == ns => Bound::Excluded((ns, after_id)),
+        (Some(ns), Some((after_ns, _))) if after_ns > ns => return Ok(Vec::new()),
+        (Some(ns), _) => Bound::Included((ns, "")),
+        (None, Some(after)) => Bound::Excluded(after),
+        (None, None) => Bound::Unbounded,
+    };
+    let status = query.status.map(status_code);
+    let mut found = Vec::new();
+    for entry in instances
+        .range::<(&str, &str)>((start, Bound::Unbounded))
+        .io()?
+    {
+        let (key, row) = entry.io()?;
+        let (ns, id) = key.value();
+        if namespace.is_some_and(|wanted| wanted != ns) {
+            break;
+        }
+        let (uid, _, row_status, _, _, machine, bytes) = row.value();
+        if status.is_some_and(|s| s != row_status)
+            || query.machine.as_deref().is_some_and(|m| m != machine)
+        {
+            continue;
+        }
+        let instance = decode_instance(bytes, ns, id)?;
+        if matches_query(query, &instance) {
+            found.push(StoredInstance { uid, instance });
+            if found.len() == limit {
+                break;
+            }
+        }
+    }
+    Ok(found)
 }

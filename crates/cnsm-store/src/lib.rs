@@ -93,6 +93,105 @@ pub enum ItemOutcome {
     },
 }
 
+/// One instance to import with its full history (`snapshot import`).
+#[derive(Debug, Clone)]
+pub struct ImportItem {
+    /// The instance as of its last record; its pending timer (absolute due time) is restored.
+    pub instance: Instance,
+    /// Records `0..=instance.version`, exact bytes and hashes as exported.
+    pub records: Vec<SealedRecord>,
+    /// Idempotency keys still inside their window.
+    pub idempotency: Vec<IdempotencyEntry>,
+}
+
+/// What [`Store::import_instances`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    pub n_instances: u64,
+    pub n_records: u64,
+    /// Instances that existed and were replaced (`replace`).
+    pub n_replaced: u64,
+    /// Definition revisions that were new to the store.
+    pub n_definitions_created: u64,
+    /// Pending timers restored.
+    pub n_timers: u64,
+}
+
+/// Most instances one [`Store::import_instances`] call accepts (callers import bigger snapshots
+/// in one call per store: see `docs/snapshots.md` for the all-or-nothing rule).
+pub const IMPORT_ITEMS_MAX: usize = 1_000_000;
+
+/// Checks an import before any write: each item's chain (hashes recomputed from the bytes,
+/// links, versions `0..=version`, identity), its state against its last record, its
+/// idempotency entries, no instance twice, and every definition's content hash. Backends call
+/// it first so that a refused import writes nothing.
+pub fn check_import(definitions: &[DefinitionRow], items: &[ImportItem]) -> Result<(), StoreError> {
+    if items.len() > IMPORT_ITEMS_MAX {
+        return Err(StoreError::Refused(format!(
+            "an import of {} instances exceeds the limit of {IMPORT_ITEMS_MAX}",
+            items.len()
+        )));
+    }
+    for row in definitions {
+        if cnsm_core::engine::revision_hash(&row.definition) != row.hash
+            || row.definition.metadata.namespace != row.namespace
+            || row.definition.metadata.name != row.name
+        {
+            return Err(StoreError::Refused(format!(
+                "import refused: definition {}/{}@{}: content does not match its hash",
+                row.namespace, row.name, row.revision
+            )));
+        }
+    }
+    let mut seen = std::collections::HashSet::with_capacity(items.len());
+    for item in items {
+        let instance = &item.instance;
+        let name = format!("{}/{}", instance.namespace, instance.id);
+        let refuse = |detail: String| {
+            StoreError::Refused(format!("import refused: instance {name}: {detail}"))
+        };
+        if !seen.insert((&*instance.namespace, &*instance.id)) {
+            return Err(refuse("appears twice".into()));
+        }
+        if item.records.len() as u64 != instance.version + 1 {
+            return Err(refuse(format!(
+                "{} record(s) for version {}",
+                item.records.len(),
+                instance.version
+            )));
+        }
+        let last = cnsm_core::record::verify_chain_links(
+            &instance.namespace,
+            &instance.id,
+            true,
+            &item.records,
+        )
+        .map_err(|e| refuse(e.to_string()))?;
+        if last != instance.last_hash {
+            return Err(refuse("its last hash is not its last record's hash".into()));
+        }
+        let Some(last_record) = item.records.last() else {
+            return Err(refuse("has no records".into()));
+        };
+        let fields = cnsm_core::cbor::top_level_texts(&last_record.bytes, &["to", "status"])
+            .map_err(|e| refuse(e.to_string()))?;
+        if fields[0] != Some(&*instance.state) || fields[1] != Some(instance.status.as_str()) {
+            return Err(refuse(
+                "its state or status differ from its last record".into(),
+            ));
+        }
+        for entry in &item.idempotency {
+            if entry.version > instance.version {
+                return Err(refuse(format!(
+                    "idempotency key {:?} names version {}, past its history",
+                    entry.key, entry.version
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A pending timer as the timer index keeps it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TimerRef {
@@ -209,6 +308,35 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<SealedRecord>, StoreError>;
 
+    /// A page of [`Store::list_instances`] with each instance's records `0..=version`, for
+    /// exports. Backends may read the page on one consistent snapshot; the default makes one
+    /// `history` call per instance. `query.limit` bounds the page as for `list_instances`.
+    fn list_instances_with_history(
+        &self,
+        query: &InstanceQuery,
+    ) -> Result<Vec<(StoredInstance, Vec<SealedRecord>)>, StoreError> {
+        let page = self.list_instances(query)?;
+        let mut out = Vec::with_capacity(page.len());
+        for stored in page {
+            let (namespace, id) = (&*stored.instance.namespace, &*stored.instance.id);
+            let mut records: Vec<SealedRecord> = Vec::new();
+            while (records.len() as u64) <= stored.instance.version {
+                let from = records.len() as u64;
+                let want = (stored.instance.version + 1 - from).min(PAGE_LEN_MAX as u64);
+                let more = self.history(namespace, id, from, want as usize)?;
+                if more.is_empty() {
+                    return Err(StoreError::Corrupt(format!(
+                        "instance {namespace}/{id}: record {from} is missing"
+                    )));
+                }
+                records.extend(more);
+            }
+            records.truncate(stored.instance.version as usize + 1);
+            out.push((stored, records));
+        }
+        Ok(out)
+    }
+
     fn idempotency(
         &self,
         namespace: &str,
@@ -221,6 +349,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// Calls `visit` for every pending timer (to rebuild the in-memory timer index).
     fn pending_timers(&self, visit: &mut dyn FnMut(TimerRef)) -> Result<(), StoreError>;
+
+    /// Imports definition revisions (keeping their numbers and hashes) and instances with
+    /// their full history, idempotency entries and pending timers, in ONE durable transaction:
+    /// all or nothing. Refuses ([`StoreError::Refused`], nothing written) when an item fails
+    /// [`check_import`], when a revision exists with another hash, when an instance pins a
+    /// revision that is neither imported nor stored, or when an instance already exists and
+    /// `replace` is false. With `replace`, an existing instance's state, timers and keys are
+    /// replaced by the imported ones.
+    fn import_instances(
+        &self,
+        definitions: &[DefinitionRow],
+        items: &[ImportItem],
+        replace: bool,
+    ) -> Result<ImportReport, StoreError>;
 
     /// Checks every hash chain, every instance against its last record, every index.
     fn verify(&self) -> Result<VerifyReport, StoreError>;

@@ -16,7 +16,8 @@ use cnsm_runtime::{
     AppliedDefinition, ControlRequest, CreateInstance, EventRequest, HistoryEntry, MigrationReport,
     MigrationRequest, TransitionOutcome,
 };
-use cnsm_store::{BackupReport, DefinitionRow, VerifyReport};
+use cnsm_snapshot::Selection;
+use cnsm_store::{BackupReport, DefinitionRow, ImportReport, VerifyReport};
 
 use crate::error::CliError;
 use crate::local::Local;
@@ -110,6 +111,25 @@ pub trait Api {
         request: MigrationRequest,
         progress: &mut (dyn FnMut(usize, usize) + Send),
     ) -> Result<MigrationReport, CliError>;
+
+    /// The unsigned snapshot payload (deterministic CBOR) of the selected instances of a
+    /// namespace, taken at the deployment's current time. `progress(done, total)`.
+    async fn export_snapshot(
+        &self,
+        namespace: &str,
+        selection: &Selection,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Vec<u8>, CliError>;
+
+    /// Imports a snapshot payload whose signature the caller verified; the deployment checks
+    /// its encoding, chains and definitions again and imports it all or nothing.
+    async fn import_snapshot(
+        &self,
+        namespace: &str,
+        payload: Vec<u8>,
+        replace: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<ImportReport, CliError>;
 }
 
 /// The [`Api`] a command got: local or remote.
@@ -205,5 +225,24 @@ impl Api for Connection {
         progress: &mut (dyn FnMut(usize, usize) + Send),
     ) -> Result<MigrationReport, CliError> {
         delegate!(self, api => api.migrate(request, progress))
+    }
+
+    async fn export_snapshot(
+        &self,
+        namespace: &str,
+        selection: &Selection,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Vec<u8>, CliError> {
+        delegate!(self, api => api.export_snapshot(namespace, selection, progress))
+    }
+
+    async fn import_snapshot(
+        &self,
+        namespace: &str,
+        payload: Vec<u8>,
+        replace: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<ImportReport, CliError> {
+        delegate!(self, api => api.import_snapshot(namespace, payload, replace, progress))
     }
 }

@@ -249,6 +249,14 @@ pub enum Command {
     #[command(subcommand)]
     Store(StoreCommand),
 
+    /// Generate signing keys for snapshots
+    #[command(subcommand)]
+    Keys(crate::commands::snapshot::KeysCommand),
+
+    /// Export, verify and import signed portable snapshots (docs/snapshots.md)
+    #[command(subcommand)]
+    Snapshot(crate::commands::snapshot::SnapshotCommand),
+
     /// Run the HTTP API on the embedded store in --data-dir
     #[command(
         long_about = "Run the HTTP API (statemachine.cn/v1alpha1) on the embedded store in --data-dir.\n\n\

@@ -12,8 +12,11 @@ use cnsm_runtime::{
     AppliedDefinition, ControlRequest, CreateInstance, EventRequest, HistoryEntry, MigrationReport,
     MigrationRequest, Runtime, RuntimeOptions, TransitionOutcome,
 };
+use cnsm_snapshot::{ExportError, Selection};
 use cnsm_store::embedded::EmbeddedStore;
-use cnsm_store::{BackupReport, DefinitionRow, InstanceQuery, PAGE_LEN_MAX, VerifyReport};
+use cnsm_store::{
+    BackupReport, DefinitionRow, ImportReport, InstanceQuery, PAGE_LEN_MAX, VerifyReport,
+};
 
 use crate::api::{Access, Api, InstanceFilter};
 use crate::error::CliError;
@@ -198,5 +201,47 @@ impl Api for Local {
             .await
             .map_err(|e| CliError::unavailable(e.to_string()))?
             .map_err(CliError::from)
+    }
+
+    async fn export_snapshot(
+        &self,
+        namespace: &str,
+        selection: &Selection,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Vec<u8>, CliError> {
+        let as_of_ms = self.runtime.clock().now_ms();
+        cnsm_snapshot::export(
+            &**self.runtime.store(),
+            namespace,
+            selection,
+            as_of_ms,
+            progress,
+        )
+        .map_err(|e| match e {
+            ExportError::Store(e) => CliError::from(e),
+            ExportError::NotFound(what) => CliError::not_found(format!("instance {what}")),
+            ExportError::Changed(message) => CliError::conflict(message),
+            other => CliError::unavailable(other.to_string()),
+        })
+    }
+
+    async fn import_snapshot(
+        &self,
+        namespace: &str,
+        payload: Vec<u8>,
+        replace: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<ImportReport, CliError> {
+        let plan = cnsm_snapshot::plan_import(&payload, progress)
+            .map_err(|e| CliError::invalid(format!("the snapshot does not verify: {e}")))?;
+        drop(payload);
+        plan.check_namespace(namespace).map_err(CliError::invalid)?;
+        let report = self
+            .runtime
+            .import_instances(plan.definitions, plan.items, replace)
+            .await?;
+        // Timers that fell due while the snapshot travelled fire now, before the command ends.
+        self.runtime.fire_due_timers().await?;
+        Ok(report)
     }
 }

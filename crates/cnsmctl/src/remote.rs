@@ -13,11 +13,13 @@ use cnsm_runtime::{
 };
 use cnsm_server::client::{Client, ClientResponse, EventStream};
 use cnsm_server::migrations::{MigrationBody, MigrationReportView};
+use cnsm_server::snapshots::{ImportReportView, SNAPSHOT_MEDIA_TYPE};
 use cnsm_server::wire::{
     API_PREFIX, AppliedView, CreateInstanceBody, EventBody, HISTORY_PAGE_LEN_MAX, HistoryPage,
     InstanceList, LIST_PAGE_LEN_MAX, ProblemDetails, TransitionView, definition_from_view,
 };
-use cnsm_store::{BackupReport, DefinitionRow, VerifyReport};
+use cnsm_snapshot::Selection;
+use cnsm_store::{BackupReport, DefinitionRow, ImportReport, VerifyReport};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -483,6 +485,62 @@ impl Api for Remote {
             let _ = std::fs::remove_file(&partial);
         }
         result
+    }
+
+    async fn export_snapshot(
+        &self,
+        namespace: &str,
+        selection: &Selection,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Vec<u8>, CliError> {
+        let query = match selection {
+            Selection::All => String::new(),
+            Selection::Instance(id) => format!("?instance={}", encode(id)),
+            Selection::Labels(labels) => {
+                let selector: Vec<String> =
+                    labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("?labelSelector={}", encode(&selector.join(",")))
+            }
+        };
+        let path = format!("{}{query}", namespace_path(namespace, "snapshot"));
+        let response = self.call("GET", &path, &[], None).await?;
+        if response.header("content-type") != Some(SNAPSHOT_MEDIA_TYPE) {
+            return Err(CliError::unavailable(format!(
+                "the server answered {:?}, not {SNAPSHOT_MEDIA_TYPE}",
+                response.header("content-type")
+            )));
+        }
+        progress(1, 1);
+        Ok(response.body)
+    }
+
+    async fn import_snapshot(
+        &self,
+        namespace: &str,
+        payload: Vec<u8>,
+        replace: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<ImportReport, CliError> {
+        let path = format!(
+            "{}?replace={replace}",
+            namespace_path(namespace, "snapshot")
+        );
+        let response = self
+            .client
+            .request(
+                "POST",
+                &path,
+                &[("content-type", SNAPSHOT_MEDIA_TYPE)],
+                payload,
+            )
+            .await
+            .map_err(|e| CliError::unavailable(e.to_string()))?;
+        if !(200..300).contains(&response.status) {
+            return Err(problem_error(&response));
+        }
+        progress(1, 1);
+        let view: ImportReportView = decode(&response)?;
+        Ok(view.into())
     }
 
     async fn verify_store(&self) -> Result<VerifyReport, CliError> {

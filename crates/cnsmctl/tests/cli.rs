@@ -11,6 +11,8 @@ use serde_json::Value;
 mod observability;
 #[path = "cli/server.rs"]
 mod server;
+#[path = "cli/snapshot.rs"]
+mod snapshot;
 
 /// The shared example machines (CI checks `shared/` out beside the repository).
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/examples/");

@@ -9,6 +9,7 @@ mod concurrency;
 mod controls;
 mod health;
 mod openapi;
+mod snapshot;
 mod support;
 mod tls;
 mod watch;

@@ -25,7 +25,7 @@ const COPY_CHUNK: usize = 50_000;
 /// Every table of the store: a backup copies exactly these. A test checks that a live store
 /// has no table outside this list, so a new table cannot be forgotten here.
 #[doc(hidden)]
-pub const TABLE_NAMES: [&str; 11] = [
+pub const TABLE_NAMES: [&str; 12] = [
     "meta",
     "definitions",
     "definition_latest",
@@ -37,6 +37,7 @@ pub const TABLE_NAMES: [&str; 11] = [
     "timers",
     "idempotency",
     "idempotency_expiry",
+    "retired_uids",
 ];
 
 impl EmbeddedStore {
@@ -178,6 +179,7 @@ fn copy_all(snapshot: &ReadTransaction, path: &Path) -> Result<(), StoreError> {
     copier.table(snapshot, TIMERS)?;
     copier.table(snapshot, IDEMPOTENCY)?;
     copier.table(snapshot, IDEMPOTENCY_EXPIRY)?;
+    copier.table(snapshot, RETIRED_UIDS)?;
     let mut txn = copier.txn.take().expect("a transaction is open");
     txn.set_durability(Durability::Immediate).io()?;
     txn.commit().io()?;

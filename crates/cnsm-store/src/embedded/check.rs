@@ -211,6 +211,9 @@ struct Expected {
     timers: HashMap<(u64, u64), (u64, u8)>,
     active: HashSet<(String, String, u64)>,
     max_uid: u64,
+    /// Uids of instances replaced by an import: their records stay in the log as superseded
+    /// history and their uid keeps its entry in the uid index.
+    retired: HashSet<u64>,
 }
 
 /// The full check: every chain from genesis, every instance against the replay of its
@@ -238,7 +241,16 @@ pub(crate) fn verify_all(txn: &ReadTransaction) -> Result<VerifyReport, StoreErr
     }
 
     report.n_definitions = check_definitions(txn, &mut problems)?;
-    let expected = check_instances(txn, &mut report, &mut problems)?;
+    let mut expected = check_instances(txn, &mut report, &mut problems)?;
+    match txn.open_table(RETIRED_UIDS) {
+        Ok(retired) => {
+            for entry in retired.iter().io()? {
+                expected.retired.insert(entry.io()?.0.value());
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(StoreError::Io(e.to_string())),
+    }
     if expected.max_uid >= next_uid {
         problems.push(format!(
             "uid {} is not below the next uid counter {next_uid}",
@@ -553,7 +565,7 @@ fn check_log(
                 name_of(uid, version)?
             ));
         }
-        if !expected.uids.contains(&uid) {
+        if !expected.uids.contains(&uid) && !expected.retired.contains(&uid) {
             if orphans.insert(uid) {
                 problems.push(format!(
                     "records of uid {uid} (record {version} at commit sequence {seq} and on) belong to no instance"
@@ -586,7 +598,10 @@ fn check_log(
         for entry in index.iter().io()? {
             let (key, _) = entry.io()?;
             let (uid, version) = key.value();
-            if !expected.uids.contains(&uid) && reported.insert(uid) {
+            if !expected.uids.contains(&uid)
+                && !expected.retired.contains(&uid)
+                && reported.insert(uid)
+            {
                 problems.push(format!(
                     "record index entries of uid {uid} (record {version} and on) belong to no instance"
                 ));
@@ -609,7 +624,7 @@ fn check_indexes(
         for entry in uids.iter().io()? {
             let (uid, key) = entry.io()?;
             let uid = uid.value();
-            if !expected.uids.contains(&uid) {
+            if !expected.uids.contains(&uid) && !expected.retired.contains(&uid) {
                 let (namespace, id) = key.value();
                 problems.push(format!(
                     "uid {uid} maps to {namespace}/{id}, whose row does not have it"

@@ -166,3 +166,8 @@ impl<T, E: std::fmt::Display> IoContext<T> for Result<T, E> {
         self.map_err(|e| StoreError::Io(e.to_string()))
     }
 }
+
+/// uid -> (): instances replaced by `snapshot import --replace`. Their records stay in the
+/// commit log (append-only) and their uid keeps naming the instance in [`INSTANCE_UIDS`], but
+/// no row uses the uid any more; verification accepts such records as superseded history.
+pub(crate) const RETIRED_UIDS: TableDefinition<u64, ()> = TableDefinition::new("retired_uids");

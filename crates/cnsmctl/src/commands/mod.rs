@@ -8,6 +8,7 @@ mod definitions;
 mod instances;
 mod migrate;
 mod serve;
+pub mod snapshot;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -129,6 +130,15 @@ pub async fn run(context: &Context, command: Command, out: &mut Out) -> Result<u
         Command::Store(StoreCommand::Verify) => store_verify(context, out).await,
         Command::Store(StoreCommand::Backup(args)) => store_backup(context, &args, out).await,
         Command::Store(StoreCommand::Restore(args)) => store_restore(context, &args, out),
+
+        Command::Keys(snapshot::KeysCommand::Generate(args)) => snapshot::keys_generate(&args, out),
+        Command::Snapshot(snapshot::SnapshotCommand::Export(args)) => {
+            snapshot::export(context, &args, out).await
+        }
+        Command::Snapshot(snapshot::SnapshotCommand::Verify(args)) => snapshot::verify(&args, out),
+        Command::Snapshot(snapshot::SnapshotCommand::Import(args)) => {
+            snapshot::import(context, &args, out).await
+        }
         Command::Demo(_) => crate::demo::run(context, out).await.map(|()| EXIT_OK),
         Command::Serve(args) => serve::run(context, &args, out).await.map(|()| EXIT_OK),
         Command::Audit(command) => audit::run(context, &command, out).map(|()| EXIT_OK),

@@ -1,0 +1,583 @@
+//! Signed portable snapshots (DESIGN.md §7, `docs/snapshots.md`): export instances with their
+//! full history from a [`Store`] into the deterministic CBOR payload of
+//! [`cnsm_core::snapshot`], sign it as a Sigstore bundle ([`bundle`]), verify a snapshot in a
+//! fixed order with one error per step ([`VerifyError`]), and turn a verified payload into the
+//! [`ImportItem`]s of [`Store::import_instances`].
+//!
+//! ```
+//! use cnsm_snapshot::{SigningKey, SnapshotFile, verify};
+//! let key = SigningKey::generate().unwrap();
+//! let payload = cnsm_snapshot::empty_payload(1_700_000_000_000);
+//! let file = SnapshotFile::sign(&key, payload).unwrap();
+//! let bytes = file.to_bytes();
+//! let file = SnapshotFile::from_bytes(&bytes).unwrap();
+//! let summary = verify(&file, &key.public_key()).unwrap();
+//! assert_eq!(summary.n_instances, 0);
+//! ```
+
+use std::collections::BTreeSet;
+
+use cnsm_core::Instance;
+use cnsm_core::record::{Hash32, SealedRecord};
+use cnsm_core::snapshot::{
+    PinnedRevision, SnapshotDefinition, SnapshotError, SnapshotIdempotency, SnapshotReader,
+    SnapshotWriter, check_pins, pin_of, verify_instance,
+};
+use cnsm_store::{
+    DefinitionRow, IdempotencyEntry, ImportItem, InstanceQuery, PAGE_LEN_MAX, Store, StoreError,
+};
+use sha2::{Digest, Sha256};
+
+pub mod bundle;
+pub mod keys;
+
+pub use keys::{KeyError, PublicKey, SigningKey};
+
+/// The first line of a one-file snapshot.
+pub const FILE_MAGIC: &[u8] = b"cnsm-snapshot v1\n";
+
+/// A snapshot as it travels: the bundle JSON and the CBOR payload it signs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotFile {
+    pub bundle_json: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+impl SnapshotFile {
+    /// Signs a payload.
+    pub fn sign(key: &SigningKey, payload: Vec<u8>) -> Result<SnapshotFile, KeyError> {
+        let bundle_json = bundle::sign(key, &payload)?.into_bytes();
+        Ok(SnapshotFile {
+            bundle_json,
+            payload,
+        })
+    }
+
+    /// The one-file layout: [`FILE_MAGIC`], the bundle JSON on one line, a newline, then the
+    /// payload bytes to the end of the file.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(FILE_MAGIC.len() + self.bundle_json.len() + 1 + self.payload.len());
+        out.extend_from_slice(FILE_MAGIC);
+        out.extend_from_slice(&self.bundle_json);
+        out.push(b'\n');
+        out.extend_from_slice(&self.payload);
+        out
+    }
+
+    /// Splits a one-file snapshot; a missing magic line or bundle line is a
+    /// [`VerifyError::Bundle`] (step 1).
+    pub fn from_bytes(bytes: &[u8]) -> Result<SnapshotFile, VerifyError> {
+        let rest = bytes.strip_prefix(FILE_MAGIC).ok_or_else(|| {
+            VerifyError::Bundle(
+                "not a one-file cnsm snapshot (no `cnsm-snapshot v1` first line); \
+                 for a detached bundle pass --bundle"
+                    .into(),
+            )
+        })?;
+        let end = rest
+            .iter()
+            .take(bundle::BUNDLE_LEN_MAX + 1)
+            .position(|b| *b == b'\n')
+            .ok_or_else(|| VerifyError::Bundle("the bundle line is not terminated".into()))?;
+        Ok(SnapshotFile {
+            bundle_json: rest[..end].to_vec(),
+            payload: rest[end + 1..].to_vec(),
+        })
+    }
+}
+
+/// Why a snapshot was rejected, one variant per verification step, in the order they run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyError {
+    /// Step 1: the file layout or the bundle's structure or media type.
+    #[error("bundle: {0}")]
+    Bundle(String),
+    /// Step 2: the payload's SHA-256 is not the bundle's digest (changed or truncated).
+    #[error("digest: the payload's SHA-256 is {actual}, the bundle says {expected}")]
+    Digest { expected: String, actual: String },
+    /// Step 3: the signature does not verify against the given public key.
+    #[error("signature: {0}")]
+    Signature(String),
+    /// Step 4: the payload is not core deterministic CBOR of the snapshot schema.
+    #[error("encoding: {0}")]
+    Encoding(SnapshotError),
+    /// Step 4: a snapshot format version this binary does not read.
+    #[error("format: {0}")]
+    Format(SnapshotError),
+    /// Step 5: an instance's hash chain or version continuity.
+    #[error("chain: {0}")]
+    Chain(SnapshotError),
+    /// Step 6: a definition's content hash, or a pinned revision the snapshot lacks.
+    #[error("definition: {0}")]
+    Definition(SnapshotError),
+}
+
+impl From<SnapshotError> for VerifyError {
+    fn from(error: SnapshotError) -> VerifyError {
+        match error {
+            SnapshotError::UnsupportedFormat { .. } => VerifyError::Format(error),
+            SnapshotError::Chain { .. } => VerifyError::Chain(error),
+            SnapshotError::Definition { .. } => VerifyError::Definition(error),
+            other => VerifyError::Encoding(other),
+        }
+    }
+}
+
+/// What a verified snapshot holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub as_of_ms: u64,
+    pub n_definitions: u64,
+    pub n_instances: u64,
+    pub n_records: u64,
+    pub payload_len: u64,
+    /// The signer's key hint (empty when only the payload was checked).
+    pub key_hint: String,
+}
+
+/// Steps 1-3: bundle structure and media type, digest, signature against `public_key`.
+pub fn verify_signature(file: &SnapshotFile, public_key: &PublicKey) -> Result<(), VerifyError> {
+    let parsed = bundle::parse(&file.bundle_json).map_err(VerifyError::Bundle)?;
+    let actual: [u8; 32] = Sha256::digest(&file.payload).into();
+    if actual != parsed.digest {
+        return Err(VerifyError::Digest {
+            expected: hex(&parsed.digest),
+            actual: hex(&actual),
+        });
+    }
+    if parsed.hint != public_key.hint() {
+        return Err(VerifyError::Signature(format!(
+            "signed by key {}, not by the given public key {}",
+            short(&parsed.hint),
+            short(&public_key.hint())
+        )));
+    }
+    if !public_key.verify(&file.payload, &parsed.signature) {
+        return Err(VerifyError::Signature(
+            "the signature does not verify against the given public key".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// All six steps, in order (`docs/snapshots.md`).
+pub fn verify(file: &SnapshotFile, public_key: &PublicKey) -> Result<Summary, VerifyError> {
+    verify_signature(file, public_key)?;
+    let mut summary = verify_payload(&file.payload)?;
+    summary.key_hint = public_key.hint();
+    Ok(summary)
+}
+
+/// Steps 4-6 on a payload alone (the server's check of an uploaded payload; the client checked
+/// the signature).
+pub fn verify_payload(payload: &[u8]) -> Result<Summary, VerifyError> {
+    read_payload(payload, &mut |_| Ok(()), &mut |_, _| {}).map(|(summary, _)| summary)
+}
+
+/// A payload holding no instance (for examples and tests).
+pub fn empty_payload(as_of_ms: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    let writer = SnapshotWriter::begin(&mut out, as_of_ms, &[], 0);
+    let _ = writer.finish();
+    out
+}
+
+/// Walks a payload: steps 4 (while reading), 5 (each instance), 6 (definitions, pins), handing
+/// each verified instance to `visit`. Returns the summary and the definitions.
+fn read_payload(
+    payload: &[u8],
+    visit: &mut dyn FnMut(cnsm_core::snapshot::SnapshotInstance) -> Result<(), VerifyError>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(Summary, Vec<SnapshotDefinition>), VerifyError> {
+    let mut reader = SnapshotReader::open(payload)?;
+    let mut summary = Summary {
+        as_of_ms: reader.as_of_ms(),
+        n_definitions: reader.definitions().len() as u64,
+        payload_len: payload.len() as u64,
+        ..Summary::default()
+    };
+    let n_total = reader.n_instances();
+    // Step 4 must hold for the whole payload before step 5 reports anything: read everything
+    // first when a chain breaks, so an encoding problem later in the file wins.
+    let mut chain_error: Option<VerifyError> = None;
+    let mut pins: BTreeSet<PinnedRevision> = BTreeSet::new();
+    while let Some(entry) = reader.next_instance()? {
+        summary.n_instances += 1;
+        summary.n_records += entry.records.len() as u64;
+        if chain_error.is_some() {
+            continue;
+        }
+        if let Err(e) = verify_instance(&entry) {
+            chain_error = Some(e.into());
+            continue;
+        }
+        pins.insert(pin_of(&entry));
+        visit(entry)?;
+        if summary.n_instances.is_multiple_of(1000) {
+            progress(summary.n_instances, n_total);
+        }
+    }
+    progress(summary.n_instances, n_total);
+    if let Some(error) = chain_error {
+        return Err(error);
+    }
+    reader.check_definitions()?;
+    check_pins(reader.definitions(), &pins)?;
+    Ok((summary, reader.definitions().to_vec()))
+}
+
+/// A verified payload as the store imports it.
+#[derive(Debug, Clone)]
+pub struct ImportPlan {
+    pub summary: Summary,
+    pub definitions: Vec<DefinitionRow>,
+    pub items: Vec<ImportItem>,
+}
+
+/// Checks steps 4-6 of a payload and converts it for [`Store::import_instances`]. Definition
+/// rows get `as_of` as their creation time (snapshots do not carry it).
+pub fn plan_import(
+    payload: &[u8],
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ImportPlan, VerifyError> {
+    let mut items = Vec::new();
+    let (summary, definitions) = read_payload(
+        payload,
+        &mut |entry| {
+            items.push(ImportItem {
+                instance: entry.instance,
+                records: entry.records,
+                idempotency: entry
+                    .idempotency
+                    .into_iter()
+                    .map(|k| IdempotencyEntry {
+                        key: k.key,
+                        request_hash: k.request_hash,
+                        version: k.version,
+                        expires_ms: k.expires_ms,
+                    })
+                    .collect(),
+            });
+            Ok(())
+        },
+        progress,
+    )?;
+    let definitions = definitions
+        .into_iter()
+        .map(|d| DefinitionRow {
+            namespace: d.namespace,
+            name: d.name,
+            revision: d.revision,
+            hash: d.hash,
+            definition: d.spec,
+            created_ms: summary.as_of_ms,
+        })
+        .collect();
+    Ok(ImportPlan {
+        summary,
+        definitions,
+        items,
+    })
+}
+
+/// Instances (with their histories) an export reads per store call.
+const EXPORT_PAGE_LEN: usize = 1000;
+
+/// Which instances of a namespace an export takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    All,
+    Instance(String),
+    /// Every pair must match a label.
+    Labels(Vec<(String, String)>),
+}
+
+/// Why an export failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExportError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("instance {0} not found")]
+    NotFound(String),
+    /// Something changed under the export (an instance moved to a revision that was not
+    /// collected): run it again.
+    #[error("{0}; run the export again")]
+    Changed(String),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+}
+
+/// Exports the selected instances of `namespace` as a snapshot payload taken `as_of_ms`.
+///
+/// Memory: the payload itself plus one instance at a time (instances are listed by key first,
+/// then read and written one by one). Each instance is read consistently (its row, then its
+/// records up to the row's version). `progress(done, total)` is called every 1000 instances
+/// and at the end.
+pub fn export(
+    store: &dyn Store,
+    namespace: &str,
+    selection: &Selection,
+    as_of_ms: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<u8>, ExportError> {
+    let mut keys: Vec<String> = Vec::new();
+    let mut pins: BTreeSet<(String, u32)> = BTreeSet::new();
+    match selection {
+        Selection::Instance(id) => {
+            let stored = store
+                .instance(namespace, id)?
+                .ok_or_else(|| ExportError::NotFound(format!("{namespace}/{id}")))?;
+            pins.insert((
+                stored.instance.machine.to_string(),
+                stored.instance.revision,
+            ));
+            keys.push(id.clone());
+        }
+        Selection::All | Selection::Labels(_) => {
+            let labels = match selection {
+                Selection::Labels(labels) => labels.clone(),
+                _ => Vec::new(),
+            };
+            let mut after = None;
+            loop {
+                let page = store.list_instances(&InstanceQuery {
+                    namespace: Some(namespace.to_owned()),
+                    labels: labels.clone(),
+                    after: after.take(),
+                    limit: PAGE_LEN_MAX,
+                    ..InstanceQuery::default()
+                })?;
+                let full = page.len() == PAGE_LEN_MAX;
+                for stored in &page {
+                    pins.insert((
+                        stored.instance.machine.to_string(),
+                        stored.instance.revision,
+                    ));
+                    keys.push(stored.instance.id.to_string());
+                }
+                match page.last() {
+                    Some(last) if full => {
+                        after = Some((namespace.to_owned(), last.instance.id.to_string()));
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+    let mut definitions = Vec::with_capacity(pins.len());
+    for (name, revision) in &pins {
+        let row = store
+            .definition(namespace, name, Some(*revision))?
+            .ok_or_else(|| {
+                ExportError::Changed(format!(
+                    "definition {namespace}/{name}@{revision} is not in the store"
+                ))
+            })?;
+        definitions.push(SnapshotDefinition {
+            namespace: row.namespace,
+            name: row.name,
+            revision: row.revision,
+            hash: row.hash,
+            spec: row.definition,
+        });
+    }
+
+    let n_total = keys.len() as u64;
+    let mut out = Vec::with_capacity(1 << 20);
+    let mut writer = SnapshotWriter::begin(&mut out, as_of_ms, &definitions, n_total);
+    let mut n_written = 0u64;
+    let mut write_one = |out: &mut Vec<u8>,
+                         instance: &Instance,
+                         records: &[SealedRecord]|
+     -> Result<(), ExportError> {
+        write_instance(
+            store,
+            &mut writer,
+            out,
+            instance,
+            records,
+            &definitions,
+            as_of_ms,
+        )?;
+        n_written += 1;
+        if n_written.is_multiple_of(1000) {
+            progress(n_written, n_total);
+        }
+        Ok(())
+    };
+    match selection {
+        Selection::Instance(id) => {
+            let instance = store
+                .instance(namespace, id)?
+                .ok_or_else(|| ExportError::Changed(format!("instance {namespace}/{id} vanished")))?
+                .instance;
+            let mut records: Vec<SealedRecord> = Vec::new();
+            while (records.len() as u64) <= instance.version {
+                let from = records.len() as u64;
+                let want = (instance.version + 1 - from).min(PAGE_LEN_MAX as u64) as usize;
+                let page = store.history(namespace, id, from, want)?;
+                if page.is_empty() {
+                    return Err(ExportError::Store(StoreError::Corrupt(format!(
+                        "instance {namespace}/{id}: record {from} is missing"
+                    ))));
+                }
+                records.extend(page);
+            }
+            records.truncate(instance.version as usize + 1);
+            write_one(&mut out, &instance, &records)?;
+        }
+        Selection::All | Selection::Labels(_) => {
+            // Second pass over the same pages: the listed rows are the instances to write
+            // (no read per instance); ones created since the first pass are left out.
+            let mut next_key = keys.iter().peekable();
+            let mut after = None;
+            loop {
+                let page = store.list_instances_with_history(&InstanceQuery {
+                    namespace: Some(namespace.to_owned()),
+                    labels: labels_of(selection),
+                    after: after.take(),
+                    limit: EXPORT_PAGE_LEN,
+                    ..InstanceQuery::default()
+                })?;
+                let full = page.len() == EXPORT_PAGE_LEN;
+                for (stored, records) in &page {
+                    let id = &*stored.instance.id;
+                    if let Some(wanted) = next_key.peek()
+                        && wanted.as_str() < id
+                    {
+                        return Err(ExportError::Changed(format!(
+                            "instance {namespace}/{wanted} left the selection during the export"
+                        )));
+                    }
+                    if next_key.peek().is_some_and(|wanted| wanted.as_str() == id) {
+                        next_key.next();
+                        write_one(&mut out, &stored.instance, records)?;
+                    }
+                }
+                match page.last() {
+                    Some((last, _)) if full => {
+                        after = Some((namespace.to_owned(), last.instance.id.to_string()));
+                    }
+                    _ => break,
+                }
+            }
+            if let Some(wanted) = next_key.next() {
+                return Err(ExportError::Changed(format!(
+                    "instance {namespace}/{wanted} left the selection during the export"
+                )));
+            }
+        }
+    }
+    writer.finish()?;
+    progress(n_total, n_total);
+    Ok(out)
+}
+
+fn labels_of(selection: &Selection) -> Vec<(String, String)> {
+    match selection {
+        Selection::Labels(labels) => labels.clone(),
+        _ => Vec::new(),
+    }
+}
+
+/// Writes one instance with its records `0..=version` and its live idempotency keys.
+fn write_instance(
+    store: &dyn Store,
+    writer: &mut SnapshotWriter,
+    out: &mut Vec<u8>,
+    instance: &Instance,
+    records: &[SealedRecord],
+    definitions: &[SnapshotDefinition],
+    as_of_ms: u64,
+) -> Result<(), ExportError> {
+    let (namespace, id) = (&*instance.namespace, &*instance.id);
+    let pinned = definitions.iter().any(|d| {
+        d.name == *instance.machine
+            && d.revision == instance.revision
+            && d.hash == instance.revision_hash
+    });
+    if !pinned {
+        return Err(ExportError::Changed(format!(
+            "instance {namespace}/{id} moved to {}@{} during the export",
+            instance.machine, instance.revision
+        )));
+    }
+    if records.len() as u64 != instance.version + 1 {
+        return Err(ExportError::Store(StoreError::Corrupt(format!(
+            "instance {namespace}/{id}: {} records for version {}",
+            records.len(),
+            instance.version
+        ))));
+    }
+    let mut idempotency: Vec<SnapshotIdempotency> = Vec::new();
+    for record in records {
+        let fields =
+            cnsm_core::cbor::top_level_texts(&record.bytes, &["idempotencyKey"]).map_err(|e| {
+                StoreError::Corrupt(format!(
+                    "instance {namespace}/{id} record {}: {e}",
+                    record.version
+                ))
+            })?;
+        if let Some(key) = fields[0]
+            && !idempotency.iter().any(|k| k.key == key)
+            && let Some(entry) = store.idempotency(namespace, id, key)?
+            && entry.expires_ms > as_of_ms
+            && entry.version <= instance.version
+        {
+            idempotency.push(SnapshotIdempotency {
+                key: entry.key,
+                request_hash: entry.request_hash,
+                version: entry.version,
+                expires_ms: entry.expires_ms,
+            });
+        }
+    }
+    writer.write_instance(out, instance, records, &idempotency)?;
+    Ok(())
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn short(hint: &str) -> &str {
+    hint.get(..16).unwrap_or(hint)
+}
+
+/// The digest the bundle of a payload carries (for reports).
+pub fn payload_digest(payload: &[u8]) -> Hash32 {
+    Hash32(Sha256::digest(payload).into())
+}
+
+impl ImportPlan {
+    /// Refuses a plan that holds anything outside `namespace` (an import into a namespace
+    /// must not write elsewhere: access is granted per namespace).
+    pub fn check_namespace(&self, namespace: &str) -> Result<(), String> {
+        let outside = self
+            .definitions
+            .iter()
+            .map(|d| {
+                (
+                    d.namespace.as_str(),
+                    format!("definition {}/{}", d.namespace, d.name),
+                )
+            })
+            .chain(self.items.iter().map(|i| {
+                (
+                    &*i.instance.namespace,
+                    format!("instance {}/{}", i.instance.namespace, i.instance.id),
+                )
+            }))
+            .find(|(ns, _)| *ns != namespace);
+        match outside {
+            Some((_, what)) => Err(format!(
+                "the snapshot holds {what}, outside namespace {namespace}; import it into its own namespace"
+            )),
+            None => Ok(()),
+        }
+    }
+}

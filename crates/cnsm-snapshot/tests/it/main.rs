@@ -1,0 +1,460 @@
+//! Snapshot round trips and tampering, against real stores and runtimes (VirtualClock).
+
+use std::sync::Arc;
+
+use cnsm_core::snapshot::{SnapshotReader, SnapshotWriter};
+use cnsm_runtime::{CreateInstance, EventRequest, Runtime, RuntimeOptions, VirtualClock};
+use cnsm_snapshot::{
+    PublicKey, Selection, SigningKey, SnapshotFile, VerifyError, export, plan_import, verify,
+};
+use cnsm_store::embedded::EmbeddedStore;
+use cnsm_store::{InstanceQuery, Store};
+use serde_json::json;
+
+const T0_MS: u64 = 1_700_000_000_000;
+
+const MACHINE: &str = r#"
+apiVersion: statemachine.cn/v1alpha1
+kind: StateMachine
+metadata: {name: job, namespace: shop}
+spec:
+  initialState: queued
+  states:
+  - name: queued
+    type: task
+    timeoutSeconds: 30
+    onTimeout: expired
+    onEvent:
+    - {event: start, target: running, assign: {note: "event.note"}}
+  - {name: running, type: task, timeoutSeconds: 3600, onEvent: [{event: finish, target: done}]}
+  - {name: done, type: final}
+  - {name: expired, type: final, outcome: failed}
+"#;
+
+struct Node {
+    _dir: tempfile::TempDir,
+    clock: VirtualClock,
+    runtime: Runtime,
+}
+
+impl Node {
+    fn new(now_ms: u64) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = VirtualClock::new(now_ms);
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let runtime = Runtime::open(
+            store,
+            RuntimeOptions::default().with_clock(Arc::new(clock.clone())),
+        )
+        .unwrap();
+        Node {
+            _dir: dir,
+            clock,
+            runtime,
+        }
+    }
+
+    fn store(&self) -> &dyn Store {
+        &**self.runtime.store()
+    }
+
+    fn export_all(&self, as_of_ms: u64) -> Vec<u8> {
+        export(
+            self.store(),
+            "shop",
+            &Selection::All,
+            as_of_ms,
+            &mut |_, _| {},
+        )
+        .unwrap()
+    }
+
+    fn n_instances(&self) -> usize {
+        self.store()
+            .list_instances(&InstanceQuery::default())
+            .unwrap()
+            .len()
+    }
+
+    /// Verify (all six steps), then import: what `cnsmctl snapshot import` does.
+    async fn import(
+        &self,
+        bytes: &[u8],
+        key: &PublicKey,
+        replace: bool,
+    ) -> Result<cnsm_store::ImportReport, String> {
+        let file = SnapshotFile::from_bytes(bytes).map_err(|e| e.to_string())?;
+        verify(&file, key).map_err(|e| e.to_string())?;
+        let plan = plan_import(&file.payload, &mut |_, _| {}).map_err(|e| e.to_string())?;
+        self.runtime
+            .import_instances(plan.definitions, plan.items, replace)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A source node with five instances: q-0..q-2 queued (their 30 s timeouts pending), r-3
+/// running (started with an idempotency key), d-4 done.
+async fn source() -> Node {
+    let node = Node::new(T0_MS);
+    let rt = &node.runtime;
+    rt.apply_yaml(MACHINE, None).await.unwrap();
+    for (i, prefix) in ["q", "q", "q", "r", "d"].iter().enumerate() {
+        rt.create_instance(
+            CreateInstance::new("shop", "job")
+                .id(format!("{prefix}-{i}"))
+                .label("tier", if i % 2 == 0 { "gold" } else { "silver" }),
+        )
+        .await
+        .unwrap();
+        node.clock.advance_ms(10);
+    }
+    for id in ["r-3", "d-4"] {
+        rt.send(
+            "shop",
+            id,
+            EventRequest::new("start")
+                .payload(json!({"note": id}))
+                .idempotency_key(format!("key-{id}")),
+        )
+        .await
+        .unwrap();
+    }
+    rt.send("shop", "d-4", EventRequest::new("finish"))
+        .await
+        .unwrap();
+    node
+}
+
+#[tokio::test]
+async fn round_trip_is_byte_identical_and_imported_instances_go_on() {
+    let source = source().await;
+    let key = SigningKey::generate().unwrap();
+    let as_of = cnsm_runtime::Clock::now_ms(&source.clock);
+    let payload = source.export_all(as_of);
+    assert_eq!(payload, source.export_all(as_of), "export is deterministic");
+    let file = SnapshotFile::sign(&key, payload.clone())
+        .unwrap()
+        .to_bytes();
+
+    // The target's clock is 40 s later: the queued instances' 30 s timeouts fell due in transit.
+    let target = Node::new(as_of + 40_000);
+    let report = target
+        .import(&file, &key.public_key(), false)
+        .await
+        .unwrap();
+    assert_eq!((report.n_instances, report.n_timers), (5, 4));
+    assert_eq!(
+        target.export_all(as_of),
+        payload,
+        "re-export is byte-identical"
+    );
+    assert_eq!(target.runtime.pending_timers().await.unwrap(), 4);
+
+    // Timers that fell due in transit fire right after the import.
+    assert_eq!(target.runtime.fire_due_timers().await.unwrap(), 3);
+    let q0 = target.runtime.instance("shop", "q-0").await.unwrap();
+    assert_eq!((&*q0.state, q0.version), ("expired", 1));
+    // The running instance takes its next event; its idempotency key came along.
+    let replay = target
+        .runtime
+        .send(
+            "shop",
+            "r-3",
+            EventRequest::new("start")
+                .payload(json!({"note": "r-3"}))
+                .idempotency_key("key-r-3"),
+        )
+        .await
+        .unwrap();
+    assert!(replay.replayed);
+    let done = target
+        .runtime
+        .send("shop", "r-3", EventRequest::new("finish"))
+        .await
+        .unwrap();
+    assert_eq!((&*done.instance.state, done.instance.version), ("done", 2));
+    let report = target.store().verify().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+
+    // Importing again is refused as a whole; with replace it restores the snapshot's state.
+    let refused = target.import(&file, &key.public_key(), false).await;
+    assert!(refused.unwrap_err().contains("already exist"));
+    assert_eq!(
+        target
+            .runtime
+            .instance("shop", "r-3")
+            .await
+            .unwrap()
+            .version,
+        2
+    );
+    let report = target.import(&file, &key.public_key(), true).await.unwrap();
+    assert_eq!(report.n_replaced, 5);
+    assert_eq!(target.export_all(as_of), payload);
+    let report = target.store().verify().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
+
+#[tokio::test]
+async fn selections_export_one_instance_or_a_label_match() {
+    let source = source().await;
+    let one = export(
+        source.store(),
+        "shop",
+        &Selection::Instance("r-3".into()),
+        T0_MS,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let reader = SnapshotReader::open(&one).unwrap();
+    assert_eq!(reader.n_instances(), 1);
+    let gold = export(
+        source.store(),
+        "shop",
+        &Selection::Labels(vec![("tier".into(), "gold".into())]),
+        T0_MS,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(SnapshotReader::open(&gold).unwrap().n_instances(), 3);
+    let missing = export(
+        source.store(),
+        "shop",
+        &Selection::Instance("nope".into()),
+        T0_MS,
+        &mut |_, _| {},
+    );
+    assert!(matches!(
+        missing,
+        Err(cnsm_snapshot::ExportError::NotFound(_))
+    ));
+}
+
+/// Rewrites a payload through the reader and writer, letting `edit` change the parts.
+fn rewrite(
+    payload: &[u8],
+    edit: impl Fn(
+        &mut Vec<cnsm_core::snapshot::SnapshotDefinition>,
+        &mut Vec<cnsm_core::snapshot::SnapshotInstance>,
+    ),
+) -> Vec<u8> {
+    let mut reader = SnapshotReader::open(payload).unwrap();
+    let mut definitions = reader.definitions().to_vec();
+    let mut instances = Vec::new();
+    while let Some(entry) = reader.next_instance().unwrap() {
+        instances.push(entry);
+    }
+    edit(&mut definitions, &mut instances);
+    let mut out = Vec::new();
+    let mut writer = SnapshotWriter::begin(
+        &mut out,
+        reader.as_of_ms(),
+        &definitions,
+        instances.len() as u64,
+    );
+    for entry in &instances {
+        writer
+            .write_instance(
+                &mut out,
+                &entry.instance,
+                &entry.records,
+                &entry.idempotency,
+            )
+            .unwrap();
+    }
+    writer.finish().unwrap();
+    out
+}
+
+fn replace_once(haystack: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
+    let at = haystack
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("needle present");
+    let mut out = haystack[..at].to_vec();
+    out.extend_from_slice(with);
+    out.extend_from_slice(&haystack[at + needle.len()..]);
+    out
+}
+
+#[tokio::test]
+async fn tampering_is_rejected_with_its_own_error_and_nothing_is_imported() {
+    let source = source().await;
+    let key = SigningKey::generate().unwrap();
+    let public = key.public_key();
+    let payload = source.export_all(T0_MS + 1_000);
+    let good = SnapshotFile::sign(&key, payload.clone()).unwrap();
+    let good_bytes = good.to_bytes();
+    let target = Node::new(T0_MS + 2_000);
+
+    let check = |bytes: &[u8]| -> Result<(), VerifyError> {
+        let file = SnapshotFile::from_bytes(bytes)?;
+        verify(&file, &public).map(|_| ())
+    };
+    let signed = |payload: Vec<u8>| SnapshotFile::sign(&key, payload).unwrap().to_bytes();
+
+    // Any changed byte fails, wherever it is (magic line, bundle, payload).
+    let header_len = good_bytes.len() - payload.len();
+    assert!(header_len > 300 && good_bytes.len() > 4000);
+    for at in 0..good_bytes.len() {
+        let mut bytes = good_bytes.clone();
+        bytes[at] ^= 0x01;
+        assert!(check(&bytes).is_err(), "flipped byte {at} was accepted");
+    }
+    // Specific steps.
+    let mut flipped = good_bytes.clone();
+    flipped[0] ^= 0x20;
+    assert!(matches!(check(&flipped), Err(VerifyError::Bundle(_))));
+    let media = replace_once(&good_bytes, b"bundle.v0.3", b"bundle.v0.2");
+    assert!(matches!(check(&media), Err(VerifyError::Bundle(_))));
+    let mut flipped = good_bytes.clone();
+    flipped[header_len + payload.len() / 2] ^= 0x01;
+    assert!(matches!(check(&flipped), Err(VerifyError::Digest { .. })));
+    let truncated = &good_bytes[..good_bytes.len() - 7];
+    assert!(matches!(check(truncated), Err(VerifyError::Digest { .. })));
+    assert!(matches!(
+        check(&good_bytes[..20]),
+        Err(VerifyError::Bundle(_))
+    ));
+    let other_key = SigningKey::generate().unwrap();
+    let by_other = SnapshotFile::sign(&other_key, payload.clone())
+        .unwrap()
+        .to_bytes();
+    assert!(matches!(check(&by_other), Err(VerifyError::Signature(_))));
+    // Another key's signature under this key's hint.
+    let mut forged = good.clone();
+    let other_bundle = SnapshotFile::sign(&other_key, payload.clone())
+        .unwrap()
+        .bundle_json;
+    let other_json: serde_json::Value = serde_json::from_slice(&other_bundle).unwrap();
+    let mut json: serde_json::Value = serde_json::from_slice(&forged.bundle_json).unwrap();
+    json["messageSignature"]["signature"] = other_json["messageSignature"]["signature"].clone();
+    forged.bundle_json = json.to_string().into_bytes();
+    assert!(matches!(
+        check(&forged.to_bytes()),
+        Err(VerifyError::Signature(_))
+    ));
+
+    // Payloads changed and signed again (a buggy or malicious exporter holding the key).
+    let not_shortest = replace_once(
+        &payload,
+        &[0xa5, 0x64, b'a', b's'],
+        &[0xb8, 0x05, 0x64, b'a', b's'],
+    );
+    assert!(matches!(
+        check(&signed(not_shortest)),
+        Err(VerifyError::Encoding(_))
+    ));
+    // A state with a member an instance does not have is not the canonical encoding.
+    let q0 = source.runtime.instance("shop", "q-0").await.unwrap();
+    let mut state = serde_json::to_value(&q0).unwrap();
+    let canonical = cnsm_core::cbor::encode(&state);
+    state["zzz"] = serde_json::json!(true);
+    let widened = replace_once(&payload, &canonical, &cnsm_core::cbor::encode(&state));
+    assert!(matches!(
+        check(&signed(widened)),
+        Err(VerifyError::Encoding(_))
+    ));
+    let future = replace_once(&payload, b"\x66format\x01", b"\x66format\x02");
+    assert!(matches!(
+        check(&signed(future)),
+        Err(VerifyError::Format(_))
+    ));
+    assert_eq!(
+        rewrite(&payload, |_, _| {}),
+        payload,
+        "rewriting without edits is the identity"
+    );
+    let reordered = rewrite(&payload, |_, instances| instances.swap(0, 1));
+    assert!(matches!(
+        check(&signed(reordered)),
+        Err(VerifyError::Encoding(_))
+    ));
+    // d-4 has records 0 (genesis), 1 (start), 2 (finish).
+    let swapped = rewrite(&payload, |_, instances| {
+        let d4 = instances
+            .iter_mut()
+            .find(|i| &*i.instance.id == "d-4")
+            .unwrap();
+        d4.records.swap(1, 2);
+    });
+    assert!(matches!(
+        check(&signed(swapped)),
+        Err(VerifyError::Chain(_))
+    ));
+    let dropped = rewrite(&payload, |_, instances| {
+        let d4 = instances
+            .iter_mut()
+            .find(|i| &*i.instance.id == "d-4")
+            .unwrap();
+        d4.records.remove(1);
+    });
+    assert!(matches!(
+        check(&signed(dropped)),
+        Err(VerifyError::Chain(_))
+    ));
+    let edited_record = rewrite(&payload, |_, instances| {
+        let r = &mut instances[0].records[0];
+        let at = r.bytes.len() - 3;
+        r.bytes[at] ^= 0x01;
+    });
+    assert!(check(&signed(edited_record)).is_err());
+    let changed_definition = rewrite(&payload, |definitions, _| {
+        definitions[0].spec.spec.states[1].timeout_seconds = Some(7200);
+    });
+    assert!(matches!(
+        check(&signed(changed_definition)),
+        Err(VerifyError::Definition(_))
+    ));
+    let no_definition = rewrite(&payload, |definitions, _| definitions.clear());
+    assert!(matches!(
+        check(&signed(no_definition)),
+        Err(VerifyError::Definition(_))
+    ));
+
+    // None of them imported anything; the good one does.
+    for bytes in [&flipped, &by_other, &forged.to_bytes()] {
+        assert!(target.import(bytes, &public, false).await.is_err());
+    }
+    assert_eq!(target.n_instances(), 0);
+    assert!(target.store().list_definitions(None).unwrap().is_empty());
+    target.import(&good_bytes, &public, false).await.unwrap();
+    assert_eq!(target.n_instances(), 5);
+}
+
+/// A snapshot written by the first version of the format (2026-11-27, `fixtures/snapshot-v1.bin`:
+/// order-processing with o-1 paid and o-2 created, signed by `fixtures/fixture-key.pub.pem`)
+/// keeps verifying and importing; its overdue timer fires right after the import.
+#[tokio::test]
+async fn the_v1_fixture_still_verifies_and_imports() {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/");
+    let bytes = std::fs::read(format!("{fixtures}snapshot-v1.bin")).unwrap();
+    let public = PublicKey::from_pem(
+        &std::fs::read_to_string(format!("{fixtures}fixture-key.pub.pem")).unwrap(),
+    )
+    .unwrap();
+    let file = SnapshotFile::from_bytes(&bytes).unwrap();
+    let summary = verify(&file, &public).unwrap();
+    assert_eq!(
+        (
+            summary.n_instances,
+            summary.n_records,
+            summary.n_definitions
+        ),
+        (2, 4, 1)
+    );
+    // Re-encoding what was read gives the same bytes.
+    assert_eq!(rewrite(&file.payload, |_, _| {}), file.payload);
+
+    let target = Node::new(summary.as_of_ms + 60_000);
+    let report = target.import(&bytes, &public, false).await.unwrap();
+    assert_eq!((report.n_instances, report.n_timers), (2, 2));
+    assert_eq!(target.runtime.fire_due_timers().await.unwrap(), 1);
+    let o2 = target.runtime.instance("shop", "o-2").await.unwrap();
+    assert_eq!((&*o2.state, o2.version), ("cancelled", 1));
+    let o1 = target.runtime.instance("shop", "o-1").await.unwrap();
+    assert_eq!((&*o1.state, o1.version), ("paid", 2));
+    let report = target.store().verify().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+}

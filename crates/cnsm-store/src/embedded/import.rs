@@ -1,0 +1,209 @@
+//! `Store::import_instances` for the embedded store: one write transaction for the whole
+//! import (definitions, instances, records, timers, idempotency keys), so a refused or failed
+//! import leaves nothing behind.
+//!
+//! Imported records are appended to the commit log with fresh sequence numbers under a fresh
+//! uid, exactly as a commit would write them. A replaced instance's uid is retired: its
+//! records stay in the append-only log (and keep verifying), its row, timer, active entry and
+//! idempotency keys go.
+
+use cnsm_core::Status;
+use redb::{ReadableTable, WriteTransaction};
+
+use super::tables::*;
+use super::{WriteTables, head_of, meta_get};
+use crate::{DefinitionRow, ImportItem, ImportReport, StoreError};
+
+/// How many conflicting instances a refusal names.
+const NAMED_CONFLICTS_MAX: usize = 10;
+
+pub(super) fn import_in(
+    txn: &WriteTransaction,
+    definitions: &[DefinitionRow],
+    items: &[ImportItem],
+    replace: bool,
+) -> Result<ImportReport, StoreError> {
+    let mut t = WriteTables::open(txn)?;
+    let mut retired = txn.open_table(RETIRED_UIDS).io()?;
+    let mut report = ImportReport::default();
+
+    for row in definitions {
+        let key = (row.namespace.as_str(), row.name.as_str(), row.revision);
+        let existing = t.definitions.get(key).io()?.map(|g| g.value().0);
+        match existing {
+            Some(hash) if hash == row.hash.0 => continue,
+            Some(hash) => {
+                return Err(StoreError::Refused(format!(
+                    "import refused: definition {}/{}@{} exists here with hash {} (the snapshot has {})",
+                    row.namespace,
+                    row.name,
+                    row.revision,
+                    cnsm_core::Hash32(hash),
+                    row.hash
+                )));
+            }
+            None => {}
+        }
+        let bytes = encode_cbor(&row.definition)?;
+        t.definitions
+            .insert(key, (row.hash.0, row.created_ms, bytes.as_slice()))
+            .io()?;
+        let latest = t
+            .definition_latest
+            .get((key.0, key.1))
+            .io()?
+            .map(|g| g.value());
+        if latest.is_none_or(|latest| latest < row.revision) {
+            t.definition_latest
+                .insert((key.0, key.1), row.revision)
+                .io()?;
+        }
+        report.n_definitions_created += 1;
+    }
+
+    // Every conflict is found before anything about instances is written.
+    let mut conflicts = Vec::new();
+    for item in items {
+        let instance = &item.instance;
+        let (namespace, id) = (&*instance.namespace, &*instance.id);
+        let pinned = t
+            .definitions
+            .get((namespace, &*instance.machine, instance.revision))
+            .io()?
+            .map(|g| g.value().0);
+        if pinned != Some(instance.revision_hash.0) {
+            return Err(StoreError::Refused(format!(
+                "import refused: instance {namespace}/{id} pins {}@{} with hash {}, which is \
+                 neither in the snapshot nor in this store",
+                instance.machine, instance.revision, instance.revision_hash
+            )));
+        }
+        if !replace && t.instances.get((namespace, id)).io()?.is_some() {
+            conflicts.push(format!("{namespace}/{id}"));
+        }
+    }
+    if !conflicts.is_empty() {
+        let n = conflicts.len();
+        conflicts.truncate(NAMED_CONFLICTS_MAX);
+        return Err(StoreError::Refused(format!(
+            "import refused: {n} instance(s) already exist ({}{}); nothing was imported (use --replace to overwrite)",
+            conflicts.join(", "),
+            if n > NAMED_CONFLICTS_MAX { ", ..." } else { "" }
+        )));
+    }
+
+    let mut next_uid = meta_get(&t.meta, META_NEXT_UID)?;
+    let mut next_seq = meta_get(&t.meta, META_NEXT_SEQ)?;
+    for item in items {
+        let instance = &item.instance;
+        let (namespace, id) = (&*instance.namespace, &*instance.id);
+        let existing = t
+            .instances
+            .get((namespace, id))
+            .io()?
+            .map(|row| head_of(&row.value()))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("instance {namespace}/{id}: {e}")))?;
+        if let Some(old) = existing {
+            retire(&mut t, &mut retired, namespace, &old)?;
+            report.n_replaced += 1;
+        }
+
+        let uid = next_uid;
+        next_uid += 1;
+        if t.uids.insert(uid, (namespace, id)).io()?.is_some() {
+            return Err(StoreError::Corrupt(format!(
+                "uid {uid} from the meta counter is already taken"
+            )));
+        }
+        for record in &item.records {
+            let seq = next_seq;
+            next_seq += 1;
+            t.index.insert((uid, record.version), seq).io()?;
+            t.records
+                .insert(
+                    seq,
+                    (uid, record.version, record.hash.0, record.bytes.as_slice()),
+                )
+                .io()?;
+            report.n_records += 1;
+        }
+        let row = encode_row(instance)?;
+        let timer = indexed_timer(instance);
+        t.instances
+            .insert(
+                (namespace, id),
+                (
+                    uid,
+                    instance.version,
+                    status_code(instance.status),
+                    timer_column(timer),
+                    instance.last_hash.0,
+                    &*instance.machine,
+                    row.as_slice(),
+                ),
+            )
+            .io()?;
+        if let Some(timer) = timer {
+            t.timers
+                .insert(
+                    (timer.due_ms, uid),
+                    (timer.entry_seq, kind_code(timer.kind)),
+                )
+                .io()?;
+            report.n_timers += 1;
+        }
+        if instance.status == Status::Active {
+            t.active
+                .insert((namespace, &*instance.machine, uid), ())
+                .io()?;
+        }
+        for entry in &item.idempotency {
+            let key = entry.key.as_str();
+            t.idempotency
+                .insert(
+                    (uid, key),
+                    (entry.request_hash.0, entry.version, entry.expires_ms),
+                )
+                .io()?;
+            t.idempotency_expiry
+                .insert((entry.expires_ms, uid, key), ())
+                .io()?;
+        }
+        report.n_instances += 1;
+    }
+    t.meta.insert(META_NEXT_UID, next_uid).io()?;
+    t.meta.insert(META_NEXT_SEQ, next_seq).io()?;
+    Ok(report)
+}
+
+/// Takes a replaced instance out of every live index; its records stay in the log.
+fn retire(
+    t: &mut WriteTables<'_>,
+    retired: &mut redb::Table<'_, u64, ()>,
+    namespace: &str,
+    old: &super::InstanceHead,
+) -> Result<(), StoreError> {
+    let uid = old.uid;
+    if let Some(timer) = old.timer {
+        t.timers.remove((timer.due_ms, uid)).io()?;
+    }
+    if old.status == Status::Active {
+        t.active
+            .remove((namespace, old.machine.as_str(), uid))
+            .io()?;
+    }
+    let mut keys: Vec<(String, u64)> = Vec::new();
+    for entry in t.idempotency.range((uid, "")..(uid + 1, "")).io()? {
+        let (key, value) = entry.io()?;
+        keys.push((key.value().1.to_owned(), value.value().2));
+    }
+    for (key, expires_ms) in &keys {
+        t.idempotency.remove((uid, key.as_str())).io()?;
+        t.idempotency_expiry
+            .remove((*expires_ms, uid, key.as_str()))
+            .io()?;
+    }
+    retired.insert(uid, ()).io()?;
+    Ok(())
+}
