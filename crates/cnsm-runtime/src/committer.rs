@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use cnsm_core::TransitionError;
 use cnsm_core::engine::{ACTOR_TIMER, Input, NewInstance, Trigger};
-use cnsm_core::record::{Hash32, StateChangeEvent, Timer};
+use cnsm_core::flags::FlagQuery;
+use cnsm_core::record::{FlagDecision, Hash32, StateChangeEvent, Timer};
 use cnsm_core::{Instance, SealedRecord};
 use cnsm_store::{CommitItem, IdempotencyEntry, ItemOutcome, TimerRef};
 use tokio::sync::oneshot;
 
+use crate::flags::SeenFlags;
 use crate::timers::TimerIndex;
 use crate::{CreateInstance, EventRequest, RuntimeError, Shared, TransitionOutcome};
 
@@ -32,7 +34,9 @@ pub(crate) enum Command {
         namespace: String,
         id: String,
         event: EventRequest,
-        reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>>,
+        /// Flag decisions made before queueing, tagged with the version they saw.
+        flags: Option<SeenFlags>,
+        reply: oneshot::Sender<EventReply>,
     },
     Tick {
         reply: oneshot::Sender<usize>,
@@ -41,6 +45,18 @@ pub(crate) enum Command {
         reply: oneshot::Sender<usize>,
     },
     Stop,
+}
+
+/// The committer's answer to an event.
+pub(crate) enum EventReply {
+    Done(Result<TransitionOutcome, RuntimeError>),
+    /// The event needs flag decisions for this version (none were given, or they are stale);
+    /// nothing was committed. The request comes back to be queued again.
+    NeedFlags {
+        event: EventRequest,
+        version: u64,
+        queries: Vec<FlagQuery>,
+    },
 }
 
 type Key = (String, String);
@@ -59,7 +75,7 @@ enum Waiter {
     Applied {
         item: usize,
         replayed: bool,
-        reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>>,
+        reply: oneshot::Sender<EventReply>,
     },
     CreateFailed {
         error: RuntimeError,
@@ -67,7 +83,7 @@ enum Waiter {
     },
     EventFailed {
         error: RuntimeError,
-        reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>>,
+        reply: oneshot::Sender<EventReply>,
     },
     Tick {
         n_fired: usize,
@@ -253,23 +269,36 @@ impl Committer {
                     namespace,
                     id,
                     event,
+                    flags,
                     reply,
                 } => {
                     let key = (namespace, id);
                     match self.event(
                         &key,
                         event,
+                        flags,
                         now_ms,
                         &mut items,
                         &mut item_keys,
                         &mut before,
                         &mut pending_keys,
                     ) {
-                        Ok((item, replayed)) => waiters.push(Waiter::Applied {
+                        Ok(Applied::Staged(item, replayed)) => waiters.push(Waiter::Applied {
                             item,
                             replayed,
                             reply,
                         }),
+                        Ok(Applied::NeedFlags {
+                            event,
+                            version,
+                            queries,
+                        }) => {
+                            let _ = reply.send(EventReply::NeedFlags {
+                                event,
+                                version,
+                                queries,
+                            });
+                        }
                         Err(error) => waiters.push(Waiter::EventFailed { error, reply }),
                     }
                 }
@@ -382,12 +411,13 @@ impl Committer {
         &mut self,
         key: &Key,
         event: EventRequest,
+        flags: Option<SeenFlags>,
         now_ms: u64,
         items: &mut Vec<CommitItem>,
         item_keys: &mut Vec<Key>,
         before: &mut HashMap<Key, Option<Timer>>,
         pending_keys: &mut HashMap<(Key, String), (Hash32, usize)>,
-    ) -> Result<(usize, bool), RuntimeError> {
+    ) -> Result<Applied, RuntimeError> {
         let request_hash = event.request_hash();
         if let Some(k) = &event.idempotency_key {
             if let Some((hash, item)) = pending_keys.get(&(key.clone(), k.clone())) {
@@ -396,7 +426,7 @@ impl Committer {
                         "idempotency key '{k}' was used with a different request"
                     )));
                 }
-                return Ok((*item, true));
+                return Ok(Applied::Staged(*item, true));
             }
             if let Some(entry) = self.shared.store.idempotency(&key.0, &key.1, k)?
                 && entry.expires_ms > now_ms
@@ -429,6 +459,23 @@ impl Committer {
         }
         let instance = &cached.instance;
         let machine = shared.machine(&instance.namespace, &instance.machine, instance.revision)?;
+        // Flag gates: decisions must have been made at this very version (DESIGN.md §3).
+        let mut decisions: &[FlagDecision] = &[];
+        if shared.options.flags.is_some() {
+            let queries = machine.flag_queries(instance, &event.name, &event.payload);
+            if !queries.is_empty() {
+                match &flags {
+                    Some(seen) if seen.version == instance.version => decisions = &seen.decisions,
+                    _ => {
+                        return Ok(Applied::NeedFlags {
+                            version: instance.version,
+                            queries,
+                            event,
+                        });
+                    }
+                }
+            }
+        }
         let mut input = Input::new(
             Trigger::Event {
                 name: &event.name,
@@ -439,6 +486,7 @@ impl Committer {
         );
         input.idempotency_key = event.idempotency_key.as_deref();
         input.trace = event.trace.clone();
+        input.flags = decisions;
         let record = machine.apply(instance, &input)?;
         let idempotency = event.idempotency_key.as_ref().map(|k| IdempotencyEntry {
             key: k.clone(),
@@ -451,7 +499,7 @@ impl Committer {
         if let Some(k) = event.idempotency_key {
             pending_keys.insert((key.clone(), k), (request_hash, items.len() - 1));
         }
-        Ok((items.len() - 1, false))
+        Ok(Applied::Staged(items.len() - 1, false))
     }
 
     /// Turns due timers into items. A timer whose instance moved on is dropped silently.
@@ -581,6 +629,18 @@ impl Committer {
     }
 }
 
+/// What became of an event in the batch.
+enum Applied {
+    /// Staged as this item (`true`: a repeated idempotency key within the batch).
+    Staged(usize, bool),
+    /// Sent back for flag decisions at `version`.
+    NeedFlags {
+        event: EventRequest,
+        version: u64,
+        queries: Vec<FlagQuery>,
+    },
+}
+
 /// Seals `record`, folds it into the working copy of its instance, and adds it to the batch.
 #[allow(clippy::too_many_arguments)]
 fn stage(
@@ -648,13 +708,13 @@ fn answer(
                         .into())
                     }
                 };
-                let _ = reply.send(result);
+                let _ = reply.send(EventReply::Done(result));
             }
             Waiter::CreateFailed { error, reply } => {
                 let _ = reply.send(Err(error));
             }
             Waiter::EventFailed { error, reply } => {
-                let _ = reply.send(Err(error));
+                let _ = reply.send(EventReply::Done(Err(error)));
             }
             Waiter::Tick { n_fired, reply } => {
                 let _ = reply.send(n_fired);
@@ -693,7 +753,9 @@ fn fail_all(waiters: Vec<Waiter>, message: &str) {
                 let _ = reply.send(Err(RuntimeError::Unavailable(message.to_owned())));
             }
             Waiter::Applied { reply, .. } | Waiter::EventFailed { reply, .. } => {
-                let _ = reply.send(Err(RuntimeError::Unavailable(message.to_owned())));
+                let _ = reply.send(EventReply::Done(Err(RuntimeError::Unavailable(
+                    message.to_owned(),
+                ))));
             }
             Waiter::Tick { reply, .. } => {
                 let _ = reply.send(0);

@@ -50,10 +50,12 @@ use tokio::sync::oneshot;
 pub mod clock;
 mod committer;
 mod error;
+pub mod flags;
 pub mod timers;
 
 pub use clock::{Clock, SystemClock, VirtualClock};
 pub use error::RuntimeError;
+pub use flags::FlagEvaluator;
 
 /// Limits and defaults of a runtime.
 #[derive(Debug, Clone)]
@@ -71,6 +73,9 @@ pub struct RuntimeOptions {
     /// Whether the timer driver runs (read-only tools turn it off).
     pub timers: bool,
     pub clock: Arc<dyn Clock>,
+    /// Evaluates `flag:` gates before events are applied; without one every gate sees a
+    /// `FLAG_NOT_EVALUATED` error and its `onFlagError` policy decides.
+    pub flags: Option<Arc<dyn FlagEvaluator>>,
 }
 
 impl Default for RuntimeOptions {
@@ -83,6 +88,7 @@ impl Default for RuntimeOptions {
             payload_len_max: 1 << 20,
             timers: true,
             clock: Arc::new(SystemClock),
+            flags: None,
         }
     }
 }
@@ -90,6 +96,11 @@ impl Default for RuntimeOptions {
 impl RuntimeOptions {
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> RuntimeOptions {
         self.clock = clock;
+        self
+    }
+
+    pub fn with_flags(mut self, flags: Arc<dyn FlagEvaluator>) -> RuntimeOptions {
+        self.flags = Some(flags);
         self
     }
 }
@@ -343,6 +354,11 @@ impl Runtime {
         &self.shared.options.clock
     }
 
+    /// The flag evaluator, when one is configured.
+    pub fn flags(&self) -> Option<&Arc<dyn FlagEvaluator>> {
+        self.shared.options.flags.as_ref()
+    }
+
     /// Adds an observer of committed transitions.
     pub fn subscribe(&self, listener: Arc<dyn CommitListener>) {
         if let Ok(mut l) = self.shared.listeners.write() {
@@ -528,14 +544,42 @@ impl Runtime {
             }
             .into());
         }
-        let (namespace, id) = (namespace.to_owned(), id.to_owned());
-        self.submit(|reply| committer::Command::Event {
-            namespace,
-            id,
-            event,
-            reply,
-        })
-        .await?
+        let mut event = event;
+        let mut flags = None;
+        for _ in 0..=flags::FLAG_ROUNDS_MAX {
+            let (namespace, id) = (namespace.to_owned(), id.to_owned());
+            let reply = self
+                .submit(|reply| committer::Command::Event {
+                    namespace,
+                    id,
+                    event,
+                    flags: flags.take(),
+                    reply,
+                })
+                .await?;
+            match reply {
+                committer::EventReply::Done(result) => return result,
+                committer::EventReply::NeedFlags {
+                    event: returned,
+                    version,
+                    queries,
+                } => {
+                    event = returned;
+                    let Some(evaluator) = &self.shared.options.flags else {
+                        return Err(RuntimeError::Unavailable(
+                            "flag decisions were requested without an evaluator".into(),
+                        ));
+                    };
+                    let decisions = evaluator.evaluate(&queries).await;
+                    flags = Some(flags::SeenFlags { version, decisions });
+                }
+            }
+        }
+        Err(RuntimeError::Unavailable(format!(
+            "flag decisions for {namespace}/{id} went stale {} times in a row (the instance \
+             keeps changing); retry",
+            flags::FLAG_ROUNDS_MAX + 1
+        )))
     }
 
     pub(crate) async fn replay(
