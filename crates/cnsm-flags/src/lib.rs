@@ -112,6 +112,11 @@ impl Flags {
         Ok(Flags::new(FlagdFileProvider::open(path)?).await)
     }
 
+    /// The OpenFeature client (with the hook attached) the gates are evaluated through.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// The gate status map (see [`GateStatuses::statuses`]).
     pub fn gates(&self) -> &GateStatuses {
         self.hook.statuses()

@@ -1,1 +1,4 @@
-//! Integration tests of cnsm-flags.
+//! Integration tests of cnsm-flags (one test binary).
+
+mod gherkin_support;
+mod testbed;
