@@ -2,3 +2,4 @@
 
 mod gherkin_support;
 mod testbed;
+mod e2e;
