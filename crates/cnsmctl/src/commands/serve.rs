@@ -81,7 +81,13 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
         );
         error
     })?;
-    let runtime = Runtime::open(store, RuntimeOptions::default())?;
+    let runtime = Runtime::open(
+        store,
+        RuntimeOptions {
+            flags: context.flags.clone(),
+            ..RuntimeOptions::default()
+        },
+    )?;
     let listener = match tokio::net::TcpListener::bind(address).await {
         Ok(listener) => listener,
         Err(e) => {
