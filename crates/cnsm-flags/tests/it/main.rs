@@ -3,3 +3,5 @@
 mod gherkin_support;
 mod testbed;
 mod e2e;
+mod openfeature_spec;
+mod providers;
