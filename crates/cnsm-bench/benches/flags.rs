@@ -142,7 +142,9 @@ fn main() {
     let queries: Vec<_> = (0..1024)
         .map(|i| {
             let inst = instance(&gated, &format!("order-{i}"));
-            gated.flag_queries(&inst, "checkout", &Value::Null).remove(0)
+            gated
+                .flag_queries(&inst, "checkout", &Value::Null)
+                .remove(0)
         })
         .collect();
     let contexts: Vec<_> = queries

@@ -428,7 +428,12 @@ impl Machine {
     /// flag key of the event's entries, in entry order (DESIGN.md §6). Empty, without
     /// allocating, when no entry for the event carries a `flag:` — the common case. Timers
     /// never need any: `onTimeout`, wait and retry transitions carry no flag.
-    pub fn flag_queries(&self, instance: &Instance, event: &str, payload: &Value) -> Vec<FlagQuery> {
+    pub fn flag_queries(
+        &self,
+        instance: &Instance,
+        event: &str,
+        payload: &Value,
+    ) -> Vec<FlagQuery> {
         if instance.status.is_final() || instance.in_backoff {
             return Vec::new();
         }

@@ -173,7 +173,10 @@ impl Flags {
                 // DISABLED, or DEFAULT without a variant: the caller's default, which for a
                 // gate is "no value" (it never equals what a gate expects).
                 let caller_default = details.variant.is_none()
-                    && matches!(reason, EvaluationReason::Disabled | EvaluationReason::Default);
+                    && matches!(
+                        reason,
+                        EvaluationReason::Disabled | EvaluationReason::Default
+                    );
                 FlagDecision {
                     key: query.key.clone(),
                     variant: details.variant,

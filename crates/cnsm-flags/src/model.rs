@@ -222,7 +222,11 @@ pub(crate) fn type_matches(value: &Json, value_type: FlagValueType) -> bool {
     }
 }
 
-fn parse_flag(flag: &Json, evaluators: &Map<String, Json>, set_metadata: &Map<String, Json>) -> Result<FlagDef, String> {
+fn parse_flag(
+    flag: &Json,
+    evaluators: &Map<String, Json>,
+    set_metadata: &Map<String, Json>,
+) -> Result<FlagDef, String> {
     let flag = flag.as_object().ok_or("a flag must be an object")?;
     let enabled = match flag.get("state").and_then(Json::as_str) {
         Some("ENABLED") => true,
@@ -239,7 +243,9 @@ fn parse_flag(flag: &Json, evaluators: &Map<String, Json>, set_metadata: &Map<St
         None | Some(Json::Null) => None,
         Some(Json::String(name)) => {
             if !variants.contains_key(name) {
-                return Err(format!("defaultVariant '{name}' is not one of the variants"));
+                return Err(format!(
+                    "defaultVariant '{name}' is not one of the variants"
+                ));
             }
             Some(name.clone())
         }
@@ -271,7 +277,11 @@ fn parse_flag(flag: &Json, evaluators: &Map<String, Json>, set_metadata: &Map<St
 
 /// Replaces `{"$ref": name}` with the shared evaluator (which may hold refs of its own, up to
 /// a small depth, so a cycle is an error rather than a hang).
-fn resolve_refs(value: &mut Json, evaluators: &Map<String, Json>, depth: usize) -> Result<(), String> {
+fn resolve_refs(
+    value: &mut Json,
+    evaluators: &Map<String, Json>,
+    depth: usize,
+) -> Result<(), String> {
     const REF_DEPTH_MAX: usize = 16;
     match value {
         Json::Object(obj) => {
@@ -279,7 +289,9 @@ fn resolve_refs(value: &mut Json, evaluators: &Map<String, Json>, depth: usize) 
                 && let Some(name) = obj.get("$ref").and_then(Json::as_str)
             {
                 if depth >= REF_DEPTH_MAX {
-                    return Err(format!("evaluator '$ref' nesting is deeper than {REF_DEPTH_MAX} (a cycle?)"));
+                    return Err(format!(
+                        "evaluator '$ref' nesting is deeper than {REF_DEPTH_MAX} (a cycle?)"
+                    ));
                 }
                 let mut replacement = evaluators
                     .get(name)
@@ -306,9 +318,14 @@ fn resolve_refs(value: &mut Json, evaluators: &Map<String, Json>, depth: usize) 
 
 /// Converts a JSON object into an OpenFeature evaluation context (nested objects become
 /// `StructValue`s, which the JsonLogic engine reads).
-pub fn context_from_json(targeting_key: Option<&str>, fields: &Map<String, Json>) -> EvaluationContext {
-    let mut context = EvaluationContext::default();
-    context.targeting_key = targeting_key.map(str::to_owned);
+pub fn context_from_json(
+    targeting_key: Option<&str>,
+    fields: &Map<String, Json>,
+) -> EvaluationContext {
+    let mut context = EvaluationContext {
+        targeting_key: targeting_key.map(str::to_owned),
+        ..EvaluationContext::default()
+    };
     for (k, v) in fields {
         if let Some(field) = field_value(v) {
             context.custom_fields.insert(k.clone(), field);
@@ -361,7 +378,9 @@ pub fn json_of(value: &open_feature::Value) -> Json {
     match value {
         open_feature::Value::Bool(b) => Json::Bool(*b),
         open_feature::Value::Int(i) => Json::from(*i),
-        open_feature::Value::Float(f) => serde_json::Number::from_f64(*f).map_or(Json::Null, Json::Number),
+        open_feature::Value::Float(f) => {
+            serde_json::Number::from_f64(*f).map_or(Json::Null, Json::Number)
+        }
         open_feature::Value::String(s) => Json::String(s.clone()),
         open_feature::Value::Array(a) => Json::Array(a.iter().map(json_of).collect()),
         open_feature::Value::Struct(s) => Json::Object(

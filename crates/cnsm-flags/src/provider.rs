@@ -9,7 +9,9 @@ use std::time::{Duration, SystemTime};
 
 use cnsm_core::flags::FlagValueType;
 use flagd_evaluation_engine::Operator;
-use open_feature::provider::{FeatureProvider, ProviderMetadata, ProviderStatus, ResolutionDetails};
+use open_feature::provider::{
+    FeatureProvider, ProviderMetadata, ProviderStatus, ResolutionDetails,
+};
 use open_feature::{
     EvaluationContext, EvaluationError, EvaluationErrorCode, EvaluationReason, EvaluationResult,
     FlagMetadata, StructValue,
@@ -364,7 +366,9 @@ impl FlagSource for InMemoryProvider {
         if !crate::model::type_matches(value, value_type) {
             return Err(EvaluationError::builder()
                 .code(EvaluationErrorCode::TypeMismatch)
-                .message(format!("flag '{key}' has a value of another type than {value_type:?}"))
+                .message(format!(
+                    "flag '{key}' has a value of another type than {value_type:?}"
+                ))
                 .build());
         }
         Ok(Resolution {
@@ -411,7 +415,10 @@ fn flag_metadata(map: &Map<String, Json>) -> Option<FlagMetadata> {
 /// Turns a resolution into OpenFeature resolution details. A value the caller must default
 /// (disabled flag, no default variant) is sent as `T::default()` with no variant; the reason
 /// (`DISABLED` or `DEFAULT`) tells the caller to use its own default.
-fn details<T: Default>(resolution: Resolution, convert: impl Fn(&Json) -> Option<T>) -> EvaluationResult<ResolutionDetails<T>> {
+fn details<T: Default>(
+    resolution: Resolution,
+    convert: impl Fn(&Json) -> Option<T>,
+) -> EvaluationResult<ResolutionDetails<T>> {
     let value = match &resolution.value {
         None => T::default(),
         Some(v) => convert(v).ok_or_else(|| {
@@ -441,31 +448,61 @@ macro_rules! feature_provider {
                 &self.metadata
             }
 
-            async fn resolve_bool_value(&self, key: &str, context: &EvaluationContext) -> EvaluationResult<ResolutionDetails<bool>> {
-                details(self.resolve(key, FlagValueType::Bool, context)?, Json::as_bool)
+            async fn resolve_bool_value(
+                &self,
+                key: &str,
+                context: &EvaluationContext,
+            ) -> EvaluationResult<ResolutionDetails<bool>> {
+                details(
+                    self.resolve(key, FlagValueType::Bool, context)?,
+                    Json::as_bool,
+                )
             }
 
-            async fn resolve_int_value(&self, key: &str, context: &EvaluationContext) -> EvaluationResult<ResolutionDetails<i64>> {
-                details(self.resolve(key, FlagValueType::Int, context)?, Json::as_i64)
+            async fn resolve_int_value(
+                &self,
+                key: &str,
+                context: &EvaluationContext,
+            ) -> EvaluationResult<ResolutionDetails<i64>> {
+                details(
+                    self.resolve(key, FlagValueType::Int, context)?,
+                    Json::as_i64,
+                )
             }
 
-            async fn resolve_float_value(&self, key: &str, context: &EvaluationContext) -> EvaluationResult<ResolutionDetails<f64>> {
-                details(self.resolve(key, FlagValueType::Float, context)?, Json::as_f64)
+            async fn resolve_float_value(
+                &self,
+                key: &str,
+                context: &EvaluationContext,
+            ) -> EvaluationResult<ResolutionDetails<f64>> {
+                details(
+                    self.resolve(key, FlagValueType::Float, context)?,
+                    Json::as_f64,
+                )
             }
 
-            async fn resolve_string_value(&self, key: &str, context: &EvaluationContext) -> EvaluationResult<ResolutionDetails<String>> {
+            async fn resolve_string_value(
+                &self,
+                key: &str,
+                context: &EvaluationContext,
+            ) -> EvaluationResult<ResolutionDetails<String>> {
                 details(self.resolve(key, FlagValueType::String, context)?, |v| {
                     v.as_str().map(str::to_owned)
                 })
             }
 
-            async fn resolve_struct_value(&self, key: &str, context: &EvaluationContext) -> EvaluationResult<ResolutionDetails<StructValue>> {
-                details(self.resolve(key, FlagValueType::Object, context)?, |v| {
-                    match of_value(v) {
+            async fn resolve_struct_value(
+                &self,
+                key: &str,
+                context: &EvaluationContext,
+            ) -> EvaluationResult<ResolutionDetails<StructValue>> {
+                details(
+                    self.resolve(key, FlagValueType::Object, context)?,
+                    |v| match of_value(v) {
                         Some(open_feature::Value::Struct(s)) => Some(s),
                         _ => None,
-                    }
-                })
+                    },
+                )
             }
         }
     };

@@ -19,8 +19,10 @@ fn examples(name: &str) -> std::path::PathBuf {
 
 async fn runtime(dir: &std::path::Path, flags: Option<Arc<dyn FlagEvaluator>>) -> Runtime {
     let store = EmbeddedStore::open(dir).expect("store opens");
-    let mut options = RuntimeOptions::default();
-    options.flags = flags;
+    let options = RuntimeOptions {
+        flags,
+        ..RuntimeOptions::default()
+    };
     let runtime = Runtime::open(store, options).expect("runtime opens");
     let yaml = std::fs::read_to_string(examples("checkout-canary.yaml")).expect("example exists");
     runtime
@@ -46,7 +48,11 @@ async fn checkout(runtime: &Runtime, id: &str, tier: Option<&str>) -> StateChang
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkout_canary_gold_tier_and_ten_percent_split() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let flags = Arc::new(Flags::from_file(examples("flags.json")).await.expect("flags load"));
+    let flags = Arc::new(
+        Flags::from_file(examples("flags.json"))
+            .await
+            .expect("flags load"),
+    );
     let rt = runtime(dir.path(), Some(flags.clone())).await;
 
     // Gold and platinum tiers always take the one-click path, by targeting.
@@ -88,7 +94,10 @@ async fn checkout_canary_gold_tier_and_ten_percent_split() {
         }
     }
     let share = n_one_click as f64 / n_instances as f64;
-    println!("one-click share over {n_instances} instances: {:.2}%", share * 100.0);
+    println!(
+        "one-click share over {n_instances} instances: {:.2}%",
+        share * 100.0
+    );
     assert!((0.085..=0.115).contains(&share), "share {share}");
 
     // The same instance always gets the same answer.
@@ -106,7 +115,11 @@ async fn checkout_canary_gold_tier_and_ten_percent_split() {
         }
     }
     assert_eq!(
-        flags.gates().statuses().get("one-click-checkout").map(String::as_str),
+        flags
+            .gates()
+            .statuses()
+            .get("one-click-checkout")
+            .map(String::as_str),
         Some("ACTIVE")
     );
     rt.shutdown();
@@ -130,9 +143,19 @@ async fn provider_error_denies_the_gate_and_the_fallback_is_taken_and_replay_doe
     let decision = &record.flags[0];
     assert_eq!(decision.reason, "ERROR");
     assert!(!decision.allowed);
-    assert!(decision.error.as_deref().unwrap_or("").contains("provider is down"));
+    assert!(
+        decision
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("provider is down")
+    );
     assert_eq!(
-        flags.gates().statuses().get("one-click-checkout").map(String::as_str),
+        flags
+            .gates()
+            .statuses()
+            .get("one-click-checkout")
+            .map(String::as_str),
         Some("DEGRADED")
     );
 
@@ -156,10 +179,16 @@ async fn provider_error_denies_the_gate_and_the_fallback_is_taken_and_replay_doe
     provider.set_flag("one-click-checkout", MemoryFlag::boolean(false));
     for evaluator in [None, Some(flags.clone() as Arc<dyn FlagEvaluator>)] {
         let store = EmbeddedStore::open(dir.path()).expect("store reopens");
-        let mut options = RuntimeOptions::default();
-        options.flags = evaluator;
+        let options = RuntimeOptions {
+            flags: evaluator,
+            ..RuntimeOptions::default()
+        };
         let rt = Runtime::open(store, options).expect("runtime opens");
-        for (id, state) in [("ok-1", "one-click-review"), ("down-1", "address"), ("off-1", "address")] {
+        for (id, state) in [
+            ("ok-1", "one-click-review"),
+            ("down-1", "address"),
+            ("off-1", "address"),
+        ] {
             let history = rt.history("shop", id, 0, 100).await.expect("history");
             let replayed = Instance::replay(history.iter().map(|h| (&h.record, h.hash)))
                 .expect("replays")
@@ -206,8 +235,11 @@ async fn stale_decisions_are_evaluated_again_at_the_new_version() {
         n_calls: AtomicUsize::new(0),
     });
     let store = EmbeddedStore::open(dir.path()).expect("store opens");
-    let rt = Runtime::open(store, RuntimeOptions::default().with_flags(evaluator.clone()))
-        .expect("runtime opens");
+    let rt = Runtime::open(
+        store,
+        RuntimeOptions::default().with_flags(evaluator.clone()),
+    )
+    .expect("runtime opens");
     let _ = evaluator.runtime.set(rt.clone());
     let yaml = r#"
 apiVersion: statemachine.cn/v1alpha1
@@ -235,7 +267,10 @@ spec:
         .await
         .expect("go is applied");
     assert_eq!(&*outcome.record.to, "fast");
-    assert_eq!(outcome.record.version, 2, "touch committed first, at version 1");
+    assert_eq!(
+        outcome.record.version, 2,
+        "touch committed first, at version 1"
+    );
     assert_eq!(
         evaluator.n_calls.load(Ordering::SeqCst),
         2,

@@ -86,7 +86,9 @@ pub fn cases(path: &Path) -> Vec<Case> {
             continue;
         }
         for examples in &scenario.examples {
-            let Some(table) = &examples.table else { continue };
+            let Some(table) = &examples.table else {
+                continue;
+            };
             let Some((header, rows)) = table.rows.split_first() else {
                 continue;
             };

@@ -1,7 +1,7 @@
 //! Integration tests of cnsm-flags (one test binary).
 
-mod gherkin_support;
-mod testbed;
 mod e2e;
+mod gherkin_support;
 mod openfeature_spec;
 mod providers;
+mod testbed;

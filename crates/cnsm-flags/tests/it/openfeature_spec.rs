@@ -54,7 +54,10 @@ fn provider() -> InMemoryProvider {
                 default_variant: flag["defaultVariant"].as_str().map(str::to_owned),
                 disabled: flag["disabled"].as_bool().unwrap_or(false),
                 context_evaluator: flag["contextEvaluator"].as_str().map(cel_evaluator),
-                metadata: flag["flagMetadata"].as_object().cloned().unwrap_or_default(),
+                metadata: flag["flagMetadata"]
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
             },
         );
     }
@@ -77,27 +80,50 @@ fn provider() -> InMemoryProvider {
     provider
 }
 
+/// A hook stage and the details it saw (`after` and `finally` only).
+type StageLog = Vec<(String, Option<EvaluationDetails<Value>>)>;
+
 /// Records the hook stages and the details `after`/`finally` saw.
 #[derive(Default, Clone)]
 struct RecordingHook {
-    log: Arc<Mutex<Vec<(String, Option<EvaluationDetails<Value>>)>>>,
+    log: Arc<Mutex<StageLog>>,
 }
 
 #[open_feature::async_trait]
 impl Hook for RecordingHook {
-    async fn before<'a>(&self, _: &HookContext<'a>, _: Option<&'a HookHints>) -> Result<Option<EvaluationContext>, EvaluationError> {
+    async fn before<'a>(
+        &self,
+        _: &HookContext<'a>,
+        _: Option<&'a HookHints>,
+    ) -> Result<Option<EvaluationContext>, EvaluationError> {
         self.log.lock().expect("log").push(("before".into(), None));
         Ok(None)
     }
-    async fn after<'a>(&self, _: &HookContext<'a>, d: &EvaluationDetails<Value>, _: Option<&'a HookHints>) -> Result<(), EvaluationError> {
-        self.log.lock().expect("log").push(("after".into(), Some(d.clone())));
+    async fn after<'a>(
+        &self,
+        _: &HookContext<'a>,
+        d: &EvaluationDetails<Value>,
+        _: Option<&'a HookHints>,
+    ) -> Result<(), EvaluationError> {
+        self.log
+            .lock()
+            .expect("log")
+            .push(("after".into(), Some(d.clone())));
         Ok(())
     }
     async fn error<'a>(&self, _: &HookContext<'a>, _: &EvaluationError, _: Option<&'a HookHints>) {
         self.log.lock().expect("log").push(("error".into(), None));
     }
-    async fn finally<'a>(&self, _: &HookContext<'a>, d: &EvaluationDetails<Value>, _: Option<&'a HookHints>) {
-        self.log.lock().expect("log").push(("finally".into(), Some(d.clone())));
+    async fn finally<'a>(
+        &self,
+        _: &HookContext<'a>,
+        d: &EvaluationDetails<Value>,
+        _: Option<&'a HookHints>,
+    ) {
+        self.log
+            .lock()
+            .expect("log")
+            .push(("finally".into(), Some(d.clone())));
     }
 }
 
@@ -160,18 +186,40 @@ async fn evaluate(flags: &Flags, w: &mut World) {
         .map(|h| EvaluationOptions::default().with_hook(h));
     let (c, o, key) = (Some(&w.context), options.as_ref(), w.key.as_str());
     let result = match w.flag_type.as_str() {
-        "boolean" => client.get_bool_details(key, c, o).await.map(|d| d.into_value()),
-        "integer" => client.get_int_details(key, c, o).await.map(|d| d.into_value()),
-        "float" => client.get_float_details(key, c, o).await.map(|d| d.into_value()),
-        "object" => client.get_struct_details::<StructValue>(key, c, o).await.map(|d| d.into_value()),
-        _ => client.get_string_details(key, c, o).await.map(|d| d.into_value()),
+        "boolean" => client
+            .get_bool_details(key, c, o)
+            .await
+            .map(|d| d.into_value()),
+        "integer" => client
+            .get_int_details(key, c, o)
+            .await
+            .map(|d| d.into_value()),
+        "float" => client
+            .get_float_details(key, c, o)
+            .await
+            .map(|d| d.into_value()),
+        "object" => client
+            .get_struct_details::<StructValue>(key, c, o)
+            .await
+            .map(|d| d.into_value()),
+        _ => client
+            .get_string_details(key, c, o)
+            .await
+            .map(|d| d.into_value()),
     };
     match result {
         Ok(d) => {
             let reason = d.reason.clone().unwrap_or_default();
             let caller_default = d.variant.is_none()
-                && matches!(reason, EvaluationReason::Disabled | EvaluationReason::Default);
-            w.value = if caller_default { w.fallback.clone() } else { cnsm_flags::model::json_of(&d.value) };
+                && matches!(
+                    reason,
+                    EvaluationReason::Disabled | EvaluationReason::Default
+                );
+            w.value = if caller_default {
+                w.fallback.clone()
+            } else {
+                cnsm_flags::model::json_of(&d.value)
+            };
             w.variant = d.variant;
             w.reason = reason.to_string();
             w.error_code = None;
@@ -205,7 +253,8 @@ async fn run(flags: &Flags, case: &Case) -> Result<(), String> {
             let (keys, values) = text.split_once("with values").unwrap_or_default();
             for (key, raw) in quoted(keys).iter().zip(values.split(',')) {
                 let raw = raw.trim();
-                let value = if let Some(s) = raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+                let value = if let Some(s) = raw.strip_prefix('"').and_then(|r| r.strip_suffix('"'))
+                {
                     match s {
                         "true" | "false" => EvaluationContextFieldValue::Bool(s == "true"),
                         _ => EvaluationContextFieldValue::String(s.to_owned()),
@@ -234,8 +283,14 @@ async fn run(flags: &Flags, case: &Case) -> Result<(), String> {
             // `the resolved K details value should be V, the variant should be X, and the reason should be Y`
             let head = text.split(", the variant").next().unwrap_or_default();
             let want = default_of(&w.flag_type, head);
-            if !same(&want, &w.value) || w.variant.as_deref() != q.get(q.len() - 2).map(String::as_str) || q.last() != Some(&w.reason) {
-                return Err(format!("{text}: got {} / {:?} / {}", w.value, w.variant, w.reason));
+            if !same(&want, &w.value)
+                || w.variant.as_deref() != q.get(q.len() - 2).map(String::as_str)
+                || q.last() != Some(&w.reason)
+            {
+                return Err(format!(
+                    "{text}: got {} / {:?} / {}",
+                    w.value, w.variant, w.reason
+                ));
             }
         } else if text.starts_with("the resolved object") && text.contains("contain fields") {
             let (fields, values) = text.split_once("with values").unwrap_or_default();
@@ -254,11 +309,15 @@ async fn run(flags: &Flags, case: &Case) -> Result<(), String> {
                 .collect();
             for (field, want) in quoted(fields).iter().zip(&wanted) {
                 if !same(&w.value[field.as_str()], want) {
-                    return Err(format!("{text}: field {field} is {}", w.value[field.as_str()]));
+                    return Err(format!(
+                        "{text}: field {field} is {}",
+                        w.value[field.as_str()]
+                    ));
                 }
             }
         } else if text.starts_with("the variant should be") {
-            if w.variant.as_deref() != q.first().map(String::as_str) || q.get(1) != Some(&w.reason) {
+            if w.variant.as_deref() != q.first().map(String::as_str) || q.get(1) != Some(&w.reason)
+            {
                 return Err(format!("{text}: got {:?} / {}", w.variant, w.reason));
             }
         } else if text.starts_with("the resolved") && text.contains("should be") {
@@ -266,7 +325,9 @@ async fn run(flags: &Flags, case: &Case) -> Result<(), String> {
             if !same(&want, &w.value) {
                 return Err(format!("{text}: got {}", w.value));
             }
-        } else if text.starts_with("the resolved flag value is") && text.ends_with("when the context is empty") {
+        } else if text.starts_with("the resolved flag value is")
+            && text.ends_with("when the context is empty")
+        {
             w.context = EvaluationContext::default();
             evaluate(flags, &mut w).await;
             if w.value != json!(q[0]) {
@@ -281,12 +342,23 @@ async fn run(flags: &Flags, case: &Case) -> Result<(), String> {
                 return Err(format!("{text}: got {} / {:?}", w.reason, w.error_code));
             }
         } else if text.ends_with("hook should have been executed") {
-            let log = w.hook.as_ref().map(|h| h.log.lock().expect("log").clone()).unwrap_or_default();
+            let log = w
+                .hook
+                .as_ref()
+                .map(|h| h.log.lock().expect("log").clone())
+                .unwrap_or_default();
             if !log.iter().any(|(stage, _)| *stage == q[0]) {
-                return Err(format!("{text}: stages were {:?}", log.iter().map(|l| &l.0).collect::<Vec<_>>()));
+                return Err(format!(
+                    "{text}: stages were {:?}",
+                    log.iter().map(|l| &l.0).collect::<Vec<_>>()
+                ));
             }
         } else if text.ends_with("hooks should be called with evaluation details") {
-            let log = w.hook.as_ref().map(|h| h.log.lock().expect("log").clone()).unwrap_or_default();
+            let log = w
+                .hook
+                .as_ref()
+                .map(|h| h.log.lock().expect("log").clone())
+                .unwrap_or_default();
             let stages: Vec<String> = log.iter().map(|l| l.0.clone()).collect();
             let want_order: Vec<&str> = if w.error_code.is_some() {
                 vec!["before", "error", "finally"]
@@ -297,7 +369,8 @@ async fn run(flags: &Flags, case: &Case) -> Result<(), String> {
                 return Err(format!("stage order {stages:?}, want {want_order:?}"));
             }
             for stage in q[0].split(", ") {
-                let Some(details) = log.iter().find(|l| l.0 == stage).and_then(|l| l.1.clone()) else {
+                let Some(details) = log.iter().find(|l| l.0 == stage).and_then(|l| l.1.clone())
+                else {
                     return Err(format!("{stage} saw no details"));
                 };
                 for row in step.table.iter().skip(1) {
@@ -305,11 +378,24 @@ async fn run(flags: &Flags, case: &Case) -> Result<(), String> {
                     let ok = match field {
                         "flag_key" => details.flag_key == want,
                         "variant" => details.variant.as_deref() == (want != "null").then_some(want),
-                        "reason" => details.reason.as_ref().map(ToString::to_string).as_deref() == Some(want),
+                        "reason" => {
+                            details.reason.as_ref().map(ToString::to_string).as_deref()
+                                == Some(want)
+                        }
                         "error_code" => w.error_code.as_deref() == (want != "null").then_some(want),
                         // The SDK hands `finally` T::default() on errors (see the module doc).
                         "value" if w.error_code.is_some() => true,
-                        "value" => same(&cnsm_flags::model::json_of(&details.value), &typed(if kind == "boolean" { "boolean" } else { "string" }, want)),
+                        "value" => same(
+                            &cnsm_flags::model::json_of(&details.value),
+                            &typed(
+                                if kind == "boolean" {
+                                    "boolean"
+                                } else {
+                                    "string"
+                                },
+                                want,
+                            ),
+                        ),
                         _ => return Err(format!("unknown detail field {field}")),
                     };
                     if !ok {
@@ -338,13 +424,25 @@ async fn openfeature_spec_evaluation_and_hooks_suites() {
             }
         }
     }
-    println!("openfeature spec (evaluation + hooks): {n_passed} passed, {} failed", failures.len());
+    println!(
+        "openfeature spec (evaluation + hooks): {n_passed} passed, {} failed",
+        failures.len()
+    );
     assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
     assert_eq!(n_passed, 16, "13 evaluation + 3 hooks scenarios");
     // The transition hook saw every evaluation and mapped the reasons.
     let statuses = flags.gates().statuses();
-    assert_eq!(statuses.get("boolean-flag").map(String::as_str), Some("STABLE"));
-    assert_eq!(statuses.get("missing-flag").map(String::as_str), Some("DEGRADED"));
+    assert_eq!(
+        statuses.get("boolean-flag").map(String::as_str),
+        Some("STABLE")
+    );
+    assert_eq!(
+        statuses.get("missing-flag").map(String::as_str),
+        Some("DEGRADED")
+    );
     // Its last evaluation had an empty context, so the default variant: STABLE.
-    assert_eq!(statuses.get("context-aware").map(String::as_str), Some("STABLE"));
+    assert_eq!(
+        statuses.get("context-aware").map(String::as_str),
+        Some("STABLE")
+    );
 }

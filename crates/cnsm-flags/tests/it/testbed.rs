@@ -2,7 +2,7 @@
 //! embedded provider, through the OpenFeature client. Fractional bucketing is flagd's v2, so
 //! only `@fractional-v1` cases are excluded.
 
-use cnsm_flags::{Flags, FlagdFileProvider};
+use cnsm_flags::{FlagdFileProvider, Flags};
 use open_feature::{
     EvaluationContext, EvaluationContextFieldValue, EvaluationReason, StructValue, Value,
 };
@@ -59,21 +59,40 @@ async fn evaluate(flags: &Flags, w: &mut World) {
     let c = Some(&w.context);
     let key = w.key.as_str();
     let result = match w.flag_type.as_str() {
-        "Boolean" => client.get_bool_details(key, c, None).await.map(|d| d.into_value()),
-        "Integer" => client.get_int_details(key, c, None).await.map(|d| d.into_value()),
-        "Float" => client.get_float_details(key, c, None).await.map(|d| d.into_value()),
+        "Boolean" => client
+            .get_bool_details(key, c, None)
+            .await
+            .map(|d| d.into_value()),
+        "Integer" => client
+            .get_int_details(key, c, None)
+            .await
+            .map(|d| d.into_value()),
+        "Float" => client
+            .get_float_details(key, c, None)
+            .await
+            .map(|d| d.into_value()),
         "Object" => client
             .get_struct_details::<StructValue>(key, c, None)
             .await
             .map(|d| d.into_value()),
-        _ => client.get_string_details(key, c, None).await.map(|d| d.into_value()),
+        _ => client
+            .get_string_details(key, c, None)
+            .await
+            .map(|d| d.into_value()),
     };
     match result {
         Ok(d) => {
             let reason = d.reason.clone().unwrap_or_default();
             let caller_default = d.variant.is_none()
-                && matches!(reason, EvaluationReason::Disabled | EvaluationReason::Default);
-            w.value = if caller_default { w.fallback.clone() } else { to_json(&d.value) };
+                && matches!(
+                    reason,
+                    EvaluationReason::Disabled | EvaluationReason::Default
+                );
+            w.value = if caller_default {
+                w.fallback.clone()
+            } else {
+                to_json(&d.value)
+            };
             w.reason = reason.to_string();
             w.variant = d.variant;
             w.error_code = None;
@@ -160,7 +179,11 @@ async fn run(flags: &Flags, case: &Case) -> Result<(), String> {
                     },
                     &row[2],
                 );
-                let got = w.metadata.iter().find(|(k, _)| *k == row[0]).map(|(_, v)| v);
+                let got = w
+                    .metadata
+                    .iter()
+                    .find(|(k, _)| *k == row[0])
+                    .map(|(_, v)| v);
                 if got != Some(&want) {
                     return Err(format!("metadata {}: want {want}, got {got:?}", row[0]));
                 }
@@ -193,7 +216,11 @@ async fn flagd_testbed_evaluator_suite() {
     let mut failures = Vec::new();
     for path in &features {
         for case in cases(path) {
-            if case.tags.iter().any(|t| EXCLUDED_TAGS.contains(&t.as_str())) {
+            if case
+                .tags
+                .iter()
+                .any(|t| EXCLUDED_TAGS.contains(&t.as_str()))
+            {
                 n_excluded += 1;
                 continue;
             }
@@ -205,7 +232,9 @@ async fn flagd_testbed_evaluator_suite() {
             let known_gap = KNOWN_GAPS.contains(&name.as_str());
             match (run(&flags, &case).await, known_gap) {
                 (Ok(()), false) => n_passed += 1,
-                (Ok(()), true) => failures.push(format!("{name}: passes now; drop it from KNOWN_GAPS")),
+                (Ok(()), true) => {
+                    failures.push(format!("{name}: passes now; drop it from KNOWN_GAPS"))
+                }
                 (Err(_), true) => n_known_gaps += 1,
                 (Err(e), false) => failures.push(format!("{name}: {e}")),
             }

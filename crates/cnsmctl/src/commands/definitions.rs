@@ -36,9 +36,10 @@ pub fn validate(
             let text = std::fs::read_to_string(path).map_err(|e| {
                 CliError::invalid(format!("cannot read --flags {}: {e}", path.display()))
             })?;
-            Some(cnsm_flags::FlagSet::parse(&text).map_err(|e| {
-                CliError::invalid(format!("--flags {}: {e}", path.display()))
-            })?)
+            Some(
+                cnsm_flags::FlagSet::parse(&text)
+                    .map_err(|e| CliError::invalid(format!("--flags {}: {e}", path.display())))?,
+            )
         }
         None => None,
     };
