@@ -1,10 +1,10 @@
 //! Feature-flag gates for cnsm (DESIGN.md §6), evaluated through the OpenFeature Rust SDK.
 //!
 //! - [`provider::FlagdFileProvider`]: the embedded default provider — a flagd flag file
-//!   evaluated in-process by `flagd-evaluation-engine`'s JsonLogic operator (`fractional`,
-//!   `sem_ver`, `starts_with`, `ends_with`), with cnsm's own flag model around it (optional
-//!   default variant, per-flag `PARSE_ERROR`, `$evaluators`, disabled flags), reloaded when
-//!   the file changes.
+//!   evaluated in-process: targeting compiled once by `datalogic-rs` with flagd's operators
+//!   (`fractional`, `sem_ver`, `starts_with`, `ends_with`; [`jsonlogic`]), and cnsm's flag model
+//!   (optional default variant, per-flag `PARSE_ERROR`, `$evaluators`, disabled flags),
+//!   reloaded when the file changes.
 //! - [`provider::InMemoryProvider`]: flags defined in code, for tests.
 //! - [`hook::TransitionHook`]: the OpenFeature hook that annotates spans and keeps the gate
 //!   status per flag.
@@ -13,8 +13,7 @@
 //!
 //! `fractional` buckets with flagd's **v2** algorithm (MurmurHash3 x86-32 of the bucketing
 //! string, `(hash * totalWeight) >> 32`), the one flagd's Go evaluator uses; it comes from
-//! `datalogic-rs`'s `flagd` feature, which replaces the engine crate's own (v3, CBOR-hashed)
-//! operator. See docs/flags.md.
+//! `datalogic-rs`'s `flagd` feature. See docs/flags.md.
 //!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
@@ -50,6 +49,7 @@ use open_feature::{
 use serde_json::Value as Json;
 
 pub mod hook;
+pub mod jsonlogic;
 pub mod model;
 pub mod provider;
 

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use flagd_evaluation_engine::Operator;
+use crate::jsonlogic::{Evaluator, Rule};
 use open_feature::{EvaluationContext, EvaluationError, EvaluationErrorCode, EvaluationReason};
 use serde_json::{Map, Value as Json};
 
@@ -21,6 +21,7 @@ pub const FLAG_FILE_LEN_MAX: usize = 8 << 20;
 #[derive(Debug, Default)]
 pub struct FlagSet {
     flags: HashMap<String, Entry>,
+    evaluator: Evaluator,
 }
 
 #[derive(Debug)]
@@ -35,9 +36,8 @@ struct FlagDef {
     enabled: bool,
     variants: Map<String, Json>,
     default_variant: Option<String>,
-    /// Targeting rule with `$ref`s resolved, as the JSON text the JsonLogic engine takes;
-    /// `None` when absent or `{}`.
-    targeting: Option<String>,
+    /// Targeting rule with `$ref`s resolved, compiled; `None` when absent or `{}`.
+    targeting: Option<Rule>,
     metadata: Map<String, Json>,
 }
 
@@ -98,17 +98,18 @@ impl FlagSet {
             .get("metadata")
             .and_then(Json::as_object)
             .unwrap_or(&empty);
+        let evaluator = Evaluator::new();
         let flags = flags
             .iter()
             .map(|(key, flag)| {
-                let entry = match parse_flag(flag, evaluators, set_metadata) {
+                let entry = match parse_flag(&evaluator, flag, evaluators, set_metadata) {
                     Ok(def) => Entry::Valid(def),
                     Err(message) => Entry::Invalid(format!("flag '{key}': {message}")),
                 };
                 (key.clone(), entry)
             })
             .collect();
-        Ok(FlagSet { flags })
+        Ok(FlagSet { flags, evaluator })
     }
 
     /// The keys of every flag defined (valid or not).
@@ -131,7 +132,6 @@ impl FlagSet {
     /// Evaluates a flag for a context, checking the resolved value against `value_type`.
     pub fn resolve(
         &self,
-        operator: &Operator,
         key: &str,
         value_type: FlagValueType,
         context: &EvaluationContext,
@@ -159,7 +159,7 @@ impl FlagSet {
         }
         let (variant, reason) = match &def.targeting {
             None => (def.default_variant.clone(), EvaluationReason::Static),
-            Some(rule) => match operator.apply(key, rule, context) {
+            Some(rule) => match self.evaluator.apply(rule, key, context) {
                 Ok(Some(name)) => (Some(name), EvaluationReason::TargetingMatch),
                 Ok(None) => (def.default_variant.clone(), EvaluationReason::Default),
                 Err(e) => {
@@ -223,6 +223,7 @@ pub(crate) fn type_matches(value: &Json, value_type: FlagValueType) -> bool {
 }
 
 fn parse_flag(
+    evaluator: &Evaluator,
     flag: &Json,
     evaluators: &Map<String, Json>,
     set_metadata: &Map<String, Json>,
@@ -257,7 +258,7 @@ fn parse_flag(
         Some(rule) => {
             let mut rule = rule.clone();
             resolve_refs(&mut rule, evaluators, 0)?;
-            Some(rule.to_string())
+            Some(evaluator.compile(&rule)?)
         }
     };
     let mut metadata = set_metadata.clone();

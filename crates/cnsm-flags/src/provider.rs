@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use cnsm_core::flags::FlagValueType;
-use flagd_evaluation_engine::Operator;
 use open_feature::provider::{
     FeatureProvider, ProviderMetadata, ProviderStatus, ResolutionDetails,
 };
@@ -58,7 +57,6 @@ pub trait FlagSource: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct FlagdFileProvider {
     state: Arc<FileState>,
-    operator: Arc<Operator>,
     metadata: ProviderMetadata,
 }
 
@@ -165,7 +163,6 @@ impl FlagdFileProvider {
             })?;
         Ok(FlagdFileProvider {
             state,
-            operator: Arc::new(Operator::new()),
             metadata: ProviderMetadata::new(FLAGD_FILE_PROVIDER_NAME),
         })
     }
@@ -201,8 +198,7 @@ impl FlagSource for FlagdFileProvider {
         value_type: FlagValueType,
         context: &EvaluationContext,
     ) -> Result<Resolution, EvaluationError> {
-        self.flags()
-            .resolve(&self.operator, key, value_type, context)
+        self.flags().resolve(key, value_type, context)
     }
 
     fn value_type(&self, key: &str) -> Option<FlagValueType> {

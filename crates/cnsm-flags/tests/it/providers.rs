@@ -133,9 +133,8 @@ fn one_bad_flag_does_not_spoil_the_others() {
         .to_string(),
     )
     .expect("the file parses");
-    let operator = flagd_evaluation_engine::Operator::new();
     let context = open_feature::EvaluationContext::default().with_custom_field("tier", "gold");
-    let resolve = |key| set.resolve(&operator, key, FlagValueType::Bool, &context);
+    let resolve = |key| set.resolve(key, FlagValueType::Bool, &context);
     assert_eq!(resolve("good").expect("good").value, Some(json!(true)));
     for bad in ["dangling", "wrong-default", "bad-state"] {
         let error = resolve(bad).expect_err(bad);
