@@ -1,3 +1,4 @@
 mod admission;
 mod engine;
 mod fastexpr;
+mod flags;
