@@ -6,6 +6,7 @@ mod api;
 mod auth;
 mod cloudevents;
 mod concurrency;
+mod flags;
 mod health;
 mod openapi;
 mod support;
