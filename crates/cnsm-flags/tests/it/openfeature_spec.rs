@@ -1,5 +1,7 @@
 //! The OpenFeature spec gherkin suites that concern providers and hooks
-//! (`../shared/conformance/openfeature-spec/`: `evaluation.feature`, `hooks.feature`), run
+//! (`../shared/conformance/openfeature-spec/`: `evaluation.feature`, `hooks.feature`,
+//! `evaluation_v2.feature`, `metadata.feature`; `contextMerging.feature` is about API,
+//! client and transaction contexts, which cnsm does not use), run
 //! through the SDK client against cnsm's in-memory provider loaded from `test-flags.json`.
 //!
 //! Where the SDK cannot express a step it is named here, not skipped silently: the Rust SDK's
@@ -138,6 +140,7 @@ struct World {
     variant: Option<String>,
     reason: String,
     error_code: Option<String>,
+    metadata: Vec<(String, Json)>,
 }
 
 fn kind_of(text: &str) -> &'static str {
@@ -223,12 +226,27 @@ async fn evaluate(flags: &Flags, w: &mut World) {
             w.variant = d.variant;
             w.reason = reason.to_string();
             w.error_code = None;
+            w.metadata = d
+                .flag_metadata
+                .values
+                .iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        open_feature::FlagMetadataValue::Bool(b) => json!(b),
+                        open_feature::FlagMetadataValue::Int(i) => json!(i),
+                        open_feature::FlagMetadataValue::Float(f) => json!(f),
+                        open_feature::FlagMetadataValue::String(s) => json!(s),
+                    };
+                    (k.clone(), v)
+                })
+                .collect();
         }
         Err(e) => {
             w.value = w.fallback.clone();
             w.variant = None;
             w.reason = "ERROR".into();
             w.error_code = Some(e.code.to_string());
+            w.metadata.clear();
         }
     }
 }
@@ -268,7 +286,12 @@ async fn run(flags: &Flags, case: &Case) -> Result<(), String> {
             let head = text.split('-').next().unwrap_or_default();
             w.flag_type = kind_of(head.rsplit(' ').next().unwrap_or_default()).to_owned();
             w.key = q[0].clone();
-            w.fallback = typed(&w.flag_type, &q[1]);
+            // The fallback is everything between its quotes (object fallbacks hold quotes).
+            let fallback = text
+                .split_once("fallback value \"")
+                .map(|(_, rest)| rest.strip_suffix('"').unwrap_or(rest).replace("\\\"", "\""))
+                .unwrap_or_default();
+            w.fallback = typed(&w.flag_type, &fallback);
         } else if text.contains("is evaluated") {
             w.flag_type = kind_of(text.split("with key").next().unwrap_or_default()).to_owned();
             if text.contains("as an integer") {
@@ -314,6 +337,60 @@ async fn run(flags: &Flags, case: &Case) -> Result<(), String> {
                         w.value[field.as_str()]
                     ));
                 }
+            }
+        } else if text.starts_with("a context containing a key")
+            && text.ends_with("with null value")
+        {
+            // The SDK's context has no null field: leaving the key out is the same to targeting.
+        } else if text.starts_with("a context containing a key") {
+            let value = match q[1].as_str() {
+                "Integer" => EvaluationContextFieldValue::Int(q[2].parse().unwrap_or_default()),
+                "Float" => EvaluationContextFieldValue::Float(q[2].parse().unwrap_or_default()),
+                "Boolean" => EvaluationContextFieldValue::Bool(q[2] == "true"),
+                _ => EvaluationContextFieldValue::String(q[2].clone()),
+            };
+            w.context.custom_fields.insert(q[0].clone(), value);
+        } else if text.starts_with("the resolved details value should be") {
+            let (first, last) = (text.find('"').unwrap_or(0), text.rfind('"').unwrap_or(0));
+            let raw = text
+                .get(first + 1..last)
+                .unwrap_or_default()
+                .replace("\\\"", "\"");
+            let want = typed(&w.flag_type, &raw);
+            if !same(&want, &w.value) {
+                return Err(format!("{text}: got {} ({})", w.value, w.reason));
+            }
+        } else if text.starts_with("the reason should be") {
+            if w.reason != q[0] {
+                return Err(format!("{text}: got {}", w.reason));
+            }
+        } else if text.starts_with("the error-code should be") {
+            if w.error_code.as_deref() != Some(q[0].as_str()) {
+                return Err(format!("{text}: got {:?}", w.error_code));
+            }
+        } else if text.starts_with("the flag key should be") {
+            if w.key != q[0] {
+                return Err(format!("{text}: got {}", w.key));
+            }
+        } else if text.starts_with("the variant should be") && q.len() == 1 {
+            if w.variant.as_deref() != Some(q[0].as_str()) {
+                return Err(format!("{text}: got {:?}", w.variant));
+            }
+        } else if text == "the resolved metadata should contain" {
+            for row in step.table.iter().skip(1) {
+                let want = typed(&row[1].to_ascii_lowercase(), &row[2]);
+                let got = w
+                    .metadata
+                    .iter()
+                    .find(|(k, _)| *k == row[0])
+                    .map(|(_, v)| v);
+                if !got.is_some_and(|g| same(g, &want)) {
+                    return Err(format!("metadata {}: want {want}, got {got:?}", row[0]));
+                }
+            }
+        } else if text == "the resolved metadata is empty" {
+            if !w.metadata.is_empty() {
+                return Err(format!("metadata not empty: {:?}", w.metadata));
             }
         } else if text.starts_with("the variant should be") {
             if w.variant.as_deref() != q.first().map(String::as_str) || q.get(1) != Some(&w.reason)
@@ -410,14 +487,45 @@ async fn run(flags: &Flags, case: &Case) -> Result<(), String> {
     Ok(())
 }
 
+/// Scenarios not run, each for a stated reason (they are printed, and counted):
+/// - `provider-status`: the Rust SDK 0.3 has no provider events or `FATAL`/`NOT_READY`
+///   short-circuit in the client (spec 1.7, "❌ Eventing" in its README);
+/// - `reason-codes-cached`: needs a caching provider; cnsm's providers evaluate in-process and
+///   never cache;
+/// - `evaluation-options`, `immutability`, `async`: steps that assert properties the SDK's
+///   Rust types give by construction (options hooks are covered by `hooks.feature` here,
+///   contexts are passed by shared reference, every evaluation is a future) and have no step
+///   form that could fail.
+const UNSUPPORTED_TAGS: &[&str] = &[
+    "provider-status",
+    "reason-codes-cached",
+    "evaluation-options",
+    "immutability",
+    "async",
+];
+
 #[tokio::test]
 async fn openfeature_spec_evaluation_and_hooks_suites() {
     let flags = Flags::new(provider()).await;
     let dir = shared_dir().join("conformance/openfeature-spec");
-    let mut n_passed = 0;
+    let (mut n_passed, mut n_unsupported) = (0, 0);
     let mut failures = Vec::new();
-    for file in ["evaluation.feature", "hooks.feature"] {
+    for file in [
+        "evaluation.feature",
+        "hooks.feature",
+        "evaluation_v2.feature",
+        "metadata.feature",
+    ] {
         for case in cases(&dir.join(file)) {
+            if let Some(tag) = case
+                .tags
+                .iter()
+                .find(|t| UNSUPPORTED_TAGS.contains(&t.as_str()))
+            {
+                n_unsupported += 1;
+                println!("not run ({tag}): {file} / {}", case.name);
+                continue;
+            }
             match run(&flags, &case).await {
                 Ok(()) => n_passed += 1,
                 Err(e) => failures.push(format!("{file} / {}: {e}", case.name)),
@@ -425,11 +533,12 @@ async fn openfeature_spec_evaluation_and_hooks_suites() {
         }
     }
     println!(
-        "openfeature spec (evaluation + hooks): {n_passed} passed, {} failed",
+        "openfeature spec (evaluation, hooks, evaluation_v2, metadata): {n_passed} passed, {} \
+         failed, {n_unsupported} not run (UNSUPPORTED_TAGS)",
         failures.len()
     );
     assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
-    assert_eq!(n_passed, 16, "13 evaluation + 3 hooks scenarios");
+    assert!(n_passed >= 79, "only {n_passed} cases passed");
     // The transition hook saw every evaluation and mapped the reasons.
     let statuses = flags.gates().statuses();
     assert_eq!(
