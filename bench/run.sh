@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs cnsm's benchmarks and the XState side-by-side in one go; prints `bench NAME: VALUE` lines
-# that BENCHMARKS.md quotes. Usage: bench/run.sh [engine|durable|timers|recovery|stores|xstate|http|telemetry|snapshot|soak|migration ...]
+# that BENCHMARKS.md quotes. Usage: bench/run.sh [engine|flags|durable|timers|recovery|stores|xstate|http|telemetry|snapshot|soak|migration ...]
 # (default: all but recovery, which builds a 3+ GB store and takes several minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,7 @@ echo "# $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, $(grep -m1 'model name' /
 for w in "${what[@]}"; do
   case "$w" in
     engine)   cargo bench -q -p cnsm-bench --bench engine ;;
+    flags)    cargo bench -q -p cnsm-bench --bench flags ;;
     durable)  cargo bench -q -p cnsm-bench --bench durable ;;
     timers)   cargo bench -q -p cnsm-bench --bench timers ;;
     recovery) cargo bench -q -p cnsm-bench --bench recovery ;;

@@ -39,6 +39,7 @@ use serde_json::{Map, Value};
 use crate::error::{FailureReason, TransitionError};
 use crate::expr::{Expr, Scope, VAR_DATA};
 use crate::fastexpr::{InstanceView, Vars};
+use crate::flags::{FlagQuery, FlagValueType};
 use crate::instance::{Instance, Phase, Status};
 use crate::record::{
     FlagDecision, GuardTrace, Hash32, MigrationLock, REVISION_DOMAIN, RecordKind, StateChangeEvent,
@@ -136,6 +137,10 @@ struct CompiledTransition {
     target: StateId,
     guard: Option<Expr>,
     flag: Option<FlagGate>,
+    /// The gate's compiled `targetingKey` expression (the instance id when absent).
+    targeting_key: Option<Expr>,
+    /// Data fields passed to the flag evaluation context.
+    context: Vec<String>,
     assign: Vec<(String, Expr)>,
 }
 
@@ -278,6 +283,12 @@ impl Machine {
                     .iter()
                     .map(|(k, v)| Ok((k.clone(), compile(v)?)))
                     .collect::<Result<Vec<_>, CompileError>>()?;
+                let targeting_key = t
+                    .flag
+                    .as_ref()
+                    .and_then(|f| f.targeting_key.as_deref())
+                    .map(compile)
+                    .transpose()?;
                 events
                     .entry(Arc::from(t.event.as_str()))
                     .or_default()
@@ -286,6 +297,8 @@ impl Machine {
                         target: resolve(&t.target)?,
                         guard,
                         flag: t.flag.clone(),
+                        targeting_key,
+                        context: t.context.clone(),
                         assign,
                     });
             }
@@ -299,6 +312,8 @@ impl Machine {
                                 target: resolve(next)?,
                                 guard: None,
                                 flag: None,
+                                targeting_key: None,
+                                context: Vec::new(),
                                 assign: Vec::new(),
                             },
                         );
@@ -474,6 +489,93 @@ impl Machine {
             return Ok(None);
         }
         self.apply(instance, input).map(Some)
+    }
+
+    /// The flag evaluations `event` needs in the instance's current state, one per distinct
+    /// flag key of the event's entries, in entry order (DESIGN.md §6). Empty, without
+    /// allocating, when no entry for the event carries a `flag:` — the common case. Timers
+    /// never need any: `onTimeout`, wait and retry transitions carry no flag.
+    pub fn flag_queries(
+        &self,
+        instance: &Instance,
+        event: &str,
+        payload: &Value,
+    ) -> Vec<FlagQuery> {
+        if instance.status.is_final() || instance.in_backoff {
+            return Vec::new();
+        }
+        let Some(state_id) = self.state_id(&instance.state) else {
+            return Vec::new();
+        };
+        let Some(entries) = self.state(state_id).events.get(event) else {
+            return Vec::new();
+        };
+        let mut queries: Vec<FlagQuery> = Vec::new();
+        for t in entries {
+            let Some(gate) = &t.flag else { continue };
+            if queries.iter().any(|q| q.key == gate.key) {
+                continue;
+            }
+            let view = View {
+                id: &instance.id,
+                state: &instance.state,
+                version: instance.version,
+                labels: &instance.labels,
+            };
+            let (targeting_key, targeting_key_error) = match &t.targeting_key {
+                None => (instance.id.to_string(), None),
+                Some(expr) => {
+                    let vars = Vars {
+                        data: &instance.data,
+                        pending: None,
+                        event: payload,
+                        instance: view,
+                    };
+                    let value = match expr.fast_value(&vars) {
+                        Some(v) => Ok(v),
+                        None => Scope::for_vars(&self.env, expr.needs(), &vars).value(expr),
+                    };
+                    match value {
+                        Ok(Value::String(s)) if !s.is_empty() => (s, None),
+                        Ok(Value::Number(n)) => (n.to_string(), None),
+                        Ok(other) => (
+                            String::new(),
+                            Some(format!(
+                                "targetingKey `{}` yielded {other}, not a non-empty string",
+                                expr.source()
+                            )),
+                        ),
+                        Err(e) => (String::new(), Some(format!("targetingKey {e}"))),
+                    }
+                }
+            };
+            let mut context = Map::new();
+            for (k, v) in &instance.labels {
+                context.insert(k.clone(), Value::String(v.clone()));
+            }
+            for field in &t.context {
+                if let Some(v) = instance.data.get(field) {
+                    context.insert(field.clone(), v.clone());
+                }
+            }
+            context.insert("machine".into(), Value::from(&*instance.machine));
+            context.insert("revision".into(), Value::from(instance.revision));
+            context.insert("state".into(), Value::from(&*instance.state));
+            context.insert("event".into(), Value::from(event));
+            let value_type = if gate.variant.is_some() {
+                FlagValueType::Any
+            } else {
+                FlagValueType::of_expected(gate.value.as_ref())
+            };
+            queries.push(FlagQuery {
+                key: gate.key.clone(),
+                targeting_key,
+                targeting_key_error,
+                context,
+                value_type,
+            });
+        }
+        queries
     }
 
     /// Decides the record for an event (or a timer already checked by [`Machine::fire`]).

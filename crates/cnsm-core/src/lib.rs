@@ -28,6 +28,7 @@ pub mod engine;
 pub mod error;
 pub mod expr;
 pub mod fastexpr;
+pub mod flags;
 pub mod graph;
 pub mod instance;
 pub mod migration;

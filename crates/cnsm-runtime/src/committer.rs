@@ -9,14 +9,16 @@ use std::time::Duration;
 
 use cnsm_core::TransitionError;
 use cnsm_core::engine::{ACTOR_TIMER, Input, NewInstance, Trigger as EngineTrigger};
+use cnsm_core::flags::FlagQuery;
 use cnsm_core::migration::CompiledMigration;
-use cnsm_core::record::{Hash32, StateChangeEvent, Timer};
+use cnsm_core::record::{FlagDecision, Hash32, StateChangeEvent, Timer};
 use cnsm_core::{Instance, SealedRecord};
 use cnsm_store::{
     CommitItem, DefinitionRow, IdempotencyEntry, ImportItem, ImportReport, ItemOutcome, TimerRef,
 };
 use tokio::sync::oneshot;
 
+use crate::flags::SeenFlags;
 use crate::telemetry::{Attempt, AttemptStart, CommittedBatch, LocalMetrics, TraceParent, Trigger};
 use crate::timers::TimerIndex;
 use crate::{
@@ -48,7 +50,9 @@ pub(crate) enum Command {
         event: EventRequest,
         /// When `Runtime::send` got the event: the start of its transition timing.
         received: std::time::Instant,
-        reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>>,
+        /// Flag decisions made before queueing, tagged with the version they saw.
+        flags: Option<SeenFlags>,
+        reply: oneshot::Sender<EventReply>,
     },
     Control {
         namespace: String,
@@ -85,6 +89,20 @@ pub(crate) enum Command {
     Stop,
 }
 
+/// The committer's answer to an event. `Done` is the common, large one; boxing it would cost an
+/// allocation per event, so the size difference stays.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum EventReply {
+    Done(Result<TransitionOutcome, RuntimeError>),
+    /// The event needs flag decisions for this version (none were given, or they are stale);
+    /// nothing was committed. The request comes back to be queued again.
+    NeedFlags {
+        event: EventRequest,
+        version: u64,
+        queries: Vec<FlagQuery>,
+    },
+}
+
 type Key = (String, String);
 
 struct Cached {
@@ -95,6 +113,26 @@ struct Cached {
 }
 
 /// What to answer once the batch is durable.
+/// Where the outcome of a transition goes: an event's reply (which may also carry a request
+/// for flag decisions), or a control's or migration step's plain result.
+enum OutcomeReply {
+    Event(oneshot::Sender<EventReply>),
+    Direct(oneshot::Sender<Result<TransitionOutcome, RuntimeError>>),
+}
+
+impl OutcomeReply {
+    fn send(self, result: Result<TransitionOutcome, RuntimeError>) {
+        match self {
+            OutcomeReply::Event(reply) => {
+                let _ = reply.send(EventReply::Done(result));
+            }
+            OutcomeReply::Direct(reply) => {
+                let _ = reply.send(result);
+            }
+        }
+    }
+}
+
 enum Waiter {
     Created {
         item: usize,
@@ -103,7 +141,7 @@ enum Waiter {
     Applied {
         item: usize,
         replayed: bool,
-        reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>>,
+        reply: OutcomeReply,
     },
     CreateFailed {
         error: RuntimeError,
@@ -111,7 +149,7 @@ enum Waiter {
     },
     EventFailed {
         error: RuntimeError,
-        reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>>,
+        reply: OutcomeReply,
     },
     Tick {
         n_fired: usize,
@@ -450,6 +488,7 @@ impl Committer {
                     id,
                     event,
                     received,
+                    flags,
                     reply,
                 } => {
                     let key = (namespace, id);
@@ -474,6 +513,7 @@ impl Committer {
                     match self.event(
                         &key,
                         event,
+                        flags,
                         now_ms,
                         &mut attempt,
                         &mut items,
@@ -481,21 +521,37 @@ impl Committer {
                         &mut before,
                         &mut pending_keys,
                     ) {
-                        Ok((item, replayed)) => {
+                        Ok(Applied::Staged(item, replayed)) => {
                             if !replayed {
                                 self.batch_attempts.push(attempt);
                             }
                             waiters.push(Waiter::Applied {
                                 item,
                                 replayed,
-                                reply,
+                                reply: OutcomeReply::Event(reply),
                             })
+                        }
+                        Ok(Applied::NeedFlags {
+                            event,
+                            version,
+                            queries,
+                        }) => {
+                            // Not an attempt yet: it comes back with decisions.
+                            drop(attempt);
+                            let _ = reply.send(EventReply::NeedFlags {
+                                event,
+                                version,
+                                queries,
+                            });
                         }
                         Err(error) => {
                             if let Some(a) = attempt {
                                 self.shared.options.telemetry.failed(a, &error);
                             }
-                            waiters.push(Waiter::EventFailed { error, reply })
+                            waiters.push(Waiter::EventFailed {
+                                error,
+                                reply: OutcomeReply::Event(reply),
+                            })
                         }
                     }
                 }
@@ -685,13 +741,14 @@ impl Committer {
         &mut self,
         key: &Key,
         event: EventRequest,
+        flags: Option<SeenFlags>,
         now_ms: u64,
         attempt: &mut Option<Box<Attempt>>,
         items: &mut Vec<CommitItem>,
         item_keys: &mut Vec<Key>,
         before: &mut HashMap<Key, Option<Timer>>,
         pending_keys: &mut HashMap<(Key, String), (Hash32, usize)>,
-    ) -> Result<(usize, bool), RuntimeError> {
+    ) -> Result<Applied, RuntimeError> {
         let request_hash = event.request_hash();
         if let Some(k) = &event.idempotency_key {
             if let Some((hash, item)) = pending_keys.get(&(key.clone(), k.clone())) {
@@ -700,7 +757,7 @@ impl Committer {
                         "idempotency key '{k}' was used with a different request"
                     )));
                 }
-                return Ok((*item, true));
+                return Ok(Applied::Staged(*item, true));
             }
             if let Some(entry) = self.shared.store.idempotency(&key.0, &key.1, k)?
                 && entry.expires_ms > now_ms
@@ -733,6 +790,23 @@ impl Committer {
         }
         let instance = &cached.instance;
         let machine = shared.machine(&instance.namespace, &instance.machine, instance.revision)?;
+        // Flag gates: decisions must have been made at this very version (DESIGN.md §3).
+        let mut decisions: &[FlagDecision] = &[];
+        if shared.options.flags.is_some() {
+            let queries = machine.flag_queries(instance, &event.name, &event.payload);
+            if !queries.is_empty() {
+                match &flags {
+                    Some(seen) if seen.version == instance.version => decisions = &seen.decisions,
+                    _ => {
+                        return Ok(Applied::NeedFlags {
+                            version: instance.version,
+                            queries,
+                            event,
+                        });
+                    }
+                }
+            }
+        }
         let mut input = Input::new(
             EngineTrigger::Event {
                 name: &event.name,
@@ -743,6 +817,7 @@ impl Committer {
         );
         input.idempotency_key = event.idempotency_key.as_deref();
         input.trace = event.trace.clone();
+        input.flags = decisions;
         let evaluated = match attempt {
             Some(a) => {
                 shared.options.telemetry.loaded(a, instance);
@@ -767,7 +842,7 @@ impl Committer {
         if let Some(k) = event.idempotency_key {
             pending_keys.insert((key.clone(), k), (request_hash, items.len() - 1));
         }
-        Ok((items.len() - 1, false))
+        Ok(Applied::Staged(items.len() - 1, false))
     }
 
     /// Queues the answer of a control or migration step, and its attempt for telemetry (kept
@@ -785,14 +860,17 @@ impl Committer {
                 waiters.push(Waiter::Applied {
                     item,
                     replayed: false,
-                    reply,
+                    reply: OutcomeReply::Direct(reply),
                 });
             }
             Err(error) => {
                 if let Some(a) = attempt {
                     self.shared.options.telemetry.failed(a, &error);
                 }
-                waiters.push(Waiter::EventFailed { error, reply });
+                waiters.push(Waiter::EventFailed {
+                    error,
+                    reply: OutcomeReply::Direct(reply),
+                });
             }
         }
     }
@@ -1073,6 +1151,20 @@ impl Committer {
     }
 }
 
+/// What became of an event in the batch.
+// A short-lived return value; boxing the request would cost an allocation per flagged event.
+#[allow(clippy::large_enum_variant)]
+enum Applied {
+    /// Staged as this item (`true`: a repeated idempotency key within the batch).
+    Staged(usize, bool),
+    /// Sent back for flag decisions at `version`.
+    NeedFlags {
+        event: EventRequest,
+        version: u64,
+        queries: Vec<FlagQuery>,
+    },
+}
+
 /// Seals `record`, folds it into the working copy of its instance, and adds it to the batch.
 #[allow(clippy::too_many_arguments)]
 fn stage(
@@ -1143,14 +1235,12 @@ fn answer(
                         .into())
                     }
                 };
-                let _ = reply.send(result);
+                reply.send(result);
             }
             Waiter::CreateFailed { error, reply } => {
                 let _ = reply.send(Err(error));
             }
-            Waiter::EventFailed { error, reply } => {
-                let _ = reply.send(Err(error));
-            }
+            Waiter::EventFailed { error, reply } => reply.send(Err(error)),
             Waiter::Tick { n_fired, reply } => {
                 let _ = reply.send(n_fired);
             }
@@ -1188,7 +1278,7 @@ fn fail_all(waiters: Vec<Waiter>, message: &str) {
                 let _ = reply.send(Err(RuntimeError::Unavailable(message.to_owned())));
             }
             Waiter::Applied { reply, .. } | Waiter::EventFailed { reply, .. } => {
-                let _ = reply.send(Err(RuntimeError::Unavailable(message.to_owned())));
+                reply.send(Err(RuntimeError::Unavailable(message.to_owned())));
             }
             Waiter::Tick { reply, .. } => {
                 let _ = reply.send(0);

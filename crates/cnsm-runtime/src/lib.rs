@@ -52,12 +52,14 @@ pub mod audit;
 pub mod clock;
 mod committer;
 mod error;
+pub mod flags;
 mod migrate;
 pub mod telemetry;
 pub mod timers;
 
 pub use clock::{Clock, SystemClock, VirtualClock};
 pub use error::RuntimeError;
+pub use flags::FlagEvaluator;
 pub use migrate::{
     MigrationEntry, MigrationOutcome, MigrationPhase, MigrationReport, MigrationRequest,
 };
@@ -81,6 +83,9 @@ pub struct RuntimeOptions {
     pub clock: Arc<dyn Clock>,
     /// Spans, metrics and hooks (all off by default); see [`telemetry`].
     pub telemetry: Telemetry,
+    /// Evaluates `flag:` gates before events are applied; without one every gate sees a
+    /// `FLAG_NOT_EVALUATED` error and its `onFlagError` policy decides.
+    pub flags: Option<Arc<dyn FlagEvaluator>>,
 }
 
 impl Default for RuntimeOptions {
@@ -94,6 +99,7 @@ impl Default for RuntimeOptions {
             timers: true,
             clock: Arc::new(SystemClock),
             telemetry: Telemetry::default(),
+            flags: None,
         }
     }
 }
@@ -106,6 +112,11 @@ impl RuntimeOptions {
 
     pub fn with_telemetry(mut self, telemetry: Telemetry) -> RuntimeOptions {
         self.telemetry = telemetry;
+        self
+    }
+
+    pub fn with_flags(mut self, flags: Arc<dyn FlagEvaluator>) -> RuntimeOptions {
+        self.flags = Some(flags);
         self
     }
 }
@@ -404,6 +415,11 @@ impl Runtime {
 
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.shared.options.clock
+    }
+
+    /// The flag evaluator, when one is configured.
+    pub fn flags(&self) -> Option<&Arc<dyn FlagEvaluator>> {
+        self.shared.options.flags.as_ref()
     }
 
     /// Adds an observer of committed transitions.
@@ -710,20 +726,49 @@ impl Runtime {
                 .into(),
             ));
         }
-        let (namespace, id) = (namespace.to_owned(), id.to_owned());
-        self.submit(|reply| committer::Command::Event {
-            namespace,
-            id,
-            event,
-            received,
-            reply,
-        })
-        .await
-        .map_err(SendError::arrival)?
-        .map_err(|error| SendError {
-            error,
-            from_committer: true,
-        })
+        let mut event = event;
+        let mut flags = None;
+        for _ in 0..=flags::FLAG_ROUNDS_MAX {
+            let (namespace, id) = (namespace.to_owned(), id.to_owned());
+            let reply = self
+                .submit(|reply| committer::Command::Event {
+                    namespace,
+                    id,
+                    event,
+                    flags: flags.take(),
+                    received,
+                    reply,
+                })
+                .await
+                .map_err(SendError::arrival)?;
+            match reply {
+                committer::EventReply::Done(result) => {
+                    return result.map_err(|error| SendError {
+                        error,
+                        from_committer: true,
+                    });
+                }
+                committer::EventReply::NeedFlags {
+                    event: returned,
+                    version,
+                    queries,
+                } => {
+                    event = returned;
+                    let Some(evaluator) = &self.shared.options.flags else {
+                        return Err(SendError::arrival(RuntimeError::Unavailable(
+                            "flag decisions were requested without an evaluator".into(),
+                        )));
+                    };
+                    let decisions = evaluator.evaluate(&queries).await;
+                    flags = Some(flags::SeenFlags { version, decisions });
+                }
+            }
+        }
+        Err(SendError::arrival(RuntimeError::Unavailable(format!(
+            "flag decisions for {namespace}/{id} went stale {} times in a row (the instance \
+             keeps changing); retry",
+            flags::FLAG_ROUNDS_MAX + 1
+        ))))
     }
 
     /// Applies retention now: deletes the finished instances of every machine with

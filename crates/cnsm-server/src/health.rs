@@ -315,6 +315,30 @@ fn store_counts(store: &dyn Store, max: usize) -> StoreCounts {
     }
 }
 
+/// The flag provider's health for statez: `null` without an evaluator; a flag file that failed
+/// to load shows `status: error` with the message (the last good flags stay in use).
+fn flags_health(runtime: &cnsm_runtime::Runtime) -> Value {
+    match runtime.flags() {
+        None => Value::Null,
+        Some(flags) => {
+            let error = flags.provider_error();
+            json!({
+                "provider": flags.provider_name(),
+                "status": if error.is_some() { "error" } else { "ok" },
+                "error": error,
+            })
+        }
+    }
+}
+
+/// Gate status per flag key (`ACTIVE`, `STABLE`, `DISABLED`, `DEGRADED`) for the debug page.
+fn flag_gates(runtime: &cnsm_runtime::Runtime) -> BTreeMap<String, String> {
+    runtime
+        .flags()
+        .map(|f| f.gate_statuses())
+        .unwrap_or_default()
+}
+
 /// `/health/statez`: store, commits, queue, instances, timers, version, uptime.
 pub async fn statez(
     State(state): State<ServerState>,
@@ -368,6 +392,7 @@ pub async fn statez(
             "nextDueMs": next_due_ms,
         },
         "errors": diagnostics.n_errors.load(Ordering::Relaxed),
+        "flags": flags_health(state.runtime()),
     });
     let status = if ready.is_ok() {
         StatusCode::OK
@@ -429,6 +454,19 @@ pub async fn statez(
         "errors answered:   {}",
         diagnostics.n_errors.load(Ordering::Relaxed)
     );
+    let flags = &value["flags"];
+    if !flags.is_null() {
+        let _ = writeln!(
+            out,
+            "flags:             {} ({}{})",
+            flags["provider"].as_str().unwrap_or("?"),
+            flags["status"].as_str().unwrap_or("?"),
+            flags["error"]
+                .as_str()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+    }
     Ok(text_response(status, out))
 }
 
@@ -525,6 +563,7 @@ pub async fn debug(
             "instancesCapped": capped,
             "recentTransitions": transitions,
             "recentErrors": errors,
+            "flagGates": flag_gates(state.runtime()),
         }))
         .into_response());
     }
@@ -571,6 +610,13 @@ pub async fn debug(
             t.event.as_deref().unwrap_or("-"),
             t.actor
         );
+    }
+    let gates = flag_gates(state.runtime());
+    if !gates.is_empty() {
+        let _ = writeln!(out, "Flag gates (status of each flag's last evaluation):");
+        for (key, status) in &gates {
+            let _ = writeln!(out, "  {key}: {status}");
+        }
     }
     let _ = writeln!(out, "Last errors (newest first):");
     if errors.is_empty() {

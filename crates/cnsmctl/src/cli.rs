@@ -88,6 +88,11 @@ pub struct Cli {
     #[arg(long, global = true, env = "CNSM_CA_CERT", value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
 
+    /// flagd flag file for `flag:` gates (docs/flags.md): evaluated by `serve` and local
+    /// commands, reloaded when it changes; `validate` warns on flag keys it does not define
+    #[arg(long, global = true, env = "CNSM_FLAGS", value_name = "FILE")]
+    pub flags: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }

@@ -73,6 +73,8 @@ pub async fn run(context: &Context, out: &mut Out) -> Result<(), CliError> {
         server: None,
         token: None,
         ca_cert: None,
+        flags_file: None,
+        flags: None,
     };
     let api = Local::open(&data_dir, Access::Mutating)?;
     let result = tour(&demo_context, &api, out).await;

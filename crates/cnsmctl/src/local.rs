@@ -32,16 +32,30 @@ impl Local {
     /// runs timers (overdue ones fire right away); a read-only one refuses a missing directory
     /// instead of creating an empty store, and runs no timers.
     pub fn open(data_dir: &Path, access: Access) -> Result<Local, CliError> {
-        Local::open_with(data_dir, access, true)
+        Local::open_with(data_dir, access, true, None)
+    }
+
+    /// Like [`Local::open`], with an evaluator for `flag:` gates (`--flags`).
+    pub fn open_with_flags(
+        data_dir: &Path,
+        access: Access,
+        flags: Option<std::sync::Arc<dyn cnsm_runtime::FlagEvaluator>>,
+    ) -> Result<Local, CliError> {
+        Local::open_with(data_dir, access, true, flags)
     }
 
     /// Opens the store for `store verify`: without the check of the unverified tail that
     /// [`Local::open`] makes, so that a damaged store opens and every problem can be listed.
     pub fn open_for_verify(data_dir: &Path) -> Result<Local, CliError> {
-        Local::open_with(data_dir, Access::ReadOnly, false)
+        Local::open_with(data_dir, Access::ReadOnly, false, None)
     }
 
-    fn open_with(data_dir: &Path, access: Access, verify_tail: bool) -> Result<Local, CliError> {
+    fn open_with(
+        data_dir: &Path,
+        access: Access,
+        verify_tail: bool,
+        flags: Option<std::sync::Arc<dyn cnsm_runtime::FlagEvaluator>>,
+    ) -> Result<Local, CliError> {
         match access {
             Access::Mutating => std::fs::create_dir_all(data_dir).map_err(|e| {
                 CliError::unavailable(format!(
@@ -74,6 +88,7 @@ impl Local {
         })?;
         let options = RuntimeOptions {
             timers: access == Access::Mutating,
+            flags,
             ..RuntimeOptions::default()
         };
         let runtime = Runtime::open(store, options)?;

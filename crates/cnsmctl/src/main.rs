@@ -59,6 +59,8 @@ fn main() -> ExitCode {
         server: cli.server.clone(),
         token: cli.token.clone(),
         ca_cert: cli.ca_cert.clone(),
+        flags_file: cli.flags.clone(),
+        flags: None,
     };
     // The server uses every core; a command is one thread waiting on a store or a server.
     let mut builder = match cli.command {
@@ -72,6 +74,17 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
+    let mut context = context;
+    // A flag file is loaded once, before anything runs; a bad one is refused up front.
+    if let (Some(path), None) = (&context.flags_file, &context.server) {
+        match runtime.block_on(cnsm_flags::Flags::from_file(path)) {
+            Ok(flags) => context.flags = Some(std::sync::Arc::new(flags)),
+            Err(e) => {
+                eprintln!("error: Invalid: --flags: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        }
+    }
     let mut out = Out::new();
     // Every store handle is dropped (and its runtime shut down) inside `run`, before we exit.
     let result = runtime.block_on(commands::run(&context, cli.command, &mut out));

@@ -7,6 +7,8 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
+#[path = "cli/flags.rs"]
+mod flags;
 #[path = "cli/observability.rs"]
 mod observability;
 #[path = "cli/server.rs"]
@@ -113,6 +115,7 @@ impl Cli {
             .env_remove("CNSM_CA_CERT")
             .env_remove("CNSM_TLS_CERT")
             .env_remove("CNSM_TLS_KEY")
+            .env_remove("CNSM_FLAGS")
             .current_dir(self.dir.path());
         if let Some(url) = &self.server {
             command.arg("--server").arg(url);

@@ -1,4 +1,5 @@
 mod admission;
 mod engine;
 mod fastexpr;
+mod flags;
 mod migration;

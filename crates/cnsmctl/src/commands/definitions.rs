@@ -25,7 +25,24 @@ use crate::output::{
 const RESOURCE: &str = "statemachine.statemachine.cn";
 
 /// `validate`: every problem of every file; exit 1 when any file has an error.
-pub fn validate(args: &ValidateArgs, out: &mut Out) -> Result<u8, CliError> {
+pub fn validate(
+    args: &ValidateArgs,
+    flags_file: Option<&std::path::Path>,
+    out: &mut Out,
+) -> Result<u8, CliError> {
+    // With --flags, gates naming a key the file does not define are warnings.
+    let flag_set = match flags_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                CliError::invalid(format!("cannot read --flags {}: {e}", path.display()))
+            })?;
+            Some(
+                cnsm_flags::FlagSet::parse(&text)
+                    .map_err(|e| CliError::invalid(format!("--flags {}: {e}", path.display())))?,
+            )
+        }
+        None => None,
+    };
     let mut invalid: Vec<String> = Vec::new();
     let mut n_errors = 0;
     for path in &args.files {
@@ -42,7 +59,15 @@ pub fn validate(args: &ValidateArgs, out: &mut Out) -> Result<u8, CliError> {
             eprintln!("{}", render_problem(problem, Some(&name)));
         }
         n_errors += admission.errors().count();
-        let n_warnings = admission.warnings().count();
+        let mut n_warnings = admission.warnings().count();
+        if let (Some(set), Some(machine)) = (&flag_set, &admission.machine) {
+            for (key, at) in cnsm_flags::undefined_flag_keys(machine, set) {
+                eprintln!(
+                    "{name}: warning[flag-undefined]: flag '{key}' is not defined in the --flags file (at {at})"
+                );
+                n_warnings += 1;
+            }
+        }
         if admission.machine.is_some() {
             match n_warnings {
                 0 => out.line(format_args!("{name}: valid")),

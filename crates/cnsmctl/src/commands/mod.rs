@@ -47,6 +47,10 @@ pub struct Context {
     pub token: Option<String>,
     /// `--ca-cert FILE`: the certificates trusted for an `https://` `--server`.
     pub ca_cert: Option<PathBuf>,
+    /// `--flags FILE`: the flagd flag file.
+    pub flags_file: Option<PathBuf>,
+    /// The evaluator over `--flags` (loaded by `main`), for local commands and `serve`.
+    pub flags: Option<std::sync::Arc<dyn cnsm_runtime::FlagEvaluator>>,
 }
 
 impl Context {
@@ -58,7 +62,8 @@ impl Context {
                 self.token.as_deref(),
                 self.ca_cert.as_deref(),
             )?)),
-            None => Local::open(&self.data_dir, access).map(Connection::Local),
+            None => Local::open_with_flags(&self.data_dir, access, self.flags.clone())
+                .map(Connection::Local),
         }
     }
 
@@ -78,7 +83,7 @@ impl Context {
 /// Runs one command and returns the process exit code. Errors are returned, not printed.
 pub async fn run(context: &Context, command: Command, out: &mut Out) -> Result<u8, CliError> {
     match command {
-        Command::Validate(args) => definitions::validate(&args, out),
+        Command::Validate(args) => definitions::validate(&args, context.flags_file.as_deref(), out),
         Command::Apply(args) => definitions::apply(context, &args, out)
             .await
             .map(|()| EXIT_OK),

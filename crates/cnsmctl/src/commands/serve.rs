@@ -86,7 +86,11 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
     let wired = crate::telemetry::wire(&args.telemetry, &store)?;
     let runtime = match Runtime::open_shared(
         store,
-        RuntimeOptions::default().with_telemetry(wired.telemetry.clone()),
+        RuntimeOptions {
+            flags: context.flags.clone(),
+            ..RuntimeOptions::default()
+        }
+        .with_telemetry(wired.telemetry.clone()),
     ) {
         Ok(runtime) => runtime,
         Err(e) => {
