@@ -81,6 +81,32 @@ pub struct Wired {
 }
 
 impl Wired {
+    /// Exports the gate status of every flag the runtime evaluated (`ACTIVE`, `STABLE`,
+    /// `DISABLED`, `DEGRADED`, from the evaluation reason) as `cnsm.flag.gate.status`: one
+    /// series per flag key with its status as an attribute and the value 1. Flag keys are
+    /// bounded by the flag file.
+    pub fn observe_flag_gates(&self, flags: Arc<dyn cnsm_runtime::FlagEvaluator>) {
+        let Some(mp) = &self.meter_provider else {
+            return;
+        };
+        let _gauge = mp
+            .meter("cnsm")
+            .u64_observable_gauge("cnsm.flag.gate.status")
+            .with_description("Gate status of each evaluated flag (1 for its current status)")
+            .with_callback(move |observer| {
+                for (key, status) in flags.gate_statuses() {
+                    observer.observe(
+                        1,
+                        &[
+                            opentelemetry::KeyValue::new("feature_flag.key", key),
+                            opentelemetry::KeyValue::new("cnsm.flag.gate.status", status),
+                        ],
+                    );
+                }
+            })
+            .build();
+    }
+
     /// Flushes spans, metrics and the audit log.
     pub fn shutdown(self) {
         if let Some(audit) = &self.audit {

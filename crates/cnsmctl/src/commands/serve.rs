@@ -84,6 +84,9 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
     crate::telemetry::init_logs(args.telemetry.log_format);
     let store: Arc<dyn cnsm_store::Store> = Arc::new(store);
     let wired = crate::telemetry::wire(&args.telemetry, &store)?;
+    if let Some(flags) = &context.flags {
+        wired.observe_flag_gates(Arc::clone(flags));
+    }
     let runtime = match Runtime::open_shared(
         store,
         RuntimeOptions {

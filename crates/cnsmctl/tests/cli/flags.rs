@@ -54,3 +54,48 @@ fn local_commands_evaluate_gates_with_the_flag_file() {
     assert_eq!(decision["reason"], "ERROR", "{history}");
     assert_eq!(decision["allowed"], false);
 }
+
+/// `serve --flags`: gates evaluate on the server, and each gate's status is a metric.
+#[test]
+fn served_gates_and_their_status_metric() {
+    let server_dir = tempfile::tempdir().expect("tempdir");
+    let server = super::server::ServerChild::start_with(
+        server_dir.path(),
+        &["--listen", "127.0.0.1:0", "--flags", FLAGS],
+    );
+    let mut cli = Cli::new();
+    cli.server = Some(server.url.clone());
+    cli.run(&["apply", "-f", &example("checkout-canary.yaml")])
+        .ok();
+    cli.run(&[
+        "-n",
+        "shop",
+        "create",
+        "instance",
+        "checkout",
+        "--id",
+        "gold-1",
+        "--label",
+        "tier=gold",
+    ])
+    .ok();
+    cli.run(&["-n", "shop", "send", "gold-1", "checkout"])
+        .ok()
+        .stdout_has("cart -> one-click-review");
+    let address = server.url.trim_start_matches("http://").to_owned();
+    let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+    use std::io::{Read, Write};
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let line = response
+        .lines()
+        .find(|l| l.starts_with("cnsm_flag_gate_status") && l.contains("one-click-checkout"))
+        .unwrap_or_else(|| panic!("no gate status metric in:\n{response}"));
+    assert!(line.contains("ACTIVE"), "{line}");
+    assert!(line.trim_end().ends_with(" 1"), "{line}");
+}
