@@ -34,6 +34,7 @@ pub mod instance;
 pub mod migration;
 pub mod record;
 pub mod resource;
+pub mod rollout;
 pub mod snapshot;
 mod yaml;
 

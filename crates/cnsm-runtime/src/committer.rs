@@ -682,10 +682,27 @@ impl Committer {
         item_keys: &mut Vec<Key>,
         before: &mut HashMap<Key, Option<Timer>>,
     ) -> Result<usize, RuntimeError> {
+        let id = request
+            .id
+            .clone()
+            .unwrap_or_else(|| generate_id(&request.machine));
+        // A canary rollout routes new instances that ask for no revision (sticky per id).
+        let mut routing = None;
+        let mut revision = request.revision;
+        if revision.is_none()
+            && let Some(rollout) = self
+                .shared
+                .store
+                .rollout(&request.namespace, &request.machine)?
+        {
+            let (routed, decision) = rollout.route(&request.machine, &id);
+            revision = Some(routed);
+            routing = Some(decision);
+        }
         let row = self
             .shared
             .store
-            .definition(&request.namespace, &request.machine, request.revision)?
+            .definition(&request.namespace, &request.machine, revision)?
             .ok_or_else(|| {
                 RuntimeError::NotFound(format!(
                     "statemachine {}/{}",
@@ -693,10 +710,6 @@ impl Committer {
                 ))
             })?;
         let machine = self.shared.machine_of(row)?;
-        let id = request
-            .id
-            .clone()
-            .unwrap_or_else(|| generate_id(&request.machine));
         let key = (request.namespace.clone(), id.clone());
         if self.load(&key)?.is_some() {
             return Err(RuntimeError::Conflict(format!(
@@ -704,7 +717,7 @@ impl Committer {
                 key.0, key.1
             )));
         }
-        let record = machine.create(NewInstance {
+        let mut record = machine.create(NewInstance {
             namespace: &request.namespace,
             id: &id,
             data: request.data,
@@ -712,6 +725,8 @@ impl Committer {
             now_ms,
             actor: &request.actor,
         })?;
+        // The routing decision is part of the genesis record, like any flag decision.
+        record.flags.extend(routing);
         let sealed = record.seal();
         let instance = Instance::from_genesis(&record, sealed.hash).map_err(|e| {
             RuntimeError::Unavailable(format!("genesis record does not apply: {e}"))

@@ -229,6 +229,24 @@ impl EventRequest {
     }
 }
 
+/// A machine's rollout and where its active instances are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutStatus {
+    /// The newest revision (what new instances get when no rollout is set).
+    pub latest: u32,
+    pub rollout: Option<cnsm_core::rollout::Rollout>,
+    /// Active instances per revision.
+    pub active_by_revision: BTreeMap<u32, u64>,
+}
+
+/// A change to a machine's rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutChange {
+    Set { revision: u32, weight: u8 },
+    Promote,
+    Abort,
+}
+
 /// An operator control (cancel, suspend, resume, redrive) for an instance.
 #[derive(Debug, Clone)]
 pub struct ControlRequest {
@@ -769,6 +787,133 @@ impl Runtime {
              keeps changing); retry",
             flags::FLAG_ROUNDS_MAX + 1
         ))))
+    }
+
+    /// The rollout of a machine with the instance counts per revision.
+    pub async fn rollout_status(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<RolloutStatus, RuntimeError> {
+        let latest = self
+            .shared
+            .store
+            .definition(namespace, name, None)?
+            .ok_or_else(|| RuntimeError::NotFound(format!("statemachine {namespace}/{name}")))?;
+        let rollout = self.shared.store.rollout(namespace, name)?;
+        let mut active: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut after = None;
+        loop {
+            let page = self.shared.store.list_instances(&InstanceQuery {
+                namespace: Some(namespace.to_owned()),
+                machine: Some(name.to_owned()),
+                status: Some(Status::Active),
+                after: after.take(),
+                limit: cnsm_store::PAGE_LEN_MAX,
+                ..InstanceQuery::default()
+            })?;
+            for s in &page {
+                *active.entry(s.instance.revision).or_default() += 1;
+            }
+            match page.last() {
+                Some(last) if page.len() == cnsm_store::PAGE_LEN_MAX => {
+                    after = Some((
+                        last.instance.namespace.to_string(),
+                        last.instance.id.to_string(),
+                    ));
+                }
+                _ => break,
+            }
+        }
+        Ok(RolloutStatus {
+            latest: latest.revision,
+            rollout,
+            active_by_revision: active,
+        })
+    }
+
+    /// Changes a machine's rollout: `Set` routes `weight` percent of new instances to
+    /// `revision` (the rest to the rollout's stable revision, or to the revision before
+    /// `revision` when none is in progress); `Promote` sends every new instance to the canary;
+    /// `Abort` sends every new instance back to the stable revision.
+    pub async fn change_rollout(
+        &self,
+        namespace: &str,
+        name: &str,
+        change: RolloutChange,
+    ) -> Result<RolloutStatus, RuntimeError> {
+        use cnsm_core::rollout::Rollout;
+        let store = &self.shared.store;
+        let latest = store
+            .definition(namespace, name, None)?
+            .ok_or_else(|| RuntimeError::NotFound(format!("statemachine {namespace}/{name}")))?
+            .revision;
+        let current = store.rollout(namespace, name)?;
+        let next = match change {
+            RolloutChange::Set { revision, weight } => {
+                if weight > 100 {
+                    return Err(RuntimeError::Invalid(format!(
+                        "the weight is a percentage (0 to 100), not {weight}"
+                    )));
+                }
+                if store.definition(namespace, name, Some(revision))?.is_none() {
+                    return Err(RuntimeError::NotFound(format!(
+                        "statemachine {namespace}/{name} revision {revision}"
+                    )));
+                }
+                let stable = match current {
+                    Some(r) if r.weight >= 100 => r.canary,
+                    Some(r) => r.stable,
+                    None => {
+                        let mut before = None;
+                        for candidate in (1..revision).rev() {
+                            if store
+                                .definition(namespace, name, Some(candidate))?
+                                .is_some()
+                            {
+                                before = Some(candidate);
+                                break;
+                            }
+                        }
+                        before.ok_or_else(|| {
+                            RuntimeError::Invalid(format!(
+                                "revision {revision} has no earlier revision to share new instances with"
+                            ))
+                        })?
+                    }
+                };
+                if stable == revision {
+                    return Err(RuntimeError::Invalid(format!(
+                        "revision {revision} is already the stable revision"
+                    )));
+                }
+                Some(Rollout {
+                    stable,
+                    canary: revision,
+                    weight,
+                })
+            }
+            RolloutChange::Promote | RolloutChange::Abort => {
+                let Some(r) = current else {
+                    return Err(RuntimeError::Invalid(format!(
+                        "statemachine {namespace}/{name} has no rollout in progress"
+                    )));
+                };
+                let target = if change == RolloutChange::Promote {
+                    r.canary
+                } else {
+                    r.stable
+                };
+                // With the latest revision as the target, no rollout is needed any more.
+                (target != latest).then_some(Rollout {
+                    stable: target,
+                    canary: target,
+                    weight: 0,
+                })
+            }
+        };
+        store.put_rollout(namespace, name, next.as_ref())?;
+        self.rollout_status(namespace, name).await
     }
 
     /// Applies retention now: deletes the finished instances of every machine with

@@ -174,3 +174,113 @@ pub async fn run(
         .map_err(ApiError::from_runtime)?;
     Ok(Json(MigrationReportView::from(&report)))
 }
+
+/// A machine's rollout as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutView {
+    /// The newest revision (what new instances get when no rollout is set).
+    pub latest: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<cnsm_core::rollout::Rollout>,
+    /// Active instances per revision (keys are revision numbers).
+    pub active_by_revision: std::collections::BTreeMap<String, u64>,
+}
+
+impl From<&cnsm_runtime::RolloutStatus> for RolloutView {
+    fn from(status: &cnsm_runtime::RolloutStatus) -> RolloutView {
+        RolloutView {
+            latest: status.latest,
+            rollout: status.rollout,
+            active_by_revision: status
+                .active_by_revision
+                .iter()
+                .map(|(r, n)| (r.to_string(), *n))
+                .collect(),
+        }
+    }
+}
+
+impl RolloutView {
+    /// Back to the runtime's form (for clients).
+    pub fn to_status(&self) -> cnsm_runtime::RolloutStatus {
+        cnsm_runtime::RolloutStatus {
+            latest: self.latest,
+            rollout: self.rollout,
+            active_by_revision: self
+                .active_by_revision
+                .iter()
+                .filter_map(|(r, n)| r.parse().ok().map(|r| (r, *n)))
+                .collect(),
+        }
+    }
+}
+
+/// The body of a rollout change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RolloutBody {
+    /// `set`, `promote` or `abort`.
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u8>,
+}
+
+impl RolloutBody {
+    pub fn change(&self) -> Result<cnsm_runtime::RolloutChange, String> {
+        use cnsm_runtime::RolloutChange;
+        match self.action.as_str() {
+            "set" => match (self.revision, self.weight) {
+                (Some(revision), Some(weight)) => Ok(RolloutChange::Set { revision, weight }),
+                _ => Err("action set needs revision and weight".into()),
+            },
+            "promote" => Ok(RolloutChange::Promote),
+            "abort" => Ok(RolloutChange::Abort),
+            other => Err(format!(
+                "action must be set, promote or abort, found '{other}'"
+            )),
+        }
+    }
+}
+
+/// `GET .../statemachines/{name}/rollout`.
+pub async fn rollout_status(
+    State(state): State<ServerState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<RolloutView>, ApiError> {
+    let Path((ns, name)) = path.map_err(params::path_error)?;
+    params::namespace(&ns)?;
+    let status = state
+        .runtime()
+        .rollout_status(&ns, &name)
+        .await
+        .map_err(ApiError::from_runtime)?;
+    Ok(Json(RolloutView::from(&status)))
+}
+
+/// `POST .../statemachines/{name}/rollout`: set, promote or abort.
+pub async fn change_rollout(
+    State(state): State<ServerState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<RolloutView>, ApiError> {
+    let Path((ns, name)) = path.map_err(params::path_error)?;
+    params::namespace(&ns)?;
+    let body = params::body(body)?;
+    let media_type = params::media_type(&headers);
+    if !params::is_json_like(&media_type) {
+        return Err(params::unsupported(&media_type, "application/json"));
+    }
+    let parsed: RolloutBody =
+        serde_json::from_slice(&body).map_err(|e| ApiError::json("the rollout body", &e))?;
+    let change = parsed.change().map_err(ApiError::invalid)?;
+    let status = state
+        .runtime()
+        .change_rollout(&ns, &name, change)
+        .await
+        .map_err(ApiError::from_runtime)?;
+    Ok(Json(RolloutView::from(&status)))
+}

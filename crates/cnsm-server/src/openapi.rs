@@ -467,6 +467,26 @@ fn schemas() -> Value {
                 "actor": {"type": "string", "description": "Ignored when the server has --auth-file (the token's name is recorded)"},
             },
         },
+        "Rollout": {
+            "type": "object", "required": ["latest", "activeByRevision"],
+            "properties": {
+                "latest": {"type": "integer"},
+                "rollout": {"type": "object", "required": ["stable", "canary", "weight"], "properties": {
+                    "stable": {"type": "integer"},
+                    "canary": {"type": "integer"},
+                    "weight": {"type": "integer", "minimum": 0, "maximum": 100},
+                }},
+                "activeByRevision": {"type": "object", "additionalProperties": {"type": "integer"}},
+            },
+        },
+        "RolloutChange": {
+            "type": "object", "additionalProperties": false, "required": ["action"],
+            "properties": {
+                "action": {"enum": ["set", "promote", "abort"]},
+                "revision": {"type": "integer", "minimum": 1},
+                "weight": {"type": "integer", "minimum": 0, "maximum": 100},
+            },
+        },
         "Migration": {
             "type": "object", "additionalProperties": false,
             "required": ["policy", "fromRevision", "toRevision"],

@@ -102,6 +102,10 @@ pub const CASES: &[(&str, Case)] = &[
         retention_purges_only_old_finished_instances,
     ),
     (
+        "rollouts_are_stored_per_machine",
+        rollouts_are_stored_per_machine,
+    ),
+    (
         "timers_follow_each_instance_current_timer",
         timers_follow_each_instance_current_timer,
     ),
@@ -178,6 +182,7 @@ macro_rules! conformance_tests {
             inconsistent_item_refuses_the_whole_batch,
             idempotency_keys_expire_and_purge,
             retention_purges_only_old_finished_instances,
+            rollouts_are_stored_per_machine,
             timers_follow_each_instance_current_timer,
             reopen_keeps_everything,
             list_instances_filters_and_pages,
@@ -949,6 +954,55 @@ pub fn retention_purges_only_old_finished_instances(harness: &mut dyn Harness) {
     let store = harness.reopen(store);
     assert!(store.instance("default", "old").unwrap().is_none());
     assert!(store.verify().unwrap().is_ok());
+}
+
+/// A machine's rollout is stored, replaced, cleared, survives a reopen, and names only
+/// revisions that exist; deleting the machine clears it.
+pub fn rollouts_are_stored_per_machine(harness: &mut dyn Harness) {
+    use cnsm_core::rollout::Rollout;
+    let store = harness.open();
+    let v1 = job_definition("default", "job");
+    store
+        .put_definition(&v1, revision_hash(&v1), T0_MS)
+        .unwrap();
+    let mut v2 = job_definition("default", "job");
+    v2.metadata.labels.insert("v".into(), "2".into());
+    store
+        .put_definition(&v2, revision_hash(&v2), T0_MS)
+        .unwrap();
+    assert_eq!(store.rollout("default", "job").unwrap(), None);
+    let canary = Rollout {
+        stable: 1,
+        canary: 2,
+        weight: 10,
+    };
+    store.put_rollout("default", "job", Some(&canary)).unwrap();
+    assert_eq!(store.rollout("default", "job").unwrap(), Some(canary));
+    assert_eq!(store.rollout("other", "job").unwrap(), None);
+    let missing = Rollout {
+        canary: 9,
+        ..canary
+    };
+    assert!(matches!(
+        store.put_rollout("default", "job", Some(&missing)),
+        Err(StoreError::Refused(_))
+    ));
+    assert_eq!(store.rollout("default", "job").unwrap(), Some(canary));
+    let store = harness.reopen(store);
+    assert_eq!(store.rollout("default", "job").unwrap(), Some(canary));
+    let promoted = Rollout {
+        weight: 100,
+        ..canary
+    };
+    store
+        .put_rollout("default", "job", Some(&promoted))
+        .unwrap();
+    assert_eq!(store.rollout("default", "job").unwrap(), Some(promoted));
+    store.put_rollout("default", "job", None).unwrap();
+    assert_eq!(store.rollout("default", "job").unwrap(), None);
+    store.put_rollout("default", "job", Some(&canary)).unwrap();
+    assert!(store.delete_definition("default", "job").unwrap());
+    assert_eq!(store.rollout("default", "job").unwrap(), None);
 }
 
 pub fn idempotency_keys_expire_and_purge(harness: &mut dyn Harness) {

@@ -962,6 +962,10 @@ impl Store for EmbeddedStore {
             for revision in &revisions {
                 t.definitions.remove((namespace, name, *revision)).io()?;
             }
+            txn.open_table(ROLLOUTS)
+                .io()?
+                .remove((namespace, name))
+                .io()?;
             Ok(removed_latest || !revisions.is_empty())
         })
     }
@@ -1198,6 +1202,61 @@ impl Store for EmbeddedStore {
         limit: usize,
     ) -> Result<u64, StoreError> {
         self.purge_finished_in(namespace, machine, ended_before_ms, limit)
+    }
+
+    fn rollout(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<cnsm_core::rollout::Rollout>, StoreError> {
+        let txn = self.read()?;
+        let table = match txn.open_table(ROLLOUTS) {
+            Ok(table) => table,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(StoreError::Io(e.to_string())),
+        };
+        match table.get((namespace, name)).io()? {
+            Some(bytes) => serde_json::from_slice(bytes.value())
+                .map(Some)
+                .map_err(|e| {
+                    StoreError::Corrupt(format!(
+                        "rollout of {namespace}/{name} does not decode: {e}"
+                    ))
+                }),
+            None => Ok(None),
+        }
+    }
+
+    fn put_rollout(
+        &self,
+        namespace: &str,
+        name: &str,
+        rollout: Option<&cnsm_core::rollout::Rollout>,
+    ) -> Result<(), StoreError> {
+        self.write(|txn| {
+            if let Some(r) = rollout {
+                let definitions = txn.open_table(DEFINITIONS).io()?;
+                for revision in [r.stable, r.canary] {
+                    if definitions.get((namespace, name, revision)).io()?.is_none() {
+                        return Err(StoreError::Refused(format!(
+                            "statemachine {namespace}/{name} has no revision {revision}"
+                        )));
+                    }
+                }
+            }
+            let mut table = txn.open_table(ROLLOUTS).io()?;
+            match rollout {
+                Some(r) => {
+                    let bytes = serde_json::to_vec(r)
+                        .map_err(|e| StoreError::Io(format!("cannot encode a rollout: {e}")))?;
+                    table.insert((namespace, name), bytes.as_slice()).io()?;
+                }
+                None => {
+                    table.remove((namespace, name)).io()?;
+                }
+            }
+            Ok(())
+        })
     }
 
     fn backup(&self, out: &Path) -> Result<crate::BackupReport, StoreError> {

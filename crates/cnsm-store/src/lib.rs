@@ -378,6 +378,22 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<u64, StoreError>;
 
+    /// The canary rollout of a machine, if one is set.
+    fn rollout(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<cnsm_core::rollout::Rollout>, StoreError>;
+
+    /// Sets (or, with `None`, clears) the canary rollout of a machine, durably. Refused when a
+    /// revision it names does not exist.
+    fn put_rollout(
+        &self,
+        namespace: &str,
+        name: &str,
+        rollout: Option<&cnsm_core::rollout::Rollout>,
+    ) -> Result<(), StoreError>;
+
     /// Writes a consistent point-in-time copy of the whole store to the file `out` while it
     /// keeps serving, verified before it is kept. Stores without a file of their own (a
     /// database server) refuse: their database's own backup tools apply.

@@ -14,7 +14,7 @@ use cnsm_core::resource::StateMachine;
 use cnsm_core::{Instance, Status};
 use cnsm_runtime::{
     AppliedDefinition, ControlRequest, CreateInstance, EventRequest, HistoryEntry, MigrationReport,
-    MigrationRequest, TransitionOutcome,
+    MigrationRequest, RolloutChange, RolloutStatus, TransitionOutcome,
 };
 use cnsm_snapshot::Selection;
 use cnsm_store::{BackupReport, DefinitionRow, ImportReport, VerifyReport};
@@ -104,6 +104,15 @@ pub trait Api {
 
     /// Writes a verified point-in-time copy of the store to the file `out`.
     async fn backup(&self, out: &std::path::Path) -> Result<BackupReport, CliError>;
+
+    async fn rollout_status(&self, namespace: &str, name: &str) -> Result<RolloutStatus, CliError>;
+
+    async fn change_rollout(
+        &self,
+        namespace: &str,
+        name: &str,
+        change: RolloutChange,
+    ) -> Result<RolloutStatus, CliError>;
 
     /// Runs (or plans) a migration; `progress(done, total)` after each chunk (local only).
     async fn migrate(
@@ -225,6 +234,19 @@ impl Api for Connection {
         progress: &mut (dyn FnMut(usize, usize) + Send),
     ) -> Result<MigrationReport, CliError> {
         delegate!(self, api => api.migrate(request, progress))
+    }
+
+    async fn rollout_status(&self, namespace: &str, name: &str) -> Result<RolloutStatus, CliError> {
+        delegate!(self, api => api.rollout_status(namespace, name))
+    }
+
+    async fn change_rollout(
+        &self,
+        namespace: &str,
+        name: &str,
+        change: RolloutChange,
+    ) -> Result<RolloutStatus, CliError> {
+        delegate!(self, api => api.change_rollout(namespace, name, change))
     }
 
     async fn export_snapshot(

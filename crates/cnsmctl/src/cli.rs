@@ -217,6 +217,10 @@ pub enum Command {
             cnsmctl -n shop graph order-processing --revision 1")]
     Graph(GraphArgs),
 
+    /// Route new instances between revisions: status, set a canary weight, promote, abort
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+
     /// Compare two revisions of a machine: states and transitions added, removed, changed
     #[command(after_help = "Examples:\n  \
             cnsmctl -n shop diff order-processing 1 2\n  \
@@ -571,6 +575,51 @@ pub struct GraphArgs {
     /// Diagram language
     #[arg(long, value_enum, default_value = "mermaid")]
     pub format: GraphFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// The rollout (stable, canary, weight) and active instances per revision
+    #[command(after_help = "Examples:\n  cnsmctl -n shop rollout status order-processing")]
+    Status(RolloutArgs),
+    /// Send WEIGHT percent of new instances to REVISION (sticky per instance id)
+    #[command(
+        long_about = "Route WEIGHT percent of new instances of the machine to REVISION, the rest \
+            to the stable revision (the rollout's, or the revision before REVISION when none is \
+            in progress). Routing is a fractional flag over the instance id (flagd's bucketing), \
+            so the same id always gets the same answer; the decision is recorded in the \
+            instance's genesis record. Instances created with --revision are not routed.",
+        after_help = "Examples:\n  cnsmctl -n shop rollout set order-processing --revision 2 --weight 10"
+    )]
+    Set(RolloutSetArgs),
+    /// Send every new instance to the canary revision
+    Promote(RolloutArgs),
+    /// Send every new instance back to the stable revision
+    Abort(RolloutArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RolloutArgs {
+    /// The machine
+    pub machine: String,
+    /// Output format
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: ResultFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct RolloutSetArgs {
+    /// The machine
+    pub machine: String,
+    /// The canary revision
+    #[arg(long, value_name = "N")]
+    pub revision: u32,
+    /// Percent of new instances it gets (0 to 100)
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub weight: u8,
+    /// Output format
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: ResultFormat,
 }
 
 #[derive(Debug, Args)]

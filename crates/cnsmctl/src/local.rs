@@ -10,7 +10,7 @@ use cnsm_core::Instance;
 use cnsm_core::resource::StateMachine;
 use cnsm_runtime::{
     AppliedDefinition, ControlRequest, CreateInstance, EventRequest, HistoryEntry, MigrationReport,
-    MigrationRequest, Runtime, RuntimeOptions, TransitionOutcome,
+    MigrationRequest, RolloutChange, RolloutStatus, Runtime, RuntimeOptions, TransitionOutcome,
 };
 use cnsm_snapshot::{ExportError, Selection};
 use cnsm_store::embedded::EmbeddedStore;
@@ -199,6 +199,19 @@ impl Api for Local {
 
     async fn verify_store(&self) -> Result<VerifyReport, CliError> {
         Ok(self.runtime.store().verify()?)
+    }
+
+    async fn rollout_status(&self, namespace: &str, name: &str) -> Result<RolloutStatus, CliError> {
+        Ok(self.runtime.rollout_status(namespace, name).await?)
+    }
+
+    async fn change_rollout(
+        &self,
+        namespace: &str,
+        name: &str,
+        change: RolloutChange,
+    ) -> Result<RolloutStatus, CliError> {
+        Ok(self.runtime.change_rollout(namespace, name, change).await?)
     }
 
     async fn migrate(

@@ -9,10 +9,10 @@ use cnsm_core::Instance;
 use cnsm_core::resource::StateMachine;
 use cnsm_runtime::{
     AppliedDefinition, ControlRequest, CreateInstance, EventRequest, HistoryEntry, MigrationPhase,
-    MigrationReport, MigrationRequest, TransitionOutcome,
+    MigrationReport, MigrationRequest, RolloutChange, RolloutStatus, TransitionOutcome,
 };
 use cnsm_server::client::{Client, ClientResponse, EventStream};
-use cnsm_server::migrations::{MigrationBody, MigrationReportView};
+use cnsm_server::migrations::{MigrationBody, MigrationReportView, RolloutBody, RolloutView};
 use cnsm_server::snapshots::{ImportReportView, SNAPSHOT_MEDIA_TYPE};
 use cnsm_server::wire::{
     API_PREFIX, AppliedView, CreateInstanceBody, EventBody, HISTORY_PAGE_LEN_MAX, HistoryPage,
@@ -401,6 +401,46 @@ impl Api for Remote {
             }
         }
         Ok(out)
+    }
+
+    async fn rollout_status(&self, namespace: &str, name: &str) -> Result<RolloutStatus, CliError> {
+        let path = namespace_path(
+            namespace,
+            &format!("statemachines/{}/rollout", encode(name)),
+        );
+        let view: RolloutView = self.get(&path).await?;
+        Ok(view.to_status())
+    }
+
+    async fn change_rollout(
+        &self,
+        namespace: &str,
+        name: &str,
+        change: RolloutChange,
+    ) -> Result<RolloutStatus, CliError> {
+        let path = namespace_path(
+            namespace,
+            &format!("statemachines/{}/rollout", encode(name)),
+        );
+        let body = match change {
+            RolloutChange::Set { revision, weight } => RolloutBody {
+                action: "set".into(),
+                revision: Some(revision),
+                weight: Some(weight),
+            },
+            RolloutChange::Promote => RolloutBody {
+                action: "promote".into(),
+                revision: None,
+                weight: None,
+            },
+            RolloutChange::Abort => RolloutBody {
+                action: "abort".into(),
+                revision: None,
+                weight: None,
+            },
+        };
+        let view: RolloutView = self.post(&path, &body, &[]).await?;
+        Ok(view.to_status())
     }
 
     async fn migrate(

@@ -1389,6 +1389,26 @@ fn run_migration_script(cli: &Cli) {
     cli.run(&["-n", "shop", "history", "o-2", "-o", "json"])
         .ok()
         .stdout_has("\"kind\": \"migration\"");
+    // Canary rollout: status, set, promote (clears: revision 2 is the latest), abort refused.
+    cli.run(&["-n", "shop", "rollout", "status", "order-processing"])
+        .ok()
+        .stdout_has("no rollout; new instances get the latest revision 2");
+    cli.run(&[
+        "-n", "shop", "rollout", "set", "order-processing", "--revision", "2", "--weight", "10",
+    ])
+    .ok()
+    .stdout_has("rollout revision 2 10% / revision 1 90%");
+    let status = cli
+        .run(&["-n", "shop", "rollout", "status", "order-processing", "-o", "json"])
+        .ok()
+        .json();
+    assert_eq!(status["rollout"]["weight"], 10, "{status}");
+    cli.run(&["-n", "shop", "rollout", "promote", "order-processing"])
+        .ok()
+        .stdout_has("no rollout; new instances get the latest revision 2");
+    cli.run(&["-n", "shop", "rollout", "abort", "order-processing"])
+        .code(1)
+        .stderr_has("no rollout in progress");
     let mut rollback = vec!["-n", "shop", "migrate", "rollback"];
     rollback.extend_from_slice(&base[3..]);
     let back = cli.run(&rollback);

@@ -25,7 +25,7 @@ const COPY_CHUNK: usize = 50_000;
 /// Every table of the store: a backup copies exactly these. A test checks that a live store
 /// has no table outside this list, so a new table cannot be forgotten here.
 #[doc(hidden)]
-pub const TABLE_NAMES: [&str; 12] = [
+pub const TABLE_NAMES: [&str; 13] = [
     "meta",
     "definitions",
     "definition_latest",
@@ -38,6 +38,7 @@ pub const TABLE_NAMES: [&str; 12] = [
     "idempotency",
     "idempotency_expiry",
     "retired_uids",
+    "rollouts",
 ];
 
 impl EmbeddedStore {
@@ -180,6 +181,7 @@ fn copy_all(snapshot: &ReadTransaction, path: &Path) -> Result<(), StoreError> {
     copier.table(snapshot, IDEMPOTENCY)?;
     copier.table(snapshot, IDEMPOTENCY_EXPIRY)?;
     copier.table(snapshot, RETIRED_UIDS)?;
+    copier.table(snapshot, ROLLOUTS)?;
     let mut txn = copier.txn.take().expect("a transaction is open");
     txn.set_durability(Durability::Immediate).io()?;
     txn.commit().io()?;

@@ -171,3 +171,6 @@ impl<T, E: std::fmt::Display> IoContext<T> for Result<T, E> {
 /// commit log (append-only) and their uid keeps naming the instance in [`INSTANCE_UIDS`], but
 /// no row uses the uid any more; verification accepts such records as superseded history.
 pub(crate) const RETIRED_UIDS: TableDefinition<u64, ()> = TableDefinition::new("retired_uids");
+
+/// (namespace, name) -> JSON of the machine's canary rollout.
+pub(crate) const ROLLOUTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("rollouts");

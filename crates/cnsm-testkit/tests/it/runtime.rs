@@ -965,3 +965,145 @@ fn migration_dry_run_pre_post_and_an_interrupted_run_resume_exactly_once() {
         rt.shutdown();
     });
 }
+
+// --- Canary rollout ------------------------------------------------------------------------
+
+#[test]
+fn canary_rollout_routes_by_weight_sticky_per_id_then_promote_and_abort() {
+    use cnsm_runtime::RolloutChange;
+    block_on(async {
+        let env = Env::new();
+        let rt = Arc::new(env.runtime());
+        for ns in ["shop", "shop2"] {
+            let v1 = example("order-processing.yaml")
+                .replace("namespace: shop\n", &format!("namespace: {ns}\n"));
+            let v2 = fixture("order-processing-v2.yaml")
+                .replace("namespace: shop\n", &format!("namespace: {ns}\n"));
+            rt.apply_yaml(&v1, None).await.unwrap();
+            rt.apply_yaml(&v2, None).await.unwrap();
+        }
+        // Without a rollout, new instances get the latest revision.
+        let plain = rt
+            .create_instance(CreateInstance::new("shop", "order-processing").id("before"))
+            .await
+            .unwrap();
+        assert_eq!(plain.revision, 2);
+        let status = rt
+            .change_rollout(
+                "shop",
+                "order-processing",
+                RolloutChange::Set {
+                    revision: 2,
+                    weight: 10,
+                },
+            )
+            .await
+            .unwrap();
+        let rollout = status.rollout.expect("a rollout");
+        assert_eq!((rollout.stable, rollout.canary, rollout.weight), (1, 2, 10));
+        rt.change_rollout(
+            "shop2",
+            "order-processing",
+            RolloutChange::Set {
+                revision: 2,
+                weight: 10,
+            },
+        )
+        .await
+        .unwrap();
+
+        let n = 10_000;
+        let mut tasks = Vec::new();
+        for worker in 0..64 {
+            let rt = Arc::clone(&rt);
+            tasks.push(tokio::spawn(async move {
+                let mut on_canary = 0;
+                let mut i = worker;
+                while i < n {
+                    let created = rt
+                        .create_instance(
+                            CreateInstance::new("shop", "order-processing").id(format!("c-{i}")),
+                        )
+                        .await
+                        .unwrap();
+                    if created.revision == 2 {
+                        on_canary += 1;
+                    }
+                    i += 64;
+                }
+                on_canary
+            }));
+        }
+        let mut on_canary = 0;
+        for task in tasks {
+            on_canary += task.await.unwrap();
+        }
+        let share = on_canary as f64 / n as f64;
+        assert!((share - 0.10).abs() <= 0.02, "canary share {share}");
+        // Sticky: the same targeting key gets the same revision in another namespace, and the
+        // decision is in the genesis record.
+        for i in 0..200 {
+            let id = format!("c-{i}");
+            let first = rt.instance("shop", &id).await.unwrap();
+            let again = rt
+                .create_instance(CreateInstance::new("shop2", "order-processing").id(id.clone()))
+                .await
+                .unwrap();
+            assert_eq!(first.revision, again.revision, "{id}");
+            let genesis = &rt.history("shop", &id, 0, 1).await.unwrap()[0].record;
+            assert_eq!(genesis.flags[0].key, "cnsm.rollout.order-processing");
+            assert_eq!(genesis.flags[0].value, json!(first.revision));
+        }
+        let status = rt.rollout_status("shop", "order-processing").await.unwrap();
+        assert_eq!(
+            status.active_by_revision.values().sum::<u64>(),
+            n as u64 + 1
+        );
+
+        // Abort: back to the stable revision for every new instance.
+        rt.change_rollout("shop", "order-processing", RolloutChange::Abort)
+            .await
+            .unwrap();
+        for i in 0..50 {
+            let created = rt
+                .create_instance(
+                    CreateInstance::new("shop", "order-processing").id(format!("a-{i}")),
+                )
+                .await
+                .unwrap();
+            assert_eq!(created.revision, 1);
+        }
+        // Set again, then promote: every new instance gets the canary; the rollout is cleared
+        // because the canary is the latest revision.
+        rt.change_rollout(
+            "shop",
+            "order-processing",
+            RolloutChange::Set {
+                revision: 2,
+                weight: 50,
+            },
+        )
+        .await
+        .unwrap();
+        let promoted = rt
+            .change_rollout("shop", "order-processing", RolloutChange::Promote)
+            .await
+            .unwrap();
+        assert_eq!(promoted.rollout, None);
+        for i in 0..50 {
+            let created = rt
+                .create_instance(
+                    CreateInstance::new("shop", "order-processing").id(format!("p-{i}")),
+                )
+                .await
+                .unwrap();
+            assert_eq!(created.revision, 2);
+        }
+        let err = rt
+            .change_rollout("shop", "order-processing", RolloutChange::Promote)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("no rollout in progress"), "{err}");
+        rt.shutdown();
+    });
+}

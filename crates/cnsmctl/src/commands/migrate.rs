@@ -181,3 +181,71 @@ fn request(
     request.chunk = args.chunk;
     Ok(request)
 }
+
+/// `rollout status|set|promote|abort MACHINE`.
+pub async fn run_rollout(
+    context: &Context,
+    command: &crate::cli::RolloutCommand,
+    out: &mut Out,
+) -> Result<(), CliError> {
+    use crate::cli::RolloutCommand;
+    use cnsm_runtime::RolloutChange;
+    let (machine, output, change) = match command {
+        RolloutCommand::Status(a) => (&a.machine, a.output, None),
+        RolloutCommand::Set(a) => (
+            &a.machine,
+            a.output,
+            Some(RolloutChange::Set {
+                revision: a.revision,
+                weight: a.weight,
+            }),
+        ),
+        RolloutCommand::Promote(a) => (&a.machine, a.output, Some(RolloutChange::Promote)),
+        RolloutCommand::Abort(a) => (&a.machine, a.output, Some(RolloutChange::Abort)),
+    };
+    let access = if change.is_some() {
+        Access::Mutating
+    } else {
+        Access::ReadOnly
+    };
+    let api = context.connect(access)?;
+    let status = match change {
+        Some(change) => {
+            api.change_rollout(&context.namespace, machine, change)
+                .await?
+        }
+        None => api.rollout_status(&context.namespace, machine).await?,
+    };
+    let view = cnsm_server::migrations::RolloutView::from(&status);
+    match output {
+        ResultFormat::Json => return out.json(&view),
+        ResultFormat::Yaml => return out.yaml(&view),
+        ResultFormat::Text => {}
+    }
+    match status.rollout {
+        Some(r) if r.stable == r.canary || r.weight == 0 => out.line(format_args!(
+            "statemachine {machine}: every new instance gets revision {} (pinned; latest is {})",
+            r.stable, status.latest
+        )),
+        Some(r) if r.weight >= 100 => out.line(format_args!(
+            "statemachine {machine}: every new instance gets revision {} (canary at 100%)",
+            r.canary
+        )),
+        Some(r) => out.line(format_args!(
+            "statemachine {machine}: rollout revision {} {}% / revision {} {}%",
+            r.canary,
+            r.weight,
+            r.stable,
+            100 - u32::from(r.weight)
+        )),
+        None => out.line(format_args!(
+            "statemachine {machine}: no rollout; new instances get the latest revision {}",
+            status.latest
+        )),
+    }
+    out.line("REVISION  ACTIVE");
+    for (revision, n) in &status.active_by_revision {
+        out.line(format_args!("{revision:<9} {n}"));
+    }
+    Ok(())
+}

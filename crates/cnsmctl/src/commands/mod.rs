@@ -126,6 +126,9 @@ pub async fn run(context: &Context, command: Command, out: &mut Out) -> Result<u
             .await
             .map(|()| EXIT_OK),
         Command::Migrate(command) => migrate::run_migrate(context, &command, out).await,
+        Command::Rollout(command) => migrate::run_rollout(context, &command, out)
+            .await
+            .map(|()| EXIT_OK),
         Command::Graph(args) => definitions::graph(context, &args, out)
             .await
             .map(|()| EXIT_OK),
