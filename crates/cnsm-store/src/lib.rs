@@ -213,4 +213,29 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks every hash chain, every instance against its last record, every index.
     fn verify(&self) -> Result<VerifyReport, StoreError>;
+
+    /// Claims up to `limit` timers due at `now_ms` for `lease_ms` on behalf of `node`, for a
+    /// store shared by several nodes: a claimed timer is not handed to another node until its
+    /// lease expires (the node died) or a commit to its instance clears the claim. Ordered by
+    /// due time.
+    ///
+    /// The default, for a store with one writer, returns the due timers without a lease.
+    fn claim_due_timers(
+        &self,
+        now_ms: u64,
+        lease_ms: u64,
+        node: &str,
+        limit: usize,
+    ) -> Result<Vec<TimerRef>, StoreError> {
+        let _ = (lease_ms, node);
+        let mut due = Vec::new();
+        self.pending_timers(&mut |timer| {
+            if timer.due_ms <= now_ms {
+                due.push(timer);
+            }
+        })?;
+        due.sort();
+        due.truncate(limit);
+        Ok(due)
+    }
 }
