@@ -157,7 +157,8 @@ const LOCK_INSTANCES: &str = "SELECT uid FROM cnsm_instances \
     WHERE (namespace, id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
     ORDER BY namespace, id FOR UPDATE";
 const NOTIFY: &str = "SELECT pg_notify('cnsm_commits', $1)";
-const INSTANCE_BY_KEY: &str = "SELECT uid, body FROM cnsm_instances WHERE namespace = $1 AND id = $2";
+const INSTANCE_BY_KEY: &str =
+    "SELECT uid, body FROM cnsm_instances WHERE namespace = $1 AND id = $2";
 const INSTANCE_BY_UID: &str = "SELECT uid, body, namespace, id FROM cnsm_instances WHERE uid = $1";
 const HISTORY: &str = "SELECT r.version, r.hash, r.bytes FROM cnsm_records r \
     JOIN cnsm_instances i ON i.uid = r.uid \
@@ -203,14 +204,8 @@ impl PostgresStore {
         store.bridge.run(async {
             let mut lease = store.pool.get().await?;
             let client = &mut lease.conn().client;
-            if let Some(schema) = &schema {
-                client
-                    .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
-                    .await
-                    .map_err(db_error)?;
-            }
             if migrate {
-                schema::migrate(client, now_ms()).await?;
+                schema::migrate(client, schema.as_deref(), now_ms()).await?;
             }
             let status = schema::status(client).await?;
             if status.version > SCHEMA_VERSION {
@@ -231,10 +226,7 @@ impl PostgresStore {
     }
 
     /// The schema version of the database, read without changing anything.
-    pub fn schema_status(
-        url: &str,
-        options: &PostgresOptions,
-    ) -> Result<SchemaStatus, StoreError> {
+    pub fn schema_status(url: &str, options: &PostgresOptions) -> Result<SchemaStatus, StoreError> {
         let store = PostgresStore::open(
             url,
             PostgresOptions {
@@ -269,13 +261,7 @@ impl PostgresStore {
         let schema = options.schema.clone();
         bridge.run(async {
             let mut conn = pool.connect().await?;
-            if let Some(schema) = &schema {
-                conn.client
-                    .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
-                    .await
-                    .map_err(db_error)?;
-            }
-            schema::migrate(&mut conn.client, now_ms()).await
+            schema::migrate(&mut conn.client, schema.as_deref(), now_ms()).await
         })
     }
 
@@ -288,7 +274,12 @@ impl PostgresStore {
     pub fn batch_execute(&self, sql: &str) -> Result<(), StoreError> {
         self.bridge.run(async {
             let mut lease = self.pool.get().await?;
-            lease.conn().client.batch_execute(sql).await.map_err(db_error)
+            lease
+                .conn()
+                .client
+                .batch_execute(sql)
+                .await
+                .map_err(db_error)
         })
     }
 
@@ -316,7 +307,10 @@ impl PostgresStore {
             let mut lease = self.pool.get().await?;
             let conn = lease.conn();
             let statement = conn.statement(sql).await?;
-            conn.client.query(&statement, params).await.map_err(db_error)
+            conn.client
+                .query(&statement, params)
+                .await
+                .map_err(db_error)
         });
         if matches!(result, Err(StoreError::Io(_))) {
             self.pool.clear();
@@ -351,35 +345,39 @@ impl PostgresStore {
         let lock_params: [&(dyn ToSql + Sync); 2] = [&namespaces, &ids];
         let locked = txn.query(&lock, &lock_params);
         // The items run in order on the server; sending them together saves round trips.
-        let calls = items.iter().zip(prev_hashes).zip(columns).map(|((item, prev), c)| {
-            let commit_item = &commit_item;
-            let txn = &txn;
-            async move {
-                let entry = item.idempotency.as_ref();
-                let params: [&(dyn ToSql + Sync); 19] = [
-                    &c.namespace,
-                    &c.id,
-                    &c.expected,
-                    &prev.0.as_slice(),
-                    &c.version,
-                    &item.record.hash.0.as_slice(),
-                    &item.record.bytes,
-                    &c.machine,
-                    &c.state,
-                    &c.status,
-                    &c.labels,
-                    &c.body,
-                    &c.timer_due,
-                    &c.timer_seq,
-                    &c.timer_kind,
-                    &entry.map(|e| e.key.as_str()),
-                    &c.key_hash,
-                    &c.key_expires,
-                    &c.now,
-                ];
-                txn.query_one(commit_item, &params).await
-            }
-        });
+        let calls = items
+            .iter()
+            .zip(prev_hashes)
+            .zip(columns)
+            .map(|((item, prev), c)| {
+                let commit_item = &commit_item;
+                let txn = &txn;
+                async move {
+                    let entry = item.idempotency.as_ref();
+                    let params: [&(dyn ToSql + Sync); 19] = [
+                        &c.namespace,
+                        &c.id,
+                        &c.expected,
+                        &prev.0.as_slice(),
+                        &c.version,
+                        &item.record.hash.0.as_slice(),
+                        &item.record.bytes,
+                        &c.machine,
+                        &c.state,
+                        &c.status,
+                        &c.labels,
+                        &c.body,
+                        &c.timer_due,
+                        &c.timer_seq,
+                        &c.timer_kind,
+                        &entry.map(|e| e.key.as_str()),
+                        &c.key_hash,
+                        &c.key_expires,
+                        &c.now,
+                    ];
+                    txn.query_one(commit_item, &params).await
+                }
+            });
         let (locked, rows) = futures_util::future::join(locked, try_join_all(calls)).await;
         if let Err(e) = locked {
             return retryable_or(e);
@@ -526,7 +524,9 @@ fn encode_instance(instance: &Instance) -> Result<Vec<u8>, StoreError> {
 
 fn decode_instance(bytes: &[u8], namespace: &str, id: &str) -> Result<Instance, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| {
-        StoreError::Corrupt(format!("instance {namespace}/{id}: row does not decode: {e}"))
+        StoreError::Corrupt(format!(
+            "instance {namespace}/{id}: row does not decode: {e}"
+        ))
     })
 }
 
@@ -571,8 +571,9 @@ fn timer_ref(row: &tokio_postgres::Row) -> Result<TimerRef, StoreError> {
         due_ms: due as u64,
         uid: uid as u64,
         entry_seq: seq as u64,
-        kind: kind_from_code(code)
-            .ok_or_else(|| StoreError::Corrupt(format!("timer of uid {uid}: unknown kind {code}")))?,
+        kind: kind_from_code(code).ok_or_else(|| {
+            StoreError::Corrupt(format!("timer of uid {uid}: unknown kind {code}"))
+        })?,
     })
 }
 

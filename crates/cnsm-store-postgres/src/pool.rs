@@ -39,7 +39,9 @@ pub(crate) struct Lease {
 
 impl Lease {
     pub(crate) fn conn(&mut self) -> &mut Conn {
-        self.conn.as_mut().expect("a lease holds its connection until dropped")
+        self.conn
+            .as_mut()
+            .expect("a lease holds its connection until dropped")
     }
 }
 
@@ -80,18 +82,16 @@ impl Pool {
 
     /// An idle connection, or a new one.
     pub(crate) async fn get(&self) -> Result<Lease, StoreError> {
-        let permit = tokio::time::timeout(
-            self.wait,
-            Arc::clone(&self.inner.permits).acquire_owned(),
-        )
-        .await
-        .map_err(|_| {
-            StoreError::Io(format!(
-                "no database connection became free within {} ms",
-                self.wait.as_millis()
-            ))
-        })?
-        .map_err(|_| StoreError::Io("the connection pool is closed".into()))?;
+        let permit =
+            tokio::time::timeout(self.wait, Arc::clone(&self.inner.permits).acquire_owned())
+                .await
+                .map_err(|_| {
+                    StoreError::Io(format!(
+                        "no database connection became free within {} ms",
+                        self.wait.as_millis()
+                    ))
+                })?
+                .map_err(|_| StoreError::Io("the connection pool is closed".into()))?;
         let idle = {
             let mut idle = self
                 .inner
@@ -120,12 +120,9 @@ impl Pool {
 
     /// A new connection; its driver task runs on the store's runtime.
     pub(crate) async fn connect(&self) -> Result<Conn, StoreError> {
-        let (client, connection) = self
-            .inner
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(|e| StoreError::Io(format!("cannot connect to PostgreSQL: {}", describe(&e))))?;
+        let (client, connection) = self.inner.config.connect(NoTls).await.map_err(|e| {
+            StoreError::Io(format!("cannot connect to PostgreSQL: {}", describe(&e)))
+        })?;
         tokio::spawn(async move {
             // Ends when the client is dropped or the server goes away; the client then reports
             // itself closed and the pool drops it.

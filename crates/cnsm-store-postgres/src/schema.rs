@@ -7,7 +7,8 @@ use tokio_postgres::Client;
 use crate::pool::{db_error, describe};
 
 /// Every migration, in order; migration `i` brings the schema to version `i + 1`.
-pub const MIGRATIONS: &[(&str, &str)] = &[("initial", include_str!("../migrations/0001_initial.sql"))];
+pub const MIGRATIONS: &[(&str, &str)] =
+    &[("initial", include_str!("../migrations/0001_initial.sql"))];
 
 /// The schema version this binary writes; it refuses a database at a newer one.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -37,15 +38,12 @@ const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS cnsm_schema_version (
 )";
 
 /// Serializes migrators of one schema (the key is derived from the schema's name).
-const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('cnsm-migrate:' || current_schema()))";
+const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('cnsm-migrate:' || coalesce($1::text, current_schema(), '')))";
 
 /// Reads the schema's version without changing anything.
 pub async fn status(client: &Client) -> Result<SchemaStatus, StoreError> {
     let exists = client
-        .query_one(
-            "SELECT to_regclass('cnsm_schema_version') IS NOT NULL",
-            &[],
-        )
+        .query_one("SELECT to_regclass('cnsm_schema_version') IS NOT NULL", &[])
         .await
         .map_err(db_error)?
         .get::<_, bool>(0);
@@ -73,9 +71,21 @@ pub async fn status(client: &Client) -> Result<SchemaStatus, StoreError> {
 
 /// Applies the missing migrations in one transaction; returns the versions applied. Refuses a
 /// schema newer than this binary with [`StoreError::FormatTooNew`].
-pub async fn migrate(client: &mut Client, now_ms: u64) -> Result<Vec<u32>, StoreError> {
+///
+/// `schema`, when given, is created first (under the same lock, so nodes starting at once do
+/// not race on it); it must be the connection's search path.
+pub async fn migrate(
+    client: &mut Client,
+    schema: Option<&str>,
+    now_ms: u64,
+) -> Result<Vec<u32>, StoreError> {
     let txn = client.transaction().await.map_err(db_error)?;
-    txn.batch_execute(LOCK).await.map_err(db_error)?;
+    txn.execute(LOCK, &[&schema]).await.map_err(db_error)?;
+    if let Some(schema) = schema {
+        txn.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+            .await
+            .map_err(db_error)?;
+    }
     txn.batch_execute(VERSION_TABLE).await.map_err(db_error)?;
     let current: i32 = txn
         .query_one(

@@ -56,7 +56,10 @@ pub(crate) async fn verify_all(pool: &Pool) -> Result<VerifyReport, StoreError> 
 
     let mut latest = std::collections::BTreeSet::new();
     for row in client
-        .query("SELECT * FROM cnsm_definitions ORDER BY namespace, name, revision", &[])
+        .query(
+            "SELECT * FROM cnsm_definitions ORDER BY namespace, name, revision",
+            &[],
+        )
         .await
         .map_err(db_error)?
     {

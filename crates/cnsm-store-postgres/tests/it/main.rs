@@ -50,13 +50,7 @@ pub fn options(schema: &str) -> PostgresOptions {
 
 /// Drops a test schema (best effort: a failure leaves a schema behind, nothing else).
 pub fn drop_schema(url: &str, schema: &str) {
-    let Ok(store) = PostgresStore::open(
-        url,
-        PostgresOptions {
-            migrate: false,
-            ..PostgresOptions::default()
-        },
-    ) else {
+    let Ok(store) = PostgresStore::open(url, options(schema)) else {
         return;
     };
     let _ = store.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
