@@ -15,7 +15,9 @@ use cnsm_store::{CommitItem, IdempotencyEntry, ItemOutcome, TimerRef};
 use tokio::sync::oneshot;
 
 use crate::timers::TimerIndex;
-use crate::{CreateInstance, EventRequest, RuntimeError, Shared, TransitionOutcome};
+use crate::{
+    CreateInstance, EventRequest, RuntimeError, SHARED_RETRIES_MAX, Shared, TransitionOutcome,
+};
 
 /// Longest sleep of the timer driver, so a clock jump is noticed.
 const SLEEP_MS_MAX: u64 = 1000;
@@ -60,6 +62,9 @@ enum Waiter {
         item: usize,
         replayed: bool,
         reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>>,
+        /// On a shared store, an event without an expected version, kept to re-apply it if it
+        /// loses a race to another node.
+        retry: Option<Box<(Key, EventRequest)>>,
     },
     CreateFailed {
         error: RuntimeError,
@@ -82,6 +87,8 @@ struct Committer {
     batch_records: Vec<StateChangeEvent>,
     cache: HashMap<Key, Cached>,
     timers: TimerIndex,
+    /// When a shared-store node next asks the store for due timers.
+    next_timer_poll_ms: u64,
 }
 
 pub(crate) fn start(
@@ -93,8 +100,10 @@ pub(crate) fn start(
         batch_records: Vec::new(),
         cache: HashMap::new(),
         timers: TimerIndex::default(),
+        next_timer_poll_ms: 0,
     };
-    if committer.shared.options.timers {
+    // On a shared store the timers are claimed from the store; there is no index to build.
+    if committer.shared.options.timers && !committer.shared.options.shared_store {
         committer.rebuild_timers()?;
     }
     let thread = std::thread::Builder::new()
@@ -153,7 +162,14 @@ impl Committer {
         let drive_timers = self.shared.options.timers && !clock.is_virtual();
         let mut next_purge_ms = clock.now_ms().saturating_add(PURGE_INTERVAL_MS);
         loop {
-            let wait = if drive_timers {
+            let wait = if drive_timers && self.shared.options.shared_store {
+                let now = clock.now_ms();
+                Some(Duration::from_millis(
+                    self.next_timer_poll_ms
+                        .saturating_sub(now)
+                        .min(SLEEP_MS_MAX),
+                ))
+            } else if drive_timers {
                 let now = clock.now_ms();
                 let until = self
                     .timers
@@ -191,7 +207,7 @@ impl Committer {
             let stop = batch.iter().any(|c| matches!(c, Command::Stop));
             let fire_timers =
                 drive_timers || batch.iter().any(|c| matches!(c, Command::Tick { .. }));
-            self.process(batch, fire_timers);
+            self.process(batch, fire_timers, 0);
             // Forget expired idempotency keys now and then (expired ones are ignored anyway).
             if drive_timers && clock.now_ms() >= next_purge_ms {
                 let _ = self.shared.store.purge_idempotency(clock.now_ms());
@@ -225,8 +241,15 @@ impl Committer {
         Ok(self.cache.get_mut(key))
     }
 
-    fn process(&mut self, batch: Vec<Command>, fire_timers: bool) {
+    /// Applies and commits one batch; `attempt` counts re-applications after lost races
+    /// (shared store only).
+    fn process(&mut self, batch: Vec<Command>, fire_timers: bool, attempt: u32) {
         let now_ms = self.shared.options.clock.now_ms();
+        let shared_store = self.shared.options.shared_store;
+        if shared_store {
+            // Other nodes commit too: a cached instance may be stale by now.
+            self.cache.clear();
+        }
         let mut items: Vec<CommitItem> = Vec::new();
         let mut item_keys: Vec<Key> = Vec::new();
         // The timer each touched instance had before the batch (`None` for new instances), to
@@ -256,6 +279,8 @@ impl Committer {
                     reply,
                 } => {
                     let key = (namespace, id);
+                    let retry = (shared_store && event.expected_version.is_none())
+                        .then(|| Box::new((key.clone(), event.clone())));
                     match self.event(
                         &key,
                         event,
@@ -269,13 +294,18 @@ impl Committer {
                             item,
                             replayed,
                             reply,
+                            retry,
                         }),
                         Err(error) => waiters.push(Waiter::EventFailed { error, reply }),
                     }
                 }
             }
         }
-        if fire_timers {
+        let poll_due = !shared_store || now_ms >= self.next_timer_poll_ms || {
+            // A Tick asks for timers now.
+            waiters.iter().any(|w| matches!(w, Waiter::Tick { .. }))
+        };
+        if fire_timers && poll_due {
             n_timers_fired = self.fire_due(now_ms, &mut items, &mut item_keys, &mut before);
         }
         for w in &mut waiters {
@@ -298,7 +328,12 @@ impl Committer {
                     }
                 }
                 self.after_commit(&items, &records, &item_keys, &outcomes, &before);
+                let (waiters, retries) = split_lost_races(waiters, &outcomes, attempt);
                 answer(waiters, &items, &records, &outcomes);
+                if !retries.is_empty() {
+                    // Re-applied on the state the winning node committed (reloaded).
+                    self.process(retries, false, attempt + 1);
+                }
             }
             Err(e) => {
                 // Nothing of the batch is durable: forget the working copies, rebuild the timer
@@ -309,7 +344,9 @@ impl Committer {
                 if let Ok(mut versions) = self.shared.versions.lock() {
                     versions.clear();
                 }
-                let _ = self.rebuild_timers();
+                if !shared_store {
+                    let _ = self.rebuild_timers();
+                }
                 let message = format!("the durable commit failed, nothing was committed: {e}");
                 fail_all(waiters, &message);
             }
@@ -463,12 +500,30 @@ impl Committer {
         before: &mut HashMap<Key, Option<Timer>>,
     ) -> usize {
         let n_max = self.shared.options.batch_len_max.max(1);
-        let due = self.timers.pop_due(now_ms, n_max);
+        let options = &self.shared.options;
+        let due = if options.shared_store {
+            self.next_timer_poll_ms = now_ms.saturating_add(options.timer_poll_ms.max(1));
+            // Claimed for a lease: a timer whose commit fails here is claimed again (by any
+            // node) once the lease expires.
+            match self.shared.store.claim_due_timers(
+                now_ms,
+                options.timer_lease_ms,
+                &options.node_id,
+                n_max,
+            ) {
+                Ok(due) => due,
+                Err(_) => return 0,
+            }
+        } else {
+            self.timers.pop_due(now_ms, n_max)
+        };
+        let shared_store = options.shared_store;
         let mut n_fired = 0;
         for timer in due {
             match self.fire_one(timer, now_ms, items, item_keys, before) {
                 Ok(true) => n_fired += 1,
                 Ok(false) => {}
+                Err(_) if shared_store => {}
                 Err(_) => {
                     // Retried until it commits: put it back for the next round.
                     self.timers.insert_ref(TimerRef {
@@ -531,6 +586,7 @@ impl Committer {
             .read()
             .map(|l| l.clone())
             .unwrap_or_default();
+        let shared_store = self.shared.options.shared_store;
         let mut versions = self.shared.versions.lock().ok();
         if let Some(v) = versions.as_mut()
             && v.len() > self.shared.options.cache_len_max
@@ -544,6 +600,15 @@ impl Committer {
         for (index, ((item, key), outcome)) in items.iter().zip(item_keys).zip(outcomes).enumerate()
         {
             match outcome {
+                ItemOutcome::Committed { uid } if shared_store => {
+                    // No timer index and no published versions: other nodes commit too.
+                    if let Some(record) = records.get(index) {
+                        for l in &listeners {
+                            l.on_commit(record, item.record.hash, &item.instance);
+                        }
+                    }
+                    let _ = uid;
+                }
                 ItemOutcome::Committed { uid } => {
                     if let Some(old) = old_timers.get_mut(key) {
                         if let Some(t) = old.take() {
@@ -609,6 +674,47 @@ fn stage(
     Ok(())
 }
 
+/// Splits off the waiters whose event lost a race to another node and may be re-applied (no
+/// expected version, shared store): they come back as commands for another batch, or, after
+/// [`SHARED_RETRIES_MAX`] attempts, fail with `Unavailable`.
+fn split_lost_races(
+    waiters: Vec<Waiter>,
+    outcomes: &[ItemOutcome],
+    attempt: u32,
+) -> (Vec<Waiter>, Vec<Command>) {
+    let mut keep = Vec::with_capacity(waiters.len());
+    let mut retries = Vec::new();
+    for waiter in waiters {
+        match waiter {
+            Waiter::Applied {
+                item,
+                reply,
+                retry: Some(retry),
+                ..
+            } if matches!(outcomes.get(item), Some(ItemOutcome::Conflict { .. })) => {
+                if attempt < SHARED_RETRIES_MAX {
+                    let ((namespace, id), event) = *retry;
+                    retries.push(Command::Event {
+                        namespace,
+                        id,
+                        event,
+                        reply,
+                    });
+                } else {
+                    keep.push(Waiter::EventFailed {
+                        error: RuntimeError::Unavailable(
+                            "the instance is contended by other nodes; retry later".into(),
+                        ),
+                        reply,
+                    });
+                }
+            }
+            other => keep.push(other),
+        }
+    }
+    (keep, retries)
+}
+
 fn answer(
     waiters: Vec<Waiter>,
     items: &[CommitItem],
@@ -636,6 +742,7 @@ fn answer(
                 item,
                 replayed,
                 reply,
+                retry: _,
             } => {
                 let result = match conflict(item) {
                     None => outcome_of(&items[item], records.get(item), replayed),

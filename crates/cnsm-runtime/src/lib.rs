@@ -71,7 +71,22 @@ pub struct RuntimeOptions {
     /// Whether the timer driver runs (read-only tools turn it off).
     pub timers: bool,
     pub clock: Arc<dyn Clock>,
+    /// The store is shared with other nodes (PostgreSQL). The committer then keeps no instance
+    /// cache across batches, re-applies an event without an expected version that lost a race
+    /// to another node (at most [`SHARED_RETRIES_MAX`] times), and claims due timers from the
+    /// store with leases instead of keeping its own timer index. Off: the embedded behaviour.
+    pub shared_store: bool,
+    /// This node's name in timer claims (shared store only).
+    pub node_id: String,
+    /// How long a claimed timer stays with this node before another may take it.
+    pub timer_lease_ms: u64,
+    /// How often a node on a shared store asks the store for due timers.
+    pub timer_poll_ms: u64,
 }
+
+/// How many times a shared-store node re-applies an event that lost a race to another node
+/// before it answers `Unavailable`.
+pub const SHARED_RETRIES_MAX: u32 = 8;
 
 impl Default for RuntimeOptions {
     fn default() -> RuntimeOptions {
@@ -83,6 +98,10 @@ impl Default for RuntimeOptions {
             payload_len_max: 1 << 20,
             timers: true,
             clock: Arc::new(SystemClock),
+            shared_store: false,
+            node_id: format!("node-{}", std::process::id()),
+            timer_lease_ms: 30_000,
+            timer_poll_ms: 250,
         }
     }
 }

@@ -8,6 +8,7 @@
 
 mod conformance;
 mod nodes;
+mod runtime;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
