@@ -50,6 +50,7 @@ use tokio::sync::oneshot;
 pub mod clock;
 mod committer;
 mod error;
+mod foreign;
 pub mod timers;
 
 pub use clock::{Clock, SystemClock, VirtualClock};
@@ -250,6 +251,13 @@ pub trait CommitListener: Send + Sync + 'static {
     fn on_batch(&self, n_items: usize, commit_duration: std::time::Duration) {
         let _ = (n_items, commit_duration);
     }
+
+    /// On a shared store: a transition another node committed, soon after its commit (on a
+    /// feed thread, not the committer). Watch streams publish it; per-node observers (metrics,
+    /// audit) leave it alone, since the committing node reports it.
+    fn on_remote_commit(&self, record: &StateChangeEvent, hash: Hash32, instance: &Instance) {
+        let _ = (record, hash, instance);
+    }
 }
 
 pub(crate) struct Shared {
@@ -339,6 +347,9 @@ impl Runtime {
             queued: std::sync::atomic::AtomicUsize::new(0),
         });
         let (queue, thread) = committer::start(Arc::clone(&shared))?;
+        if shared.options.shared_store {
+            foreign::start(&shared)?;
+        }
         Ok(Runtime {
             shared,
             queue,

@@ -62,7 +62,6 @@ CREATE INDEX cnsm_idempotency_expiry ON cnsm_idempotency (expires_ms);
 -- Commits one item inside the caller's transaction: compare-and-swap on the version under the
 -- instance's row lock, the previous-hash link, an idempotency key not already taken, then the
 -- record, the row and the key. Returns (committed, uid, actual version when not committed).
--- A broken link raises `data_corrupted` (the caller's batch is refused as a whole).
 CREATE FUNCTION cnsm_commit_item(
     p_namespace text, p_id text, p_expected bigint, p_prev_hash bytea,
     p_version bigint, p_hash bytea, p_bytes bytea,
@@ -100,9 +99,12 @@ BEGIN
             RETURN QUERY SELECT false, NULL::bigint, v_version;
             RETURN;
         END IF;
+        -- The expected version with another record: the item was computed on top of an earlier
+        -- item of its batch that lost a race to another node. A conflict, like a version
+        -- mismatch; the chain stays whole either way.
         IF v_hash <> p_prev_hash THEN
-            RAISE EXCEPTION 'instance %/%: record % does not chain to the stored record %',
-                p_namespace, p_id, p_version, p_expected USING ERRCODE = 'data_corrupted';
+            RETURN QUERY SELECT false, NULL::bigint, v_version;
+            RETURN;
         END IF;
         -- A key another node committed for this instance since the request arrived.
         IF p_key IS NOT NULL AND EXISTS (SELECT 1 FROM cnsm_idempotency

@@ -40,8 +40,10 @@ pub mod schema;
 use pool::{Bridge, Pool, db_error, is_retryable};
 pub use schema::{SCHEMA_VERSION, SchemaStatus};
 
-/// The channel commits are announced on (payload: `uid:version` pairs separated by spaces).
-pub const COMMIT_CHANNEL: &str = "cnsm_commits";
+/// The prefix of the channel commits are announced on; the channel is per schema, because
+/// NOTIFY is database-wide. A payload is the committing handle's origin token, then
+/// `uid:version` pairs, separated by spaces.
+pub const COMMIT_CHANNEL_PREFIX: &str = "cnsm_commits_";
 
 /// Largest batch one `commit` accepts.
 pub const COMMIT_ITEMS_MAX: usize = 100_000;
@@ -90,6 +92,18 @@ pub struct PostgresStore {
     pool: Pool,
     bridge: Bridge,
     config: Config,
+    /// The NOTIFY channel of this schema.
+    channel: String,
+    /// Tags this handle's NOTIFY payloads, so its own commits are not fed back to it.
+    origin: String,
+    /// Set on drop: stops the commit feed's task.
+    closed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -156,7 +170,7 @@ const COMMIT_ITEM: &str = "SELECT o_committed, o_uid, o_actual FROM cnsm_commit_
 const LOCK_INSTANCES: &str = "SELECT uid FROM cnsm_instances \
     WHERE (namespace, id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
     ORDER BY namespace, id FOR UPDATE";
-const NOTIFY: &str = "SELECT pg_notify('cnsm_commits', $1)";
+const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 const INSTANCE_BY_KEY: &str =
     "SELECT uid, body FROM cnsm_instances WHERE namespace = $1 AND id = $2";
 const INSTANCE_BY_UID: &str = "SELECT uid, body, namespace, id FROM cnsm_instances WHERE uid = $1";
@@ -194,14 +208,17 @@ impl PostgresStore {
             options.conns_max,
             Duration::from_millis(options.op_timeout_ms),
         );
-        let store = PostgresStore {
+        let mut store = PostgresStore {
             pool,
             bridge,
             config,
+            channel: String::new(),
+            origin: origin_token(),
+            closed: Default::default(),
         };
         let schema = options.schema.clone();
         let migrate = options.migrate;
-        store.bridge.run(async {
+        store.channel = store.bridge.run(async {
             let mut lease = store.pool.get().await?;
             let client = &mut lease.conn().client;
             if migrate {
@@ -220,7 +237,12 @@ impl PostgresStore {
                     status.version, SCHEMA_VERSION
                 )));
             }
-            Ok(())
+            let row = client
+                .query_one("SELECT current_schema()", &[])
+                .await
+                .map_err(db_error)?;
+            let current: Option<String> = row.get(0);
+            Ok(channel_of(current.as_deref().unwrap_or("")))
         })?;
         Ok(store)
     }
@@ -387,7 +409,7 @@ impl PostgresStore {
             Err(e) => return retryable_or(e),
         };
         let mut outcomes = Vec::with_capacity(items.len());
-        let mut payload = String::new();
+        let mut payload = self.origin.clone();
         let mut notices = Vec::new();
         for (row, item) in rows.iter().zip(items) {
             let committed: bool = row.get(0);
@@ -396,11 +418,9 @@ impl PostgresStore {
                 outcomes.push(ItemOutcome::Committed { uid: uid as u64 });
                 let pair = format!("{uid}:{}", item.record.version);
                 if payload.len() + pair.len() + 1 > NOTIFY_PAYLOAD_LEN_MAX {
-                    notices.push(std::mem::take(&mut payload));
+                    notices.push(std::mem::replace(&mut payload, self.origin.clone()));
                 }
-                if !payload.is_empty() {
-                    payload.push(' ');
-                }
+                payload.push(' ');
                 payload.push_str(&pair);
             } else {
                 let actual: Option<i64> = row.get(2);
@@ -409,11 +429,11 @@ impl PostgresStore {
                 });
             }
         }
-        if !payload.is_empty() {
+        if payload.len() > self.origin.len() {
             notices.push(payload);
         }
         for notice in &notices {
-            if let Err(e) = txn.query(&notify, &[notice]).await {
+            if let Err(e) = txn.query(&notify, &[&self.channel, notice]).await {
                 return retryable_or(e);
             }
         }
@@ -422,6 +442,26 @@ impl PostgresStore {
             Err(e) => retryable_or(e),
         }
     }
+}
+
+/// The NOTIFY channel of a schema: short and a plain identifier whatever the schema's name.
+fn channel_of(schema: &str) -> String {
+    let digest = Hash32::digest(b"cnsm/channel\0", schema.as_bytes());
+    format!("{COMMIT_CHANNEL_PREFIX}{}", &digest.to_hex()[..16])
+}
+
+/// A token that tells this handle's NOTIFY payloads from other handles'.
+fn origin_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!("o{:016x}", hasher.finish())
 }
 
 fn retryable_or<T>(
@@ -919,6 +959,21 @@ impl Store for PostgresStore {
         let mut timers = rows.iter().map(timer_ref).collect::<Result<Vec<_>, _>>()?;
         timers.sort();
         Ok(timers)
+    }
+
+    fn subscribe_foreign_commits(
+        &self,
+        on_commit: std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>,
+    ) -> Result<bool, StoreError> {
+        let feed = pool::CommitFeed {
+            config: self.config.clone(),
+            channel: self.channel.clone(),
+            origin: self.origin.clone(),
+            closed: std::sync::Arc::clone(&self.closed),
+            on_commit,
+        };
+        self.bridge.spawn(feed.run());
+        Ok(true)
     }
 }
 

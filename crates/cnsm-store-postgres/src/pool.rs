@@ -198,6 +198,15 @@ impl Bridge {
     }
 }
 
+impl Bridge {
+    /// Runs a background task on the store's runtime.
+    pub(crate) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        if let Some(runtime) = &self.runtime {
+            runtime.spawn(task);
+        }
+    }
+}
+
 impl Drop for Bridge {
     fn drop(&mut self) {
         // Dropping a runtime inside another runtime's context panics; this does not.
@@ -241,4 +250,84 @@ pub(crate) fn is_retryable(error: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;
     matches!(error.code(), Some(code) if *code == SqlState::T_R_DEADLOCK_DETECTED
         || *code == SqlState::T_R_SERIALIZATION_FAILURE)
+}
+
+/// LISTENs on a schema's commit channel and reports commits of other handles; reconnects
+/// (every second) while the database is away.
+pub(crate) struct CommitFeed {
+    pub(crate) config: Config,
+    pub(crate) channel: String,
+    pub(crate) origin: String,
+    pub(crate) closed: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) on_commit: Arc<dyn Fn(u64, u64) + Send + Sync>,
+}
+
+impl CommitFeed {
+    pub(crate) async fn run(self) {
+        use std::sync::atomic::Ordering;
+        while !self.closed.load(Ordering::SeqCst) {
+            let _ = self.listen().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// One connection's life: returns when it breaks or the store is dropped.
+    async fn listen(&self) -> Result<(), StoreError> {
+        use futures_util::StreamExt;
+        use std::sync::atomic::Ordering;
+        let (client, mut connection) = self
+            .config
+            .connect(NoTls)
+            .await
+            .map_err(|e| StoreError::Io(describe(&e)))?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        // The connection must be polled for LISTEN to complete; its messages go to `rx`.
+        let driver = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        if tx.send(n.payload().to_owned()).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN {}", self.channel))
+            .await
+            .map_err(db_error)?;
+        loop {
+            if self.closed.load(Ordering::SeqCst) {
+                break;
+            }
+            match tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+                Ok(Some(payload)) => {
+                    let mut parts = payload.split(' ');
+                    if parts.next() == Some(self.origin.as_str()) {
+                        continue;
+                    }
+                    for pair in parts {
+                        if let Some((uid, version)) = pair.split_once(':')
+                            && let (Ok(uid), Ok(version)) = (uid.parse(), version.parse())
+                        {
+                            (self.on_commit)(uid, version);
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    if client.is_closed() {
+                        break;
+                    }
+                }
+            }
+        }
+        drop(client);
+        driver.abort();
+        Ok(())
+    }
 }

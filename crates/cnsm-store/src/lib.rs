@@ -238,4 +238,17 @@ pub trait Store: Send + Sync + 'static {
         due.truncate(limit);
         Ok(due)
     }
+
+    /// For a store shared by several nodes: calls `on_commit(uid, version)` for each record
+    /// committed through *other* handles of the store, soon after it commits (per instance in
+    /// version order), until the store is dropped. Delivery is best effort: while the store
+    /// cannot reach its database, commits are missed. Returns `false` when the store has no
+    /// such feed (a store with one writer sees every commit itself).
+    fn subscribe_foreign_commits(
+        &self,
+        on_commit: std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>,
+    ) -> Result<bool, StoreError> {
+        let _ = on_commit;
+        Ok(false)
+    }
 }

@@ -68,6 +68,17 @@ pub struct Cli {
     )]
     pub namespace: String,
 
+    /// A PostgreSQL store (postgres://USER@HOST:PORT/DB) instead of the embedded store in
+    /// --data-dir; several `serve` nodes can share it (see docs/postgres.md)
+    #[arg(
+        long,
+        global = true,
+        env = "CNSM_STORE",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub store: Option<String>,
+
     /// Talk to a running `cnsmctl serve` (http://HOST:PORT or https://HOST:PORT) instead of
     /// the embedded store
     #[arg(long, global = true, env = "CNSM_SERVER", value_name = "URL")]
@@ -501,6 +512,19 @@ pub enum StoreCommand {
             Exit code 1 when a problem is found."
     )]
     Verify,
+    /// Apply the missing schema migrations of the PostgreSQL store of --store
+    #[command(
+        after_help = "Examples:\n  cnsmctl --store postgres://cnsm@db/cnsm store migrate\n\n\
+            `serve` and every command migrate on open too; this runs them alone (one transaction, \
+            under an advisory lock, safe while nodes start)."
+    )]
+    Migrate,
+    /// Show the schema version of the PostgreSQL store of --store
+    #[command(
+        after_help = "Examples:\n  cnsmctl --store postgres://cnsm@db/cnsm store status\n\n\
+            Exit code 1 when the schema is behind this binary, 5 when it is newer."
+    )]
+    Status,
 }
 
 #[derive(Debug, Args)]

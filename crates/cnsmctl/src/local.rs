@@ -78,6 +78,19 @@ impl Local {
     }
 }
 
+impl Local {
+    /// Opens the PostgreSQL store of `--store` (migrating its schema when behind). Local
+    /// commands never fire timers there: the `serve` nodes sharing the store own them.
+    pub fn open_postgres(url: &str, access: Access) -> Result<Local, CliError> {
+        let _ = access;
+        let store = crate::postgres::open(url)?;
+        let options =
+            crate::postgres::runtime_options(format!("cnsmctl-{}", std::process::id()), false);
+        let runtime = Runtime::open_shared(store, options)?;
+        Ok(Local { runtime })
+    }
+}
+
 impl Drop for Local {
     fn drop(&mut self) {
         self.runtime.shutdown();

@@ -7,6 +7,8 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
+#[path = "cli/nodes.rs"]
+mod nodes;
 #[path = "cli/server.rs"]
 mod server;
 

@@ -392,3 +392,33 @@ fn works_from_inside_tokio_runtimes() {
         assert_eq!(store.list_instances(&Default::default()).unwrap().len(), 2);
     });
 }
+
+/// A batch that advances an instance twice, after another node committed its own next record:
+/// both items conflict (the second names the right version but the losing record as its
+/// previous one), and the rest of the batch commits.
+#[test]
+fn items_built_on_a_lost_item_conflict() {
+    let Some(schema) = Schema::new() else { return };
+    let (node_a, node_b) = (schema.open(), schema.open());
+    let driver = Driver::new("job");
+    let create = driver.create("default", "j", &[], T0_MS);
+    let other = driver.create("default", "other", &[], T0_MS);
+    node_a.commit(&[create.clone(), other.clone()]).unwrap();
+    let winner = driver.event(&create.instance, "ping", "b", T0_MS + 1);
+    assert!(matches!(
+        commit_one(&node_b, &winner),
+        ItemOutcome::Committed { .. }
+    ));
+    let lost = driver.event(&create.instance, "ping", "a", T0_MS + 1);
+    let on_lost = driver.event(&lost.instance, "ping", "a2", T0_MS + 2);
+    let independent = driver.event(&other.instance, "start", "", T0_MS + 2);
+    let outcomes = node_a.commit(&[lost, on_lost, independent]).unwrap();
+    assert_eq!(outcomes[0], ItemOutcome::Conflict { actual: Some(1) });
+    assert_eq!(outcomes[1], ItemOutcome::Conflict { actual: Some(1) });
+    assert!(matches!(outcomes[2], ItemOutcome::Committed { .. }));
+    assert_eq!(
+        node_a.instance("default", "j").unwrap().unwrap().instance,
+        winner.instance
+    );
+    assert!(node_a.verify().unwrap().is_ok());
+}

@@ -1,0 +1,118 @@
+//! `--store postgres://...`: the PostgreSQL store for local commands and `serve`, and the
+//! `store migrate` / `store status` commands that manage its schema.
+
+use std::sync::Arc;
+
+use cnsm_runtime::RuntimeOptions;
+use cnsm_store::Store;
+use cnsm_store_postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION};
+
+use crate::error::{CliError, EXIT_OK};
+use crate::output::Out;
+
+/// The store options of cnsmctl: the defaults, which bound every wait (connect 3 s, each
+/// operation 10 s), so a database that is down makes requests fail with 503 and never hang.
+pub fn store_options() -> PostgresOptions {
+    PostgresOptions::default()
+}
+
+/// Checks that `url` is a PostgreSQL URL (the only `--store` cnsm knows besides --data-dir).
+pub fn check_url(url: &str) -> Result<(), CliError> {
+    if cnsm_store_postgres::is_postgres_url(url) {
+        Ok(())
+    } else {
+        Err(CliError::invalid(format!(
+            "--store '{}' is not a PostgreSQL URL (postgres://USER@HOST:PORT/DB); the embedded store is chosen with --data-dir",
+            redact(url)
+        )))
+    }
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Opens the store (migrating the schema when it is behind).
+pub fn open(url: &str) -> Result<Arc<dyn Store>, CliError> {
+    check_url(url)?;
+    let store = PostgresStore::open(url, store_options()).map_err(|e| {
+        let mut error = CliError::from(e);
+        error.message = format!(
+            "cannot open the store at {}: {}",
+            redact(url),
+            error.message
+        );
+        error
+    })?;
+    Ok(Arc::new(store))
+}
+
+/// Runtime options of a node on the shared store.
+pub fn runtime_options(node_id: String, timers: bool) -> RuntimeOptions {
+    RuntimeOptions {
+        shared_store: true,
+        node_id,
+        timers,
+        ..RuntimeOptions::default()
+    }
+}
+
+/// `store migrate`: applies the missing schema migrations.
+pub fn migrate(url: &str, out: &mut Out) -> Result<u8, CliError> {
+    check_url(url)?;
+    let applied = PostgresStore::migrate(url, &store_options())?;
+    if applied.is_empty() {
+        out.line(format_args!(
+            "schema of {} is up to date (version {SCHEMA_VERSION})",
+            redact(url)
+        ));
+    } else {
+        let list: Vec<String> = applied.iter().map(u32::to_string).collect();
+        out.line(format_args!(
+            "schema of {} migrated to version {SCHEMA_VERSION} (applied {})",
+            redact(url),
+            list.join(", ")
+        ));
+    }
+    Ok(EXIT_OK)
+}
+
+/// `store status`: the schema version and the migrations applied. Exit 1 when the schema is
+/// behind this binary, 5 when it is newer.
+pub fn status(url: &str, out: &mut Out) -> Result<u8, CliError> {
+    check_url(url)?;
+    let status = PostgresStore::schema_status(url, &store_options())?;
+    out.line(format_args!(
+        "schema version {} (this binary writes {})",
+        status.version, status.supported
+    ));
+    for (version, name, applied_ms) in &status.applied {
+        out.line(format_args!(
+            "  {version} {name} applied at {}",
+            crate::output::rfc3339_ms(*applied_ms)
+        ));
+    }
+    if status.version > status.supported {
+        return Err(CliError::from(cnsm_store::StoreError::FormatTooNew {
+            found: status.version,
+            supported: status.supported,
+        }));
+    }
+    if status.is_behind() {
+        eprintln!(
+            "error: Invalid: the schema needs migrating; run `cnsmctl --store URL store migrate`"
+        );
+        return Ok(crate::error::EXIT_INVALID);
+    }
+    Ok(EXIT_OK)
+}
