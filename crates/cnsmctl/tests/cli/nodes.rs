@@ -355,3 +355,247 @@ fn three_nodes_survive_a_sigkill_mid_storm() {
         n_unavailable.load(Ordering::Relaxed)
     );
 }
+
+/// A TCP proxy to the database that can be cut (every connection closed, the port refused)
+/// and restored, to make the database unreachable without touching it.
+struct Proxy {
+    port: u16,
+    upstream: std::net::SocketAddr,
+    state: Arc<std::sync::Mutex<ProxyState>>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    up: bool,
+    generation: u64,
+    streams: Vec<std::net::TcpStream>,
+}
+
+impl Proxy {
+    fn start(upstream: std::net::SocketAddr) -> Proxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let proxy = Proxy {
+            port,
+            upstream,
+            state: Arc::default(),
+        };
+        proxy.serve(listener);
+        proxy
+    }
+
+    fn serve(&self, listener: std::net::TcpListener) {
+        let generation = {
+            let mut state = self.state.lock().unwrap();
+            state.up = true;
+            state.generation += 1;
+            state.generation
+        };
+        let state = Arc::clone(&self.state);
+        let upstream = self.upstream;
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            loop {
+                if state.lock().unwrap().generation != generation {
+                    return; // cut: the listener closes
+                }
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).unwrap();
+                        let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                            continue;
+                        };
+                        let mut state = state.lock().unwrap();
+                        state.streams.push(client.try_clone().unwrap());
+                        state.streams.push(server.try_clone().unwrap());
+                        for (mut from, mut to) in [
+                            (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                            (server, client),
+                        ] {
+                            std::thread::spawn(move || {
+                                let _ = std::io::copy(&mut from, &mut to);
+                                let _ = to.shutdown(std::net::Shutdown::Both);
+                            });
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+    }
+
+    fn cut(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.up = false;
+        state.generation += 1;
+        for stream in state.streams.drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        // The old listener thread notices the new generation within 10 ms and closes.
+        std::thread::sleep(Duration::from_millis(50));
+        let listener = std::net::TcpListener::bind(("127.0.0.1", self.port)).unwrap();
+        self.serve(listener);
+    }
+}
+
+/// With the database unreachable the node is not ready and requests get 503 with
+/// `Retry-After` quickly (no hang); when the database comes back the node recovers by itself,
+/// and nothing acknowledged was lost.
+#[test]
+fn unreachable_database_makes_the_node_unready_then_it_recovers() {
+    let Ok(base) = std::env::var("CNSM_TEST_POSTGRES_URL") else {
+        eprintln!("skipped: CNSM_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let config: tokio_postgres_url::Url = base.parse().expect("a URL");
+    let Some(upstream) = config.socket_addr() else {
+        eprintln!("skipped: the test database is not on a TCP address");
+        return;
+    };
+    let schema_name = format!("cnsm_ready_{}", std::process::id());
+    let schema = Schema {
+        url: base.clone(),
+        options: PostgresOptions {
+            schema: Some(schema_name.clone()),
+            ..PostgresOptions::default()
+        },
+    };
+    PostgresStore::migrate(&schema.url, &schema.options).expect("create the schema");
+    let proxy = Proxy::start(upstream);
+    let store_url = config.with_port(proxy.port, &schema_name);
+    let node = Node::start(&store_url);
+    let client = Client::new(&node.url).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let ready = client.get("/health/readyz").await.unwrap();
+        assert_eq!(ready.status, 200, "{}", ready.text());
+        let r = client
+            .request(
+                "POST",
+                &format!("{PREFIX}/load/statemachines"),
+                &[("content-type", "application/yaml")],
+                MACHINE.as_bytes().to_vec(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{}", r.text());
+        let r = client
+            .post_json(
+                &format!("{PREFIX}/load/instances"),
+                &json!({"id": "r-1", "machine": "storm"}),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{}", r.text());
+
+        proxy.cut();
+        let started = Instant::now();
+        let not_ready = client.get("/health/readyz").await.unwrap();
+        assert_eq!(not_ready.status, 503, "{}", not_ready.text());
+        assert!(not_ready.header("retry-after").is_some());
+        let refused = client
+            .post_json(
+                &format!("{PREFIX}/load/instances/r-1/events"),
+                &json!({"event": "tick"}),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(refused.status, 503, "{}", refused.text());
+        assert!(refused.header("retry-after").is_some());
+        assert!(
+            started.elapsed() < Duration::from_secs(12),
+            "answers came within the deadlines"
+        );
+
+        proxy.restore();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = client.get("/health/readyz").await.unwrap();
+            if ready.status == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the node did not recover");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let r = client
+            .post_json(
+                &format!("{PREFIX}/load/instances/r-1/events"),
+                &json!({"event": "tick"}),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.json()["record"]["version"],
+            1,
+            "the refused event did not commit"
+        );
+    });
+}
+
+/// Just enough URL handling for the test: host, port and the rest of a postgres:// URL.
+mod tokio_postgres_url {
+    pub struct Url {
+        before_host: String,
+        host: String,
+        port: u16,
+        after_port: String,
+    }
+
+    impl std::str::FromStr for Url {
+        type Err = String;
+
+        fn from_str(url: &str) -> Result<Url, String> {
+            let scheme_end = url.find("://").ok_or("no scheme")? + 3;
+            let authority_start = url[scheme_end..]
+                .find('@')
+                .map_or(scheme_end, |at| scheme_end + at + 1);
+            let authority_end = url[authority_start..]
+                .find(['/', '?'])
+                .map_or(url.len(), |i| authority_start + i);
+            let authority = &url[authority_start..authority_end];
+            let (host, port) = match authority.rsplit_once(':') {
+                Some((host, port)) => (host, port.parse().map_err(|_| "bad port")?),
+                None => (authority, 5432),
+            };
+            Ok(Url {
+                before_host: url[..authority_start].to_owned(),
+                host: host.to_owned(),
+                port,
+                after_port: url[authority_end..].to_owned(),
+            })
+        }
+    }
+
+    impl Url {
+        pub fn socket_addr(&self) -> Option<std::net::SocketAddr> {
+            use std::net::ToSocketAddrs;
+            (self.host.as_str(), self.port)
+                .to_socket_addrs()
+                .ok()?
+                .next()
+        }
+
+        /// The URL on another port of 127.0.0.1, in `schema`.
+        pub fn with_port(&self, port: u16, schema: &str) -> String {
+            let separator = if self.after_port.contains('?') {
+                '&'
+            } else {
+                '?'
+            };
+            format!(
+                "{}127.0.0.1:{port}{}{separator}options=-c%20search_path%3D{schema}",
+                self.before_host, self.after_port
+            )
+        }
+    }
+}
