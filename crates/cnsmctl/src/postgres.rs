@@ -57,13 +57,21 @@ pub fn open(url: &str) -> Result<Arc<dyn Store>, CliError> {
     Ok(Arc::new(store))
 }
 
-/// Runtime options of a node on the shared store.
+/// Runtime options of a node on the shared store. `CNSM_BATCH_LEN_MAX` caps the events one
+/// database transaction carries (1: a transaction per event, for comparisons).
 pub fn runtime_options(node_id: String, timers: bool) -> RuntimeOptions {
+    let defaults = RuntimeOptions::default();
+    let batch_len_max = std::env::var("CNSM_BATCH_LEN_MAX")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(defaults.batch_len_max);
     RuntimeOptions {
         shared_store: true,
         node_id,
         timers,
-        ..RuntimeOptions::default()
+        batch_len_max,
+        ..defaults
     }
 }
 
