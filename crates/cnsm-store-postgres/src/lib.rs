@@ -34,6 +34,7 @@ use futures_util::future::try_join_all;
 use tokio_postgres::Config;
 use tokio_postgres::types::ToSql;
 
+pub mod copy;
 pub mod pool;
 pub mod schema;
 

@@ -236,6 +236,20 @@ pub enum Command {
             cnsmctl demo --data-dir ./demo-data   # keep the store to explore it afterwards"
     )]
     Demo(DemoArgs),
+
+    /// Copy an embedded store into a new PostgreSQL database, then verify the copy
+    #[command(
+        name = "migrate-store",
+        long_about = "Copy an embedded store into a new PostgreSQL database (or schema), then verify.\n\n\
+            Copies every definition revision, every instance with its full history (the exact \
+            record bytes, so every hash chain still verifies), its pending timer and its \
+            idempotency keys, then checks that the target holds exactly what the source does. \
+            The target must be empty; stop the server on the source first.",
+        after_help = "Examples:\n  \
+            cnsmctl migrate-store --from ./cnsm-data --to postgres://cnsm@db/cnsm\n\n\
+            Exit code 4 when the target is not empty, 5 when a store cannot be opened."
+    )]
+    MigrateStore(MigrateStoreArgs),
 }
 
 /// How list and show commands print.
@@ -529,6 +543,16 @@ pub enum StoreCommand {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {}
+
+#[derive(Debug, Args)]
+pub struct MigrateStoreArgs {
+    /// The embedded store's directory
+    #[arg(long, value_name = "DIR")]
+    pub from: std::path::PathBuf,
+    /// The PostgreSQL database to copy into (postgres://USER@HOST:PORT/DB)
+    #[arg(long, value_name = "URL")]
+    pub to: String,
+}
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {

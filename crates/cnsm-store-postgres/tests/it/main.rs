@@ -7,6 +7,7 @@
 //! the tests run in parallel.
 
 mod conformance;
+mod copy;
 mod nodes;
 mod runtime;
 

@@ -118,6 +118,7 @@ pub async fn run(context: &Context, command: Command, out: &mut Out) -> Result<u
         Command::Store(StoreCommand::Verify) => store_verify(context, out).await,
         Command::Store(StoreCommand::Migrate) => crate::postgres::migrate(store_url(context)?, out),
         Command::Store(StoreCommand::Status) => crate::postgres::status(store_url(context)?, out),
+        Command::MigrateStore(args) => crate::postgres::migrate_store(&args, out),
         Command::Demo(_) => crate::demo::run(context, out).await.map(|()| EXIT_OK),
         Command::Serve(args) => serve::run(context, &args, out).await.map(|()| EXIT_OK),
     }
