@@ -243,12 +243,42 @@ impl Committer {
 
     /// Applies and commits one batch; `attempt` counts re-applications after lost races
     /// (shared store only).
+    /// Reads the instances of a batch's events into the cache (shared store; best effort: a
+    /// failure here leaves them to be read one by one).
+    fn preload(&mut self, batch: &[Command]) {
+        let keys: std::collections::BTreeSet<(&str, &str)> = batch
+            .iter()
+            .filter_map(|c| match c {
+                Command::Event { namespace, id, .. } => Some((namespace.as_str(), id.as_str())),
+                _ => None,
+            })
+            .collect();
+        let keys: Vec<(&str, &str)> = keys.into_iter().collect();
+        if let Ok(found) = self.shared.store.instances(&keys) {
+            for stored in found {
+                let key = (
+                    stored.instance.namespace.to_string(),
+                    stored.instance.id.to_string(),
+                );
+                self.cache.insert(
+                    key,
+                    Cached {
+                        uid: Some(stored.uid),
+                        instance: stored.instance,
+                    },
+                );
+            }
+        }
+    }
+
     fn process(&mut self, batch: Vec<Command>, fire_timers: bool, attempt: u32) {
         let now_ms = self.shared.options.clock.now_ms();
         let shared_store = self.shared.options.shared_store;
         if shared_store {
-            // Other nodes commit too: a cached instance may be stale by now.
+            // Other nodes commit too: a cached instance may be stale by now. Read every
+            // instance the batch names in one round trip instead.
             self.cache.clear();
+            self.preload(&batch);
         }
         let mut items: Vec<CommitItem> = Vec::new();
         let mut item_keys: Vec<Key> = Vec::new();

@@ -174,6 +174,8 @@ const LOCK_INSTANCES: &str = "SELECT uid FROM cnsm_instances \
 const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 const INSTANCE_BY_KEY: &str =
     "SELECT uid, body FROM cnsm_instances WHERE namespace = $1 AND id = $2";
+const INSTANCES_BY_KEYS: &str = "SELECT uid, body, namespace, id FROM cnsm_instances \
+    WHERE (namespace, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))";
 const INSTANCE_BY_UID: &str = "SELECT uid, body, namespace, id FROM cnsm_instances WHERE uid = $1";
 const HISTORY: &str = "SELECT r.version, r.hash, r.bytes FROM cnsm_records r \
     JOIN cnsm_instances i ON i.uid = r.uid \
@@ -798,6 +800,26 @@ impl Store for PostgresStore {
                 })
             })
             .transpose()
+    }
+
+    fn instances(&self, keys: &[(&str, &str)]) -> Result<Vec<StoredInstance>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let namespaces: Vec<&str> = keys.iter().map(|k| k.0).collect();
+        let ids: Vec<&str> = keys.iter().map(|k| k.1).collect();
+        let rows = self.query(INSTANCES_BY_KEYS, &[&namespaces, &ids])?;
+        rows.iter()
+            .map(|row| {
+                let uid: i64 = row.get(0);
+                let namespace: &str = row.get(2);
+                let id: &str = row.get(3);
+                Ok(StoredInstance {
+                    uid: uid as u64,
+                    instance: decode_instance(row.get::<_, &[u8]>(1), namespace, id)?,
+                })
+            })
+            .collect()
     }
 
     fn instance_by_uid(&self, uid: u64) -> Result<Option<StoredInstance>, StoreError> {

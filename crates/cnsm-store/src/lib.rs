@@ -239,6 +239,16 @@ pub trait Store: Send + Sync + 'static {
         Ok(due)
     }
 
+    /// Several instances at once, by (namespace, id), in any order; missing ones are left out.
+    /// A store on a network overrides it with one round trip.
+    fn instances(&self, keys: &[(&str, &str)]) -> Result<Vec<StoredInstance>, StoreError> {
+        let mut found = Vec::with_capacity(keys.len());
+        for (namespace, id) in keys {
+            found.extend(self.instance(namespace, id)?);
+        }
+        Ok(found)
+    }
+
     /// For a store shared by several nodes: calls `on_commit(uid, version)` for each record
     /// committed through *other* handles of the store, soon after it commits (per instance in
     /// version order), until the store is dropped. Delivery is best effort: while the store

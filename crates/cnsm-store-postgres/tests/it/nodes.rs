@@ -422,3 +422,42 @@ fn items_built_on_a_lost_item_conflict() {
     );
     assert!(node_a.verify().unwrap().is_ok());
 }
+
+/// `instances` reads many instances in one call, leaving out unknown keys.
+#[test]
+fn instances_reads_many_at_once() {
+    let Some(schema) = Schema::new() else { return };
+    let store = schema.open();
+    let driver = Driver::new("job");
+    let items: Vec<CommitItem> = (0..5)
+        .map(|i| {
+            driver.create(
+                if i % 2 == 0 { "a" } else { "b" },
+                &format!("i-{i}"),
+                &[],
+                T0_MS,
+            )
+        })
+        .collect();
+    store.commit(&items).unwrap();
+    let mut found = store
+        .instances(&[
+            ("a", "i-0"),
+            ("b", "i-1"),
+            ("a", "i-1"),
+            ("a", "i-4"),
+            ("zz", "i-0"),
+        ])
+        .unwrap();
+    found.sort_by(|x, y| x.instance.id.cmp(&y.instance.id));
+    let got: Vec<_> = found.iter().map(|s| s.instance.clone()).collect();
+    assert_eq!(
+        got,
+        vec![
+            items[0].instance.clone(),
+            items[1].instance.clone(),
+            items[4].instance.clone()
+        ]
+    );
+    assert!(store.instances(&[]).unwrap().is_empty());
+}
