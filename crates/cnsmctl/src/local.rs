@@ -82,8 +82,7 @@ impl Local {
     /// Opens the PostgreSQL store of `--store` (migrating its schema when behind). Local
     /// commands never fire timers there: the `serve` nodes sharing the store own them.
     pub fn open_postgres(url: &str, access: Access) -> Result<Local, CliError> {
-        let _ = access;
-        let store = crate::postgres::open(url)?;
+        let store = crate::postgres::open(url, access == Access::Mutating)?;
         let options =
             crate::postgres::runtime_options(format!("cnsmctl-{}", std::process::id()), false);
         let runtime = Runtime::open_shared(store, options)?;

@@ -42,11 +42,20 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// Opens the store (migrating the schema when it is behind).
-pub fn open(url: &str) -> Result<Arc<dyn Store>, CliError> {
+/// Opens the store; with `migrate`, applies missing schema migrations first (read-only
+/// commands pass false and are refused, with a hint, by a schema that needs them).
+pub fn open(url: &str, migrate: bool) -> Result<Arc<dyn Store>, CliError> {
     check_url(url)?;
-    let store = PostgresStore::open(url, store_options()).map_err(|e| {
-        let mut error = CliError::from(e);
+    let options = PostgresOptions {
+        migrate,
+        ..store_options()
+    };
+    let store = PostgresStore::open(url, options).map_err(|e| {
+        // A schema that needs migrating makes the store unusable here, like a newer one.
+        let mut error = match e {
+            cnsm_store::StoreError::Refused(message) => CliError::unavailable(message),
+            other => CliError::from(other),
+        };
         error.message = format!(
             "cannot open the store at {}: {}",
             redact(url),
@@ -143,7 +152,7 @@ pub fn migrate_store(args: &crate::cli::MigrateStoreArgs, out: &mut Out) -> Resu
         );
         error
     })?;
-    let target = open(&args.to)?;
+    let target = open(&args.to, true)?;
     let report = cnsm_store_postgres::copy::copy_store(&source, &*target, &mut |n| {
         if n % 1000 == 0 {
             eprintln!("cnsm: {n} instances copied");

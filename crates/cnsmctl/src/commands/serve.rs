@@ -68,7 +68,7 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
         .map_err(|e| CliError::invalid(e.to_string()))?;
     let (runtime, serving) = match &context.store {
         Some(url) => {
-            let store = crate::postgres::open(url)?;
+            let store = crate::postgres::open(url, true)?;
             // The name of this node in timer claims.
             let node_id = std::env::var("CNSM_NODE_ID")
                 .unwrap_or_else(|_| format!("{address}-{}", std::process::id()));
