@@ -311,13 +311,18 @@ fn newer_schema_is_refused_and_migrate_is_explicit() {
             SCHEMA_VERSION + 1
         ))
         .unwrap();
-    drop(store);
     match PostgresStore::open(&schema.url, options(&schema.name)) {
         Err(e @ StoreError::FormatTooNew { .. }) => {
             assert!(e.to_string().contains("newer than this binary"), "{e}")
         }
         other => panic!("expected FormatTooNew, got {other:?}"),
     }
+    // Back to this binary's version, so the schema can be opened (and dropped) again.
+    store
+        .batch_execute(&format!(
+            "DELETE FROM cnsm_schema_version WHERE version > {SCHEMA_VERSION}"
+        ))
+        .unwrap();
 }
 
 /// A database that does not answer fails fast with an I/O error, never hangs.
