@@ -56,6 +56,10 @@ fn run(shared: Weak<Shared>, rx: Receiver<(u64, u64)>) {
             .read()
             .map(|l| l.clone())
             .unwrap_or_default();
+        let listeners: Vec<_> = listeners
+            .into_iter()
+            .filter(|l| l.wants_remote_commits())
+            .collect();
         if listeners.is_empty() {
             continue;
         }

@@ -258,6 +258,12 @@ pub trait CommitListener: Send + Sync + 'static {
     fn on_remote_commit(&self, record: &StateChangeEvent, hash: Hash32, instance: &Instance) {
         let _ = (record, hash, instance);
     }
+
+    /// Whether [`CommitListener::on_remote_commit`] wants calls right now; another node's
+    /// commit is read from the store only when some listener does (a watch is open).
+    fn wants_remote_commits(&self) -> bool {
+        false
+    }
 }
 
 pub(crate) struct Shared {

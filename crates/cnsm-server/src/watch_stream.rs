@@ -91,6 +91,10 @@ impl CommitListener for Listener {
         self.diagnostics.record_batch(n_items, commit_duration);
     }
 
+    fn wants_remote_commits(&self) -> bool {
+        self.hub.sender.receiver_count() > 0
+    }
+
     /// Another node's commit (shared store): watchers see it like a local one.
     fn on_remote_commit(&self, record: &StateChangeEvent, hash: Hash32, instance: &Instance) {
         if self.hub.sender.receiver_count() > 0 {
