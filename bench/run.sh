@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs cnsm's benchmarks and the XState side-by-side in one go; prints `bench NAME: VALUE` lines
-# that BENCHMARKS.md quotes. Usage: bench/run.sh [engine|flags|durable|timers|recovery|stores|xstate|http|telemetry|snapshot|soak|migration ...]
+# that BENCHMARKS.md quotes. Usage: bench/run.sh [engine|flags|durable|timers|recovery|stores|xstate|http|telemetry|snapshot|soak|migration|pg ...]
 # (default: all but recovery, which builds a 3+ GB store and takes several minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,17 @@ for w in "${what[@]}"; do
     migration) cargo bench -q -p cnsm-bench --bench migration ;;
     soak)     cargo bench -q -p cnsm-bench --bench retention_soak ;;
     snapshot) cargo bench -q -p cnsm-bench --bench snapshot ;;
+    pg)       # The HTTP load on a PostgreSQL store (a fresh database cnsm_bench on
+              # CNSM_BENCH_PG, default the local server): one transaction per event, then batched.
+              base="${CNSM_BENCH_PG:-postgres://postgres@127.0.0.1:5432}"
+              cargo build -q --release -p cnsmctl
+              for batch in 1 2048; do
+                psql -q "$base/postgres" -c "DROP DATABASE IF EXISTS cnsm_bench" -c "CREATE DATABASE cnsm_bench"
+                echo "# pg: CNSM_BATCH_LEN_MAX=$batch"
+                CNSM_BENCH_STORE="$base/cnsm_bench" CNSM_BATCH_LEN_MAX=$batch \
+                  cargo bench -q -p cnsm-bench --bench http_load
+              done
+              psql -q "$base/postgres" -c "DROP DATABASE IF EXISTS cnsm_bench" ;;
     stores)   cargo bench -q -p cnsm-bench --features sqlite --bench store_compare ;;
     xstate)
       (cd bench/xstate && npm ci --no-audit --no-fund --silent && node order.mjs 50000) ;;

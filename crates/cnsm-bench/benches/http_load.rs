@@ -9,7 +9,9 @@
 //!
 //! Run: `cargo build --release -p cnsmctl && cargo bench -p cnsm-bench --bench http_load`
 //! (`CNSMCTL` names another binary; `CNSM_BENCH_DIR` picks the data directory's parent;
-//! `CNSM_HTTP_SECS` changes the 10 s per phase).
+//! `CNSM_HTTP_SECS` changes the 10 s per phase; `CNSM_BENCH_STORE=postgres://...` serves a
+//! PostgreSQL store instead of the embedded one, and `CNSM_BATCH_LEN_MAX` is passed on to the
+//! server: 1 makes one database transaction per event).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -66,9 +68,12 @@ struct Server {
 
 impl Server {
     fn start(data_dir: &std::path::Path) -> Server {
-        let mut child = Command::new(cnsmctl_path())
-            .arg("--data-dir")
-            .arg(data_dir)
+        let mut command = Command::new(cnsmctl_path());
+        match std::env::var("CNSM_BENCH_STORE") {
+            Ok(url) if !url.is_empty() => command.args(["--store", &url]),
+            _ => command.arg("--data-dir").arg(data_dir),
+        };
+        let mut child = command
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
             .env_remove("CNSM_SERVER")

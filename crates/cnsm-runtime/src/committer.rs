@@ -22,7 +22,8 @@ use crate::flags::SeenFlags;
 use crate::telemetry::{Attempt, AttemptStart, CommittedBatch, LocalMetrics, TraceParent, Trigger};
 use crate::timers::TimerIndex;
 use crate::{
-    ControlRequest, CreateInstance, EventRequest, RuntimeError, Shared, TransitionOutcome,
+    ControlRequest, CreateInstance, EventRequest, RuntimeError, SHARED_RETRIES_MAX, Shared,
+    TransitionOutcome,
 };
 
 /// Longest sleep of the timer driver, so a clock jump is noticed.
@@ -112,7 +113,13 @@ struct Cached {
     trace: Option<cnsm_core::record::TraceContext>,
 }
 
-/// What to answer once the batch is durable.
+/// An event kept for re-applying after it lost a race to another node (shared store).
+struct RetryEvent {
+    key: Key,
+    event: EventRequest,
+    received: std::time::Instant,
+}
+
 /// Where the outcome of a transition goes: an event's reply (which may also carry a request
 /// for flag decisions), or a control's or migration step's plain result.
 enum OutcomeReply {
@@ -133,6 +140,7 @@ impl OutcomeReply {
     }
 }
 
+/// What to answer once the batch is durable.
 enum Waiter {
     Created {
         item: usize,
@@ -142,6 +150,9 @@ enum Waiter {
         item: usize,
         replayed: bool,
         reply: OutcomeReply,
+        /// On a shared store, an event without an expected version, kept to re-apply it if it
+        /// loses a race to another node.
+        retry: Option<Box<RetryEvent>>,
     },
     CreateFailed {
         error: RuntimeError,
@@ -167,6 +178,8 @@ struct Committer {
     local_metrics: LocalMetrics,
     cache: HashMap<Key, Cached>,
     timers: TimerIndex,
+    /// When a shared-store node next asks the store for due timers.
+    next_timer_poll_ms: u64,
 }
 
 pub(crate) fn start(
@@ -180,8 +193,10 @@ pub(crate) fn start(
         local_metrics: LocalMetrics::default(),
         cache: HashMap::new(),
         timers: TimerIndex::default(),
+        next_timer_poll_ms: 0,
     };
-    if committer.shared.options.timers {
+    // On a shared store the timers are claimed from the store; there is no index to build.
+    if committer.shared.options.timers && !committer.shared.options.shared_store {
         committer.rebuild_timers()?;
     }
     let thread = std::thread::Builder::new()
@@ -272,7 +287,14 @@ impl Committer {
         let mut next_purge_ms = clock.now_ms().saturating_add(PURGE_INTERVAL_MS);
         let mut next_retention_ms = clock.now_ms().saturating_add(PURGE_INTERVAL_MS);
         loop {
-            let wait = if drive_timers {
+            let wait = if drive_timers && self.shared.options.shared_store {
+                let now = clock.now_ms();
+                Some(Duration::from_millis(
+                    self.next_timer_poll_ms
+                        .saturating_sub(now)
+                        .min(SLEEP_MS_MAX),
+                ))
+            } else if drive_timers {
                 let now = clock.now_ms();
                 let until = self
                     .timers
@@ -313,7 +335,7 @@ impl Committer {
             let (imports, batch): (Vec<Command>, Vec<Command>) = batch
                 .into_iter()
                 .partition(|c| matches!(c, Command::Import { .. }));
-            self.process(batch, fire_timers);
+            self.process(batch, fire_timers, 0);
             for import in imports {
                 if let Command::Import {
                     definitions,
@@ -392,10 +414,50 @@ impl Committer {
         Ok(self.cache.get_mut(key))
     }
 
-    fn process(&mut self, batch: Vec<Command>, fire_timers: bool) {
+    /// Applies and commits one batch; `attempt` counts re-applications after lost races
+    /// (shared store only).
+    /// Reads the instances of a batch's events into the cache (shared store; best effort: a
+    /// failure here leaves them to be read one by one).
+    fn preload(&mut self, batch: &[Command]) {
+        let keys: std::collections::BTreeSet<(&str, &str)> = batch
+            .iter()
+            .filter_map(|c| match c {
+                Command::Event { namespace, id, .. }
+                | Command::Control { namespace, id, .. }
+                | Command::Migrate { namespace, id, .. } => Some((namespace.as_str(), id.as_str())),
+                _ => None,
+            })
+            .collect();
+        let keys: Vec<(&str, &str)> = keys.into_iter().collect();
+        if let Ok(found) = self.shared.store.instances(&keys) {
+            for stored in found {
+                let key = (
+                    stored.instance.namespace.to_string(),
+                    stored.instance.id.to_string(),
+                );
+                self.cache.insert(
+                    key,
+                    Cached {
+                        uid: Some(stored.uid),
+                        instance: stored.instance,
+                        trace: None,
+                    },
+                );
+            }
+        }
+    }
+
+    fn process(&mut self, batch: Vec<Command>, fire_timers: bool, attempt: u32) {
         let now_ms = self.shared.options.clock.now_ms();
         // When the batch was taken: the end of every request's queue wait.
         let batch_started = std::time::Instant::now();
+        let shared_store = self.shared.options.shared_store;
+        if shared_store {
+            // Other nodes commit too: a cached instance may be stale by now. Read every
+            // instance the batch names in one round trip instead.
+            self.cache.clear();
+            self.preload(&batch);
+        }
         let mut items: Vec<CommitItem> = Vec::new();
         let mut item_keys: Vec<Key> = Vec::new();
         // The timer each touched instance had before the batch (`None` for new instances), to
@@ -510,6 +572,13 @@ impl Committer {
                         parent: parent.as_ref(),
                         link: None,
                     });
+                    let retry = (shared_store && event.expected_version.is_none()).then(|| {
+                        Box::new(RetryEvent {
+                            key: key.clone(),
+                            event: event.clone(),
+                            received,
+                        })
+                    });
                     match self.event(
                         &key,
                         event,
@@ -529,6 +598,7 @@ impl Committer {
                                 item,
                                 replayed,
                                 reply: OutcomeReply::Event(reply),
+                                retry,
                             })
                         }
                         Ok(Applied::NeedFlags {
@@ -590,7 +660,11 @@ impl Committer {
                 }
             }
         }
-        if fire_timers {
+        let poll_due = !shared_store || now_ms >= self.next_timer_poll_ms || {
+            // A Tick asks for timers now.
+            waiters.iter().any(|w| matches!(w, Waiter::Tick { .. }))
+        };
+        if fire_timers && poll_due {
             n_timers_fired = self.fire_due(now_ms, &mut items, &mut item_keys, &mut before);
         }
         for w in &mut waiters {
@@ -651,7 +725,12 @@ impl Committer {
                         l.on_batch(items.len(), commit_duration);
                     }
                 }
+                let (waiters, retries) = split_lost_races(waiters, &outcomes, attempt);
                 answer(waiters, &items, &records, &outcomes);
+                if !retries.is_empty() {
+                    // Re-applied on the state the winning node committed (reloaded).
+                    self.process(retries, false, attempt + 1);
+                }
             }
             Err(e) => {
                 // Nothing of the batch is durable: forget the working copies, rebuild the timer
@@ -662,7 +741,9 @@ impl Committer {
                 if let Ok(mut versions) = self.shared.versions.lock() {
                     versions.clear();
                 }
-                let _ = self.rebuild_timers();
+                if !shared_store {
+                    let _ = self.rebuild_timers();
+                }
                 let message = format!("the durable commit failed, nothing was committed: {e}");
                 tracing::warn!(n_items = items.len(), "{message}");
                 let error = RuntimeError::Unavailable(message.clone());
@@ -876,6 +957,7 @@ impl Committer {
                     item,
                     replayed: false,
                     reply: OutcomeReply::Direct(reply),
+                    retry: None,
                 });
             }
             Err(error) => {
@@ -1000,7 +1082,24 @@ impl Committer {
         before: &mut HashMap<Key, Option<Timer>>,
     ) -> usize {
         let n_max = self.shared.options.batch_len_max.max(1);
-        let due = self.timers.pop_due(now_ms, n_max);
+        let options = &self.shared.options;
+        let due = if options.shared_store {
+            self.next_timer_poll_ms = now_ms.saturating_add(options.timer_poll_ms.max(1));
+            // Claimed for a lease: a timer whose commit fails here is claimed again (by any
+            // node) once the lease expires.
+            match self.shared.store.claim_due_timers(
+                now_ms,
+                options.timer_lease_ms,
+                &options.node_id,
+                n_max,
+            ) {
+                Ok(due) => due,
+                Err(_) => return 0,
+            }
+        } else {
+            self.timers.pop_due(now_ms, n_max)
+        };
+        let shared_store = options.shared_store;
         let mut n_fired = 0;
         for timer in due {
             match self.fire_one(timer, now_ms, items, item_keys, before) {
@@ -1015,6 +1114,7 @@ impl Committer {
                         ..timer
                     });
                 }
+                Err(_) if shared_store => {}
                 Err(_) => {
                     // Retried until it commits: put it back for the next round.
                     self.timers.insert_ref(TimerRef {
@@ -1116,6 +1216,7 @@ impl Committer {
             .read()
             .map(|l| l.clone())
             .unwrap_or_default();
+        let shared_store = self.shared.options.shared_store;
         let mut versions = self.shared.versions.lock().ok();
         if let Some(v) = versions.as_mut()
             && v.len() > self.shared.options.cache_len_max
@@ -1129,6 +1230,15 @@ impl Committer {
         for (index, ((item, key), outcome)) in items.iter().zip(item_keys).zip(outcomes).enumerate()
         {
             match outcome {
+                ItemOutcome::Committed { uid } if shared_store => {
+                    // No timer index and no published versions: other nodes commit too.
+                    if let Some(record) = records.get(index) {
+                        for l in &listeners {
+                            l.on_commit(record, item.record.hash, &item.instance);
+                        }
+                    }
+                    let _ = uid;
+                }
                 ItemOutcome::Committed { uid } => {
                     if let Some(old) = old_timers.get_mut(key) {
                         if let Some(t) = old.take() {
@@ -1211,6 +1321,54 @@ fn stage(
     Ok(())
 }
 
+/// Splits off the waiters whose event lost a race to another node and may be re-applied (no
+/// expected version, shared store): they come back as commands for another batch, or, after
+/// [`SHARED_RETRIES_MAX`] attempts, fail with `Unavailable`.
+fn split_lost_races(
+    waiters: Vec<Waiter>,
+    outcomes: &[ItemOutcome],
+    attempt: u32,
+) -> (Vec<Waiter>, Vec<Command>) {
+    let mut keep = Vec::with_capacity(waiters.len());
+    let mut retries = Vec::new();
+    for waiter in waiters {
+        match waiter {
+            Waiter::Applied {
+                item,
+                reply: OutcomeReply::Event(reply),
+                retry: Some(retry),
+                ..
+            } if matches!(outcomes.get(item), Some(ItemOutcome::Conflict { .. })) => {
+                if attempt < SHARED_RETRIES_MAX {
+                    let RetryEvent {
+                        key: (namespace, id),
+                        event,
+                        received,
+                    } = *retry;
+                    // Flag decisions were made at the lost version: they are asked for again.
+                    retries.push(Command::Event {
+                        namespace,
+                        id,
+                        event,
+                        received,
+                        flags: None,
+                        reply,
+                    });
+                } else {
+                    keep.push(Waiter::EventFailed {
+                        error: RuntimeError::Unavailable(
+                            "the instance is contended by other nodes; retry later".into(),
+                        ),
+                        reply: OutcomeReply::Event(reply),
+                    });
+                }
+            }
+            other => keep.push(other),
+        }
+    }
+    (keep, retries)
+}
+
 fn answer(
     waiters: Vec<Waiter>,
     items: &[CommitItem],
@@ -1238,6 +1396,7 @@ fn answer(
                 item,
                 replayed,
                 reply,
+                retry: _,
             } => {
                 let result = match conflict(item) {
                     None => outcome_of(&items[item], records.get(item), replayed),

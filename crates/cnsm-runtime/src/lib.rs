@@ -53,6 +53,7 @@ pub mod clock;
 mod committer;
 mod error;
 pub mod flags;
+mod foreign;
 mod migrate;
 pub mod telemetry;
 pub mod timers;
@@ -86,7 +87,22 @@ pub struct RuntimeOptions {
     /// Evaluates `flag:` gates before events are applied; without one every gate sees a
     /// `FLAG_NOT_EVALUATED` error and its `onFlagError` policy decides.
     pub flags: Option<Arc<dyn FlagEvaluator>>,
+    /// The store is shared with other nodes (PostgreSQL). The committer then keeps no instance
+    /// cache across batches, re-applies an event without an expected version that lost a race
+    /// to another node (at most [`SHARED_RETRIES_MAX`] times), and claims due timers from the
+    /// store with leases instead of keeping its own timer index. Off: the embedded behaviour.
+    pub shared_store: bool,
+    /// This node's name in timer claims (shared store only).
+    pub node_id: String,
+    /// How long a claimed timer stays with this node before another may take it.
+    pub timer_lease_ms: u64,
+    /// How often a node on a shared store asks the store for due timers.
+    pub timer_poll_ms: u64,
 }
+
+/// How many times a shared-store node re-applies an event that lost a race to another node
+/// before it answers `Unavailable`.
+pub const SHARED_RETRIES_MAX: u32 = 8;
 
 impl Default for RuntimeOptions {
     fn default() -> RuntimeOptions {
@@ -100,6 +116,10 @@ impl Default for RuntimeOptions {
             clock: Arc::new(SystemClock),
             telemetry: Telemetry::default(),
             flags: None,
+            shared_store: false,
+            node_id: format!("node-{}", std::process::id()),
+            timer_lease_ms: 30_000,
+            timer_poll_ms: 250,
         }
     }
 }
@@ -320,6 +340,19 @@ pub trait CommitListener: Send + Sync + 'static {
     fn on_batch(&self, n_items: usize, commit_duration: std::time::Duration) {
         let _ = (n_items, commit_duration);
     }
+
+    /// On a shared store: a transition another node committed, soon after its commit (on a
+    /// feed thread, not the committer). Watch streams publish it; per-node observers (metrics,
+    /// audit) leave it alone, since the committing node reports it.
+    fn on_remote_commit(&self, record: &StateChangeEvent, hash: Hash32, instance: &Instance) {
+        let _ = (record, hash, instance);
+    }
+
+    /// Whether [`CommitListener::on_remote_commit`] wants calls right now; another node's
+    /// commit is read from the store only when some listener does (a watch is open).
+    fn wants_remote_commits(&self) -> bool {
+        false
+    }
 }
 
 pub(crate) struct Shared {
@@ -412,6 +445,9 @@ impl Runtime {
             seed_active(&shared)?;
         }
         let (queue, thread) = committer::start(Arc::clone(&shared))?;
+        if shared.options.shared_store {
+            foreign::start(&shared)?;
+        }
         Ok(Runtime {
             shared,
             queue,

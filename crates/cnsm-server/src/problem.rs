@@ -305,6 +305,7 @@ fn unavailable_detail(message: &str) -> String {
         "the request queue is full",
         "the runtime has stopped",
         "the runtime stopped before answering",
+        "the instance is contended by other nodes",
     ];
     if safe.iter().any(|s| message.starts_with(s)) {
         format!("{message}; nothing was committed")

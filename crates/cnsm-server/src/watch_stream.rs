@@ -90,6 +90,22 @@ impl CommitListener for Listener {
     fn on_batch(&self, n_items: usize, commit_duration: std::time::Duration) {
         self.diagnostics.record_batch(n_items, commit_duration);
     }
+
+    fn wants_remote_commits(&self) -> bool {
+        self.hub.sender.receiver_count() > 0
+    }
+
+    /// Another node's commit (shared store): watchers see it like a local one.
+    fn on_remote_commit(&self, record: &StateChangeEvent, hash: Hash32, instance: &Instance) {
+        if self.hub.sender.receiver_count() > 0 {
+            self.hub.n_published.fetch_add(1, Ordering::Relaxed);
+            let _ = self.hub.sender.send(Arc::new(Committed {
+                record: record.clone(),
+                hash,
+                instance: instance.clone(),
+            }));
+        }
+    }
 }
 
 /// What a collection watch keeps.

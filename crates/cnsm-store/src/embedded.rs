@@ -593,7 +593,7 @@ fn batch_error(index: usize, item: &CommitItem, detail: impl std::fmt::Display) 
 /// Pair assertions on one item before any I/O; returns the previous hash its record declares.
 ///
 /// A failure here is a programming error in the caller, and the whole batch is refused.
-fn check_item(index: usize, item: &CommitItem) -> Result<Hash32, StoreError> {
+pub fn check_item(index: usize, item: &CommitItem) -> Result<Hash32, StoreError> {
     let instance = &item.instance;
     let record = &item.record;
     let fail = |detail: String| Err(batch_error(index, item, detail));

@@ -419,4 +419,52 @@ pub trait Store: Send + Sync + 'static {
             "this store does not expose a commit log".into(),
         ))
     }
+
+    /// Claims up to `limit` timers due at `now_ms` for `lease_ms` on behalf of `node`, for a
+    /// store shared by several nodes: a claimed timer is not handed to another node until its
+    /// lease expires (the node died) or a commit to its instance clears the claim. Ordered by
+    /// due time.
+    ///
+    /// The default, for a store with one writer, returns the due timers without a lease.
+    fn claim_due_timers(
+        &self,
+        now_ms: u64,
+        lease_ms: u64,
+        node: &str,
+        limit: usize,
+    ) -> Result<Vec<TimerRef>, StoreError> {
+        let _ = (lease_ms, node);
+        let mut due = Vec::new();
+        self.pending_timers(&mut |timer| {
+            if timer.due_ms <= now_ms {
+                due.push(timer);
+            }
+        })?;
+        due.sort();
+        due.truncate(limit);
+        Ok(due)
+    }
+
+    /// Several instances at once, by (namespace, id), in any order; missing ones are left out.
+    /// A store on a network overrides it with one round trip.
+    fn instances(&self, keys: &[(&str, &str)]) -> Result<Vec<StoredInstance>, StoreError> {
+        let mut found = Vec::with_capacity(keys.len());
+        for (namespace, id) in keys {
+            found.extend(self.instance(namespace, id)?);
+        }
+        Ok(found)
+    }
+
+    /// For a store shared by several nodes: calls `on_commit(uid, version)` for each record
+    /// committed through *other* handles of the store, soon after it commits (per instance in
+    /// version order), until the store is dropped. Delivery is best effort: while the store
+    /// cannot reach its database, commits are missed. Returns `false` when the store has no
+    /// such feed (a store with one writer sees every commit itself).
+    fn subscribe_foreign_commits(
+        &self,
+        on_commit: std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>,
+    ) -> Result<bool, StoreError> {
+        let _ = on_commit;
+        Ok(false)
+    }
 }

@@ -68,6 +68,17 @@ pub struct Cli {
     )]
     pub namespace: String,
 
+    /// A PostgreSQL store (postgres://USER@HOST:PORT/DB) instead of the embedded store in
+    /// --data-dir; several `serve` nodes can share it (see docs/postgres.md)
+    #[arg(
+        long,
+        global = true,
+        env = "CNSM_STORE",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub store: Option<String>,
+
     /// Talk to a running `cnsmctl serve` (http://HOST:PORT or https://HOST:PORT) instead of
     /// the embedded store
     #[arg(long, global = true, env = "CNSM_SERVER", value_name = "URL")]
@@ -309,6 +320,20 @@ pub enum Command {
             cnsmctl demo --data-dir ./demo-data   # keep the store to explore it afterwards"
     )]
     Demo(DemoArgs),
+
+    /// Copy an embedded store into a new PostgreSQL database, then verify the copy
+    #[command(
+        name = "migrate-store",
+        long_about = "Copy an embedded store into a new PostgreSQL database (or schema), then verify.\n\n\
+            Copies every definition revision, every instance with its full history (the exact \
+            record bytes, so every hash chain still verifies), its pending timer and its \
+            idempotency keys, then checks that the target holds exactly what the source does. \
+            The target must be empty; stop the server on the source first.",
+        after_help = "Examples:\n  \
+            cnsmctl migrate-store --from ./cnsm-data --to postgres://cnsm@db/cnsm\n\n\
+            Exit code 4 when the target is not empty, 5 when a store cannot be opened."
+    )]
+    MigrateStore(MigrateStoreArgs),
 }
 
 /// How list and show commands print.
@@ -725,6 +750,20 @@ pub enum StoreCommand {
             cnsmctl --data-dir ./restored store verify"
     )]
     Restore(RestoreArgs),
+
+    /// Apply the missing schema migrations of the PostgreSQL store of --store
+    #[command(
+        after_help = "Examples:\n  cnsmctl --store postgres://cnsm@db/cnsm store migrate\n\n\
+            `serve` and every command migrate on open too; this runs them alone (one transaction, \
+            under an advisory lock, safe while nodes start)."
+    )]
+    Migrate,
+    /// Show the schema version of the PostgreSQL store of --store
+    #[command(
+        after_help = "Examples:\n  cnsmctl --store postgres://cnsm@db/cnsm store status\n\n\
+            Exit code 1 when the schema is behind this binary, 5 when it is newer."
+    )]
+    Status,
 }
 
 #[derive(Debug, Args)]
@@ -742,6 +781,16 @@ pub struct RestoreArgs {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {}
+
+#[derive(Debug, Args)]
+pub struct MigrateStoreArgs {
+    /// The embedded store's directory
+    #[arg(long, value_name = "DIR")]
+    pub from: std::path::PathBuf,
+    /// The PostgreSQL database to copy into (postgres://USER@HOST:PORT/DB)
+    #[arg(long, value_name = "URL")]
+    pub to: String,
+}
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {

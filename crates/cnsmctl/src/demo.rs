@@ -71,6 +71,7 @@ pub async fn run(context: &Context, out: &mut Out) -> Result<(), CliError> {
         namespace_on_command_line: false,
         // The tour always runs on its own embedded store.
         server: None,
+        store: None,
         token: None,
         ca_cert: None,
         flags_file: None,

@@ -96,6 +96,24 @@ impl Local {
     }
 }
 
+impl Local {
+    /// Opens the PostgreSQL store of `--store` (migrating its schema when behind). Local
+    /// commands never fire timers there: the `serve` nodes sharing the store own them.
+    pub fn open_postgres(
+        url: &str,
+        access: Access,
+        flags: Option<std::sync::Arc<dyn cnsm_runtime::FlagEvaluator>>,
+    ) -> Result<Local, CliError> {
+        let store = crate::postgres::open(url, access == Access::Mutating)?;
+        let options = RuntimeOptions {
+            flags,
+            ..crate::postgres::runtime_options(format!("cnsmctl-{}", std::process::id()), false)
+        };
+        let runtime = Runtime::open_shared(store, options)?;
+        Ok(Local { runtime })
+    }
+}
+
 impl Drop for Local {
     fn drop(&mut self) {
         self.runtime.shutdown();

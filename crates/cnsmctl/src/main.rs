@@ -21,6 +21,7 @@ mod demo;
 mod error;
 mod local;
 mod output;
+mod postgres;
 mod remote;
 mod telemetry;
 
@@ -57,6 +58,7 @@ fn main() -> ExitCode {
         namespace: cli.namespace.clone(),
         namespace_on_command_line: on_command_line("namespace"),
         server: cli.server.clone(),
+        store: cli.store.clone(),
         token: cli.token.clone(),
         ca_cert: cli.ca_cert.clone(),
         flags_file: cli.flags.clone(),

@@ -9,6 +9,8 @@ use serde_json::Value;
 
 #[path = "cli/flags.rs"]
 mod flags;
+#[path = "cli/nodes.rs"]
+mod nodes;
 #[path = "cli/observability.rs"]
 mod observability;
 #[path = "cli/server.rs"]
@@ -1394,12 +1396,28 @@ fn run_migration_script(cli: &Cli) {
         .ok()
         .stdout_has("no rollout; new instances get the latest revision 2");
     cli.run(&[
-        "-n", "shop", "rollout", "set", "order-processing", "--revision", "2", "--weight", "10",
+        "-n",
+        "shop",
+        "rollout",
+        "set",
+        "order-processing",
+        "--revision",
+        "2",
+        "--weight",
+        "10",
     ])
     .ok()
     .stdout_has("rollout revision 2 10% / revision 1 90%");
     let status = cli
-        .run(&["-n", "shop", "rollout", "status", "order-processing", "-o", "json"])
+        .run(&[
+            "-n",
+            "shop",
+            "rollout",
+            "status",
+            "order-processing",
+            "-o",
+            "json",
+        ])
         .ok()
         .json();
     assert_eq!(status["rollout"]["weight"], 10, "{status}");

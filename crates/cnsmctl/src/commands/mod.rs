@@ -43,6 +43,8 @@ pub struct Context {
     pub namespace_on_command_line: bool,
     /// `--server URL`: commands go through that server's HTTP API instead of the store.
     pub server: Option<String>,
+    /// `--store URL`: a PostgreSQL store instead of the embedded one in `data_dir`.
+    pub store: Option<String>,
     /// `--token`: the bearer token sent to `--server`.
     pub token: Option<String>,
     /// `--ca-cert FILE`: the certificates trusted for an `https://` `--server`.
@@ -62,8 +64,13 @@ impl Context {
                 self.token.as_deref(),
                 self.ca_cert.as_deref(),
             )?)),
-            None => Local::open_with_flags(&self.data_dir, access, self.flags.clone())
-                .map(Connection::Local),
+            None => match &self.store {
+                Some(url) => {
+                    Local::open_postgres(url, access, self.flags.clone()).map(Connection::Local)
+                }
+                None => Local::open_with_flags(&self.data_dir, access, self.flags.clone())
+                    .map(Connection::Local),
+            },
         }
     }
 
@@ -75,7 +82,12 @@ impl Context {
                 self.token.as_deref(),
                 self.ca_cert.as_deref(),
             )?)),
-            None => Local::open_for_verify(&self.data_dir).map(Connection::Local),
+            None => match &self.store {
+                Some(url) => {
+                    Local::open_postgres(url, Access::ReadOnly, None).map(Connection::Local)
+                }
+                None => Local::open_for_verify(&self.data_dir).map(Connection::Local),
+            },
         }
     }
 }
@@ -147,6 +159,9 @@ pub async fn run(context: &Context, command: Command, out: &mut Out) -> Result<u
         Command::Snapshot(snapshot::SnapshotCommand::Import(args)) => {
             snapshot::import(context, &args, out).await
         }
+        Command::Store(StoreCommand::Migrate) => crate::postgres::migrate(store_url(context)?, out),
+        Command::Store(StoreCommand::Status) => crate::postgres::status(store_url(context)?, out),
+        Command::MigrateStore(args) => crate::postgres::migrate_store(&args, out),
         Command::Demo(_) => crate::demo::run(context, out).await.map(|()| EXIT_OK),
         Command::Serve(args) => serve::run(context, &args, out).await.map(|()| EXIT_OK),
         Command::Audit(command) => audit::run(context, &command, out).map(|()| EXIT_OK),
@@ -197,6 +212,13 @@ fn store_restore(
     Ok(EXIT_OK)
 }
 
+/// The `--store` URL of `store migrate` / `store status`.
+fn store_url(context: &Context) -> Result<&str, CliError> {
+    context.store.as_deref().ok_or_else(|| {
+        CliError::invalid("this command manages a PostgreSQL store: give --store postgres://...")
+    })
+}
+
 /// `store verify`: exit 1 when anything is wrong.
 async fn store_verify(context: &Context, out: &mut Out) -> Result<u8, CliError> {
     use crate::api::Api;
@@ -204,7 +226,10 @@ async fn store_verify(context: &Context, out: &mut Out) -> Result<u8, CliError> 
     let report = api.verify_store().await?;
     out.line(format_args!(
         "store {}: {} definition revision(s), {} instance(s), {} record(s) checked",
-        context.data_dir.display(),
+        match &context.store {
+            Some(url) => crate::postgres::redact(url),
+            None => context.data_dir.display().to_string(),
+        },
         report.n_definitions,
         report.n_instances,
         report.n_records

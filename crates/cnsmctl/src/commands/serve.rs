@@ -1,4 +1,5 @@
-//! `serve`: the HTTP API on the embedded store in `--data-dir`, until SIGTERM or Ctrl-C.
+//! `serve`: the HTTP API on the embedded store in `--data-dir` (or the PostgreSQL store of
+//! `--store`, as one of several nodes), until SIGTERM or Ctrl-C.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -65,24 +66,28 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
     let scheme = if tls.is_some() { "https" } else { "http" };
     cnsm_server::check_listen_address(address, auth.is_some(), args.insecure)
         .map_err(|e| CliError::invalid(e.to_string()))?;
-    let data_dir = &context.data_dir;
-    std::fs::create_dir_all(data_dir).map_err(|e| {
-        CliError::unavailable(format!(
-            "cannot create data directory {}: {e}",
-            data_dir.display()
-        ))
-    })?;
-    let store = EmbeddedStore::open(data_dir).map_err(|e| {
-        let mut error = CliError::from(e);
-        error.message = format!(
-            "cannot open the store in {}: {}",
-            data_dir.display(),
-            error.message
-        );
-        error
-    })?;
+    // The store: PostgreSQL (a node among several) or the embedded one of --data-dir.
+    let (store, options, serving): (Arc<dyn cnsm_store::Store>, RuntimeOptions, String) =
+        match &context.store {
+            Some(url) => {
+                let store = crate::postgres::open(url, true)?;
+                // The name of this node in timer claims.
+                let node_id = std::env::var("CNSM_NODE_ID")
+                    .unwrap_or_else(|_| format!("{address}-{}", std::process::id()));
+                let options = crate::postgres::runtime_options(node_id, true);
+                (
+                    store,
+                    options,
+                    format!("at {}", crate::postgres::redact(url)),
+                )
+            }
+            None => (
+                Arc::new(open_embedded(&context.data_dir)?),
+                RuntimeOptions::default(),
+                format!("in {}", context.data_dir.display()),
+            ),
+        };
     crate::telemetry::init_logs(args.telemetry.log_format);
-    let store: Arc<dyn cnsm_store::Store> = Arc::new(store);
     let wired = crate::telemetry::wire(&args.telemetry, &store)?;
     if let Some(flags) = &context.flags {
         wired.observe_flag_gates(Arc::clone(flags));
@@ -91,7 +96,7 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
         store,
         RuntimeOptions {
             flags: context.flags.clone(),
-            ..RuntimeOptions::default()
+            ..options
         }
         .with_telemetry(wired.telemetry.clone()),
     ) {
@@ -117,8 +122,7 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
     let bound = listener.local_addr().unwrap_or(address);
     out.line(format_args!("listening on {scheme}://{bound}"));
     eprintln!(
-        "cnsm: serving the store in {} on {scheme}://{bound}{}; SIGTERM or Ctrl-C stops",
-        data_dir.display(),
+        "cnsm: serving the store {serving} on {scheme}://{bound}{}; SIGTERM or Ctrl-C stops",
         if auth.is_some() {
             " with bearer-token authentication (--auth-file)"
         } else if bound.ip().is_loopback() {
@@ -148,4 +152,24 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
         )),
         Err(e) => Err(CliError::unavailable(e.to_string())),
     }
+}
+
+/// Opens (creating the directory) the embedded store of `--data-dir`.
+fn open_embedded(data_dir: &std::path::Path) -> Result<EmbeddedStore, CliError> {
+    std::fs::create_dir_all(data_dir).map_err(|e| {
+        CliError::unavailable(format!(
+            "cannot create data directory {}: {e}",
+            data_dir.display()
+        ))
+    })?;
+    let store = EmbeddedStore::open(data_dir).map_err(|e| {
+        let mut error = CliError::from(e);
+        error.message = format!(
+            "cannot open the store in {}: {}",
+            data_dir.display(),
+            error.message
+        );
+        error
+    })?;
+    Ok(store)
 }

@@ -1,0 +1,1327 @@
+//! The PostgreSQL backend of the cnsm [`Store`] trait, for several cnsm nodes sharing one
+//! database.
+//!
+//! The trait is synchronous; this store owns a small tokio runtime on which every connection
+//! lives, and waits on it from the calling thread (see [`pool`]). The schema is created and
+//! upgraded by versioned migrations embedded in the binary ([`schema`]), applied on open under
+//! an advisory lock. Each `commit` is one transaction: per item, a compare-and-swap on the
+//! instance's version under its row lock, the previous-hash link, the unique (instance,
+//! version) key of the records table, and the idempotency key, all in SQL
+//! (`cnsm_commit_item`), so two nodes racing on one instance never fork its chain. Records are
+//! stored as their exact sealed bytes.
+//!
+//! ```no_run
+//! use cnsm_store::Store;
+//! use cnsm_store_postgres::{PostgresOptions, PostgresStore};
+//! let store = PostgresStore::open("postgres://postgres@127.0.0.1:5432/cnsm", PostgresOptions::default())?;
+//! assert!(store.list_definitions(None)?.is_empty() || true);
+//! # Ok::<(), cnsm_store::StoreError>(())
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use cnsm_core::Instance;
+use cnsm_core::Status;
+use cnsm_core::engine::revision_hash;
+use cnsm_core::record::{Hash32, RECORD_DOMAIN, SealedRecord, Timer, TimerKind};
+use cnsm_core::resource::StateMachine;
+use cnsm_store::{
+    CommitItem, DefinitionRow, IdempotencyEntry, InstanceQuery, ItemOutcome, PAGE_LEN_MAX,
+    PutDefinition, Store, StoreError, StoredInstance, TimerRef, VerifyReport,
+};
+use futures_util::future::try_join_all;
+use tokio_postgres::Config;
+use tokio_postgres::types::ToSql;
+
+pub mod copy;
+pub mod pool;
+pub mod schema;
+
+use pool::{Bridge, Pool, db_error, is_retryable};
+pub use schema::{SCHEMA_VERSION, SchemaStatus};
+
+/// The prefix of the channel commits are announced on; the channel is per schema, because
+/// NOTIFY is database-wide. A payload is the committing handle's origin token, then
+/// `uid:version` pairs, separated by spaces.
+pub const COMMIT_CHANNEL_PREFIX: &str = "cnsm_commits_";
+
+/// Largest batch one `commit` accepts.
+pub const COMMIT_ITEMS_MAX: usize = 100_000;
+
+/// How many times a batch is retried after a deadlock between nodes before it fails.
+const DEADLOCK_RETRIES_MAX: u32 = 5;
+
+/// Longest NOTIFY payload PostgreSQL accepts is 8000 bytes; stay below it.
+const NOTIFY_PAYLOAD_LEN_MAX: usize = 7_000;
+
+/// Settings of a [`PostgresStore`].
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// Most connections the store opens.
+    pub conns_max: usize,
+    /// Deadline to open a TCP connection and authenticate.
+    pub connect_timeout_ms: u64,
+    /// Deadline of each store operation (including waiting for a free connection); a database
+    /// that does not answer makes the operation fail with [`StoreError::Io`], never hang.
+    pub op_timeout_ms: u64,
+    /// Server-side `statement_timeout` of every connection.
+    pub statement_timeout_ms: u64,
+    /// A schema to use (created if missing) instead of the URL's search path; lets several
+    /// stores share one database (tests do this).
+    pub schema: Option<String>,
+    /// Apply missing migrations on open (else a database behind this binary is refused).
+    pub migrate: bool,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> PostgresOptions {
+        PostgresOptions {
+            conns_max: 8,
+            connect_timeout_ms: 3_000,
+            op_timeout_ms: 10_000,
+            statement_timeout_ms: 10_000,
+            schema: None,
+            migrate: true,
+        }
+    }
+}
+
+/// A [`Store`] on PostgreSQL.
+pub struct PostgresStore {
+    // Field order matters: the pool's connections drop before the runtime that drives them.
+    pool: Pool,
+    bridge: Bridge,
+    config: Config,
+    /// The NOTIFY channel of this schema.
+    channel: String,
+    /// Tags this handle's NOTIFY payloads, so its own commits are not fed back to it.
+    origin: String,
+    /// Set on drop: stops the commit feed's task.
+    closed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("hosts", &self.config.get_hosts())
+            .field("dbname", &self.config.get_dbname())
+            .finish_non_exhaustive()
+    }
+}
+
+/// True when `location` names a PostgreSQL database (a `postgres://` or `postgresql://` URL).
+pub fn is_postgres_url(location: &str) -> bool {
+    location.starts_with("postgres://") || location.starts_with("postgresql://")
+}
+
+/// Parses a connection URL (or key=value string) and applies the options' deadlines.
+pub fn connection_config(url: &str, options: &PostgresOptions) -> Result<Config, StoreError> {
+    let mut config: Config = url
+        .parse()
+        .map_err(|e| StoreError::Refused(format!("invalid PostgreSQL URL: {e}")))?;
+    config.connect_timeout(Duration::from_millis(options.connect_timeout_ms));
+    config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(10));
+    config.application_name("cnsm");
+    let mut server_options = config.get_options().unwrap_or("").to_owned();
+    server_options.push_str(&format!(
+        " -c statement_timeout={} -c lock_timeout={}",
+        options.statement_timeout_ms, options.statement_timeout_ms
+    ));
+    if let Some(schema) = &options.schema {
+        check_schema_name(schema)?;
+        server_options.push_str(&format!(" -c search_path={schema}"));
+    }
+    config.options(server_options.trim());
+    Ok(config)
+}
+
+fn check_schema_name(schema: &str) -> Result<(), StoreError> {
+    let ok = !schema.is_empty()
+        && schema.len() <= 63
+        && schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !schema.as_bytes()[0].is_ascii_digit();
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Refused(format!(
+            "schema name '{schema}' must be 1 to 63 characters of a-z, 0-9 and '_', not starting with a digit"
+        )))
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+const COMMIT_ITEM: &str = "SELECT o_committed, o_uid, o_actual FROM cnsm_commit_item(\
+    $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)";
+const LOCK_INSTANCES: &str = "SELECT uid FROM cnsm_instances \
+    WHERE (namespace, id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
+    ORDER BY namespace, id FOR UPDATE";
+const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+const INSTANCE_BY_KEY: &str =
+    "SELECT uid, body FROM cnsm_instances WHERE namespace = $1 AND id = $2";
+const INSTANCES_BY_KEYS: &str = "SELECT uid, body, namespace, id FROM cnsm_instances \
+    WHERE (namespace, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))";
+const INSTANCE_BY_UID: &str = "SELECT uid, body, namespace, id FROM cnsm_instances WHERE uid = $1";
+const HISTORY: &str = "SELECT r.version, r.hash, r.bytes FROM cnsm_records r \
+    JOIN cnsm_instances i ON i.uid = r.uid \
+    WHERE i.namespace = $1 AND i.id = $2 AND r.version >= $3 ORDER BY r.version LIMIT $4";
+const IDEMPOTENCY: &str = "SELECT k.request_hash, k.version, k.expires_ms FROM cnsm_idempotency k \
+    JOIN cnsm_instances i ON i.uid = k.uid WHERE i.namespace = $1 AND i.id = $2 AND k.key = $3";
+const LIST_INSTANCES: &str = "SELECT uid, body FROM cnsm_instances \
+    WHERE ($1::text IS NULL OR namespace = $1) \
+      AND ($2::text IS NULL OR machine = $2) \
+      AND ($3::text IS NULL OR state = $3) \
+      AND ($4::smallint IS NULL OR status = $4) \
+      AND labels @> $5::text::jsonb \
+      AND ($6::text IS NULL OR (namespace, id) > ($6, $7::text)) \
+    ORDER BY namespace, id LIMIT $8";
+const CLAIM_TIMERS: &str = "UPDATE cnsm_instances SET lease_until_ms = $2, lease_node = $3 \
+    WHERE uid IN (SELECT uid FROM cnsm_instances \
+                   WHERE timer_due_ms <= $1 AND (lease_until_ms IS NULL OR lease_until_ms <= $1) \
+                   ORDER BY timer_due_ms LIMIT $4 FOR UPDATE SKIP LOCKED) \
+    RETURNING uid, timer_due_ms, timer_entry_seq, timer_kind";
+
+impl PostgresStore {
+    /// Connects, applies missing migrations (unless `options.migrate` is off), and checks the
+    /// schema version.
+    ///
+    /// Errors: [`StoreError::FormatTooNew`] when the database was migrated by a newer cnsm;
+    /// [`StoreError::Io`] when it cannot be reached in time; [`StoreError::Refused`] for a bad
+    /// URL or a schema that needs migrating while `migrate` is off.
+    pub fn open(url: &str, options: PostgresOptions) -> Result<PostgresStore, StoreError> {
+        let config = connection_config(url, &options)?;
+        let bridge = Bridge::new(Duration::from_millis(options.op_timeout_ms))?;
+        let pool = Pool::new(
+            config.clone(),
+            options.conns_max,
+            Duration::from_millis(options.op_timeout_ms),
+        );
+        let mut store = PostgresStore {
+            pool,
+            bridge,
+            config,
+            channel: String::new(),
+            origin: origin_token(),
+            closed: Default::default(),
+        };
+        let schema = options.schema.clone();
+        let migrate = options.migrate;
+        store.channel = store.bridge.run(async {
+            let mut lease = store.pool.get().await?;
+            let client = &mut lease.conn().client;
+            if migrate {
+                schema::migrate(client, schema.as_deref(), now_ms()).await?;
+            }
+            let status = schema::status(client).await?;
+            if status.version > SCHEMA_VERSION {
+                return Err(StoreError::FormatTooNew {
+                    found: status.version,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+            if status.is_behind() {
+                return Err(StoreError::Refused(format!(
+                    "the database schema is at version {}, this binary needs {}; run `cnsmctl store migrate`",
+                    status.version, SCHEMA_VERSION
+                )));
+            }
+            let row = client
+                .query_one("SELECT current_schema()", &[])
+                .await
+                .map_err(db_error)?;
+            let current: Option<String> = row.get(0);
+            Ok(channel_of(current.as_deref().unwrap_or("")))
+        })?;
+        Ok(store)
+    }
+
+    /// The schema version of the database, read without changing anything.
+    pub fn schema_status(url: &str, options: &PostgresOptions) -> Result<SchemaStatus, StoreError> {
+        let store = PostgresStore::open(
+            url,
+            PostgresOptions {
+                migrate: false,
+                ..options.clone()
+            },
+        );
+        match store {
+            Ok(store) => store.bridge.run(async {
+                let mut lease = store.pool.get().await?;
+                schema::status(&lease.conn().client).await
+            }),
+            Err(StoreError::Refused(_)) | Err(StoreError::FormatTooNew { .. }) => {
+                // Behind or ahead: read the status with a bare connection.
+                let config = connection_config(url, options)?;
+                let bridge = Bridge::new(Duration::from_millis(options.op_timeout_ms))?;
+                let pool = Pool::new(config, 1, Duration::from_millis(options.op_timeout_ms));
+                bridge.run(async {
+                    let conn = pool.connect().await?;
+                    schema::status(&conn.client).await
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Applies missing migrations; returns the versions applied (empty when up to date).
+    pub fn migrate(url: &str, options: &PostgresOptions) -> Result<Vec<u32>, StoreError> {
+        let config = connection_config(url, options)?;
+        let bridge = Bridge::new(Duration::from_millis(options.op_timeout_ms))?;
+        let pool = Pool::new(config, 1, Duration::from_millis(options.op_timeout_ms));
+        let schema = options.schema.clone();
+        bridge.run(async {
+            let mut conn = pool.connect().await?;
+            schema::migrate(&mut conn.client, schema.as_deref(), now_ms()).await
+        })
+    }
+
+    /// The connection settings (for listeners that need their own connection).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Runs SQL statements as they are, in the store's schema (administration and tests).
+    pub fn batch_execute(&self, sql: &str) -> Result<(), StoreError> {
+        self.bridge.run(async {
+            let mut lease = self.pool.get().await?;
+            lease
+                .conn()
+                .client
+                .batch_execute(sql)
+                .await
+                .map_err(db_error)
+        })
+    }
+
+    /// Checks that the database answers (for readiness probes).
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.bridge.run(async {
+            let mut lease = self.pool.get().await?;
+            lease
+                .conn()
+                .client
+                .simple_query("SELECT 1")
+                .await
+                .map_err(db_error)?;
+            Ok(())
+        })
+    }
+
+    /// Runs one read query with a pooled connection and its prepared statement.
+    fn query(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        let result = self.bridge.run(async {
+            let mut lease = self.pool.get().await?;
+            let conn = lease.conn();
+            let statement = conn.statement(sql).await?;
+            conn.client
+                .query(&statement, params)
+                .await
+                .map_err(db_error)
+        });
+        if matches!(result, Err(StoreError::Io(_))) {
+            self.pool.clear();
+        }
+        result
+    }
+
+    /// One attempt at committing a batch; `Ok(Err(e))` is a retryable database error.
+    async fn commit_once(
+        &self,
+        items: &[CommitItem],
+        prev_hashes: &[Hash32],
+        columns: &[ItemColumns],
+    ) -> Result<Result<Vec<ItemOutcome>, tokio_postgres::Error>, StoreError> {
+        let mut lease = self.pool.get().await?;
+        let conn = lease.conn();
+        let commit_item = conn.statement(COMMIT_ITEM).await?;
+        let lock = conn.statement(LOCK_INSTANCES).await?;
+        let notify = conn.statement(NOTIFY).await?;
+        let txn = match conn.client.transaction().await {
+            Ok(txn) => txn,
+            Err(e) => return Err(db_error(e)),
+        };
+        // Lock every existing instance of the batch in one order, so two nodes committing
+        // overlapping batches wait for each other instead of deadlocking.
+        let keys: BTreeSet<(&str, &str)> = items
+            .iter()
+            .map(|i| (&*i.instance.namespace, &*i.instance.id))
+            .collect();
+        let namespaces: Vec<&str> = keys.iter().map(|k| k.0).collect();
+        let ids: Vec<&str> = keys.iter().map(|k| k.1).collect();
+        let lock_params: [&(dyn ToSql + Sync); 2] = [&namespaces, &ids];
+        let locked = txn.query(&lock, &lock_params);
+        // The items run in order on the server; sending them together saves round trips.
+        let calls = items
+            .iter()
+            .zip(prev_hashes)
+            .zip(columns)
+            .map(|((item, prev), c)| {
+                let commit_item = &commit_item;
+                let txn = &txn;
+                async move {
+                    let entry = item.idempotency.as_ref();
+                    let params: [&(dyn ToSql + Sync); 19] = [
+                        &c.namespace,
+                        &c.id,
+                        &c.expected,
+                        &prev.0.as_slice(),
+                        &c.version,
+                        &item.record.hash.0.as_slice(),
+                        &item.record.bytes,
+                        &c.machine,
+                        &c.state,
+                        &c.status,
+                        &c.labels,
+                        &c.body,
+                        &c.timer_due,
+                        &c.timer_seq,
+                        &c.timer_kind,
+                        &entry.map(|e| e.key.as_str()),
+                        &c.key_hash,
+                        &c.key_expires,
+                        &c.now,
+                    ];
+                    txn.query_one(commit_item, &params).await
+                }
+            });
+        let (locked, rows) = futures_util::future::join(locked, try_join_all(calls)).await;
+        if let Err(e) = locked {
+            return retryable_or(e);
+        }
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => return retryable_or(e),
+        };
+        let mut outcomes = Vec::with_capacity(items.len());
+        let mut payload = self.origin.clone();
+        let mut notices = Vec::new();
+        for (row, item) in rows.iter().zip(items) {
+            let committed: bool = row.get(0);
+            if committed {
+                let uid: i64 = row.get(1);
+                outcomes.push(ItemOutcome::Committed { uid: uid as u64 });
+                let pair = format!("{uid}:{}", item.record.version);
+                if payload.len() + pair.len() + 1 > NOTIFY_PAYLOAD_LEN_MAX {
+                    notices.push(std::mem::replace(&mut payload, self.origin.clone()));
+                }
+                payload.push(' ');
+                payload.push_str(&pair);
+            } else {
+                let actual: Option<i64> = row.get(2);
+                outcomes.push(ItemOutcome::Conflict {
+                    actual: actual.map(|v| v as u64),
+                });
+            }
+        }
+        if payload.len() > self.origin.len() {
+            notices.push(payload);
+        }
+        for notice in &notices {
+            if let Err(e) = txn.query(&notify, &[&self.channel, notice]).await {
+                return retryable_or(e);
+            }
+        }
+        match txn.commit().await {
+            Ok(()) => Ok(Ok(outcomes)),
+            Err(e) => retryable_or(e),
+        }
+    }
+}
+
+/// The NOTIFY channel of a schema: short and a plain identifier whatever the schema's name.
+fn channel_of(schema: &str) -> String {
+    let digest = Hash32::digest(b"cnsm/channel\0", schema.as_bytes());
+    format!("{COMMIT_CHANNEL_PREFIX}{}", &digest.to_hex()[..16])
+}
+
+/// A token that tells this handle's NOTIFY payloads from other handles'.
+fn origin_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!("o{:016x}", hasher.finish())
+}
+
+fn retryable_or<T>(
+    error: tokio_postgres::Error,
+) -> Result<Result<T, tokio_postgres::Error>, StoreError> {
+    if is_retryable(&error) {
+        Ok(Err(error))
+    } else {
+        Err(db_error(error))
+    }
+}
+
+/// The SQL parameters of one item that need converting.
+struct ItemColumns {
+    namespace: String,
+    id: String,
+    expected: Option<i64>,
+    version: i64,
+    machine: String,
+    state: String,
+    status: i16,
+    labels: String,
+    body: Vec<u8>,
+    timer_due: Option<i64>,
+    timer_seq: Option<i64>,
+    timer_kind: Option<i16>,
+    key_hash: Option<Vec<u8>>,
+    key_expires: Option<i64>,
+    now: i64,
+}
+
+fn columns_of(item: &CommitItem) -> Result<ItemColumns, StoreError> {
+    let instance = &item.instance;
+    let timer = indexed_timer(instance);
+    let entry: Option<&IdempotencyEntry> = item.idempotency.as_ref();
+    Ok(ItemColumns {
+        namespace: instance.namespace.to_string(),
+        id: instance.id.to_string(),
+        expected: item.expected_version.map(to_i64).transpose()?,
+        version: to_i64(item.record.version)?,
+        machine: instance.machine.to_string(),
+        state: instance.state.to_string(),
+        status: status_code(instance.status),
+        labels: serde_json::to_string(&instance.labels)
+            .map_err(|e| StoreError::Corrupt(format!("cannot encode labels: {e}")))?,
+        body: encode_instance(instance)?,
+        timer_due: timer.map(|t| to_i64(t.due_ms)).transpose()?,
+        timer_seq: timer.map(|t| to_i64(t.entry_seq)).transpose()?,
+        timer_kind: timer.map(|t| kind_code(t.kind)),
+        key_hash: entry.map(|e| e.request_hash.0.to_vec()),
+        key_expires: entry.map(|e| to_i64(e.expires_ms)).transpose()?,
+        now: to_i64(instance.updated_ms)?,
+    })
+}
+
+fn to_i64(value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value)
+        .map_err(|_| StoreError::Refused(format!("{value} does not fit PostgreSQL's bigint")))
+}
+
+fn status_code(status: Status) -> i16 {
+    match status {
+        Status::Active => 0,
+        Status::Succeeded => 1,
+        Status::Failed => 2,
+        Status::Cancelled => 3,
+    }
+}
+
+fn kind_code(kind: TimerKind) -> i16 {
+    match kind {
+        TimerKind::Timeout => 0,
+        TimerKind::Wait => 1,
+        TimerKind::Backoff => 2,
+    }
+}
+
+fn kind_from_code(code: i16) -> Option<TimerKind> {
+    Some(match code {
+        0 => TimerKind::Timeout,
+        1 => TimerKind::Wait,
+        2 => TimerKind::Backoff,
+        _ => return None,
+    })
+}
+
+/// The timer the timer columns hold: none once the instance is final.
+fn indexed_timer(instance: &Instance) -> Option<Timer> {
+    if instance.status.is_final() {
+        None
+    } else {
+        instance.timer
+    }
+}
+
+fn encode_instance(instance: &Instance) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(instance)
+        .map_err(|e| StoreError::Corrupt(format!("cannot encode an instance row: {e}")))
+}
+
+fn decode_instance(bytes: &[u8], namespace: &str, id: &str) -> Result<Instance, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "instance {namespace}/{id}: row does not decode: {e}"
+        ))
+    })
+}
+
+fn hash_of(bytes: &[u8], what: &dyn Fn() -> String) -> Result<Hash32, StoreError> {
+    <[u8; 32]>::try_from(bytes)
+        .map(Hash32)
+        .map_err(|_| StoreError::Corrupt(format!("{}: a hash is not 32 bytes", what())))
+}
+
+fn definition_row(row: &tokio_postgres::Row) -> Result<DefinitionRow, StoreError> {
+    let namespace: String = row.get("namespace");
+    let name: String = row.get("name");
+    let revision: i32 = row.get("revision");
+    let what = || format!("definition {namespace}/{name}@{revision}");
+    let definition: StateMachine = serde_json::from_slice(row.get::<_, &[u8]>("body"))
+        .map_err(|e| StoreError::Corrupt(format!("{}: row does not decode: {e}", what())))?;
+    let created_ms: i64 = row.get("created_ms");
+    Ok(DefinitionRow {
+        hash: hash_of(row.get::<_, &[u8]>("hash"), &what)?,
+        namespace,
+        name,
+        revision: revision as u32,
+        definition,
+        created_ms: created_ms as u64,
+    })
+}
+
+fn capped(limit: usize) -> usize {
+    if limit == 0 {
+        PAGE_LEN_MAX
+    } else {
+        limit.min(PAGE_LEN_MAX)
+    }
+}
+
+fn timer_ref(row: &tokio_postgres::Row) -> Result<TimerRef, StoreError> {
+    let uid: i64 = row.get(0);
+    let due: i64 = row.get(1);
+    let seq: i64 = row.get(2);
+    let code: i16 = row.get(3);
+    Ok(TimerRef {
+        due_ms: due as u64,
+        uid: uid as u64,
+        entry_seq: seq as u64,
+        kind: kind_from_code(code).ok_or_else(|| {
+            StoreError::Corrupt(format!("timer of uid {uid}: unknown kind {code}"))
+        })?,
+    })
+}
+
+impl Store for PostgresStore {
+    fn put_definition(
+        &self,
+        definition: &StateMachine,
+        hash: Hash32,
+        now_ms: u64,
+    ) -> Result<PutDefinition, StoreError> {
+        let namespace = definition.metadata.namespace.as_str();
+        let name = definition.metadata.name.as_str();
+        let body = serde_json::to_vec(definition)
+            .map_err(|e| StoreError::Corrupt(format!("cannot encode a definition: {e}")))?;
+        let created = to_i64(now_ms)?;
+        self.bridge.run(async {
+            let mut lease = self.pool.get().await?;
+            let txn = lease.conn().client.transaction().await.map_err(db_error)?;
+            // Two nodes applying the same definition at once number revisions one at a time.
+            txn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('cnsm-definition:' || $1 || '/' || $2))",
+                &[&namespace, &name],
+            )
+            .await
+            .map_err(db_error)?;
+            let latest = txn
+                .query_opt(
+                    "SELECT revision, hash FROM cnsm_definitions WHERE namespace = $1 AND name = $2 \
+                     ORDER BY revision DESC LIMIT 1",
+                    &[&namespace, &name],
+                )
+                .await
+                .map_err(db_error)?;
+            let next = match latest {
+                Some(row) => {
+                    let revision: i32 = row.get(0);
+                    if row.get::<_, &[u8]>(1) == hash.0.as_slice() {
+                        return Ok(PutDefinition::Unchanged(revision as u32));
+                    }
+                    revision.checked_add(1).ok_or_else(|| {
+                        StoreError::Refused(format!(
+                            "definition {namespace}/{name} has run out of revision numbers"
+                        ))
+                    })?
+                }
+                None => 1,
+            };
+            txn.execute(
+                "INSERT INTO cnsm_definitions (namespace, name, revision, hash, created_ms, body) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&namespace, &name, &next, &hash.0.as_slice(), &created, &body],
+            )
+            .await
+            .map_err(db_error)?;
+            txn.commit().await.map_err(db_error)?;
+            Ok(PutDefinition::Created(next as u32))
+        })
+    }
+
+    fn definition(
+        &self,
+        namespace: &str,
+        name: &str,
+        revision: Option<u32>,
+    ) -> Result<Option<DefinitionRow>, StoreError> {
+        let rows = match revision {
+            Some(revision) => {
+                let Ok(revision) = i32::try_from(revision) else {
+                    return Ok(None);
+                };
+                self.query(
+                    "SELECT * FROM cnsm_definitions WHERE namespace = $1 AND name = $2 AND revision = $3",
+                    &[&namespace, &name, &revision],
+                )?
+            }
+            None => self.query(
+                "SELECT * FROM cnsm_definitions WHERE namespace = $1 AND name = $2 \
+                 ORDER BY revision DESC LIMIT 1",
+                &[&namespace, &name],
+            )?,
+        };
+        rows.first().map(definition_row).transpose()
+    }
+
+    fn list_definitions(&self, namespace: Option<&str>) -> Result<Vec<DefinitionRow>, StoreError> {
+        self.query(
+            "SELECT DISTINCT ON (namespace, name) * FROM cnsm_definitions \
+             WHERE ($1::text IS NULL OR namespace = $1) \
+             ORDER BY namespace, name, revision DESC",
+            &[&namespace],
+        )?
+        .iter()
+        .map(definition_row)
+        .collect()
+    }
+
+    fn delete_definition(&self, namespace: &str, name: &str) -> Result<bool, StoreError> {
+        self.bridge.run(async {
+            let mut lease = self.pool.get().await?;
+            let txn = lease.conn().client.transaction().await.map_err(db_error)?;
+            txn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('cnsm-definition:' || $1 || '/' || $2))",
+                &[&namespace, &name],
+            )
+            .await
+            .map_err(db_error)?;
+            let n_active: i64 = txn
+                .query_one(
+                    "SELECT count(*) FROM cnsm_instances \
+                     WHERE namespace = $1 AND machine = $2 AND status = 0",
+                    &[&namespace, &name],
+                )
+                .await
+                .map_err(db_error)?
+                .get(0);
+            if n_active > 0 {
+                return Err(StoreError::Refused(format!(
+                    "definition {namespace}/{name} is used by {n_active} active instance(s); \
+                     let them finish or cancel them first"
+                )));
+            }
+            let n_deleted = txn
+                .execute(
+                    "DELETE FROM cnsm_definitions WHERE namespace = $1 AND name = $2",
+                    &[&namespace, &name],
+                )
+                .await
+                .map_err(db_error)?;
+            txn.execute(
+                "DELETE FROM cnsm_rollouts WHERE namespace = $1 AND name = $2",
+                &[&namespace, &name],
+            )
+            .await
+            .map_err(db_error)?;
+            txn.commit().await.map_err(db_error)?;
+            Ok(n_deleted > 0)
+        })
+    }
+
+    fn commit(&self, items: &[CommitItem]) -> Result<Vec<ItemOutcome>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        if items.len() > COMMIT_ITEMS_MAX {
+            return Err(StoreError::Refused(format!(
+                "a batch of {} items exceeds the limit of {COMMIT_ITEMS_MAX}",
+                items.len()
+            )));
+        }
+        let prev_hashes = items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| cnsm_store::embedded::check_item(index, item))
+            .collect::<Result<Vec<_>, _>>()?;
+        let columns = items
+            .iter()
+            .map(columns_of)
+            .collect::<Result<Vec<_>, _>>()?;
+        let result = self.bridge.run(async {
+            let mut attempt = 0;
+            loop {
+                match self.commit_once(items, &prev_hashes, &columns).await? {
+                    Ok(outcomes) => return Ok(outcomes),
+                    Err(e) if attempt < DEADLOCK_RETRIES_MAX => {
+                        attempt += 1;
+                        let _ = e;
+                        tokio::time::sleep(Duration::from_millis(1 << attempt)).await;
+                    }
+                    Err(e) => return Err(db_error(e)),
+                }
+            }
+        });
+        if matches!(result, Err(StoreError::Io(_))) {
+            self.pool.clear();
+        }
+        result
+    }
+
+    fn instance(&self, namespace: &str, id: &str) -> Result<Option<StoredInstance>, StoreError> {
+        let rows = self.query(INSTANCE_BY_KEY, &[&namespace, &id])?;
+        rows.first()
+            .map(|row| {
+                let uid: i64 = row.get(0);
+                Ok(StoredInstance {
+                    uid: uid as u64,
+                    instance: decode_instance(row.get::<_, &[u8]>(1), namespace, id)?,
+                })
+            })
+            .transpose()
+    }
+
+    fn instances(&self, keys: &[(&str, &str)]) -> Result<Vec<StoredInstance>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let namespaces: Vec<&str> = keys.iter().map(|k| k.0).collect();
+        let ids: Vec<&str> = keys.iter().map(|k| k.1).collect();
+        let rows = self.query(INSTANCES_BY_KEYS, &[&namespaces, &ids])?;
+        rows.iter()
+            .map(|row| {
+                let uid: i64 = row.get(0);
+                let namespace: &str = row.get(2);
+                let id: &str = row.get(3);
+                Ok(StoredInstance {
+                    uid: uid as u64,
+                    instance: decode_instance(row.get::<_, &[u8]>(1), namespace, id)?,
+                })
+            })
+            .collect()
+    }
+
+    fn instance_by_uid(&self, uid: u64) -> Result<Option<StoredInstance>, StoreError> {
+        let Ok(uid) = i64::try_from(uid) else {
+            return Ok(None);
+        };
+        let rows = self.query(INSTANCE_BY_UID, &[&uid])?;
+        rows.first()
+            .map(|row| {
+                let namespace: &str = row.get(2);
+                let id: &str = row.get(3);
+                Ok(StoredInstance {
+                    uid: uid as u64,
+                    instance: decode_instance(row.get::<_, &[u8]>(1), namespace, id)?,
+                })
+            })
+            .transpose()
+    }
+
+    fn list_instances(&self, query: &InstanceQuery) -> Result<Vec<StoredInstance>, StoreError> {
+        let labels: BTreeMap<&str, &str> = query
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let labels = serde_json::to_string(&labels)
+            .map_err(|e| StoreError::Refused(format!("cannot encode the label filter: {e}")))?;
+        let status = query.status.map(status_code);
+        let (after_ns, after_id) = match &query.after {
+            Some((ns, id)) => (Some(ns.as_str()), Some(id.as_str())),
+            None => (None, None),
+        };
+        let limit = capped(query.limit) as i64;
+        let rows = self.query(
+            LIST_INSTANCES,
+            &[
+                &query.namespace.as_deref(),
+                &query.machine.as_deref(),
+                &query.state.as_deref(),
+                &status,
+                &labels,
+                &after_ns,
+                &after_id,
+                &limit,
+            ],
+        )?;
+        rows.iter()
+            .map(|row| {
+                let uid: i64 = row.get(0);
+                let bytes: &[u8] = row.get(1);
+                let instance: Instance = serde_json::from_slice(bytes).map_err(|e| {
+                    StoreError::Corrupt(format!("instance uid {uid}: row does not decode: {e}"))
+                })?;
+                Ok(StoredInstance {
+                    uid: uid as u64,
+                    instance,
+                })
+            })
+            .collect()
+    }
+
+    fn history(
+        &self,
+        namespace: &str,
+        id: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<SealedRecord>, StoreError> {
+        let from = i64::try_from(from_version).unwrap_or(i64::MAX);
+        let limit = capped(limit) as i64;
+        let rows = self.query(HISTORY, &[&namespace, &id, &from, &limit])?;
+        rows.iter()
+            .map(|row| {
+                let version: i64 = row.get(0);
+                let what = || format!("instance {namespace}/{id} record {version}");
+                let hash = hash_of(row.get::<_, &[u8]>(1), &what)?;
+                let bytes: Vec<u8> = row.get(2);
+                // Check on the way out what was checked on the way in.
+                if Hash32::digest(RECORD_DOMAIN, &bytes) != hash {
+                    return Err(StoreError::Corrupt(format!(
+                        "{}: stored hash does not match its bytes",
+                        what()
+                    )));
+                }
+                Ok(SealedRecord {
+                    version: version as u64,
+                    bytes,
+                    hash,
+                })
+            })
+            .collect()
+    }
+
+    fn idempotency(
+        &self,
+        namespace: &str,
+        id: &str,
+        key: &str,
+    ) -> Result<Option<IdempotencyEntry>, StoreError> {
+        let rows = self.query(IDEMPOTENCY, &[&namespace, &id, &key])?;
+        rows.first()
+            .map(|row| {
+                let version: i64 = row.get(1);
+                let expires: i64 = row.get(2);
+                Ok(IdempotencyEntry {
+                    key: key.to_owned(),
+                    request_hash: hash_of(row.get::<_, &[u8]>(0), &|| {
+                        format!("idempotency key {key:?} of {namespace}/{id}")
+                    })?,
+                    version: version as u64,
+                    expires_ms: expires as u64,
+                })
+            })
+            .transpose()
+    }
+
+    fn purge_idempotency(&self, now_ms: u64) -> Result<u64, StoreError> {
+        let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        self.bridge.run(async {
+            let mut lease = self.pool.get().await?;
+            lease
+                .conn()
+                .client
+                .execute(
+                    "DELETE FROM cnsm_idempotency WHERE expires_ms <= $1",
+                    &[&now],
+                )
+                .await
+                .map_err(db_error)
+        })
+    }
+
+    fn pending_timers(&self, visit: &mut dyn FnMut(TimerRef)) -> Result<(), StoreError> {
+        let rows = self.query(
+            "SELECT uid, timer_due_ms, timer_entry_seq, timer_kind FROM cnsm_instances \
+             WHERE timer_due_ms IS NOT NULL",
+            &[],
+        )?;
+        for row in &rows {
+            visit(timer_ref(row)?);
+        }
+        Ok(())
+    }
+
+    fn verify(&self) -> Result<VerifyReport, StoreError> {
+        self.bridge.run(verify::verify_all(&self.pool))
+    }
+
+    fn purge_finished(
+        &self,
+        namespace: &str,
+        machine: &str,
+        ended_before_ms: u64,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        let before = i64::try_from(ended_before_ms).unwrap_or(i64::MAX);
+        let limit = capped(limit) as i64;
+        self.bridge.run(async {
+            let mut lease = self.pool.get().await?;
+            let n = lease
+                .conn()
+                .client
+                .execute(
+                    "WITH doomed AS ( \
+                         SELECT uid FROM cnsm_instances \
+                          WHERE namespace = $1 AND machine = $2 AND status <> 0 \
+                            AND (convert_from(body, 'UTF8')::jsonb->>'updatedMs')::bigint < $3 \
+                          ORDER BY uid LIMIT $4 FOR UPDATE SKIP LOCKED), \
+                     gone_records AS (DELETE FROM cnsm_records WHERE uid IN (SELECT uid FROM doomed)), \
+                     gone_keys AS (DELETE FROM cnsm_idempotency WHERE uid IN (SELECT uid FROM doomed)) \
+                     DELETE FROM cnsm_instances WHERE uid IN (SELECT uid FROM doomed)",
+                    &[&namespace, &machine, &before, &limit],
+                )
+                .await
+                .map_err(db_error)?;
+            Ok(n)
+        })
+    }
+
+    fn rollout(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<cnsm_core::rollout::Rollout>, StoreError> {
+        let rows = self.query(
+            "SELECT body FROM cnsm_rollouts WHERE namespace = $1 AND name = $2",
+            &[&namespace, &name],
+        )?;
+        rows.first()
+            .map(|row| {
+                serde_json::from_slice(row.get::<_, &[u8]>(0)).map_err(|e| {
+                    StoreError::Corrupt(format!(
+                        "rollout of {namespace}/{name} does not decode: {e}"
+                    ))
+                })
+            })
+            .transpose()
+    }
+
+    fn put_rollout(
+        &self,
+        namespace: &str,
+        name: &str,
+        rollout: Option<&cnsm_core::rollout::Rollout>,
+    ) -> Result<(), StoreError> {
+        let body = rollout
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| StoreError::Io(format!("cannot encode a rollout: {e}")))?;
+        let revisions: Vec<i32> = rollout
+            .map(|r| vec![r.stable as i32, r.canary as i32])
+            .unwrap_or_default();
+        self.bridge.run(async {
+            let mut lease = self.pool.get().await?;
+            let txn = lease.conn().client.transaction().await.map_err(db_error)?;
+            for revision in &revisions {
+                let found = txn
+                    .query_opt(
+                        "SELECT 1 FROM cnsm_definitions \
+                         WHERE namespace = $1 AND name = $2 AND revision = $3",
+                        &[&namespace, &name, revision],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                if found.is_none() {
+                    return Err(StoreError::Refused(format!(
+                        "statemachine {namespace}/{name} has no revision {revision}"
+                    )));
+                }
+            }
+            match &body {
+                Some(body) => txn
+                    .execute(
+                        "INSERT INTO cnsm_rollouts (namespace, name, body) VALUES ($1, $2, $3) \
+                         ON CONFLICT (namespace, name) DO UPDATE SET body = EXCLUDED.body",
+                        &[&namespace, &name, body],
+                    )
+                    .await
+                    .map_err(db_error)?,
+                None => txn
+                    .execute(
+                        "DELETE FROM cnsm_rollouts WHERE namespace = $1 AND name = $2",
+                        &[&namespace, &name],
+                    )
+                    .await
+                    .map_err(db_error)?,
+            };
+            txn.commit().await.map_err(db_error)?;
+            Ok(())
+        })
+    }
+
+    fn records_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, SealedRecord)>, StoreError> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = capped(limit) as i64;
+        // Sequence numbers become visible out of order across concurrent transactions; a
+        // reader that must not skip a late one re-reads a short window behind its cursor
+        // (the audit log's cursor tolerates gaps, as docs/postgres.md says).
+        let rows = self.query(
+            "SELECT seq, version, hash, bytes FROM cnsm_records WHERE seq > $1 \
+             ORDER BY seq LIMIT $2",
+            &[&after, &limit],
+        )?;
+        rows.iter()
+            .map(|row| {
+                let seq: i64 = row.get(0);
+                let version: i64 = row.get(1);
+                let hash = hash_of(row.get::<_, &[u8]>(2), &|| format!("record at seq {seq}"))?;
+                Ok((
+                    seq as u64,
+                    SealedRecord {
+                        version: version as u64,
+                        bytes: row.get::<_, &[u8]>(3).to_vec(),
+                        hash,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    fn import_instances(
+        &self,
+        definitions: &[DefinitionRow],
+        items: &[cnsm_store::ImportItem],
+        replace: bool,
+    ) -> Result<cnsm_store::ImportReport, StoreError> {
+        cnsm_store::check_import(definitions, items)?;
+        self.bridge.run(async {
+            let mut lease = self.pool.get().await?;
+            let txn = lease.conn().client.transaction().await.map_err(db_error)?;
+            let mut report = cnsm_store::ImportReport::default();
+            for row in definitions {
+                let (namespace, name) = (row.namespace.as_str(), row.name.as_str());
+                let revision = row.revision as i32;
+                let existing = txn
+                    .query_opt(
+                        "SELECT hash FROM cnsm_definitions \
+                         WHERE namespace = $1 AND name = $2 AND revision = $3",
+                        &[&namespace, &name, &revision],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                match existing {
+                    Some(found) if found.get::<_, &[u8]>(0) == row.hash.0.as_slice() => {}
+                    Some(_) => {
+                        return Err(StoreError::Refused(format!(
+                            "definition {namespace}/{name}@{} exists here with another content hash",
+                            row.revision
+                        )));
+                    }
+                    None => {
+                        let body = serde_json::to_vec(&row.definition).map_err(|e| {
+                            StoreError::Corrupt(format!("cannot encode a definition: {e}"))
+                        })?;
+                        txn.execute(
+                            "INSERT INTO cnsm_definitions \
+                             (namespace, name, revision, hash, created_ms, body) \
+                             VALUES ($1, $2, $3, $4, $5, $6)",
+                            &[
+                                &namespace,
+                                &name,
+                                &revision,
+                                &row.hash.0.as_slice(),
+                                &to_i64(row.created_ms)?,
+                                &body,
+                            ],
+                        )
+                        .await
+                        .map_err(db_error)?;
+                        report.n_definitions_created += 1;
+                    }
+                }
+            }
+            for item in items {
+                let instance = &item.instance;
+                let (namespace, id) = (&*instance.namespace, &*instance.id);
+                let pinned = txn
+                    .query_opt(
+                        "SELECT hash FROM cnsm_definitions \
+                         WHERE namespace = $1 AND name = $2 AND revision = $3",
+                        &[&namespace, &&*instance.machine, &(instance.revision as i32)],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                match pinned {
+                    Some(row) if row.get::<_, &[u8]>(0) == instance.revision_hash.0.as_slice() => {}
+                    _ => {
+                        return Err(StoreError::Refused(format!(
+                            "instance {namespace}/{id} is pinned to {}/{} revision {} ({}), which neither the import nor this store has",
+                            namespace,
+                            instance.machine,
+                            instance.revision,
+                            instance.revision_hash.to_hex()
+                        )));
+                    }
+                }
+                let existing = txn
+                    .query_opt(
+                        "SELECT uid FROM cnsm_instances WHERE namespace = $1 AND id = $2 FOR UPDATE",
+                        &[&namespace, &id],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                if let Some(row) = existing {
+                    if !replace {
+                        return Err(StoreError::Refused(format!(
+                            "instance {namespace}/{id} already exists (import with replace to overwrite it)"
+                        )));
+                    }
+                    let uid: i64 = row.get(0);
+                    for sql in [
+                        "DELETE FROM cnsm_records WHERE uid = $1",
+                        "DELETE FROM cnsm_idempotency WHERE uid = $1",
+                        "DELETE FROM cnsm_instances WHERE uid = $1",
+                    ] {
+                        txn.execute(sql, &[&uid]).await.map_err(db_error)?;
+                    }
+                    report.n_replaced += 1;
+                }
+                let timer = indexed_timer(instance);
+                let last = item.records.last().ok_or_else(|| {
+                    StoreError::Refused(format!("instance {namespace}/{id} has no records"))
+                })?;
+                let labels = serde_json::to_string(&instance.labels)
+                    .map_err(|e| StoreError::Corrupt(format!("cannot encode labels: {e}")))?;
+                let uid: i64 = txn
+                    .query_one(
+                        "INSERT INTO cnsm_instances (namespace, id, machine, state, status, \
+                         version, last_hash, labels, body, timer_due_ms, timer_entry_seq, \
+                         timer_kind) VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::jsonb, $9, $10, $11, $12) \
+                         RETURNING uid",
+                        &[
+                            &namespace,
+                            &id,
+                            &&*instance.machine,
+                            &&*instance.state,
+                            &status_code(instance.status),
+                            &to_i64(instance.version)?,
+                            &last.hash.0.as_slice(),
+                            &labels,
+                            &encode_instance(instance)?,
+                            &timer.map(|t| to_i64(t.due_ms)).transpose()?,
+                            &timer.map(|t| to_i64(t.entry_seq)).transpose()?,
+                            &timer.map(|t| kind_code(t.kind)),
+                        ],
+                    )
+                    .await
+                    .map_err(db_error)?
+                    .get(0);
+                for record in &item.records {
+                    txn.execute(
+                        "INSERT INTO cnsm_records (uid, version, hash, bytes) VALUES ($1, $2, $3, $4)",
+                        &[
+                            &uid,
+                            &to_i64(record.version)?,
+                            &record.hash.0.as_slice(),
+                            &record.bytes,
+                        ],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                    report.n_records += 1;
+                }
+                for key in &item.idempotency {
+                    txn.execute(
+                        "INSERT INTO cnsm_idempotency (uid, key, request_hash, version, expires_ms) \
+                         VALUES ($1, $2, $3, $4, $5)",
+                        &[
+                            &uid,
+                            &key.key,
+                            &key.request_hash.0.as_slice(),
+                            &to_i64(key.version)?,
+                            &to_i64(key.expires_ms)?,
+                        ],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                }
+                if timer.is_some() {
+                    report.n_timers += 1;
+                }
+                report.n_instances += 1;
+            }
+            txn.commit().await.map_err(db_error)?;
+            Ok(report)
+        })
+    }
+
+    fn claim_due_timers(
+        &self,
+        now_ms: u64,
+        lease_ms: u64,
+        node: &str,
+        limit: usize,
+    ) -> Result<Vec<TimerRef>, StoreError> {
+        let now = to_i64(now_ms)?;
+        let until = to_i64(now_ms.saturating_add(lease_ms))?;
+        let limit = capped(limit) as i64;
+        let rows = self.query(CLAIM_TIMERS, &[&now, &until, &node, &limit])?;
+        let mut timers = rows.iter().map(timer_ref).collect::<Result<Vec<_>, _>>()?;
+        timers.sort();
+        Ok(timers)
+    }
+
+    fn subscribe_foreign_commits(
+        &self,
+        on_commit: std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>,
+    ) -> Result<bool, StoreError> {
+        let feed = pool::CommitFeed {
+            config: self.config.clone(),
+            channel: self.channel.clone(),
+            origin: self.origin.clone(),
+            closed: std::sync::Arc::clone(&self.closed),
+            on_commit,
+        };
+        self.bridge.spawn(feed.run());
+        Ok(true)
+    }
+}
+
+mod verify;
+
+pub use verify::PROBLEMS_MAX;
+
+/// Decodes a definition and checks its stored hash (used by `verify`).
+pub(crate) fn check_definition_row(row: &DefinitionRow) -> Option<String> {
+    if revision_hash(&row.definition) != row.hash {
+        Some(format!(
+            "definition {}/{}@{}: stored hash does not match its content",
+            row.namespace, row.name, row.revision
+        ))
+    } else {
+        None
+    }
+}

@@ -1,0 +1,101 @@
+//! The integration tests of cnsm-store-postgres, in one binary: the store conformance suite on
+//! PostgreSQL, two store handles ("nodes") racing, schema migrations, timer leases, and calls
+//! from inside tokio runtimes.
+//!
+//! They need `CNSM_TEST_POSTGRES_URL` (e.g. `postgres://postgres@127.0.0.1:5432/test`); without
+//! it every test prints that it was skipped and passes. Each store lives in its own schema, so
+//! the tests run in parallel.
+
+mod conformance;
+mod copy;
+mod nodes;
+mod runtime;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cnsm_store::Store;
+use cnsm_store::conformance::Harness;
+use cnsm_store_postgres::{PostgresOptions, PostgresStore};
+
+/// The test database's URL, or `None` (after saying the test is skipped).
+pub fn test_url() -> Option<String> {
+    match std::env::var("CNSM_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!("skipped: CNSM_TEST_POSTGRES_URL is not set");
+            None
+        }
+    }
+}
+
+/// A schema name no other test (or test process) uses.
+pub fn unique_schema() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "cnsm_t_{}_{}_{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn options(schema: &str) -> PostgresOptions {
+    PostgresOptions {
+        schema: Some(schema.to_owned()),
+        conns_max: 4,
+        ..PostgresOptions::default()
+    }
+}
+
+/// Drops a test schema (best effort: a failure leaves a schema behind, nothing else).
+pub fn drop_schema(url: &str, schema: &str) {
+    let Ok(store) = PostgresStore::open(url, options(schema)) else {
+        return;
+    };
+    let _ = store.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+}
+
+/// Stores in fresh schemas of the test database; `reopen` opens the same schema again.
+pub struct PgHarness {
+    url: String,
+    schemas: Vec<String>,
+}
+
+impl PgHarness {
+    /// `None` when no test database is configured.
+    pub fn new() -> Option<PgHarness> {
+        Some(PgHarness {
+            url: test_url()?,
+            schemas: Vec::new(),
+        })
+    }
+
+    fn current(&self) -> &str {
+        self.schemas.last().expect("a store was opened")
+    }
+}
+
+impl Drop for PgHarness {
+    fn drop(&mut self) {
+        for schema in &self.schemas {
+            drop_schema(&self.url, schema);
+        }
+    }
+}
+
+impl Harness for PgHarness {
+    fn open(&mut self) -> Box<dyn Store> {
+        self.schemas.push(unique_schema());
+        Box::new(PostgresStore::open(&self.url, options(self.current())).expect("the store opens"))
+    }
+
+    fn reopen(&mut self, store: Box<dyn Store>) -> Box<dyn Store> {
+        drop(store);
+        Box::new(
+            PostgresStore::open(&self.url, options(self.current())).expect("the store reopens"),
+        )
+    }
+}
