@@ -1,9 +1,12 @@
 //! The JsonLogic evaluator of flag targeting: `datalogic-rs` with flagd's operators. Rules are
 //! compiled once, when a flag file is loaded, not on every evaluation.
 //!
-//! - `fractional` and `sem_ver` are `datalogic-rs`'s built-in flagd operators (its `flagd`
-//!   feature): flagd's v2 bucketing, MurmurHash3 x86-32 of the bucketing string,
-//!   `(hash * totalWeight) >> 32`.
+//! - `fractional` is ours: flagd's v2 bucketing, MurmurHash3 x86-32 of the bucketing string
+//!   (an explicit first argument, else `$flagd.flagKey` + `targetingKey`),
+//!   `(hash * totalWeight) >> 32`, over buckets `[variant, weight]` whose variant may be any
+//!   JSON value (so it also works as a condition: `[true, 10]`); a negative weight counts as 0.
+//!   Null when there is no bucketing key, a bucket is malformed, or the weights sum to 0.
+//! - `sem_ver` is `datalogic-rs`'s built-in flagd operator (its `flagd` feature).
 //! - `starts_with` / `ends_with` are ours: two strings give a boolean; anything else (a
 //!   non-string, a wrong argument count) gives null, as flagd specifies, so targeting falls back
 //!   to the default variant.
@@ -51,13 +54,17 @@ impl Evaluator {
                     "ends_with",
                     StringOp(|text, pattern| text.ends_with(pattern)),
                 )
+                .add_operator(FRACTIONAL, Fractional)
                 .build(),
         }
     }
 
     pub fn compile(&self, rule: &Json) -> Result<Rule, String> {
+        // `fractional` is ours (any JSON variant value); the engine's built-in takes only
+        // string variant names, so the operator is renamed before compiling.
+        let rule = rename_fractional(rule);
         self.engine
-            .compile(rule)
+            .compile(&rule)
             .map(Arc::new)
             .map_err(|e| format!("targeting does not compile: {e:?}"))
     }
@@ -142,5 +149,100 @@ impl CustomOperator for StringOp {
             },
             _ => Ok(arena.null()),
         }
+    }
+}
+
+/// The name `fractional` is compiled under (the engine's built-in would take precedence).
+const FRACTIONAL: &str = "cnsm_fractional";
+
+/// `{"fractional": ...}` anywhere in a rule becomes `{"cnsm_fractional": ...}`.
+fn rename_fractional(rule: &Json) -> Json {
+    match rule {
+        Json::Object(map) => Json::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    let key = if k == "fractional" && map.len() == 1 {
+                        FRACTIONAL.to_owned()
+                    } else {
+                        k.clone()
+                    };
+                    (key, rename_fractional(v))
+                })
+                .collect(),
+        ),
+        Json::Array(items) => Json::Array(items.iter().map(rename_fractional).collect()),
+        other => other.clone(),
+    }
+}
+
+/// flagd's `fractional` (v2 bucketing).
+struct Fractional;
+
+impl CustomOperator for Fractional {
+    fn evaluate<'a>(
+        &self,
+        args: &[&'a DataValue<'a>],
+        context: &mut EvalContext<'_, 'a>,
+        arena: &'a Bump,
+    ) -> datalogic_rs::Result<&'a DataValue<'a>> {
+        let field = |object: &'a DataValue<'a>, name: &str| -> Option<&'a DataValue<'a>> {
+            object
+                .as_object()?
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v)
+        };
+        let (key, buckets) = match args.first() {
+            Some(first) if first.as_str().is_some() => {
+                (first.as_str().unwrap_or_default().to_owned(), &args[1..])
+            }
+            Some(first) if first.as_array().is_none() => return Ok(arena.null()),
+            _ => {
+                let root = context.root_input();
+                let Some(targeting_key) = field(root, "targetingKey").and_then(|v| v.as_str())
+                else {
+                    return Ok(arena.null());
+                };
+                let flag_key = field(root, "$flagd")
+                    .and_then(|f| field(f, "flagKey"))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default();
+                (format!("{flag_key}{targeting_key}"), args)
+            }
+        };
+        let mut parsed: Vec<(&'a DataValue<'a>, u64)> = Vec::with_capacity(buckets.len());
+        let mut total: u64 = 0;
+        for bucket in buckets {
+            let Some(items) = bucket.as_array() else {
+                return Ok(arena.null());
+            };
+            let Some(variant) = items.first() else {
+                return Ok(arena.null());
+            };
+            // A negative weight counts as 0 (flagd clamps it); a non-number is malformed.
+            let weight = match items.get(1) {
+                None => 1,
+                Some(w) => match (w.as_i64(), w.as_f64()) {
+                    (Some(w), _) => w.max(0) as u64,
+                    (None, Some(f)) if f.is_finite() => f.max(0.0) as u64,
+                    _ => return Ok(arena.null()),
+                },
+            };
+            total = total.saturating_add(weight);
+            parsed.push((variant, weight));
+        }
+        if total == 0 || total > u64::from(u32::MAX) {
+            return Ok(arena.null());
+        }
+        let hash = cnsm_core::rollout::murmur3_x86_32(key.as_bytes(), 0);
+        let point = (u64::from(hash) * total) >> 32;
+        let mut upto = 0;
+        for (variant, weight) in parsed {
+            upto += weight;
+            if point < upto {
+                return Ok(variant);
+            }
+        }
+        Ok(arena.null())
     }
 }

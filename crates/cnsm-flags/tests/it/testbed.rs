@@ -16,10 +16,7 @@ const EXCLUDED_TAGS: &[&str] = &["fractional-v1"];
 /// Cases that fail for known gaps of the JsonLogic operators cnsm runs (docs/flags.md,
 /// "Known gaps"). They still run, and the test fails if one of them starts passing (so this
 /// list stays true) or if any other case fails.
-const KNOWN_GAPS: &[&str] = &[
-    // datalogic-rs's flagd `fractional` accepts only string variant names (not `true`/`false`).
-    "fractional.feature / Fractional as condition",
-];
+const KNOWN_GAPS: &[&str] = &[];
 
 #[derive(Default)]
 struct World {
