@@ -838,34 +838,47 @@ impl Runtime {
             .ok_or_else(|| RuntimeError::NotFound(format!("statemachine {namespace}/{name}")))?;
         let rollout = self.shared.store.rollout(namespace, name)?;
         let mut active: BTreeMap<u32, u64> = BTreeMap::new();
-        let mut after = None;
-        loop {
-            let page = self.shared.store.list_instances(&InstanceQuery {
-                namespace: Some(namespace.to_owned()),
-                machine: Some(name.to_owned()),
-                status: Some(Status::Active),
-                after: after.take(),
-                limit: cnsm_store::PAGE_LEN_MAX,
-                ..InstanceQuery::default()
-            })?;
-            for s in &page {
-                *active.entry(s.instance.revision).or_default() += 1;
-            }
-            match page.last() {
-                Some(last) if page.len() == cnsm_store::PAGE_LEN_MAX => {
-                    after = Some((
-                        last.instance.namespace.to_string(),
-                        last.instance.id.to_string(),
-                    ));
-                }
-                _ => break,
-            }
-        }
+        self.for_each_active(namespace, name, &mut |instance| {
+            *active.entry(instance.revision).or_default() += 1;
+        })?;
         Ok(RolloutStatus {
             latest: latest.revision,
             rollout,
             active_by_revision: active,
         })
+    }
+
+    /// Calls `visit` for every active instance of a machine, reading the store a page at a time.
+    pub(crate) fn for_each_active(
+        &self,
+        namespace: &str,
+        machine: &str,
+        visit: &mut dyn FnMut(Instance),
+    ) -> Result<(), RuntimeError> {
+        let mut after = None;
+        loop {
+            let page = self.shared.store.list_instances(&InstanceQuery {
+                namespace: Some(namespace.to_owned()),
+                machine: Some(machine.to_owned()),
+                status: Some(Status::Active),
+                after: after.take(),
+                limit: cnsm_store::PAGE_LEN_MAX,
+                ..InstanceQuery::default()
+            })?;
+            let full = page.len() == cnsm_store::PAGE_LEN_MAX;
+            if let Some(last) = page.last() {
+                after = Some((
+                    last.instance.namespace.to_string(),
+                    last.instance.id.to_string(),
+                ));
+            }
+            for stored in page {
+                visit(stored.instance);
+            }
+            if !full {
+                return Ok(());
+            }
+        }
     }
 
     /// Changes a machine's rollout: `Set` routes `weight` percent of new instances to

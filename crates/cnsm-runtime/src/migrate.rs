@@ -11,9 +11,7 @@
 
 use std::sync::Arc;
 
-use cnsm_core::Status;
 use cnsm_core::migration::{CompiledMigration, StateMigrationPolicy};
-use cnsm_store::{InstanceQuery, PAGE_LEN_MAX};
 
 use crate::{Runtime, RuntimeError, TransitionOutcome, committer};
 
@@ -146,32 +144,11 @@ impl Runtime {
 
         // Every active instance of the machine still at the source revision.
         let mut selected = Vec::new();
-        let mut after = None;
-        loop {
-            let page = self.shared.store.list_instances(&InstanceQuery {
-                namespace: Some(ns.clone()),
-                machine: Some(request.machine.clone()),
-                status: Some(Status::Active),
-                after: after.take(),
-                limit: PAGE_LEN_MAX,
-                ..InstanceQuery::default()
-            })?;
-            let n = page.len();
-            if let Some(last) = page.last() {
-                after = Some((
-                    last.instance.namespace.to_string(),
-                    last.instance.id.to_string(),
-                ));
+        self.for_each_active(ns, &request.machine, &mut |instance| {
+            if instance.revision == source_revision {
+                selected.push(instance);
             }
-            selected.extend(
-                page.into_iter()
-                    .map(|s| s.instance)
-                    .filter(|i| i.revision == source_revision),
-            );
-            if n < PAGE_LEN_MAX {
-                break;
-            }
-        }
+        })?;
         if request.rollback {
             // Only instances this policy migrated go back.
             selected.retain(|i| self.last_migration_is(i, &request.policy.metadata.name));

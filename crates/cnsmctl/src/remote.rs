@@ -200,6 +200,16 @@ fn filter_query(filter: &InstanceFilter) -> String {
     query
 }
 
+/// The runtime's form of a transition the server answered with.
+fn outcome_of(view: TransitionView) -> TransitionOutcome {
+    TransitionOutcome {
+        record: view.record,
+        hash: view.hash,
+        instance: view.instance,
+        replayed: view.replayed,
+    }
+}
+
 fn decode<T: DeserializeOwned>(response: &ClientResponse) -> Result<T, CliError> {
     serde_json::from_slice(&response.body)
         .map_err(|e| CliError::unavailable(format!("the server's answer could not be read: {e}")))
@@ -314,12 +324,7 @@ impl Api for Remote {
             actor: Some(event.actor),
         };
         let view: TransitionView = self.post(&path, &body, &headers).await?;
-        Ok(TransitionOutcome {
-            record: view.record,
-            hash: view.hash,
-            instance: view.instance,
-            replayed: view.replayed,
-        })
+        Ok(outcome_of(view))
     }
 
     async fn control(
@@ -334,12 +339,7 @@ impl Api for Remote {
         );
         let body = serde_json::json!({"reason": request.reason, "actor": request.actor});
         let view: TransitionView = self.post(&path, &body, &[]).await?;
-        Ok(TransitionOutcome {
-            record: view.record,
-            hash: view.hash,
-            instance: view.instance,
-            replayed: view.replayed,
-        })
+        Ok(outcome_of(view))
     }
 
     async fn instance(&self, namespace: &str, id: &str) -> Result<Instance, CliError> {

@@ -54,29 +54,10 @@ impl EmbeddedStore {
                 out.display()
             )));
         }
-        let partial = partial_path(out);
-        let _ = std::fs::remove_file(&partial);
-        let result = (|| {
+        place_verified(out, |partial| {
             let snapshot = self.read()?;
-            copy_all(&snapshot, &partial)?;
-            drop(snapshot);
-            let verified = verify_backup_file(&partial)?;
-            std::fs::rename(&partial, out)
-                .map_err(|e| StoreError::Io(format!("cannot rename {}: {e}", partial.display())))?;
-            sync_parent(out)?;
-            let bytes = std::fs::metadata(out)
-                .map_err(|e| StoreError::Io(format!("{}: {e}", out.display())))?
-                .len();
-            Ok(BackupReport {
-                path: out.to_owned(),
-                bytes,
-                verified,
-            })
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&partial);
-        }
-        result
+            copy_all(&snapshot, partial)
+        })
     }
 }
 
@@ -99,27 +80,40 @@ pub fn restore(backup: &Path, dir: &Path) -> Result<BackupReport, StoreError> {
     }
     std::fs::create_dir_all(dir)
         .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dir.display())))?;
-    let partial = partial_path(&target);
-    let result = (|| {
-        std::fs::copy(backup, &partial).map_err(|e| {
+    place_verified(&target, |partial| {
+        std::fs::copy(backup, partial).map_err(|e| {
             StoreError::Io(format!(
                 "cannot copy {} to {}: {e}",
                 backup.display(),
                 partial.display()
             ))
         })?;
-        std::fs::File::open(&partial)
+        std::fs::File::open(partial)
             .and_then(|f| f.sync_all())
-            .map_err(|e| StoreError::Io(format!("{}: {e}", partial.display())))?;
+            .map_err(|e| StoreError::Io(format!("{}: {e}", partial.display())))
+    })
+}
+
+/// Has `write` produce a store file at `TARGET.partial`, verifies it from genesis, and only then
+/// renames it to `target` (and syncs the directory). On any failure the partial file is removed
+/// and nothing is left at `target`.
+fn place_verified(
+    target: &Path,
+    write: impl FnOnce(&Path) -> Result<(), StoreError>,
+) -> Result<BackupReport, StoreError> {
+    let partial = partial_path(target);
+    let _ = std::fs::remove_file(&partial);
+    let result = (|| {
+        write(&partial)?;
         let verified = verify_backup_file(&partial)?;
-        std::fs::rename(&partial, &target)
+        std::fs::rename(&partial, target)
             .map_err(|e| StoreError::Io(format!("cannot rename {}: {e}", partial.display())))?;
-        sync_parent(&target)?;
-        let bytes = std::fs::metadata(&target)
+        sync_parent(target)?;
+        let bytes = std::fs::metadata(target)
             .map_err(|e| StoreError::Io(format!("{}: {e}", target.display())))?
             .len();
         Ok(BackupReport {
-            path: target.clone(),
+            path: target.to_owned(),
             bytes,
             verified,
         })
