@@ -2,7 +2,9 @@
 //! after its group commit is fsynced. Reports the fsync floor of the disk in the same run.
 //!
 //! Run: `cargo bench -p cnsm-bench --bench durable` (CNSM_BENCH_DIR picks the directory; the
-//! default is the system temp dir).
+//! default is the system temp dir). Each case runs twice in the same run: with the store's
+//! write-ahead log (the default: one `fdatasync` of the log per batch) and without it (a durable
+//! redb commit per batch); `CNSM_BENCH_STORE_MODES=log` (or `redb`) runs one of them.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use cnsm_bench::{percentile, report};
 use cnsm_runtime::{CommitListener, CreateInstance, EventRequest, Runtime, RuntimeOptions};
-use cnsm_store::embedded::EmbeddedStore;
+use cnsm_store::embedded::{EmbeddedOptions, EmbeddedStore};
 
 const COUNTER: &str = r#"
 apiVersion: statemachine.cn/v1alpha1
@@ -79,9 +81,11 @@ fn fsync_floor() -> (Duration, Duration) {
     )
 }
 
-async fn setup(n_instances: usize) -> (tempfile::TempDir, Runtime, Arc<Batches>) {
+async fn setup(n_instances: usize, log: bool) -> (tempfile::TempDir, Runtime, Arc<Batches>) {
     let dir = bench_dir();
-    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let mut options = EmbeddedOptions::default();
+    options.write_ahead_log = log;
+    let store = EmbeddedStore::open_with_options(dir.path(), options).unwrap();
     let runtime = Runtime::open(store, RuntimeOptions::default()).unwrap();
     let batches = Arc::new(Batches::default());
     runtime.subscribe(batches.clone());
@@ -111,8 +115,8 @@ async fn setup(n_instances: usize) -> (tempfile::TempDir, Runtime, Arc<Batches>)
 }
 
 /// `n_clients` clients, each on its own instance, sending for `seconds`.
-async fn concurrent(n_clients: usize, seconds: u64) {
-    let (_dir, runtime, batches) = setup(n_clients).await;
+async fn concurrent(n_clients: usize, seconds: u64, log: bool) {
+    let (_dir, runtime, batches) = setup(n_clients, log).await;
     let n_commits0 = batches.n_commits.load(Ordering::Relaxed);
     let n_items0 = batches.n_items.load(Ordering::Relaxed);
     batches.durations.lock().unwrap().clear();
@@ -145,7 +149,7 @@ async fn concurrent(n_clients: usize, seconds: u64) {
     let n_items = batches.n_items.load(Ordering::Relaxed) - n_items0;
     let mut commits = batches.durations.lock().unwrap().clone();
     report(
-        &format!("durable.acked.clients_{n_clients}"),
+        &format!("durable.acked.{}.clients_{n_clients}", mode_name(log)),
         n / elapsed,
         "transitions/s",
         &format!(
@@ -161,6 +165,10 @@ async fn concurrent(n_clients: usize, seconds: u64) {
     runtime.shutdown();
 }
 
+fn mode_name(log: bool) -> &'static str {
+    if log { "log" } else { "redb" }
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -170,43 +178,56 @@ fn main() {
     let quick = std::env::var("CNSM_BENCH_CLIENTS").is_ok();
     let (p50, p99) = fsync_floor();
     println!("bench durable.fsync_floor: write 4 KiB + fdatasync p50 {p50:?} p99 {p99:?}");
+    let modes: Vec<bool> = match std::env::var("CNSM_BENCH_STORE_MODES") {
+        Ok(list) => list
+            .split(',')
+            .filter_map(|m| match m.trim() {
+                "log" => Some(true),
+                "redb" => Some(false),
+                _ => None,
+            })
+            .collect(),
+        Err(_) => vec![true, false],
+    };
     rt.block_on(async {
-        // One sequential client.
-        let (_dir, runtime, _) = setup(1).await;
-        let sequential_secs = if quick { 0 } else { 3 };
-        let mut latencies = Vec::new();
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(sequential_secs) {
-            let t = Instant::now();
-            runtime
-                .send("bench", "c-0", EventRequest::new("inc"))
-                .await
-                .unwrap();
-            latencies.push(t.elapsed());
-        }
-        let rate = latencies.len() as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        if !quick {
-            report(
-                "durable.acked.sequential_client",
-                rate,
-                "transitions/s",
-                &format!(
-                    "(latency p50 {:?} p99 {:?})",
-                    percentile(&mut latencies, 0.5),
-                    percentile(&mut latencies, 0.99)
-                ),
-            );
-        }
-        runtime.shutdown();
-        let clients: Vec<usize> = match std::env::var("CNSM_BENCH_CLIENTS") {
-            Ok(list) => list
-                .split(',')
-                .filter_map(|c| c.trim().parse().ok())
-                .collect(),
-            Err(_) => vec![64, 256, 1024],
-        };
-        for n_clients in clients {
-            concurrent(n_clients, 5).await;
+        for &log in &modes {
+            // One sequential client.
+            let (_dir, runtime, _) = setup(1, log).await;
+            let sequential_secs = if quick { 0 } else { 3 };
+            let mut latencies = Vec::new();
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(sequential_secs) {
+                let t = Instant::now();
+                runtime
+                    .send("bench", "c-0", EventRequest::new("inc"))
+                    .await
+                    .unwrap();
+                latencies.push(t.elapsed());
+            }
+            let rate = latencies.len() as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            if !quick {
+                report(
+                    &format!("durable.acked.{}.sequential_client", mode_name(log)),
+                    rate,
+                    "transitions/s",
+                    &format!(
+                        "(latency p50 {:?} p99 {:?})",
+                        percentile(&mut latencies, 0.5),
+                        percentile(&mut latencies, 0.99)
+                    ),
+                );
+            }
+            runtime.shutdown();
+            let clients: Vec<usize> = match std::env::var("CNSM_BENCH_CLIENTS") {
+                Ok(list) => list
+                    .split(',')
+                    .filter_map(|c| c.trim().parse().ok())
+                    .collect(),
+                Err(_) => vec![64, 256, 1024],
+            };
+            for n_clients in clients {
+                concurrent(n_clients, 5, log).await;
+            }
         }
     });
 }

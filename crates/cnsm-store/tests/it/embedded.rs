@@ -376,7 +376,9 @@ fn a_killed_writer_loses_no_acknowledged_commit() {
         // Commits forever, printing each acknowledged (id, version), until killed.
         use std::io::Write;
         let mut options = EmbeddedOptions::default();
-        options.quick_repair = mode == "crash-quick-repair";
+        options.quick_repair = mode != "crash-full-repair";
+        options.write_ahead_log = mode != "crash-no-log";
+        let checkpoints = mode == "crash-checkpoints";
         let store =
             EmbeddedStore::open_with_options(&dir, options).expect("the child opens the store");
         let pid = std::process::id();
@@ -403,6 +405,9 @@ fn a_killed_writer_loses_no_acknowledged_commit() {
             }
             out.flush().expect("stdout");
             instances = batch.into_iter().map(|item| item.instance).collect();
+            if checkpoints && round % 64 == 63 {
+                store.checkpoint_now().expect("a checkpoint");
+            }
             // Keep the batch size bounded: the oldest instances stop.
             if instances.len() > 20 {
                 instances.remove(0);
@@ -411,12 +416,18 @@ fn a_killed_writer_loses_no_acknowledged_commit() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    for attempt in 0..3 {
+    for attempt in 0..4 {
         let mut child = spawn_child(
             "embedded::a_killed_writer_loses_no_acknowledged_commit",
-            // Both ways redb recovers: from the allocator state saved by the last commit, or
-            // by walking the file.
-            ["crash-quick-repair", "crash-full-repair"][attempt % 2],
+            // Both ways redb recovers (from the allocator state saved by the last durable
+            // commit, or by walking the file), batches in the write-ahead log only or with
+            // checkpoints between them, and without the log (a durable redb commit each).
+            [
+                "crash-quick-repair",
+                "crash-full-repair",
+                "crash-checkpoints",
+                "crash-no-log",
+            ][attempt],
             dir.path(),
         );
         // Kill at a different point each time, mid-stream.
@@ -620,4 +631,82 @@ fn records_after_reads_the_commit_log_in_order() {
     assert!(store.records_after(seqs[4], 0).unwrap().is_empty());
     // The bytes are the stored record bytes.
     assert_eq!(all[0].1.bytes, a[0].record.bytes);
+}
+
+/// The write-ahead log's file beside the store's database file.
+fn log_path(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join(format!("{}.wal", cnsm_store::embedded::FILE_NAME))
+}
+
+#[test]
+fn the_log_replays_once_and_a_torn_tail_is_cut_off() {
+    let driver = Driver::new("job");
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let a = driver.create("default", "a", &[], T0_MS);
+    store.commit(std::slice::from_ref(&a)).unwrap();
+    let a1 = driver.event(&a.instance, "ping", "one", T0_MS + 1);
+    store.commit(std::slice::from_ref(&a1)).unwrap();
+    let logged = std::fs::read(log_path(dir.path())).unwrap();
+    assert!(!logged.is_empty(), "the batches went through the log");
+
+    // A crash after a checkpoint, before the log was emptied: redb has every batch already.
+    store.checkpoint_now().unwrap();
+    assert_eq!(std::fs::metadata(log_path(dir.path())).unwrap().len(), 0);
+    drop(store);
+    let mut stale = logged.clone();
+    // ... and a torn frame after them (a batch never acknowledged).
+    stale.extend_from_slice(b"cnsW\x10\x00\x00\x00garbage");
+    std::fs::write(log_path(dir.path()), &stale).unwrap();
+    let store = EmbeddedStore::open(dir.path()).expect("the stale log replays as a no-op");
+    assert_eq!(
+        store
+            .instance("default", "a")
+            .unwrap()
+            .unwrap()
+            .instance
+            .version,
+        1
+    );
+    assert_eq!(store.history("default", "a", 0, 10).unwrap().len(), 2);
+    assert!(store.verify().unwrap().is_ok());
+    assert_eq!(
+        std::fs::metadata(log_path(dir.path())).unwrap().len(),
+        0,
+        "open empties the log once it is in a durable commit"
+    );
+    let a2 = driver.event(&a1.instance, "ping", "two", T0_MS + 2);
+    assert!(matches!(
+        store.commit(std::slice::from_ref(&a2)).unwrap()[0],
+        ItemOutcome::Committed { .. }
+    ));
+    store.close().unwrap();
+
+    // A log from another store (here: an instance `a` created at another time) is refused,
+    // naming the log, and nothing is written.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let other = EmbeddedStore::open(elsewhere.path()).unwrap();
+    other
+        .commit(&[driver.create("default", "a", &[], T0_MS + 5)])
+        .unwrap();
+    let foreign = std::fs::read(log_path(elsewhere.path())).unwrap();
+    std::fs::write(log_path(dir.path()), &foreign).unwrap();
+    match EmbeddedStore::open(dir.path()) {
+        Err(StoreError::Corrupt(message)) => {
+            assert!(message.contains("write-ahead log"), "{message}")
+        }
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("a log that does not follow the store was replayed"),
+    }
+    std::fs::write(log_path(dir.path()), b"").unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    assert_eq!(
+        store
+            .instance("default", "a")
+            .unwrap()
+            .unwrap()
+            .instance
+            .version,
+        2
+    );
 }
