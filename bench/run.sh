@@ -20,13 +20,19 @@ for w in "${what[@]}"; do
     soak)     cargo bench -q -p cnsm-bench --bench retention_soak ;;
     snapshot) cargo bench -q -p cnsm-bench --bench snapshot ;;
     pg)       # The HTTP load on a PostgreSQL store (a fresh database cnsm_bench on
-              # CNSM_BENCH_PG, default the local server): one transaction per event, then batched.
+              # CNSM_BENCH_PG, default the local server): one transaction per event (serially,
+              # then concurrently on a pool of 32 connections), then batched.
               base="${CNSM_BENCH_PG:-postgres://postgres@127.0.0.1:5432}"
               cargo build -q --release -p cnsmctl
-              for batch in 1 2048; do
+              for mode in serial per-event batched; do
+                case "$mode" in
+                  serial)    env=(CNSM_BATCH_LEN_MAX=1) ;;
+                  per-event) env=(CNSM_PG_TRANSACTION_PER_EVENT=1 CNSM_PG_CONNS_MAX=32) ;;
+                  batched)   env=(CNSM_BATCH_LEN_MAX=2048) ;;
+                esac
                 psql -q "$base/postgres" -c "DROP DATABASE IF EXISTS cnsm_bench" -c "CREATE DATABASE cnsm_bench"
-                echo "# pg: CNSM_BATCH_LEN_MAX=$batch"
-                CNSM_BENCH_STORE="$base/cnsm_bench" CNSM_BATCH_LEN_MAX=$batch \
+                echo "# pg: $mode (${env[*]})"
+                env CNSM_BENCH_STORE="$base/cnsm_bench" "${env[@]}" \
                   cargo bench -q -p cnsm-bench --bench http_load
               done
               psql -q "$base/postgres" -c "DROP DATABASE IF EXISTS cnsm_bench" ;;

@@ -72,6 +72,12 @@ pub struct PostgresOptions {
     pub schema: Option<String>,
     /// Apply missing migrations on open (else a database behind this binary is refused).
     pub migrate: bool,
+    /// Commit each item of a batch in its own database transaction instead of one transaction
+    /// per batch (default `false`). Different instances' transactions run concurrently on the
+    /// pool's connections (the database's own group commit then serves them); one instance's
+    /// items run in order. For comparisons with one-transaction-per-event systems: a batch that
+    /// fails part way may have committed some of its items (see `docs/postgres.md`).
+    pub transaction_per_item: bool,
 }
 
 impl Default for PostgresOptions {
@@ -83,6 +89,7 @@ impl Default for PostgresOptions {
             statement_timeout_ms: 10_000,
             schema: None,
             migrate: true,
+            transaction_per_item: false,
         }
     }
 }
@@ -99,6 +106,8 @@ pub struct PostgresStore {
     origin: String,
     /// Set on drop: stops the commit feed's task.
     closed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// [`PostgresOptions::transaction_per_item`].
+    transaction_per_item: bool,
 }
 
 impl Drop for PostgresStore {
@@ -218,6 +227,7 @@ impl PostgresStore {
             channel: String::new(),
             origin: origin_token(),
             closed: Default::default(),
+            transaction_per_item: options.transaction_per_item,
         };
         let schema = options.schema.clone();
         let migrate = options.migrate;
@@ -341,6 +351,64 @@ impl PostgresStore {
             self.pool.clear();
         }
         result
+    }
+
+    /// Commits `items` in one transaction, retrying deadlocks and serialization failures.
+    async fn commit_retrying(
+        &self,
+        items: &[CommitItem],
+        prev_hashes: &[Hash32],
+        columns: &[ItemColumns],
+    ) -> Result<Vec<ItemOutcome>, StoreError> {
+        let mut attempt = 0;
+        loop {
+            match self.commit_once(items, prev_hashes, columns).await? {
+                Ok(outcomes) => return Ok(outcomes),
+                Err(e) if attempt < DEADLOCK_RETRIES_MAX => {
+                    attempt += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(1 << attempt)).await;
+                }
+                Err(e) => return Err(db_error(e)),
+            }
+        }
+    }
+
+    /// [`PostgresOptions::transaction_per_item`]: one transaction per item; the instances'
+    /// chains of items run concurrently (bounded by the pool), each chain in order.
+    async fn commit_per_item(
+        &self,
+        items: &[CommitItem],
+        prev_hashes: &[Hash32],
+        columns: &[ItemColumns],
+    ) -> Result<Vec<ItemOutcome>, StoreError> {
+        let mut chains: Vec<Vec<usize>> = Vec::new();
+        let mut chain_of: std::collections::HashMap<(&str, &str), usize> =
+            std::collections::HashMap::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            let key = (&*item.instance.namespace, &*item.instance.id);
+            let chain = *chain_of.entry(key).or_insert_with(|| {
+                chains.push(Vec::new());
+                chains.len() - 1
+            });
+            chains[chain].push(index);
+        }
+        let runs = chains.iter().map(|chain| async move {
+            let mut done = Vec::with_capacity(chain.len());
+            for &index in chain {
+                let one = index..index + 1;
+                let outcome = self
+                    .commit_retrying(&items[one.clone()], &prev_hashes[one.clone()], &columns[one])
+                    .await?;
+                done.push((index, outcome[0]));
+            }
+            Ok::<_, StoreError>(done)
+        });
+        let mut outcomes = vec![ItemOutcome::Conflict { actual: None }; items.len()];
+        for (index, outcome) in try_join_all(runs).await?.into_iter().flatten() {
+            outcomes[index] = outcome;
+        }
+        Ok(outcomes)
     }
 
     /// One attempt at committing a batch; `Ok(Err(e))` is a retryable database error.
@@ -775,20 +843,13 @@ impl Store for PostgresStore {
             .iter()
             .map(columns_of)
             .collect::<Result<Vec<_>, _>>()?;
-        let result = self.bridge.run(async {
-            let mut attempt = 0;
-            loop {
-                match self.commit_once(items, &prev_hashes, &columns).await? {
-                    Ok(outcomes) => return Ok(outcomes),
-                    Err(e) if attempt < DEADLOCK_RETRIES_MAX => {
-                        attempt += 1;
-                        let _ = e;
-                        tokio::time::sleep(Duration::from_millis(1 << attempt)).await;
-                    }
-                    Err(e) => return Err(db_error(e)),
-                }
-            }
-        });
+        let result = if self.transaction_per_item && items.len() > 1 {
+            self.bridge
+                .run(self.commit_per_item(items, &prev_hashes, &columns))
+        } else {
+            self.bridge
+                .run(self.commit_retrying(items, &prev_hashes, &columns))
+        };
         if matches!(result, Err(StoreError::Io(_))) {
             self.pool.clear();
         }

@@ -13,7 +13,20 @@ use crate::output::Out;
 /// The store options of cnsmctl: the defaults, which bound every wait (connect 3 s, each
 /// operation 10 s), so a database that is down makes requests fail with 503 and never hang.
 pub fn store_options() -> PostgresOptions {
-    PostgresOptions::default()
+    let defaults = PostgresOptions::default();
+    PostgresOptions {
+        // `CNSM_PG_TRANSACTION_PER_EVENT=1`: one database transaction per event, the instances'
+        // transactions concurrent on the pool (for comparisons; see docs/postgres.md).
+        transaction_per_item: std::env::var("CNSM_PG_TRANSACTION_PER_EVENT")
+            .is_ok_and(|v| v == "1" || v == "true"),
+        // `CNSM_PG_CONNS_MAX`: the pool's size.
+        conns_max: std::env::var("CNSM_PG_CONNS_MAX")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(defaults.conns_max),
+        ..defaults
+    }
 }
 
 /// Checks that `url` is a PostgreSQL URL (the only `--store` cnsm knows besides --data-dir).

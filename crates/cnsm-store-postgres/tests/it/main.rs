@@ -7,6 +7,7 @@
 //! the tests run in parallel.
 
 mod conformance;
+mod conformance_per_item;
 mod copy;
 mod nodes;
 mod runtime;
@@ -62,6 +63,8 @@ pub fn drop_schema(url: &str, schema: &str) {
 pub struct PgHarness {
     url: String,
     schemas: Vec<String>,
+    /// Open the stores with [`PostgresOptions::transaction_per_item`].
+    per_item: bool,
 }
 
 impl PgHarness {
@@ -70,7 +73,22 @@ impl PgHarness {
         Some(PgHarness {
             url: test_url()?,
             schemas: Vec::new(),
+            per_item: false,
         })
+    }
+
+    /// The same, committing each item in its own transaction.
+    pub fn per_item() -> Option<PgHarness> {
+        let mut harness = PgHarness::new()?;
+        harness.per_item = true;
+        Some(harness)
+    }
+
+    fn options(&self) -> PostgresOptions {
+        PostgresOptions {
+            transaction_per_item: self.per_item,
+            ..options(self.current())
+        }
     }
 
     fn current(&self) -> &str {
@@ -89,13 +107,11 @@ impl Drop for PgHarness {
 impl Harness for PgHarness {
     fn open(&mut self) -> Box<dyn Store> {
         self.schemas.push(unique_schema());
-        Box::new(PostgresStore::open(&self.url, options(self.current())).expect("the store opens"))
+        Box::new(PostgresStore::open(&self.url, self.options()).expect("the store opens"))
     }
 
     fn reopen(&mut self, store: Box<dyn Store>) -> Box<dyn Store> {
         drop(store);
-        Box::new(
-            PostgresStore::open(&self.url, options(self.current())).expect("the store reopens"),
-        )
+        Box::new(PostgresStore::open(&self.url, self.options()).expect("the store reopens"))
     }
 }
