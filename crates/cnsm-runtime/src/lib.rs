@@ -876,16 +876,22 @@ impl Runtime {
                 None => submitted.await,
                 Some(at) => tokio::time::timeout_at(tokio::time::Instant::from_std(at), submitted)
                     .await
-                    .unwrap_or_else(|_| {
-                        Err(RuntimeError::Timeout(
-                            "the request's deadline passed while its event was queued or \
-                             committing; its outcome is unknown (retry with the same \
-                             idempotency key)"
-                                .into(),
-                        ))
-                    }),
+                    .unwrap_or_else(|_| Err(RuntimeError::Timeout(String::new()))),
             }
-            .map_err(SendError::arrival)?;
+            .map_err(|error| match error {
+                // The committer accounts for the attempt (refused as Timeout if it was still
+                // queued, else applied): no second span or count here.
+                RuntimeError::Timeout(_) => SendError {
+                    error: RuntimeError::Timeout(
+                        "the request's deadline passed while its event was queued or \
+                         committing; its outcome is unknown (retry with the same idempotency \
+                         key)"
+                            .into(),
+                    ),
+                    from_committer: true,
+                },
+                other => SendError::arrival(other),
+            })?;
             match reply {
                 committer::EventReply::Done(result) => {
                     return result.map_err(|error| SendError {
