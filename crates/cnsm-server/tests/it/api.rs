@@ -740,7 +740,12 @@ async fn unknown_routes_methods_and_timeouts_are_problems() {
     }
     // An event carries the request's deadline into the runtime: refused as Timeout, and,
     // having waited in the queue past it, not applied.
-    let before = server.runtime.instance("shop", "t-1").await.expect("t-1").version;
+    let before = server
+        .runtime
+        .instance("shop", "t-1")
+        .await
+        .expect("t-1")
+        .version;
     let r = server
         .send("shop", "t-1", &json!({"event": "tick"}), &[])
         .await;
@@ -748,8 +753,16 @@ async fn unknown_routes_methods_and_timeouts_are_problems() {
     assert_eq!(r.header("retry-after"), Some("1"));
     // Give the committer time to take it from the queue (it refuses it there).
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let history = server.runtime.history("shop", "t-1", 0, 100).await.expect("history");
-    assert_eq!(history.len() as u64, before + 1, "the timed-out event was not applied");
+    let history = server
+        .runtime
+        .history("shop", "t-1", 0, 100)
+        .await
+        .expect("history");
+    assert_eq!(
+        history.len() as u64,
+        before + 1,
+        "the timed-out event was not applied"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
