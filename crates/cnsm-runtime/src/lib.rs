@@ -678,7 +678,9 @@ impl Runtime {
         }
     }
 
-    /// Creates an instance at version 0 (its genesis record).
+    /// Creates an instance at version 0 (its genesis record). Without a requested revision, a
+    /// rollout routes it: by weight on the committer, or by the rollout's flag, evaluated here
+    /// before the create is queued; the decision is recorded in the genesis record.
     pub async fn create_instance(&self, request: CreateInstance) -> Result<Instance, RuntimeError> {
         validate_name("namespace", &request.namespace)?;
         if let Some(id) = &request.id {
@@ -981,7 +983,9 @@ impl Runtime {
     /// Changes a machine's rollout: `Set` routes `weight` percent of new instances to
     /// `revision` (the rest to the rollout's stable revision, or to the revision before
     /// `revision` when none is in progress); `Promote` sends every new instance to the canary;
-    /// `Abort` sends every new instance back to the stable revision.
+    /// `Abort` sends every new instance back to the stable revision; `Flag` routes new
+    /// instances by a flag whose value names the revision, falling back to the revision new
+    /// instances get now (see [`Runtime::create_instance`] and docs/migration.md).
     pub async fn change_rollout(
         &self,
         namespace: &str,

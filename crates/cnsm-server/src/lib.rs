@@ -466,3 +466,30 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     interrupt.await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::MetricsFormat;
+
+    #[test]
+    fn metrics_format_follows_accept() {
+        let check = |accept: Option<&str>, expected: MetricsFormat| {
+            assert_eq!(MetricsFormat::negotiate(accept), expected, "{accept:?}");
+        };
+        check(None, MetricsFormat::Prometheus);
+        check(Some("text/plain"), MetricsFormat::Prometheus);
+        check(Some("*/*"), MetricsFormat::Prometheus);
+        check(
+            Some("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            MetricsFormat::OpenMetrics,
+        );
+        check(
+            Some("text/plain;q=0.5, Application/OpenMetrics-Text;q=0.9"),
+            MetricsFormat::OpenMetrics,
+        );
+        check(
+            Some("application/openmetrics-text;q=0, text/plain"),
+            MetricsFormat::Prometheus,
+        );
+    }
+}
