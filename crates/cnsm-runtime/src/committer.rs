@@ -43,6 +43,9 @@ const RETENTION_CHUNKS_MAX: usize = 20;
 pub(crate) enum Command {
     Create {
         request: CreateInstance,
+        /// The provider's answer for the flag a flag-routed rollout names, evaluated by
+        /// `Runtime::create_instance` before queueing (flags are async).
+        routing: Option<FlagDecision>,
         reply: oneshot::Sender<Result<Instance, RuntimeError>>,
     },
     Event {
@@ -518,7 +521,11 @@ impl Committer {
                 Command::Retention { reply } => {
                     let _ = reply.send(self.apply_retention(now_ms));
                 }
-                Command::Create { request, reply } => {
+                Command::Create {
+                    request,
+                    routing,
+                    reply,
+                } => {
                     let telemetry = &self.shared.options.telemetry;
                     let attempt = telemetry.start(AttemptStart {
                         trigger: Trigger::Create,
@@ -532,7 +539,14 @@ impl Committer {
                         link: None,
                     });
                     let attempt_slot = &mut Some(attempt);
-                    match self.create(request, now_ms, &mut items, &mut item_keys, &mut before) {
+                    match self.create(
+                        request,
+                        routing,
+                        now_ms,
+                        &mut items,
+                        &mut item_keys,
+                        &mut before,
+                    ) {
                         Ok(item) => {
                             self.batch_attempts.push(attempt_slot.take().flatten());
                             waiters.push(Waiter::Created { item, reply });
@@ -579,17 +593,28 @@ impl Committer {
                             received,
                         })
                     });
-                    match self.event(
-                        &key,
-                        event,
-                        flags,
-                        now_ms,
-                        &mut attempt,
-                        &mut items,
-                        &mut item_keys,
-                        &mut before,
-                        &mut pending_keys,
-                    ) {
+                    // A caller's deadline that passed while the event waited in the queue:
+                    // refused before it is applied (error.type Timeout).
+                    let result = if event.deadline.is_some_and(|at| batch_started >= at) {
+                        Err(RuntimeError::Timeout(format!(
+                            "the event '{}' waited in the queue past the request's deadline; \
+                             it was not applied",
+                            event.name
+                        )))
+                    } else {
+                        self.event(
+                            &key,
+                            event,
+                            flags,
+                            now_ms,
+                            &mut attempt,
+                            &mut items,
+                            &mut item_keys,
+                            &mut before,
+                            &mut pending_keys,
+                        )
+                    };
+                    match result {
                         Ok(Applied::Staged(item, replayed)) => {
                             if !replayed {
                                 self.batch_attempts.push(attempt);
@@ -755,9 +780,11 @@ impl Committer {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn create(
         &mut self,
         request: CreateInstance,
+        routing_answer: Option<FlagDecision>,
         now_ms: u64,
         items: &mut Vec<CommitItem>,
         item_keys: &mut Vec<Key>,
@@ -776,7 +803,29 @@ impl Committer {
                 .store
                 .rollout(&request.namespace, &request.machine)?
         {
-            let (routed, decision) = rollout.route(&request.machine, &id);
+            let (routed, decision) = match &rollout.flag {
+                None => rollout.route(&request.machine, &id),
+                Some(flag) => {
+                    // Evaluated before queueing; a rollout that changed to a flag in between
+                    // finds no answer here and falls back to its stable revision.
+                    let answer = routing_answer
+                        .filter(|a| a.key == *flag)
+                        .unwrap_or_else(|| FlagDecision {
+                            key: flag.clone(),
+                            variant: None,
+                            value: serde_json::Value::Null,
+                            reason: "ERROR".into(),
+                            error: Some("FLAG_NOT_EVALUATED".into()),
+                            allowed: false,
+                        });
+                    let store = &self.shared.store;
+                    rollout.route_by_flag(answer, |candidate| {
+                        store
+                            .definition(&request.namespace, &request.machine, Some(candidate))
+                            .map(|row| row.is_some())
+                    })?
+                }
+            };
             revision = Some(routed);
             routing = Some(decision);
         }
@@ -1462,7 +1511,7 @@ fn fail_all(waiters: Vec<Waiter>, message: &str) {
 }
 
 /// A fresh instance id: the machine name and 12 hex digits from the OS's randomness.
-fn generate_id(machine: &str) -> String {
+pub(crate) fn generate_id(machine: &str) -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u128(

@@ -25,6 +25,10 @@ pub enum RuntimeError {
     /// The store failed or the runtime is shutting down; nothing was committed.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The request's deadline passed: refused before it was applied (the message says so), or
+    /// still waiting for its commit (outcome unknown).
+    #[error("timeout: {0}")]
+    Timeout(String),
 }
 
 impl RuntimeError {
@@ -36,6 +40,7 @@ impl RuntimeError {
             RuntimeError::Admission(_) | RuntimeError::Invalid(_) => "Invalid",
             RuntimeError::Conflict(_) => "Conflict",
             RuntimeError::Unavailable(_) => "Unavailable",
+            RuntimeError::Timeout(_) => "Timeout",
         }
     }
 }

@@ -198,6 +198,10 @@ pub struct EventRequest {
     /// span. When absent, `trace` (if any) is the parent, taken as sampled.
     pub trace_parent: Option<TraceParent>,
     pub actor: String,
+    /// When the caller stops waiting: an event still queued then is refused without being
+    /// applied, and `send` stops waiting for a commit then (outcome unknown); both are
+    /// `RuntimeError::Timeout` (error.type `Timeout`).
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl EventRequest {
@@ -210,7 +214,14 @@ impl EventRequest {
             trace: None,
             trace_parent: None,
             actor: "anonymous".into(),
+            deadline: None,
         }
+    }
+
+    /// Sets the deadline (see [`EventRequest::deadline`]).
+    pub fn deadline(mut self, at: std::time::Instant) -> EventRequest {
+        self.deadline = Some(at);
+        self
     }
 
     /// Sets the incoming W3C trace context (the parent of the transition span).
@@ -259,10 +270,20 @@ pub struct RolloutStatus {
     pub active_by_revision: BTreeMap<u32, u64>,
 }
 
+/// Longest flag key a rollout may name.
+pub const FLAG_KEY_LEN_MAX: usize = 256;
+
 /// A change to a machine's rollout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RolloutChange {
-    Set { revision: u32, weight: u8 },
+    Set {
+        revision: u32,
+        weight: u8,
+    },
+    /// Route new instances by this flag: its value names the revision (docs/migration.md).
+    Flag {
+        flag: String,
+    },
     Promote,
     Abort,
 }
@@ -657,7 +678,9 @@ impl Runtime {
         }
     }
 
-    /// Creates an instance at version 0 (its genesis record).
+    /// Creates an instance at version 0 (its genesis record). Without a requested revision, a
+    /// rollout routes it: by weight on the committer, or by the rollout's flag, evaluated here
+    /// before the create is queued; the decision is recorded in the genesis record.
     pub async fn create_instance(&self, request: CreateInstance) -> Result<Instance, RuntimeError> {
         validate_name("namespace", &request.namespace)?;
         if let Some(id) = &request.id {
@@ -672,8 +695,66 @@ impl Runtime {
                 self.shared.options.payload_len_max
             )));
         }
-        self.submit(|reply| committer::Command::Create { request, reply })
-            .await?
+        let mut request = request;
+        let routing = self.flag_routing(&mut request).await?;
+        self.submit(|reply| committer::Command::Create {
+            request,
+            routing,
+            reply,
+        })
+        .await?
+    }
+
+    /// When the machine's rollout routes by a flag and the request names no revision: the
+    /// provider's answer for that flag, evaluated here (flags are async; never on the
+    /// committer). The id is generated first when absent, since it is the targeting key. The
+    /// evaluation context is the instance to be: the labels as top-level fields, `machine`,
+    /// `namespace` and `event: "create"`. Without a provider the answer is an error decision
+    /// (`FLAG_NOT_EVALUATED`), so the instance gets the stable revision.
+    async fn flag_routing(
+        &self,
+        request: &mut CreateInstance,
+    ) -> Result<Option<cnsm_core::record::FlagDecision>, RuntimeError> {
+        if request.revision.is_some() {
+            return Ok(None);
+        }
+        let Some(flag) = self
+            .shared
+            .store
+            .rollout(&request.namespace, &request.machine)?
+            .and_then(|r| r.flag)
+        else {
+            return Ok(None);
+        };
+        let id = request
+            .id
+            .get_or_insert_with(|| committer::generate_id(&request.machine))
+            .clone();
+        let Some(evaluator) = &self.shared.options.flags else {
+            return Ok(Some(cnsm_core::record::FlagDecision {
+                key: flag,
+                variant: None,
+                value: Value::Null,
+                reason: "ERROR".into(),
+                error: Some("FLAG_NOT_EVALUATED: no flag provider is configured".into()),
+                allowed: false,
+            }));
+        };
+        let mut context = Map::new();
+        for (name, value) in &request.labels {
+            context.insert(name.clone(), Value::from(value.as_str()));
+        }
+        context.insert("machine".into(), Value::from(request.machine.as_str()));
+        context.insert("namespace".into(), Value::from(request.namespace.as_str()));
+        context.insert("event".into(), Value::from("create"));
+        let query = [cnsm_core::flags::FlagQuery {
+            key: flag,
+            targeting_key: id,
+            targeting_key_error: None,
+            context,
+            value_type: cnsm_core::flags::FlagValueType::Any,
+        }];
+        Ok(evaluator.evaluate(&query).await.into_iter().next())
     }
 
     /// Applies an event. Checks, in order: the idempotency key, then the expected version.
@@ -782,19 +863,37 @@ impl Runtime {
         }
         let mut event = event;
         let mut flags = None;
+        let deadline = event.deadline;
         for _ in 0..=flags::FLAG_ROUNDS_MAX {
             let (namespace, id) = (namespace.to_owned(), id.to_owned());
-            let reply = self
-                .submit(|reply| committer::Command::Event {
-                    namespace,
-                    id,
-                    event,
-                    flags: flags.take(),
-                    received,
-                    reply,
-                })
-                .await
-                .map_err(SendError::arrival)?;
+            let submitted = self.submit(|reply| committer::Command::Event {
+                namespace,
+                id,
+                event,
+                flags: flags.take(),
+                received,
+                reply,
+            });
+            let reply = match deadline {
+                None => submitted.await,
+                Some(at) => tokio::time::timeout_at(tokio::time::Instant::from_std(at), submitted)
+                    .await
+                    .unwrap_or_else(|_| Err(RuntimeError::Timeout(String::new()))),
+            }
+            .map_err(|error| match error {
+                // The committer accounts for the attempt (refused as Timeout if it was still
+                // queued, else applied): no second span or count here.
+                RuntimeError::Timeout(_) => SendError {
+                    error: RuntimeError::Timeout(
+                        "the request's deadline passed while its event was queued or \
+                         committing; its outcome is unknown (retry with the same idempotency \
+                         key)"
+                            .into(),
+                    ),
+                    from_committer: true,
+                },
+                other => SendError::arrival(other),
+            })?;
             match reply {
                 committer::EventReply::Done(result) => {
                     return result.map_err(|error| SendError {
@@ -884,7 +983,9 @@ impl Runtime {
     /// Changes a machine's rollout: `Set` routes `weight` percent of new instances to
     /// `revision` (the rest to the rollout's stable revision, or to the revision before
     /// `revision` when none is in progress); `Promote` sends every new instance to the canary;
-    /// `Abort` sends every new instance back to the stable revision.
+    /// `Abort` sends every new instance back to the stable revision; `Flag` routes new
+    /// instances by a flag whose value names the revision, falling back to the revision new
+    /// instances get now (see [`Runtime::create_instance`] and docs/migration.md).
     pub async fn change_rollout(
         &self,
         namespace: &str,
@@ -910,7 +1011,7 @@ impl Runtime {
                         "statemachine {namespace}/{name} revision {revision}"
                     )));
                 }
-                let stable = match current {
+                let stable = match &current {
                     Some(r) if r.weight >= 100 => r.canary,
                     Some(r) => r.stable,
                     None => {
@@ -940,6 +1041,31 @@ impl Runtime {
                     stable,
                     canary: revision,
                     weight,
+                    flag: None,
+                })
+            }
+            RolloutChange::Flag { flag } => {
+                if flag.is_empty()
+                    || flag.len() > FLAG_KEY_LEN_MAX
+                    || flag.chars().any(char::is_control)
+                {
+                    return Err(RuntimeError::Invalid(format!(
+                        "the rollout flag must be a key of 1 to {FLAG_KEY_LEN_MAX} characters \
+                         without control characters"
+                    )));
+                }
+                // The fallback: what new instances get now (the rollout's stable revision, or
+                // its canary once promoted; the latest without a rollout).
+                let stable = match &current {
+                    Some(r) if r.flag.is_none() && r.weight >= 100 => r.canary,
+                    Some(r) => r.stable,
+                    None => latest,
+                };
+                Some(Rollout {
+                    stable,
+                    canary: stable,
+                    weight: 0,
+                    flag: Some(flag),
                 })
             }
             RolloutChange::Promote | RolloutChange::Abort => {
@@ -958,6 +1084,7 @@ impl Runtime {
                     stable: target,
                     canary: target,
                     weight: 0,
+                    flag: None,
                 })
             }
         };

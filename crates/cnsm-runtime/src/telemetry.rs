@@ -223,6 +223,12 @@ impl Telemetry {
         self.metrics.is_some()
     }
 
+    /// The exemplars of `cnsm.transition.duration` (the trace id of the last transition per
+    /// machine and bucket), for an OpenMetrics `/metrics`; `None` without metrics.
+    pub fn exemplars(&self) -> Option<Arc<TransitionExemplars>> {
+        self.metrics.as_ref().map(|m| Arc::clone(&m.exemplars))
+    }
+
     /// Seeds the `cnsm.instances.active` gauge from the instances already in the store.
     pub(crate) fn seed_active(&self, instances: &[Instance]) {
         if let Some(m) = &self.metrics
@@ -410,6 +416,8 @@ impl Telemetry {
                     total_s,
                     queue_s,
                     evaluation_s,
+                    trace_id: trace_id_of(record.trace.as_ref()),
+                    time_ms: record.time_ms,
                 });
             }
             if let Some(mut span) = attempt.span.take() {
@@ -608,6 +616,88 @@ struct Sample {
     total_s: f64,
     queue_s: f64,
     evaluation_s: f64,
+    /// The record's trace id (the exemplar of its duration bucket), and its commit time.
+    trace_id: Option<u128>,
+    time_ms: u64,
+}
+
+/// Most machines whose duration buckets keep exemplars (later machines get none).
+pub const EXEMPLAR_MACHINES_MAX: usize = 1_000;
+
+/// One exemplar of a `cnsm.transition.duration` bucket: the trace of the last sampled
+/// transition that fell in it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Exemplar {
+    pub trace_id: u128,
+    pub value_s: f64,
+    /// The record's time (milliseconds since the epoch).
+    pub time_ms: u64,
+}
+
+impl Exemplar {
+    /// The trace id as 32 lower-case hex digits (W3C form).
+    pub fn trace_id_hex(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+}
+
+/// The exemplars of `cnsm.transition.duration`: per machine (bounded by
+/// [`EXEMPLAR_MACHINES_MAX`]) and per bucket (the [`DURATION_BUCKETS_S`] bounds, then +Inf),
+/// the last transition with a trace id. Written by the metrics thread once per batch, read by
+/// the `/metrics` renderer; fixed-size slots, so recording allocates only for a new machine.
+#[derive(Debug, Default)]
+pub struct TransitionExemplars {
+    slots: Mutex<HashMap<Arc<str>, [Option<Exemplar>; DURATION_BUCKETS_S.len() + 1]>>,
+}
+
+impl TransitionExemplars {
+    /// The index of the bucket a duration falls in (`le` is inclusive, as Prometheus counts).
+    pub fn bucket_of(value_s: f64) -> usize {
+        DURATION_BUCKETS_S
+            .iter()
+            .position(|bound| value_s <= *bound)
+            .unwrap_or(DURATION_BUCKETS_S.len())
+    }
+
+    /// The exemplar of a machine's bucket (`bucket` as [`TransitionExemplars::bucket_of`]).
+    pub fn get(&self, machine: &str, bucket: usize) -> Option<Exemplar> {
+        let slots = self.slots.lock().ok()?;
+        slots.get(machine)?.get(bucket).copied().flatten()
+    }
+
+    fn record(&self, batch: &[Sample]) {
+        if batch.iter().all(|s| s.trace_id.is_none()) {
+            return;
+        }
+        let Ok(mut slots) = self.slots.lock() else {
+            return;
+        };
+        for s in batch {
+            let Some(trace_id) = s.trace_id else { continue };
+            if !slots.contains_key(&s.machine) {
+                if slots.len() >= EXEMPLAR_MACHINES_MAX {
+                    continue;
+                }
+                slots.insert(Arc::clone(&s.machine), [None; DURATION_BUCKETS_S.len() + 1]);
+            }
+            if let Some(buckets) = slots.get_mut(&s.machine) {
+                buckets[TransitionExemplars::bucket_of(s.total_s)] = Some(Exemplar {
+                    trace_id,
+                    value_s: s.total_s,
+                    time_ms: s.time_ms,
+                });
+            }
+        }
+    }
+}
+
+/// A W3C trace id (32 hex digits) as a number; `None` when malformed or all zeros.
+fn trace_id_of(trace: Option<&TraceContext>) -> Option<u128> {
+    let hex = &trace?.trace_id;
+    if hex.len() != 32 {
+        return None;
+    }
+    u128::from_str_radix(hex, 16).ok().filter(|id| *id != 0)
 }
 
 /// The committer's side of the metrics: the batch's samples, and attribute sets built once per
@@ -662,13 +752,15 @@ struct Metrics {
     /// per batch, so the committer (the serial path) pays a `Vec` push per transition instead
     /// of three SDK records. When the hand-off queue is full the committer records inline.
     samples: std::sync::mpsc::SyncSender<Vec<Sample>>,
+    exemplars: Arc<TransitionExemplars>,
 }
 
-/// Records a batch's samples on the three transition histograms.
+/// Records a batch's samples on the three transition histograms, and the duration exemplars.
 fn record_samples(
     batch: &[Sample],
     attrs: &mut MachineAttrs,
     histograms: &(Histogram<f64>, Histogram<f64>, Histogram<f64>),
+    exemplars: &TransitionExemplars,
 ) {
     let (duration, queue, evaluation) = histograms;
     for s in batch {
@@ -676,6 +768,7 @@ fn record_samples(
         queue.record(s.queue_s, &[]);
         evaluation.record(s.evaluation_s, &[]);
     }
+    exemplars.record(batch);
 }
 
 impl Metrics {
@@ -694,7 +787,12 @@ impl Metrics {
                 self.queue.clone(),
                 self.evaluation.clone(),
             );
-            record_samples(&batch, &mut local.machine_attrs, &histograms);
+            record_samples(
+                &batch,
+                &mut local.machine_attrs,
+                &histograms,
+                &self.exemplars,
+            );
         }
     }
 
@@ -749,17 +847,20 @@ impl Metrics {
         );
         let (samples, rx) = std::sync::mpsc::sync_channel::<Vec<Sample>>(256);
         let histograms = (duration.clone(), queue.clone(), evaluation.clone());
+        let exemplars = Arc::new(TransitionExemplars::default());
+        let recorded = Arc::clone(&exemplars);
         // Ends when the last sender (this `Metrics`) is dropped.
         let _ = std::thread::Builder::new()
             .name("cnsm-metrics".into())
             .spawn(move || {
                 let mut attrs = MachineAttrs::default();
                 while let Ok(batch) = rx.recv() {
-                    record_samples(&batch, &mut attrs, &histograms);
+                    record_samples(&batch, &mut attrs, &histograms, &recorded);
                 }
             });
         Metrics {
             samples,
+            exemplars,
             duration,
             queue,
             evaluation,

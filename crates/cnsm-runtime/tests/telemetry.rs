@@ -659,3 +659,104 @@ async fn metrics_count_transitions_errors_and_active_instances() {
     assert!(v("cnsm.store.commit.duration", &[]) >= 3.0);
     runtime.shutdown();
 }
+
+/// A request whose deadline passes while its event waits is refused as `Timeout`: not applied,
+/// its span in error with `error.type=Timeout`, counted by `cnsm.transition.errors`. A traced
+/// transition leaves its trace id as the exemplar of its `cnsm.transition.duration` bucket.
+#[tokio::test]
+async fn timed_out_requests_are_timeout_errors_and_durations_keep_exemplars() {
+    use opentelemetry::metrics::MeterProvider as _;
+    use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let spans = InMemorySpanExporter::default();
+    let tracer = SdkTracerProvider::builder()
+        .with_simple_exporter(spans.clone())
+        .build();
+    let metrics = InMemoryMetricExporter::default();
+    let reader = PeriodicReader::builder(metrics.clone())
+        .with_interval(Duration::from_secs(3600))
+        .build();
+    let meters = SdkMeterProvider::builder().with_reader(reader).build();
+    let telemetry = Telemetry::default()
+        .with_tracer(BoxedTracer::new(Box::new(tracer.tracer("cnsm"))))
+        .with_meter(&meters.meter("cnsm"));
+    let exemplars = telemetry.exemplars().expect("metrics are on");
+    let runtime = Runtime::open_shared(
+        Arc::clone(&store),
+        RuntimeOptions::default().with_telemetry(telemetry),
+    )
+    .unwrap();
+    runtime.apply_yaml(MACHINE, None).await.unwrap();
+    runtime
+        .create_instance(CreateInstance::new("default", "order").id("t-1"))
+        .await
+        .unwrap();
+
+    // A deadline that has already passed: the caller gets Timeout, the event is not applied.
+    let late = EventRequest::new("pay")
+        .payload(serde_json::json!({"amount": 99}))
+        .deadline(std::time::Instant::now());
+    let error = runtime.send("default", "t-1", late).await.unwrap_err();
+    assert_eq!(error.error_type(), "Timeout", "{error}");
+    // The next event queues behind it, so the committer has refused it by then.
+    let outcome = runtime
+        .send(
+            "default",
+            "t-1",
+            EventRequest::new("pay")
+                .payload(serde_json::json!({"amount": 5}))
+                .traced(TraceParent::parse(PARENT, None).unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome.record.version, 1,
+        "the timed-out event was not applied"
+    );
+    assert_eq!(&*outcome.instance.state, "pending");
+    let timed_out: Vec<SpanData> = transitions(&spans)
+        .into_iter()
+        .filter(|s| attr(s, "error.type").as_deref() == Some("Timeout"))
+        .collect();
+    assert_eq!(timed_out.len(), 1, "one span per attempt");
+    assert!(matches!(timed_out[0].status, Status::Error { .. }));
+
+    let trace_id = outcome
+        .record
+        .trace
+        .as_ref()
+        .expect("traced")
+        .trace_id
+        .clone();
+    assert_eq!(trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+    // Histograms and exemplars are recorded by the metrics thread just after each batch.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let exemplar = loop {
+        let found = (0..=cnsm_runtime::telemetry::DURATION_BUCKETS_S.len())
+            .filter_map(|b| exemplars.get("order", b))
+            .find(|e| e.trace_id_hex() == trace_id);
+        if found.is_some() || std::time::Instant::now() > deadline {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let exemplar = exemplar.expect("an exemplar with the transition's trace id");
+    assert_eq!(exemplar.time_ms, outcome.record.time_ms);
+    let bucket = cnsm_runtime::telemetry::TransitionExemplars::bucket_of(exemplar.value_s);
+    assert_eq!(
+        exemplars.get("order", bucket).map(|e| e.trace_id_hex()),
+        Some(trace_id)
+    );
+    metrics.reset();
+    meters.force_flush().unwrap();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "cnsm.transition.errors",
+            &[("error.type", "Timeout")]
+        ),
+        1.0
+    );
+    runtime.shutdown();
+}

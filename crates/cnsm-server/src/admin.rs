@@ -1,5 +1,7 @@
 //! Store administration over HTTP: `POST /apis/statemachine.cn/v1alpha1/backup` streams a
-//! consistent point-in-time copy of the store, taken while the server keeps serving.
+//! consistent point-in-time copy of the store, taken while the server keeps serving;
+//! `GET /apis/statemachine.cn/v1alpha1/audit` streams the committed audit lines regenerated from
+//! the history (what `cnsmctl audit export` prints locally).
 
 use std::io::Read;
 
@@ -10,7 +12,49 @@ use axum::response::Response;
 use cnsm_runtime::RuntimeError;
 
 use crate::ServerState;
+use crate::params::{self, QueryPairs};
 use crate::problem::ApiError;
+
+/// The media type of the audit route: one ECS JSON object per line.
+pub const NDJSON_MEDIA_TYPE: &str = "application/x-ndjson";
+
+/// `GET /apis/statemachine.cn/v1alpha1/audit?since=TIME|SEQ`: the ECS line of every committed
+/// transition in commit order (after commit position `SEQ`, or at or after the RFC 3339 time),
+/// as ND-JSON, streamed a page of the commit log at a time from a blocking reader. A bad
+/// `since` is a 400 before anything is read; a store error after the first line ends the
+/// stream early (the client sees a truncated body and reports it).
+pub async fn audit(
+    State(state): State<ServerState>,
+    query: QueryPairs,
+) -> Result<Response, ApiError> {
+    let query = params::query(query)?;
+    let since = cnsm_runtime::audit::AuditSince::parse(params::param(&query, "since"))
+        .map_err(|e| ApiError::invalid(format!("query parameter {e}")))?;
+    let store = std::sync::Arc::clone(state.runtime().store());
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        let result = cnsm_runtime::audit::export_committed(store.as_ref(), since, &mut |lines| {
+            let mut chunk = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+            for line in lines {
+                chunk.extend_from_slice(line.as_bytes());
+                chunk.push(b'\n');
+            }
+            chunk.is_empty() || tx.blocking_send(Ok(Bytes::from(chunk))).is_ok()
+        });
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(std::io::Error::other(e)));
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(NDJSON_MEDIA_TYPE),
+    );
+    Ok(response)
+}
 
 /// Bytes per streamed chunk.
 const CHUNK_LEN: usize = 1 << 20;

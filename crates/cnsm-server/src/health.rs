@@ -208,23 +208,26 @@ fn wants_text(query: QueryPairs) -> Result<bool, ApiError> {
 }
 
 /// `/health/livez`: the process answers.
-/// `GET /metrics`: the Prometheus text exposition of the `cnsm.*` metrics.
-pub async fn metrics(State(state): State<ServerState>) -> Response {
+/// `GET /metrics`: the `cnsm.*` metrics as Prometheus text, or as OpenMetrics text (with
+/// exemplars) when the client's `Accept` asks for `application/openmetrics-text`.
+pub async fn metrics(State(state): State<ServerState>, headers: axum::http::HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = crate::MetricsFormat::negotiate(accept);
     let text = match &state.options().metrics {
         Some(render) => {
             let render = Arc::clone(&render.0);
-            tokio::task::spawn_blocking(move || render())
+            tokio::task::spawn_blocking(move || render(format))
                 .await
                 .unwrap_or_default()
+        }
+        None if format == crate::MetricsFormat::OpenMetrics => {
+            "# metrics are off in this server\n# EOF\n".to_owned()
         }
         None => "# metrics are off in this server\n".to_owned(),
     };
     (
         StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, format.content_type())],
         text,
     )
         .into_response()

@@ -229,6 +229,7 @@ pub async fn send_event(
     State(state): State<ServerState>,
     path: Result<Path<(String, String)>, PathRejection>,
     caller: Option<Extension<Caller>>,
+    deadline: Option<Extension<crate::RequestDeadline>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -236,6 +237,9 @@ pub async fn send_event(
     params::namespace(&ns)?;
     let body = params::body(body)?;
     let mut event = crate::events::parse(&headers, &body).map_err(|e| e.at_instance(&ns, &id))?;
+    // The runtime answers Timeout by the request's deadline (counted on the transition metrics
+    // and span), ahead of the middleware's own answer.
+    event.deadline = deadline.map(|Extension(d)| d.0);
     if let Some(subject) = caller.as_ref().and_then(|Extension(c)| c.actor()) {
         // With authentication on, the actor is the token's subject, whatever the body says.
         event.actor = subject.to_owned();

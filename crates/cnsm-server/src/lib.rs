@@ -100,9 +100,52 @@ pub struct ServerOptions {
     pub metrics: Option<MetricsText>,
 }
 
-/// Renders the metrics in the Prometheus text format (the binary wires the exporter).
+/// The exposition format `/metrics` answers in (content negotiation on `Accept`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsFormat {
+    /// The Prometheus text format 0.0.4 (the default).
+    Prometheus,
+    /// OpenMetrics 1.0 text, with exemplars (trace ids) on `cnsm.transition.duration` buckets.
+    OpenMetrics,
+}
+
+impl MetricsFormat {
+    /// OpenMetrics when the `Accept` header lists `application/openmetrics-text` (with a
+    /// non-zero `q`), else Prometheus text.
+    pub fn negotiate(accept: Option<&str>) -> MetricsFormat {
+        let wants = accept.is_some_and(|accept| {
+            accept.split(',').any(|item| {
+                let mut parts = item.split(';').map(str::trim);
+                let media = parts.next().unwrap_or_default();
+                media.eq_ignore_ascii_case("application/openmetrics-text")
+                    && parts.all(|p| {
+                        p.strip_prefix("q=")
+                            .and_then(|q| q.parse::<f32>().ok())
+                            .is_none_or(|q| q > 0.0)
+                    })
+            })
+        });
+        if wants {
+            MetricsFormat::OpenMetrics
+        } else {
+            MetricsFormat::Prometheus
+        }
+    }
+
+    /// The `Content-Type` of a body in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            MetricsFormat::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            MetricsFormat::OpenMetrics => {
+                "application/openmetrics-text; version=1.0.0; charset=utf-8"
+            }
+        }
+    }
+}
+
+/// Renders the metrics in the asked format (the binary wires the exporter).
 #[derive(Clone)]
-pub struct MetricsText(pub Arc<dyn Fn() -> String + Send + Sync>);
+pub struct MetricsText(pub Arc<dyn Fn(MetricsFormat) -> String + Send + Sync>);
 
 impl std::fmt::Debug for MetricsText {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -268,6 +311,10 @@ async fn method_not_allowed(request: Request) -> ApiError {
     )
 }
 
+/// When the request times out (a request extension set by the limits middleware).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestDeadline(pub Instant);
+
 /// Bounded concurrency and the request timeout. Health endpoints bypass both so that probes
 /// answer under load.
 async fn limits(State(state): State<ServerState>, request: Request, next: Next) -> Response {
@@ -283,6 +330,12 @@ async fn limits(State(state): State<ServerState>, request: Request, next: Next) 
     // The deadline is checked against the clock on every wake-up, not only by the timer wheel
     // (which ticks in milliseconds), so a request still pending past it is answered 503 at once.
     let deadline = tokio::time::Instant::now() + timeout;
+    // Handlers that queue work (events) hand the deadline to the runtime, which refuses an
+    // event still queued past it and counts the attempt as error.type Timeout.
+    let mut request = request;
+    request
+        .extensions_mut()
+        .insert(RequestDeadline(deadline.into_std()));
     let run = next.run(request);
     let sleep = tokio::time::sleep_until(deadline);
     tokio::pin!(run, sleep);
@@ -298,11 +351,14 @@ async fn limits(State(state): State<ServerState>, request: Request, next: Next) 
     .await;
     match answered {
         Some(response) => response,
-        None => axum::response::IntoResponse::into_response(ApiError::unavailable(format!(
-            "the request did not complete within {} s; its outcome is unknown \
-             (retry with the same Idempotency-Key)",
-            timeout.as_secs_f64()
-        ))),
+        None => axum::response::IntoResponse::into_response(ApiError::new(
+            ProblemKind::Timeout,
+            format!(
+                "the request did not complete within {} s; its outcome is unknown \
+                 (retry with the same Idempotency-Key)",
+                timeout.as_secs_f64()
+            ),
+        )),
     }
 }
 
@@ -409,4 +465,31 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     interrupt.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MetricsFormat;
+
+    #[test]
+    fn metrics_format_follows_accept() {
+        let check = |accept: Option<&str>, expected: MetricsFormat| {
+            assert_eq!(MetricsFormat::negotiate(accept), expected, "{accept:?}");
+        };
+        check(None, MetricsFormat::Prometheus);
+        check(Some("text/plain"), MetricsFormat::Prometheus);
+        check(Some("*/*"), MetricsFormat::Prometheus);
+        check(
+            Some("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            MetricsFormat::OpenMetrics,
+        );
+        check(
+            Some("text/plain;q=0.5, Application/OpenMetrics-Text;q=0.9"),
+            MetricsFormat::OpenMetrics,
+        );
+        check(
+            Some("application/openmetrics-text;q=0, text/plain"),
+            MetricsFormat::Prometheus,
+        );
+    }
 }

@@ -191,7 +191,7 @@ impl From<&cnsm_runtime::RolloutStatus> for RolloutView {
     fn from(status: &cnsm_runtime::RolloutStatus) -> RolloutView {
         RolloutView {
             latest: status.latest,
-            rollout: status.rollout,
+            rollout: status.rollout.clone(),
             active_by_revision: status
                 .active_by_revision
                 .iter()
@@ -206,7 +206,7 @@ impl RolloutView {
     pub fn to_status(&self) -> cnsm_runtime::RolloutStatus {
         cnsm_runtime::RolloutStatus {
             latest: self.latest,
-            rollout: self.rollout,
+            rollout: self.rollout.clone(),
             active_by_revision: self
                 .active_by_revision
                 .iter()
@@ -226,15 +226,19 @@ pub struct RolloutBody {
     pub revision: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u8>,
+    /// `set` by a flag instead of `revision` and `weight`: the flag's value names the revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flag: Option<String>,
 }
 
 impl RolloutBody {
     pub fn change(&self) -> Result<cnsm_runtime::RolloutChange, String> {
         use cnsm_runtime::RolloutChange;
         match self.action.as_str() {
-            "set" => match (self.revision, self.weight) {
-                (Some(revision), Some(weight)) => Ok(RolloutChange::Set { revision, weight }),
-                _ => Err("action set needs revision and weight".into()),
+            "set" => match (self.revision, self.weight, &self.flag) {
+                (Some(revision), Some(weight), None) => Ok(RolloutChange::Set { revision, weight }),
+                (None, None, Some(flag)) => Ok(RolloutChange::Flag { flag: flag.clone() }),
+                _ => Err("action set needs either revision and weight, or flag".into()),
             },
             "promote" => Ok(RolloutChange::Promote),
             "abort" => Ok(RolloutChange::Abort),

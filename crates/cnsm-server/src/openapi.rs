@@ -87,6 +87,11 @@ fn query_parameter(name: &str) -> Value {
             json!({"type": "boolean"}),
             "Replace instances that already exist instead of refusing the whole import",
         ),
+        "since" => (
+            json!({"type": "string", "examples": ["2026-11-27T10:00:00Z", "1200"]}),
+            "Only records at or after this RFC 3339 UTC time (or date), or, given a number, after \
+             that commit position (event.sequence)",
+        ),
         "format" => (
             json!({"type": "string", "enum": ["json", "text"]}),
             "text: human-readable instead of JSON",
@@ -195,6 +200,17 @@ fn success_response(route: &Route, status: u16, body: &str) -> Value {
     let mut content = Map::new();
     if body == "Text" {
         content.insert("text/plain".into(), json!({"schema": {"type": "string"}}));
+    } else if body == "Metrics" {
+        content.insert("text/plain".into(), json!({"schema": {"type": "string"}}));
+        content.insert(
+            "application/openmetrics-text".into(),
+            json!({"schema": {"type": "string"}, "description": "OpenMetrics 1.0 with exemplars (trace ids) on cnsm_transition_duration_seconds buckets"}),
+        );
+    } else if body == "AuditLines" {
+        content.insert(
+            crate::admin::NDJSON_MEDIA_TYPE.into(),
+            json!({"schema": {"type": "string"}, "description": "One ECS 9.x JSON object per line"}),
+        );
     } else if body == "Backup" {
         content.insert(
             "application/octet-stream".into(),
@@ -241,6 +257,10 @@ fn success_response(route: &Route, status: u16, body: &str) -> Value {
 /// Every problem a route can answer with, 401 and 403 included when it needs a token.
 pub fn error_kinds(route: &Route) -> Vec<ProblemKind> {
     let mut kinds = route.errors.to_vec();
+    // The request timeout applies to every route that can be unavailable.
+    if kinds.contains(&ProblemKind::Unavailable) {
+        kinds.push(ProblemKind::Timeout);
+    }
     if route.access != Access::Open {
         kinds.push(ProblemKind::Unauthorized);
         kinds.push(ProblemKind::Forbidden);
@@ -475,6 +495,7 @@ fn schemas() -> Value {
                     "stable": {"type": "integer"},
                     "canary": {"type": "integer"},
                     "weight": {"type": "integer", "minimum": 0, "maximum": 100},
+                    "flag": {"type": "string", "description": "Routing by this flag: its value names the revision"},
                 }},
                 "activeByRevision": {"type": "object", "additionalProperties": {"type": "integer"}},
             },
@@ -485,6 +506,7 @@ fn schemas() -> Value {
                 "action": {"enum": ["set", "promote", "abort"]},
                 "revision": {"type": "integer", "minimum": 1},
                 "weight": {"type": "integer", "minimum": 0, "maximum": 100},
+                "flag": {"type": "string", "minLength": 1, "maxLength": 256, "description": "set: route by this flag instead of revision and weight"},
             },
         },
         "Migration": {

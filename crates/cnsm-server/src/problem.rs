@@ -32,9 +32,12 @@ pub enum ProblemKind {
     /// The resource exists, an idempotency key was reused with another request, or a machine
     /// is still in use (409).
     Conflict,
-    /// The store failed, the queue is full, the server is stopping or the request timed out
-    /// (503, with `Retry-After`).
+    /// The store failed, the queue is full or the server is stopping (503, with `Retry-After`).
     Unavailable,
+    /// The request did not complete within the server's request timeout (503, with
+    /// `Retry-After`; `errorType` `Timeout`). An event refused this way before it was applied
+    /// says so; otherwise its outcome is unknown.
+    Timeout,
     /// The body is larger than the limit (413).
     PayloadTooLarge,
     /// No valid bearer token on a server with `--auth-file` (401, with `WWW-Authenticate`).
@@ -49,7 +52,7 @@ pub enum ProblemKind {
 
 impl ProblemKind {
     /// Every kind, for documentation and tests.
-    pub const ALL: [ProblemKind; 13] = [
+    pub const ALL: [ProblemKind; 14] = [
         ProblemKind::TransitionFailure,
         ProblemKind::StaleState,
         ProblemKind::RaceCondition,
@@ -58,6 +61,7 @@ impl ProblemKind {
         ProblemKind::Invalid,
         ProblemKind::Conflict,
         ProblemKind::Unavailable,
+        ProblemKind::Timeout,
         ProblemKind::PayloadTooLarge,
         ProblemKind::Unauthorized,
         ProblemKind::Forbidden,
@@ -74,7 +78,7 @@ impl ProblemKind {
             ProblemKind::Locked => StatusCode::LOCKED,
             ProblemKind::NotFound => StatusCode::NOT_FOUND,
             ProblemKind::Invalid => StatusCode::BAD_REQUEST,
-            ProblemKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProblemKind::Unavailable | ProblemKind::Timeout => StatusCode::SERVICE_UNAVAILABLE,
             ProblemKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProblemKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ProblemKind::Forbidden => StatusCode::FORBIDDEN,
@@ -94,6 +98,7 @@ impl ProblemKind {
             ProblemKind::Invalid => "invalid",
             ProblemKind::Conflict => "conflict",
             ProblemKind::Unavailable => "unavailable",
+            ProblemKind::Timeout => "timeout",
             ProblemKind::PayloadTooLarge => "payload-too-large",
             ProblemKind::Unauthorized => "unauthorized",
             ProblemKind::Forbidden => "forbidden",
@@ -118,6 +123,7 @@ impl ProblemKind {
             ProblemKind::Invalid => "Invalid request",
             ProblemKind::Conflict => "Conflict",
             ProblemKind::Unavailable => "Service unavailable",
+            ProblemKind::Timeout => "Request timed out",
             ProblemKind::PayloadTooLarge => "Request body too large",
             ProblemKind::Unauthorized => "Unauthorized",
             ProblemKind::Forbidden => "Forbidden",
@@ -140,6 +146,7 @@ impl ProblemKind {
             | ProblemKind::UnsupportedMediaType => "Invalid",
             ProblemKind::Conflict => "Conflict",
             ProblemKind::Unavailable => "Unavailable",
+            ProblemKind::Timeout => "Timeout",
             ProblemKind::Unauthorized => "Unauthorized",
             ProblemKind::Forbidden => "Forbidden",
         }
@@ -156,6 +163,7 @@ impl ProblemKind {
             "Conflict" => ProblemKind::Conflict,
             "Unauthorized" => ProblemKind::Unauthorized,
             "Forbidden" => ProblemKind::Forbidden,
+            "Timeout" => ProblemKind::Timeout,
             _ => ProblemKind::Unavailable,
         }
     }
@@ -272,6 +280,7 @@ impl ApiError {
             RuntimeError::Invalid(m) => ApiError::invalid(m),
             RuntimeError::Conflict(m) => ApiError::new(ProblemKind::Conflict, m),
             RuntimeError::Unavailable(m) => ApiError::unavailable(unavailable_detail(&m)),
+            RuntimeError::Timeout(m) => ApiError::new(ProblemKind::Timeout, m),
             RuntimeError::NotFound(m) => ApiError::not_found(format!("{m} not found")),
             other => {
                 let kind = ProblemKind::from_error_type(other.error_type());
@@ -332,7 +341,7 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static(crate::wire::CONTENT_TYPE_PROBLEM),
         );
-        if self.kind == ProblemKind::Unavailable {
+        if matches!(self.kind, ProblemKind::Unavailable | ProblemKind::Timeout) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response.extensions_mut().insert(PendingProblem(self));

@@ -975,29 +975,49 @@ pub fn rollouts_are_stored_per_machine(harness: &mut dyn Harness) {
         stable: 1,
         canary: 2,
         weight: 10,
+        flag: None,
     };
     store.put_rollout("default", "job", Some(&canary)).unwrap();
-    assert_eq!(store.rollout("default", "job").unwrap(), Some(canary));
+    assert_eq!(
+        store.rollout("default", "job").unwrap(),
+        Some(canary.clone())
+    );
     assert_eq!(store.rollout("other", "job").unwrap(), None);
     let missing = Rollout {
         canary: 9,
-        ..canary
+        ..canary.clone()
     };
     assert!(matches!(
         store.put_rollout("default", "job", Some(&missing)),
         Err(StoreError::Refused(_))
     ));
-    assert_eq!(store.rollout("default", "job").unwrap(), Some(canary));
+    assert_eq!(
+        store.rollout("default", "job").unwrap(),
+        Some(canary.clone())
+    );
     let store = harness.reopen(store);
-    assert_eq!(store.rollout("default", "job").unwrap(), Some(canary));
+    assert_eq!(
+        store.rollout("default", "job").unwrap(),
+        Some(canary.clone())
+    );
     let promoted = Rollout {
         weight: 100,
-        ..canary
+        ..canary.clone()
     };
     store
         .put_rollout("default", "job", Some(&promoted))
         .unwrap();
     assert_eq!(store.rollout("default", "job").unwrap(), Some(promoted));
+    // A rollout that routes by a flag keeps the flag's key, across a reopen.
+    let by_flag = Rollout {
+        stable: 2,
+        canary: 2,
+        weight: 0,
+        flag: Some("job-revision".into()),
+    };
+    store.put_rollout("default", "job", Some(&by_flag)).unwrap();
+    let store = harness.reopen(store);
+    assert_eq!(store.rollout("default", "job").unwrap(), Some(by_flag));
     store.put_rollout("default", "job", None).unwrap();
     assert_eq!(store.rollout("default", "job").unwrap(), None);
     store.put_rollout("default", "job", Some(&canary)).unwrap();

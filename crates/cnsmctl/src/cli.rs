@@ -607,14 +607,21 @@ pub enum RolloutCommand {
     /// The rollout (stable, canary, weight) and active instances per revision
     #[command(after_help = "Examples:\n  cnsmctl -n shop rollout status order-processing")]
     Status(RolloutArgs),
-    /// Send WEIGHT percent of new instances to REVISION (sticky per instance id)
+    /// Send WEIGHT percent of new instances to REVISION (sticky per instance id), or route by a flag
     #[command(
         long_about = "Route WEIGHT percent of new instances of the machine to REVISION, the rest \
             to the stable revision (the rollout's, or the revision before REVISION when none is \
             in progress). Routing is a fractional flag over the instance id (flagd's bucketing), \
             so the same id always gets the same answer; the decision is recorded in the \
-            instance's genesis record. Instances created with --revision are not routed.",
-        after_help = "Examples:\n  cnsmctl -n shop rollout set order-processing --revision 2 --weight 10"
+            instance's genesis record. Instances created with --revision are not routed.\n\n\
+            With --flag KEY instead, each new instance is routed by evaluating that flag \
+            (--flags FILE, or the server's provider) with the instance's context (targeting key \
+            = instance id, labels as fields, machine, namespace); the value names the revision \
+            (an integer or a string of digits). A value naming no existing revision, or a \
+            provider error, gives the stable revision (what new instances got before), recorded \
+            with reason ERROR.",
+        after_help = "Examples:\n  cnsmctl -n shop rollout set order-processing --revision 2 --weight 10\n  \
+            cnsmctl -n shop rollout set order-processing --flag order-revision"
     )]
     Set(RolloutSetArgs),
     /// Send every new instance to the canary revision
@@ -637,11 +644,14 @@ pub struct RolloutSetArgs {
     /// The machine
     pub machine: String,
     /// The canary revision
-    #[arg(long, value_name = "N")]
-    pub revision: u32,
+    #[arg(long, value_name = "N", requires = "weight", conflicts_with = "flag")]
+    pub revision: Option<u32>,
     /// Percent of new instances it gets (0 to 100)
-    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100))]
-    pub weight: u8,
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100), requires = "revision")]
+    pub weight: Option<u8>,
+    /// Route by this flag instead: its value names the revision
+    #[arg(long, value_name = "KEY", required_unless_present = "revision")]
+    pub flag: Option<String>,
     /// Output format
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     pub output: ResultFormat,
@@ -696,6 +706,9 @@ pub struct MigrateArgs {
     /// Instances per round (each round shares its commits)
     #[arg(long, default_value_t = 1000, value_name = "N")]
     pub chunk: usize,
+    /// Progress on stderr: a bar on a terminal (auto), one line per round (lines), or none
+    #[arg(long, value_parser = ["auto", "lines", "none"], default_value = "auto")]
+    pub progress: String,
     /// Output format; json lists every instance
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     pub output: ResultFormat,

@@ -73,7 +73,7 @@ pub fn exit_code_of(error_type: &str) -> u8 {
         "TransitionFailure" | "StaleState" | "RaceCondition" | "Locked" | "Conflict" => {
             EXIT_REJECTED
         }
-        "Unavailable" => EXIT_UNAVAILABLE,
+        "Unavailable" | "Timeout" => EXIT_UNAVAILABLE,
         _ => EXIT_INVALID,
     }
 }
@@ -101,9 +101,10 @@ impl From<RuntimeError> for CliError {
                 CliError::new(error_type, message)
             }
             RuntimeError::Admission(problems) => admission_error(&problems, None),
-            RuntimeError::Invalid(m) | RuntimeError::Conflict(m) | RuntimeError::Unavailable(m) => {
-                CliError::new(error_type, m)
-            }
+            RuntimeError::Invalid(m)
+            | RuntimeError::Conflict(m)
+            | RuntimeError::Unavailable(m)
+            | RuntimeError::Timeout(m) => CliError::new(error_type, m),
             other => CliError::new(error_type, other.to_string()),
         }
     }

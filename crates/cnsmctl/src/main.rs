@@ -20,6 +20,7 @@ mod commands;
 mod demo;
 mod error;
 mod local;
+mod openmetrics;
 mod output;
 mod postgres;
 mod remote;

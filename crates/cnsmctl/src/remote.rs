@@ -147,6 +147,29 @@ impl Remote {
         decode(&response)
     }
 
+    /// `audit export` through the server: the committed audit lines (ND-JSON), streamed into
+    /// `dest` as they arrive.
+    pub async fn audit_export(
+        &self,
+        since: Option<&str>,
+        dest: &mut (dyn std::io::Write + Send),
+    ) -> Result<(), CliError> {
+        let mut path = format!("{API_PREFIX}/audit");
+        if let Some(since) = since {
+            path.push_str("?since=");
+            path.push_str(&encode(since));
+        }
+        let downloaded = self
+            .client
+            .download("GET", &path, &[("accept", "application/x-ndjson")], dest)
+            .await
+            .map_err(|e| CliError::unavailable(e.to_string()))?;
+        match downloaded {
+            Ok(_) => Ok(()),
+            Err(response) => Err(problem_error(&response)),
+        }
+    }
+
     /// Opens a watch stream: of one instance (`id`), or of the instances `filter` selects.
     pub async fn watch(
         &self,
@@ -422,22 +445,24 @@ impl Api for Remote {
             namespace,
             &format!("statemachines/{}/rollout", encode(name)),
         );
+        let empty = |action: &str| RolloutBody {
+            action: action.into(),
+            revision: None,
+            weight: None,
+            flag: None,
+        };
         let body = match change {
             RolloutChange::Set { revision, weight } => RolloutBody {
-                action: "set".into(),
                 revision: Some(revision),
                 weight: Some(weight),
+                ..empty("set")
             },
-            RolloutChange::Promote => RolloutBody {
-                action: "promote".into(),
-                revision: None,
-                weight: None,
+            RolloutChange::Flag { flag } => RolloutBody {
+                flag: Some(flag),
+                ..empty("set")
             },
-            RolloutChange::Abort => RolloutBody {
-                action: "abort".into(),
-                revision: None,
-                weight: None,
-            },
+            RolloutChange::Promote => empty("promote"),
+            RolloutChange::Abort => empty("abort"),
         };
         let view: RolloutView = self.post(&path, &body, &[]).await?;
         Ok(view.to_status())

@@ -3,7 +3,8 @@
 //! the OTLP/HTTP exporters, and the audit log. See docs/observability.md.
 //!
 //! - Logs: `--log-format text|json` on stderr, filtered by `RUST_LOG` (default `info`).
-//! - Metrics: on unless `--no-metrics`; always readable at `/metrics`, and exported over
+//! - Metrics: on unless `--no-metrics`; always readable at `/metrics` (Prometheus text, or
+//!   OpenMetrics with exemplars on `Accept: application/openmetrics-text`), and exported over
 //!   OTLP/HTTP (protobuf) when `OTEL_EXPORTER_OTLP_ENDPOINT` or
 //!   `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` is set (interval `OTEL_METRIC_EXPORT_INTERVAL`).
 //! - Spans: exported over OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` or
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use clap::{Args, ValueEnum};
 use cnsm_runtime::Telemetry;
 use cnsm_runtime::audit::{AuditLog, AuditSink};
-use cnsm_server::MetricsText;
+use cnsm_server::{MetricsFormat, MetricsText};
 use cnsm_store::Store;
 use opentelemetry::global::BoxedTracer;
 use opentelemetry::metrics::MeterProvider as _;
@@ -180,12 +181,18 @@ pub fn wire(args: &TelemetryArgs, store: &Arc<dyn Store>) -> Result<Wired, CliEr
     if let Some(mp) = &meter_provider {
         telemetry = telemetry.with_meter(&mp.meter("cnsm"));
     }
+    let exemplars = telemetry.exemplars();
     let metrics = registry.map(|registry| {
-        MetricsText(Arc::new(move || {
+        MetricsText(Arc::new(move |format| {
             let families = registry.gather();
-            prometheus::TextEncoder::new()
-                .encode_to_string(&families)
-                .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+            match format {
+                MetricsFormat::Prometheus => prometheus::TextEncoder::new()
+                    .encode_to_string(&families)
+                    .unwrap_or_else(|e| format!("# encoding failed: {e}\n")),
+                MetricsFormat::OpenMetrics => {
+                    crate::openmetrics::encode(&families, exemplars.as_deref())
+                }
+            }
         }))
     });
     let audit = match args.audit_log.as_deref() {

@@ -7,6 +7,8 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
+#[path = "cli/evolve.rs"]
+mod evolve;
 #[path = "cli/flags.rs"]
 mod flags;
 #[path = "cli/nodes.rs"]

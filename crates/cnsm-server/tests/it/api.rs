@@ -715,7 +715,7 @@ async fn unknown_routes_methods_and_timeouts_are_problems() {
         )
         .await;
     if r.status != 201 {
-        let problem = assert_problem(&r, 503, "unavailable", "Unavailable");
+        let problem = assert_problem(&r, 503, "timeout", "Timeout");
         assert!(
             problem["detail"]
                 .as_str()
@@ -731,18 +731,38 @@ async fn unknown_routes_methods_and_timeouts_are_problems() {
             &[],
         )
         .await;
-    assert_problem(&r, 503, "unavailable", "Unavailable");
+    assert_problem(&r, 503, "timeout", "Timeout");
     for _ in 0..200 {
         if server.runtime.instance("shop", "t-1").await.is_ok() {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+    // An event carries the request's deadline into the runtime: refused as Timeout, and,
+    // having waited in the queue past it, not applied.
+    let before = server
+        .runtime
+        .instance("shop", "t-1")
+        .await
+        .expect("t-1")
+        .version;
     let r = server
         .send("shop", "t-1", &json!({"event": "tick"}), &[])
         .await;
-    assert_problem(&r, 503, "unavailable", "Unavailable");
+    assert_problem(&r, 503, "timeout", "Timeout");
     assert_eq!(r.header("retry-after"), Some("1"));
+    // Give the committer time to take it from the queue (it refuses it there).
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let history = server
+        .runtime
+        .history("shop", "t-1", 0, 100)
+        .await
+        .expect("history");
+    assert_eq!(
+        history.len() as u64,
+        before + 1,
+        "the timed-out event was not applied"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,8 +2,7 @@
 //! the same lines (byte for byte) the server's audit writer produced.
 
 use clap::{Args, Subcommand};
-use cnsm_runtime::audit::{committed_line, parse_rfc3339_ms};
-use cnsm_store::Store;
+use cnsm_runtime::audit::{AuditSince, export_committed};
 use cnsm_store::embedded::EmbeddedStore;
 
 use super::Context;
@@ -17,8 +16,10 @@ pub enum AuditCommand {
         cnsmctl audit export > audit.jsonl\n  \
         cnsmctl audit export --since 2026-11-27T10:00:00Z\n  \
         cnsmctl audit export --since 1200        # after commit position 1200 (event.sequence)\n\n\
-        Works on the embedded store in --data-dir (stop the server first). Rejected attempts \
-        are written only by a running server's live sink (--audit-log) and are not regenerated.")]
+        cnsmctl --server http://127.0.0.1:8080 audit export --since 1200\n\n\
+        Works on the embedded store in --data-dir (stop the server first), or, with --server, \
+        through the running server (role admin on every namespace). Rejected attempts are \
+        written only by a running server's live sink (--audit-log) and are not regenerated.")]
     Export(AuditExportArgs),
 }
 
@@ -30,32 +31,22 @@ pub struct AuditExportArgs {
     pub since: Option<String>,
 }
 
-enum Since {
-    All,
-    Time(u64),
-    After(u64),
-}
-
-pub fn run(context: &Context, command: &AuditCommand, out: &mut Out) -> Result<(), CliError> {
+pub async fn run(context: &Context, command: &AuditCommand, out: &mut Out) -> Result<(), CliError> {
     let AuditCommand::Export(args) = command;
-    if context.server.is_some() {
-        return Err(CliError::invalid(
-            "audit export reads the store in --data-dir; it does not take --server",
-        ));
+    let since = AuditSince::parse(args.since.as_deref())
+        .map_err(|e| CliError::invalid(format!("--{e}")))?;
+    if let Some(url) = &context.server {
+        let remote =
+            crate::remote::Remote::new(url, context.token.as_deref(), context.ca_cert.as_deref())?;
+        let mut lines = LineWriter {
+            out,
+            pending: Vec::new(),
+        };
+        remote
+            .audit_export(args.since.as_deref(), &mut lines)
+            .await?;
+        return lines.finish();
     }
-    let since = match args.since.as_deref() {
-        None => Since::All,
-        Some(text) if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) => {
-            Since::After(text.parse().map_err(|_| {
-                CliError::invalid(format!("--since '{text}' is too large a commit position"))
-            })?)
-        }
-        Some(text) => Since::Time(parse_rfc3339_ms(text).ok_or_else(|| {
-            CliError::invalid(format!(
-                "--since '{text}' is neither an RFC 3339 UTC time (2026-11-27T10:00:00Z) nor a commit position"
-            ))
-        })?),
-    };
     if !context
         .data_dir
         .join(cnsm_store::embedded::FILE_NAME)
@@ -67,28 +58,48 @@ pub fn run(context: &Context, command: &AuditCommand, out: &mut Out) -> Result<(
         )));
     }
     let store = EmbeddedStore::open(&context.data_dir)?;
-    let mut cursor = match since {
-        Since::After(seq) => seq,
-        _ => 0,
-    };
-    loop {
-        let page = store.records_after(cursor, cnsm_store::PAGE_LEN_MAX)?;
-        let Some((last, _)) = page.last() else { break };
-        let last = *last;
-        for (seq, sealed) in &page {
-            if let Since::Time(from_ms) = since {
-                let record = sealed
-                    .open()
-                    .map_err(|e| CliError::unavailable(format!("commit position {seq}: {e}")))?;
-                if record.time_ms < from_ms {
-                    continue;
-                }
-            }
-            let line = committed_line(*seq, sealed).map_err(CliError::unavailable)?;
+    export_committed(&store, since, &mut |lines| {
+        for line in lines {
             out.line(line);
         }
-        cursor = last;
-    }
+        true
+    })
+    .map_err(CliError::unavailable)?;
     store.close()?;
     Ok(())
+}
+
+/// Prints the streamed ND-JSON body line by line (a chunk may end inside a line, or inside a
+/// UTF-8 sequence).
+struct LineWriter<'a> {
+    out: &'a mut Out,
+    pending: Vec<u8>,
+}
+
+impl LineWriter<'_> {
+    fn finish(self) -> Result<(), CliError> {
+        if self.pending.is_empty() {
+            Ok(())
+        } else {
+            Err(CliError::unavailable(
+                "the server's audit stream ended inside a line",
+            ))
+        }
+    }
+}
+
+impl std::io::Write for LineWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        if let Some(end) = self.pending.iter().rposition(|b| *b == b'\n') {
+            let rest = self.pending.split_off(end + 1);
+            let complete = std::mem::replace(&mut self.pending, rest);
+            self.out.text(String::from_utf8_lossy(&complete));
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

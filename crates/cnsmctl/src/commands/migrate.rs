@@ -94,9 +94,13 @@ pub async fn run_migrate(
         Access::Mutating
     };
     let api = context.connect(access)?;
-    let interactive = std::io::stderr().is_terminal();
-    let mut progress = |done: usize, total: usize| {
-        if interactive && total > 0 {
+    let bar = match args.progress.as_str() {
+        "lines" => Some(false),
+        "none" => None,
+        _ => std::io::stderr().is_terminal().then_some(true),
+    };
+    let mut progress = |done: usize, total: usize| match bar {
+        Some(true) if total > 0 => {
             eprint!(
                 "\rmigrating: {done}/{total} instances ({}%)   ",
                 done * 100 / total
@@ -105,6 +109,8 @@ pub async fn run_migrate(
                 eprintln!();
             }
         }
+        Some(false) => eprintln!("migrating: {done}/{total} instances"),
+        _ => {}
     };
     let report = api.migrate(request, &mut progress).await?;
     match args.output {
@@ -192,14 +198,18 @@ pub async fn run_rollout(
     use cnsm_runtime::RolloutChange;
     let (machine, output, change) = match command {
         RolloutCommand::Status(a) => (&a.machine, a.output, None),
-        RolloutCommand::Set(a) => (
-            &a.machine,
-            a.output,
-            Some(RolloutChange::Set {
-                revision: a.revision,
-                weight: a.weight,
-            }),
-        ),
+        RolloutCommand::Set(a) => {
+            let change = match (a.revision, a.weight, &a.flag) {
+                (Some(revision), Some(weight), None) => RolloutChange::Set { revision, weight },
+                (None, None, Some(flag)) => RolloutChange::Flag { flag: flag.clone() },
+                _ => {
+                    return Err(CliError::invalid(
+                        "rollout set needs either --revision and --weight, or --flag",
+                    ));
+                }
+            };
+            (&a.machine, a.output, Some(change))
+        }
         RolloutCommand::Promote(a) => (&a.machine, a.output, Some(RolloutChange::Promote)),
         RolloutCommand::Abort(a) => (&a.machine, a.output, Some(RolloutChange::Abort)),
     };
@@ -222,7 +232,13 @@ pub async fn run_rollout(
         ResultFormat::Yaml => return out.yaml(&view),
         ResultFormat::Text => {}
     }
-    match status.rollout {
+    match &status.rollout {
+        Some(r) if r.flag.is_some() => out.line(format_args!(
+            "statemachine {machine}: new instances routed by flag {} (fallback revision {}; latest is {})",
+            r.flag.as_deref().unwrap_or_default(),
+            r.stable,
+            status.latest
+        )),
         Some(r) if r.stable == r.canary || r.weight == 0 => out.line(format_args!(
             "statemachine {machine}: every new instance gets revision {} (pinned; latest is {})",
             r.stable, status.latest

@@ -164,7 +164,7 @@ pub async fn run(context: &Context, command: Command, out: &mut Out) -> Result<u
         Command::MigrateStore(args) => crate::postgres::migrate_store(&args, out),
         Command::Demo(_) => crate::demo::run(context, out).await.map(|()| EXIT_OK),
         Command::Serve(args) => serve::run(context, &args, out).await.map(|()| EXIT_OK),
-        Command::Audit(command) => audit::run(context, &command, out).map(|()| EXIT_OK),
+        Command::Audit(command) => audit::run(context, &command, out).await.map(|()| EXIT_OK),
     }
 }
 

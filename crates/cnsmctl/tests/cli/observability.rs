@@ -435,9 +435,141 @@ fn serve_exports_spans_and_metrics_over_otlp_serves_metrics_and_writes_ecs_audit
         .sum();
     assert_eq!(open, 2.0, "{metrics_text}");
 
+    // OpenMetrics on request: the duration buckets carry exemplars whose trace ids are those
+    // of committed transitions (each record keeps its span's trace id).
+    let history_traces: std::collections::BTreeSet<String> = rt.block_on(async {
+        let mut traces = std::collections::BTreeSet::new();
+        for id in &ids {
+            let page = client
+                .get(&format!("{PREFIX}/shop/instances/{id}/history"))
+                .await
+                .unwrap()
+                .json();
+            for record in page["items"].as_array().expect("history items") {
+                if let Some(t) = record["record"]["trace"]["traceId"]
+                    .as_str()
+                    .or(record["trace"]["traceId"].as_str())
+                {
+                    traces.insert(t.to_owned());
+                }
+            }
+        }
+        traces
+    });
+    assert!(history_traces.contains(TRACE_ID), "{history_traces:?}");
+    let openmetrics = rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = client
+                .request(
+                    "GET",
+                    "/metrics",
+                    &[("accept", "application/openmetrics-text; version=1.0.0")],
+                    Vec::new(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200);
+            assert!(
+                r.header("content-type")
+                    .unwrap_or_default()
+                    .starts_with("application/openmetrics-text; version=1.0.0"),
+                "{:?}",
+                r.header("content-type")
+            );
+            let text = r.text();
+            let n_exemplars = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("cnsm_transition_duration_seconds_bucket") && l.contains(" # {")
+                })
+                .count();
+            if n_exemplars > 0 || Instant::now() > deadline {
+                break text;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
+    assert!(
+        openmetrics.contains("# TYPE cnsm_transitions counter")
+            && openmetrics.contains("cnsm_transitions_total{"),
+        "{openmetrics}"
+    );
+    let mut n_exemplars = 0;
+    for line in openmetrics.lines() {
+        let Some((sample, exemplar)) = line.split_once(" # ") else {
+            continue;
+        };
+        assert!(
+            sample.starts_with("cnsm_transition_duration_seconds_bucket{")
+                && sample.contains("cnsm_machine_name=\"order\""),
+            "{line}"
+        );
+        // `{trace_id="<32 hex>"} VALUE TIMESTAMP`
+        let rest = exemplar.strip_prefix("{trace_id=\"").expect(line);
+        let (trace_id, rest) = rest.split_once("\"} ").expect(line);
+        let mut numbers = rest.split(' ').map(|n| n.parse::<f64>().expect(line));
+        let (value, timestamp) = (numbers.next().unwrap(), numbers.next().unwrap());
+        assert!(
+            history_traces.contains(trace_id),
+            "{trace_id} is no transition's: {line}"
+        );
+        let le = sample
+            .split("le=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .expect(line);
+        let le: f64 = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().expect(line)
+        };
+        assert!(value <= le && value >= 0.0, "{line}");
+        assert!(timestamp > 1.7e9, "{line}");
+        n_exemplars += 1;
+    }
+    assert!(n_exemplars > 0, "no exemplar:\n{openmetrics}");
+
+    // audit export through the server: the committed lines, as the store regenerates them
+    // locally once the server has stopped (compared below).
+    let served_audit = |since: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cnsmctl"));
+        command
+            .args(["--server", &server.url, "audit", "export"])
+            .env_remove("CNSM_DATA_DIR")
+            .env_remove("CNSM_TOKEN");
+        if let Some(since) = since {
+            command.args(["--since", since]);
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let served_all = served_audit(None);
+    let served_after_3 = served_audit(Some("3"));
+    assert_eq!(served_all.lines().count(), 8, "{served_all}");
+    assert_eq!(served_after_3.lines().count(), 5, "{served_after_3}");
+
     // SIGTERM: drain, flush the exporters and the audit log.
     server.signal("TERM");
     let stderr = server.wait();
+    let local_audit = |since: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cnsmctl"));
+        command
+            .arg("--data-dir")
+            .arg(data.path().join("store"))
+            .args(["audit", "export"])
+            .env_remove("CNSM_SERVER");
+        if let Some(since) = since {
+            command.args(["--since", since]);
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    assert_eq!(served_all, local_audit(None));
+    assert_eq!(served_after_3, local_audit(Some("3")));
     // JSON logs with trace ids on the committed transition lines.
     let log_line = stderr
         .lines()
