@@ -203,7 +203,10 @@ pub fn plan(
     request: &EraseRequest<'_>,
 ) -> Result<ErasurePlan, ErasureError> {
     let fields = parse_fields(request.fields)?;
-    if request.reason.is_some_and(|r| r.len() > ERASE_REASON_LEN_MAX) {
+    if request
+        .reason
+        .is_some_and(|r| r.len() > ERASE_REASON_LEN_MAX)
+    {
         return Err(ErasureError::ReasonTooLong);
     }
     let name = format!("{}/{}", instance.namespace, instance.id);

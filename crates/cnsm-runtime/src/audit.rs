@@ -347,8 +347,9 @@ fn log_end(store: &dyn Store) -> Result<u64, AuditError> {
 /// The committed line of the record at commit position `seq` (what the file sink writes and
 /// `cnsmctl audit export` regenerates, byte for byte).
 pub fn committed_line(seq: u64, sealed: &SealedRecord) -> Result<String, String> {
-    let record = sealed
-        .open()
+    // A record redacted by an erasure no longer hashes to its stored hash; the line shows the
+    // redacted content (chains are `store verify`'s job, which holds it to its erasure record).
+    let record = cnsm_core::record::decode_record(sealed.version, &sealed.bytes)
         .map_err(|e| format!("commit position {seq}: {e}"))?;
     let mut state_change = Map::new();
     state_change.insert("namespace".into(), json!(&*record.namespace));
@@ -472,6 +473,7 @@ fn action(kind: RecordKind) -> &'static str {
         RecordKind::Redrive => "instance.redrive",
         RecordKind::Lock => "instance.migration-lock",
         RecordKind::Migration => "instance.migrate",
+        RecordKind::Erasure => "instance.erase",
     }
 }
 

@@ -1826,20 +1826,37 @@ pub fn erase_redacts_history_and_verify_stays_green(harness: &mut dyn Harness) {
     commit_chain(&*store, &driver, "other", 3);
     let (plan, item) = plan_erasure(&*store, "default", "p-1", &["note".into()], T0_MS + 10_000);
     assert_eq!(plan.redacted.len(), 5, "genesis and four pings held a note");
-    let outcome = store.erase(&plan.redacted, &item).expect("the erasure commits");
-    assert!(matches!(outcome, ItemOutcome::Committed { .. }), "{outcome:?}");
+    let outcome = store
+        .erase(&plan.redacted, &item)
+        .expect("the erasure commits");
+    assert!(
+        matches!(outcome, ItemOutcome::Committed { .. }),
+        "{outcome:?}"
+    );
 
-    let history = store.history("default", "p-1", 0, 0).expect("history reads");
+    let history = store
+        .history("default", "p-1", 0, 0)
+        .expect("history reads");
     assert_eq!(history.len(), 6);
     for (i, sealed) in history.iter().enumerate() {
-        assert_eq!(sealed.hash, items.get(i).map_or(item.record.hash, |it| it.record.hash));
-        assert!(!contains(&sealed.bytes, b"ping "), "record {i} still holds a note");
+        assert_eq!(
+            sealed.hash,
+            items.get(i).map_or(item.record.hash, |it| it.record.hash)
+        );
+        assert!(
+            !contains(&sealed.bytes, b"ping "),
+            "record {i} still holds a note"
+        );
     }
-    let last = verify_chain("default", "p-1", 0, Hash32::ZERO, &history).expect("the chain verifies");
+    let last =
+        verify_chain("default", "p-1", 0, Hash32::ZERO, &history).expect("the chain verifies");
     let row = stored(&*store, "default", "p-1").instance;
     assert_eq!(row.last_hash, last);
     assert_eq!(row.version, 5);
-    assert_eq!(row.data.get("note"), Some(&Value::from(cnsm_core::record::ERASED_MARKER)));
+    assert_eq!(
+        row.data.get("note"),
+        Some(&Value::from(cnsm_core::record::ERASED_MARKER))
+    );
     assert_eq!(row.state, items[4].instance.state);
     let report = store.verify().unwrap();
     assert!(report.is_ok(), "{:?}", report.problems);
@@ -1852,17 +1869,34 @@ pub fn erase_redacts_history_and_verify_stays_green(harness: &mut dyn Harness) {
     let listed = again.record.erasure.as_ref().map(|e| e.records.len());
     // 0..=4 (redacted before, listed again) and 6; the first erasure record (5) holds only
     // markers already, so its bytes stay as sealed.
-    assert_eq!(listed, Some(6), "every record whose bytes differ from the sealed ones");
-    store.erase(&again.redacted, &item2).expect("the second erasure commits");
+    assert_eq!(
+        listed,
+        Some(6),
+        "every record whose bytes differ from the sealed ones"
+    );
+    store
+        .erase(&again.redacted, &item2)
+        .expect("the second erasure commits");
     let store = harness.reopen(store);
     let report = store.verify().unwrap();
     assert!(report.is_ok(), "{:?}", report.problems);
-    let history = store.history("default", "p-1", 0, 0).expect("history reads");
+    let history = store
+        .history("default", "p-1", 0, 0)
+        .expect("history reads");
     assert_eq!(history.len(), 8);
     verify_chain("default", "p-1", 0, Hash32::ZERO, &history).expect("the chain verifies");
-    assert_eq!(history[0].hash, items[0].record.hash, "the first original hash stays");
+    assert_eq!(
+        history[0].hash, items[0].record.hash,
+        "the first original hash stays"
+    );
     // Pages that stop before the erasure record read too.
-    assert_eq!(store.history("default", "p-1", 1, 2).expect("a page reads").len(), 2);
+    assert_eq!(
+        store
+            .history("default", "p-1", 1, 2)
+            .expect("a page reads")
+            .len(),
+        2
+    );
 }
 
 /// An erasure computed at an old version is a conflict and writes nothing.
@@ -1876,7 +1910,9 @@ pub fn erase_with_a_stale_version_conflicts_and_changes_nothing(harness: &mut dy
         &driver.event(&items[2].instance, "ping", "late", T0_MS + 11_000),
     );
     let before = store.history("default", "p-1", 0, 0).unwrap();
-    let outcome = store.erase(&plan.redacted, &item).expect("the erasure runs");
+    let outcome = store
+        .erase(&plan.redacted, &item)
+        .expect("the erasure runs");
     assert_eq!(outcome, ItemOutcome::Conflict { actual: Some(3) });
     assert_eq!(store.history("default", "p-1", 0, 0).unwrap(), before);
     assert_eq!(stored(&*store, "default", "p-1").instance.version, 3);
@@ -1891,7 +1927,9 @@ pub fn tampered_redacted_record_fails_verify(harness: &mut dyn Harness) {
     let driver = Driver::new("job");
     commit_chain(&*store, &driver, "p-1", 3);
     let (plan, item) = plan_erasure(&*store, "default", "p-1", &[], T0_MS + 10_000);
-    store.erase(&plan.redacted, &item).expect("the erasure commits");
+    store
+        .erase(&plan.redacted, &item)
+        .expect("the erasure commits");
     assert!(store.verify().unwrap().is_ok());
     let store = harness.tamper_record(store, "default", "p-1", 1, 20);
     let report = store.verify().unwrap();

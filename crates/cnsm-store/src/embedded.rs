@@ -488,7 +488,9 @@ impl EmbeddedStore {
         let outcome = apply_item(&mut t, item, prev_hash, &mut counters)?;
         if !matches!(outcome, ItemOutcome::Committed { .. }) {
             // Checked above in this transaction; returning an error aborts the redactions.
-            return Err(corrupt("the erasure record lost its compare-and-swap".into()));
+            return Err(corrupt(
+                "the erasure record lost its compare-and-swap".into(),
+            ));
         }
         t.meta.insert(META_NEXT_UID, counters.next_uid).io()?;
         t.meta.insert(META_NEXT_SEQ, counters.next_seq).io()?;

@@ -77,8 +77,7 @@ pub fn run(context: &Context, command: &AuditCommand, out: &mut Out) -> Result<(
         let last = *last;
         for (seq, sealed) in &page {
             if let Since::Time(from_ms) = since {
-                let record = sealed
-                    .open()
+                let record = cnsm_core::record::decode_record(sealed.version, &sealed.bytes)
                     .map_err(|e| CliError::unavailable(format!("commit position {seq}: {e}")))?;
                 if record.time_ms < from_ms {
                     continue;
