@@ -451,6 +451,7 @@ impl Machine {
             time_ms: new.now_ms,
             trace: None,
             labels: BTreeMap::new(),
+            erasure: None,
             prev_hash: Hash32::ZERO,
         };
         let view = View {
@@ -835,6 +836,7 @@ impl Machine {
             time_ms: input.now_ms,
             trace: input.trace.clone(),
             labels: BTreeMap::new(),
+            erasure: None,
             prev_hash: instance.last_hash,
         }
     }

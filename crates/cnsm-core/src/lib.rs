@@ -25,6 +25,7 @@ pub mod admission;
 pub mod cbor;
 pub mod diff;
 pub mod engine;
+pub mod erasure;
 pub mod error;
 pub mod expr;
 pub mod fastexpr;

@@ -24,9 +24,13 @@ pub const REVISION_DOMAIN: &[u8] = b"cnsm/StateMachineRevision/v1\0";
 ///
 /// Each record carries the lowest format that can read it ([`StateChangeEvent::min_format`]):
 /// 1 for everything but operator controls, 2 for records that an older binary would misread
-/// (the `cancel`/`suspend`/`resume`/`redrive` kinds, `suspended: true`). A binary that knows
+/// (the `cancel`/`suspend`/`resume`/`redrive`/`lock`/`migration` kinds, `suspended: true`), 3 for
+/// `erasure` records (whose chain rule an older binary would not know). A binary that knows
 /// only format 1 refuses those with a clear error instead of ignoring a suspension.
-pub const RECORD_FORMAT: u32 = 2;
+pub const RECORD_FORMAT: u32 = 3;
+
+/// The value that replaces erased content in a redacted record (see [`Erasure`]).
+pub const ERASED_MARKER: &str = "[erased]";
 
 /// A SHA-256 digest; hex in JSON and CBOR documents.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -116,6 +120,39 @@ pub enum RecordKind {
     Lock,
     /// A migration moved the instance to another revision (and unlocked it).
     Migration,
+    /// An operator erased personal data from earlier records (the tombstone; see [`Erasure`]).
+    Erasure,
+}
+
+/// One record rewritten by an erasure: the chain keeps linking through `original_hash`, and the
+/// stored bytes now hash to `redacted_hash`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErasedRecord {
+    pub version: u64,
+    /// The hash the record was sealed with (its first one, however often it was redacted).
+    pub original_hash: Hash32,
+    /// SHA-256 (with [`RECORD_DOMAIN`]) of the redacted bytes now stored.
+    pub redacted_hash: Hash32,
+}
+
+/// The body of an `erasure` record: which earlier records of the chain were redacted, and what
+/// was erased from them. The record itself is an ordinary chained record, so the chain covers
+/// this list; verification accepts a redacted record only through it
+/// ([`erased_record_accepted`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Erasure {
+    /// The data paths erased (dotted, `a.b`), also erased from event payloads; empty: all data
+    /// and all payloads.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<String>,
+    /// Every record of the chain whose stored bytes differ from the bytes it was sealed with,
+    /// in version order.
+    pub records: Vec<ErasedRecord>,
+    /// Why the operator erased (free text; not personal data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A migration's lock on an instance: a lease, so an abandoned migration never locks forever.
@@ -244,6 +281,9 @@ pub struct StateChangeEvent {
     /// Genesis only: the instance labels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Erasure records only: the records redacted and what was erased.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub erasure: Option<Erasure>,
     pub prev_hash: Hash32,
 }
 
@@ -293,7 +333,9 @@ impl StateChangeEvent {
                 | RecordKind::Lock
                 | RecordKind::Migration
         );
-        if newer || self.suspended || self.lock.is_some() {
+        if self.kind == RecordKind::Erasure || self.erasure.is_some() {
+            3
+        } else if newer || self.suspended || self.lock.is_some() {
             2
         } else {
             1
@@ -341,6 +383,7 @@ impl StateChangeEvent {
                 "labels" => !self.labels.is_empty(),
                 "suspended" => self.suspended,
                 "lock" => self.lock.is_some(),
+                "erasure" => self.erasure.is_some(),
                 _ => true,
             }
         };
@@ -366,9 +409,10 @@ impl StateChangeEvent {
                 "kind" => text(&mut out, self.kind.as_str()),
                 "actor" => text(&mut out, &self.actor),
                 "event" => text(&mut out, self.event.as_deref().unwrap_or_default()),
-                "flags" | "guards" | "trace" | "labels" | "timer" | "lock" => {
+                "flags" | "guards" | "trace" | "labels" | "timer" | "lock" | "erasure" => {
                     let value = match key {
                         "flags" => serde_json::to_value(&self.flags),
+                        "erasure" => serde_json::to_value(&self.erasure),
                         "lock" => serde_json::to_value(&self.lock),
                         "guards" => serde_json::to_value(&self.guards),
                         "trace" => serde_json::to_value(&self.trace),
@@ -424,7 +468,7 @@ impl StateChangeEvent {
 }
 
 /// Every key a record may have, in core deterministic order (shorter first, then bytewise).
-const RECORD_KEYS_CANONICAL: [&str; 33] = [
+const RECORD_KEYS_CANONICAL: [&str; 34] = [
     "to",
     "via",
     "data",
@@ -444,6 +488,7 @@ const RECORD_KEYS_CANONICAL: [&str; 33] = [
     "status",
     "timeMs",
     "attempt",
+    "erasure",
     "machine",
     "payload",
     "version",
@@ -473,6 +518,7 @@ impl RecordKind {
             RecordKind::Redrive => "redrive",
             RecordKind::Lock => "lock",
             RecordKind::Migration => "migration",
+            RecordKind::Erasure => "erasure",
         }
     }
 }
@@ -511,8 +557,143 @@ pub fn decode_record(version: u64, bytes: &[u8]) -> Result<StateChangeEvent, Cha
     Ok(record)
 }
 
+/// The chain rule for redacted records, the one place it is decided: record `version`, whose
+/// stored (sealed) hash is `stored_hash` but whose bytes hash to `bytes_hash`, is accepted only
+/// when an erasure record *later* in the same chain (`later`: each listed entry with the version
+/// of the erasure record that lists it) names that version with `originalHash == stored_hash`
+/// and `redactedHash == bytes_hash`. The chain links keep using `stored_hash`.
+pub fn erased_record_accepted(
+    version: u64,
+    stored_hash: Hash32,
+    bytes_hash: Hash32,
+    later: &[(u64, ErasedRecord)],
+) -> bool {
+    later.iter().any(|(listed_by, entry)| {
+        *listed_by > version
+            && entry.version == version
+            && entry.original_hash == stored_hash
+            && entry.redacted_hash == bytes_hash
+    })
+}
+
+/// Whether record bytes are an `erasure` record (reads the top-level `kind` only).
+pub fn is_erasure_bytes(bytes: &[u8]) -> bool {
+    cbor::top_level_texts(bytes, &["kind"])
+        .is_ok_and(|fields| fields[0] == Some(RecordKind::Erasure.as_str()))
+}
+
+/// Applies [`erased_record_accepted`] along one chain read in version order: a record whose bytes
+/// do not hash to its stored hash is held until the end of the chain, the lists of the erasure
+/// records met after it are collected, and [`ErasureCheck::finish`] decides. Every verifier
+/// (core chains, stores, imports, snapshots, the test kit) goes through it.
+///
+/// ```
+/// use cnsm_core::record::{ErasureCheck, Hash32};
+/// let mut check = ErasureCheck::default();
+/// // Bytes that do not hash to the stored hash, and no erasure record lists them: refused.
+/// check.check_hash(0, Hash32::ZERO, b"not the sealed bytes");
+/// assert!(check.finish().is_err());
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ErasureCheck {
+    /// (version, stored hash, hash of the stored bytes) of records that did not match.
+    pending: Vec<(u64, Hash32, Hash32)>,
+    /// Entries of erasure records met after the first pending record, with their version.
+    listed: Vec<(u64, ErasedRecord)>,
+}
+
+impl ErasureCheck {
+    /// Checks record `version`'s bytes against its stored hash; a mismatch is held for
+    /// [`ErasureCheck::finish`]. Returns whether they matched.
+    pub fn check_hash(&mut self, version: u64, stored_hash: Hash32, bytes: &[u8]) -> bool {
+        let bytes_hash = Hash32::digest(RECORD_DOMAIN, bytes);
+        if bytes_hash == stored_hash {
+            return true;
+        }
+        self.pending.push((version, stored_hash, bytes_hash));
+        false
+    }
+
+    /// Notes the list of an erasure record (decoded by the caller) at `version`.
+    pub fn note(&mut self, version: u64, erasure: &Erasure) {
+        if !self.pending.is_empty() {
+            self.listed
+                .extend(erasure.records.iter().map(|entry| (version, *entry)));
+        }
+    }
+
+    /// Notes record bytes at `version` if they are an erasure record (decoding it only then,
+    /// and only while something is held).
+    pub fn note_bytes(&mut self, version: u64, bytes: &[u8]) -> Result<(), ChainError> {
+        if self.pending.is_empty() || !is_erasure_bytes(bytes) {
+            return Ok(());
+        }
+        let record = decode_record(version, bytes)?;
+        if let Some(erasure) = &record.erasure {
+            self.note(version, erasure);
+        }
+        Ok(())
+    }
+
+    /// Whether a record is held (some later erasure record must accept it).
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// The first held record as an error, in place of `error` met after it (the held record is
+    /// the earlier problem); `error` itself when nothing is held before it.
+    pub fn earliest(&self, error: ChainError) -> ChainError {
+        match self.pending.first() {
+            Some((version, _, _)) => ChainError::HashMismatch { version: *version },
+            None => error,
+        }
+    }
+
+    /// Every held record must be accepted by [`erased_record_accepted`]; the first one that is
+    /// not is a [`ChainError::HashMismatch`].
+    pub fn finish(&self) -> Result<(), ChainError> {
+        for (version, stored_hash, bytes_hash) in &self.pending {
+            if !erased_record_accepted(*version, *stored_hash, *bytes_hash, &self.listed) {
+                return Err(ChainError::HashMismatch { version: *version });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Gives each redacted record of one chain (hashes computed from the bytes, as a snapshot reader
+/// does) back the hash it was sealed with, taken from the erasure records of the chain, so that
+/// the links and the stores see the original hashes. Records no erasure record lists keep their
+/// hash; [`verify_chain_links`] still checks everything.
+pub fn restore_sealed_hashes(records: &mut [SealedRecord]) {
+    const ERASURE_KEY: &[u8] = b"\x67erasure";
+    if !records
+        .iter()
+        .any(|r| r.bytes.windows(ERASURE_KEY.len()).any(|w| w == ERASURE_KEY))
+    {
+        return;
+    }
+    let mut listed: Vec<(u64, ErasedRecord)> = Vec::new();
+    for sealed in records.iter() {
+        if is_erasure_bytes(&sealed.bytes)
+            && let Ok(record) = decode_record(sealed.version, &sealed.bytes)
+            && let Some(erasure) = record.erasure
+        {
+            listed.extend(erasure.records.iter().map(|e| (sealed.version, *e)));
+        }
+    }
+    for sealed in records.iter_mut() {
+        if let Some((_, entry)) = listed.iter().find(|(by, e)| {
+            *by > sealed.version && e.version == sealed.version && e.redacted_hash == sealed.hash
+        }) {
+            sealed.hash = entry.original_hash;
+        }
+    }
+}
+
 /// Checks one instance's records, in order, starting at `first_version` with `prev_hash` the
-/// hash of the record before it (`Hash32::ZERO` for a chain that starts at genesis).
+/// hash of the record before it (`Hash32::ZERO` for a chain that starts at genesis). Redacted
+/// records are accepted by the erasure records that follow them ([`ErasureCheck`]).
 ///
 /// Returns the hash of the last record.
 pub fn verify_chain<'a>(
@@ -523,28 +704,42 @@ pub fn verify_chain<'a>(
     records: impl IntoIterator<Item = &'a SealedRecord>,
 ) -> Result<Hash32, ChainError> {
     let mut prev = prev_hash;
+    let mut erasures = ErasureCheck::default();
     for (expected_version, sealed) in (first_version..).zip(records) {
         if sealed.version != expected_version {
-            return Err(ChainError::VersionGap {
+            return Err(erasures.earliest(ChainError::VersionGap {
                 expected: expected_version,
                 found: sealed.version,
-            });
+            }));
         }
-        let record = sealed.open()?;
+        let matched = erasures.check_hash(sealed.version, sealed.hash, &sealed.bytes);
+        let record = match decode_record(sealed.version, &sealed.bytes) {
+            Ok(record) => record,
+            Err(_) if !matched => {
+                return Err(erasures.earliest(ChainError::HashMismatch {
+                    version: sealed.version,
+                }));
+            }
+            Err(e) => return Err(erasures.earliest(e)),
+        };
         if &*record.instance != instance || &*record.namespace != namespace {
-            return Err(ChainError::WrongInstance {
+            return Err(erasures.earliest(ChainError::WrongInstance {
                 version: sealed.version,
                 expected: format!("{namespace}/{instance}"),
                 found: format!("{}/{}", record.namespace, record.instance),
-            });
+            }));
         }
         if record.prev_hash != prev {
-            return Err(ChainError::BrokenLink {
+            return Err(erasures.earliest(ChainError::BrokenLink {
                 version: sealed.version,
-            });
+            }));
+        }
+        if let Some(erasure) = &record.erasure {
+            erasures.note(sealed.version, erasure);
         }
         prev = sealed.hash;
     }
+    erasures.finish()?;
     Ok(prev)
 }
 
@@ -552,8 +747,10 @@ pub fn verify_chain<'a>(
 /// record's identity and link (`format`, `version`, `namespace`, `instance`, `prevHash`)
 /// instead of decoding it: for snapshot verification and imports, where the bytes are already
 /// covered by a signature or were hash-checked by the exporting store. With `rehash` each
-/// stored hash is recomputed from the bytes; without it the caller guarantees the hashes were
-/// computed from these bytes. Returns the hash of the last record.
+/// stored hash is recomputed from the bytes (redacted records are accepted through
+/// [`ErasureCheck`]); without it the caller guarantees the hashes were computed from these bytes
+/// (or restored by [`restore_sealed_hashes`]) and a record the next one does not link to is
+/// accepted only as a redacted record. Returns the hash of the last record.
 pub fn verify_chain_links<'a>(
     namespace: &str,
     instance: &str,
@@ -562,24 +759,29 @@ pub fn verify_chain_links<'a>(
 ) -> Result<Hash32, ChainError> {
     use crate::cbor::Scalar;
     let mut prev = Hash32::ZERO;
+    let mut erasures = ErasureCheck::default();
     for (expected_version, sealed) in (0u64..).zip(records) {
         let version = sealed.version;
         if version != expected_version {
-            return Err(ChainError::VersionGap {
+            return Err(erasures.earliest(ChainError::VersionGap {
                 expected: expected_version,
                 found: version,
-            });
+            }));
         }
-        if rehash && Hash32::digest(RECORD_DOMAIN, &sealed.bytes) != sealed.hash {
-            return Err(ChainError::HashMismatch { version });
-        }
+        let matched = !rehash || erasures.check_hash(version, sealed.hash, &sealed.bytes);
         let fields = cbor::top_level_scalars(
             &sealed.bytes,
             &["format", "version", "instance", "prevHash", "namespace"],
         )
-        .map_err(|e| ChainError::Undecodable {
-            version,
-            detail: e.to_string(),
+        .map_err(|e| {
+            erasures.earliest(if matched {
+                ChainError::Undecodable {
+                    version,
+                    detail: e.to_string(),
+                }
+            } else {
+                ChainError::HashMismatch { version }
+            })
         })?;
         let (
             Some(Scalar::Uint(format)),
@@ -589,35 +791,37 @@ pub fn verify_chain_links<'a>(
             Some(Scalar::Text(record_namespace)),
         ) = (fields[0], fields[1], fields[2], fields[3], fields[4])
         else {
-            return Err(ChainError::Undecodable {
+            return Err(erasures.earliest(ChainError::Undecodable {
                 version,
                 detail: "identity or link fields missing".into(),
-            });
+            }));
         };
         if format > u64::from(RECORD_FORMAT) {
-            return Err(ChainError::FutureFormat {
+            return Err(erasures.earliest(ChainError::FutureFormat {
                 version,
                 format: u32::try_from(format).unwrap_or(u32::MAX),
-            });
+            }));
         }
         if record_version != version {
-            return Err(ChainError::VersionGap {
+            return Err(erasures.earliest(ChainError::VersionGap {
                 expected: version,
                 found: record_version,
-            });
+            }));
         }
         if record_instance != instance || record_namespace != namespace {
-            return Err(ChainError::WrongInstance {
+            return Err(erasures.earliest(ChainError::WrongInstance {
                 version,
                 expected: format!("{namespace}/{instance}"),
                 found: format!("{record_namespace}/{record_instance}"),
-            });
+            }));
         }
         if Hash32::from_hex(prev_hex) != Some(prev) {
-            return Err(ChainError::BrokenLink { version });
+            return Err(erasures.earliest(ChainError::BrokenLink { version }));
         }
+        erasures.note_bytes(version, &sealed.bytes)?;
         prev = sealed.hash;
     }
+    erasures.finish()?;
     Ok(prev)
 }
 

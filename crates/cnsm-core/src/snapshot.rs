@@ -361,6 +361,9 @@ impl<'a> SnapshotReader<'a> {
                 bytes: bytes.to_vec(),
             });
         }
+        // Redacted records link through the hash they were sealed with (their erasure record
+        // lists it); the chain check below still decides whether each is accepted.
+        crate::record::restore_sealed_hashes(&mut records);
         self.expect_key("idempotency")?;
         let n_keys = self.array()?;
         let mut idempotency = Vec::with_capacity(n_keys.min(1024) as usize);

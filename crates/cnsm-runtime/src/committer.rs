@@ -83,6 +83,14 @@ pub(crate) enum Command {
     Retention {
         reply: oneshot::Sender<Result<u64, RuntimeError>>,
     },
+    /// An erasure: runs on this thread (the one writer) after the batch it arrived in, in its
+    /// own store transaction (redacted records and the erasure record together).
+    Erase {
+        namespace: String,
+        id: String,
+        request: crate::EraseRequest,
+        reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>>,
+    },
     /// A snapshot import: runs on this thread (the one writer) after the batch it arrived in.
     Import {
         definitions: Vec<DefinitionRow>,
@@ -226,7 +234,7 @@ pub(crate) fn replay(
     let sealed = shared
         .store
         .history(namespace, id, 0, entry.version as usize + 1)?;
-    let history = crate::decode_history(&sealed)?;
+    let history = crate::decode_history(&*shared.store, namespace, id, &sealed)?;
     let instance = Instance::replay(history.iter().map(|h| (&h.record, h.hash)))
         .map_err(|e| RuntimeError::Unavailable(format!("history does not replay: {e}")))?
         .ok_or_else(|| RuntimeError::NotFound(format!("instance {namespace}/{id}")))?;
@@ -283,6 +291,119 @@ impl Committer {
         Ok(result?)
     }
 
+    /// Plans and commits an erasure: the instance and its whole history from the store (the one
+    /// writer committed everything it caches), the redaction, one `Store::erase`; then the cache,
+    /// the version map, the timer index and listeners as after a commit.
+    fn erase(
+        &mut self,
+        key: Key,
+        request: &crate::EraseRequest,
+        now_ms: u64,
+    ) -> Result<TransitionOutcome, RuntimeError> {
+        let store = Arc::clone(&self.shared.store);
+        let parent = request.trace.clone().map(|context| TraceParent {
+            context,
+            sampled: true,
+            tracestate: None,
+        });
+        let started = std::time::Instant::now();
+        let attempt = self.shared.options.telemetry.start(AttemptStart {
+            trigger: Trigger::Control,
+            namespace: &key.0,
+            instance: &key.1,
+            event: Some("erase"),
+            actor: &request.actor,
+            received: started,
+            dequeued: started,
+            parent: parent.as_ref(),
+            link: None,
+        });
+        let mut attempt = attempt;
+        let result = (|| {
+            let Some(stored) = store.instance(&key.0, &key.1)? else {
+                return Err(RuntimeError::NotFound(format!(
+                    "instance {}/{}",
+                    key.0, key.1
+                )));
+            };
+            let instance = stored.instance;
+            let mut history = Vec::new();
+            while (history.len() as u64) <= instance.version {
+                let page = store.history(
+                    &key.0,
+                    &key.1,
+                    history.len() as u64,
+                    cnsm_store::PAGE_LEN_MAX,
+                )?;
+                if page.is_empty() {
+                    break;
+                }
+                history.extend(page);
+            }
+            history.truncate(instance.version as usize + 1);
+            let plan = cnsm_core::erasure::plan(
+                &instance,
+                &history,
+                &cnsm_core::erasure::EraseRequest {
+                    fields: &request.fields,
+                    reason: request.reason.as_deref(),
+                    actor: &request.actor,
+                    now_ms,
+                    trace: request.trace.clone(),
+                },
+            )
+            .map_err(|e| match e {
+                cnsm_core::erasure::ErasureError::History { .. } => {
+                    RuntimeError::Unavailable(e.to_string())
+                }
+                other => RuntimeError::Invalid(other.to_string()),
+            })?;
+            let item = CommitItem {
+                instance: plan.instance.clone(),
+                record: plan.sealed.clone(),
+                expected_version: Some(instance.version),
+                idempotency: None,
+            };
+            self.cache.remove(&key);
+            let commit_started = std::time::Instant::now();
+            let outcome = store.erase(&plan.redacted, &item)?;
+            let commit_duration = commit_started.elapsed();
+            if let ItemOutcome::Conflict { .. } = outcome {
+                return Err(RuntimeError::Transition(TransitionError::RaceCondition {
+                    expected: instance.version,
+                    actual: instance.version + 1,
+                }));
+            }
+            let before: HashMap<Key, Option<Timer>> = [(key.clone(), instance.timer)].into();
+            self.after_commit(
+                std::slice::from_ref(&item),
+                std::slice::from_ref(&plan.record),
+                std::slice::from_ref(&key),
+                &[outcome],
+                &before,
+            );
+            let batch = CommittedBatch {
+                n_items: 1,
+                commit_duration,
+                items: vec![(attempt.take(), &plan.record, plan.sealed.hash, None)],
+            };
+            self.shared
+                .options
+                .telemetry
+                .committed(batch, &mut self.local_metrics);
+            Ok(TransitionOutcome {
+                record: plan.record,
+                hash: plan.sealed.hash,
+                instance: plan.instance,
+                replayed: false,
+            })
+        })();
+        if let (Some(attempt), Err(e)) = (attempt, &result) {
+            self.shared.options.telemetry.failed(attempt, e);
+        }
+        result
+    }
+
     fn run(mut self, rx: Receiver<Command>) {
         let batch_len_max = self.shared.options.batch_len_max.max(1);
         let clock = Arc::clone(&self.shared.options.clock);
@@ -337,17 +458,28 @@ impl Committer {
                 drive_timers || batch.iter().any(|c| matches!(c, Command::Tick { .. }));
             let (imports, batch): (Vec<Command>, Vec<Command>) = batch
                 .into_iter()
-                .partition(|c| matches!(c, Command::Import { .. }));
+                .partition(|c| matches!(c, Command::Import { .. } | Command::Erase { .. }));
             self.process(batch, fire_timers, 0);
             for import in imports {
-                if let Command::Import {
-                    definitions,
-                    items,
-                    replace,
-                    reply,
-                } = import
-                {
-                    let _ = reply.send(self.import(&definitions, &items, replace));
+                match import {
+                    Command::Import {
+                        definitions,
+                        items,
+                        replace,
+                        reply,
+                    } => {
+                        let _ = reply.send(self.import(&definitions, &items, replace));
+                    }
+                    Command::Erase {
+                        namespace,
+                        id,
+                        request,
+                        reply,
+                    } => {
+                        let now_ms = clock.now_ms();
+                        let _ = reply.send(self.erase((namespace, id), &request, now_ms));
+                    }
+                    _ => {}
                 }
             }
             // Forget expired idempotency keys now and then (expired ones are ignored anyway).
@@ -481,6 +613,14 @@ impl Committer {
                     reply,
                 } => {
                     let _ = reply.send(self.import(&definitions, &items, replace));
+                }
+                Command::Erase {
+                    namespace,
+                    id,
+                    request,
+                    reply,
+                } => {
+                    let _ = reply.send(self.erase((namespace, id), &request, now_ms));
                 }
                 Command::CountTimers { reply } => {
                     let _ = reply.send(self.timers.len());

@@ -84,7 +84,10 @@ fn deliver(
     // The instance right after the record: the row when it has not moved on, else a replay.
     let (record, instance) = if stored.instance.version == version {
         let sealed = shared.store.history(&namespace, &id, version, 1)?;
-        let Some(entry) = crate::decode_history(&sealed)?.into_iter().next() else {
+        let Some(entry) = crate::decode_history(&*shared.store, &namespace, &id, &sealed)?
+            .into_iter()
+            .next()
+        else {
             return Ok(());
         };
         (entry, stored.instance)
@@ -92,7 +95,7 @@ fn deliver(
         let sealed = shared
             .store
             .history(&namespace, &id, 0, version as usize + 1)?;
-        let history = crate::decode_history(&sealed)?;
+        let history = crate::decode_history(&*shared.store, &namespace, &id, &sealed)?;
         let instance: Option<Instance> =
             Instance::replay(history.iter().map(|h| (&h.record, h.hash)))
                 .map_err(|e| RuntimeError::Unavailable(format!("history does not replay: {e}")))?;

@@ -299,6 +299,19 @@ pub struct ControlRequest {
     pub actor: String,
 }
 
+/// An erasure of personal data from one instance ([`Runtime::erase`]).
+#[derive(Debug, Clone, Default)]
+pub struct EraseRequest {
+    /// Data paths to erase (dotted, `address.zip`), also from event payloads; empty: all data
+    /// and all payloads.
+    pub fields: Vec<String>,
+    /// Why (kept in the erasure record).
+    pub reason: Option<String>,
+    pub trace: Option<TraceContext>,
+    /// The acting subject, written on the erasure record.
+    pub actor: String,
+}
+
 impl ControlRequest {
     pub fn new(action: Control) -> ControlRequest {
         ControlRequest {
@@ -1129,6 +1142,41 @@ impl Runtime {
         .await?
     }
 
+    /// Erases personal data from an instance's history and data (see
+    /// [`cnsm_core::erasure`]): one `erasure` record, committed on the committer thread with the
+    /// redacted records in one store transaction. Allowed in any status; an active instance
+    /// goes on with the marker values in its data.
+    pub async fn erase(
+        &self,
+        namespace: &str,
+        id: &str,
+        request: EraseRequest,
+    ) -> Result<TransitionOutcome, RuntimeError> {
+        cnsm_core::erasure::parse_fields(&request.fields)
+            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        if request
+            .reason
+            .as_ref()
+            .is_some_and(|r| r.len() > cnsm_core::erasure::ERASE_REASON_LEN_MAX)
+        {
+            return Err(RuntimeError::Invalid(format!(
+                "an erasure reason is at most {} bytes",
+                cnsm_core::erasure::ERASE_REASON_LEN_MAX
+            )));
+        }
+        if self.durable_version(namespace, id)?.is_none() {
+            return Err(RuntimeError::NotFound(format!("instance {namespace}/{id}")));
+        }
+        let (namespace, id) = (namespace.to_owned(), id.to_owned());
+        self.submit(|reply| committer::Command::Erase {
+            namespace,
+            id,
+            request,
+            reply,
+        })
+        .await?
+    }
+
     pub(crate) async fn replay(
         &self,
         namespace: &str,
@@ -1192,7 +1240,7 @@ impl Runtime {
             return Err(RuntimeError::NotFound(format!("instance {namespace}/{id}")));
         }
         let sealed = store.history(namespace, id, from_version, limit)?;
-        decode_history(&sealed)
+        decode_history(&**store, namespace, id, &sealed)
     }
 
     /// Fires every timer due at the clock's current time and waits until their records are
@@ -1264,19 +1312,30 @@ fn seed_active(shared: &Shared) -> Result<(), RuntimeError> {
     }
 }
 
-/// Decodes stored records, checking each stored hash.
-pub fn decode_history(sealed: &[SealedRecord]) -> Result<Vec<HistoryEntry>, RuntimeError> {
+/// Decodes a page of stored records of `namespace/id`, checking each stored hash; a redacted
+/// record must be listed by a later erasure record of its chain (read from `store` when the page
+/// does not reach it).
+pub fn decode_history(
+    store: &dyn cnsm_store::Store,
+    namespace: &str,
+    id: &str,
+    sealed: &[SealedRecord],
+) -> Result<Vec<HistoryEntry>, RuntimeError> {
+    let failed =
+        |e: String| RuntimeError::Unavailable(format!("stored history failed a check: {e}"));
+    cnsm_store::check_history_page(namespace, id, sealed, |after| {
+        store.history(namespace, id, after + 1, cnsm_store::PAGE_LEN_MAX)
+    })
+    .map_err(|e| failed(e.to_string()))?;
     sealed
         .iter()
         .map(|s| {
-            s.open()
+            cnsm_core::record::decode_record(s.version, &s.bytes)
                 .map(|record| HistoryEntry {
                     record,
                     hash: s.hash,
                 })
-                .map_err(|e| {
-                    RuntimeError::Unavailable(format!("stored history failed a check: {e}"))
-                })
+                .map_err(|e| failed(e.to_string()))
         })
         .collect()
 }

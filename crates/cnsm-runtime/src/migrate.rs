@@ -305,7 +305,12 @@ impl Runtime {
         ) else {
             return false;
         };
-        let Ok(history) = crate::decode_history(&sealed) else {
+        let Ok(history) = crate::decode_history(
+            &*self.shared.store,
+            &instance.namespace,
+            &instance.id,
+            &sealed,
+        ) else {
             return false;
         };
         let mut last_lock: Option<&str> = None;

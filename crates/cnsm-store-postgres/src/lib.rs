@@ -24,7 +24,7 @@ use std::time::Duration;
 use cnsm_core::Instance;
 use cnsm_core::Status;
 use cnsm_core::engine::revision_hash;
-use cnsm_core::record::{Hash32, RECORD_DOMAIN, SealedRecord, Timer, TimerKind};
+use cnsm_core::record::{Hash32, SealedRecord, Timer, TimerKind};
 use cnsm_core::resource::StateMachine;
 use cnsm_store::{
     CommitItem, DefinitionRow, IdempotencyEntry, InstanceQuery, ItemOutcome, PAGE_LEN_MAX,
@@ -398,7 +398,11 @@ impl PostgresStore {
             for &index in chain {
                 let one = index..index + 1;
                 let outcome = self
-                    .commit_retrying(&items[one.clone()], &prev_hashes[one.clone()], &columns[one])
+                    .commit_retrying(
+                        &items[one.clone()],
+                        &prev_hashes[one.clone()],
+                        &columns[one],
+                    )
                     .await?;
                 done.push((index, outcome[0]));
             }
@@ -510,6 +514,112 @@ impl PostgresStore {
         }
         match txn.commit().await {
             Ok(()) => Ok(Ok(outcomes)),
+            Err(e) => retryable_or(e),
+        }
+    }
+}
+
+impl PostgresStore {
+    /// Records `from..` of an instance (at most `limit`) as stored, unchecked.
+    fn history_rows(
+        &self,
+        namespace: &str,
+        id: &str,
+        from: i64,
+        limit: i64,
+    ) -> Result<Vec<SealedRecord>, StoreError> {
+        let rows = self.query(HISTORY, &[&namespace, &id, &from, &limit])?;
+        rows.iter()
+            .map(|row| {
+                let version: i64 = row.get(0);
+                let what = || format!("instance {namespace}/{id} record {version}");
+                Ok(SealedRecord {
+                    version: version as u64,
+                    hash: hash_of(row.get::<_, &[u8]>(1), &what)?,
+                    bytes: row.get(2),
+                })
+            })
+            .collect()
+    }
+
+    /// One attempt at [`Store::erase`]: the erasure record through `cnsm_commit_item` (the
+    /// compare-and-swap under the row lock), then each redacted record's bytes replaced where
+    /// its stored hash is the one the erasure keeps, in one transaction.
+    async fn erase_once(
+        &self,
+        redacted: &[SealedRecord],
+        item: &CommitItem,
+        prev: Hash32,
+        c: &ItemColumns,
+    ) -> Result<Result<ItemOutcome, tokio_postgres::Error>, StoreError> {
+        let mut lease = self.pool.get().await?;
+        let conn = lease.conn();
+        let commit_item = conn.statement(COMMIT_ITEM).await?;
+        let notify = conn.statement(NOTIFY).await?;
+        let txn = match conn.client.transaction().await {
+            Ok(txn) => txn,
+            Err(e) => return Err(db_error(e)),
+        };
+        let no_key: Option<&str> = None;
+        let params: [&(dyn ToSql + Sync); 19] = [
+            &c.namespace,
+            &c.id,
+            &c.expected,
+            &prev.0.as_slice(),
+            &c.version,
+            &item.record.hash.0.as_slice(),
+            &item.record.bytes,
+            &c.machine,
+            &c.state,
+            &c.status,
+            &c.labels,
+            &c.body,
+            &c.timer_due,
+            &c.timer_seq,
+            &c.timer_kind,
+            &no_key,
+            &c.key_hash,
+            &c.key_expires,
+            &c.now,
+        ];
+        let row = match txn.query_one(&commit_item, &params).await {
+            Ok(row) => row,
+            Err(e) => return retryable_or(e),
+        };
+        let committed: bool = row.get(0);
+        if !committed {
+            let actual: Option<i64> = row.get(2);
+            // Dropping the transaction rolls it back: nothing changed.
+            return Ok(Ok(ItemOutcome::Conflict {
+                actual: actual.map(|v| v as u64),
+            }));
+        }
+        let uid: i64 = row.get(1);
+        for sealed in redacted {
+            let version = i64::try_from(sealed.version).unwrap_or(i64::MAX);
+            let n = match txn
+                .execute(
+                    "UPDATE cnsm_records SET bytes = $3 WHERE uid = $1 AND version = $2 AND hash = $4",
+                    &[&uid, &version, &sealed.bytes, &sealed.hash.0.as_slice()],
+                )
+                .await
+            {
+                Ok(n) => n,
+                Err(e) => return retryable_or(e),
+            };
+            if n != 1 {
+                return Err(StoreError::Refused(format!(
+                    "erasure of {}/{} refused: record {} is not stored with the hash the erasure keeps",
+                    c.namespace, c.id, sealed.version
+                )));
+            }
+        }
+        let notice = format!("{} {uid}:{}", self.origin, item.record.version);
+        if let Err(e) = txn.query(&notify, &[&self.channel, &notice]).await {
+            return retryable_or(e);
+        }
+        match txn.commit().await {
+            Ok(()) => Ok(Ok(ItemOutcome::Committed { uid: uid as u64 })),
             Err(e) => retryable_or(e),
         }
     }
@@ -957,27 +1067,49 @@ impl Store for PostgresStore {
     ) -> Result<Vec<SealedRecord>, StoreError> {
         let from = i64::try_from(from_version).unwrap_or(i64::MAX);
         let limit = capped(limit) as i64;
-        let rows = self.query(HISTORY, &[&namespace, &id, &from, &limit])?;
-        rows.iter()
-            .map(|row| {
-                let version: i64 = row.get(0);
-                let what = || format!("instance {namespace}/{id} record {version}");
-                let hash = hash_of(row.get::<_, &[u8]>(1), &what)?;
-                let bytes: Vec<u8> = row.get(2);
-                // Check on the way out what was checked on the way in.
-                if Hash32::digest(RECORD_DOMAIN, &bytes) != hash {
-                    return Err(StoreError::Corrupt(format!(
-                        "{}: stored hash does not match its bytes",
-                        what()
-                    )));
+        let page = self.history_rows(namespace, id, from, limit)?;
+        // Check on the way out what was checked on the way in; a redacted record must be
+        // listed by a later erasure record of its chain.
+        cnsm_store::check_history_page(namespace, id, &page, |after| {
+            self.history_rows(
+                namespace,
+                id,
+                i64::try_from(after + 1).unwrap_or(i64::MAX),
+                PAGE_LEN_MAX as i64,
+            )
+        })?;
+        Ok(page)
+    }
+
+    fn erase(
+        &self,
+        redacted: &[SealedRecord],
+        erasure: &CommitItem,
+    ) -> Result<ItemOutcome, StoreError> {
+        let prev_hash = cnsm_store::embedded::check_item(0, erasure)?;
+        cnsm_store::check_erase(redacted, erasure)?;
+        let columns = columns_of(erasure)?;
+        let result = self.bridge.run(async {
+            let mut attempt = 0;
+            loop {
+                match self
+                    .erase_once(redacted, erasure, prev_hash, &columns)
+                    .await?
+                {
+                    Ok(outcome) => return Ok(outcome),
+                    Err(e) if attempt < DEADLOCK_RETRIES_MAX => {
+                        attempt += 1;
+                        let _ = e;
+                        tokio::time::sleep(Duration::from_millis(1 << attempt)).await;
+                    }
+                    Err(e) => return Err(db_error(e)),
                 }
-                Ok(SealedRecord {
-                    version: version as u64,
-                    bytes,
-                    hash,
-                })
-            })
-            .collect()
+            }
+        });
+        if matches!(result, Err(StoreError::Io(_))) {
+            self.pool.clear();
+        }
+        result
     }
 
     fn idempotency(

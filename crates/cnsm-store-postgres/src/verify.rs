@@ -3,7 +3,7 @@
 //! history, and the timer columns against the row.
 
 use cnsm_core::Instance;
-use cnsm_core::record::{Hash32, RECORD_DOMAIN, SealedRecord};
+use cnsm_core::record::{ErasureCheck, Hash32, SealedRecord, decode_record};
 use cnsm_store::{StoreError, VerifyReport};
 
 use crate::pool::{Pool, db_error};
@@ -169,6 +169,7 @@ fn replay(
 ) -> Option<Instance> {
     let mut replayed: Option<Instance> = None;
     let mut prev = Hash32::ZERO;
+    let mut erasures = ErasureCheck::default();
     for (expected, row) in rows.iter().enumerate() {
         let version: i64 = row.get(0);
         let name = format!("instance {namespace}/{id} record {version}");
@@ -185,17 +186,23 @@ fn replay(
             bytes: row.get(2),
             hash: Hash32(hash),
         };
-        if Hash32::digest(RECORD_DOMAIN, &sealed.bytes) != sealed.hash {
-            problems.push(format!("{name}: stored hash does not match its bytes"));
-            return None;
-        }
-        let record = match sealed.open() {
+        // A record whose bytes do not hash to its stored hash is held until the end of the
+        // chain: only a later erasure record may accept it (the core's rule).
+        let matched = erasures.check_hash(sealed.version, sealed.hash, &sealed.bytes);
+        let record = match decode_record(sealed.version, &sealed.bytes) {
             Ok(record) => record,
+            Err(_) if !matched => {
+                problems.push(format!("{name}: stored hash does not match its bytes"));
+                return None;
+            }
             Err(e) => {
                 problems.push(format!("instance {namespace}/{id}: {e}"));
                 return None;
             }
         };
+        if let Some(erasure) = &record.erasure {
+            erasures.note(sealed.version, erasure);
+        }
         if &*record.namespace != namespace || &*record.instance != id {
             problems.push(format!(
                 "{name}: belongs to {}/{}",
@@ -221,6 +228,10 @@ fn replay(
     }
     if replayed.is_none() {
         problems.push(format!("instance {namespace}/{id}: has no history"));
+    }
+    if let Err(e) = erasures.finish() {
+        problems.push(format!("instance {namespace}/{id}: {e}"));
+        return None;
     }
     replayed
 }

@@ -48,6 +48,17 @@ pub trait Harness {
     /// Closes `store` (the one most recently returned by [`Harness::open`] or
     /// [`Harness::reopen`]) and opens the same data again, as a restart would.
     fn reopen(&mut self, store: Box<dyn Store>) -> Box<dyn Store>;
+    /// Damages `store` below its checks, as a disk or an intruder would: flips every bit of
+    /// byte `byte_index` of the stored bytes of record `version` of `namespace/id`, keeping its
+    /// stored hash; returns the store to use afterwards (the same one, or reopened).
+    fn tamper_record(
+        &mut self,
+        store: Box<dyn Store>,
+        namespace: &str,
+        id: &str,
+        version: u64,
+        byte_index: usize,
+    ) -> Box<dyn Store>;
 }
 
 /// One conformance case.
@@ -131,6 +142,18 @@ pub const CASES: &[(&str, Case)] = &[
         "import_refuses_bad_input_and_writes_nothing",
         import_refuses_bad_input_and_writes_nothing,
     ),
+    (
+        "erase_redacts_history_and_verify_stays_green",
+        erase_redacts_history_and_verify_stays_green,
+    ),
+    (
+        "erase_with_a_stale_version_conflicts_and_changes_nothing",
+        erase_with_a_stale_version_conflicts_and_changes_nothing,
+    ),
+    (
+        "tampered_redacted_record_fails_verify",
+        tampered_redacted_record_fails_verify,
+    ),
 ];
 
 /// Runs every case against the harness.
@@ -191,6 +214,9 @@ macro_rules! conformance_tests {
             import_restores_instances_history_timers_and_keys,
             import_refuses_existing_unless_replace,
             import_refuses_bad_input_and_writes_nothing,
+            erase_redacts_history_and_verify_stays_green,
+            erase_with_a_stale_version_conflicts_and_changes_nothing,
+            tampered_redacted_record_fails_verify,
         );
     };
     (@cases ($harness:expr) $($case:ident,)*) => {
@@ -1769,4 +1795,170 @@ pub fn import_refuses_bad_input_and_writes_nothing(harness: &mut dyn Harness) {
             .is_empty()
     );
     assert_eq!(target.list_definitions(None).unwrap().len(), 1);
+}
+
+/// Plans the erasure of `namespace/id` as stored (all data and payloads, or `fields`).
+fn plan_erasure(
+    store: &dyn Store,
+    namespace: &str,
+    id: &str,
+    fields: &[String],
+    now_ms: u64,
+) -> (cnsm_core::erasure::ErasurePlan, CommitItem) {
+    let instance = stored(store, namespace, id).instance;
+    let history = store.history(namespace, id, 0, 0).expect("history reads");
+    let plan = cnsm_core::erasure::plan(
+        &instance,
+        &history,
+        &cnsm_core::erasure::EraseRequest {
+            fields,
+            reason: Some("subject request"),
+            actor: ACTOR,
+            now_ms,
+            trace: None,
+        },
+    )
+    .expect("the erasure plans");
+    let item = CommitItem {
+        instance: plan.instance.clone(),
+        record: plan.sealed.clone(),
+        expected_version: Some(instance.version),
+        idempotency: None,
+    };
+    (plan, item)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// An erasure replaces the bytes of every record that held personal data, appends the erasure
+/// record, redacts the row; history reads, `verify` stays green (also after a restart), the
+/// chain continues, and a second erasure works.
+pub fn erase_redacts_history_and_verify_stays_green(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let definition = job_definition("default", "job");
+    store
+        .put_definition(&definition, revision_hash(&definition), T0_MS)
+        .unwrap();
+    let driver = Driver::new("job");
+    let items = commit_chain(&*store, &driver, "p-1", 5);
+    commit_chain(&*store, &driver, "other", 3);
+    let (plan, item) = plan_erasure(&*store, "default", "p-1", &["note".into()], T0_MS + 10_000);
+    assert_eq!(plan.redacted.len(), 5, "genesis and four pings held a note");
+    let outcome = store
+        .erase(&plan.redacted, &item)
+        .expect("the erasure commits");
+    assert!(
+        matches!(outcome, ItemOutcome::Committed { .. }),
+        "{outcome:?}"
+    );
+
+    let history = store
+        .history("default", "p-1", 0, 0)
+        .expect("history reads");
+    assert_eq!(history.len(), 6);
+    for (i, sealed) in history.iter().enumerate() {
+        assert_eq!(
+            sealed.hash,
+            items.get(i).map_or(item.record.hash, |it| it.record.hash)
+        );
+        assert!(
+            !contains(&sealed.bytes, b"ping "),
+            "record {i} still holds a note"
+        );
+    }
+    let last =
+        verify_chain("default", "p-1", 0, Hash32::ZERO, &history).expect("the chain verifies");
+    let row = stored(&*store, "default", "p-1").instance;
+    assert_eq!(row.last_hash, last);
+    assert_eq!(row.version, 5);
+    assert_eq!(
+        row.data.get("note"),
+        Some(&Value::from(cnsm_core::record::ERASED_MARKER))
+    );
+    assert_eq!(row.state, items[4].instance.state);
+    let report = store.verify().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(report.n_records, 6 + 3);
+
+    // The chain goes on after the erasure, and a second erasure lists every redacted record.
+    let next = driver.event(&row, "ping", "ping again", T0_MS + 20_000);
+    commit_one(&*store, &next);
+    let (again, item2) = plan_erasure(&*store, "default", "p-1", &[], T0_MS + 30_000);
+    let listed = again.record.erasure.as_ref().map(|e| e.records.len());
+    // 0..=4 (redacted before, listed again) and 6; the first erasure record (5) holds only
+    // markers already, so its bytes stay as sealed.
+    assert_eq!(
+        listed,
+        Some(6),
+        "every record whose bytes differ from the sealed ones"
+    );
+    store
+        .erase(&again.redacted, &item2)
+        .expect("the second erasure commits");
+    let store = harness.reopen(store);
+    let report = store.verify().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    let history = store
+        .history("default", "p-1", 0, 0)
+        .expect("history reads");
+    assert_eq!(history.len(), 8);
+    verify_chain("default", "p-1", 0, Hash32::ZERO, &history).expect("the chain verifies");
+    assert_eq!(
+        history[0].hash, items[0].record.hash,
+        "the first original hash stays"
+    );
+    // Pages that stop before the erasure record read too.
+    assert_eq!(
+        store
+            .history("default", "p-1", 1, 2)
+            .expect("a page reads")
+            .len(),
+        2
+    );
+}
+
+/// An erasure computed at an old version is a conflict and writes nothing.
+pub fn erase_with_a_stale_version_conflicts_and_changes_nothing(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let driver = Driver::new("job");
+    let items = commit_chain(&*store, &driver, "p-1", 3);
+    let (plan, item) = plan_erasure(&*store, "default", "p-1", &[], T0_MS + 10_000);
+    commit_one(
+        &*store,
+        &driver.event(&items[2].instance, "ping", "late", T0_MS + 11_000),
+    );
+    let before = store.history("default", "p-1", 0, 0).unwrap();
+    let outcome = store
+        .erase(&plan.redacted, &item)
+        .expect("the erasure runs");
+    assert_eq!(outcome, ItemOutcome::Conflict { actual: Some(3) });
+    assert_eq!(store.history("default", "p-1", 0, 0).unwrap(), before);
+    assert_eq!(stored(&*store, "default", "p-1").instance.version, 3);
+    let report = store.verify().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
+
+/// A redacted record whose bytes change again (not through an erasure) fails verification,
+/// named by instance and version.
+pub fn tampered_redacted_record_fails_verify(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let driver = Driver::new("job");
+    commit_chain(&*store, &driver, "p-1", 3);
+    let (plan, item) = plan_erasure(&*store, "default", "p-1", &[], T0_MS + 10_000);
+    store
+        .erase(&plan.redacted, &item)
+        .expect("the erasure commits");
+    assert!(store.verify().unwrap().is_ok());
+    let store = harness.tamper_record(store, "default", "p-1", 1, 20);
+    let report = store.verify().unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("default/p-1") && p.contains("record 1")),
+        "{:?}",
+        report.problems
+    );
 }

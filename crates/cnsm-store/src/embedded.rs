@@ -469,6 +469,77 @@ impl EmbeddedStore {
         Ok(outcomes)
     }
 
+    /// [`Store::erase`] inside one write transaction: compare-and-swap, bytes replaced in the
+    /// commit log (the only copy; the index points at it), then the erasure record as an item.
+    fn erase_in(
+        &self,
+        txn: &WriteTransaction,
+        redacted: &[SealedRecord],
+        item: &CommitItem,
+        prev_hash: Hash32,
+    ) -> Result<ItemOutcome, StoreError> {
+        let mut t = WriteTables::open(txn)?;
+        let (namespace, id) = (&*item.instance.namespace, &*item.instance.id);
+        let corrupt =
+            |detail: String| StoreError::Corrupt(format!("instance {namespace}/{id}: {detail}"));
+        let head = match t.instances.get((namespace, id)).io()? {
+            Some(row) => head_of(&row.value()).map_err(corrupt)?,
+            None => return Ok(ItemOutcome::Conflict { actual: None }),
+        };
+        if Some(head.version) != item.expected_version {
+            return Ok(ItemOutcome::Conflict {
+                actual: Some(head.version),
+            });
+        }
+        let uid = head.uid;
+        for sealed in redacted {
+            let version = sealed.version;
+            let Some(seq) = t.index.get((uid, version)).io()?.map(|g| g.value()) else {
+                return Err(corrupt(format!("record {version} is missing")));
+            };
+            let stored = t.records.get(seq).io()?.map(|g| {
+                let (u, v, hash, _) = g.value();
+                (u, v, hash)
+            });
+            match stored {
+                Some((u, v, hash)) if (u, v) == (uid, version) && Hash32(hash) == sealed.hash => {}
+                Some(_) => {
+                    return Err(StoreError::Refused(format!(
+                        "erasure of {namespace}/{id} refused: record {version} is not stored with the hash the erasure keeps"
+                    )));
+                }
+                None => {
+                    return Err(corrupt(format!(
+                        "record {version} is missing (commit sequence {seq})"
+                    )));
+                }
+            }
+            t.records
+                .insert(seq, (uid, version, sealed.hash.0, sealed.bytes.as_slice()))
+                .io()?;
+        }
+        let mut counters = Counters {
+            next_uid: meta_get(&t.meta, META_NEXT_UID)?,
+            next_seq: meta_get(&t.meta, META_NEXT_SEQ)?,
+        };
+        let verified_seq = meta_get(&t.meta, META_VERIFIED_SEQ)?.max(
+            self.verified_upto
+                .load(Ordering::SeqCst)
+                .min(counters.next_seq.saturating_sub(1)),
+        );
+        let outcome = apply_item(&mut t, item, prev_hash, &mut counters)?;
+        if !matches!(outcome, ItemOutcome::Committed { .. }) {
+            // Checked above in this transaction; returning an error aborts the redactions.
+            return Err(corrupt(
+                "the erasure record lost its compare-and-swap".into(),
+            ));
+        }
+        t.meta.insert(META_NEXT_UID, counters.next_uid).io()?;
+        t.meta.insert(META_NEXT_SEQ, counters.next_seq).io()?;
+        t.meta.insert(META_VERIFIED_SEQ, verified_seq).io()?;
+        Ok(outcome)
+    }
+
     /// One durable write. It also persists every earlier batch of the write-ahead log, which
     /// is emptied after it.
     fn write<T>(
@@ -1168,6 +1239,16 @@ impl Store for EmbeddedStore {
         }
         drop(log);
         self.write(|txn| self.commit_in(txn, items, &prev_hashes))
+    }
+
+    fn erase(
+        &self,
+        redacted: &[SealedRecord],
+        erasure: &CommitItem,
+    ) -> Result<ItemOutcome, StoreError> {
+        let prev_hash = check_item(0, erasure)?;
+        crate::check_erase(redacted, erasure)?;
+        self.write(|txn| self.erase_in(txn, redacted, erasure, prev_hash))
     }
 
     fn instance(&self, namespace: &str, id: &str) -> Result<Option<StoredInstance>, StoreError> {

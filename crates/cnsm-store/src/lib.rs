@@ -192,6 +192,99 @@ pub fn check_import(definitions: &[DefinitionRow], items: &[ImportItem]) -> Resu
     Ok(())
 }
 
+/// The read-side check of a history page of `namespace/id` (stores call it on the way out):
+/// each record's bytes hash to its stored hash, or a later erasure record of its chain lists it
+/// ([`cnsm_core::record::ErasureCheck`]). `later(v)` reads the records after version `v` (a page;
+/// an empty page ends the search); it is called only when a redacted record needs them.
+pub fn check_history_page(
+    namespace: &str,
+    id: &str,
+    page: &[SealedRecord],
+    mut later: impl FnMut(u64) -> Result<Vec<SealedRecord>, StoreError>,
+) -> Result<(), StoreError> {
+    let mut erasures = cnsm_core::record::ErasureCheck::default();
+    let corrupt = |e: cnsm_core::record::ChainError| {
+        StoreError::Corrupt(format!("instance {namespace}/{id}: {e}"))
+    };
+    let mut last = None;
+    for sealed in page {
+        erasures.check_hash(sealed.version, sealed.hash, &sealed.bytes);
+        erasures
+            .note_bytes(sealed.version, &sealed.bytes)
+            .map_err(corrupt)?;
+        last = Some(sealed.version);
+    }
+    while let Some(after) = last
+        && erasures.has_pending()
+        && erasures.finish().is_err()
+    {
+        let more = later(after)?;
+        last = None;
+        for sealed in &more {
+            if sealed.version > after {
+                erasures
+                    .note_bytes(sealed.version, &sealed.bytes)
+                    .map_err(corrupt)?;
+                last = Some(sealed.version);
+            }
+        }
+    }
+    erasures.finish().map_err(corrupt)
+}
+
+/// Checks an erasure before any write (pair assertions, shared by the backends): the item is
+/// an `erasure` record following an expected version, and it lists every redacted record with
+/// `originalHash` = the hash kept for it and `redactedHash` = the hash of its new bytes.
+pub fn check_erase(redacted: &[SealedRecord], erasure: &CommitItem) -> Result<(), StoreError> {
+    let instance = &erasure.instance;
+    let refuse = |detail: String| {
+        StoreError::Refused(format!(
+            "erasure of {}/{} refused: {detail}",
+            instance.namespace, instance.id
+        ))
+    };
+    let Some(expected) = erasure.expected_version else {
+        return Err(refuse("an erasure needs an expected version".into()));
+    };
+    if erasure.idempotency.is_some() {
+        return Err(refuse("an erasure carries no idempotency key".into()));
+    }
+    let record = erasure
+        .record
+        .open()
+        .map_err(|e| refuse(format!("the erasure record: {e}")))?;
+    let Some(list) = record
+        .erasure
+        .as_ref()
+        .filter(|_| record.kind == cnsm_core::record::RecordKind::Erasure)
+    else {
+        return Err(refuse("the record is not an erasure record".into()));
+    };
+    let mut previous = None;
+    for sealed in redacted {
+        if sealed.version > expected || previous.is_some_and(|p| p >= sealed.version) {
+            return Err(refuse(format!(
+                "redacted record {} is out of order or past version {expected}",
+                sealed.version
+            )));
+        }
+        previous = Some(sealed.version);
+        let redacted_hash = Hash32::digest(cnsm_core::record::RECORD_DOMAIN, &sealed.bytes);
+        let listed = list.records.iter().any(|entry| {
+            entry.version == sealed.version
+                && entry.original_hash == sealed.hash
+                && entry.redacted_hash == redacted_hash
+        });
+        if !listed {
+            return Err(refuse(format!(
+                "redacted record {} is not listed by the erasure record with its hashes",
+                sealed.version
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A pending timer as the timer index keeps it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TimerRef {
@@ -366,6 +459,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks every hash chain, every instance against its last record, every index.
     fn verify(&self) -> Result<VerifyReport, StoreError>;
+
+    /// Erasure of personal data (see [`cnsm_core::erasure`]), in ONE durable transaction:
+    /// replaces the stored bytes of each `redacted` record of the instance of `erasure` (each
+    /// keeps its stored hash, which must equal the record's `hash` here, as the chain link),
+    /// and commits `erasure` (the `erasure` record, with `expected_version`) as [`Store::commit`]
+    /// would. When the durable version is not the expected one the answer is
+    /// [`ItemOutcome::Conflict`] and nothing changes. Every copy of a record's bytes the store
+    /// keeps (commit log included) is replaced.
+    fn erase(
+        &self,
+        redacted: &[SealedRecord],
+        erasure: &CommitItem,
+    ) -> Result<ItemOutcome, StoreError>;
 
     /// Retention: deletes up to `limit` instances of `namespace/machine` that ended
     /// (succeeded, failed, cancelled) before `ended_before_ms`, with their whole history and

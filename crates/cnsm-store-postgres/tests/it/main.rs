@@ -114,4 +114,27 @@ impl Harness for PgHarness {
         drop(store);
         Box::new(PostgresStore::open(&self.url, self.options()).expect("the store reopens"))
     }
+
+    fn tamper_record(
+        &mut self,
+        store: Box<dyn Store>,
+        namespace: &str,
+        id: &str,
+        version: u64,
+        byte_index: usize,
+    ) -> Box<dyn Store> {
+        let admin = PostgresStore::open(&self.url, options(self.current())).expect("opens");
+        let position = byte_index + 1;
+        let sql = format!(
+            "UPDATE cnsm_records r SET bytes = overlay(r.bytes placing \
+             set_byte(substring(r.bytes from {position} for 1), 0, \
+                      get_byte(substring(r.bytes from {position} for 1), 0) # 255) \
+             from {position} for 1) \
+             FROM cnsm_instances i \
+             WHERE i.uid = r.uid AND i.namespace = '{namespace}' AND i.id = '{id}' \
+               AND r.version = {version}"
+        );
+        admin.batch_execute(&sql).expect("the record is edited");
+        store
+    }
 }

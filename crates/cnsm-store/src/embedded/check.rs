@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use cnsm_core::Instance;
 use cnsm_core::engine::revision_hash;
-use cnsm_core::record::{Hash32, RECORD_DOMAIN, SealedRecord};
+use cnsm_core::record::{
+    ChainError, ErasureCheck, Hash32, RECORD_DOMAIN, SealedRecord, decode_record,
+};
 use cnsm_core::resource::StateMachine;
 use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata};
 
@@ -99,11 +101,14 @@ pub(crate) fn check_record(
     };
     let (namespace, id) = key.value();
     let name = format!("instance {namespace}/{id} record {version}");
-    if Hash32::digest(RECORD_DOMAIN, bytes) != Hash32(hash) {
+    if Hash32::digest(RECORD_DOMAIN, bytes) != Hash32(hash)
+        && !erased_and_listed(records, index, uid, version, Hash32(hash), bytes)?
+    {
         return Ok(Err(format!("{name}: stored hash does not match its bytes")));
     }
-    // The hash matched, so the bytes are what was committed: read just the identity and the
-    // link (a full decode is `verify`'s job).
+    // The hash matched (or a later erasure record of the chain lists these bytes), so the bytes
+    // are what was committed: read just the identity and the link (a full decode is `verify`'s
+    // job).
     let fields =
         match cnsm_core::cbor::top_level_texts(bytes, &["namespace", "instance", "prevHash"]) {
             Ok(fields) => fields,
@@ -154,6 +159,32 @@ pub(crate) fn check_record(
         }
     }
     Ok(Ok(()))
+}
+
+/// Whether record `version` of `uid`, whose bytes do not hash to its stored hash, is a redacted
+/// record that a later erasure record of its chain lists ([`ErasureCheck`], the core's rule).
+fn erased_and_listed(
+    records: &impl ReadableTable<u64, RecordValue>,
+    index: &impl ReadableTable<(u64, u64), u64>,
+    uid: u64,
+    version: u64,
+    stored_hash: Hash32,
+    bytes: &[u8],
+) -> Result<bool, StoreError> {
+    let mut erasures = ErasureCheck::default();
+    erasures.check_hash(version, stored_hash, bytes);
+    for entry in index.range((uid, version + 1)..=(uid, u64::MAX)).io()? {
+        let (key, seq) = entry.io()?;
+        let later_version = key.value().1;
+        let Some(value) = records.get(seq.value()).io()? else {
+            continue;
+        };
+        let (_, _, _, later_bytes) = value.value();
+        if erasures.note_bytes(later_version, later_bytes).is_err() {
+            continue;
+        }
+    }
+    Ok(erasures.finish().is_ok())
 }
 
 /// The stored hash of record `version` of `uid`, found through the record index; the inner
@@ -420,6 +451,7 @@ fn replay(
 ) -> Result<Option<Instance>, StoreError> {
     let mut replayed: Option<Instance> = None;
     let mut broken = false;
+    let mut erasures = ErasureCheck::default();
     let mut expected_version = 0u64;
     for entry in index.range((uid, 0)..=(uid, u64::MAX)).io()? {
         let (key, seq) = entry.io()?;
@@ -453,14 +485,23 @@ fn replay(
             bytes: bytes.to_vec(),
             hash: Hash32(hash),
         };
-        let record = match sealed.open() {
+        let matched = erasures.check_hash(version, sealed.hash, &sealed.bytes);
+        let record = match decode_record(version, &sealed.bytes) {
             Ok(record) => record,
             Err(e) => {
+                let e = if matched {
+                    e
+                } else {
+                    ChainError::HashMismatch { version }
+                };
                 problems.push(format!("instance {namespace}/{id}: {e}"));
                 broken = true;
                 continue;
             }
         };
+        if let Some(erasure) = &record.erasure {
+            erasures.note(version, erasure);
+        }
         if &*record.namespace != namespace || &*record.instance != id {
             problems.push(format!(
                 "{name}: belongs to {}/{}",
@@ -482,6 +523,12 @@ fn replay(
     }
     if replayed.is_none() && !broken {
         problems.push(format!("instance {namespace}/{id}: has no history"));
+    }
+    // A record whose bytes do not hash to its stored hash is accepted only through a later
+    // erasure record of the chain.
+    if !broken && let Err(e) = erasures.finish() {
+        problems.push(format!("instance {namespace}/{id}: {e}"));
+        broken = true;
     }
     Ok(if broken { None } else { replayed })
 }

@@ -38,4 +38,27 @@ impl Harness for EmbeddedHarness {
         drop(store);
         Box::new(EmbeddedStore::open(self.current()).expect("the store reopens"))
     }
+
+    fn tamper_record(
+        &mut self,
+        store: Box<dyn Store>,
+        namespace: &str,
+        id: &str,
+        version: u64,
+        byte_index: usize,
+    ) -> Box<dyn Store> {
+        drop(store);
+        cnsm_store::embedded::testing::flip_record_byte(
+            self.current(),
+            namespace,
+            id,
+            version,
+            byte_index,
+        )
+        .expect("the record is edited");
+        // Past the checkpoint, as damage found later would be: `verify` must see it.
+        cnsm_store::embedded::testing::mark_all_verified(self.current())
+            .expect("the checkpoint moves");
+        Box::new(EmbeddedStore::open(self.current()).expect("the store reopens"))
+    }
 }

@@ -1107,3 +1107,128 @@ fn canary_rollout_routes_by_weight_sticky_per_id_then_promote_and_abort() {
         rt.shutdown();
     });
 }
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Erasure end to end on the embedded store: personal values leave the data, the history and
+/// the store file; `verify` and the test kit's verifier stay green; the instance goes on.
+#[test]
+fn erase_removes_personal_data_and_the_chain_still_verifies() {
+    block_on(async {
+        let env = Env::new();
+        let rt = env.runtime();
+        rt.apply_yaml(&example("order-processing.yaml"), None)
+            .await
+            .unwrap();
+        rt.create_instance(
+            CreateInstance::new("shop", "order-processing")
+                .id("o-1")
+                .data(obj(json!({"total": 40, "email": "ann@secret.example"}))),
+        )
+        .await
+        .unwrap();
+        rt.send("shop", "o-1", EventRequest::new("complete"))
+            .await
+            .unwrap();
+        rt.send(
+            "shop",
+            "o-1",
+            EventRequest::new("pay").payload(json!({"amount": 40, "card": "4111-SECRET-CARD"})),
+        )
+        .await
+        .unwrap();
+        let unknown = rt
+            .erase("shop", "nobody", cnsm_runtime::EraseRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.error_type(), "NotFound");
+        let bad = cnsm_runtime::EraseRequest {
+            fields: vec!["a..b".into()],
+            ..Default::default()
+        };
+        let bad = rt.erase("shop", "o-1", bad).await.unwrap_err();
+        assert_eq!(bad.error_type(), "Invalid");
+
+        let erased = rt
+            .erase(
+                "shop",
+                "o-1",
+                cnsm_runtime::EraseRequest {
+                    reason: Some("GDPR art. 17".into()),
+                    actor: "alice".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(erased.record.version, 3);
+        assert_eq!(erased.record.kind, cnsm_core::record::RecordKind::Erasure);
+        assert_eq!(erased.instance.state.as_ref(), "paid");
+        assert_eq!(
+            erased.instance.data.get("email"),
+            Some(&json!(cnsm_core::record::ERASED_MARKER))
+        );
+        let got = rt.instance("shop", "o-1").await.unwrap();
+        assert_eq!(got, erased.instance);
+        let history = rt.history("shop", "o-1", 0, 100).await.unwrap();
+        assert_eq!(history.len(), 4);
+        for entry in &history {
+            let text = serde_json::to_string(&entry.record).unwrap();
+            assert!(!text.contains("ann@secret.example"), "{text}");
+            assert!(!text.contains("4111-SECRET-CARD"), "{text}");
+        }
+        let report = rt.store().verify().unwrap();
+        assert!(report.is_ok(), "{:?}", report.problems);
+        SnapshotVerifier::new(&**rt.store())
+            .verify_all(None)
+            .expect("the test kit verifies the erased chain");
+
+        // Without its erasure record the redacted chain no longer verifies.
+        let sealed = rt.store().history("shop", "o-1", 0, 0).unwrap();
+        let without = cnsm_core::record::verify_chain(
+            "shop",
+            "o-1",
+            0,
+            cnsm_core::Hash32::ZERO,
+            &sealed[..3],
+        );
+        assert_eq!(
+            without,
+            Err(cnsm_core::record::ChainError::HashMismatch { version: 0 })
+        );
+
+        // The instance goes on, and its chain with it.
+        let shipped = rt
+            .send("shop", "o-1", EventRequest::new("ship"))
+            .await
+            .unwrap();
+        assert_eq!(shipped.record.version, 4);
+        assert_eq!(shipped.record.prev_hash, erased.hash);
+        assert!(rt.store().verify().unwrap().is_ok());
+        rt.shutdown();
+        drop(rt);
+
+        // Reopened: the store still verifies, and no copy of the erased bytes is left in the
+        // store's records.
+        let rt = env.runtime();
+        assert!(rt.store().verify().unwrap().is_ok());
+        let mut after = 0;
+        while let Ok(page) = rt.store().records_after(after, 0) {
+            let Some((last, _)) = page.last() else { break };
+            after = *last;
+            for (_, sealed) in &page {
+                assert!(!contains(&sealed.bytes, b"ann@secret.example"));
+                assert!(!contains(&sealed.bytes, b"4111-SECRET-CARD"));
+            }
+        }
+        rt.shutdown();
+        drop(rt);
+        let file = std::fs::read(env.path.join(cnsm_store::embedded::FILE_NAME)).unwrap();
+        assert!(
+            !contains(&file, b"4111-SECRET-CARD"),
+            "the store file still holds an erased value"
+        );
+    });
+}
