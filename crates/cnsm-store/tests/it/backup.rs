@@ -68,6 +68,13 @@ fn backups_taken_during_commits_are_consistent_and_restore() {
             round
         })
     };
+    // The backups must overlap the commits: wait for the writer's first rounds (on a loaded
+    // machine its first commit can take a while).
+    let started = std::time::Instant::now();
+    while snapshot_of(store.as_ref()).len() < 2 {
+        assert!(started.elapsed().as_secs() < 60, "the writer commits");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let out_dir = tempfile::tempdir().expect("tempdir");
     let mut backups = Vec::new();
     for n in 0..3 {
