@@ -48,6 +48,7 @@ use tokio::sync::{Semaphore, watch};
 mod admin;
 pub mod auth;
 pub mod client;
+pub mod delivery_transport;
 mod controls;
 mod definitions;
 mod events;
