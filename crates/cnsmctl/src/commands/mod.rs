@@ -4,6 +4,7 @@
 //! store, so a malformed request never takes the store's lock, fires a timer or changes anything.
 
 pub mod audit;
+pub mod deliveries;
 mod definitions;
 mod instances;
 mod migrate;
@@ -165,6 +166,7 @@ pub async fn run(context: &Context, command: Command, out: &mut Out) -> Result<u
         Command::Demo(_) => crate::demo::run(context, out).await.map(|()| EXIT_OK),
         Command::Serve(args) => serve::run(context, &args, out).await.map(|()| EXIT_OK),
         Command::Audit(command) => audit::run(context, &command, out).map(|()| EXIT_OK),
+        Command::Deliveries(args) => deliveries::run(context, &args, out).map(|()| EXIT_OK),
     }
 }
 
