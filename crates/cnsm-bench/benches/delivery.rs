@@ -184,7 +184,12 @@ fn main() {
         Receiver::Hangs,
         Receiver::Down,
     ];
-    let mut best = [(0.0f64, String::new()), Default::default(), Default::default(), Default::default()];
+    let mut best = [
+        (0.0f64, String::new()),
+        Default::default(),
+        Default::default(),
+        Default::default(),
+    ];
     for _ in 0..rounds {
         for (i, case) in cases.iter().enumerate() {
             let (rate, detail) = io.block_on(durable(*case, n_clients, seconds));

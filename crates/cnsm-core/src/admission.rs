@@ -1706,13 +1706,18 @@ impl<'m> Checker<'m> {
             .iter()
             .enumerate()
             .map(|(i, t)| (format!("spec.notify[{i}]"), None, t))
-            .chain(machine.spec.states.iter().enumerate().flat_map(|(s, state)| {
-                state
-                    .notify
+            .chain(
+                machine
+                    .spec
+                    .states
                     .iter()
                     .enumerate()
-                    .map(move |(i, t)| (format!("{}.notify[{i}]", state_path(s)), Some(s), t))
-            }))
+                    .flat_map(|(s, state)| {
+                        state.notify.iter().enumerate().map(move |(i, t)| {
+                            (format!("{}.notify[{i}]", state_path(s)), Some(s), t)
+                        })
+                    }),
+            )
             .collect();
         if targets.len() > NOTIFY_TARGETS_MAX {
             self.error(

@@ -336,8 +336,8 @@ pub fn cloud_event(record: &StateChangeEvent, hash: &Hash32) -> Vec<u8> {
 /// );
 /// ```
 pub fn sign(secret: &[u8], body: &[u8]) -> String {
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret)
-        .expect("HMAC takes a key of any length");
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
     mac.update(body);
     let digest = mac.finalize().into_bytes();
     let mut out = String::with_capacity(7 + 64);
@@ -519,6 +519,18 @@ impl State {
             }
         }
         self.advance(true);
+        // Give the leases back so another node (or the next start) takes over at once.
+        let now_ms = self.clock.now_ms();
+        for target in self.targets.values_mut() {
+            if target.held_until_ms.is_some()
+                && let Err(e) =
+                    self.store
+                        .claim_delivery(&target.key, &self.options.node_id, now_ms, 0)
+            {
+                tracing::warn!("delivery {}: cannot release the lease: {e}", target.key);
+            }
+            target.release();
+        }
         self.publish();
     }
 
@@ -550,7 +562,8 @@ impl State {
         let mut seen = Vec::new();
         for row in &definitions {
             for (_, target) in row.definition.notify_targets() {
-                let key: Arc<str> = format!("{}/{}/{}", row.namespace, row.name, target.name).into();
+                let key: Arc<str> =
+                    format!("{}/{}/{}", row.namespace, row.name, target.name).into();
                 let endpoint = Endpoint {
                     url: target.url.clone(),
                     secret_env: target.secret_env.clone(),
@@ -711,16 +724,18 @@ impl State {
         };
         let (namespace, machine) = (target.namespace.clone(), target.machine.clone());
         let name = target.name.clone();
-        let same_machine = cnsm_core::cbor::top_level_texts(&sealed.bytes, &["namespace", "machine"])
-            .map(|f| f[0] == Some(namespace.as_str()) && f[1] == Some(machine.as_str()))
-            .unwrap_or(true);
+        let same_machine =
+            cnsm_core::cbor::top_level_texts(&sealed.bytes, &["namespace", "machine"])
+                .map(|f| f[0] == Some(namespace.as_str()) && f[1] == Some(machine.as_str()))
+                .unwrap_or(true);
         if !same_machine {
             return;
         }
         let record = match record.map(Ok).unwrap_or_else(|| sealed.open()) {
             Ok(record) => record,
             Err(e) => {
-                let message = format!("the record at commit position {position} does not decode: {e}");
+                let message =
+                    format!("the record at commit position {position} does not decode: {e}");
                 tracing::error!("delivery {key}: {message}");
                 self.dead_letter_now(key, position, message);
                 return;
@@ -749,11 +764,20 @@ impl State {
                 in_flight: false,
             },
         );
-        target.queues.entry(instance).or_default().push_back(position);
+        target
+            .queues
+            .entry(instance)
+            .or_default()
+            .push_back(position);
     }
 
     /// The filters of a revision (cached).
-    fn filters(&mut self, namespace: &str, machine: &str, revision: u32) -> Arc<HashMap<String, Filter>> {
+    fn filters(
+        &mut self,
+        namespace: &str,
+        machine: &str,
+        revision: u32,
+    ) -> Arc<HashMap<String, Filter>> {
         let key = (namespace.to_owned(), machine.to_owned(), revision);
         if let Some(f) = self.revisions.get(&key) {
             return Arc::clone(f);
@@ -818,7 +842,10 @@ impl State {
                 let mut headers = vec![
                     ("content-type".to_owned(), CONTENT_TYPE.to_owned()),
                     (ATTEMPT_HEADER.to_owned(), pending.n_attempts.to_string()),
-                    ("user-agent".to_owned(), concat!("cnsm/", env!("CARGO_PKG_VERSION")).to_owned()),
+                    (
+                        "user-agent".to_owned(),
+                        concat!("cnsm/", env!("CARGO_PKG_VERSION")).to_owned(),
+                    ),
                 ];
                 if let Some(secret) = &secret {
                     headers.push((SIGNATURE_HEADER.to_owned(), sign(secret, &pending.body)));
@@ -834,7 +861,8 @@ impl State {
                 let key = Arc::clone(&target.key);
                 tokio::spawn(async move {
                     let started = Instant::now();
-                    let result = match tokio::time::timeout(timeout, transport.post(request)).await {
+                    let result = match tokio::time::timeout(timeout, transport.post(request)).await
+                    {
                         Ok(result) => result,
                         Err(_) => Err(format!(
                             "no answer within {} ms (timeoutSeconds)",
@@ -899,7 +927,8 @@ impl State {
             let key = Arc::clone(&target.key);
             self.dead_letter_now(&key, done.position, error);
         } else {
-            pending.next_at = Instant::now() + Duration::from_millis(backoff_ms(pending.n_attempts, random));
+            pending.next_at =
+                Instant::now() + Duration::from_millis(backoff_ms(pending.n_attempts, random));
         }
     }
 
@@ -1075,14 +1104,11 @@ fn count_dead_letters(store: &dyn Store, key: &str) -> u64 {
     let mut n = 0u64;
     let mut after: Option<(String, u64)> = None;
     loop {
-        let page = match store.dead_letters(
-            Some(key),
-            after.as_ref().map(|(t, p)| (t.as_str(), *p)),
-            0,
-        ) {
-            Ok(page) => page,
-            Err(_) => return n,
-        };
+        let page =
+            match store.dead_letters(Some(key), after.as_ref().map(|(t, p)| (t.as_str(), *p)), 0) {
+                Ok(page) => page,
+                Err(_) => return n,
+            };
         n += page.len() as u64;
         match page.last() {
             Some(last) if page.len() >= cnsm_store::PAGE_LEN_MAX => {
@@ -1131,8 +1157,14 @@ impl DeliveryMetrics {
                         observer.observe(
                             t.lag,
                             &[
-                                KeyValue::new("cnsm.machine.name", machine.unwrap_or("").to_owned()),
-                                KeyValue::new("cnsm.delivery.target", name.unwrap_or("").to_owned()),
+                                KeyValue::new(
+                                    "cnsm.machine.name",
+                                    machine.unwrap_or("").to_owned(),
+                                ),
+                                KeyValue::new(
+                                    "cnsm.delivery.target",
+                                    name.unwrap_or("").to_owned(),
+                                ),
                             ],
                         );
                     }
@@ -1169,11 +1201,22 @@ mod tests {
     #[test]
     fn backoff_doubles_from_100_ms_to_a_60_s_cap_with_jitter_in_the_upper_half() {
         assert_eq!(backoff_ms(1, 0), 50);
-        assert_eq!(backoff_ms(1, u64::MAX), 50 + u64::MAX % 51);
-        for (n_failed, full) in [(1, 100), (2, 200), (3, 400), (10, 51_200), (11, 60_000), (40, 60_000)] {
+        assert_eq!(backoff_ms(1, 7), 57);
+        assert_eq!(backoff_ms(2, 1000), 100 + 1000 % 101);
+        for (n_failed, full) in [
+            (1, 100),
+            (2, 200),
+            (3, 400),
+            (10, 51_200),
+            (11, 60_000),
+            (40, 60_000),
+        ] {
             for random in [0, 1, 12345, u64::MAX] {
                 let d = backoff_ms(n_failed, random);
-                assert!((full / 2..=full).contains(&d), "{n_failed}: {d} not in {full}/2..={full}");
+                assert!(
+                    (full / 2..=full).contains(&d),
+                    "{n_failed}: {d} not in {full}/2..={full}"
+                );
             }
         }
     }

@@ -77,7 +77,11 @@ mod tests {
     #[test]
     fn urls_split_into_base_and_request_target() {
         for (url, base, target) in [
-            ("http://127.0.0.1:9/hooks/a?x=1", "http://127.0.0.1:9", "/hooks/a?x=1"),
+            (
+                "http://127.0.0.1:9/hooks/a?x=1",
+                "http://127.0.0.1:9",
+                "/hooks/a?x=1",
+            ),
             ("https://example.com", "https://example.com", "/"),
             ("http://h:1?q", "http://h:1", "/?q"),
             ("http://[::1]:8080/p", "http://[::1]:8080", "/p"),

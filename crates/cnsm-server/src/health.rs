@@ -630,7 +630,11 @@ pub async fn debug(
                 "  {} -> {}: {} cursor {} lag {} pending {} in flight {} delivered {} attempts {} failed {} dead letters {}{}{}",
                 t.target,
                 t.url,
-                if t.held { "held" } else { "held by another node" },
+                if t.held {
+                    "held"
+                } else {
+                    "held by another node"
+                },
                 t.cursor,
                 t.lag,
                 t.pending,

@@ -109,7 +109,10 @@ pub const CASES: &[(&str, Case)] = &[
         "delivery_cursors_are_leased_and_fenced",
         delivery_cursors_are_leased_and_fenced,
     ),
-    ("dead_letters_are_kept_in_order", dead_letters_are_kept_in_order),
+    (
+        "dead_letters_are_kept_in_order",
+        dead_letters_are_kept_in_order,
+    ),
     (
         "timers_follow_each_instance_current_timer",
         timers_follow_each_instance_current_timer,
@@ -989,7 +992,10 @@ pub fn delivery_cursors_are_leased_and_fenced(harness: &mut dyn Harness) {
         .claim_delivery(target, "node-a", T0_MS + 600, 1_000)
         .unwrap()
         .unwrap();
-    assert_eq!((renewed.position, renewed.lease_until_ms), (42, T0_MS + 1_600));
+    assert_eq!(
+        (renewed.position, renewed.lease_until_ms),
+        (42, T0_MS + 1_600)
+    );
     // Expired: node-b takes over at the durable position, and node-a is fenced off.
     let taken = store
         .claim_delivery(target, "node-b", T0_MS + 1_600, 1_000)
@@ -1031,13 +1037,21 @@ pub fn dead_letters_are_kept_in_order(harness: &mut dyn Harness) {
     };
     assert!(store.dead_letters(None, None, 0).unwrap().is_empty());
     for (target, position) in [("ns/m/b", 7), ("ns/m/a", 9), ("ns/m/a", 3), ("ns/m/b", 1)] {
-        store.put_dead_letter(&letter(target, position, 12)).unwrap();
+        store
+            .put_dead_letter(&letter(target, position, 12))
+            .unwrap();
     }
     store.put_dead_letter(&letter("ns/m/a", 9, 13)).unwrap();
     let store = harness.reopen(store);
     let all = store.dead_letters(None, None, 0).unwrap();
-    let keys: Vec<(&str, u64)> = all.iter().map(|d| (d.target.as_str(), d.position)).collect();
-    assert_eq!(keys, [("ns/m/a", 3), ("ns/m/a", 9), ("ns/m/b", 1), ("ns/m/b", 7)]);
+    let keys: Vec<(&str, u64)> = all
+        .iter()
+        .map(|d| (d.target.as_str(), d.position))
+        .collect();
+    assert_eq!(
+        keys,
+        [("ns/m/a", 3), ("ns/m/a", 9), ("ns/m/b", 1), ("ns/m/b", 7)]
+    );
     assert_eq!(all[1], letter("ns/m/a", 9, 13));
     let only_b = store.dead_letters(Some("ns/m/b"), None, 0).unwrap();
     assert_eq!(only_b, [letter("ns/m/b", 1, 12), letter("ns/m/b", 7, 12)]);
@@ -1047,7 +1061,12 @@ pub fn dead_letters_are_kept_in_order(harness: &mut dyn Harness) {
         .dead_letters(Some("ns/m/a"), Some(("ns/m/a", 3)), 10)
         .unwrap();
     assert_eq!(page, [letter("ns/m/a", 9, 13)]);
-    assert!(store.dead_letters(Some("ns/m/c"), None, 0).unwrap().is_empty());
+    assert!(
+        store
+            .dead_letters(Some("ns/m/c"), None, 0)
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// A machine's rollout is stored, replaced, cleared, survives a reopen, and names only

@@ -1330,7 +1330,11 @@ impl Store for EmbeddedStore {
         after: Option<(&str, u64)>,
         limit: usize,
     ) -> Result<Vec<crate::DeadLetter>, StoreError> {
-        let limit = if limit == 0 { PAGE_LEN_MAX } else { limit.min(PAGE_LEN_MAX) };
+        let limit = if limit == 0 {
+            PAGE_LEN_MAX
+        } else {
+            limit.min(PAGE_LEN_MAX)
+        };
         let txn = self.read()?;
         let table = match txn.open_table(DEAD_LETTERS) {
             Ok(table) => table,

@@ -1434,7 +1434,10 @@ fn notify_targets_are_checked() {
         ),
         (
             "duplicate names",
-            with_notify(&["{name: w, url: 'http://h/1'}", "{name: w, url: 'http://h/2'}"]),
+            with_notify(&[
+                "{name: w, url: 'http://h/1'}",
+                "{name: w, url: 'http://h/2'}",
+            ]),
             "error duplicate-notify-target spec.notify[1].name @8 ~spec.notify[0]",
         ),
         (
@@ -1519,7 +1522,10 @@ fn typed_notify_targets_are_checked_too() {
         max_attempts: Some(0),
     });
     let admission = admit(machine);
-    let found: Vec<(&str, &str)> = admission.errors().map(|p| (p.code, p.path.as_str())).collect();
+    let found: Vec<(&str, &str)> = admission
+        .errors()
+        .map(|p| (p.code, p.path.as_str()))
+        .collect();
     assert_eq!(
         found,
         [

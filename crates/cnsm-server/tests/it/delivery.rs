@@ -63,7 +63,9 @@ async fn receive(State(rx): State<Receiver>, headers: HeaderMap, body: Bytes) ->
     let signature_ok = text(delivery::SIGNATURE_HEADER) == recompute(&rx.secret, &body)
         && text("content-type") == delivery::CONTENT_TYPE;
     let instance = event["subject"].as_str().unwrap_or("").to_owned();
-    let version = event["data"]["record"]["version"].as_u64().unwrap_or(u64::MAX);
+    let version = event["data"]["record"]["version"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
     // (status, how long before answering); the request is recorded on arrival.
     let (status, delay_ms) = match rx.behaviour {
         Behaviour::Accept => (StatusCode::OK, 0),
@@ -220,7 +222,10 @@ async fn committed(runtime: &Runtime) -> BTreeMap<(String, u64), String> {
 async fn eventually(seconds: u64, what: &str, mut done: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
     while !done() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -312,10 +317,19 @@ async fn deliveries_survive_failing_hanging_and_down_receivers() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(accepted_ids(&down).is_empty());
     let status = runtime.delivery_status().unwrap();
-    let down_status = status.iter().find(|t| t.target == "default/orders/down").unwrap();
-    assert!(down_status.failed_attempts > 0 && down_status.pending > 0, "{down_status:?}");
+    let down_status = status
+        .iter()
+        .find(|t| t.target == "default/orders/down")
+        .unwrap();
+    assert!(
+        down_status.failed_attempts > 0 && down_status.pending > 0,
+        "{down_status:?}"
+    );
     assert!(down_status.last_error.is_some());
-    serve(tokio::net::TcpListener::bind(down_address).await.unwrap(), down.clone());
+    serve(
+        tokio::net::TcpListener::bind(down_address).await.unwrap(),
+        down.clone(),
+    );
     for (receiver, name) in [(&flaky, "flaky"), (&hangs, "hangs"), (&down, "down")] {
         eventually(60, name, || accepted_ids(receiver) == ids).await;
         check_contract(receiver, name);
@@ -332,9 +346,18 @@ async fn deliveries_survive_failing_hanging_and_down_receivers() {
     .await;
     deliverer.stop();
     let cursors = runtime.store().delivery_cursors().unwrap();
-    let end = runtime.store().records_after(0, 0).unwrap().last().unwrap().0;
+    let end = runtime
+        .store()
+        .records_after(0, 0)
+        .unwrap()
+        .last()
+        .unwrap()
+        .0;
     assert_eq!(cursors.len(), 3);
-    assert!(cursors.iter().all(|(_, c)| c.position == end), "{cursors:?}");
+    assert!(
+        cursors.iter().all(|(_, c)| c.position == end),
+        "{cursors:?}"
+    );
     runtime.shutdown();
 }
 
@@ -357,7 +380,10 @@ async fn a_restart_redelivers_from_the_cursor_without_skipping() {
     deliverer.stop();
     runtime.shutdown();
     let before = accepted_ids(&slow);
-    assert!(before.len() < all.len(), "the test needs a stop mid-delivery");
+    assert!(
+        before.len() < all.len(),
+        "the test needs a stop mid-delivery"
+    );
     drop(runtime);
 
     let runtime = open();
@@ -387,7 +413,10 @@ async fn a_restart_redelivers_from_the_cursor_without_skipping() {
     assert_eq!(accepted_ids(&slow), ids);
     // Everything the first run did not finish is after the cursor.
     for id in ids.difference(&before) {
-        assert!(after_cursor.contains(id), "{id} was below the cursor but never delivered");
+        assert!(
+            after_cursor.contains(id),
+            "{id} was below the cursor but never delivered"
+        );
     }
     deliverer.stop();
     runtime.shutdown();
@@ -410,7 +439,10 @@ async fn refusals_and_exhausted_attempts_become_dead_letters_and_the_instance_mo
         runtime.store().dead_letters(None, None, 0).unwrap().len() == 4
     })
     .await;
-    let letters = runtime.store().dead_letters(Some("default/orders/picky"), None, 0).unwrap();
+    let letters = runtime
+        .store()
+        .dead_letters(Some("default/orders/picky"), None, 0)
+        .unwrap();
     let summary: Vec<(String, u64, u32)> = letters
         .iter()
         .map(|d| (d.instance.clone(), d.version, d.attempts))
@@ -468,7 +500,10 @@ async fn a_missing_secret_degrades_the_target_and_deliveries_wait() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(receiver.seen.lock().unwrap().is_empty(), "nothing goes out unsigned");
+    assert!(
+        receiver.seen.lock().unwrap().is_empty(),
+        "nothing goes out unsigned"
+    );
     *secret.lock().unwrap() = Some(b"late".to_vec());
     eventually(30, "every record once the secret is there", || {
         accepted_ids(&receiver).len() == all.len()
@@ -488,8 +523,5 @@ fn cloud_events_are_structured_and_signed_over_the_body() {
         recompute(b"key", event.as_bytes())
     );
     let long_key = vec![7u8; 100];
-    assert_eq!(
-        delivery::sign(&long_key, b"x"),
-        recompute(&long_key, b"x")
-    );
+    assert_eq!(delivery::sign(&long_key, b"x"), recompute(&long_key, b"x"));
 }

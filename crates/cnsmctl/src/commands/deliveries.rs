@@ -51,11 +51,7 @@ pub fn run(context: &Context, args: &DeliveriesArgs, out: &mut Out) -> Result<()
     let mut letters = Vec::new();
     let mut after: Option<(String, u64)> = None;
     loop {
-        let page = store.dead_letters(
-            target,
-            after.as_ref().map(|(t, p)| (t.as_str(), *p)),
-            0,
-        )?;
+        let page = store.dead_letters(target, after.as_ref().map(|(t, p)| (t.as_str(), *p)), 0)?;
         let full = page.len() >= cnsm_store::PAGE_LEN_MAX;
         after = page.last().map(|d| (d.target.clone(), d.position));
         letters.extend(page);
@@ -90,7 +86,13 @@ pub fn run(context: &Context, args: &DeliveriesArgs, out: &mut Out) -> Result<()
     out.line(format_args!("\nDead letters: {}", letters.len()));
     if !letters.is_empty() {
         let mut table = Table::new([
-            "TARGET", "POSITION", "INSTANCE", "VERSION", "ATTEMPTS", "FAILED", "LAST-ERROR",
+            "TARGET",
+            "POSITION",
+            "INSTANCE",
+            "VERSION",
+            "ATTEMPTS",
+            "FAILED",
+            "LAST-ERROR",
         ]);
         for d in &letters {
             table.row(vec![

@@ -4,8 +4,8 @@
 //! store, so a malformed request never takes the store's lock, fires a timer or changes anything.
 
 pub mod audit;
-pub mod deliveries;
 mod definitions;
+pub mod deliveries;
 mod instances;
 mod migrate;
 mod serve;

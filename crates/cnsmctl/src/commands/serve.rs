@@ -124,6 +124,10 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
     delivery.meter = wired.meter();
     if shared_store {
         delivery.settle_ms = args.delivery_settle_ms;
+    } else {
+        // One process opens an embedded store at a time: a stable name lets a restart after a
+        // crash take its targets back at once instead of waiting for the old lease to expire.
+        delivery.node_id = "local".into();
     }
     let deliverer = match Deliverer::start(&runtime, delivery) {
         Ok(deliverer) => deliverer,
