@@ -59,6 +59,8 @@ pub const BACKOFF_BASE_MS: u64 = 100;
 /// Longest delay between two attempts.
 pub const BACKOFF_CAP_MS: u64 = 60_000;
 
+/// The shortest time between two passes of the delivery loop.
+const LOOP_INTERVAL_MIN: Duration = Duration::from_millis(5);
 /// Records read from the commit log per step.
 const READ_PAGE_LEN: usize = 512;
 /// Longest error text kept per target and dead letter.
@@ -503,6 +505,9 @@ impl State {
                 Ok(None) => break,
                 Err(_) => Vec::new(),
             };
+            // At most one pass per LOOP_INTERVAL_MIN: under a stream of commits the wake-ups
+            // coalesce instead of costing a pass (and CPU beside the committer) each.
+            tokio::time::sleep_until(now + LOOP_INTERVAL_MIN).await;
             while let Ok(m) = rx.try_recv() {
                 messages.push(m);
             }
@@ -538,7 +543,12 @@ impl State {
     fn next_deadline(&self) -> Option<Instant> {
         self.targets
             .values()
-            .filter(|t| t.held_until_ms.is_some() && t.degraded.is_none())
+            // A target at its in-flight limit waits for an answer, not for a deadline.
+            .filter(|t| {
+                t.held_until_ms.is_some()
+                    && t.degraded.is_none()
+                    && t.in_flight < self.options.in_flight_max.max(1)
+            })
             .flat_map(|t| {
                 t.queues
                     .values()
