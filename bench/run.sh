@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs cnsm's benchmarks and the XState side-by-side in one go; prints `bench NAME: VALUE` lines
-# that BENCHMARKS.md quotes. Usage: bench/run.sh [engine|flags|durable|timers|recovery|stores|xstate|http|telemetry|snapshot|soak|migration|pg ...]
+# that BENCHMARKS.md quotes. Usage: bench/run.sh [engine|flags|durable|timers|recovery|stores|xstate|http|telemetry|snapshot|soak|migration|delivery|pg ...]
 # (default: all but recovery, which builds a 3+ GB store and takes several minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,7 @@ for w in "${what[@]}"; do
     migration) cargo bench -q -p cnsm-bench --bench migration ;;
     soak)     cargo bench -q -p cnsm-bench --bench retention_soak ;;
     snapshot) cargo bench -q -p cnsm-bench --bench snapshot ;;
+    delivery) cargo bench -q -p cnsm-bench --bench delivery ;;
     pg)       # The HTTP load on a PostgreSQL store (a fresh database cnsm_bench on
               # CNSM_BENCH_PG, default the local server): one transaction per event (serially,
               # then concurrently on a pool of 32 connections), then batched.

@@ -25,8 +25,9 @@ use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue, operators};
 
 use crate::resource::{
     API_VERSION, Choice, DEFAULT_NAMESPACE, EVENT_COMPLETE, EventTransition, FlagErrorPolicy,
-    FlagGate, KIND_STATE_MACHINE, Metadata, Outcome, RETENTION_DAYS_MAX, Retention, Retry, Spec,
-    StateDef, StateMachine, StateType,
+    FlagGate, KIND_STATE_MACHINE, Metadata, NOTIFY_FILTER_LEN_MAX, NOTIFY_MAX_ATTEMPTS_MAX,
+    NOTIFY_TARGETS_MAX, NOTIFY_TIMEOUT_SECONDS_MAX, NOTIFY_URL_CHARS_MAX, NotifyTarget, Outcome,
+    RETENTION_DAYS_MAX, Retention, Retry, Spec, StateDef, StateMachine, StateType,
 };
 use crate::yaml::{self, Entry, Node, NodeKind, Pos, Scalar, path_index, path_key};
 
@@ -125,6 +126,17 @@ pub mod codes {
     pub const INVALID_RETRY: &str = "invalid-retry";
     /// `retention.finishedAfterDays` outside 1..=36500.
     pub const INVALID_RETENTION: &str = "invalid-retention";
+    /// A notify URL that is not an absolute `http`/`https` URL, or that carries credentials.
+    pub const INVALID_NOTIFY_URL: &str = "invalid-notify-url";
+    /// Two notify targets of one machine share a name.
+    pub const DUPLICATE_NOTIFY_TARGET: &str = "duplicate-notify-target";
+    /// More than [`NOTIFY_TARGETS_MAX`](crate::resource::NOTIFY_TARGETS_MAX) notify targets.
+    pub const TOO_MANY_NOTIFY_TARGETS: &str = "too-many-notify-targets";
+    /// A notify target field out of its range (name, `secretEnv`, `timeoutSeconds`,
+    /// `maxAttempts`, a `states` filter on a per-state target, an over-long filter).
+    pub const INVALID_NOTIFY_TARGET: &str = "invalid-notify-target";
+    /// A notify filter names a state or an event the machine does not have.
+    pub const UNKNOWN_NOTIFY_FILTER: &str = "unknown-notify-filter";
     /// Warning (on apply): a new revision removes a state that running instances are in.
     pub const BREAKING_CHANGE: &str = "breaking-change";
     /// A compensation names a state that is not a task without transitions of its own.
@@ -419,7 +431,16 @@ fn is_under_failed(failed: &HashSet<String>, path: &str) -> bool {
 
 const ROOT_FIELDS: &[&str] = &["apiVersion", "kind", "metadata", "spec"];
 const METADATA_FIELDS: &[&str] = &["name", "namespace", "labels", "annotations"];
-const SPEC_FIELDS: &[&str] = &["initialState", "states", "retention"];
+const SPEC_FIELDS: &[&str] = &["initialState", "states", "retention", "notify"];
+const NOTIFY_FIELDS: &[&str] = &[
+    "name",
+    "url",
+    "secretEnv",
+    "states",
+    "events",
+    "timeoutSeconds",
+    "maxAttempts",
+];
 const RETENTION_FIELDS: &[&str] = &["finishedAfterDays"];
 const STATE_FIELDS: &[&str] = &[
     "name",
@@ -434,6 +455,7 @@ const STATE_FIELDS: &[&str] = &[
     "retry",
     "onFailure",
     "compensation",
+    "notify",
 ];
 const EVENT_FIELDS: &[&str] = &["event", "target", "guard", "flag", "assign", "context"];
 const CHOICE_FIELDS: &[&str] = &["guard", "target"];
@@ -704,6 +726,7 @@ impl Reader {
                 initial_state: String::new(),
                 states: Vec::new(),
                 retention: None,
+                notify: Vec::new(),
             },
         };
         let Some(fields) = self.mapping(root, "", ROOT_FIELDS) else {
@@ -783,10 +806,74 @@ impl Reader {
         let retention = fields
             .get("retention")
             .and_then(|node| self.retention(node, &fields.path("retention")));
+        let notify = match fields.get("notify") {
+            Some(node) => self.notify_list(node, &fields.path("notify")),
+            None => Vec::new(),
+        };
         Some(Spec {
             initial_state,
             states,
             retention,
+            notify,
+        })
+    }
+
+    /// A `notify` list (machine-level or per state).
+    fn notify_list(&mut self, node: &Node, path: &str) -> Vec<NotifyTarget> {
+        let mut targets = Vec::new();
+        for (index, item) in self.sequence(node, path).iter().enumerate() {
+            if let Some(target) = self.notify_target(item, &path_index(path, index)) {
+                targets.push(target);
+            }
+        }
+        targets
+    }
+
+    fn notify_target(&mut self, node: &Node, path: &str) -> Option<NotifyTarget> {
+        let fields = self.mapping(node, path, NOTIFY_FIELDS)?;
+        let name = self.required_string(&fields, "name");
+        let url = self.required_string(&fields, "url");
+        let secret_env = self.optional_string(&fields, "secretEnv");
+        let mut filters = [Vec::new(), Vec::new()];
+        for (slot, field) in filters.iter_mut().zip(["states", "events"]) {
+            if let Some(node) = fields.get(field) {
+                let list_path = fields.path(field);
+                for (index, item) in self.sequence(node, &list_path).iter().enumerate() {
+                    if let Some(name) = self.string(item, path_index(&list_path, index)) {
+                        slot.push(name);
+                    }
+                }
+            }
+        }
+        let [states, events] = filters;
+        let mut bounded = |field: &str, max: u64| -> Option<u64> {
+            let node = fields.get(field).filter(|node| !is_null(node))?;
+            let field_path = fields.path(field);
+            let value = self.integer(node, field_path.clone())?;
+            match u64::try_from(value) {
+                Ok(value) if (1..=max).contains(&value) => Some(value),
+                _ => {
+                    self.error(
+                        codes::INVALID_NOTIFY_TARGET,
+                        field_path,
+                        node.pos,
+                        format!("{field} must be between 1 and {max}, found {value}"),
+                    );
+                    None
+                }
+            }
+        };
+        let timeout_seconds = bounded("timeoutSeconds", NOTIFY_TIMEOUT_SECONDS_MAX);
+        let max_attempts =
+            bounded("maxAttempts", u64::from(NOTIFY_MAX_ATTEMPTS_MAX)).map(|v| v as u32);
+        Some(NotifyTarget {
+            name,
+            url,
+            secret_env,
+            states,
+            events,
+            timeout_seconds,
+            max_attempts,
         })
     }
 
@@ -859,6 +946,9 @@ impl Reader {
         }
         if let Some(node) = fields.get("retry") {
             state.retry = self.retry(node, &fields.path("retry"));
+        }
+        if let Some(node) = fields.get("notify") {
+            state.notify = self.notify_list(node, &fields.path("notify"));
         }
         (state, state_type.is_some())
     }
@@ -1134,6 +1224,75 @@ impl Reader {
             }
         }
     }
+}
+
+/// What is wrong with a notify URL: it must be an absolute `http://` or `https://` URL with a
+/// host, no credentials, no fragment, no white space, at most
+/// [`NOTIFY_URL_CHARS_MAX`] characters.
+pub fn notify_url_defect(url: &str) -> Option<&'static str> {
+    if url.chars().count() > NOTIFY_URL_CHARS_MAX {
+        return Some("is too long (at most 2048 characters)");
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Some("holds white space or control characters");
+    }
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    let Some(rest) = rest else {
+        return Some("is not an absolute http:// or https:// URL");
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    if authority.contains('@') {
+        return Some("carries credentials; put the secret in secretEnv instead");
+    }
+    if url.contains('#') {
+        return Some("has a fragment, which HTTP never sends");
+    }
+    let host = if let Some(bracketed) = authority.strip_prefix('[') {
+        match bracketed.split_once(']') {
+            Some((host, port)) if port.is_empty() || port.starts_with(':') => {
+                if !port.is_empty() && !is_port(&port[1..]) {
+                    return Some("has an invalid port");
+                }
+                host
+            }
+            _ => return Some("has an invalid IPv6 host"),
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => {
+                if !is_port(port) {
+                    return Some("has an invalid port");
+                }
+                host
+            }
+            None => authority,
+        }
+    };
+    if host.is_empty() {
+        return Some("has no host");
+    }
+    if !host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'))
+    {
+        return Some("has a host with characters a host name cannot hold");
+    }
+    None
+}
+
+fn is_port(text: &str) -> bool {
+    !text.is_empty() && text.len() <= 5 && text.parse::<u16>().is_ok_and(|p| p > 0)
+}
+
+/// An environment variable name: ASCII letters, digits and `_`, not starting with a digit.
+fn is_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn is_null(node: &Node) -> bool {
@@ -1534,6 +1693,167 @@ impl<'m> Checker<'m> {
         self.check_compensations();
         self.check_choice_cycles();
         self.check_graph();
+        self.check_notify();
+    }
+
+    /// `notify` targets: count, unique names, URLs, secrets, limits, and filters that name
+    /// only states and events of this machine.
+    fn check_notify(&mut self) {
+        let machine = self.machine;
+        let targets: Vec<(String, Option<usize>, &NotifyTarget)> = machine
+            .spec
+            .notify
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("spec.notify[{i}]"), None, t))
+            .chain(
+                machine
+                    .spec
+                    .states
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(s, state)| {
+                        state.notify.iter().enumerate().map(move |(i, t)| {
+                            (format!("{}.notify[{i}]", state_path(s)), Some(s), t)
+                        })
+                    }),
+            )
+            .collect();
+        if targets.len() > NOTIFY_TARGETS_MAX {
+            self.error(
+                codes::TOO_MANY_NOTIFY_TARGETS,
+                "spec.notify".to_owned(),
+                format!(
+                    "{} notify targets are declared; a machine may declare at most {NOTIFY_TARGETS_MAX}",
+                    targets.len()
+                ),
+            );
+        }
+        let mut events: HashSet<&str> = [EVENT_COMPLETE, crate::resource::EVENT_FAIL]
+            .into_iter()
+            .collect();
+        for state in &machine.spec.states {
+            events.extend(state.on_event.iter().map(|e| e.event.as_str()));
+        }
+        let mut names: HashMap<&str, &str> = HashMap::new();
+        for (path, state, target) in &targets {
+            let field = |name: &str| format!("{path}.{name}");
+            if !is_rfc1123_label(&target.name) {
+                self.error(
+                    codes::INVALID_NOTIFY_TARGET,
+                    field("name"),
+                    format!(
+                        "the notify target name `{}` is not an RFC 1123 label: use at most 63 \
+                         lowercase letters, digits and '-', starting and ending with a letter or digit",
+                        shorten(&target.name)
+                    ),
+                );
+            } else if let Some(first) = names.get(target.name.as_str()) {
+                self.error(
+                    codes::DUPLICATE_NOTIFY_TARGET,
+                    field("name"),
+                    format!(
+                        "notify target `{}` is already declared at {first}",
+                        target.name
+                    ),
+                );
+            } else {
+                names.insert(&target.name, path);
+            }
+            if let Some(defect) = notify_url_defect(&target.url) {
+                self.error(
+                    codes::INVALID_NOTIFY_URL,
+                    field("url"),
+                    format!("notify url `{}` {defect}", shorten(&target.url)),
+                );
+            }
+            if let Some(env) = &target.secret_env
+                && !is_env_name(env)
+            {
+                self.error(
+                    codes::INVALID_NOTIFY_TARGET,
+                    field("secretEnv"),
+                    format!(
+                        "secretEnv `{}` is not an environment variable name (letters, digits and \
+                         '_', not starting with a digit, at most 128); it names the variable that \
+                         holds the secret, never the secret itself",
+                        shorten(env)
+                    ),
+                );
+            }
+            if let Some(seconds) = target.timeout_seconds
+                && !(1..=NOTIFY_TIMEOUT_SECONDS_MAX).contains(&seconds)
+            {
+                self.error(
+                    codes::INVALID_NOTIFY_TARGET,
+                    field("timeoutSeconds"),
+                    format!(
+                        "timeoutSeconds must be between 1 and {NOTIFY_TIMEOUT_SECONDS_MAX}, found {seconds}"
+                    ),
+                );
+            }
+            if let Some(attempts) = target.max_attempts
+                && !(1..=NOTIFY_MAX_ATTEMPTS_MAX).contains(&attempts)
+            {
+                self.error(
+                    codes::INVALID_NOTIFY_TARGET,
+                    field("maxAttempts"),
+                    format!(
+                        "maxAttempts must be between 1 and {NOTIFY_MAX_ATTEMPTS_MAX}, found {attempts}"
+                    ),
+                );
+            }
+            if state.is_some() && !target.states.is_empty() {
+                self.error(
+                    codes::INVALID_NOTIFY_TARGET,
+                    field("states"),
+                    "a per-state notify target takes no `states` filter: it receives the records \
+                     that enter its state"
+                        .to_owned(),
+                );
+            }
+            for (list, what) in [(&target.states, "states"), (&target.events, "events")] {
+                if list.len() > NOTIFY_FILTER_LEN_MAX {
+                    self.error(
+                        codes::INVALID_NOTIFY_TARGET,
+                        field(what),
+                        format!(
+                            "{} entries; a filter holds at most {NOTIFY_FILTER_LEN_MAX}",
+                            list.len()
+                        ),
+                    );
+                }
+            }
+            if state.is_none() {
+                for (index, name) in target.states.iter().enumerate() {
+                    if !self.index.contains_key(name.as_str()) {
+                        let message = self.undefined_message("notify state filter", name);
+                        self.error(
+                            codes::UNKNOWN_NOTIFY_FILTER,
+                            format!("{path}.states[{index}]"),
+                            message,
+                        );
+                    }
+                }
+            }
+            for (index, name) in target.events.iter().enumerate() {
+                if !events.contains(name.as_str()) {
+                    let mut known: Vec<&str> = events.iter().copied().collect();
+                    known.sort_unstable();
+                    let suggestion = suggest(name, &known)
+                        .map(|s| format!("; did you mean `{s}`?"))
+                        .unwrap_or_default();
+                    self.error(
+                        codes::UNKNOWN_NOTIFY_FILTER,
+                        format!("{path}.events[{index}]"),
+                        format!(
+                            "notify event filter `{}` is not an event of this machine{suggestion}",
+                            shorten(name)
+                        ),
+                    );
+                }
+            }
+        }
     }
 
     fn check_header(&mut self) {

@@ -76,6 +76,70 @@ pub struct Spec {
     /// How long finished instances are kept (absent: forever).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<Retention>,
+    /// Push delivery: HTTP endpoints that receive a CloudEvent per matching committed record
+    /// (docs/spec.md, "notify").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<NotifyTarget>,
+}
+
+/// One push-delivery target (`spec.notify[]`, or `spec.states[].notify[]` for records that
+/// enter that state). The runtime POSTs a CloudEvent per matching committed record to `url`,
+/// at least once, in order per instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NotifyTarget {
+    /// Unique per machine (machine-level and per-state targets share one name space); names
+    /// the delivery cursor and the dead letters.
+    pub name: String,
+    /// An absolute `http://` or `https://` URL without credentials.
+    pub url: String,
+    /// The environment variable of the server that holds the HMAC-SHA256 signing secret (the
+    /// secret itself is never part of the definition). Absent: deliveries are not signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    /// Only records that enter one of these states (machine-level targets only; absent: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub states: Vec<String>,
+    /// Only records of these events (absent: every record, genesis, timers, controls and
+    /// migrations included).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<String>,
+    /// One attempt's deadline (default [`NOTIFY_TIMEOUT_SECONDS_DEFAULT`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
+    /// Attempts before a record goes to the dead letters (default
+    /// [`NOTIFY_MAX_ATTEMPTS_DEFAULT`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+}
+
+/// Most notify targets one machine declares (machine-level and per-state together).
+pub const NOTIFY_TARGETS_MAX: usize = 16;
+/// Default deadline of one delivery attempt.
+pub const NOTIFY_TIMEOUT_SECONDS_DEFAULT: u64 = 10;
+/// Longest `timeoutSeconds` of a notify target.
+pub const NOTIFY_TIMEOUT_SECONDS_MAX: u64 = 300;
+/// Default attempts before a dead letter.
+pub const NOTIFY_MAX_ATTEMPTS_DEFAULT: u32 = 12;
+/// Most attempts a target may ask for.
+pub const NOTIFY_MAX_ATTEMPTS_MAX: u32 = 100;
+/// Longest notify URL.
+pub const NOTIFY_URL_CHARS_MAX: usize = 2048;
+/// Most entries of a target's `states` or `events` filter.
+pub const NOTIFY_FILTER_LEN_MAX: usize = 256;
+
+impl NotifyTarget {
+    /// One attempt's deadline in milliseconds.
+    pub fn timeout_ms(&self) -> u64 {
+        self.timeout_seconds
+            .unwrap_or(NOTIFY_TIMEOUT_SECONDS_DEFAULT)
+            .saturating_mul(1000)
+    }
+
+    /// Attempts before a dead letter.
+    pub fn attempts_max(&self) -> u32 {
+        self.max_attempts.unwrap_or(NOTIFY_MAX_ATTEMPTS_DEFAULT)
+    }
 }
 
 /// `spec.retention`: finished instances (succeeded, failed, cancelled) are deleted with their
@@ -161,6 +225,9 @@ pub struct StateDef {
     pub on_failure: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensation: Option<String>,
+    /// Push-delivery targets for records that enter this state (no `states` filter here).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<NotifyTarget>,
 }
 
 impl StateDef {
@@ -179,6 +246,7 @@ impl StateDef {
             retry: None,
             on_failure: None,
             compensation: None,
+            notify: Vec::new(),
         }
     }
 }
@@ -314,5 +382,17 @@ impl StateMachine {
     /// The state named `name`, if defined.
     pub fn state(&self, name: &str) -> Option<&StateDef> {
         self.spec.states.iter().find(|s| s.name == name)
+    }
+
+    /// Every notify target with the state it belongs to (`None`: machine-level), in
+    /// declaration order: machine-level first, then per state.
+    pub fn notify_targets(&self) -> impl Iterator<Item = (Option<&StateDef>, &NotifyTarget)> {
+        let machine_level = self.spec.notify.iter().map(|t| (None, t));
+        let per_state = self
+            .spec
+            .states
+            .iter()
+            .flat_map(|s| s.notify.iter().map(move |t| (Some(s), t)));
+        machine_level.chain(per_state)
     }
 }

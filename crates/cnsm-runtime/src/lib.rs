@@ -51,6 +51,7 @@ use tokio::sync::oneshot;
 pub mod audit;
 pub mod clock;
 mod committer;
+pub mod delivery;
 mod error;
 pub mod flags;
 mod foreign;
@@ -398,6 +399,8 @@ pub(crate) struct Shared {
     pub versions: Mutex<HashMap<(String, String), u64>>,
     /// Requests queued for the committer and not yet taken into a batch.
     pub queued: std::sync::atomic::AtomicUsize,
+    /// The push deliverer, once started.
+    pub delivery: RwLock<Option<delivery::Deliverer>>,
 }
 
 impl Shared {
@@ -474,6 +477,7 @@ impl Runtime {
             listeners: RwLock::new(Vec::new()),
             versions: Mutex::new(HashMap::new()),
             queued: std::sync::atomic::AtomicUsize::new(0),
+            delivery: RwLock::new(None),
         });
         if shared.options.telemetry.metrics_enabled() {
             seed_active(&shared)?;
@@ -508,6 +512,18 @@ impl Runtime {
     /// The flag evaluator, when one is configured.
     pub fn flags(&self) -> Option<&Arc<dyn FlagEvaluator>> {
         self.shared.options.flags.as_ref()
+    }
+
+    /// The push deliverer's targets, when one was started on this runtime.
+    pub fn delivery_status(&self) -> Option<Vec<delivery::TargetStatus>> {
+        let deliverer = self.shared.delivery.read().ok()?.clone()?;
+        Some(deliverer.status())
+    }
+
+    pub(crate) fn set_delivery(&self, deliverer: delivery::Deliverer) {
+        if let Ok(mut slot) = self.shared.delivery.write() {
+            *slot = Some(deliverer);
+        }
     }
 
     /// Adds an observer of committed transitions.

@@ -567,6 +567,7 @@ pub async fn debug(
             "recentTransitions": transitions,
             "recentErrors": errors,
             "flagGates": flag_gates(state.runtime()),
+            "delivery": state.runtime().delivery_status().unwrap_or_default(),
         }))
         .into_response());
     }
@@ -619,6 +620,41 @@ pub async fn debug(
         let _ = writeln!(out, "Flag gates (status of each flag's last evaluation):");
         for (key, status) in &gates {
             let _ = writeln!(out, "  {key}: {status}");
+        }
+    }
+    if let Some(targets) = state.runtime().delivery_status() {
+        let _ = writeln!(out, "Delivery (notify targets):");
+        if targets.is_empty() {
+            let _ = writeln!(out, "  no notify targets");
+        }
+        for t in &targets {
+            let _ = writeln!(
+                out,
+                "  {} -> {}: {} cursor {} lag {} pending {} in flight {} delivered {} attempts {} failed {} dead letters {}{}{}",
+                t.target,
+                t.url,
+                if t.held {
+                    "held"
+                } else {
+                    "held by another node"
+                },
+                t.cursor,
+                t.lag,
+                t.pending,
+                t.in_flight,
+                t.delivered,
+                t.attempts,
+                t.failed_attempts,
+                t.dead_letters,
+                t.last_error
+                    .as_deref()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default(),
+                t.degraded
+                    .as_deref()
+                    .map(|d| format!("; DEGRADED: {d}"))
+                    .unwrap_or_default(),
+            );
         }
     }
     let _ = writeln!(out, "Last errors (newest first):");

@@ -775,6 +775,17 @@ fn definition_row(row: &tokio_postgres::Row) -> Result<DefinitionRow, StoreError
     })
 }
 
+/// Refuses an empty or over-long delivery target name.
+fn check_target_name(target: &str) -> Result<(), StoreError> {
+    if target.is_empty() || target.len() > cnsm_store::DELIVERY_TARGET_CHARS_MAX {
+        return Err(StoreError::Refused(format!(
+            "a delivery target name must have 1 to {} bytes",
+            cnsm_store::DELIVERY_TARGET_CHARS_MAX
+        )));
+    }
+    Ok(())
+}
+
 fn capped(limit: usize) -> usize {
     if limit == 0 {
         PAGE_LEN_MAX
@@ -1269,6 +1280,116 @@ impl Store for PostgresStore {
             txn.commit().await.map_err(db_error)?;
             Ok(())
         })
+    }
+
+    fn claim_delivery(
+        &self,
+        target: &str,
+        node: &str,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> Result<Option<cnsm_store::DeliveryCursor>, StoreError> {
+        check_target_name(target)?;
+        let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        let until = i64::try_from(now_ms.saturating_add(lease_ms)).unwrap_or(i64::MAX);
+        // Compare-and-set in one statement: the row is taken over only when this node holds it
+        // or its lease expired; otherwise nothing is returned.
+        let rows = self.query(
+            "INSERT INTO cnsm_delivery_cursors (target, position, lease_node, lease_until_ms) \
+             VALUES ($1, 0, $2, $4) \
+             ON CONFLICT (target) DO UPDATE \
+             SET lease_node = EXCLUDED.lease_node, lease_until_ms = EXCLUDED.lease_until_ms \
+             WHERE cnsm_delivery_cursors.lease_node = $2 \
+                OR cnsm_delivery_cursors.lease_until_ms <= $3 \
+             RETURNING position, lease_node, lease_until_ms",
+            &[&target, &node, &now, &until],
+        )?;
+        Ok(rows.first().map(|row| cnsm_store::DeliveryCursor {
+            position: row.get::<_, i64>(0) as u64,
+            lease_node: row.get(1),
+            lease_until_ms: row.get::<_, i64>(2) as u64,
+        }))
+    }
+
+    fn put_delivery_cursor(
+        &self,
+        target: &str,
+        node: &str,
+        position: u64,
+    ) -> Result<bool, StoreError> {
+        check_target_name(target)?;
+        let position = i64::try_from(position).unwrap_or(i64::MAX);
+        let rows = self.query(
+            "UPDATE cnsm_delivery_cursors SET position = $3 \
+             WHERE target = $1 AND lease_node = $2 RETURNING 1",
+            &[&target, &node, &position],
+        )?;
+        Ok(!rows.is_empty())
+    }
+
+    fn delivery_cursors(&self) -> Result<Vec<(String, cnsm_store::DeliveryCursor)>, StoreError> {
+        let rows = self.query(
+            "SELECT target, position, lease_node, lease_until_ms FROM cnsm_delivery_cursors \
+             ORDER BY target",
+            &[],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                (
+                    row.get::<_, String>(0),
+                    cnsm_store::DeliveryCursor {
+                        position: row.get::<_, i64>(1) as u64,
+                        lease_node: row.get(2),
+                        lease_until_ms: row.get::<_, i64>(3) as u64,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    fn put_dead_letter(&self, letter: &cnsm_store::DeadLetter) -> Result<(), StoreError> {
+        check_target_name(&letter.target)?;
+        let body = serde_json::to_vec(letter)
+            .map_err(|e| StoreError::Io(format!("cannot encode a dead letter: {e}")))?;
+        let position = i64::try_from(letter.position).unwrap_or(i64::MAX);
+        self.query(
+            "INSERT INTO cnsm_dead_letters (target, position, body) VALUES ($1, $2, $3) \
+             ON CONFLICT (target, position) DO UPDATE SET body = EXCLUDED.body",
+            &[&letter.target, &position, &body],
+        )?;
+        Ok(())
+    }
+
+    fn dead_letters(
+        &self,
+        target: Option<&str>,
+        after: Option<(&str, u64)>,
+        limit: usize,
+    ) -> Result<Vec<cnsm_store::DeadLetter>, StoreError> {
+        let limit = capped(limit) as i64;
+        // ('', -1) sorts before every stored (target, position).
+        let (after_target, after_position) = match after {
+            Some((t, p)) => (t, i64::try_from(p).unwrap_or(i64::MAX)),
+            None => ("", -1),
+        };
+        let rows = self.query(
+            "SELECT target, position, body FROM cnsm_dead_letters \
+             WHERE ($1::text IS NULL OR target = $1) AND (target, position) > ($2, $3) \
+             ORDER BY target, position LIMIT $4",
+            &[&target, &after_target, &after_position, &limit],
+        )?;
+        rows.iter()
+            .map(|row| {
+                let target: &str = row.get(0);
+                let position: i64 = row.get(1);
+                serde_json::from_slice(row.get::<_, &[u8]>(2)).map_err(|e| {
+                    StoreError::Corrupt(format!(
+                        "dead letter {target} at position {position} does not decode: {e}"
+                    ))
+                })
+            })
+            .collect()
     }
 
     fn records_after(

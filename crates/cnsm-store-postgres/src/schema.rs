@@ -13,6 +13,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "rollouts and commit log",
         include_str!("../migrations/0002_rollouts_and_commit_log.sql"),
     ),
+    (
+        "delivery cursors and dead letters",
+        include_str!("../migrations/0003_delivery.sql"),
+    ),
 ];
 
 /// The schema version this binary writes; it refuses a database at a newer one.

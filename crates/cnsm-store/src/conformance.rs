@@ -117,6 +117,14 @@ pub const CASES: &[(&str, Case)] = &[
         rollouts_are_stored_per_machine,
     ),
     (
+        "delivery_cursors_are_leased_and_fenced",
+        delivery_cursors_are_leased_and_fenced,
+    ),
+    (
+        "dead_letters_are_kept_in_order",
+        dead_letters_are_kept_in_order,
+    ),
+    (
         "timers_follow_each_instance_current_timer",
         timers_follow_each_instance_current_timer,
     ),
@@ -206,6 +214,8 @@ macro_rules! conformance_tests {
             idempotency_keys_expire_and_purge,
             retention_purges_only_old_finished_instances,
             rollouts_are_stored_per_machine,
+            delivery_cursors_are_leased_and_fenced,
+            dead_letters_are_kept_in_order,
             timers_follow_each_instance_current_timer,
             reopen_keeps_everything,
             list_instances_filters_and_pages,
@@ -980,6 +990,109 @@ pub fn retention_purges_only_old_finished_instances(harness: &mut dyn Harness) {
     let store = harness.reopen(store);
     assert!(store.instance("default", "old").unwrap().is_none());
     assert!(store.verify().unwrap().is_ok());
+}
+
+/// A delivery cursor starts at 0, belongs to one node at a time (compare-and-set on the lease),
+/// moves only for the node that holds the lease, passes to another node when the lease
+/// expires, and survives a reopen.
+pub fn delivery_cursors_are_leased_and_fenced(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let target = "default/job/worker";
+    let first = store
+        .claim_delivery(target, "node-a", T0_MS, 1_000)
+        .unwrap()
+        .expect("a new target is free");
+    assert_eq!(first.position, 0);
+    assert_eq!(first.lease_node, "node-a");
+    assert_eq!(first.lease_until_ms, T0_MS + 1_000);
+    // Held: another node is refused, the holder renews.
+    assert_eq!(
+        store
+            .claim_delivery(target, "node-b", T0_MS + 500, 1_000)
+            .unwrap(),
+        None
+    );
+    assert!(store.put_delivery_cursor(target, "node-a", 42).unwrap());
+    assert!(!store.put_delivery_cursor(target, "node-b", 99).unwrap());
+    let renewed = store
+        .claim_delivery(target, "node-a", T0_MS + 600, 1_000)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (renewed.position, renewed.lease_until_ms),
+        (42, T0_MS + 1_600)
+    );
+    // Expired: node-b takes over at the durable position, and node-a is fenced off.
+    let taken = store
+        .claim_delivery(target, "node-b", T0_MS + 1_600, 1_000)
+        .unwrap()
+        .expect("an expired lease is free");
+    assert_eq!((taken.position, taken.lease_node.as_str()), (42, "node-b"));
+    assert!(!store.put_delivery_cursor(target, "node-a", 50).unwrap());
+    assert!(store.put_delivery_cursor(target, "node-b", 60).unwrap());
+    // Targets are independent.
+    let other = store
+        .claim_delivery("default/job/audit", "node-a", T0_MS + 1_700, 1_000)
+        .unwrap()
+        .unwrap();
+    assert_eq!(other.position, 0);
+    assert!(store.claim_delivery("", "node-a", T0_MS, 1).is_err());
+    let store = harness.reopen(store);
+    let cursors = store.delivery_cursors().unwrap();
+    let names: Vec<&str> = cursors.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(names, ["default/job/audit", "default/job/worker"]);
+    assert_eq!(cursors[1].1.position, 60);
+    assert_eq!(cursors[1].1.lease_node, "node-b");
+}
+
+/// Dead letters are kept per (target, position), replaced by a later one for the same
+/// position, listed in order per target or for all, paged, and survive a reopen.
+pub fn dead_letters_are_kept_in_order(harness: &mut dyn Harness) {
+    use crate::DeadLetter;
+    let store = harness.open();
+    let letter = |target: &str, position: u64, attempts: u32| DeadLetter {
+        target: target.to_owned(),
+        position,
+        namespace: "default".into(),
+        instance: format!("j-{position}"),
+        version: position,
+        event_id: format!("default/j-{position}/{position}"),
+        attempts,
+        last_error: "HTTP 503".into(),
+        failed_ms: T0_MS + position,
+    };
+    assert!(store.dead_letters(None, None, 0).unwrap().is_empty());
+    for (target, position) in [("ns/m/b", 7), ("ns/m/a", 9), ("ns/m/a", 3), ("ns/m/b", 1)] {
+        store
+            .put_dead_letter(&letter(target, position, 12))
+            .unwrap();
+    }
+    store.put_dead_letter(&letter("ns/m/a", 9, 13)).unwrap();
+    let store = harness.reopen(store);
+    let all = store.dead_letters(None, None, 0).unwrap();
+    let keys: Vec<(&str, u64)> = all
+        .iter()
+        .map(|d| (d.target.as_str(), d.position))
+        .collect();
+    assert_eq!(
+        keys,
+        [("ns/m/a", 3), ("ns/m/a", 9), ("ns/m/b", 1), ("ns/m/b", 7)]
+    );
+    assert_eq!(all[1], letter("ns/m/a", 9, 13));
+    let only_b = store.dead_letters(Some("ns/m/b"), None, 0).unwrap();
+    assert_eq!(only_b, [letter("ns/m/b", 1, 12), letter("ns/m/b", 7, 12)]);
+    let page = store.dead_letters(None, Some(("ns/m/a", 9)), 1).unwrap();
+    assert_eq!(page, [letter("ns/m/b", 1, 12)]);
+    let page = store
+        .dead_letters(Some("ns/m/a"), Some(("ns/m/a", 3)), 10)
+        .unwrap();
+    assert_eq!(page, [letter("ns/m/a", 9, 13)]);
+    assert!(
+        store
+            .dead_letters(Some("ns/m/c"), None, 0)
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// A machine's rollout is stored, replaced, cleared, survives a reopen, and names only

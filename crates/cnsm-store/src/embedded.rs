@@ -638,6 +638,17 @@ impl EmbeddedStore {
     }
 }
 
+/// Refuses an empty or over-long delivery target name.
+fn check_target_name(target: &str) -> Result<(), StoreError> {
+    if target.is_empty() || target.len() > crate::DELIVERY_TARGET_CHARS_MAX {
+        return Err(StoreError::Refused(format!(
+            "a delivery target name must have 1 to {} bytes",
+            crate::DELIVERY_TARGET_CHARS_MAX
+        )));
+    }
+    Ok(())
+}
+
 fn open_error(path: &Path, error: DatabaseError) -> StoreError {
     match error {
         DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
@@ -1488,6 +1499,134 @@ impl Store for EmbeddedStore {
                 }),
             None => Ok(None),
         }
+    }
+
+    fn claim_delivery(
+        &self,
+        target: &str,
+        node: &str,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> Result<Option<crate::DeliveryCursor>, StoreError> {
+        check_target_name(target)?;
+        // A claim that changes nothing visible (the holder renewing well inside its lease) still
+        // writes: the lease end moves.
+        self.write(|txn| {
+            let mut table = txn.open_table(DELIVERY_CURSORS).io()?;
+            let (position, holder, until) = match table.get(target).io()? {
+                Some(row) => {
+                    let (position, holder, until) = row.value();
+                    (position, holder.to_owned(), until)
+                }
+                None => (0, String::new(), 0),
+            };
+            if !holder.is_empty() && holder != node && until > now_ms {
+                return Ok(None);
+            }
+            let until_ms = now_ms.saturating_add(lease_ms);
+            table.insert(target, (position, node, until_ms)).io()?;
+            Ok(Some(crate::DeliveryCursor {
+                position,
+                lease_node: node.to_owned(),
+                lease_until_ms: until_ms,
+            }))
+        })
+    }
+
+    fn put_delivery_cursor(
+        &self,
+        target: &str,
+        node: &str,
+        position: u64,
+    ) -> Result<bool, StoreError> {
+        check_target_name(target)?;
+        self.write(|txn| {
+            let mut table = txn.open_table(DELIVERY_CURSORS).io()?;
+            let until = match table.get(target).io()? {
+                Some(row) if row.value().1 == node => row.value().2,
+                _ => return Ok(false),
+            };
+            table.insert(target, (position, node, until)).io()?;
+            Ok(true)
+        })
+    }
+
+    fn delivery_cursors(&self) -> Result<Vec<(String, crate::DeliveryCursor)>, StoreError> {
+        let txn = self.read()?;
+        let table = match txn.open_table(DELIVERY_CURSORS) {
+            Ok(table) => table,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::Io(e.to_string())),
+        };
+        let mut out = Vec::new();
+        for entry in table.iter().io()? {
+            let (key, value) = entry.io()?;
+            let (position, node, until) = value.value();
+            out.push((
+                key.value().to_owned(),
+                crate::DeliveryCursor {
+                    position,
+                    lease_node: node.to_owned(),
+                    lease_until_ms: until,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    fn put_dead_letter(&self, letter: &crate::DeadLetter) -> Result<(), StoreError> {
+        check_target_name(&letter.target)?;
+        let bytes = serde_json::to_vec(letter)
+            .map_err(|e| StoreError::Io(format!("cannot encode a dead letter: {e}")))?;
+        self.write(|txn| {
+            txn.open_table(DEAD_LETTERS)
+                .io()?
+                .insert((letter.target.as_str(), letter.position), bytes.as_slice())
+                .io()?;
+            Ok(())
+        })
+    }
+
+    fn dead_letters(
+        &self,
+        target: Option<&str>,
+        after: Option<(&str, u64)>,
+        limit: usize,
+    ) -> Result<Vec<crate::DeadLetter>, StoreError> {
+        let limit = if limit == 0 {
+            PAGE_LEN_MAX
+        } else {
+            limit.min(PAGE_LEN_MAX)
+        };
+        let txn = self.read()?;
+        let table = match txn.open_table(DEAD_LETTERS) {
+            Ok(table) => table,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::Io(e.to_string())),
+        };
+        let start = match (after, target) {
+            (Some((t, p)), _) => Bound::Excluded((t, p)),
+            (None, Some(t)) => Bound::Included((t, 0)),
+            (None, None) => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for entry in table.range::<(&str, u64)>((start, Bound::Unbounded)).io()? {
+            let (key, value) = entry.io()?;
+            let (key_target, position) = key.value();
+            if target.is_some_and(|t| t != key_target) {
+                break;
+            }
+            let letter: crate::DeadLetter = serde_json::from_slice(value.value()).map_err(|e| {
+                StoreError::Corrupt(format!(
+                    "dead letter {key_target} at position {position} does not decode: {e}"
+                ))
+            })?;
+            out.push(letter);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     fn put_rollout(

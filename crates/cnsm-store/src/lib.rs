@@ -346,6 +346,39 @@ pub enum StoreError {
     Refused(String),
 }
 
+/// A push-delivery target's durable progress: the position in the commit log below which every
+/// matching record was delivered or dead-lettered, and the node that holds the target's lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryCursor {
+    /// The commit position (as [`Store::records_after`] reports it) the target has finished.
+    pub position: u64,
+    /// The node delivering for the target, and until when (ms since the epoch).
+    pub lease_node: String,
+    pub lease_until_ms: u64,
+}
+
+/// A record a target gave up on: delivery failed `attempts` times (or was refused for good).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    /// `namespace/machine/target`.
+    pub target: String,
+    /// The record's commit position.
+    pub position: u64,
+    pub namespace: String,
+    pub instance: String,
+    pub version: u64,
+    /// The CloudEvent `id` the attempts carried.
+    pub event_id: String,
+    pub attempts: u32,
+    pub last_error: String,
+    /// When it was given up (ms since the epoch).
+    pub failed_ms: u64,
+}
+
+/// Longest target name a delivery cursor or dead letter takes.
+pub const DELIVERY_TARGET_CHARS_MAX: usize = 512;
+
 /// What a backup or a restore wrote and checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupReport {
@@ -559,6 +592,66 @@ pub trait Store: Send + Sync + 'static {
             found.extend(self.instance(namespace, id)?);
         }
         Ok(found)
+    }
+
+    /// Push delivery: claims (or renews) the lease of `target` for `node` until
+    /// `now_ms + lease_ms`, with compare-and-set: it succeeds when no node holds the target,
+    /// `node` already holds it, or the holder's lease expired at `now_ms`. Returns the target's
+    /// cursor when the lease is `node`'s (a new target starts at position 0), `None` when
+    /// another node holds it. Durable before it returns.
+    fn claim_delivery(
+        &self,
+        target: &str,
+        node: &str,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> Result<Option<DeliveryCursor>, StoreError> {
+        let _ = (target, node, now_ms, lease_ms);
+        Err(StoreError::Refused(
+            "this store does not keep delivery cursors".into(),
+        ))
+    }
+
+    /// Moves `target`'s cursor to `position`, only while `node` holds its lease (a fenced
+    /// write: a node that lost its lease cannot move the cursor of the node that took over).
+    /// Returns whether it was written. Durable before it returns.
+    fn put_delivery_cursor(
+        &self,
+        target: &str,
+        node: &str,
+        position: u64,
+    ) -> Result<bool, StoreError> {
+        let _ = (target, node, position);
+        Err(StoreError::Refused(
+            "this store does not keep delivery cursors".into(),
+        ))
+    }
+
+    /// Every target's cursor, ordered by target name.
+    fn delivery_cursors(&self) -> Result<Vec<(String, DeliveryCursor)>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Stores a dead letter durably (a second one for the same target and position replaces
+    /// the first).
+    fn put_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
+        let _ = letter;
+        Err(StoreError::Refused(
+            "this store does not keep dead letters".into(),
+        ))
+    }
+
+    /// Dead letters ordered by (target, position): of one target or of all, those after
+    /// `after` (a (target, position) pair from the previous page), at most `limit` (0 = a page
+    /// of [`PAGE_LEN_MAX`]).
+    fn dead_letters(
+        &self,
+        target: Option<&str>,
+        after: Option<(&str, u64)>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let _ = (target, after, limit);
+        Ok(Vec::new())
     }
 
     /// For a store shared by several nodes: calls `on_commit(uid, version)` for each record

@@ -307,6 +307,15 @@ pub enum Command {
     #[command(subcommand)]
     Audit(crate::commands::audit::AuditCommand),
 
+    /// Push delivery: each notify target's cursor and lease, and the dead letters
+    #[command(after_help = "Examples:\n  \
+        cnsmctl deliveries\n  \
+        cnsmctl deliveries --target shop/order-processing/fulfilment -o json\n  \
+        cnsmctl --store postgres://cnsm@db/cnsm deliveries\n\n\
+        Reads the store directly: the embedded store in --data-dir (stop the server first) or \
+        the PostgreSQL store of --store (while the nodes serve).")]
+    Deliveries(crate::commands::deliveries::DeliveriesArgs),
+
     /// A complete tour on a throw-away store: apply, create, send, history, graph
     #[command(
         long_about = "A complete tour on a throw-away store.\n\n\
@@ -829,6 +838,18 @@ pub struct ServeArgs {
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert (needs --tls-cert)
     #[arg(long, env = "CNSM_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
+    /// PEM CA certificate(s) to trust for https:// notify targets (no system roots)
+    #[arg(long, env = "CNSM_DELIVERY_CA_CERT", value_name = "FILE")]
+    pub delivery_ca_cert: Option<std::path::PathBuf>,
+    /// On a PostgreSQL store: take a record for delivery once it is this old, so commits
+    /// still in flight on other nodes are seen first (docs/operations.md)
+    #[arg(
+        long,
+        env = "CNSM_DELIVERY_SETTLE_MS",
+        default_value_t = 10_000,
+        value_name = "MS"
+    )]
+    pub delivery_settle_ms: u64,
     #[command(flatten)]
     pub telemetry: crate::telemetry::TelemetryArgs,
 }

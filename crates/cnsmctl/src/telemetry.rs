@@ -108,6 +108,11 @@ impl Wired {
             .build();
     }
 
+    /// The meter of the `cnsm.*` instruments, when metrics are on.
+    pub fn meter(&self) -> Option<opentelemetry::metrics::Meter> {
+        self.meter_provider.as_ref().map(|mp| mp.meter("cnsm"))
+    }
+
     /// Flushes spans, metrics and the audit log.
     pub fn shutdown(self) {
         if let Some(audit) = &self.audit {

@@ -1373,3 +1373,165 @@ proptest! {
         assert_consistent(&admit_str(&mutate(&source, &mutations), None));
     }
 }
+
+/// [`VALID`] with `notify:` targets (one YAML flow mapping per line, from line 7).
+fn with_notify(targets: &[&str]) -> String {
+    let mut block = String::from("  initialState: a\n  notify:\n");
+    for target in targets {
+        block.push_str("  - ");
+        block.push_str(target);
+        block.push('\n');
+    }
+    edit("  initialState: a\n", &block)
+}
+
+#[test]
+fn notify_targets_are_checked() {
+    let good = with_notify(&[
+        "{name: worker, url: 'https://hooks.example.com:8443/cnsm?x=1', secretEnv: CNSM_HOOK_SECRET, states: [done], events: [complete], timeoutSeconds: 5, maxAttempts: 3}",
+        "{name: audit-copy, url: 'http://[::1]:9000/'}",
+    ])
+    .replace(
+        "transition: done}",
+        "transition: done, notify: [{name: on-a, url: 'http://127.0.0.1:9/a', events: [fail]}]}",
+    );
+    check(&good, "");
+    let machine = admit_str(&good, None).into_result().expect("accepted");
+    assert_eq!(machine.spec.notify.len(), 2);
+    assert_eq!(machine.spec.notify[0].max_attempts, Some(3));
+    assert_eq!(machine.spec.states[0].notify[0].name, "on-a");
+    assert_eq!(machine.notify_targets().count(), 3);
+
+    let many: Vec<String> = (0..17)
+        .map(|i| format!("{{name: t{i}, url: 'http://h/{i}'}}"))
+        .collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "not http",
+            with_notify(&["{name: w, url: 'ftp://h/x'}"]),
+            "error invalid-notify-url spec.notify[0].url @7 ~absolute http:// or https://",
+        ),
+        (
+            "relative",
+            with_notify(&["{name: w, url: '/hook'}"]),
+            "error invalid-notify-url spec.notify[0].url @7 ~absolute",
+        ),
+        (
+            "credentials in the URL",
+            with_notify(&["{name: w, url: 'http://user:pw@h/x'}"]),
+            "error invalid-notify-url spec.notify[0].url @7 ~credentials",
+        ),
+        (
+            "no host",
+            with_notify(&["{name: w, url: 'http:///x'}"]),
+            "error invalid-notify-url spec.notify[0].url @7 ~no host",
+        ),
+        (
+            "bad port",
+            with_notify(&["{name: w, url: 'http://h:99999/x'}"]),
+            "error invalid-notify-url spec.notify[0].url @7 ~port",
+        ),
+        (
+            "duplicate names",
+            with_notify(&[
+                "{name: w, url: 'http://h/1'}",
+                "{name: w, url: 'http://h/2'}",
+            ]),
+            "error duplicate-notify-target spec.notify[1].name @8 ~spec.notify[0]",
+        ),
+        (
+            "duplicate across machine and state",
+            with_notify(&["{name: w, url: 'http://h/1'}"]).replace(
+                "transition: done}",
+                "transition: done, notify: [{name: w, url: 'http://h/2'}]}",
+            ),
+            "error duplicate-notify-target spec.states[0].notify[0].name @9",
+        ),
+        (
+            "name not a label",
+            with_notify(&["{name: Worker_1, url: 'http://h/1'}"]),
+            "error invalid-notify-target spec.notify[0].name @7 ~RFC 1123",
+        ),
+        (
+            "unknown state in the filter",
+            with_notify(&["{name: w, url: 'http://h/1', states: [dne]}"]),
+            "error unknown-notify-filter spec.notify[0].states[0] @7 ~did you mean `done`",
+        ),
+        (
+            "unknown event in the filter",
+            with_notify(&["{name: w, url: 'http://h/1', events: [shipped]}"]),
+            "error unknown-notify-filter spec.notify[0].events[0] @7 ~not an event",
+        ),
+        (
+            "a secret written inline",
+            with_notify(&["{name: w, url: 'http://h/1', secretEnv: 'hunter2 is my secret'}"]),
+            "error invalid-notify-target spec.notify[0].secretEnv @7 ~never the secret itself",
+        ),
+        (
+            "timeout of zero",
+            with_notify(&["{name: w, url: 'http://h/1', timeoutSeconds: 0}"]),
+            "error invalid-notify-target spec.notify[0].timeoutSeconds @7 ~between 1 and 300",
+        ),
+        (
+            "too many attempts",
+            with_notify(&["{name: w, url: 'http://h/1', maxAttempts: 1000}"]),
+            "error invalid-notify-target spec.notify[0].maxAttempts @7 ~between 1 and 100",
+        ),
+        (
+            "a states filter on a per-state target",
+            VALID.replace(
+                "transition: done}",
+                "transition: done, notify: [{name: w, url: 'http://h/1', states: [done]}]}",
+            ),
+            "error invalid-notify-target spec.states[0].notify[0].states @7 ~per-state",
+        ),
+        (
+            "an unknown field",
+            with_notify(&["{name: w, url: 'http://h/1', secret: abc}"]),
+            "error unknown-field spec.notify[0].secret @7",
+        ),
+        (
+            "url missing",
+            with_notify(&["{name: w}"]),
+            "error missing-field spec.notify[0].url @7",
+        ),
+        (
+            "more than 16 targets",
+            with_notify(&many),
+            "error too-many-notify-targets spec.notify @7 ~at most 16",
+        ),
+    ];
+    for (name, yaml, expected) in cases {
+        if let Some(report) = diff(&yaml, expected) {
+            panic!("case {name:?}:\n{report}");
+        }
+    }
+}
+
+#[test]
+fn typed_notify_targets_are_checked_too() {
+    let mut machine = admit_str(VALID, None).into_result().expect("accepted");
+    machine.spec.notify.push(cnsm_core::resource::NotifyTarget {
+        name: "w".into(),
+        url: "http://h/1".into(),
+        secret_env: None,
+        states: vec!["nowhere".into()],
+        events: Vec::new(),
+        timeout_seconds: Some(301),
+        max_attempts: Some(0),
+    });
+    let admission = admit(machine);
+    let found: Vec<(&str, &str)> = admission
+        .errors()
+        .map(|p| (p.code, p.path.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("invalid-notify-target", "spec.notify[0].timeoutSeconds"),
+            ("invalid-notify-target", "spec.notify[0].maxAttempts"),
+            ("unknown-notify-filter", "spec.notify[0].states[0]"),
+        ]
+    );
+}

@@ -413,6 +413,7 @@ fn to_definition(spec: &Spec0) -> StateMachine {
             initial_state: "t0".into(),
             states,
             retention: None,
+            notify: Vec::new(),
         },
     }
 }

@@ -25,7 +25,7 @@ const COPY_CHUNK: usize = 50_000;
 /// Every table of the store: a backup copies exactly these. A test checks that a live store
 /// has no table outside this list, so a new table cannot be forgotten here.
 #[doc(hidden)]
-pub const TABLE_NAMES: [&str; 13] = [
+pub const TABLE_NAMES: [&str; 15] = [
     "meta",
     "definitions",
     "definition_latest",
@@ -39,6 +39,8 @@ pub const TABLE_NAMES: [&str; 13] = [
     "idempotency_expiry",
     "retired_uids",
     "rollouts",
+    "delivery_cursors",
+    "dead_letters",
 ];
 
 impl EmbeddedStore {
@@ -176,6 +178,8 @@ fn copy_all(snapshot: &ReadTransaction, path: &Path) -> Result<(), StoreError> {
     copier.table(snapshot, IDEMPOTENCY_EXPIRY)?;
     copier.table(snapshot, RETIRED_UIDS)?;
     copier.table(snapshot, ROLLOUTS)?;
+    copier.table(snapshot, DELIVERY_CURSORS)?;
+    copier.table(snapshot, DEAD_LETTERS)?;
     let mut txn = copier.txn.take().expect("a transaction is open");
     txn.set_durability(Durability::Immediate).io()?;
     txn.commit().io()?;

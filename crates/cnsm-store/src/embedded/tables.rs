@@ -174,3 +174,11 @@ pub(crate) const RETIRED_UIDS: TableDefinition<u64, ()> = TableDefinition::new("
 
 /// (namespace, name) -> JSON of the machine's canary rollout.
 pub(crate) const ROLLOUTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("rollouts");
+
+/// `namespace/machine/target` -> (position, lease node, lease until ms): push-delivery cursors.
+pub(crate) const DELIVERY_CURSORS: TableDefinition<&str, (u64, &str, u64)> =
+    TableDefinition::new("delivery_cursors");
+
+/// (target, commit position) -> JSON of the [`crate::DeadLetter`].
+pub(crate) const DEAD_LETTERS: TableDefinition<(&str, u64), &[u8]> =
+    TableDefinition::new("dead_letters");

@@ -4,6 +4,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
+use cnsm_runtime::delivery::{Deliverer, DeliveryOptions};
 use cnsm_runtime::{Runtime, RuntimeOptions};
 use cnsm_server::auth::AuthConfig;
 use cnsm_server::{ServeError, ServerOptions};
@@ -63,6 +64,13 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
             ));
         }
     };
+    // And a bad CA file for https:// notify targets.
+    let mut transport = cnsm_server::delivery_transport::HttpTransport::new();
+    if let Some(ca) = &args.delivery_ca_cert {
+        transport = transport.with_tls(
+            cnsm_server::tls::client_config(ca).map_err(|e| CliError::invalid(e.to_string()))?,
+        );
+    }
     let scheme = if tls.is_some() { "https" } else { "http" };
     cnsm_server::check_listen_address(address, auth.is_some(), args.insecure)
         .map_err(|e| CliError::invalid(e.to_string()))?;
@@ -92,6 +100,7 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
     if let Some(flags) = &context.flags {
         wired.observe_flag_gates(Arc::clone(flags));
     }
+    let (node_id, shared_store) = (options.node_id.clone(), options.shared_store);
     let runtime = match Runtime::open_shared(
         store,
         RuntimeOptions {
@@ -109,9 +118,29 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
     if let Some(audit) = &wired.audit {
         runtime.subscribe(Arc::new(audit.clone()));
     }
+    // Push delivery to the machines' notify targets (one node per target on a shared store).
+    let mut delivery = DeliveryOptions::new(Arc::new(transport));
+    delivery.node_id = node_id;
+    delivery.meter = wired.meter();
+    if shared_store {
+        delivery.settle_ms = args.delivery_settle_ms;
+    } else {
+        // One process opens an embedded store at a time: a stable name lets a restart after a
+        // crash take its targets back at once instead of waiting for the old lease to expire.
+        delivery.node_id = "local".into();
+    }
+    let deliverer = match Deliverer::start(&runtime, delivery) {
+        Ok(deliverer) => deliverer,
+        Err(e) => {
+            runtime.shutdown();
+            wired.shutdown();
+            return Err(e.into());
+        }
+    };
     let listener = match tokio::net::TcpListener::bind(address).await {
         Ok(listener) => listener,
         Err(e) => {
+            deliverer.stop();
             runtime.shutdown();
             wired.shutdown();
             return Err(CliError::unavailable(format!(
@@ -140,7 +169,8 @@ pub async fn run(context: &Context, args: &ServeArgs, out: &mut Out) -> Result<(
     };
     let served =
         cnsm_server::serve(listener, runtime, options, cnsm_server::shutdown_signal()).await;
-    // The runtime has stopped: flush the audit log and the exporters.
+    // The runtime has stopped: write the delivery cursors, flush the audit log and exporters.
+    deliverer.stop();
     wired.shutdown();
     match served {
         Ok(()) => {
