@@ -547,6 +547,18 @@ fn schemas() -> Value {
                 "actor": {"type": "string", "description": "Ignored when the server has --auth-file (the token's name is recorded)"},
             },
         },
+        "Erase": {
+            "type": "object", "additionalProperties": false,
+            "properties": {
+                "fields": {
+                    "type": "array", "maxItems": 256,
+                    "items": {"type": "string", "minLength": 1, "maxLength": 1024},
+                    "description": "Dotted data paths (address.zip) erased in the data and in event payloads; absent or empty: all data and payloads",
+                },
+                "reason": {"type": "string", "maxLength": 1024, "description": "Why; kept in the erasure record"},
+                "actor": {"type": "string", "description": "Ignored when the server has --auth-file (the token's name is recorded)"},
+            },
+        },
         "CloudEvent": {
             "type": "object", "required": ["specversion", "id", "source", "type"],
             "properties": {
@@ -608,6 +620,22 @@ fn schemas() -> Value {
                 "idempotencyKey": {"type": "string"},
                 "timeMs": {"type": "integer"},
                 "prevHash": {"type": "string"},
+                "erasure": {
+                    "type": "object", "required": ["records"],
+                    "description": "Erasure records only: what was erased and the records redacted",
+                    "properties": {
+                        "fields": {"type": "array", "items": {"type": "string"}},
+                        "reason": {"type": "string"},
+                        "records": {"type": "array", "items": {
+                            "type": "object", "required": ["version", "originalHash", "redactedHash"],
+                            "properties": {
+                                "version": {"type": "integer"},
+                                "originalHash": {"type": "string"},
+                                "redactedHash": {"type": "string"},
+                            },
+                        }},
+                    },
+                },
             },
         },
         "Transition": {

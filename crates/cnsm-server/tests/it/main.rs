@@ -7,6 +7,7 @@ mod auth;
 mod cloudevents;
 mod concurrency;
 mod controls;
+mod erase;
 mod flags;
 mod health;
 mod openapi;
