@@ -70,8 +70,9 @@ fn personal_order(cli: &Cli) {
     .ok();
 }
 
-/// Field erasure, then full erasure, then the refusals; `store verify` green after each.
-fn run_erase(cli: &Cli) {
+/// Field erasure, then full erasure, then the refusals; `verify` (`store verify`) green after
+/// each.
+fn run_erase(cli: &Cli, verify: &mut dyn FnMut()) {
     personal_order(cli);
     let instance = cli
         .run(&["-n", "shop", "get", "instances", "o-1", "-o", "json"])
@@ -108,7 +109,7 @@ fn run_erase(cli: &Cli) {
     assert_eq!(history[3]["erasure"]["reason"], "request 4711");
     assert_eq!(history[3]["erasure"]["fields"][0], "customer.email");
     assert_eq!(history[3]["erasure"]["records"][0]["version"], 0);
-    cli.run(&["store", "verify"]).ok().stdout_has("OK");
+    verify();
 
     // Everything: data and payloads, JSON output.
     let erased = cli
@@ -134,7 +135,7 @@ fn run_erase(cli: &Cli) {
     // States, events and hashes stay.
     assert_eq!(history[2]["event"], "pay");
     assert_eq!(history[2]["to"], "paid");
-    cli.run(&["store", "verify"]).ok().stdout_has("OK");
+    verify();
 
     // Refusals name the problem and change nothing.
     let bad = cli.run(&["-n", "shop", "erase", "o-1", "--field", "customer..email"]);
@@ -149,17 +150,28 @@ fn run_erase(cli: &Cli) {
 
 #[test]
 fn erase_locally() {
-    run_erase(&Cli::new());
+    let cli = Cli::new();
+    run_erase(&cli, &mut || {
+        cli.run(&["store", "verify"]).ok().stdout_has("OK");
+    });
 }
 
+/// The same through `cnsmctl serve`; `store verify` reads the store file, so it runs on the
+/// server's data directory after the server has drained and stopped.
 #[test]
 fn erase_through_a_server() {
-    let server_dir = tempfile::tempdir().expect("tempdir");
-    let server = server::ServerChild::start(server_dir.path());
+    let host = Cli::new();
+    let mut server = server::ServerChild::start(&host.data_dir());
     let mut cli = Cli::new();
     cli.server = Some(server.url.clone());
-    run_erase(&cli);
+    run_erase(&cli, &mut || {});
     assert!(!cli.data_dir().exists());
+    server.signal("TERM");
+    let (status, stderr) = server.wait();
+    assert!(status.success(), "{stderr}");
+    host.run(&["store", "verify"]).ok().stdout_has("OK");
+    let history = host.history("shop", "o-1");
+    assert_lacks(&history, &[EMAIL, NAME, CARD]);
 }
 
 /// An erased instance: exported, verified, imported elsewhere; the markers and the verification
