@@ -14,8 +14,7 @@ use cnsm_core::resource::StateMachine;
 use cnsm_core::{Instance, Status};
 use cnsm_runtime::{
     AppliedDefinition, ControlRequest, CreateInstance, EraseRequest, EventRequest, HistoryEntry,
-    MigrationReport,
-    MigrationRequest, RolloutChange, RolloutStatus, TransitionOutcome,
+    MigrationReport, MigrationRequest, RolloutChange, RolloutStatus, TransitionOutcome,
 };
 use cnsm_snapshot::Selection;
 use cnsm_store::{BackupReport, DefinitionRow, ImportReport, VerifyReport};

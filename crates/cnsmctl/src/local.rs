@@ -10,8 +10,8 @@ use cnsm_core::Instance;
 use cnsm_core::resource::StateMachine;
 use cnsm_runtime::{
     AppliedDefinition, ControlRequest, CreateInstance, EraseRequest, EventRequest, HistoryEntry,
-    MigrationReport,
-    MigrationRequest, RolloutChange, RolloutStatus, Runtime, RuntimeOptions, TransitionOutcome,
+    MigrationReport, MigrationRequest, RolloutChange, RolloutStatus, Runtime, RuntimeOptions,
+    TransitionOutcome,
 };
 use cnsm_snapshot::{ExportError, Selection};
 use cnsm_store::embedded::EmbeddedStore;

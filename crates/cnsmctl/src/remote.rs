@@ -9,8 +9,8 @@ use cnsm_core::Instance;
 use cnsm_core::resource::StateMachine;
 use cnsm_runtime::{
     AppliedDefinition, ControlRequest, CreateInstance, EraseRequest, EventRequest, HistoryEntry,
-    MigrationPhase,
-    MigrationReport, MigrationRequest, RolloutChange, RolloutStatus, TransitionOutcome,
+    MigrationPhase, MigrationReport, MigrationRequest, RolloutChange, RolloutStatus,
+    TransitionOutcome,
 };
 use cnsm_server::client::{Client, ClientResponse, EventStream};
 use cnsm_server::migrations::{MigrationBody, MigrationReportView, RolloutBody, RolloutView};

@@ -10,8 +10,8 @@ use serde_json::{Map, Value, json};
 use super::{Context, no_resources, parse_json, parse_labels};
 use crate::api::{Access, Api, Connection, InstanceFilter};
 use crate::cli::{
-    ControlArgs, CreateInstanceArgs, EraseArgs, DescribeInstanceArgs, GetInstancesArgs, HistoryArgs,
-    OutputFormat, ResultFormat, SendArgs, StatusArg,
+    ControlArgs, CreateInstanceArgs, DescribeInstanceArgs, EraseArgs, GetInstancesArgs,
+    HistoryArgs, OutputFormat, ResultFormat, SendArgs, StatusArg,
 };
 use crate::error::CliError;
 use crate::output::{

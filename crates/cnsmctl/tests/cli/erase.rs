@@ -143,7 +143,11 @@ fn run_erase(cli: &Cli, verify: &mut dyn FnMut()) {
     assert!(bad.error_line().contains("fields[0]"), "{bad:#?}");
     let missing = cli.run(&["-n", "shop", "erase", "nope"]);
     missing.code(3);
-    assert_eq!(cli.history("shop", "o-1"), history, "refusals change nothing");
+    assert_eq!(
+        cli.history("shop", "o-1"),
+        history,
+        "refusals change nothing"
+    );
     // The instance goes on (its data now holds the markers).
     cli.run(&["-n", "shop", "send", "o-1", "ship"]).ok();
 }
@@ -201,9 +205,7 @@ fn an_erased_instance_round_trips_through_a_snapshot() {
     let bytes = std::fs::read(snapshot).expect("read the snapshot");
     for needle in [EMAIL, NAME, CARD] {
         assert!(
-            !bytes
-                .windows(needle.len())
-                .any(|w| w == needle.as_bytes()),
+            !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
             "the snapshot holds {needle:?}"
         );
     }
