@@ -371,7 +371,7 @@ fn schemas() -> Value {
         names.dedup();
         names
     };
-    json!({
+    let mut schemas = json!({
         "Problem": {
             "type": "object",
             "description": format!("RFC 9457 problem details; `type` is {PROBLEM_TYPE_BASE}<kind>"),
@@ -608,6 +608,7 @@ fn schemas() -> Value {
                 "idempotencyKey": {"type": "string"},
                 "timeMs": {"type": "integer"},
                 "prevHash": {"type": "string"},
+                "erasure": schema_ref("ErasureList"),
             },
         },
         "Transition": {
@@ -632,6 +633,45 @@ fn schemas() -> Value {
         "Statez": {"type": "object", "description": "Store, commits, queue, instances, timers, version, uptime"},
         "Debug": {"type": "object", "description": "Counts by machine, revision and state; recent transitions and errors"},
         "OpenApi": {"type": "object", "description": "An OpenAPI 3.1 document"},
+    });
+    // Kept apart: one `json!` with every schema passes the macro recursion limit.
+    if let Value::Object(map) = &mut schemas {
+        map.extend(erasure_schemas().as_object().cloned().unwrap_or_default());
+    }
+    schemas
+}
+
+/// The erasure request and the `erasure` member of an erasure record.
+fn erasure_schemas() -> Value {
+    json!({
+        "Erase": {
+            "type": "object", "additionalProperties": false,
+            "properties": {
+                "fields": {
+                    "type": "array", "maxItems": 256,
+                    "items": {"type": "string", "minLength": 1, "maxLength": 1024},
+                    "description": "Dotted data paths (address.zip) erased in the data and in event payloads; absent or empty: all data and payloads",
+                },
+                "reason": {"type": "string", "maxLength": 1024, "description": "Why; kept in the erasure record"},
+                "actor": {"type": "string", "description": "Ignored when the server has --auth-file (the token's name is recorded)"},
+            },
+        },
+        "ErasureList": {
+            "type": "object", "required": ["records"],
+            "description": "Erasure records only: what was erased and the records redacted",
+            "properties": {
+                "fields": {"type": "array", "items": {"type": "string"}},
+                "reason": {"type": "string"},
+                "records": {"type": "array", "items": {
+                    "type": "object", "required": ["version", "originalHash", "redactedHash"],
+                    "properties": {
+                        "version": {"type": "integer"},
+                        "originalHash": {"type": "string"},
+                        "redactedHash": {"type": "string"},
+                    },
+                }},
+            },
+        },
     })
 }
 

@@ -13,8 +13,8 @@
 use cnsm_core::resource::StateMachine;
 use cnsm_core::{Instance, Status};
 use cnsm_runtime::{
-    AppliedDefinition, ControlRequest, CreateInstance, EventRequest, HistoryEntry, MigrationReport,
-    MigrationRequest, RolloutChange, RolloutStatus, TransitionOutcome,
+    AppliedDefinition, ControlRequest, CreateInstance, EraseRequest, EventRequest, HistoryEntry,
+    MigrationReport, MigrationRequest, RolloutChange, RolloutStatus, TransitionOutcome,
 };
 use cnsm_snapshot::Selection;
 use cnsm_store::{BackupReport, DefinitionRow, ImportReport, VerifyReport};
@@ -83,6 +83,14 @@ pub trait Api {
         namespace: &str,
         id: &str,
         request: ControlRequest,
+    ) -> Result<TransitionOutcome, CliError>;
+
+    /// Erases personal data from an instance (one `erasure` record).
+    async fn erase(
+        &self,
+        namespace: &str,
+        id: &str,
+        request: EraseRequest,
     ) -> Result<TransitionOutcome, CliError>;
 
     async fn instance(&self, namespace: &str, id: &str) -> Result<Instance, CliError>;
@@ -200,6 +208,15 @@ impl Api for Connection {
         request: ControlRequest,
     ) -> Result<TransitionOutcome, CliError> {
         delegate!(self, api => api.control(namespace, id, request))
+    }
+
+    async fn erase(
+        &self,
+        namespace: &str,
+        id: &str,
+        request: EraseRequest,
+    ) -> Result<TransitionOutcome, CliError> {
+        delegate!(self, api => api.erase(namespace, id, request))
     }
 
     async fn instance(&self, namespace: &str, id: &str) -> Result<Instance, CliError> {

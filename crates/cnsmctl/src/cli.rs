@@ -208,6 +208,22 @@ pub enum Command {
     )]
     Redrive(ControlArgs),
 
+    /// Erase personal data from an instance's data and history; the hash chain stays verifiable
+    #[command(
+        long_about = "Erase personal data from an instance: the values of its data, of every \
+            record's data and of every event payload become \"[erased]\" (keys stay), or with \
+            --field only the values at those dotted paths (repeatable). One `erasure` record \
+            lists the redacted records with their original and redacted hashes, so `store verify` \
+            stays green; everything else (states, events, versions, actors, times) stays. \
+            Allowed in any status. Exported snapshots, backups and delivered notifications \
+            taken before are not reached (docs/operations.md).",
+        after_help = "Examples:\n  \
+            cnsmctl -n shop erase o-1 --reason \"GDPR request 4711\"\n  \
+            cnsmctl -n shop erase o-1 --field customer.email --field address.zip\n  \
+            cnsmctl --server http://127.0.0.1:8080 -n shop erase o-1 -o json"
+    )]
+    Erase(EraseArgs),
+
     /// Show the hash-chained history of an instance
     #[command(
         long_about = "Show the history of an instance.\n\n\
@@ -571,6 +587,25 @@ pub struct ControlArgs {
     #[arg(long, env = "CNSM_ACTOR", default_value = "cnsmctl")]
     pub actor: String,
     /// Output format of the result; json prints the record and the instance
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    pub output: ResultFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct EraseArgs {
+    /// The instance
+    pub id: String,
+    /// A dotted data path to erase (in the data and in event payloads); repeatable; none: all
+    /// data and payloads
+    #[arg(long = "field", value_name = "PATH")]
+    pub fields: Vec<String>,
+    /// Why (kept in the erasure record)
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+    /// Who acts, recorded in the erasure record (the token's name when the server has auth)
+    #[arg(long, env = "CNSM_ACTOR", default_value = "cnsmctl")]
+    pub actor: String,
+    /// Output format of the result; json prints the erasure record and the instance
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     pub output: ResultFormat,
 }

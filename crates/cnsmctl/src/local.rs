@@ -9,8 +9,9 @@ use std::path::Path;
 use cnsm_core::Instance;
 use cnsm_core::resource::StateMachine;
 use cnsm_runtime::{
-    AppliedDefinition, ControlRequest, CreateInstance, EventRequest, HistoryEntry, MigrationReport,
-    MigrationRequest, RolloutChange, RolloutStatus, Runtime, RuntimeOptions, TransitionOutcome,
+    AppliedDefinition, ControlRequest, CreateInstance, EraseRequest, EventRequest, HistoryEntry,
+    MigrationReport, MigrationRequest, RolloutChange, RolloutStatus, Runtime, RuntimeOptions,
+    TransitionOutcome,
 };
 use cnsm_snapshot::{ExportError, Selection};
 use cnsm_store::embedded::EmbeddedStore;
@@ -168,6 +169,15 @@ impl Api for Local {
         request: ControlRequest,
     ) -> Result<TransitionOutcome, CliError> {
         Ok(self.runtime.control(namespace, id, request).await?)
+    }
+
+    async fn erase(
+        &self,
+        namespace: &str,
+        id: &str,
+        request: EraseRequest,
+    ) -> Result<TransitionOutcome, CliError> {
+        Ok(self.runtime.erase(namespace, id, request).await?)
     }
 
     async fn instance(&self, namespace: &str, id: &str) -> Result<Instance, CliError> {

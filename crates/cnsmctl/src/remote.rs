@@ -8,8 +8,9 @@
 use cnsm_core::Instance;
 use cnsm_core::resource::StateMachine;
 use cnsm_runtime::{
-    AppliedDefinition, ControlRequest, CreateInstance, EventRequest, HistoryEntry, MigrationPhase,
-    MigrationReport, MigrationRequest, RolloutChange, RolloutStatus, TransitionOutcome,
+    AppliedDefinition, ControlRequest, CreateInstance, EraseRequest, EventRequest, HistoryEntry,
+    MigrationPhase, MigrationReport, MigrationRequest, RolloutChange, RolloutStatus,
+    TransitionOutcome,
 };
 use cnsm_server::client::{Client, ClientResponse, EventStream};
 use cnsm_server::migrations::{MigrationBody, MigrationReportView, RolloutBody, RolloutView};
@@ -361,6 +362,22 @@ impl Api for Remote {
             &format!("instances/{}/{}", encode(id), request.action.as_str()),
         );
         let body = serde_json::json!({"reason": request.reason, "actor": request.actor});
+        let view: TransitionView = self.post(&path, &body, &[]).await?;
+        Ok(outcome_of(view))
+    }
+
+    async fn erase(
+        &self,
+        namespace: &str,
+        id: &str,
+        request: EraseRequest,
+    ) -> Result<TransitionOutcome, CliError> {
+        let path = namespace_path(namespace, &format!("instances/{}/erase", encode(id)));
+        let body = serde_json::json!({
+            "fields": request.fields,
+            "reason": request.reason,
+            "actor": request.actor,
+        });
         let view: TransitionView = self.post(&path, &body, &[]).await?;
         Ok(outcome_of(view))
     }

@@ -8,6 +8,7 @@ mod cloudevents;
 mod concurrency;
 mod controls;
 mod delivery;
+mod erase;
 mod flags;
 mod health;
 mod openapi;

@@ -2,14 +2,16 @@
 //! `history`.
 
 use cnsm_core::{Instance, StateChangeEvent, Status};
-use cnsm_runtime::{Control, ControlRequest, CreateInstance, EventRequest, TransitionOutcome};
+use cnsm_runtime::{
+    Control, ControlRequest, CreateInstance, EraseRequest, EventRequest, TransitionOutcome,
+};
 use serde_json::{Map, Value, json};
 
 use super::{Context, no_resources, parse_json, parse_labels};
 use crate::api::{Access, Api, Connection, InstanceFilter};
 use crate::cli::{
-    ControlArgs, CreateInstanceArgs, DescribeInstanceArgs, GetInstancesArgs, HistoryArgs,
-    OutputFormat, ResultFormat, SendArgs, StatusArg,
+    ControlArgs, CreateInstanceArgs, DescribeInstanceArgs, EraseArgs, GetInstancesArgs,
+    HistoryArgs, OutputFormat, ResultFormat, SendArgs, StatusArg,
 };
 use crate::error::CliError;
 use crate::output::{
@@ -170,6 +172,39 @@ pub async fn control(
                     ""
                 },
                 outcome.instance.version
+            ));
+            Ok(())
+        }
+        ResultFormat::Json => out.json(&outcome_json(&outcome)),
+        ResultFormat::Yaml => out.yaml(&outcome_json(&outcome)),
+    }
+}
+
+/// `erase ID [--field PATH]... [--reason R]`.
+pub async fn erase(context: &Context, args: &EraseArgs, out: &mut Out) -> Result<(), CliError> {
+    let request = EraseRequest {
+        fields: args.fields.clone(),
+        reason: args.reason.clone(),
+        trace: None,
+        actor: args.actor.clone(),
+    };
+    let api = context.connect(Access::Mutating)?;
+    let outcome = api.erase(&context.namespace, &args.id, request).await?;
+    match args.output {
+        ResultFormat::Text => {
+            let n_records = outcome
+                .record
+                .erasure
+                .as_ref()
+                .map_or(0, |e| e.records.len());
+            let what = if args.fields.is_empty() {
+                "all data and payloads".to_owned()
+            } else {
+                args.fields.join(", ")
+            };
+            out.line(format_args!(
+                "instance/{} erased ({what}): {n_records} record(s) redacted, erasure record at version {}",
+                outcome.instance.id, outcome.instance.version
             ));
             Ok(())
         }

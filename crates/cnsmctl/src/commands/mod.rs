@@ -132,6 +132,9 @@ pub async fn run(context: &Context, command: Command, out: &mut Out) -> Result<u
         Command::Redrive(args) => instances::control(context, Control::Redrive, &args, out)
             .await
             .map(|()| EXIT_OK),
+        Command::Erase(args) => instances::erase(context, &args, out)
+            .await
+            .map(|()| EXIT_OK),
         Command::History(args) => instances::history(context, &args, out)
             .await
             .map(|()| EXIT_OK),
