@@ -20,6 +20,14 @@
 //!         drop(store);
 //!         Box::new(EmbeddedStore::open(self.dirs.last().unwrap().path()).unwrap())
 //!     }
+//!     fn tamper_record(&mut self, store: Box<dyn Store>, namespace: &str, id: &str,
+//!                      version: u64, byte_index: usize) -> Box<dyn Store> {
+//!         drop(store);
+//!         let dir = self.dirs.last().unwrap().path();
+//!         cnsm_store::embedded::testing::flip_record_byte(dir, namespace, id, version, byte_index)
+//!             .unwrap();
+//!         Box::new(EmbeddedStore::open_unverified(dir).unwrap())
+//!     }
 //! }
 //! cnsm_store::conformance::run_all(&mut Embedded { dirs: Vec::new() });
 //! ```
@@ -188,6 +196,14 @@ pub fn run_all(harness: &mut dyn Harness) {
 ///     fn reopen(&mut self, store: Box<dyn Store>) -> Box<dyn Store> {
 ///         drop(store);
 ///         Box::new(EmbeddedStore::open(self.dirs.last().unwrap().path()).unwrap())
+///     }
+///     fn tamper_record(&mut self, store: Box<dyn Store>, namespace: &str, id: &str,
+///                      version: u64, byte_index: usize) -> Box<dyn Store> {
+///         drop(store);
+///         let dir = self.dirs.last().unwrap().path();
+///         cnsm_store::embedded::testing::flip_record_byte(dir, namespace, id, version, byte_index)
+///             .unwrap();
+///         Box::new(EmbeddedStore::open_unverified(dir).unwrap())
 ///     }
 /// }
 ///
