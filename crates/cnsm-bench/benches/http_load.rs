@@ -21,7 +21,8 @@
 //! the peer's processes for the CPU split. `CNSM_BENCH_OPEN_RATE` sets the open loop's rate
 //! (bench/run.sh passes half of cnsm's best closed-loop rate, so both are measured at the same
 //! rate); when the target's own best rate is below it, a second open loop runs at half the
-//! target's own best. An open loop stops sending 5 s after its scheduled end even if requests are
+//! target's own best (on fewer than 256 connections if the phase holds fewer than 256
+//! requests). An open loop stops sending 5 s after its scheduled end even if requests are
 //! still unsent (counted as `unsent`), so a target that cannot keep up does not stall the run.
 
 use std::io::{BufRead, BufReader};
@@ -433,20 +434,23 @@ async fn setup(target: Target, addr: &str) -> Vec<String> {
     Arc::try_unwrap(ids).expect("create tasks done")
 }
 
-/// The open loop at `rate`, reported as `{prefix}.{name}.p50|p99`.
-async fn open_phase(
-    prefix: &str,
-    name: &str,
-    how: &str,
-    addr: &str,
+/// Where the load goes: the `bench` line prefix, the address, one event path per instance, the
+/// server's pids for the CPU split, and the length of a phase.
+struct Load {
+    prefix: &'static str,
+    addr: String,
     paths: Arc<Vec<String>>,
-    pids: &[u32],
-    rate: f64,
+    pids: Vec<u32>,
     secs: Duration,
-) {
-    let c = 256;
-    let cpu = CpuSplit::start(pids);
-    let (mut out, elapsed) = open_loop(addr, paths, c, rate, secs).await;
+}
+
+/// The open loop at `rate`, reported as `{prefix}.{name}.p50|p99`.
+async fn open_phase(load: &Load, name: &str, how: &str, rate: f64) {
+    let (prefix, secs) = (load.prefix, load.secs);
+    // 256 connections, fewer when the phase holds fewer requests (a slow target's low rate).
+    let c = 256.min(((rate * secs.as_secs_f64()).floor() as usize).max(1));
+    let cpu = CpuSplit::start(&load.pids);
+    let (mut out, elapsed) = open_loop(&load.addr, load.paths.clone(), c, rate, secs).await;
     let cpu = cpu.detail();
     let achieved = out.ok as f64 / elapsed.as_secs_f64();
     let p50 = percentile(&mut out.latencies, 0.5);
@@ -520,38 +524,29 @@ async fn run(target: Target, addr: String, pids: Vec<u32>, secs: Duration) {
             .filter(|r| r.is_finite() && *r > 0.0)
             .unwrap_or_else(|| panic!("CNSM_BENCH_OPEN_RATE={s:?}: expected events/s > 0"))
     });
+    let load = Load {
+        prefix,
+        addr,
+        paths,
+        pids,
+        secs,
+    };
     match given {
         None => {
-            let how = "half the best closed-loop rate";
             open_phase(
-                prefix,
+                &load,
                 "open_half",
-                how,
-                &addr,
-                paths,
-                &pids,
+                "half the best closed-loop rate",
                 best / 2.0,
-                secs,
             )
-            .await;
+            .await
         }
         Some(rate) => {
             let how = "CNSM_BENCH_OPEN_RATE, half of cnsm's best closed-loop rate";
-            open_phase(
-                prefix,
-                "open_half",
-                how,
-                &addr,
-                paths.clone(),
-                &pids,
-                rate,
-                secs,
-            )
-            .await;
+            open_phase(&load, "open_half", how, rate).await;
             if best < rate {
                 let how = "half this target's own best closed-loop rate";
-                let own = best / 2.0;
-                open_phase(prefix, "open_own_half", how, &addr, paths, &pids, own, secs).await;
+                open_phase(&load, "open_own_half", how, best / 2.0).await;
             }
         }
     }
