@@ -12,6 +12,18 @@
 //! `CNSM_HTTP_SECS` changes the 10 s per phase; `CNSM_BENCH_STORE=postgres://...` serves a
 //! PostgreSQL store instead of the embedded one, and `CNSM_BATCH_LEN_MAX` is passed on to the
 //! server: 1 makes one database transaction per event).
+//!
+//! Peers, same generator: `CNSM_BENCH_TARGET=restate` or `dbos` with `CNSM_BENCH_TARGET_URL`
+//! (`http://127.0.0.1:PORT`) drives an already running peer instead of starting `cnsmctl serve`
+//! (bench/restate/run.sh and bench/dbos/run.sh start them): the same 1,000 instances created
+//! first, the same event body, connections, phases and percentiles; the lines are named
+//! `restate.*` / `dbos.*` instead of `http.*`. `CNSM_BENCH_TARGET_PIDS` (comma-separated) names
+//! the peer's processes for the CPU split. `CNSM_BENCH_OPEN_RATE` sets the open loop's rate
+//! (bench/run.sh passes half of cnsm's best closed-loop rate, so both are measured at the same
+//! rate); when the target's own best rate is below it, a second open loop runs at half the
+//! target's own best (on fewer than 256 connections if the phase holds fewer than 256
+//! requests). An open loop stops sending 5 s after its scheduled end even if requests are
+//! still unsent (counted as `unsent`), so a target that cannot keep up does not stall the run.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -42,6 +54,53 @@ const COUNTER: &str = r#"{
 
 const INSTANCES: usize = 1_000;
 const BASE: &str = "/apis/statemachine.cn/v1alpha1/namespaces/bench";
+const EVENT_BODY: &[u8] = br#"{"event":"inc"}"#;
+
+/// What the load goes to: cnsm (started here) or an already running peer.
+#[derive(Clone, Copy, PartialEq)]
+enum Target {
+    Cnsm,
+    /// Restate's ingress: `POST /Counter/{id}/create`, `POST /Counter/{id}/event`.
+    Restate,
+    /// The DBOS app of bench/dbos: `POST /instances/{id}`, `POST /instances/{id}/events`.
+    Dbos,
+}
+
+impl Target {
+    fn from_env() -> Target {
+        match std::env::var("CNSM_BENCH_TARGET").as_deref() {
+            Err(_) | Ok("") | Ok("cnsm") => Target::Cnsm,
+            Ok("restate") => Target::Restate,
+            Ok("dbos") => Target::Dbos,
+            Ok(other) => panic!("CNSM_BENCH_TARGET={other:?}: expected cnsm, restate or dbos"),
+        }
+    }
+
+    /// The prefix of the `bench NAME: VALUE` lines.
+    fn prefix(self) -> &'static str {
+        match self {
+            Target::Cnsm => "http",
+            Target::Restate => "restate",
+            Target::Dbos => "dbos",
+        }
+    }
+
+    fn create_path(self, id: &str) -> String {
+        match self {
+            Target::Cnsm => format!("{BASE}/instances"),
+            Target::Restate => format!("/Counter/{id}/create"),
+            Target::Dbos => format!("/instances/{id}"),
+        }
+    }
+
+    fn event_path(self, id: &str) -> String {
+        match self {
+            Target::Cnsm => format!("{BASE}/instances/{id}/events"),
+            Target::Restate => format!("/Counter/{id}/event"),
+            Target::Dbos => format!("/instances/{id}/events"),
+        }
+    }
+}
 
 fn cnsmctl_path() -> PathBuf {
     if let Some(path) = std::env::var_os("CNSMCTL") {
@@ -129,13 +188,18 @@ async fn connect(addr: &str) -> Sender {
 
 /// One event on a keep-alive connection; the status code (0 when the connection failed).
 async fn send_inc(sender: &mut Sender, addr: &str, path: &str) -> u16 {
+    send_post(sender, addr, path, Bytes::from_static(EVENT_BODY)).await
+}
+
+/// One JSON POST on a keep-alive connection; the status code (0 when the connection failed).
+async fn send_post(sender: &mut Sender, addr: &str, path: &str, body: Bytes) -> u16 {
     if sender.ready().await.is_err() {
         *sender = connect(addr).await;
     }
     let request = hyper::Request::post(path)
         .header("host", addr)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(br#"{"event":"inc"}"#)))
+        .body(Full::new(body))
         .expect("request");
     match sender.send_request(request).await {
         Ok(response) => {
@@ -152,6 +216,8 @@ struct Outcome {
     latencies: Vec<Duration>,
     ok: u64,
     not_ok: u64,
+    /// Open loop only: requests still unsent when the phase was cut off.
+    unsent: u64,
 }
 
 impl Outcome {
@@ -159,15 +225,12 @@ impl Outcome {
         self.latencies.extend(other.latencies);
         self.ok += other.ok;
         self.not_ok += other.not_ok;
+        self.unsent += other.unsent;
     }
 }
 
-fn event_paths(ids: &[String]) -> Arc<Vec<String>> {
-    Arc::new(
-        ids.iter()
-            .map(|id| format!("{BASE}/instances/{id}/events"))
-            .collect(),
-    )
+fn event_paths(target: Target, ids: &[String]) -> Arc<Vec<String>> {
+    Arc::new(ids.iter().map(|id| target.event_path(id)).collect())
 }
 
 /// C connections, each sending as soon as it is answered, for `secs`.
@@ -229,6 +292,9 @@ async fn open_loop(
         senders.push(connect(addr).await);
     }
     let start = Instant::now() + Duration::from_millis(50);
+    // A target that cannot keep up would otherwise keep this phase going for as long as its
+    // backlog takes: stop sending 5 s after the scheduled end.
+    let cutoff = start + secs + Duration::from_secs(5);
     let mut tasks = Vec::with_capacity(c);
     for (k, mut sender) in senders.into_iter().enumerate() {
         let (paths, addr) = (paths.clone(), addr.to_owned());
@@ -237,6 +303,10 @@ async fn open_loop(
         tasks.push(tokio::spawn(async move {
             let mut out = Outcome::default();
             for n in 0..per_conn {
+                if Instant::now() >= cutoff {
+                    out.unsent = per_conn - n;
+                    break;
+                }
                 let scheduled = start + offset + period * n as u32;
                 tokio::time::sleep_until(scheduled.into()).await;
                 let i = (n as usize * c + k) % paths.len();
@@ -273,31 +343,35 @@ fn cpu_secs(pid: &str) -> f64 {
     (tick(14) + tick(15)) / 100.0
 }
 
-/// CPU cores used by the server and by this load generator since `before`.
+/// CPU cores used by the server's processes and by this load generator since `start`.
 struct CpuSplit {
-    server_pid: String,
+    server_pids: Vec<String>,
     server: f64,
     client: f64,
     at: Instant,
 }
 
 impl CpuSplit {
-    fn start(server_pid: u32) -> CpuSplit {
-        let server_pid = server_pid.to_string();
+    fn start(server_pids: &[u32]) -> CpuSplit {
+        let server_pids: Vec<String> = server_pids.iter().map(u32::to_string).collect();
         CpuSplit {
-            server: cpu_secs(&server_pid),
+            server: server_pids.iter().map(|pid| cpu_secs(pid)).sum(),
             client: cpu_secs("self"),
             at: Instant::now(),
-            server_pid,
+            server_pids,
         }
     }
 
     fn detail(&self) -> String {
         let wall = self.at.elapsed().as_secs_f64();
+        let client = (cpu_secs("self") - self.client) / wall;
+        if self.server_pids.is_empty() {
+            return format!("server not measured, load generator {client:.2} cores");
+        }
+        let server: f64 = self.server_pids.iter().map(|pid| cpu_secs(pid)).sum();
         format!(
-            "server {:.2} cores, load generator {:.2} cores",
-            (cpu_secs(&self.server_pid) - self.server) / wall,
-            (cpu_secs("self") - self.client) / wall
+            "server {:.2} cores, load generator {client:.2} cores",
+            (server - self.server) / wall
         )
     }
 }
@@ -306,42 +380,110 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-async fn run(addr: String, server_pid: u32, secs: Duration) {
-    let client = cnsm_server::client::Client::new(&format!("http://{addr}")).expect("client");
-    let applied = client
-        .request(
-            "POST",
-            &format!("{BASE}/statemachines"),
-            &[("content-type", "application/json")],
-            COUNTER.as_bytes().to_vec(),
-        )
-        .await
-        .expect("apply");
-    assert!(
-        applied.status / 100 == 2,
-        "apply: {} {}",
-        applied.status,
-        applied.text()
-    );
-    let mut ids = Vec::with_capacity(INSTANCES);
-    for i in 0..INSTANCES {
-        let id = format!("c-{i}");
-        let body = serde_json::json!({"id": id, "machine": "counter", "data": {"n": 0}});
-        let created = client
-            .post_json(&format!("{BASE}/instances"), &body, &[])
+/// cnsm gets the counter machine; every target gets the same `INSTANCES` instances, each with
+/// state `counting` and n = 0. Returns their ids.
+async fn setup(target: Target, addr: &str) -> Vec<String> {
+    let ids: Vec<String> = (0..INSTANCES).map(|i| format!("c-{i}")).collect();
+    if target == Target::Cnsm {
+        let client = cnsm_server::client::Client::new(&format!("http://{addr}")).expect("client");
+        let applied = client
+            .request(
+                "POST",
+                &format!("{BASE}/statemachines"),
+                &[("content-type", "application/json")],
+                COUNTER.as_bytes().to_vec(),
+            )
             .await
-            .expect("create");
-        assert_eq!(created.status, 201, "create: {}", created.text());
-        ids.push(id);
+            .expect("apply");
+        assert!(
+            applied.status / 100 == 2,
+            "apply: {} {}",
+            applied.status,
+            applied.text()
+        );
+        for id in &ids {
+            let body = serde_json::json!({"id": id, "machine": "counter", "data": {"n": 0}});
+            let created = client
+                .post_json(&target.create_path(id), &body, &[])
+                .await
+                .expect("create");
+            assert_eq!(created.status, 201, "create {id}: {}", created.text());
+        }
+        return ids;
     }
-    let paths = event_paths(&ids);
+    // Peers: 16 connections create the instances (not measured).
+    let ids = Arc::new(ids);
+    let mut tasks = Vec::new();
+    for k in 0..16 {
+        let (ids, addr) = (ids.clone(), addr.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut sender = connect(&addr).await;
+            for id in ids.iter().skip(k).step_by(16) {
+                let path = target.create_path(id);
+                let status = send_post(&mut sender, &addr, &path, Bytes::from_static(b"{}")).await;
+                assert!(
+                    (200..300).contains(&status),
+                    "create: POST http://{addr}{path} answered {status}"
+                );
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("create task");
+    }
+    Arc::try_unwrap(ids).expect("create tasks done")
+}
+
+/// Where the load goes: the `bench` line prefix, the address, one event path per instance, the
+/// server's pids for the CPU split, and the length of a phase.
+struct Load {
+    prefix: &'static str,
+    addr: String,
+    paths: Arc<Vec<String>>,
+    pids: Vec<u32>,
+    secs: Duration,
+}
+
+/// The open loop at `rate`, reported as `{prefix}.{name}.p50|p99`.
+async fn open_phase(load: &Load, name: &str, how: &str, rate: f64) {
+    let (prefix, secs) = (load.prefix, load.secs);
+    // 256 connections, fewer when the phase holds fewer requests (a slow target's low rate).
+    let c = 256.min(((rate * secs.as_secs_f64()).floor() as usize).max(1));
+    let cpu = CpuSplit::start(&load.pids);
+    let (mut out, elapsed) = open_loop(&load.addr, load.paths.clone(), c, rate, secs).await;
+    let cpu = cpu.detail();
+    let achieved = out.ok as f64 / elapsed.as_secs_f64();
+    let p50 = percentile(&mut out.latencies, 0.5);
+    let p99 = percentile(&mut out.latencies, 0.99);
+    let max = out.latencies.last().copied().unwrap_or_default();
+    report(
+        &format!("{prefix}.{name}.p50"),
+        ms(p50),
+        "ms",
+        &format!(
+            "(open loop, {rate:.0} events/s scheduled ({how}) on {c} connections, {achieved:.0}/s answered 2xx; latency from the scheduled send; 2xx {}, non-2xx {}, unsent {})",
+            out.ok, out.not_ok, out.unsent
+        ),
+    );
+    report(
+        &format!("{prefix}.{name}.p99"),
+        ms(p99),
+        "ms",
+        &format!("(max {:.2} ms; {cpu})", ms(max)),
+    );
+}
+
+async fn run(target: Target, addr: String, pids: Vec<u32>, secs: Duration) {
+    let prefix = target.prefix();
+    let ids = setup(target, &addr).await;
+    let paths = event_paths(target, &ids);
 
     // Warm-up: 1 s at 256 connections, not reported.
     let _ = closed_loop(&addr, paths.clone(), 256, Duration::from_secs(1)).await;
 
     let mut best = 0.0f64;
     for c in [256usize, 1_024] {
-        let cpu = CpuSplit::start(server_pid);
+        let cpu = CpuSplit::start(&pids);
         let (mut out, elapsed) = closed_loop(&addr, paths.clone(), c, secs).await;
         let cpu = cpu.detail();
         let rate = out.ok as f64 / elapsed.as_secs_f64();
@@ -349,7 +491,7 @@ async fn run(addr: String, server_pid: u32, secs: Duration) {
         let p50 = percentile(&mut out.latencies, 0.5);
         let p99 = percentile(&mut out.latencies, 0.99);
         report(
-            &format!("http.closed_c{c}.events_per_s"),
+            &format!("{prefix}.closed_c{c}.events_per_s"),
             rate,
             "events/s",
             &format!(
@@ -362,44 +504,52 @@ async fn run(addr: String, server_pid: u32, secs: Duration) {
             ),
         );
         report(
-            &format!("http.closed_c{c}.p50"),
+            &format!("{prefix}.closed_c{c}.p50"),
             ms(p50),
             "ms",
             &format!("({cpu})"),
         );
-        report(&format!("http.closed_c{c}.p99"), ms(p99), "ms", "");
+        report(&format!("{prefix}.closed_c{c}.p99"), ms(p99), "ms", "");
     }
     report(
-        "http.events_per_s",
+        &format!("{prefix}.events_per_s"),
         best,
         "events/s",
         "(best closed-loop rate)",
     );
 
-    let target = best / 2.0;
-    let c = 256;
-    let cpu = CpuSplit::start(server_pid);
-    let (mut out, elapsed) = open_loop(&addr, paths.clone(), c, target, secs).await;
-    let cpu = cpu.detail();
-    let achieved = out.ok as f64 / elapsed.as_secs_f64();
-    let p50 = percentile(&mut out.latencies, 0.5);
-    let p99 = percentile(&mut out.latencies, 0.99);
-    let max = out.latencies.last().copied().unwrap_or_default();
-    report(
-        "http.open_half.p50",
-        ms(p50),
-        "ms",
-        &format!(
-            "(open loop, {target:.0} events/s scheduled on {c} connections, {achieved:.0}/s answered 2xx; latency from the scheduled send; 2xx {}, non-2xx {})",
-            out.ok, out.not_ok
-        ),
-    );
-    report(
-        "http.open_half.p99",
-        ms(p99),
-        "ms",
-        &format!("(max {:.2} ms; {cpu})", ms(max)),
-    );
+    let given = std::env::var("CNSM_BENCH_OPEN_RATE").ok().map(|s| {
+        s.parse::<f64>()
+            .ok()
+            .filter(|r| r.is_finite() && *r > 0.0)
+            .unwrap_or_else(|| panic!("CNSM_BENCH_OPEN_RATE={s:?}: expected events/s > 0"))
+    });
+    let load = Load {
+        prefix,
+        addr,
+        paths,
+        pids,
+        secs,
+    };
+    match given {
+        None => {
+            open_phase(
+                &load,
+                "open_half",
+                "half the best closed-loop rate",
+                best / 2.0,
+            )
+            .await
+        }
+        Some(rate) => {
+            let how = "CNSM_BENCH_OPEN_RATE, half of cnsm's best closed-loop rate";
+            open_phase(&load, "open_half", how, rate).await;
+            if best < rate {
+                let how = "half this target's own best closed-loop rate";
+                open_phase(&load, "open_own_half", how, best / 2.0).await;
+            }
+        }
+    }
 }
 
 fn main() {
@@ -409,6 +559,33 @@ fn main() {
             .and_then(|s| s.parse().ok())
             .unwrap_or(10.0),
     );
+    let target = Target::from_env();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if target != Target::Cnsm {
+        let url = std::env::var("CNSM_BENCH_TARGET_URL")
+            .expect("CNSM_BENCH_TARGET_URL (http://HOST:PORT) names the peer to load");
+        let addr = url
+            .strip_prefix("http://")
+            .unwrap_or_else(|| panic!("CNSM_BENCH_TARGET_URL={url:?}: expected http://HOST:PORT"))
+            .trim_end_matches('/')
+            .to_owned();
+        let pids: Vec<u32> = std::env::var("CNSM_BENCH_TARGET_PIDS")
+            .unwrap_or_default()
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| {
+                p.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("CNSM_BENCH_TARGET_PIDS: {p:?} is not a pid"))
+            })
+            .collect();
+        println!("# target {} at {addr}, pids {pids:?}", target.prefix());
+        runtime.block_on(run(target, addr, pids, secs));
+        return;
+    }
     let dir = match std::env::var_os("CNSM_BENCH_DIR") {
         Some(dir) => tempfile::tempdir_in(dir).expect("bench dir"),
         None => tempfile::tempdir().expect("temp dir"),
@@ -419,10 +596,11 @@ fn main() {
         server.child.id(),
         server.addr
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(run(server.addr.clone(), server.child.id(), secs));
+    runtime.block_on(run(
+        target,
+        server.addr.clone(),
+        vec![server.child.id()],
+        secs,
+    ));
     drop(server);
 }
