@@ -404,6 +404,30 @@ impl Committer {
         result
     }
 
+    /// Runs a command that commits in a store transaction of its own (an import, an erasure)
+    /// and answers it. Other commands are ignored: they go through [`Committer::process`].
+    fn run_alone(&mut self, command: Command, now_ms: u64) {
+        match command {
+            Command::Import {
+                definitions,
+                items,
+                replace,
+                reply,
+            } => {
+                let _ = reply.send(self.import(&definitions, &items, replace));
+            }
+            Command::Erase {
+                namespace,
+                id,
+                request,
+                reply,
+            } => {
+                let _ = reply.send(self.erase((namespace, id), &request, now_ms));
+            }
+            _ => {}
+        }
+    }
+
     fn run(mut self, rx: Receiver<Command>) {
         let batch_len_max = self.shared.options.batch_len_max.max(1);
         let clock = Arc::clone(&self.shared.options.clock);
@@ -461,26 +485,7 @@ impl Committer {
                 .partition(|c| matches!(c, Command::Import { .. } | Command::Erase { .. }));
             self.process(batch, fire_timers, 0);
             for import in imports {
-                match import {
-                    Command::Import {
-                        definitions,
-                        items,
-                        replace,
-                        reply,
-                    } => {
-                        let _ = reply.send(self.import(&definitions, &items, replace));
-                    }
-                    Command::Erase {
-                        namespace,
-                        id,
-                        request,
-                        reply,
-                    } => {
-                        let now_ms = clock.now_ms();
-                        let _ = reply.send(self.erase((namespace, id), &request, now_ms));
-                    }
-                    _ => {}
-                }
+                self.run_alone(import, clock.now_ms());
             }
             // Forget expired idempotency keys now and then (expired ones are ignored anyway).
             if drive_timers && clock.now_ms() >= next_purge_ms {
@@ -605,22 +610,10 @@ impl Committer {
         for command in batch {
             match command {
                 Command::Stop => {}
-                // `run` takes imports out of the batch; one that got here runs in order.
-                Command::Import {
-                    definitions,
-                    items,
-                    replace,
-                    reply,
-                } => {
-                    let _ = reply.send(self.import(&definitions, &items, replace));
-                }
-                Command::Erase {
-                    namespace,
-                    id,
-                    request,
-                    reply,
-                } => {
-                    let _ = reply.send(self.erase((namespace, id), &request, now_ms));
+                // `run` takes imports and erasures out of the batch; one that got here runs in
+                // order.
+                command @ (Command::Import { .. } | Command::Erase { .. }) => {
+                    self.run_alone(command, now_ms);
                 }
                 Command::CountTimers { reply } => {
                     let _ = reply.send(self.timers.len());

@@ -52,10 +52,7 @@ async fn control(
     };
     let mut request = ControlRequest::new(action);
     request.reason = parsed.reason;
-    request.actor = match caller.as_ref().and_then(|Extension(c)| c.actor()) {
-        Some(subject) => subject.to_owned(),
-        None => parsed.actor.unwrap_or_else(|| ANONYMOUS_ACTOR.to_owned()),
-    };
+    request.actor = acting_subject(caller.as_ref(), parsed.actor);
     let outcome = state
         .runtime()
         .control(&ns, &id, request)
@@ -65,14 +62,7 @@ async fn control(
                 .at_instance(&ns, &id)
                 .with("event", action.as_str())
         })?;
-    let version = outcome.instance.version;
-    let view = TransitionView {
-        record: outcome.record,
-        hash: outcome.hash,
-        instance: outcome.instance,
-        replayed: false,
-    };
-    Ok(crate::instances::with_etag(StatusCode::OK, &view, version))
+    Ok(answer(outcome))
 }
 
 macro_rules! control_handler {
@@ -132,10 +122,7 @@ pub async fn erase(
         fields: parsed.fields,
         reason: parsed.reason,
         trace: None,
-        actor: match caller.as_ref().and_then(|Extension(c)| c.actor()) {
-            Some(subject) => subject.to_owned(),
-            None => parsed.actor.unwrap_or_else(|| ANONYMOUS_ACTOR.to_owned()),
-        },
+        actor: acting_subject(caller.as_ref(), parsed.actor),
     };
     let outcome = state
         .runtime()
@@ -146,6 +133,19 @@ pub async fn erase(
                 .at_instance(&ns, &id)
                 .with("event", "erase")
         })?;
+    Ok(answer(outcome))
+}
+
+/// Who acts: the authenticated subject, else the actor the body claims, else anonymous.
+fn acting_subject(caller: Option<&Extension<Caller>>, claimed: Option<String>) -> String {
+    match caller.and_then(|Extension(c)| c.actor()) {
+        Some(subject) => subject.to_owned(),
+        None => claimed.unwrap_or_else(|| ANONYMOUS_ACTOR.to_owned()),
+    }
+}
+
+/// 200 with the record and the instance after it, and the instance's `ETag`.
+fn answer(outcome: cnsm_runtime::TransitionOutcome) -> Response {
     let version = outcome.instance.version;
     let view = TransitionView {
         record: outcome.record,
@@ -153,5 +153,5 @@ pub async fn erase(
         instance: outcome.instance,
         replayed: false,
     };
-    Ok(crate::instances::with_etag(StatusCode::OK, &view, version))
+    crate::instances::with_etag(StatusCode::OK, &view, version)
 }

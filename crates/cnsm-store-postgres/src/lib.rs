@@ -450,28 +450,9 @@ impl PostgresStore {
                 let commit_item = &commit_item;
                 let txn = &txn;
                 async move {
-                    let entry = item.idempotency.as_ref();
-                    let params: [&(dyn ToSql + Sync); 19] = [
-                        &c.namespace,
-                        &c.id,
-                        &c.expected,
-                        &prev.0.as_slice(),
-                        &c.version,
-                        &item.record.hash.0.as_slice(),
-                        &item.record.bytes,
-                        &c.machine,
-                        &c.state,
-                        &c.status,
-                        &c.labels,
-                        &c.body,
-                        &c.timer_due,
-                        &c.timer_seq,
-                        &c.timer_kind,
-                        &entry.map(|e| e.key.as_str()),
-                        &c.key_hash,
-                        &c.key_expires,
-                        &c.now,
-                    ];
+                    let key = item.idempotency.as_ref().map(|e| e.key.as_str());
+                    let (prev, hash) = (prev.0.as_slice(), item.record.hash.0.as_slice());
+                    let params = commit_item_params(item, c, &prev, &hash, &key);
                     txn.query_one(commit_item, &params).await
                 }
             });
@@ -561,27 +542,8 @@ impl PostgresStore {
             Err(e) => return Err(db_error(e)),
         };
         let no_key: Option<&str> = None;
-        let params: [&(dyn ToSql + Sync); 19] = [
-            &c.namespace,
-            &c.id,
-            &c.expected,
-            &prev.0.as_slice(),
-            &c.version,
-            &item.record.hash.0.as_slice(),
-            &item.record.bytes,
-            &c.machine,
-            &c.state,
-            &c.status,
-            &c.labels,
-            &c.body,
-            &c.timer_due,
-            &c.timer_seq,
-            &c.timer_kind,
-            &no_key,
-            &c.key_hash,
-            &c.key_expires,
-            &c.now,
-        ];
+        let (prev, hash) = (prev.0.as_slice(), item.record.hash.0.as_slice());
+        let params = commit_item_params(item, c, &prev, &hash, &no_key);
         let row = match txn.query_one(&commit_item, &params).await {
             Ok(row) => row,
             Err(e) => return retryable_or(e),
@@ -653,6 +615,38 @@ fn retryable_or<T>(
     } else {
         Err(db_error(error))
     }
+}
+
+/// The parameters of `cnsm_commit_item`, in its order, for one item (`prev`: the previous
+/// record's hash, `hash`: the record's, `key`: its idempotency key, if any).
+fn commit_item_params<'a>(
+    item: &'a CommitItem,
+    c: &'a ItemColumns,
+    prev: &'a &'a [u8],
+    hash: &'a &'a [u8],
+    key: &'a Option<&'a str>,
+) -> [&'a (dyn ToSql + Sync); 19] {
+    [
+        &c.namespace,
+        &c.id,
+        &c.expected,
+        prev,
+        &c.version,
+        hash,
+        &item.record.bytes,
+        &c.machine,
+        &c.state,
+        &c.status,
+        &c.labels,
+        &c.body,
+        &c.timer_due,
+        &c.timer_seq,
+        &c.timer_kind,
+        key,
+        &c.key_hash,
+        &c.key_expires,
+        &c.now,
+    ]
 }
 
 /// The SQL parameters of one item that need converting.

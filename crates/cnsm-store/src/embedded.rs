@@ -440,6 +440,20 @@ impl EmbeddedStore {
         self.db.begin_read().io()
     }
 
+    /// The verification checkpoint a write persists: the stored one, advanced to what the
+    /// background verifier read back (never past the last logged record, `next_seq - 1`).
+    fn checkpoint_to_persist(
+        &self,
+        meta: &impl ReadableTable<&'static str, u64>,
+        next_seq: u64,
+    ) -> Result<u64, StoreError> {
+        Ok(meta_get(meta, META_VERIFIED_SEQ)?.max(
+            self.verified_upto
+                .load(Ordering::SeqCst)
+                .min(next_seq.saturating_sub(1)),
+        ))
+    }
+
     /// Runs the writes of one batch; the caller commits or aborts.
     fn commit_in(
         &self,
@@ -453,11 +467,7 @@ impl EmbeddedStore {
             next_seq: meta_get(&t.meta, META_NEXT_SEQ)?,
         };
         // The background verifier read back everything up to `verified_upto`; persist it.
-        let verified_seq = meta_get(&t.meta, META_VERIFIED_SEQ)?.max(
-            self.verified_upto
-                .load(Ordering::SeqCst)
-                .min(counters.next_seq.saturating_sub(1)),
-        );
+        let verified_seq = self.checkpoint_to_persist(&t.meta, counters.next_seq)?;
 
         let mut outcomes = Vec::with_capacity(items.len());
         for (item, prev_hash) in items.iter().zip(prev_hashes) {
@@ -522,11 +532,7 @@ impl EmbeddedStore {
             next_uid: meta_get(&t.meta, META_NEXT_UID)?,
             next_seq: meta_get(&t.meta, META_NEXT_SEQ)?,
         };
-        let verified_seq = meta_get(&t.meta, META_VERIFIED_SEQ)?.max(
-            self.verified_upto
-                .load(Ordering::SeqCst)
-                .min(counters.next_seq.saturating_sub(1)),
-        );
+        let verified_seq = self.checkpoint_to_persist(&t.meta, counters.next_seq)?;
         let outcome = apply_item(&mut t, item, prev_hash, &mut counters)?;
         if !matches!(outcome, ItemOutcome::Committed { .. }) {
             // Checked above in this transaction; returning an error aborts the redactions.
@@ -616,11 +622,7 @@ impl EmbeddedStore {
         {
             let mut meta = txn.open_table(META).io()?;
             let next_seq = meta_get(&meta, META_NEXT_SEQ)?;
-            let verified_seq = meta_get(&meta, META_VERIFIED_SEQ)?.max(
-                self.verified_upto
-                    .load(Ordering::SeqCst)
-                    .min(next_seq.saturating_sub(1)),
-            );
+            let verified_seq = self.checkpoint_to_persist(&meta, next_seq)?;
             meta.insert(META_VERIFIED_SEQ, verified_seq).io()?;
         }
         txn.commit().io()?;

@@ -132,7 +132,7 @@ fn partial_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-fn sync_parent(path: &Path) -> Result<(), StoreError> {
+pub(crate) fn sync_parent(path: &Path) -> Result<(), StoreError> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

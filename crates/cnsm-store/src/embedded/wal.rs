@@ -108,16 +108,7 @@ impl Wal {
                 .open(&self.path)
                 .map_err(|e| io_error(&self.path, "cannot open", e))?;
             // The file's directory entry must be durable before a frame in it counts.
-            if let Some(dir) = self.path.parent() {
-                let dir = if dir.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    dir
-                };
-                File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| io_error(&self.path, "cannot sync its directory", e))?;
-            }
+            super::backup::sync_parent(&self.path)?;
             // Anything past the complete frames (there is none after `replay`) is dropped.
             file.set_len(self.len)
                 .map_err(|e| io_error(&self.path, "cannot truncate", e))?;
