@@ -46,6 +46,8 @@ pub(crate) enum Command {
         /// The provider's answer for the flag a flag-routed rollout names, evaluated by
         /// `Runtime::create_instance` before queueing (flags are async).
         routing: Option<FlagDecision>,
+        /// When `Runtime::create_instance` got it: the start of its transition timing.
+        received: std::time::Instant,
         reply: oneshot::Sender<Result<Instance, RuntimeError>>,
     },
     Event {
@@ -62,6 +64,8 @@ pub(crate) enum Command {
         namespace: String,
         id: String,
         request: ControlRequest,
+        /// When `Runtime::control` got it.
+        received: std::time::Instant,
         reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>>,
     },
     Tick {
@@ -657,6 +661,7 @@ impl Committer {
                 Command::Create {
                     request,
                     routing,
+                    received,
                     reply,
                 } => {
                     let telemetry = &self.shared.options.telemetry;
@@ -666,20 +671,24 @@ impl Committer {
                         instance: request.id.as_deref().unwrap_or_default(),
                         event: None,
                         actor: &request.actor,
-                        received: batch_started,
+                        received,
                         dequeued: batch_started,
                         parent: None,
                         link: None,
                     });
                     let attempt_slot = &mut Some(attempt);
-                    match self.create(
-                        request,
-                        routing,
-                        now_ms,
-                        &mut items,
-                        &mut item_keys,
-                        &mut before,
-                    ) {
+                    let result = match queued_past_deadline(request.deadline, batch_started) {
+                        Some(error) => Err(error),
+                        None => self.create(
+                            request,
+                            routing,
+                            now_ms,
+                            &mut items,
+                            &mut item_keys,
+                            &mut before,
+                        ),
+                    };
+                    match result {
                         Ok(item) => {
                             self.batch_attempts.push(attempt_slot.take().flatten());
                             waiters.push(Waiter::Created { item, reply });
@@ -787,6 +796,7 @@ impl Committer {
                     namespace,
                     id,
                     request,
+                    received,
                     reply,
                 } => {
                     let key = (namespace, id);
@@ -801,19 +811,22 @@ impl Committer {
                         instance: &key.1,
                         event: Some(request.action.as_str()),
                         actor: &request.actor,
-                        received: batch_started,
+                        received,
                         dequeued: batch_started,
                         parent: parent.as_ref(),
                         link: None,
                     });
-                    let result = self.control(
-                        &key,
-                        &request,
-                        now_ms,
-                        &mut items,
-                        &mut item_keys,
-                        &mut before,
-                    );
+                    let result = match queued_past_deadline(request.deadline, batch_started) {
+                        Some(error) => Err(error),
+                        None => self.control(
+                            &key,
+                            &request,
+                            now_ms,
+                            &mut items,
+                            &mut item_keys,
+                            &mut before,
+                        ),
+                    };
                     self.settle(result, attempt, reply, &mut waiters);
                 }
             }
@@ -1100,7 +1113,7 @@ impl Committer {
             Some(a) => {
                 shared.options.telemetry.loaded(a, instance);
                 input.trace = a.trace.clone();
-                Some(std::time::Instant::now())
+                a.timed.then(std::time::Instant::now)
             }
             None => None,
         };
@@ -1362,7 +1375,10 @@ impl Committer {
                 input.trace = a.trace.clone();
             }
         }
-        let evaluated = std::time::Instant::now();
+        let evaluated = attempt
+            .as_ref()
+            .filter(|a| a.timed)
+            .map(|_| std::time::Instant::now());
         let record = match machine.fire(instance, &input) {
             Ok(Some(record)) => record,
             Ok(None) => return Ok(false),
@@ -1374,8 +1390,8 @@ impl Committer {
                 return Err(e);
             }
         };
-        if let Some(a) = attempt.as_mut() {
-            a.evaluation = evaluated.elapsed();
+        if let (Some(a), Some(t)) = (attempt.as_mut(), evaluated) {
+            a.evaluation = t.elapsed();
         }
         telemetry.timer_fired(Duration::from_millis(now_ms.saturating_sub(timer.due_ms)));
         stage(cached, &key, &record, None, items, item_keys, before)?;
@@ -1501,6 +1517,19 @@ fn stage(
     });
     item_keys.push(key.clone());
     Ok(())
+}
+
+/// The refusal of a create or control whose caller's deadline passed while it waited in the
+/// queue: not applied (error.type `Timeout`).
+fn queued_past_deadline(
+    deadline: Option<std::time::Instant>,
+    dequeued: std::time::Instant,
+) -> Option<RuntimeError> {
+    deadline.filter(|at| dequeued >= *at).map(|_| {
+        RuntimeError::Timeout(
+            "the request waited in the queue past its deadline; it was not applied".into(),
+        )
+    })
 }
 
 /// Splits off the waiters whose event lost a race to another node and may be re-applied (no

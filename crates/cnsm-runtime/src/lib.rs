@@ -154,6 +154,10 @@ pub struct CreateInstance {
     /// A specific revision; the latest when absent.
     pub revision: Option<u32>,
     pub actor: String,
+    /// When the caller stops waiting, as [`EventRequest::deadline`]: a create still queued then
+    /// is refused without being applied, and the wait for its commit ends then (outcome
+    /// unknown); both are `RuntimeError::Timeout`, counted on the transition span and metrics.
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl CreateInstance {
@@ -166,7 +170,14 @@ impl CreateInstance {
             labels: BTreeMap::new(),
             revision: None,
             actor: "anonymous".into(),
+            deadline: None,
         }
+    }
+
+    /// Sets the deadline (see [`CreateInstance::deadline`]).
+    pub fn deadline(mut self, at: std::time::Instant) -> CreateInstance {
+        self.deadline = Some(at);
+        self
     }
 
     pub fn id(mut self, id: impl Into<String>) -> CreateInstance {
@@ -298,6 +309,8 @@ pub struct ControlRequest {
     pub trace: Option<TraceContext>,
     /// The acting subject, written on the record.
     pub actor: String,
+    /// When the caller stops waiting (see [`CreateInstance::deadline`]).
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// An erasure of personal data from one instance ([`Runtime::erase`]).
@@ -320,7 +333,14 @@ impl ControlRequest {
             reason: None,
             trace: None,
             actor: "anonymous".into(),
+            deadline: None,
         }
+    }
+
+    /// Sets the deadline (see [`ControlRequest::deadline`]).
+    pub fn deadline(mut self, at: std::time::Instant) -> ControlRequest {
+        self.deadline = Some(at);
+        self
     }
 
     pub fn reason(mut self, reason: impl Into<String>) -> ControlRequest {
@@ -711,6 +731,7 @@ impl Runtime {
     /// rollout routes it: by weight on the committer, or by the rollout's flag, evaluated here
     /// before the create is queued; the decision is recorded in the genesis record.
     pub async fn create_instance(&self, request: CreateInstance) -> Result<Instance, RuntimeError> {
+        let received = std::time::Instant::now();
         validate_name("namespace", &request.namespace)?;
         if let Some(id) = &request.id {
             validate_id(id)?;
@@ -726,12 +747,36 @@ impl Runtime {
         }
         let mut request = request;
         let routing = self.flag_routing(&mut request).await?;
-        self.submit(|reply| committer::Command::Create {
+        let deadline = request.deadline;
+        self.submit_until(deadline, |reply| committer::Command::Create {
             request,
             routing,
+            received,
             reply,
         })
         .await?
+    }
+
+    /// [`Runtime::submit`] that stops waiting at `deadline` with `Timeout` (the committer
+    /// refuses the command if it is still queued then, and counts that attempt).
+    async fn submit_until<T>(
+        &self,
+        deadline: Option<std::time::Instant>,
+        make: impl FnOnce(oneshot::Sender<T>) -> committer::Command,
+    ) -> Result<T, RuntimeError> {
+        let submitted = self.submit(make);
+        match deadline {
+            None => submitted.await,
+            Some(at) => tokio::time::timeout_at(tokio::time::Instant::from_std(at), submitted)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(RuntimeError::Timeout(
+                        "the request's deadline passed while it was queued or committing; \
+                         its outcome is unknown (read the instance before retrying)"
+                            .into(),
+                    ))
+                }),
+        }
     }
 
     /// When the machine's rollout routes by a flag and the request names no revision: the
@@ -1148,11 +1193,14 @@ impl Runtime {
         if self.durable_version(namespace, id)?.is_none() {
             return Err(RuntimeError::NotFound(format!("instance {namespace}/{id}")));
         }
+        let received = std::time::Instant::now();
         let (namespace, id) = (namespace.to_owned(), id.to_owned());
-        self.submit(|reply| committer::Command::Control {
+        let deadline = request.deadline;
+        self.submit_until(deadline, |reply| committer::Command::Control {
             namespace,
             id,
             request,
+            received,
             reply,
         })
         .await?

@@ -251,6 +251,7 @@ impl Telemetry {
         let names = self.tracer.is_some() || !self.hooks.is_empty();
         let copy = |s: &str| if names { s.to_owned() } else { String::new() };
         let mut attempt = Box::new(Attempt {
+            timed: names || evaluation_sampled(),
             trigger: start.trigger,
             namespace: copy(start.namespace),
             instance: copy(start.instance),
@@ -316,11 +317,15 @@ impl Telemetry {
 
     /// The instance of the attempt is loaded: records the state context, calls `before` hooks.
     pub(crate) fn loaded(&self, attempt: &mut Attempt, instance: &Instance) {
+        attempt.prev_active = !instance.status.is_final();
+        if self.tracer.is_none() && self.hooks.is_empty() {
+            // Metrics take the machine and states from the committed record.
+            return;
+        }
         attempt.machine = Some(Arc::clone(&instance.machine));
         attempt.revision = Some(instance.revision);
         attempt.from = Some(Arc::clone(&instance.state));
         attempt.version = Some(instance.version);
-        attempt.prev_active = !instance.status.is_final();
         if let Some(span) = &mut attempt.span {
             span.set_attributes([
                 KeyValue::new("cnsm.machine.name", instance.machine.to_string()),
@@ -370,8 +375,7 @@ impl Telemetry {
             m.commit_duration.record(commit_s, &[]);
             m.batch_size.record(batch.n_items as u64, &[]);
         }
-        let mut counts: HashMap<(Arc<str>, Trigger), u64> = HashMap::new();
-        let mut active_delta: Vec<(MachineState, i64)> = Vec::new();
+        local.begin_batch();
         for (attempt, record, hash, error) in batch.items {
             let Some(mut attempt) = attempt else { continue };
             if attempt.instance.is_empty() && (attempt.span.is_some() || !self.hooks.is_empty()) {
@@ -384,21 +388,15 @@ impl Telemetry {
                 self.failed(attempt, &error);
                 continue;
             }
-            let machine = attempt
-                .machine
-                .clone()
-                .unwrap_or_else(|| Arc::clone(&record.machine));
             if self.metrics.is_some() {
-                *counts
-                    .entry((Arc::clone(&machine), attempt.trigger))
-                    .or_insert(0) += 1;
+                local.count(&record.machine, attempt.trigger);
                 if attempt.prev_active
-                    && let Some(from) = &attempt.from
+                    && let Some(from) = &record.from
                 {
-                    active_delta.push(((Arc::clone(&machine), Arc::clone(from)), -1));
+                    local.active(&record.machine, from, -1);
                 }
                 if !record.status.is_final() {
-                    active_delta.push(((Arc::clone(&machine), Arc::clone(&record.to)), 1));
+                    local.active(&record.machine, &record.to, 1);
                 }
             }
             let total_s = now
@@ -411,12 +409,16 @@ impl Telemetry {
             let evaluation_s = attempt.evaluation.as_secs_f64();
             if self.metrics.is_some() {
                 // Recorded by the metrics thread after the batch (see `Metrics`).
+                let machine = local.machine_index(&record.machine);
                 local.samples.push(Sample {
-                    machine: Arc::clone(&machine),
+                    machine,
                     total_s,
                     queue_s,
-                    evaluation_s,
-                    trace_id: trace_id_of(record.trace.as_ref()),
+                    evaluation_s: attempt.timed.then_some(evaluation_s),
+                    trace_id: record
+                        .trace
+                        .as_ref()
+                        .and_then(|t| t.trace_id.as_bytes().try_into().ok()),
                     time_ms: record.time_ms,
                 });
             }
@@ -493,8 +495,8 @@ impl Telemetry {
             }
         }
         if let Some(m) = &self.metrics {
-            m.send_samples(local);
-            for ((machine, trigger), n) in counts {
+            for (machine, trigger, n) in local.counts.drain(..) {
+                let machine = &local.machines[machine as usize];
                 m.transitions.add(
                     n,
                     &[
@@ -503,15 +505,17 @@ impl Telemetry {
                     ],
                 );
             }
-            if !active_delta.is_empty()
+            if !local.active_delta.is_empty()
                 && let Ok(mut active) = m.gauges.active.lock()
             {
-                for (key, d) in active_delta {
+                for (machine, state, d) in local.active_delta.drain(..) {
+                    let key = (Arc::clone(&local.machines[machine as usize]), state);
                     let n = active.entry(key).or_insert(0);
                     *n += d;
                 }
                 active.retain(|_, n| *n > 0);
             }
+            m.send_samples(local);
         }
     }
 
@@ -561,6 +565,8 @@ pub(crate) struct AttemptStart<'a> {
 
 /// One attempted transition in flight on the committer.
 pub(crate) struct Attempt {
+    /// Whether the committer times this attempt's evaluation (see [`EVALUATION_SAMPLE_EVERY`]).
+    pub(crate) timed: bool,
     trigger: Trigger,
     namespace: String,
     instance: String,
@@ -612,12 +618,15 @@ pub(crate) struct CommittedBatch<'a> {
 
 /// One committed transition's timings, for the histograms.
 struct Sample {
-    machine: Arc<str>,
+    /// Index into the batch's machines.
+    machine: u32,
     total_s: f64,
     queue_s: f64,
-    evaluation_s: f64,
-    /// The record's trace id (the exemplar of its duration bucket), and its commit time.
-    trace_id: Option<u128>,
+    /// `None` when the attempt was not timed (see [`EVALUATION_SAMPLE_EVERY`]).
+    evaluation_s: Option<f64>,
+    /// The record's trace id as its 32 hex digits (parsed off the committer, for the exemplar
+    /// of its duration bucket), and its commit time.
+    trace_id: Option<[u8; 32]>,
     time_ms: u64,
 }
 
@@ -665,22 +674,25 @@ impl TransitionExemplars {
         slots.get(machine)?.get(bucket).copied().flatten()
     }
 
-    fn record(&self, batch: &[Sample]) {
-        if batch.iter().all(|s| s.trace_id.is_none()) {
+    fn record(&self, batch: &SampleBatch) {
+        if batch.samples.iter().all(|s| s.trace_id.is_none()) {
             return;
         }
         let Ok(mut slots) = self.slots.lock() else {
             return;
         };
-        for s in batch {
-            let Some(trace_id) = s.trace_id else { continue };
-            if !slots.contains_key(&s.machine) {
+        for s in &batch.samples {
+            let Some(trace_id) = s.trace_id.as_ref().and_then(trace_id_of) else {
+                continue;
+            };
+            let machine = &batch.machines[s.machine as usize];
+            if !slots.contains_key(machine) {
                 if slots.len() >= EXEMPLAR_MACHINES_MAX {
                     continue;
                 }
-                slots.insert(Arc::clone(&s.machine), [None; DURATION_BUCKETS_S.len() + 1]);
+                slots.insert(Arc::clone(machine), [None; DURATION_BUCKETS_S.len() + 1]);
             }
-            if let Some(buckets) = slots.get_mut(&s.machine) {
+            if let Some(buckets) = slots.get_mut(machine) {
                 buckets[TransitionExemplars::bucket_of(s.total_s)] = Some(Exemplar {
                     trace_id,
                     value_s: s.total_s,
@@ -692,20 +704,107 @@ impl TransitionExemplars {
 }
 
 /// A W3C trace id (32 hex digits) as a number; `None` when malformed or all zeros.
-fn trace_id_of(trace: Option<&TraceContext>) -> Option<u128> {
-    let hex = &trace?.trace_id;
-    if hex.len() != 32 {
-        return None;
-    }
+fn trace_id_of(hex: &[u8; 32]) -> Option<u128> {
+    let hex = std::str::from_utf8(hex).ok()?;
     u128::from_str_radix(hex, 16).ok().filter(|id| *id != 0)
 }
 
-/// The committer's side of the metrics: the batch's samples, and attribute sets built once per
-/// machine (for recording inline when the metrics thread lags).
+/// Longest list [`LocalMetrics`] merges by a linear scan; past it, entries are appended
+/// unmerged (they are summed when applied), so a batch costs linear time whatever its shape.
+const LOCAL_MERGE_MAX: usize = 64;
+
+/// The committer's side of the metrics for one batch: the machines it touched (samples and
+/// counts refer to them by index, so the per-transition work is a push and a short scan),
+/// transition counts, `cnsm.instances.active` deltas, and the samples the metrics thread
+/// records. Attribute sets are built once per machine (for recording inline when the metrics
+/// thread lags).
 #[derive(Default)]
 pub(crate) struct LocalMetrics {
+    machines: Vec<Arc<str>>,
+    /// `machines` by name, for batches of many machines.
+    by_name: HashMap<Arc<str>, u32>,
     samples: Vec<Sample>,
+    counts: Vec<(u32, Trigger, u64)>,
+    active_delta: Vec<(u32, Arc<str>, i64)>,
     machine_attrs: MachineAttrs,
+}
+
+impl LocalMetrics {
+    fn begin_batch(&mut self) {
+        self.machines.clear();
+        self.by_name.clear();
+        self.counts.clear();
+        self.active_delta.clear();
+    }
+
+    fn machine_index(&mut self, machine: &Arc<str>) -> u32 {
+        let n = self.machines.len();
+        let found = match self.machines.last() {
+            Some(last) if Arc::ptr_eq(last, machine) => Some(n - 1),
+            _ if n <= LOCAL_MERGE_MAX => self.machines.iter().position(|m| m == machine),
+            _ => self.by_name.get(machine).map(|i| *i as usize),
+        };
+        let i = found.unwrap_or_else(|| {
+            self.machines.push(Arc::clone(machine));
+            self.by_name.insert(Arc::clone(machine), n as u32);
+            n
+        });
+        i as u32
+    }
+
+    fn count(&mut self, machine: &Arc<str>, trigger: Trigger) {
+        let machine = self.machine_index(machine);
+        match self
+            .counts
+            .iter_mut()
+            .take(LOCAL_MERGE_MAX)
+            .find(|(m, t, _)| *m == machine && *t == trigger)
+        {
+            Some((_, _, n)) => *n += 1,
+            None => self.counts.push((machine, trigger, 1)),
+        }
+    }
+
+    fn active(&mut self, machine: &Arc<str>, state: &Arc<str>, delta: i64) {
+        let machine = self.machine_index(machine);
+        match self
+            .active_delta
+            .iter_mut()
+            .take(LOCAL_MERGE_MAX)
+            .find(|(m, s, _)| *m == machine && s == state)
+        {
+            Some((_, _, n)) => *n += delta,
+            None => self.active_delta.push((machine, Arc::clone(state), delta)),
+        }
+    }
+}
+
+/// One batch's samples and the machines they name, as the metrics thread receives them.
+struct SampleBatch {
+    machines: Vec<Arc<str>>,
+    samples: Vec<Sample>,
+}
+
+/// Transitions whose evaluation time is measured when only metrics are on: one in this many
+/// (two clock reads cost about a fifth of an engine transition on a virtual machine). With
+/// spans or hooks every attempt is timed.
+pub const EVALUATION_SAMPLE_EVERY: u32 = 8;
+
+/// Whether this attempt's evaluation is timed (metrics only: one in
+/// [`EVALUATION_SAMPLE_EVERY`] per thread, starting with the first).
+fn evaluation_sampled() -> bool {
+    thread_local! {
+        static TICK: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+    TICK.with(|t| {
+        let n = t.get();
+        t.set(if n + 1 == EVALUATION_SAMPLE_EVERY {
+            0
+        } else {
+            n + 1
+        });
+        n == 0
+    })
 }
 
 /// `cnsm.machine.name` attribute sets, built once per machine.
@@ -751,22 +850,25 @@ struct Metrics {
     /// The per-transition histogram records happen on a `cnsm-metrics` thread, one hand-off
     /// per batch, so the committer (the serial path) pays a `Vec` push per transition instead
     /// of three SDK records. When the hand-off queue is full the committer records inline.
-    samples: std::sync::mpsc::SyncSender<Vec<Sample>>,
+    samples: std::sync::mpsc::SyncSender<SampleBatch>,
     exemplars: Arc<TransitionExemplars>,
 }
 
 /// Records a batch's samples on the three transition histograms, and the duration exemplars.
 fn record_samples(
-    batch: &[Sample],
+    batch: &SampleBatch,
     attrs: &mut MachineAttrs,
     histograms: &(Histogram<f64>, Histogram<f64>, Histogram<f64>),
     exemplars: &TransitionExemplars,
 ) {
     let (duration, queue, evaluation) = histograms;
-    for s in batch {
-        duration.record(s.total_s, attrs.get(&s.machine));
-        queue.record(s.queue_s, &[]);
-        evaluation.record(s.evaluation_s, &[]);
+    for s in &batch.samples {
+        let attrs = attrs.get(&batch.machines[s.machine as usize]);
+        duration.record(s.total_s, attrs);
+        queue.record(s.queue_s, attrs);
+        if let Some(e) = s.evaluation_s {
+            evaluation.record(e, attrs);
+        }
     }
     exemplars.record(batch);
 }
@@ -776,7 +878,10 @@ impl Metrics {
         if local.samples.is_empty() {
             return;
         }
-        let batch = std::mem::take(&mut local.samples);
+        let batch = SampleBatch {
+            machines: local.machines.clone(),
+            samples: std::mem::take(&mut local.samples),
+        };
         if let Err(
             std::sync::mpsc::TrySendError::Full(batch)
             | std::sync::mpsc::TrySendError::Disconnected(batch),
@@ -843,9 +948,10 @@ impl Metrics {
         );
         let evaluation = seconds(
             "cnsm.transition.evaluation.duration",
-            "Engine evaluation (guards, assignments, choices) of one transition",
+            "Engine evaluation (guards, assignments, choices) of one transition; with metrics \
+             only, one in 8 transitions is timed",
         );
-        let (samples, rx) = std::sync::mpsc::sync_channel::<Vec<Sample>>(256);
+        let (samples, rx) = std::sync::mpsc::sync_channel::<SampleBatch>(256);
         let histograms = (duration.clone(), queue.clone(), evaluation.clone());
         let exemplars = Arc::new(TransitionExemplars::default());
         let recorded = Arc::clone(&exemplars);
@@ -893,6 +999,79 @@ impl Metrics {
     }
 }
 
+/// The committer's telemetry calls around engine steps (start, loaded, timed evaluation, one
+/// `committed` per batch), driven by a caller that runs the engine itself: public so the
+/// telemetry benchmark measures the runtime's own per-transition code. Not a stable API.
+#[doc(hidden)]
+pub struct CommitterTelemetry {
+    telemetry: Telemetry,
+    local: LocalMetrics,
+    attempts: Vec<Option<Box<Attempt>>>,
+}
+
+impl CommitterTelemetry {
+    pub fn new(telemetry: Telemetry) -> CommitterTelemetry {
+        CommitterTelemetry {
+            telemetry,
+            local: LocalMetrics::default(),
+            attempts: Vec::new(),
+        }
+    }
+
+    /// One event taken into the current batch: `apply` is the engine step.
+    pub fn transition<T>(
+        &mut self,
+        instance: &Instance,
+        event: &str,
+        received: Instant,
+        dequeued: Instant,
+        apply: impl FnOnce() -> T,
+    ) -> T {
+        let mut attempt = self.telemetry.start(AttemptStart {
+            trigger: Trigger::Event,
+            namespace: &instance.namespace,
+            instance: &instance.id,
+            event: Some(event),
+            actor: "bench",
+            received,
+            dequeued,
+            parent: None,
+            link: None,
+        });
+        let evaluated = match attempt.as_mut() {
+            Some(a) => {
+                self.telemetry.loaded(a, instance);
+                a.timed.then(Instant::now)
+            }
+            None => None,
+        };
+        let out = apply();
+        if let (Some(a), Some(t)) = (attempt.as_mut(), evaluated) {
+            a.evaluation = t.elapsed();
+        }
+        self.attempts.push(attempt);
+        out
+    }
+
+    /// The batch's records (one per [`CommitterTelemetry::transition`], in order) committed.
+    pub fn committed(&mut self, records: &[StateChangeEvent], commit_duration: Duration) {
+        let attempts = std::mem::take(&mut self.attempts);
+        if !self.telemetry.is_enabled() {
+            return;
+        }
+        let batch = CommittedBatch {
+            n_items: records.len(),
+            commit_duration,
+            items: attempts
+                .into_iter()
+                .zip(records)
+                .map(|(a, r)| (a, r, Hash32::default(), None))
+                .collect(),
+        };
+        self.telemetry.committed(batch, &mut self.local);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -921,6 +1100,50 @@ mod tests {
         ] {
             assert_eq!(TraceParent::parse(bad, None), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn one_evaluation_in_eight_is_timed_per_thread() {
+        std::thread::spawn(|| {
+            let timed: Vec<bool> = (0..2 * EVALUATION_SAMPLE_EVERY)
+                .map(|_| evaluation_sampled())
+                .collect();
+            assert!(timed[0], "the first attempt on a thread is timed");
+            assert_eq!(timed.iter().filter(|t| **t).count(), 2);
+            assert!(timed[EVALUATION_SAMPLE_EVERY as usize]);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn local_metrics_merge_per_machine_and_state() {
+        let mut local = LocalMetrics::default();
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let same_name: Arc<str> = Arc::from("a");
+        let s: Arc<str> = Arc::from("s");
+        local.begin_batch();
+        local.count(&a, Trigger::Event);
+        local.count(&same_name, Trigger::Event);
+        local.count(&b, Trigger::Timer);
+        local.active(&a, &s, 1);
+        local.active(&same_name, &s, -1);
+        assert_eq!(local.machines.len(), 2, "machines are matched by name");
+        assert_eq!(
+            local.counts,
+            vec![(0, Trigger::Event, 2), (1, Trigger::Timer, 1)]
+        );
+        assert_eq!(local.active_delta.len(), 1);
+        assert_eq!(local.active_delta[0].2, 0);
+        // Past LOCAL_MERGE_MAX distinct entries, more are appended unmerged (summed later).
+        local.begin_batch();
+        for i in 0..LOCAL_MERGE_MAX + 10 {
+            let m: Arc<str> = Arc::from(format!("m{i}"));
+            local.count(&m, Trigger::Event);
+        }
+        local.count(&Arc::from("m70"), Trigger::Event);
+        assert_eq!(local.counts.len(), LOCAL_MERGE_MAX + 11);
+        assert_eq!(local.machines.len(), LOCAL_MERGE_MAX + 10);
     }
 
     #[test]

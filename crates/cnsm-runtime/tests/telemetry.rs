@@ -8,8 +8,8 @@ use cnsm_core::record::{Hash32, StateChangeEvent};
 use cnsm_runtime::audit::{AuditLog, AuditSink};
 use cnsm_runtime::telemetry::Trigger;
 use cnsm_runtime::{
-    CreateInstance, EventRequest, Runtime, RuntimeError, RuntimeOptions, Telemetry, TraceParent,
-    TransitionContext, TransitionHook, VirtualClock,
+    Control, ControlRequest, CreateInstance, EventRequest, Runtime, RuntimeError, RuntimeOptions,
+    Telemetry, TraceParent, TransitionContext, TransitionHook, VirtualClock,
 };
 use cnsm_store::Store;
 use cnsm_store::embedded::EmbeddedStore;
@@ -635,7 +635,19 @@ async fn metrics_count_transitions_errors_and_active_instances() {
         ),
         3.0
     );
-    assert_eq!(v("cnsm.transition.queue.duration", &[]), 3.0);
+    assert_eq!(
+        v(
+            "cnsm.transition.queue.duration",
+            &[("cnsm.machine.name", "order")]
+        ),
+        3.0
+    );
+    // Metrics only: one attempt in EVALUATION_SAMPLE_EVERY is timed, the first one included.
+    let timed = v(
+        "cnsm.transition.evaluation.duration",
+        &[("cnsm.machine.name", "order")],
+    );
+    assert!((1.0..=3.0).contains(&timed), "{timed} timed evaluations");
     assert_eq!(
         v(
             "cnsm.transition.errors",
@@ -748,6 +760,38 @@ async fn timed_out_requests_are_timeout_errors_and_durations_keep_exemplars() {
         exemplars.get("order", bucket).map(|e| e.trace_id_hex()),
         Some(trace_id)
     );
+    // Creates and controls past their deadline: refused as Timeout, counted and spanned the
+    // same way, nothing applied.
+    let error = runtime
+        .create_instance(
+            CreateInstance::new("default", "order")
+                .id("t-late")
+                .deadline(std::time::Instant::now()),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, RuntimeError::Timeout(_)), "{error:?}");
+    assert!(matches!(
+        runtime.instance("default", "t-late").await,
+        Err(RuntimeError::NotFound(_))
+    ));
+    let error = runtime
+        .control(
+            "default",
+            "t-1",
+            ControlRequest::new(Control::Suspend).deadline(std::time::Instant::now()),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, RuntimeError::Timeout(_)), "{error:?}");
+    let t1 = runtime.instance("default", "t-1").await.unwrap();
+    assert_eq!(t1.version, 1, "the timed-out suspend was not applied");
+    let timed_out: Vec<String> = transitions(&spans)
+        .into_iter()
+        .filter(|s| attr(s, "error.type").as_deref() == Some("Timeout"))
+        .filter_map(|s| attr(&s, "cnsm.trigger"))
+        .collect();
+    assert_eq!(timed_out, ["event", "create", "control"]);
     metrics.reset();
     meters.force_flush().unwrap();
     assert_eq!(
@@ -756,7 +800,7 @@ async fn timed_out_requests_are_timeout_errors_and_durations_keep_exemplars() {
             "cnsm.transition.errors",
             &[("error.type", "Timeout")]
         ),
-        1.0
+        3.0
     );
     runtime.shutdown();
 }

@@ -34,6 +34,7 @@ async fn control(
     state: ServerState,
     path: Result<Path<(String, String)>, PathRejection>,
     caller: Option<Extension<Caller>>,
+    deadline: Option<Extension<crate::RequestDeadline>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
     action: Control,
@@ -53,6 +54,9 @@ async fn control(
     let mut request = ControlRequest::new(action);
     request.reason = parsed.reason;
     request.actor = acting_subject(caller.as_ref(), parsed.actor);
+    // The runtime answers Timeout by the request's deadline (counted on the transition metrics
+    // and span), ahead of the middleware's own answer.
+    request.deadline = deadline.map(|Extension(d)| d.0);
     let outcome = state
         .runtime()
         .control(&ns, &id, request)
@@ -71,10 +75,11 @@ macro_rules! control_handler {
             State(state): State<ServerState>,
             path: Result<Path<(String, String)>, PathRejection>,
             caller: Option<Extension<Caller>>,
+            deadline: Option<Extension<crate::RequestDeadline>>,
             headers: HeaderMap,
             body: Result<Bytes, BytesRejection>,
         ) -> Result<Response, ApiError> {
-            control(state, path, caller, headers, body, $action).await
+            control(state, path, caller, deadline, headers, body, $action).await
         }
     };
 }

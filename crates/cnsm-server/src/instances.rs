@@ -36,6 +36,7 @@ pub async fn create(
     State(state): State<ServerState>,
     path: Result<Path<String>, PathRejection>,
     caller: Option<Extension<Caller>>,
+    deadline: Option<Extension<crate::RequestDeadline>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -53,6 +54,8 @@ pub async fn create(
     request.id = parsed.id;
     request.labels = parsed.labels;
     request.revision = parsed.revision;
+    // Timeout by the request's deadline, counted on the transition metrics and span.
+    request.deadline = deadline.map(|Extension(d)| d.0);
     request.actor = match caller.as_ref().and_then(|Extension(c)| c.actor()) {
         // With authentication on, the actor is the token's subject, whatever the body says.
         Some(subject) => subject.to_owned(),
