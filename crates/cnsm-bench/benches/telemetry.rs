@@ -12,8 +12,9 @@
 //!    that discards them (what leaves the process is the exporter's business).
 //!
 //! Run: `cargo bench -p cnsm-bench --bench telemetry` (`CNSM_BENCH_SECONDS`, default 5, per
-//! durable case; `CNSM_BENCH_CLIENTS`, default 256; `CNSM_BENCH_ROUNDS`, default 2, durable
-//! rounds with the cases interleaved; `CNSM_BENCH_ONLY=apply|durable`).
+//! durable case; `CNSM_BENCH_CLIENTS`, default 256; `CNSM_BENCH_ROUNDS`, rounds with the cases
+//! interleaved, default 5 for the apply path and 2 for the durable cases;
+//! `CNSM_BENCH_ONLY=apply|durable`).
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -87,7 +88,7 @@ const BATCH: usize = 256;
 /// ([`CommitterTelemetry`]: start, loaded, the sampled evaluation timing, one `committed` per
 /// batch that hands the samples to the `cnsm-metrics` thread); with telemetry off they return
 /// at once, as in the runtime. Returns (transitions/s, process CPU seconds per transition).
-fn apply_path(machine: &Machine, n_orders: usize, telemetry: &Telemetry) -> (f64, f64) {
+fn apply_path(machine: &Machine, n_orders: usize, telemetry: &Telemetry) -> Run {
     let mut committer = CommitterTelemetry::new(telemetry.clone());
     let mut batch: Vec<StateChangeEvent> = Vec::with_capacity(BATCH);
     let start_instance = genesis(machine);
@@ -99,6 +100,7 @@ fn apply_path(machine: &Machine, n_orders: usize, telemetry: &Telemetry) -> (f64
     ];
     let actor: Arc<str> = Arc::from("bench");
     let cpu = process_cpu_s();
+    let thread_cpu = thread_cpu_s();
     let started = Instant::now();
     let mut dequeued = started;
     let mut n = 0u64;
@@ -130,15 +132,25 @@ fn apply_path(machine: &Machine, n_orders: usize, telemetry: &Telemetry) -> (f64
     }
     committer.committed(&batch, Duration::from_micros(250));
     let rate = n as f64 / started.elapsed().as_secs_f64();
-    // Let the metrics thread finish the hand-offs before reading the CPU time.
+    let thread_cpu = (thread_cpu_s() - thread_cpu) / n as f64;
+    // Let the metrics thread finish the hand-offs before reading the process's CPU time.
     std::thread::sleep(Duration::from_millis(200));
-    (rate, (process_cpu_s() - cpu) / n as f64)
+    (rate, thread_cpu, (process_cpu_s() - cpu) / n as f64)
 }
 
 /// User + system CPU seconds of this process, all threads (`/proc/self/stat`, clock ticks of
 /// 10 ms: meaningful over runs of a second or more).
 fn process_cpu_s() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_s("/proc/self/stat")
+}
+
+/// User + system CPU seconds of the calling thread (the committer's part).
+fn thread_cpu_s() -> f64 {
+    cpu_s("/proc/thread-self/stat")
+}
+
+fn cpu_s(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     let ticks = |i: usize| {
@@ -147,14 +159,20 @@ fn process_cpu_s() -> f64 {
             .and_then(|f| f.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    // Fields 14 and 15 of stat(5), counted after the name: the 12th and 13th.
+    // Fields 14 and 15 of proc_pid_stat(5), counted after the name: the 12th and 13th.
     (ticks(11) + ticks(12)) / 100.0
 }
 
-fn best_of(rounds: usize, f: impl Fn() -> (f64, f64)) -> (f64, f64) {
-    (0..rounds)
-        .map(|_| f())
-        .fold((0.0, f64::MAX), |(r, c), (r2, c2)| (r.max(r2), c.min(c2)))
+/// One run: transitions/s, then CPU seconds per transition of the committer's thread and of
+/// the whole process.
+type Run = (f64, f64, f64);
+
+/// The best rate and the lowest CPU figures of some runs.
+fn best(runs: &[Run]) -> Run {
+    runs.iter()
+        .fold((0.0, f64::MAX, f64::MAX), |(r, t, c), (r2, t2, c2)| {
+            (r.max(*r2), t.min(*t2), c.min(*c2))
+        })
 }
 
 fn bench_dir() -> tempfile::TempDir {
@@ -253,28 +271,63 @@ fn main() {
 
 fn apply_cases() {
     let order = machine(ORDER_PROCESSING);
-    let n_orders = 250_000;
+    let n_orders = 500_000;
     let meters = meter_provider();
     let off = Telemetry::default();
     let metrics = Telemetry::default().with_meter(&meters.meter("cnsm"));
     apply_path(&order, n_orders / 10, &off);
     apply_path(&order, n_orders / 10, &metrics);
-    let (plain, plain_cpu) = best_of(3, || apply_path(&order, n_orders, &off));
-    let (with_metrics, metrics_cpu) = best_of(3, || apply_path(&order, n_orders, &metrics));
+    // Interleaved rounds, best of each case, so drift on a shared machine hits both.
+    let rounds: usize = std::env::var("CNSM_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let (mut off_runs, mut metrics_runs) = (Vec::new(), Vec::new());
+    // `CNSM_BENCH_CASE=off|metrics` runs one case alone (for a profiler).
+    let case = std::env::var("CNSM_BENCH_CASE").ok();
+    for _ in 0..rounds {
+        if case.as_deref() != Some("metrics") {
+            off_runs.push(apply_path(&order, n_orders, &off));
+        }
+        if case.as_deref() != Some("off") {
+            metrics_runs.push(apply_path(&order, n_orders, &metrics));
+        }
+    }
+    if case.is_some() {
+        return;
+    }
+    let (plain, plain_thread, plain_cpu) = best(&off_runs);
+    let (with_metrics, metrics_thread, metrics_cpu) = best(&metrics_runs);
     report(
         "telemetry.apply.off",
         plain,
         "transitions/s",
-        "(engine apply path as the committer runs it, no I/O, one core)",
+        &format!(
+            "(engine apply path as the committer runs it, no I/O, one core; {:.0} ns CPU per \
+             transition)",
+            plain_thread * 1e9
+        ),
     );
     report(
         "telemetry.apply.metrics",
         with_metrics,
         "transitions/s",
         &format!(
-            "(+ the committer's per-transition metric work: {:.1} % cost, {:.0} ns per transition)",
+            "({:.1} % fewer transitions/s; this rate is also slowed when the cnsm-metrics \
+             thread has no core of its own)",
             (1.0 - with_metrics / plain) * 100.0,
-            (1.0 / with_metrics - 1.0 / plain) * 1e9
+        ),
+    );
+    report(
+        "telemetry.apply.metrics_cost",
+        (metrics_thread / plain_thread - 1.0) * 100.0,
+        "% of the engine apply path",
+        &format!(
+            "(the committer thread's CPU per transition: {:.0} ns off, {:.0} ns with metrics, \
+             +{:.0} ns)",
+            plain_thread * 1e9,
+            metrics_thread * 1e9,
+            (metrics_thread - plain_thread) * 1e9
         ),
     );
     report(

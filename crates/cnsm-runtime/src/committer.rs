@@ -189,7 +189,7 @@ struct Committer {
     /// decoded again after sealing.
     batch_records: Vec<StateChangeEvent>,
     /// The telemetry of each item of the current batch, in item order (`None` when off).
-    batch_attempts: Vec<Option<Box<Attempt>>>,
+    batch_attempts: Vec<Option<Attempt>>,
     local_metrics: LocalMetrics,
     cache: HashMap<Key, Cached>,
     timers: TimerIndex,
@@ -1034,7 +1034,7 @@ impl Committer {
         event: EventRequest,
         flags: Option<SeenFlags>,
         now_ms: u64,
-        attempt: &mut Option<Box<Attempt>>,
+        attempt: &mut Option<Attempt>,
         items: &mut Vec<CommitItem>,
         item_keys: &mut Vec<Key>,
         before: &mut HashMap<Key, Option<Timer>>,
@@ -1112,7 +1112,7 @@ impl Committer {
         let evaluated = match attempt {
             Some(a) => {
                 shared.options.telemetry.loaded(a, instance);
-                input.trace = a.trace.clone();
+                input.trace = a.trace.as_deref().cloned();
                 a.timed.then(std::time::Instant::now)
             }
             None => None,
@@ -1141,7 +1141,7 @@ impl Committer {
     fn settle(
         &mut self,
         result: Result<usize, RuntimeError>,
-        attempt: Option<Box<Attempt>>,
+        attempt: Option<Attempt>,
         reply: oneshot::Sender<Result<TransitionOutcome, RuntimeError>>,
         waiters: &mut Vec<Waiter>,
     ) {
@@ -1372,7 +1372,7 @@ impl Committer {
             });
             if let Some(a) = attempt.as_mut() {
                 telemetry.loaded(a, instance);
-                input.trace = a.trace.clone();
+                input.trace = a.trace.as_deref().cloned();
             }
         }
         let evaluated = attempt
