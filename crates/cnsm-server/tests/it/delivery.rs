@@ -525,3 +525,145 @@ fn cloud_events_are_structured_and_signed_over_the_body() {
     let long_key = vec![7u8; 100];
     assert_eq!(delivery::sign(&long_key, b"x"), recompute(&long_key, b"x"));
 }
+
+/// A receiver that is down: every record becomes a dead letter. A redrive while it is still down
+/// fails again (the letter stays, unmarked, with its new error). Once it is up, a redrive of
+/// every letter, marked while no deliverer runs and across a reopen of the store (durable),
+/// delivers each record once more with the CloudEvent id of the first attempts, signed, in
+/// order per instance, and empties the dead-letter list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redriven_dead_letters_are_delivered_once_the_receiver_is_up() {
+    use cnsm_runtime::delivery::RedriveRequest;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = closed.local_addr().unwrap();
+    drop(closed);
+    let url = format!("http://{address}/hook");
+    let receiver = Receiver {
+        secret: b"s-back".to_vec(),
+        behaviour: Behaviour::Accept,
+        seen: Arc::new(Mutex::new(Vec::new())),
+    };
+    let yaml = machine(&[format!(
+        "{{name: back, url: '{url}', secretEnv: BACK, maxAttempts: 2}}"
+    )]);
+    let target = "default/orders/back";
+    let dir = tempfile::tempdir().unwrap();
+    let open = || -> Runtime {
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        Runtime::open_shared(store, RuntimeOptions::default()).unwrap()
+    };
+    let runtime = open();
+    runtime.apply_yaml(&yaml, None).await.unwrap();
+    let deliverer = Deliverer::start(&runtime, options(secrets(&[("BACK", "s-back")]))).unwrap();
+    let all = drive(&runtime, 3, 2).await;
+    assert_eq!(all.len(), 3 * 4);
+    let dead = |runtime: &Runtime| runtime.store().dead_letters(Some(target), None, 0).unwrap();
+    eventually(30, "every record to be a dead letter", || {
+        dead(&runtime).len() == all.len()
+    })
+    .await;
+    let letters = dead(&runtime);
+    let letter_ids: std::collections::BTreeSet<String> =
+        letters.iter().map(|d| d.event_id.clone()).collect();
+    let ids: std::collections::BTreeSet<String> = all.values().cloned().collect();
+    assert_eq!(letter_ids, ids, "a dead letter keeps the CloudEvent id");
+    assert!(letters.iter().all(|d| d.attempts == 2 && d.redrive.is_none()));
+
+    // Still down: a redrive of one letter fails again and the letter stays, unmarked.
+    let first = letters[0].clone();
+    let report = runtime
+        .redrive_dead_letters(&RedriveRequest {
+            target: target.into(),
+            position: Some(first.position),
+            actor: "alice".into(),
+        })
+        .unwrap();
+    assert_eq!(report.marked, 1);
+    eventually(30, "the redrive to fail again", || {
+        let now = dead(&runtime);
+        now.len() == all.len()
+            && now
+                .iter()
+                .find(|d| d.position == first.position)
+                .is_some_and(|d| d.redrive.is_none() && d.failed_ms > first.failed_ms)
+    })
+    .await;
+    // Refused requests change nothing.
+    for (request, error_type) in [
+        (
+            RedriveRequest {
+                target: target.into(),
+                position: Some(first.position + 1_000_000),
+                actor: "alice".into(),
+            },
+            "NotFound",
+        ),
+        (
+            RedriveRequest {
+                target: "default/orders/nobody".into(),
+                position: None,
+                actor: "alice".into(),
+            },
+            "NotFound",
+        ),
+        (
+            RedriveRequest {
+                target: "default/orders".into(),
+                position: None,
+                actor: "alice".into(),
+            },
+            "Invalid",
+        ),
+    ] {
+        let error = runtime.redrive_dead_letters(&request).unwrap_err();
+        assert_eq!(error.error_type(), error_type, "{request:?}: {error}");
+    }
+    assert!(dead(&runtime).iter().all(|d| d.redrive.is_none()));
+    deliverer.stop();
+    runtime.shutdown();
+    drop(runtime);
+
+    // The receiver comes up; the redrive is marked while no deliverer runs, and survives a
+    // reopen of the store.
+    serve(
+        tokio::net::TcpListener::bind(address).await.unwrap(),
+        receiver.clone(),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(receiver.seen.lock().unwrap().is_empty());
+    let runtime = open();
+    let report = runtime
+        .redrive_dead_letters(&RedriveRequest {
+            target: target.into(),
+            position: None,
+            actor: "bob".into(),
+        })
+        .unwrap();
+    assert_eq!(report.marked, all.len() as u64);
+    runtime.shutdown();
+    drop(runtime);
+    let runtime = open();
+    let marked = dead(&runtime);
+    assert!(
+        marked
+            .iter()
+            .all(|d| d.redrive.as_ref().is_some_and(|r| r.actor == "bob")),
+        "{marked:?}"
+    );
+    let deliverer = Deliverer::start(&runtime, options(secrets(&[("BACK", "s-back")]))).unwrap();
+    eventually(30, "every dead letter to be delivered", || {
+        accepted_ids(&receiver) == ids && dead(&runtime).is_empty()
+    })
+    .await;
+    check_contract(&receiver, "redriven");
+    let seen = receiver.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), ids.len(), "each record was sent once more");
+    eventually(10, "the status to count the redrive", || {
+        runtime.delivery_status().unwrap().first().is_some_and(|t| {
+            t.redriven == ids.len() as u64 && t.redriving == 0 && t.dead_letters == 0
+        })
+    })
+    .await;
+    deliverer.stop();
+    runtime.shutdown();
+}
