@@ -667,3 +667,169 @@ async fn redriven_dead_letters_are_delivered_once_the_receiver_is_up() {
     deliverer.stop();
     runtime.shutdown();
 }
+
+/// `GET /apis/.../deliveries` pages the dead letters (every cursor on each page);
+/// `POST /apis/.../deliveries/redrive` marks one letter or all of a target's, and refuses a bad
+/// request with a problem, changing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deliveries_routes_list_pages_and_mark_redrives() {
+    use crate::support::{PREFIX, TestServer, assert_problem};
+    use cnsm_store::DeadLetter;
+    use serde_json::json;
+    let server = TestServer::start().await;
+    let store = server.runtime.store();
+    let letter = |target: &str, position: u64| DeadLetter {
+        target: target.to_owned(),
+        position,
+        namespace: "default".into(),
+        instance: format!("o-{position}"),
+        version: 1,
+        event_id: format!("default/o-{position}/1/00"),
+        attempts: 2,
+        last_error: "connection refused".into(),
+        failed_ms: 1_000,
+        redrive: None,
+    };
+    let (hook, other) = ("default/counter/hook", "default/counter/other");
+    for position in [3, 5, 8, 13, 21] {
+        store.put_dead_letter(&letter(hook, position)).unwrap();
+    }
+    for position in [4, 9] {
+        store.put_dead_letter(&letter(other, position)).unwrap();
+    }
+    store.claim_delivery(hook, "node-a", 1_000, 5_000).unwrap();
+    let list = format!("{PREFIX}/deliveries");
+    // Pages of two, in (target, position) order, the cursor on every page.
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let mut path = format!("{list}?limit=2");
+        if let Some(t) = &token {
+            path.push_str(&format!("&continue={t}"));
+        }
+        let page = server.get(&path).await;
+        assert_eq!(page.status, 200, "{}", page.text());
+        let body = page.json();
+        assert_eq!(body["cursors"][0]["target"], hook, "{body}");
+        assert_eq!(body["cursors"][0]["leaseNode"], "node-a", "{body}");
+        for d in body["deadLetters"].as_array().unwrap() {
+            seen.push((
+                d["target"].as_str().unwrap().to_owned(),
+                d["position"].as_u64().unwrap(),
+            ));
+        }
+        match body["metadata"]["continue"].as_str() {
+            Some(next) => token = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let expected: Vec<(String, u64)> = [3, 5, 8, 13, 21]
+        .map(|p| (hook.to_owned(), p))
+        .into_iter()
+        .chain([4, 9].map(|p| (other.to_owned(), p)))
+        .collect();
+    assert_eq!(seen, expected);
+    let only = server.get(&format!("{list}?target={other}")).await.json();
+    assert_eq!(only["deadLetters"].as_array().unwrap().len(), 2, "{only}");
+    assert!(only["cursors"].as_array().unwrap().is_empty(), "{only}");
+    assert_problem(
+        &server.get(&format!("{list}?continue=zz")).await,
+        400,
+        "invalid",
+        "Invalid",
+    );
+    assert_problem(
+        &server.get(&format!("{list}?limit=many")).await,
+        400,
+        "invalid",
+        "Invalid",
+    );
+
+    // Refused requests change nothing.
+    let redrive = format!("{PREFIX}/deliveries/redrive");
+    for (body, status, slug, error_type) in [
+        (json!({"target": hook}), 400, "invalid", "Invalid"),
+        (
+            json!({"target": hook, "position": 3, "all": true}),
+            400,
+            "invalid",
+            "Invalid",
+        ),
+        (
+            json!({"target": hook, "position": 4}),
+            404,
+            "not-found",
+            "NotFound",
+        ),
+        (
+            json!({"target": "default/counter/none", "all": true}),
+            404,
+            "not-found",
+            "NotFound",
+        ),
+        (
+            json!({"target": "default/counter", "all": true}),
+            400,
+            "invalid",
+            "Invalid",
+        ),
+        (
+            json!({"target": hook, "all": true, "color": "red"}),
+            400,
+            "invalid",
+            "Invalid",
+        ),
+    ] {
+        let response = server.post(&redrive, &body, &[]).await;
+        assert_problem(&response, status, slug, error_type);
+    }
+    assert_problem(
+        &server
+            .post_raw(&redrive, "application/xml", b"<x/>", &[])
+            .await,
+        415,
+        "unsupported-media-type",
+        "Invalid",
+    );
+    assert!(
+        store
+            .dead_letters(None, None, 0)
+            .unwrap()
+            .iter()
+            .all(|d| d.redrive.is_none())
+    );
+
+    let one = server
+        .post(
+            &redrive,
+            &json!({"target": hook, "position": 8, "actor": "carol"}),
+            &[],
+        )
+        .await;
+    assert_eq!(one.status, 200, "{}", one.text());
+    assert_eq!(one.json(), json!({"target": hook, "position": 8, "marked": 1}));
+    let listed = server.get(&format!("{list}?target={hook}")).await.json();
+    let marks: Vec<Value> = listed["deadLetters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["redrive"]["actor"].clone())
+        .collect();
+    assert_eq!(
+        marks,
+        [Value::Null, Value::Null, json!("carol"), Value::Null, Value::Null]
+    );
+    let all = server
+        .post(&redrive, &json!({"target": hook, "all": true}), &[])
+        .await;
+    assert_eq!(all.json(), json!({"target": hook, "marked": 5}));
+    let marked = store.redrive_requests(hook, None, 0).unwrap();
+    assert_eq!(marked.len(), 5);
+    assert!(
+        marked
+            .iter()
+            .all(|d| d.redrive.as_ref().is_some_and(|r| r.actor == "anonymous"))
+    );
+    assert!(store.redrive_requests(other, None, 0).unwrap().is_empty());
+    server.stop().await.unwrap();
+}
