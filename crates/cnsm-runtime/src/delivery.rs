@@ -217,6 +217,8 @@ enum Message {
     Redrive,
     Done(Finished),
     Stop,
+    /// Stop at once, as a crash would.
+    Abandon,
 }
 
 struct Finished {
@@ -290,6 +292,16 @@ impl Deliverer {
     /// Reads the redrive marks of every held target now (after a redrive request).
     pub fn redrive_requested(&self) {
         let _ = self.inner.tx.send(Message::Redrive);
+    }
+
+    /// Stops at once as a crashed node would: no cursor is written and no lease given back, so
+    /// another node takes the targets over only when their leases expire (tests of takeover).
+    pub fn abandon(&self) {
+        let _ = self.inner.tx.send(Message::Abandon);
+        let handle = self.inner.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
     }
 
     /// Writes every cursor and stops; requests in flight are abandoned (they are redelivered
@@ -659,6 +671,7 @@ impl State {
             let mut stop = false;
             for m in messages {
                 match m {
+                    Message::Abandon => return,
                     Message::Wake => {}
                     Message::Redrive => redrive_now = true,
                     Message::Done(done) => self.finish_attempt(done),
