@@ -961,20 +961,20 @@ impl State {
             if room == 0 {
                 continue;
             }
-            let page =
-                match self
-                    .store
-                    .redrive_requests(&key, target.redrive_after, room.min(READ_PAGE_LEN))
-                {
-                    Ok(page) => page,
-                    Err(e) => {
-                        tracing::warn!("delivery {key}: cannot read the redrive requests: {e}");
-                        if let Some(t) = self.targets.get_mut(&key) {
-                            t.stats.last_error = Some(shorten(&format!("store: {e}")));
-                        }
-                        continue;
+            let page = match self.store.redrive_requests(
+                &key,
+                target.redrive_after,
+                room.min(READ_PAGE_LEN),
+            ) {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!("delivery {key}: cannot read the redrive requests: {e}");
+                    if let Some(t) = self.targets.get_mut(&key) {
+                        t.stats.last_error = Some(shorten(&format!("store: {e}")));
                     }
-                };
+                    continue;
+                }
+            };
             if page.is_empty() {
                 if let Some(t) = self.targets.get_mut(&key) {
                     t.redrive_after = None;
@@ -1020,7 +1020,8 @@ impl State {
         let record = match sealed.as_ref().map(|s| s.open()) {
             Some(Ok(record)) => record,
             Some(Err(e)) => {
-                let error = format!("the record at commit position {position} does not decode: {e}");
+                let error =
+                    format!("the record at commit position {position} does not decode: {e}");
                 self.redrive_failed(key, letter, error);
                 return true;
             }

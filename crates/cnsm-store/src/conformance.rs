@@ -1142,7 +1142,12 @@ pub fn dead_letters_are_marked_for_redrive(harness: &mut dyn Harness) {
     for (target, position) in [("ns/m/a", 3), ("ns/m/a", 5), ("ns/m/a", 8), ("ns/m/b", 4)] {
         store.put_dead_letter(&letter(target, position)).unwrap();
     }
-    assert!(store.redrive_requests("ns/m/a", None, 0).unwrap().is_empty());
+    assert!(
+        store
+            .redrive_requests("ns/m/a", None, 0)
+            .unwrap()
+            .is_empty()
+    );
     // No letter at that position, or no letter of that target: nothing is marked.
     assert_eq!(
         store
@@ -1176,7 +1181,12 @@ pub fn dead_letters_are_marked_for_redrive(harness: &mut dyn Harness) {
             ..letter("ns/m/a", 5)
         }]
     );
-    assert!(store.redrive_requests("ns/m/b", None, 0).unwrap().is_empty());
+    assert!(
+        store
+            .redrive_requests("ns/m/b", None, 0)
+            .unwrap()
+            .is_empty()
+    );
     // The listing shows the mark.
     let listed = store.dead_letters(Some("ns/m/a"), None, 0).unwrap();
     let marks: Vec<Option<&str>> = listed
@@ -1191,9 +1201,8 @@ pub fn dead_letters_are_marked_for_redrive(harness: &mut dyn Harness) {
             .unwrap(),
         3
     );
-    let positions = |letters: Vec<DeadLetter>| -> Vec<u64> {
-        letters.iter().map(|d| d.position).collect()
-    };
+    let positions =
+        |letters: Vec<DeadLetter>| -> Vec<u64> { letters.iter().map(|d| d.position).collect() };
     assert_eq!(
         positions(store.redrive_requests("ns/m/a", None, 0).unwrap()),
         [3, 5, 8]
@@ -1202,7 +1211,12 @@ pub fn dead_letters_are_marked_for_redrive(harness: &mut dyn Harness) {
         positions(store.redrive_requests("ns/m/a", Some(3), 1).unwrap()),
         [5]
     );
-    assert!(store.redrive_requests("ns/m/b", None, 0).unwrap().is_empty());
+    assert!(
+        store
+            .redrive_requests("ns/m/b", None, 0)
+            .unwrap()
+            .is_empty()
+    );
     // Failed again: the letter is replaced without its mark. Delivered: deleted.
     store
         .put_dead_letter(&DeadLetter {
@@ -1220,7 +1234,14 @@ pub fn dead_letters_are_marked_for_redrive(harness: &mut dyn Harness) {
     let all = store.dead_letters(None, None, 0).unwrap();
     let keys: Vec<(&str, u64, u32, bool)> = all
         .iter()
-        .map(|d| (d.target.as_str(), d.position, d.attempts, d.redrive.is_some()))
+        .map(|d| {
+            (
+                d.target.as_str(),
+                d.position,
+                d.attempts,
+                d.redrive.is_some(),
+            )
+        })
         .collect();
     assert_eq!(
         keys,

@@ -12,11 +12,11 @@
 
 use cnsm_core::resource::StateMachine;
 use cnsm_core::{Instance, Status};
+use cnsm_runtime::delivery::{RedriveReport, RedriveRequest};
 use cnsm_runtime::{
     AppliedDefinition, ControlRequest, CreateInstance, EraseRequest, EventRequest, HistoryEntry,
     MigrationReport, MigrationRequest, RolloutChange, RolloutStatus, TransitionOutcome,
 };
-use cnsm_runtime::delivery::{RedriveReport, RedriveRequest};
 use cnsm_server::wire::DeliveryList;
 use cnsm_snapshot::Selection;
 use cnsm_store::{BackupReport, DefinitionRow, ImportReport, VerifyReport};

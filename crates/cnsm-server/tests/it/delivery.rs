@@ -567,7 +567,11 @@ async fn redriven_dead_letters_are_delivered_once_the_receiver_is_up() {
         letters.iter().map(|d| d.event_id.clone()).collect();
     let ids: std::collections::BTreeSet<String> = all.values().cloned().collect();
     assert_eq!(letter_ids, ids, "a dead letter keeps the CloudEvent id");
-    assert!(letters.iter().all(|d| d.attempts == 2 && d.redrive.is_none()));
+    assert!(
+        letters
+            .iter()
+            .all(|d| d.attempts == 2 && d.redrive.is_none())
+    );
 
     // Still down: a redrive of one letter fails again and the letter stays, unmarked.
     let first = letters[0].clone();
@@ -807,7 +811,10 @@ async fn the_deliveries_routes_list_pages_and_mark_redrives() {
         )
         .await;
     assert_eq!(one.status, 200, "{}", one.text());
-    assert_eq!(one.json(), json!({"target": hook, "position": 8, "marked": 1}));
+    assert_eq!(
+        one.json(),
+        json!({"target": hook, "position": 8, "marked": 1})
+    );
     let listed = server.get(&format!("{list}?target={hook}")).await.json();
     let marks: Vec<Value> = listed["deadLetters"]
         .as_array()
@@ -817,7 +824,13 @@ async fn the_deliveries_routes_list_pages_and_mark_redrives() {
         .collect();
     assert_eq!(
         marks,
-        [Value::Null, Value::Null, json!("carol"), Value::Null, Value::Null]
+        [
+            Value::Null,
+            Value::Null,
+            json!("carol"),
+            Value::Null,
+            Value::Null
+        ]
     );
     let all = server
         .post(&redrive, &json!({"target": hook, "all": true}), &[])

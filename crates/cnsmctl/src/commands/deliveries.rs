@@ -55,7 +55,12 @@ pub struct RedriveArgs {
     #[arg(long, value_name = "TARGET")]
     pub target: String,
     /// The dead letter at this commit position (the POSITION column)
-    #[arg(long, value_name = "P", conflicts_with = "all", required_unless_present = "all")]
+    #[arg(
+        long,
+        value_name = "P",
+        conflicts_with = "all",
+        required_unless_present = "all"
+    )]
     pub position: Option<u64>,
     /// Every dead letter of the target
     #[arg(long)]

@@ -50,7 +50,14 @@ fn deliveries_list_and_redrive_locally_and_through_a_server() {
     .stdout_has(&format!(
         "dead letter {TARGET} at position 9 marked for redrive"
     ));
-    let missing = cli.run(&["deliveries", "redrive", "--target", TARGET, "--position", "6"]);
+    let missing = cli.run(&[
+        "deliveries",
+        "redrive",
+        "--target",
+        TARGET,
+        "--position",
+        "6",
+    ]);
     missing.code(3);
     assert!(
         missing.error_line().contains("at commit position 6"),
@@ -77,7 +84,14 @@ fn deliveries_list_and_redrive_locally_and_through_a_server() {
         .iter()
         .map(|d| &d["redrive"]["actor"])
         .collect();
-    assert_eq!(marks, [&serde_json::Value::Null, &"oncall".into(), &serde_json::Value::Null]);
+    assert_eq!(
+        marks,
+        [
+            &serde_json::Value::Null,
+            &"oncall".into(),
+            &serde_json::Value::Null
+        ]
+    );
     cli.run(&["deliveries"])
         .ok()
         .stdout_has("Dead letters: 3")
@@ -94,7 +108,14 @@ fn deliveries_list_and_redrive_locally_and_through_a_server() {
         .ok()
         .stdout_has(&format!("3 dead letter(s) of {TARGET} marked for redrive"));
     remote
-        .run(&["deliveries", "redrive", "--target", TARGET, "--position", "6"])
+        .run(&[
+            "deliveries",
+            "redrive",
+            "--target",
+            TARGET,
+            "--position",
+            "6",
+        ])
         .code(3);
     remote
         .run(&["deliveries", "--target", TARGET])
