@@ -332,8 +332,8 @@ pub enum Command {
             node delivering the target (its lease ends at LEASE-UNTIL). A dead letter is a \
             record the target gave up on after maxAttempts (or that the receiver refused with a \
             4xx); POSITION is its commit position, REDRIVE shows a pending redrive and who \
-            asked. `deliveries redrive` sends dead letters again. docs/delivery.md explains \
-            it all.",
+            asked. `deliveries redrive` sends dead letters again. docs/operations.md (Push delivery) \
+            explains it all.",
         after_help = "Examples:\n  \
             cnsmctl deliveries\n  \
             cnsmctl deliveries --target shop/order-processing/fulfilment -o json\n  \

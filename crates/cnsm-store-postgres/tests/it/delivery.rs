@@ -3,7 +3,8 @@
 //! node holds the target's lease; every transition committed on either node is delivered at
 //! least once, signed, in order per instance; when the holder stops as a crash would (its lease
 //! not given back), the other node takes the target over once the lease expired and delivers
-//! the rest, commits made meanwhile included.
+//! the rest, commits made meanwhile included; a redrive asked on either node is delivered by the
+//! holder.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -12,10 +13,10 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use cnsm_runtime::delivery::{self, Deliverer, DeliveryOptions};
+use cnsm_runtime::delivery::{self, Deliverer, DeliveryOptions, RedriveRequest};
 use cnsm_runtime::{CreateInstance, EventRequest, Runtime, RuntimeOptions};
 use cnsm_server::delivery_transport::HttpTransport;
-use cnsm_store::Store;
+use cnsm_store::{DeadLetter, Store};
 use cnsm_store_postgres::PostgresStore;
 
 use crate::{drop_schema, options, test_url, unique_schema};
@@ -265,6 +266,41 @@ fn two_nodes_deliver_every_transition_and_take_over_after_the_lease() {
                 t == TARGET && c.lease_node == format!("node-{other}") && c.position >= end
             })
         })
+        .await;
+        // A redrive asked on the node that no longer delivers: the holder reads the mark on
+        // its next poll, sends the record again with its CloudEvent id, and the letter goes.
+        let (position, sealed) = store.records_after(0, 1).unwrap().remove(0);
+        let record = sealed.open().unwrap();
+        let id = delivery::event_id(&record, &sealed.hash);
+        store
+            .put_dead_letter(&DeadLetter {
+                target: TARGET.into(),
+                position,
+                namespace: record.namespace.to_string(),
+                instance: record.instance.to_string(),
+                version: record.version,
+                event_id: id.clone(),
+                attempts: 12,
+                last_error: "HTTP 503".into(),
+                failed_ms: 0,
+                redrive: None,
+            })
+            .unwrap();
+        let sent = |seen: &Seen| seen.lock().unwrap().iter().filter(|s| s.0 == id).count();
+        let n_sent = sent(&seen);
+        let report = runtimes[holder]
+            .redrive_dead_letters(&RedriveRequest {
+                target: TARGET.into(),
+                position: Some(position),
+                actor: "oncall".into(),
+            })
+            .unwrap();
+        assert_eq!(report.marked, 1);
+        eventually(
+            10,
+            "the redriven letter to be delivered and removed",
+            || sent(&seen) > n_sent && store.dead_letters(None, None, 0).unwrap().is_empty(),
+        )
         .await;
         deliverers[other].stop();
         for runtime in &runtimes {
