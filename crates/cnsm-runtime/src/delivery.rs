@@ -16,6 +16,15 @@
 //! record goes out. A 4xx other than 401, 403, 408, 409, 425 and 429 refuses the event for good:
 //! it is dead-lettered at once.
 //!
+//! An operator can redrive dead letters ([`Runtime::redrive_dead_letters`], `cnsmctl deliveries
+//! redrive`): the letters are marked in the store (durable, with who asked), and the node that
+//! holds the target reads the marked ones ([`Store::redrive_requests`]), reads each record again
+//! from the commit log and sends it again with the same CloudEvent `id` (a fresh round of
+//! attempts, in its instance's queue, before the instance's later records still waiting). A
+//! delivered one leaves the dead-letter list ([`Store::delete_dead_letter`]); one that fails
+//! again is written again, without the mark. Redrives do not hold the cursor: their mark is
+//! their durable state.
+//!
 //! The committer only flips a flag and sends a wake-up ([`CommitListener::on_batch`]); the
 //! deliverer runs on its own thread and tokio runtime, so a slow or dead receiver never slows
 //! transitions. On a store shared by several nodes, one node delivers a target at a time (a
@@ -34,7 +43,7 @@ use std::time::Duration;
 use cnsm_core::Instance;
 use cnsm_core::record::{Hash32, SealedRecord, StateChangeEvent};
 use cnsm_core::resource::{NotifyTarget, StateMachine};
-use cnsm_store::{DeadLetter, Store, StoreError};
+use cnsm_store::{DeadLetter, Redrive, Store, StoreError};
 use hmac::{KeyInit, Mac};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, Meter, ObservableGauge};
@@ -172,6 +181,10 @@ pub struct TargetStatus {
     pub attempts: u64,
     pub failed_attempts: u64,
     pub dead_letters: u64,
+    /// Dead letters being redriven now (read and not finished).
+    pub redriving: usize,
+    /// Redriven dead letters that were delivered (and left the list).
+    pub redriven: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// Why the target does not deliver right now (e.g. its secret is missing).
@@ -200,8 +213,12 @@ struct Inner {
 
 enum Message {
     Wake,
+    /// Dead letters were marked for redrive: read the marks now.
+    Redrive,
     Done(Finished),
     Stop,
+    /// Stop at once, as a crash would.
+    Abandon,
 }
 
 struct Finished {
@@ -272,6 +289,21 @@ impl Deliverer {
         }
     }
 
+    /// Reads the redrive marks of every held target now (after a redrive request).
+    pub fn redrive_requested(&self) {
+        let _ = self.inner.tx.send(Message::Redrive);
+    }
+
+    /// Stops at once as a crashed node would: no cursor is written and no lease given back, so
+    /// another node takes the targets over only when their leases expire (tests of takeover).
+    pub fn abandon(&self) {
+        let _ = self.inner.tx.send(Message::Abandon);
+        let handle = self.inner.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+
     /// Writes every cursor and stops; requests in flight are abandoned (they are redelivered
     /// from the cursor by the next start).
     pub fn stop(&self) {
@@ -289,6 +321,118 @@ impl CommitListener for Deliverer {
     fn on_batch(&self, _n_items: usize, _commit_duration: Duration) {
         self.wake();
     }
+}
+
+/// An operator's redrive of dead letters ([`Runtime::redrive_dead_letters`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RedriveRequest {
+    /// `namespace/machine/name`.
+    pub target: String,
+    /// The dead letter at this commit position; `None`: every dead letter of the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
+    /// Who asks (kept with each marked letter and logged).
+    #[serde(default)]
+    pub actor: String,
+}
+
+/// What a redrive request marked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RedriveReport {
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
+    /// Dead letters marked for redrive.
+    pub marked: u64,
+}
+
+impl Runtime {
+    /// Marks dead letters of a target for redrive, durably, with the actor and the time: the
+    /// node that holds the target sends them again (same CloudEvent `id`), and each leaves the
+    /// dead-letter list once delivered, or is written again (unmarked) when it fails again.
+    /// Refused with `Invalid` for a malformed target name or actor, `NotFound` when there is
+    /// no dead letter at `position`, or, for all of them, when the target is unknown; nothing
+    /// changes then. Every accepted request is logged with its actor.
+    pub fn redrive_dead_letters(
+        &self,
+        request: &RedriveRequest,
+    ) -> Result<RedriveReport, RuntimeError> {
+        let target = request.target.as_str();
+        check_target(target)?;
+        if request.actor.len() > cnsm_store::REDRIVE_ACTOR_CHARS_MAX {
+            return Err(RuntimeError::Invalid(format!(
+                "the actor must have at most {} bytes",
+                cnsm_store::REDRIVE_ACTOR_CHARS_MAX
+            )));
+        }
+        let store = self.store();
+        if let Some(position) = request.position {
+            let after = position.checked_sub(1).map(|p| (target, p));
+            let found = store.dead_letters(Some(target), after, 1)?;
+            if found.first().is_none_or(|d| d.position != position) {
+                return Err(RuntimeError::NotFound(format!(
+                    "dead letter of target {target} at commit position {position}"
+                )));
+            }
+        }
+        let redrive = Redrive {
+            requested_ms: self.clock().now_ms(),
+            actor: request.actor.clone(),
+        };
+        let marked = store.redrive_dead_letters(target, request.position, &redrive)?;
+        if marked == 0 && request.position.is_none() && !target_known(store.as_ref(), target)? {
+            return Err(RuntimeError::NotFound(format!(
+                "delivery target {target} (no cursor, no notify target of that name, no dead letter)"
+            )));
+        }
+        tracing::info!(
+            target = %target,
+            position = ?request.position,
+            actor = %request.actor,
+            marked,
+            "dead letters marked for redrive"
+        );
+        if let Some(deliverer) = self.shared.delivery.read().ok().and_then(|d| d.clone()) {
+            deliverer.redrive_requested();
+        }
+        Ok(RedriveReport {
+            target: target.to_owned(),
+            position: request.position,
+            marked,
+        })
+    }
+}
+
+/// Refuses a target name that is not `namespace/machine/name`.
+fn check_target(target: &str) -> Result<(), RuntimeError> {
+    let parts: Vec<&str> = target.split('/').collect();
+    if target.len() > cnsm_store::DELIVERY_TARGET_CHARS_MAX
+        || parts.len() != 3
+        || parts.iter().any(|p| p.is_empty())
+    {
+        return Err(RuntimeError::Invalid(format!(
+            "target {target:?}: a delivery target is namespace/machine/name (at most {} bytes)",
+            cnsm_store::DELIVERY_TARGET_CHARS_MAX
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a target has a cursor or is declared by the latest revision of its machine.
+fn target_known(store: &dyn Store, target: &str) -> Result<bool, RuntimeError> {
+    if store.delivery_cursors()?.iter().any(|(t, _)| t == target) {
+        return Ok(true);
+    }
+    let mut parts = target.splitn(3, '/');
+    let (Some(namespace), Some(machine), Some(name)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Ok(false);
+    };
+    Ok(store
+        .definition(namespace, machine, None)?
+        .is_some_and(|row| row.definition.notify_targets().any(|(_, t)| t.name == name)))
 }
 
 /// The CloudEvent id of a record: stable across attempts and restarts, unique per record.
@@ -427,6 +571,9 @@ struct Pending {
     n_attempts: u32,
     next_at: Instant,
     in_flight: bool,
+    /// A dead letter an operator asked to redrive: delivered, its letter is deleted; failed,
+    /// it is written again without the mark. It does not hold the cursor.
+    redrive: bool,
 }
 
 #[derive(Default)]
@@ -435,6 +582,7 @@ struct Stats {
     attempts: u64,
     failed_attempts: u64,
     dead_letters: u64,
+    redriven: u64,
     last_error: Option<String>,
 }
 
@@ -458,10 +606,14 @@ struct Target {
     in_flight: usize,
     stats: Stats,
     degraded: Option<String>,
+    /// The last redrive mark read; the next read continues after it (back to the start when a
+    /// read finds none).
+    redrive_after: Option<u64>,
 }
 
 impl Target {
     fn release(&mut self) {
+        self.redrive_after = None;
         self.held_until_ms = None;
         self.pending.clear();
         self.queues.clear();
@@ -488,11 +640,16 @@ impl State {
     async fn run(&mut self, mut rx: UnboundedReceiver<Message>) {
         let poll = Duration::from_millis(self.options.poll_ms.max(10));
         let mut next_poll = Instant::now();
+        let mut redrive_now = false;
         loop {
             let now = Instant::now();
             if now >= next_poll {
                 self.refresh();
                 next_poll = now + poll;
+                redrive_now = true;
+            }
+            if std::mem::take(&mut redrive_now) {
+                self.load_redrives();
             }
             self.read_all();
             self.dispatch();
@@ -514,7 +671,9 @@ impl State {
             let mut stop = false;
             for m in messages {
                 match m {
+                    Message::Abandon => return,
                     Message::Wake => {}
+                    Message::Redrive => redrive_now = true,
                     Message::Done(done) => self.finish_attempt(done),
                     Message::Stop => stop = true,
                 }
@@ -600,6 +759,7 @@ impl State {
                         in_flight: 0,
                         stats: Stats::default(),
                         degraded: None,
+                        redrive_after: None,
                     });
                 entry.endpoint = endpoint;
             }
@@ -772,6 +932,7 @@ impl State {
                 n_attempts: 0,
                 next_at: Instant::now(),
                 in_flight: false,
+                redrive: false,
             },
         );
         target
@@ -779,6 +940,150 @@ impl State {
             .entry(instance)
             .or_default()
             .push_back(position);
+    }
+
+    /// Reads the redrive marks of every held target into its window (as room allows).
+    fn load_redrives(&mut self) {
+        let keys: Vec<Arc<str>> = self
+            .targets
+            .iter()
+            .filter(|(_, t)| t.held_until_ms.is_some())
+            .map(|(k, _)| Arc::clone(k))
+            .collect();
+        for key in keys {
+            let Some(target) = self.targets.get(&key) else {
+                continue;
+            };
+            let room = self
+                .options
+                .window_len_max
+                .saturating_sub(target.pending.len());
+            if room == 0 {
+                continue;
+            }
+            let page = match self.store.redrive_requests(
+                &key,
+                target.redrive_after,
+                room.min(READ_PAGE_LEN),
+            ) {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!("delivery {key}: cannot read the redrive requests: {e}");
+                    if let Some(t) = self.targets.get_mut(&key) {
+                        t.stats.last_error = Some(shorten(&format!("store: {e}")));
+                    }
+                    continue;
+                }
+            };
+            if page.is_empty() {
+                if let Some(t) = self.targets.get_mut(&key) {
+                    t.redrive_after = None;
+                }
+                continue;
+            }
+            for letter in page {
+                let position = letter.position;
+                if !self.take_redrive(&key, letter) {
+                    break;
+                }
+                if let Some(t) = self.targets.get_mut(&key) {
+                    t.redrive_after = Some(position);
+                }
+            }
+        }
+    }
+
+    /// Puts a dead letter marked for redrive back into its target's window, read again from
+    /// the commit log. Returns false when the commit log could not be read (tried again later).
+    fn take_redrive(&mut self, key: &Arc<str>, letter: DeadLetter) -> bool {
+        let position = letter.position;
+        let Some(target) = self.targets.get_mut(key) else {
+            return false;
+        };
+        if let Some(pending) = target.pending.get_mut(&position) {
+            // Read again after a restart before its cursor moved: one delivery settles both.
+            pending.redrive = true;
+            return true;
+        }
+        let sealed = match self.store.records_after(position.saturating_sub(1), 1) {
+            Ok(page) => page
+                .into_iter()
+                .next()
+                .filter(|(p, _)| *p == position)
+                .map(|(_, sealed)| sealed),
+            Err(e) => {
+                tracing::warn!("delivery {key}: cannot read the commit log for a redrive: {e}");
+                target.stats.last_error = Some(shorten(&format!("store: {e}")));
+                return false;
+            }
+        };
+        let record = match sealed.as_ref().map(|s| s.open()) {
+            Some(Ok(record)) => record,
+            Some(Err(e)) => {
+                let error =
+                    format!("the record at commit position {position} does not decode: {e}");
+                self.redrive_failed(key, letter, error);
+                return true;
+            }
+            None => {
+                let error = format!(
+                    "redrive: the record at commit position {position} is no longer in the commit log"
+                );
+                self.redrive_failed(key, letter, error);
+                return true;
+            }
+        };
+        let Some(sealed) = sealed else {
+            return true;
+        };
+        let Some(target) = self.targets.get_mut(key) else {
+            return false;
+        };
+        let instance = (Arc::clone(&record.namespace), Arc::clone(&record.instance));
+        // Before the instance's later records still waiting, after the one in flight.
+        let queue = target.queues.entry(instance.clone()).or_default();
+        let front_busy = queue
+            .front()
+            .and_then(|p| target.pending.get(p))
+            .is_some_and(|p| p.in_flight);
+        let mut index = queue
+            .iter()
+            .position(|p| *p > position)
+            .unwrap_or(queue.len());
+        if front_busy {
+            index = index.max(1);
+        }
+        queue.insert(index, position);
+        target.pending.insert(
+            position,
+            Pending {
+                instance,
+                version: record.version,
+                event_id: event_id(&record, &sealed.hash),
+                body: cloud_event(&record, &sealed.hash).into(),
+                n_attempts: 0,
+                next_at: Instant::now(),
+                in_flight: false,
+                redrive: true,
+            },
+        );
+        true
+    }
+
+    /// A redrive that cannot be sent: the letter is written again with the reason, unmarked.
+    fn redrive_failed(&mut self, key: &Arc<str>, letter: DeadLetter, error: String) {
+        tracing::warn!(target = %key, position = letter.position, "redrive failed: {error}");
+        let letter = DeadLetter {
+            last_error: shorten(&error),
+            failed_ms: self.clock.now_ms(),
+            redrive: None,
+            ..letter
+        };
+        if let Err(e) = self.store.put_dead_letter(&letter)
+            && let Some(t) = self.targets.get_mut(key)
+        {
+            t.stats.last_error = Some(shorten(&format!("store: {e}")));
+        }
     }
 
     /// The filters of a revision (cached).
@@ -926,6 +1231,21 @@ impl State {
         }
         let Some(error) = error else {
             target.stats.delivered += 1;
+            if pending.redrive {
+                match self.store.delete_dead_letter(&target.key, done.position) {
+                    Ok(deleted) => {
+                        target.stats.redriven += 1;
+                        if deleted {
+                            target.stats.dead_letters = target.stats.dead_letters.saturating_sub(1);
+                        }
+                        tracing::info!(target = %target.key, position = done.position, "redriven dead letter delivered");
+                    }
+                    Err(e) => {
+                        // Its mark stays: it is redriven again later (at least once).
+                        target.stats.last_error = Some(shorten(&format!("store: {e}")));
+                    }
+                }
+            }
             finish(target, done.position);
             return;
         };
@@ -949,6 +1269,7 @@ impl State {
         let Some(target) = self.targets.get_mut(key) else {
             return;
         };
+        let again = target.pending.get(&position).is_some_and(|p| p.redrive);
         let letter = match target.pending.get(&position) {
             Some(p) => DeadLetter {
                 target: key.to_string(),
@@ -960,6 +1281,7 @@ impl State {
                 attempts: p.n_attempts,
                 last_error: error,
                 failed_ms: now_ms,
+                redrive: None,
             },
             None => DeadLetter {
                 target: key.to_string(),
@@ -971,11 +1293,15 @@ impl State {
                 attempts: 0,
                 last_error: error,
                 failed_ms: now_ms,
+                redrive: None,
             },
         };
         match self.store.put_dead_letter(&letter) {
             Ok(()) => {
-                target.stats.dead_letters += 1;
+                // A redrive that failed again replaced its letter.
+                if !again {
+                    target.stats.dead_letters += 1;
+                }
                 tracing::warn!(
                     target = %key,
                     instance = %letter.instance,
@@ -1015,8 +1341,9 @@ impl State {
                 continue;
             };
             if target.held_until_ms.is_some() {
-                let finished = match target.pending.keys().next() {
-                    Some(lowest) => lowest - 1,
+                // Redrives are below the cursor already and do not hold it.
+                let finished = match target.pending.iter().find(|(_, p)| !p.redrive) {
+                    Some((lowest, _)) => lowest - 1,
                     None => target.head,
                 };
                 target.cursor = target.cursor.max(finished);
@@ -1064,6 +1391,8 @@ impl State {
                 attempts: t.stats.attempts,
                 failed_attempts: t.stats.failed_attempts,
                 dead_letters: t.stats.dead_letters,
+                redriving: t.pending.values().filter(|p| p.redrive).count(),
+                redriven: t.stats.redriven,
                 last_error: t.stats.last_error.clone(),
                 degraded: t.degraded.clone(),
             })

@@ -50,6 +50,7 @@ pub mod auth;
 pub mod client;
 mod controls;
 mod definitions;
+pub mod deliveries;
 pub mod delivery_transport;
 mod events;
 mod health;

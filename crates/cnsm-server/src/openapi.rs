@@ -92,6 +92,10 @@ fn query_parameter(name: &str) -> Value {
             "Only records at or after this RFC 3339 UTC time (or date), or, given a number, after \
              that commit position (event.sequence)",
         ),
+        "target" => (
+            json!({"type": "string", "maxLength": 512, "examples": ["shop/order-processing/fulfilment"]}),
+            "Only this notify target (namespace/machine/name)",
+        ),
         "format" => (
             json!({"type": "string", "enum": ["json", "text"]}),
             "text: human-readable instead of JSON",
@@ -637,6 +641,7 @@ fn schemas() -> Value {
     // Kept apart: one `json!` with every schema passes the macro recursion limit.
     if let Value::Object(map) = &mut schemas {
         map.extend(erasure_schemas().as_object().cloned().unwrap_or_default());
+        map.extend(delivery_schemas().as_object().cloned().unwrap_or_default());
     }
     schemas
 }
@@ -670,6 +675,69 @@ fn erasure_schemas() -> Value {
                         "redactedHash": {"type": "string"},
                     },
                 }},
+            },
+        },
+    })
+}
+
+/// The push-delivery listing and the redrive request and answer.
+fn delivery_schemas() -> Value {
+    json!({
+        "DeliveryList": {
+            "type": "object", "required": ["cursors", "deadLetters"],
+            "properties": {
+                "cursors": {"type": "array", "items": {
+                    "type": "object", "required": ["target", "position", "leaseNode", "leaseUntilMs"],
+                    "properties": {
+                        "target": {"type": "string", "description": "namespace/machine/name"},
+                        "position": {"type": "integer", "description": "Every matching record at or below this commit position is delivered or dead-lettered"},
+                        "leaseNode": {"type": "string"},
+                        "leaseUntilMs": {"type": "integer"},
+                    },
+                }},
+                "deadLetters": {"type": "array", "items": schema_ref("DeadLetter")},
+                "metadata": {"type": "object", "properties": {"continue": {"type": "string"}}},
+            },
+        },
+        "DeadLetter": {
+            "type": "object",
+            "required": ["target", "position", "namespace", "instance", "version", "eventId", "attempts", "lastError", "failedMs"],
+            "properties": {
+                "target": {"type": "string"},
+                "position": {"type": "integer", "description": "The record's commit position"},
+                "namespace": {"type": "string"},
+                "instance": {"type": "string"},
+                "version": {"type": "integer"},
+                "eventId": {"type": "string", "description": "The CloudEvent id the attempts carried (a redrive sends it again)"},
+                "attempts": {"type": "integer"},
+                "lastError": {"type": "string"},
+                "failedMs": {"type": "integer"},
+                "redrive": {
+                    "type": "object", "required": ["requestedMs", "actor"],
+                    "description": "Present while a redrive is pending",
+                    "properties": {
+                        "requestedMs": {"type": "integer"},
+                        "actor": {"type": "string"},
+                    },
+                },
+            },
+        },
+        "Redrive": {
+            "type": "object", "additionalProperties": false, "required": ["target"],
+            "description": "Exactly one of position and all: true",
+            "properties": {
+                "target": {"type": "string", "minLength": 1, "maxLength": 512, "description": "namespace/machine/name"},
+                "position": {"type": "integer", "minimum": 0, "description": "The dead letter at this commit position"},
+                "all": {"type": "boolean", "description": "Every dead letter of the target"},
+                "actor": {"type": "string", "maxLength": 256, "description": "Ignored when the server has --auth-file (the token's name is recorded)"},
+            },
+        },
+        "RedriveReport": {
+            "type": "object", "required": ["target", "marked"],
+            "properties": {
+                "target": {"type": "string"},
+                "position": {"type": "integer"},
+                "marked": {"type": "integer", "description": "Dead letters marked for redrive"},
             },
         },
     })

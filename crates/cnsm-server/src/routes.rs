@@ -8,7 +8,9 @@ use axum::routing::{MethodRouter, delete, get, post};
 use crate::ServerState;
 use crate::auth::{Access, Role};
 use crate::problem::ProblemKind;
-use crate::{admin, controls, definitions, health, instances, migrations, openapi, snapshots};
+use crate::{
+    admin, controls, definitions, deliveries, health, instances, migrations, openapi, snapshots,
+};
 
 /// One route: a method on a path template.
 pub struct Route {
@@ -426,6 +428,39 @@ pub static ROUTES: &[Route] = &[
         ok: &[(200, "AuditLines")],
         errors: &[P::Invalid, P::Unavailable],
         handler: || get(admin::audit),
+    },
+    Route {
+        method: "GET",
+        path: "/apis/statemachine.cn/v1alpha1/deliveries",
+        operation_id: "listDeliveries",
+        summary: "Push delivery: every notify target's cursor and lease, and a page of dead letters (with any pending redrive)",
+        access: Access::AllNamespaces(Role::Admin),
+        query: &["target", "limit", "continue"],
+        headers: &[],
+        body: None,
+        ok: &[(200, "DeliveryList")],
+        errors: &[P::Invalid, P::Unavailable],
+        handler: || get(deliveries::list),
+    },
+    Route {
+        method: "POST",
+        path: "/apis/statemachine.cn/v1alpha1/deliveries/redrive",
+        operation_id: "redriveDeadLetters",
+        summary: "Mark one dead letter (position) or all of a target's (all: true) for redrive: sent again with the same CloudEvent id, removed once delivered",
+        access: Access::AllNamespaces(Role::Admin),
+        query: &[],
+        headers: &[],
+        body: Some("Redrive"),
+        ok: &[(200, "RedriveReport")],
+        errors: &[
+            P::Invalid,
+            P::NotFound,
+            P::Conflict,
+            P::PayloadTooLarge,
+            P::UnsupportedMediaType,
+            P::Unavailable,
+        ],
+        handler: || post(deliveries::redrive),
     },
     Route {
         method: "GET",

@@ -134,6 +134,57 @@ pub struct ListMeta {
     pub continue_token: Option<String>,
 }
 
+/// A push-delivery target's cursor as `GET /apis/statemachine.cn/v1alpha1/deliveries` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryCursorView {
+    /// `namespace/machine/name`.
+    pub target: String,
+    /// Every matching record at or below this commit position is delivered or dead-lettered.
+    pub position: u64,
+    /// The node that holds (or last held) the target's lease, and until when (ms).
+    pub lease_node: String,
+    pub lease_until_ms: u64,
+}
+
+/// `GET /apis/statemachine.cn/v1alpha1/deliveries`: every target's cursor (one per target, on
+/// every page) and a page of dead letters in (target, position) order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryList {
+    pub cursors: Vec<DeliveryCursorView>,
+    pub dead_letters: Vec<cnsm_store::DeadLetter>,
+    /// `continue` names the next page of dead letters.
+    #[serde(default)]
+    pub metadata: ListMeta,
+}
+
+/// `POST /apis/statemachine.cn/v1alpha1/deliveries/redrive`: one dead letter (`position`) or
+/// all of a target's (`all: true`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedriveBody {
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+    /// Ignored when the server has `--auth-file` (the token's name is recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+}
+
+/// The `continue` token of a dead-letter page: after this (target, position).
+pub fn encode_dead_letter_continue(target: &str, position: u64) -> String {
+    encode_continue(&position.to_string(), target)
+}
+
+/// Decodes [`encode_dead_letter_continue`]; `None` when it is not one this server made.
+pub fn decode_dead_letter_continue(token: &str) -> Option<(String, u64)> {
+    let (position, target) = decode_continue(token)?;
+    Some((target, position.parse().ok()?))
+}
+
 /// An admission problem as it travels (a [`Problem`] with owned strings).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -311,5 +362,14 @@ mod tests {
         for bad in ["abc", "zz", "", "6162"] {
             assert_eq!(decode_continue(bad), None, "{bad}");
         }
+        let token = encode_dead_letter_continue("shop/orders/fulfil", 42);
+        assert_eq!(
+            decode_dead_letter_continue(&token),
+            Some(("shop/orders/fulfil".into(), 42))
+        );
+        assert_eq!(
+            decode_dead_letter_continue(&encode_continue("x", "a/b/c")),
+            None
+        );
     }
 }

@@ -769,6 +769,25 @@ fn definition_row(row: &tokio_postgres::Row) -> Result<DefinitionRow, StoreError
     })
 }
 
+/// A dead letter from a row of (target, position, body, redrive_requested_ms, redrive_actor).
+fn dead_letter_of(row: &tokio_postgres::Row) -> Result<cnsm_store::DeadLetter, StoreError> {
+    let target: &str = row.get(0);
+    let position: i64 = row.get(1);
+    let mut letter: cnsm_store::DeadLetter = serde_json::from_slice(row.get::<_, &[u8]>(2))
+        .map_err(|e| {
+            StoreError::Corrupt(format!(
+                "dead letter {target} at position {position} does not decode: {e}"
+            ))
+        })?;
+    letter.redrive = row
+        .get::<_, Option<i64>>(3)
+        .map(|requested_ms| cnsm_store::Redrive {
+            requested_ms: requested_ms as u64,
+            actor: row.get::<_, Option<String>>(4).unwrap_or_default(),
+        });
+    Ok(letter)
+}
+
 /// Refuses an empty or over-long delivery target name.
 fn check_target_name(target: &str) -> Result<(), StoreError> {
     if target.is_empty() || target.len() > cnsm_store::DELIVERY_TARGET_CHARS_MAX {
@@ -1344,13 +1363,25 @@ impl Store for PostgresStore {
 
     fn put_dead_letter(&self, letter: &cnsm_store::DeadLetter) -> Result<(), StoreError> {
         check_target_name(&letter.target)?;
-        let body = serde_json::to_vec(letter)
-            .map_err(|e| StoreError::Io(format!("cannot encode a dead letter: {e}")))?;
+        let body = serde_json::to_vec(&cnsm_store::DeadLetter {
+            redrive: None,
+            ..letter.clone()
+        })
+        .map_err(|e| StoreError::Io(format!("cannot encode a dead letter: {e}")))?;
         let position = i64::try_from(letter.position).unwrap_or(i64::MAX);
+        let requested_ms = letter
+            .redrive
+            .as_ref()
+            .map(|r| i64::try_from(r.requested_ms).unwrap_or(i64::MAX));
+        let actor = letter.redrive.as_ref().map(|r| r.actor.as_str());
         self.query(
-            "INSERT INTO cnsm_dead_letters (target, position, body) VALUES ($1, $2, $3) \
-             ON CONFLICT (target, position) DO UPDATE SET body = EXCLUDED.body",
-            &[&letter.target, &position, &body],
+            "INSERT INTO cnsm_dead_letters \
+                (target, position, body, redrive_requested_ms, redrive_actor) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (target, position) DO UPDATE SET body = EXCLUDED.body, \
+                redrive_requested_ms = EXCLUDED.redrive_requested_ms, \
+                redrive_actor = EXCLUDED.redrive_actor",
+            &[&letter.target, &position, &body, &requested_ms, &actor],
         )?;
         Ok(())
     }
@@ -1368,22 +1399,66 @@ impl Store for PostgresStore {
             None => ("", -1),
         };
         let rows = self.query(
-            "SELECT target, position, body FROM cnsm_dead_letters \
+            "SELECT target, position, body, redrive_requested_ms, redrive_actor \
+             FROM cnsm_dead_letters \
              WHERE ($1::text IS NULL OR target = $1) AND (target, position) > ($2, $3) \
              ORDER BY target, position LIMIT $4",
             &[&target, &after_target, &after_position, &limit],
         )?;
-        rows.iter()
-            .map(|row| {
-                let target: &str = row.get(0);
-                let position: i64 = row.get(1);
-                serde_json::from_slice(row.get::<_, &[u8]>(2)).map_err(|e| {
-                    StoreError::Corrupt(format!(
-                        "dead letter {target} at position {position} does not decode: {e}"
-                    ))
-                })
-            })
-            .collect()
+        rows.iter().map(dead_letter_of).collect()
+    }
+
+    fn redrive_dead_letters(
+        &self,
+        target: &str,
+        position: Option<u64>,
+        redrive: &cnsm_store::Redrive,
+    ) -> Result<u64, StoreError> {
+        check_target_name(target)?;
+        if redrive.actor.len() > cnsm_store::REDRIVE_ACTOR_CHARS_MAX {
+            return Err(StoreError::Refused(format!(
+                "a redrive actor must have at most {} bytes",
+                cnsm_store::REDRIVE_ACTOR_CHARS_MAX
+            )));
+        }
+        let position = position.map(|p| i64::try_from(p).unwrap_or(i64::MAX));
+        let requested_ms = i64::try_from(redrive.requested_ms).unwrap_or(i64::MAX);
+        let rows = self.query(
+            "WITH marked AS (UPDATE cnsm_dead_letters \
+                SET redrive_requested_ms = $3, redrive_actor = $4 \
+                WHERE target = $1 AND ($2::bigint IS NULL OR position = $2) RETURNING 1) \
+             SELECT count(*) FROM marked",
+            &[&target, &position, &requested_ms, &redrive.actor],
+        )?;
+        Ok(rows.first().map_or(0, |row| row.get::<_, i64>(0) as u64))
+    }
+
+    fn redrive_requests(
+        &self,
+        target: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<cnsm_store::DeadLetter>, StoreError> {
+        let limit = capped(limit) as i64;
+        let after = after.map_or(-1, |p| i64::try_from(p).unwrap_or(i64::MAX));
+        let rows = self.query(
+            "SELECT target, position, body, redrive_requested_ms, redrive_actor \
+             FROM cnsm_dead_letters \
+             WHERE target = $1 AND position > $2 AND redrive_requested_ms IS NOT NULL \
+             ORDER BY position LIMIT $3",
+            &[&target, &after, &limit],
+        )?;
+        rows.iter().map(dead_letter_of).collect()
+    }
+
+    fn delete_dead_letter(&self, target: &str, position: u64) -> Result<bool, StoreError> {
+        check_target_name(target)?;
+        let position = i64::try_from(position).unwrap_or(i64::MAX);
+        let rows = self.query(
+            "DELETE FROM cnsm_dead_letters WHERE target = $1 AND position = $2 RETURNING 1",
+            &[&target, &position],
+        )?;
+        Ok(!rows.is_empty())
     }
 
     fn records_after(

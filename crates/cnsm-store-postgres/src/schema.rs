@@ -17,6 +17,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "delivery cursors and dead letters",
         include_str!("../migrations/0003_delivery.sql"),
     ),
+    (
+        "dead-letter redrive",
+        include_str!("../migrations/0004_dead_letter_redrive.sql"),
+    ),
 ];
 
 /// The schema version this binary writes; it refuses a database at a newer one.

@@ -133,6 +133,10 @@ pub const CASES: &[(&str, Case)] = &[
         dead_letters_are_kept_in_order,
     ),
     (
+        "dead_letters_are_marked_for_redrive",
+        dead_letters_are_marked_for_redrive,
+    ),
+    (
         "timers_follow_each_instance_current_timer",
         timers_follow_each_instance_current_timer,
     ),
@@ -232,6 +236,7 @@ macro_rules! conformance_tests {
             rollouts_are_stored_per_machine,
             delivery_cursors_are_leased_and_fenced,
             dead_letters_are_kept_in_order,
+            dead_letters_are_marked_for_redrive,
             timers_follow_each_instance_current_timer,
             reopen_keeps_everything,
             list_instances_filters_and_pages,
@@ -1076,6 +1081,7 @@ pub fn dead_letters_are_kept_in_order(harness: &mut dyn Harness) {
         attempts,
         last_error: "HTTP 503".into(),
         failed_ms: T0_MS + position,
+        redrive: None,
     };
     assert!(store.dead_letters(None, None, 0).unwrap().is_empty());
     for (target, position) in [("ns/m/b", 7), ("ns/m/a", 9), ("ns/m/a", 3), ("ns/m/b", 1)] {
@@ -1108,6 +1114,142 @@ pub fn dead_letters_are_kept_in_order(harness: &mut dyn Harness) {
             .dead_letters(Some("ns/m/c"), None, 0)
             .unwrap()
             .is_empty()
+    );
+}
+
+/// A redrive marks one dead letter or every one of a target (durably, with who asked and
+/// when), the marked ones are listed per target in position order, a letter written again
+/// (failed again) loses its mark, a deleted one (delivered) is gone, and nothing else changes.
+pub fn dead_letters_are_marked_for_redrive(harness: &mut dyn Harness) {
+    use crate::{DeadLetter, Redrive};
+    let store = harness.open();
+    let letter = |target: &str, position: u64| DeadLetter {
+        target: target.to_owned(),
+        position,
+        namespace: "default".into(),
+        instance: format!("j-{position}"),
+        version: 1,
+        event_id: format!("default/j-{position}/1"),
+        attempts: 3,
+        last_error: "connection refused".into(),
+        failed_ms: T0_MS,
+        redrive: None,
+    };
+    let mark = |at: u64, actor: &str| Redrive {
+        requested_ms: T0_MS + at,
+        actor: actor.to_owned(),
+    };
+    for (target, position) in [("ns/m/a", 3), ("ns/m/a", 5), ("ns/m/a", 8), ("ns/m/b", 4)] {
+        store.put_dead_letter(&letter(target, position)).unwrap();
+    }
+    assert!(
+        store
+            .redrive_requests("ns/m/a", None, 0)
+            .unwrap()
+            .is_empty()
+    );
+    // No letter at that position, or no letter of that target: nothing is marked.
+    assert_eq!(
+        store
+            .redrive_dead_letters("ns/m/a", Some(4), &mark(1, "ops"))
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .redrive_dead_letters("ns/m/c", None, &mark(1, "ops"))
+            .unwrap(),
+        0
+    );
+    assert!(
+        store
+            .redrive_dead_letters("", None, &mark(1, "ops"))
+            .is_err()
+    );
+    assert_eq!(
+        store
+            .redrive_dead_letters("ns/m/a", Some(5), &mark(1, "alice"))
+            .unwrap(),
+        1
+    );
+    let store = harness.reopen(store);
+    let marked = store.redrive_requests("ns/m/a", None, 0).unwrap();
+    assert_eq!(
+        marked,
+        [DeadLetter {
+            redrive: Some(mark(1, "alice")),
+            ..letter("ns/m/a", 5)
+        }]
+    );
+    assert!(
+        store
+            .redrive_requests("ns/m/b", None, 0)
+            .unwrap()
+            .is_empty()
+    );
+    // The listing shows the mark.
+    let listed = store.dead_letters(Some("ns/m/a"), None, 0).unwrap();
+    let marks: Vec<Option<&str>> = listed
+        .iter()
+        .map(|d| d.redrive.as_ref().map(|r| r.actor.as_str()))
+        .collect();
+    assert_eq!(marks, [None, Some("alice"), None]);
+    // All of a target; other targets untouched.
+    assert_eq!(
+        store
+            .redrive_dead_letters("ns/m/a", None, &mark(2, "bob"))
+            .unwrap(),
+        3
+    );
+    let positions =
+        |letters: Vec<DeadLetter>| -> Vec<u64> { letters.iter().map(|d| d.position).collect() };
+    assert_eq!(
+        positions(store.redrive_requests("ns/m/a", None, 0).unwrap()),
+        [3, 5, 8]
+    );
+    assert_eq!(
+        positions(store.redrive_requests("ns/m/a", Some(3), 1).unwrap()),
+        [5]
+    );
+    assert!(
+        store
+            .redrive_requests("ns/m/b", None, 0)
+            .unwrap()
+            .is_empty()
+    );
+    // Failed again: the letter is replaced without its mark. Delivered: deleted.
+    store
+        .put_dead_letter(&DeadLetter {
+            attempts: 6,
+            ..letter("ns/m/a", 3)
+        })
+        .unwrap();
+    assert!(store.delete_dead_letter("ns/m/a", 5).unwrap());
+    assert!(!store.delete_dead_letter("ns/m/a", 5).unwrap());
+    let store = harness.reopen(store);
+    assert_eq!(
+        positions(store.redrive_requests("ns/m/a", None, 0).unwrap()),
+        [8]
+    );
+    let all = store.dead_letters(None, None, 0).unwrap();
+    let keys: Vec<(&str, u64, u32, bool)> = all
+        .iter()
+        .map(|d| {
+            (
+                d.target.as_str(),
+                d.position,
+                d.attempts,
+                d.redrive.is_some(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("ns/m/a", 3, 6, false),
+            ("ns/m/a", 8, 3, true),
+            ("ns/m/b", 4, 3, false)
+        ]
     );
 }
 

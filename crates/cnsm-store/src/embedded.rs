@@ -651,6 +651,36 @@ fn check_target_name(target: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Refuses an over-long redrive actor.
+fn check_actor(actor: &str) -> Result<(), StoreError> {
+    if actor.len() > crate::REDRIVE_ACTOR_CHARS_MAX {
+        return Err(StoreError::Refused(format!(
+            "a redrive actor must have at most {} bytes",
+            crate::REDRIVE_ACTOR_CHARS_MAX
+        )));
+    }
+    Ok(())
+}
+
+fn decode_dead_letter(
+    target: &str,
+    position: u64,
+    bytes: &[u8],
+) -> Result<crate::DeadLetter, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "dead letter {target} at position {position} does not decode: {e}"
+        ))
+    })
+}
+
+fn redrive_of((requested_ms, actor): (u64, &str)) -> crate::Redrive {
+    crate::Redrive {
+        requested_ms,
+        actor: actor.to_owned(),
+    }
+}
+
 fn open_error(path: &Path, error: DatabaseError) -> StoreError {
     match error {
         DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
@@ -1578,13 +1608,27 @@ impl Store for EmbeddedStore {
 
     fn put_dead_letter(&self, letter: &crate::DeadLetter) -> Result<(), StoreError> {
         check_target_name(&letter.target)?;
-        let bytes = serde_json::to_vec(letter)
-            .map_err(|e| StoreError::Io(format!("cannot encode a dead letter: {e}")))?;
+        let redrive = letter.redrive.clone();
+        let bytes = serde_json::to_vec(&crate::DeadLetter {
+            redrive: None,
+            ..letter.clone()
+        })
+        .map_err(|e| StoreError::Io(format!("cannot encode a dead letter: {e}")))?;
+        let key = (letter.target.as_str(), letter.position);
         self.write(|txn| {
             txn.open_table(DEAD_LETTERS)
                 .io()?
-                .insert((letter.target.as_str(), letter.position), bytes.as_slice())
+                .insert(key, bytes.as_slice())
                 .io()?;
+            let mut marks = txn.open_table(DEAD_LETTER_REDRIVES).io()?;
+            match &redrive {
+                Some(r) => {
+                    marks.insert(key, (r.requested_ms, r.actor.as_str())).io()?;
+                }
+                None => {
+                    marks.remove(key).io()?;
+                }
+            }
             Ok(())
         })
     }
@@ -1606,6 +1650,11 @@ impl Store for EmbeddedStore {
             Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
             Err(e) => return Err(StoreError::Io(e.to_string())),
         };
+        let marks = match txn.open_table(DEAD_LETTER_REDRIVES) {
+            Ok(table) => Some(table),
+            Err(TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(StoreError::Io(e.to_string())),
+        };
         let start = match (after, target) {
             (Some((t, p)), _) => Bound::Excluded((t, p)),
             (None, Some(t)) => Bound::Included((t, 0)),
@@ -1618,17 +1667,124 @@ impl Store for EmbeddedStore {
             if target.is_some_and(|t| t != key_target) {
                 break;
             }
-            let letter: crate::DeadLetter = serde_json::from_slice(value.value()).map_err(|e| {
-                StoreError::Corrupt(format!(
-                    "dead letter {key_target} at position {position} does not decode: {e}"
-                ))
-            })?;
+            let mut letter = decode_dead_letter(key_target, position, value.value())?;
+            if let Some(marks) = &marks {
+                letter.redrive = marks
+                    .get((key_target, position))
+                    .io()?
+                    .map(|mark| redrive_of(mark.value()));
+            }
             out.push(letter);
             if out.len() >= limit {
                 break;
             }
         }
         Ok(out)
+    }
+
+    fn redrive_dead_letters(
+        &self,
+        target: &str,
+        position: Option<u64>,
+        redrive: &crate::Redrive,
+    ) -> Result<u64, StoreError> {
+        check_target_name(target)?;
+        check_actor(&redrive.actor)?;
+        self.write(|txn| {
+            let letters = txn.open_table(DEAD_LETTERS).io()?;
+            let positions: Vec<u64> = match position {
+                Some(p) => {
+                    if letters.get((target, p)).io()?.is_some() {
+                        vec![p]
+                    } else {
+                        Vec::new()
+                    }
+                }
+                None => {
+                    let mut found = Vec::new();
+                    for entry in letters
+                        .range::<(&str, u64)>((target, 0)..=(target, u64::MAX))
+                        .io()?
+                    {
+                        found.push(entry.io()?.0.value().1);
+                    }
+                    found
+                }
+            };
+            drop(letters);
+            let mut marks = txn.open_table(DEAD_LETTER_REDRIVES).io()?;
+            for p in &positions {
+                marks
+                    .insert((target, *p), (redrive.requested_ms, redrive.actor.as_str()))
+                    .io()?;
+            }
+            Ok(positions.len() as u64)
+        })
+    }
+
+    fn redrive_requests(
+        &self,
+        target: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<crate::DeadLetter>, StoreError> {
+        let limit = if limit == 0 {
+            PAGE_LEN_MAX
+        } else {
+            limit.min(PAGE_LEN_MAX)
+        };
+        let start = match after {
+            Some(p) if p == u64::MAX => return Ok(Vec::new()),
+            Some(p) => p + 1,
+            None => 0,
+        };
+        let txn = self.read()?;
+        let (letters, marks) = match (
+            txn.open_table(DEAD_LETTERS),
+            txn.open_table(DEAD_LETTER_REDRIVES),
+        ) {
+            (Ok(letters), Ok(marks)) => (letters, marks),
+            (Err(TableError::TableDoesNotExist(_)), _)
+            | (_, Err(TableError::TableDoesNotExist(_))) => return Ok(Vec::new()),
+            (Err(e), _) | (_, Err(e)) => return Err(StoreError::Io(e.to_string())),
+        };
+        let mut out = Vec::new();
+        for entry in marks
+            .range::<(&str, u64)>((target, start)..=(target, u64::MAX))
+            .io()?
+        {
+            let (key, mark) = entry.io()?;
+            let position = key.value().1;
+            let Some(bytes) = letters.get((target, position)).io()? else {
+                return Err(StoreError::Corrupt(format!(
+                    "the redrive mark of {target} at position {position} has no dead letter"
+                )));
+            };
+            let mut letter = decode_dead_letter(target, position, bytes.value())?;
+            letter.redrive = Some(redrive_of(mark.value()));
+            out.push(letter);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete_dead_letter(&self, target: &str, position: u64) -> Result<bool, StoreError> {
+        check_target_name(target)?;
+        self.write(|txn| {
+            let removed = txn
+                .open_table(DEAD_LETTERS)
+                .io()?
+                .remove((target, position))
+                .io()?
+                .is_some();
+            txn.open_table(DEAD_LETTER_REDRIVES)
+                .io()?
+                .remove((target, position))
+                .io()?;
+            Ok(removed)
+        })
     }
 
     fn put_rollout(

@@ -374,7 +374,25 @@ pub struct DeadLetter {
     pub last_error: String,
     /// When it was given up (ms since the epoch).
     pub failed_ms: u64,
+    /// Set while an operator's redrive is pending ([`Store::redrive_dead_letters`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redrive: Option<Redrive>,
 }
+
+/// An operator's request to deliver a dead letter again: the deliverer of the target sends the
+/// record once more (same CloudEvent `id`); the letter is deleted once delivered, or replaced
+/// (without the request) when it fails again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Redrive {
+    /// When it was asked (ms since the epoch).
+    pub requested_ms: u64,
+    /// Who asked (the authenticated subject, or the name the operator gave).
+    pub actor: String,
+}
+
+/// Longest actor name a [`Redrive`] keeps.
+pub const REDRIVE_ACTOR_CHARS_MAX: usize = 256;
 
 /// Longest target name a delivery cursor or dead letter takes.
 pub const DELIVERY_TARGET_CHARS_MAX: usize = 512;
@@ -633,7 +651,7 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Stores a dead letter durably (a second one for the same target and position replaces
-    /// the first).
+    /// the first, redrive mark included: `letter.redrive` is stored as given).
     fn put_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
         let _ = letter;
         Err(StoreError::Refused(
@@ -652,6 +670,43 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<DeadLetter>, StoreError> {
         let _ = (target, after, limit);
         Ok(Vec::new())
+    }
+
+    /// Marks dead letters of `target` for redrive with `redrive` (who asked, and when): the one
+    /// at `position`, or, with `None`, every one of the target. A letter already marked gets the
+    /// new mark. Returns how many letters are marked; 0 when the target has none (or none at
+    /// `position`), and then nothing changed. Durable before it returns.
+    fn redrive_dead_letters(
+        &self,
+        target: &str,
+        position: Option<u64>,
+        redrive: &Redrive,
+    ) -> Result<u64, StoreError> {
+        let _ = (target, position, redrive);
+        Err(StoreError::Refused(
+            "this store does not keep dead letters".into(),
+        ))
+    }
+
+    /// The dead letters of `target` marked for redrive, ordered by position, those after
+    /// `after`, at most `limit` (0 = a page of [`PAGE_LEN_MAX`]).
+    fn redrive_requests(
+        &self,
+        target: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let _ = (target, after, limit);
+        Ok(Vec::new())
+    }
+
+    /// Deletes the dead letter of `target` at `position` (a redrive delivered it). Returns
+    /// whether there was one. Durable before it returns.
+    fn delete_dead_letter(&self, target: &str, position: u64) -> Result<bool, StoreError> {
+        let _ = (target, position);
+        Err(StoreError::Refused(
+            "this store does not keep dead letters".into(),
+        ))
     }
 
     /// For a store shared by several nodes: calls `on_commit(uid, version)` for each record

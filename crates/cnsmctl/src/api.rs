@@ -12,10 +12,12 @@
 
 use cnsm_core::resource::StateMachine;
 use cnsm_core::{Instance, Status};
+use cnsm_runtime::delivery::{RedriveReport, RedriveRequest};
 use cnsm_runtime::{
     AppliedDefinition, ControlRequest, CreateInstance, EraseRequest, EventRequest, HistoryEntry,
     MigrationReport, MigrationRequest, RolloutChange, RolloutStatus, TransitionOutcome,
 };
+use cnsm_server::wire::DeliveryList;
 use cnsm_snapshot::Selection;
 use cnsm_store::{BackupReport, DefinitionRow, ImportReport, VerifyReport};
 
@@ -147,6 +149,16 @@ pub trait Api {
         replace: bool,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<ImportReport, CliError>;
+
+    /// Push delivery: every target's cursor and lease, and every dead letter (of `target`
+    /// only, when given), in (target, position) order.
+    async fn deliveries(&self, target: Option<&str>) -> Result<DeliveryList, CliError>;
+
+    /// Marks dead letters for redrive (one, or all of a target's).
+    async fn redrive_dead_letters(
+        &self,
+        request: RedriveRequest,
+    ) -> Result<RedriveReport, CliError>;
 }
 
 /// The [`Api`] a command got: local or remote.
@@ -283,5 +295,16 @@ impl Api for Connection {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<ImportReport, CliError> {
         delegate!(self, api => api.import_snapshot(namespace, payload, replace, progress))
+    }
+
+    async fn deliveries(&self, target: Option<&str>) -> Result<DeliveryList, CliError> {
+        delegate!(self, api => api.deliveries(target))
+    }
+
+    async fn redrive_dead_letters(
+        &self,
+        request: RedriveRequest,
+    ) -> Result<RedriveReport, CliError> {
+        delegate!(self, api => api.redrive_dead_letters(request))
     }
 }

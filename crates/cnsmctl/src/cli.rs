@@ -323,13 +323,27 @@ pub enum Command {
     #[command(subcommand)]
     Audit(crate::commands::audit::AuditCommand),
 
-    /// Push delivery: each notify target's cursor and lease, and the dead letters
-    #[command(after_help = "Examples:\n  \
-        cnsmctl deliveries\n  \
-        cnsmctl deliveries --target shop/order-processing/fulfilment -o json\n  \
-        cnsmctl --store postgres://cnsm@db/cnsm deliveries\n\n\
-        Reads the store directly: the embedded store in --data-dir (stop the server first) or \
-        the PostgreSQL store of --store (while the nodes serve).")]
+    /// Push delivery: each notify target's cursor and lease, the dead letters, and their redrive
+    #[command(
+        long_about = "Push delivery: each notify target's cursor and lease, and the dead letters.\n\n\
+            A machine's notify targets receive a signed CloudEvent per matching committed \
+            transition, at least once, in order per instance. CURSOR is the commit position \
+            below which every matching record was delivered or dead-lettered; HELD-BY is the \
+            node delivering the target (its lease ends at LEASE-UNTIL). A dead letter is a \
+            record the target gave up on after maxAttempts (or that the receiver refused with a \
+            4xx); POSITION is its commit position, REDRIVE shows a pending redrive and who \
+            asked. `deliveries redrive` sends dead letters again. docs/operations.md (Push delivery) \
+            explains it all.",
+        after_help = "Examples:\n  \
+            cnsmctl deliveries\n  \
+            cnsmctl deliveries --target shop/order-processing/fulfilment -o json\n  \
+            cnsmctl deliveries redrive --target shop/order-processing/fulfilment --all\n  \
+            cnsmctl --store postgres://cnsm@db/cnsm deliveries\n  \
+            cnsmctl --server http://127.0.0.1:8080 deliveries\n\n\
+            Reads the embedded store in --data-dir (stop the server first), the PostgreSQL \
+            store of --store (while the nodes serve), or, with --server, asks the running \
+            server (admin role on every namespace)."
+    )]
     Deliveries(crate::commands::deliveries::DeliveriesArgs),
 
     /// A complete tour on a throw-away store: apply, create, send, history, graph

@@ -250,6 +250,28 @@ impl Api for Local {
         Ok(self.runtime.migrate(&request, progress).await?)
     }
 
+    async fn deliveries(
+        &self,
+        target: Option<&str>,
+    ) -> Result<cnsm_server::wire::DeliveryList, CliError> {
+        let store = std::sync::Arc::clone(self.runtime.store());
+        let target = target.map(str::to_owned);
+        tokio::task::spawn_blocking(move || deliveries_of(store.as_ref(), target.as_deref()))
+            .await
+            .map_err(|e| CliError::unavailable(e.to_string()))?
+    }
+
+    async fn redrive_dead_letters(
+        &self,
+        request: cnsm_runtime::delivery::RedriveRequest,
+    ) -> Result<cnsm_runtime::delivery::RedriveReport, CliError> {
+        let runtime = self.runtime.clone();
+        tokio::task::spawn_blocking(move || runtime.redrive_dead_letters(&request))
+            .await
+            .map_err(|e| CliError::unavailable(e.to_string()))?
+            .map_err(CliError::from)
+    }
+
     async fn backup(&self, out: &std::path::Path) -> Result<BackupReport, CliError> {
         let store = std::sync::Arc::clone(self.runtime.store());
         let out = out.to_owned();
@@ -300,4 +322,38 @@ impl Api for Local {
         self.runtime.fire_due_timers().await?;
         Ok(report)
     }
+}
+
+/// Every cursor and every dead letter (of `target` only, when given), read a page at a time.
+fn deliveries_of(
+    store: &dyn cnsm_store::Store,
+    target: Option<&str>,
+) -> Result<cnsm_server::wire::DeliveryList, CliError> {
+    let cursors = store
+        .delivery_cursors()?
+        .into_iter()
+        .filter(|(name, _)| target.is_none_or(|t| t == name))
+        .map(|(name, c)| cnsm_server::wire::DeliveryCursorView {
+            target: name,
+            position: c.position,
+            lease_node: c.lease_node,
+            lease_until_ms: c.lease_until_ms,
+        })
+        .collect();
+    let mut dead_letters = Vec::new();
+    let mut after: Option<(String, u64)> = None;
+    loop {
+        let page = store.dead_letters(target, after.as_ref().map(|(t, p)| (t.as_str(), *p)), 0)?;
+        let full = page.len() >= PAGE_LEN_MAX;
+        after = page.last().map(|d| (d.target.clone(), d.position));
+        dead_letters.extend(page);
+        if !full {
+            break;
+        }
+    }
+    Ok(cnsm_server::wire::DeliveryList {
+        cursors,
+        dead_letters,
+        metadata: Default::default(),
+    })
 }

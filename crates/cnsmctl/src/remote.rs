@@ -443,6 +443,47 @@ impl Api for Remote {
         Ok(out)
     }
 
+    async fn deliveries(
+        &self,
+        target: Option<&str>,
+    ) -> Result<cnsm_server::wire::DeliveryList, CliError> {
+        let mut all = cnsm_server::wire::DeliveryList::default();
+        let mut token: Option<String> = None;
+        loop {
+            let mut path = format!(
+                "{API_PREFIX}/deliveries?limit={}",
+                cnsm_server::deliveries::DEAD_LETTER_PAGE_LEN_MAX
+            );
+            if let Some(t) = target {
+                path.push_str(&format!("&target={}", encode(t)));
+            }
+            if let Some(t) = &token {
+                path.push_str(&format!("&continue={}", encode(t)));
+            }
+            let page: cnsm_server::wire::DeliveryList = self.get(&path).await?;
+            all.cursors = page.cursors;
+            all.dead_letters.extend(page.dead_letters);
+            match page.metadata.continue_token {
+                Some(next) => token = Some(next),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    async fn redrive_dead_letters(
+        &self,
+        request: cnsm_runtime::delivery::RedriveRequest,
+    ) -> Result<cnsm_runtime::delivery::RedriveReport, CliError> {
+        let body = cnsm_server::wire::RedriveBody {
+            target: request.target,
+            all: request.position.is_none(),
+            position: request.position,
+            actor: Some(request.actor).filter(|a| !a.is_empty()),
+        };
+        self.post(&format!("{API_PREFIX}/deliveries/redrive"), &body, &[])
+            .await
+    }
+
     async fn rollout_status(&self, namespace: &str, name: &str) -> Result<RolloutStatus, CliError> {
         let path = namespace_path(
             namespace,

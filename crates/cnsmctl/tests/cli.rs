@@ -7,6 +7,8 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
+#[path = "cli/deliveries.rs"]
+mod deliveries;
 #[path = "cli/erase.rs"]
 mod erase;
 #[path = "cli/evolve.rs"]

@@ -525,3 +525,324 @@ fn cloud_events_are_structured_and_signed_over_the_body() {
     let long_key = vec![7u8; 100];
     assert_eq!(delivery::sign(&long_key, b"x"), recompute(&long_key, b"x"));
 }
+
+/// A receiver that is down: every record becomes a dead letter. A redrive while it is still down
+/// fails again (the letter stays, unmarked, with its new error). Once it is up, a redrive of
+/// every letter, marked while no deliverer runs and across a reopen of the store (durable),
+/// delivers each record once more with the CloudEvent id of the first attempts, signed, in
+/// order per instance, and empties the dead-letter list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redriven_dead_letters_are_delivered_once_the_receiver_is_up() {
+    use cnsm_runtime::delivery::RedriveRequest;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = closed.local_addr().unwrap();
+    drop(closed);
+    let url = format!("http://{address}/hook");
+    let receiver = Receiver {
+        secret: b"s-back".to_vec(),
+        behaviour: Behaviour::Accept,
+        seen: Arc::new(Mutex::new(Vec::new())),
+    };
+    let yaml = machine(&[format!(
+        "{{name: back, url: '{url}', secretEnv: BACK, maxAttempts: 2}}"
+    )]);
+    let target = "default/orders/back";
+    let dir = tempfile::tempdir().unwrap();
+    let open = || -> Runtime {
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        Runtime::open_shared(store, RuntimeOptions::default()).unwrap()
+    };
+    let runtime = open();
+    runtime.apply_yaml(&yaml, None).await.unwrap();
+    let deliverer = Deliverer::start(&runtime, options(secrets(&[("BACK", "s-back")]))).unwrap();
+    let all = drive(&runtime, 3, 2).await;
+    assert_eq!(all.len(), 3 * 4);
+    let dead = |runtime: &Runtime| runtime.store().dead_letters(Some(target), None, 0).unwrap();
+    eventually(30, "every record to be a dead letter", || {
+        dead(&runtime).len() == all.len()
+    })
+    .await;
+    let letters = dead(&runtime);
+    let letter_ids: std::collections::BTreeSet<String> =
+        letters.iter().map(|d| d.event_id.clone()).collect();
+    let ids: std::collections::BTreeSet<String> = all.values().cloned().collect();
+    assert_eq!(letter_ids, ids, "a dead letter keeps the CloudEvent id");
+    assert!(
+        letters
+            .iter()
+            .all(|d| d.attempts == 2 && d.redrive.is_none())
+    );
+
+    // Still down: a redrive of one letter fails again and the letter stays, unmarked.
+    let first = letters[0].clone();
+    let report = runtime
+        .redrive_dead_letters(&RedriveRequest {
+            target: target.into(),
+            position: Some(first.position),
+            actor: "alice".into(),
+        })
+        .unwrap();
+    assert_eq!(report.marked, 1);
+    eventually(30, "the redrive to fail again", || {
+        let now = dead(&runtime);
+        now.len() == all.len()
+            && now
+                .iter()
+                .find(|d| d.position == first.position)
+                .is_some_and(|d| d.redrive.is_none() && d.failed_ms > first.failed_ms)
+    })
+    .await;
+    // Refused requests change nothing.
+    for (request, error_type) in [
+        (
+            RedriveRequest {
+                target: target.into(),
+                position: Some(first.position + 1_000_000),
+                actor: "alice".into(),
+            },
+            "NotFound",
+        ),
+        (
+            RedriveRequest {
+                target: "default/orders/nobody".into(),
+                position: None,
+                actor: "alice".into(),
+            },
+            "NotFound",
+        ),
+        (
+            RedriveRequest {
+                target: "default/orders".into(),
+                position: None,
+                actor: "alice".into(),
+            },
+            "Invalid",
+        ),
+    ] {
+        let error = runtime.redrive_dead_letters(&request).unwrap_err();
+        assert_eq!(error.error_type(), error_type, "{request:?}: {error}");
+    }
+    assert!(dead(&runtime).iter().all(|d| d.redrive.is_none()));
+    deliverer.stop();
+    runtime.shutdown();
+    drop(runtime);
+
+    // The receiver comes up; the redrive is marked while no deliverer runs, and survives a
+    // reopen of the store.
+    serve(
+        tokio::net::TcpListener::bind(address).await.unwrap(),
+        receiver.clone(),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(receiver.seen.lock().unwrap().is_empty());
+    let runtime = open();
+    let report = runtime
+        .redrive_dead_letters(&RedriveRequest {
+            target: target.into(),
+            position: None,
+            actor: "bob".into(),
+        })
+        .unwrap();
+    assert_eq!(report.marked, all.len() as u64);
+    runtime.shutdown();
+    drop(runtime);
+    let runtime = open();
+    let marked = dead(&runtime);
+    assert!(
+        marked
+            .iter()
+            .all(|d| d.redrive.as_ref().is_some_and(|r| r.actor == "bob")),
+        "{marked:?}"
+    );
+    let deliverer = Deliverer::start(&runtime, options(secrets(&[("BACK", "s-back")]))).unwrap();
+    eventually(30, "every dead letter to be delivered", || {
+        accepted_ids(&receiver) == ids && dead(&runtime).is_empty()
+    })
+    .await;
+    check_contract(&receiver, "redriven");
+    let seen = receiver.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), ids.len(), "each record was sent once more");
+    eventually(10, "the status to count the redrive", || {
+        runtime.delivery_status().unwrap().first().is_some_and(|t| {
+            t.redriven == ids.len() as u64 && t.redriving == 0 && t.dead_letters == 0
+        })
+    })
+    .await;
+    deliverer.stop();
+    runtime.shutdown();
+}
+
+/// `GET /apis/.../deliveries` pages the dead letters (every cursor on each page);
+/// `POST /apis/.../deliveries/redrive` marks one letter or all of a target's, and refuses a bad
+/// request with a problem, changing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deliveries_routes_list_pages_and_mark_redrives() {
+    use crate::support::{PREFIX, TestServer, assert_problem};
+    use cnsm_store::DeadLetter;
+    use serde_json::json;
+    let server = TestServer::start().await;
+    let store = server.runtime.store();
+    let letter = |target: &str, position: u64| DeadLetter {
+        target: target.to_owned(),
+        position,
+        namespace: "default".into(),
+        instance: format!("o-{position}"),
+        version: 1,
+        event_id: format!("default/o-{position}/1/00"),
+        attempts: 2,
+        last_error: "connection refused".into(),
+        failed_ms: 1_000,
+        redrive: None,
+    };
+    let (hook, other) = ("default/counter/hook", "default/counter/other");
+    for position in [3, 5, 8, 13, 21] {
+        store.put_dead_letter(&letter(hook, position)).unwrap();
+    }
+    for position in [4, 9] {
+        store.put_dead_letter(&letter(other, position)).unwrap();
+    }
+    store.claim_delivery(hook, "node-a", 1_000, 5_000).unwrap();
+    let list = format!("{PREFIX}/deliveries");
+    // Pages of two, in (target, position) order, the cursor on every page.
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let mut path = format!("{list}?limit=2");
+        if let Some(t) = &token {
+            path.push_str(&format!("&continue={t}"));
+        }
+        let page = server.get(&path).await;
+        assert_eq!(page.status, 200, "{}", page.text());
+        let body = page.json();
+        assert_eq!(body["cursors"][0]["target"], hook, "{body}");
+        assert_eq!(body["cursors"][0]["leaseNode"], "node-a", "{body}");
+        for d in body["deadLetters"].as_array().unwrap() {
+            seen.push((
+                d["target"].as_str().unwrap().to_owned(),
+                d["position"].as_u64().unwrap(),
+            ));
+        }
+        match body["metadata"]["continue"].as_str() {
+            Some(next) => token = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let expected: Vec<(String, u64)> = [3, 5, 8, 13, 21]
+        .map(|p| (hook.to_owned(), p))
+        .into_iter()
+        .chain([4, 9].map(|p| (other.to_owned(), p)))
+        .collect();
+    assert_eq!(seen, expected);
+    let only = server.get(&format!("{list}?target={other}")).await.json();
+    assert_eq!(only["deadLetters"].as_array().unwrap().len(), 2, "{only}");
+    assert!(only["cursors"].as_array().unwrap().is_empty(), "{only}");
+    assert_problem(
+        &server.get(&format!("{list}?continue=zz")).await,
+        400,
+        "invalid",
+        "Invalid",
+    );
+    assert_problem(
+        &server.get(&format!("{list}?limit=many")).await,
+        400,
+        "invalid",
+        "Invalid",
+    );
+
+    // Refused requests change nothing.
+    let redrive = format!("{PREFIX}/deliveries/redrive");
+    for (body, status, slug, error_type) in [
+        (json!({"target": hook}), 400, "invalid", "Invalid"),
+        (
+            json!({"target": hook, "position": 3, "all": true}),
+            400,
+            "invalid",
+            "Invalid",
+        ),
+        (
+            json!({"target": hook, "position": 4}),
+            404,
+            "not-found",
+            "NotFound",
+        ),
+        (
+            json!({"target": "default/counter/none", "all": true}),
+            404,
+            "not-found",
+            "NotFound",
+        ),
+        (
+            json!({"target": "default/counter", "all": true}),
+            400,
+            "invalid",
+            "Invalid",
+        ),
+        (
+            json!({"target": hook, "all": true, "color": "red"}),
+            400,
+            "invalid",
+            "Invalid",
+        ),
+    ] {
+        let response = server.post(&redrive, &body, &[]).await;
+        assert_problem(&response, status, slug, error_type);
+    }
+    assert_problem(
+        &server
+            .post_raw(&redrive, "application/xml", b"<x/>", &[])
+            .await,
+        415,
+        "unsupported-media-type",
+        "Invalid",
+    );
+    assert!(
+        store
+            .dead_letters(None, None, 0)
+            .unwrap()
+            .iter()
+            .all(|d| d.redrive.is_none())
+    );
+
+    let one = server
+        .post(
+            &redrive,
+            &json!({"target": hook, "position": 8, "actor": "carol"}),
+            &[],
+        )
+        .await;
+    assert_eq!(one.status, 200, "{}", one.text());
+    assert_eq!(
+        one.json(),
+        json!({"target": hook, "position": 8, "marked": 1})
+    );
+    let listed = server.get(&format!("{list}?target={hook}")).await.json();
+    let marks: Vec<Value> = listed["deadLetters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["redrive"]["actor"].clone())
+        .collect();
+    assert_eq!(
+        marks,
+        [
+            Value::Null,
+            Value::Null,
+            json!("carol"),
+            Value::Null,
+            Value::Null
+        ]
+    );
+    let all = server
+        .post(&redrive, &json!({"target": hook, "all": true}), &[])
+        .await;
+    assert_eq!(all.json(), json!({"target": hook, "marked": 5}));
+    let marked = store.redrive_requests(hook, None, 0).unwrap();
+    assert_eq!(marked.len(), 5);
+    assert!(
+        marked
+            .iter()
+            .all(|d| d.redrive.as_ref().is_some_and(|r| r.actor == "anonymous"))
+    );
+    assert!(store.redrive_requests(other, None, 0).unwrap().is_empty());
+    server.stop().await.unwrap();
+}

@@ -1,6 +1,6 @@
 //! The integration tests of cnsm-store-postgres, in one binary: the store conformance suite on
-//! PostgreSQL, two store handles ("nodes") racing, schema migrations, timer leases, and calls
-//! from inside tokio runtimes.
+//! PostgreSQL, two store handles ("nodes") racing, schema migrations, timer leases, push
+//! delivery with a lease taken over between two nodes, and calls from inside tokio runtimes.
 //!
 //! They need `CNSM_TEST_POSTGRES_URL` (e.g. `postgres://postgres@127.0.0.1:5432/test`); without
 //! it every test prints that it was skipped and passes. Each store lives in its own schema, so
@@ -9,6 +9,7 @@
 mod conformance;
 mod conformance_per_item;
 mod copy;
+mod delivery;
 mod nodes;
 mod runtime;
 

@@ -25,7 +25,7 @@ const COPY_CHUNK: usize = 50_000;
 /// Every table of the store: a backup copies exactly these. A test checks that a live store
 /// has no table outside this list, so a new table cannot be forgotten here.
 #[doc(hidden)]
-pub const TABLE_NAMES: [&str; 15] = [
+pub const TABLE_NAMES: [&str; 16] = [
     "meta",
     "definitions",
     "definition_latest",
@@ -41,6 +41,7 @@ pub const TABLE_NAMES: [&str; 15] = [
     "rollouts",
     "delivery_cursors",
     "dead_letters",
+    "dead_letter_redrives",
 ];
 
 impl EmbeddedStore {
@@ -180,6 +181,7 @@ fn copy_all(snapshot: &ReadTransaction, path: &Path) -> Result<(), StoreError> {
     copier.table(snapshot, ROLLOUTS)?;
     copier.table(snapshot, DELIVERY_CURSORS)?;
     copier.table(snapshot, DEAD_LETTERS)?;
+    copier.table(snapshot, DEAD_LETTER_REDRIVES)?;
     let mut txn = copier.txn.take().expect("a transaction is open");
     txn.set_durability(Durability::Immediate).io()?;
     txn.commit().io()?;

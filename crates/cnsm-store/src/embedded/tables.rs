@@ -182,3 +182,9 @@ pub(crate) const DELIVERY_CURSORS: TableDefinition<&str, (u64, &str, u64)> =
 /// (target, commit position) -> JSON of the [`crate::DeadLetter`].
 pub(crate) const DEAD_LETTERS: TableDefinition<(&str, u64), &[u8]> =
     TableDefinition::new("dead_letters");
+
+/// (target, commit position) -> (requested ms, actor): the dead letters marked for redrive (the
+/// letter's `redrive`; its JSON in [`DEAD_LETTERS`] is kept without it). An index, so the
+/// deliverer finds the marked letters without reading every letter.
+pub(crate) const DEAD_LETTER_REDRIVES: TableDefinition<(&str, u64), (u64, &str)> =
+    TableDefinition::new("dead_letter_redrives");

@@ -169,7 +169,7 @@ pub async fn run(context: &Context, command: Command, out: &mut Out) -> Result<u
         Command::Demo(_) => crate::demo::run(context, out).await.map(|()| EXIT_OK),
         Command::Serve(args) => serve::run(context, &args, out).await.map(|()| EXIT_OK),
         Command::Audit(command) => audit::run(context, &command, out).await.map(|()| EXIT_OK),
-        Command::Deliveries(args) => deliveries::run(context, &args, out).map(|()| EXIT_OK),
+        Command::Deliveries(args) => deliveries::run(context, &args, out).await.map(|()| EXIT_OK),
     }
 }
 
