@@ -460,11 +460,12 @@ impl EmbeddedStore {
         txn: &WriteTransaction,
         items: &[CommitItem],
         prev_hashes: &[Hash32],
-    ) -> Result<Vec<ItemOutcome>, StoreError> {
+    ) -> Result<(Vec<ItemOutcome>, Vec<Vec<u8>>), StoreError> {
         let mut t = WriteTables::open(txn)?;
         let mut counters = Counters {
             next_uid: meta_get(&t.meta, META_NEXT_UID)?,
             next_seq: meta_get(&t.meta, META_NEXT_SEQ)?,
+            rows: Vec::with_capacity(items.len()),
         };
         // The background verifier read back everything up to `verified_upto`; persist it.
         let verified_seq = self.checkpoint_to_persist(&t.meta, counters.next_seq)?;
@@ -476,7 +477,7 @@ impl EmbeddedStore {
         t.meta.insert(META_NEXT_UID, counters.next_uid).io()?;
         t.meta.insert(META_NEXT_SEQ, counters.next_seq).io()?;
         t.meta.insert(META_VERIFIED_SEQ, verified_seq).io()?;
-        Ok(outcomes)
+        Ok((outcomes, counters.rows))
     }
 
     /// [`Store::erase`] inside one write transaction: compare-and-swap, bytes replaced in the
@@ -531,6 +532,7 @@ impl EmbeddedStore {
         let mut counters = Counters {
             next_uid: meta_get(&t.meta, META_NEXT_UID)?,
             next_seq: meta_get(&t.meta, META_NEXT_SEQ)?,
+            rows: Vec::new(),
         };
         let verified_seq = self.checkpoint_to_persist(&t.meta, counters.next_seq)?;
         let outcome = apply_item(&mut t, item, prev_hash, &mut counters)?;
@@ -580,8 +582,8 @@ impl EmbeddedStore {
     ) -> Result<Vec<ItemOutcome>, StoreError> {
         let mut txn = self.db.begin_write().io()?;
         txn.set_durability(Durability::None).io()?;
-        let outcomes = match self.commit_in(&txn, items, prev_hashes) {
-            Ok(outcomes) => outcomes,
+        let (outcomes, rows) = match self.commit_in(&txn, items, prev_hashes) {
+            Ok(applied) => applied,
             Err(e) => {
                 let _ = txn.abort();
                 return Err(e);
@@ -597,7 +599,7 @@ impl EmbeddedStore {
             let _ = txn.abort();
             return Ok(outcomes);
         }
-        let before = match log.append(&committed) {
+        let before = match log.append(&committed, &rows) {
             Ok(before) => before,
             Err(e) => {
                 let _ = txn.abort();
@@ -761,6 +763,7 @@ fn replay(t: &mut WriteTables<'_>, logged: &[Vec<CommitItem>]) -> Result<(), Sto
     let mut counters = Counters {
         next_uid: meta_get(&t.meta, META_NEXT_UID)?,
         next_seq: meta_get(&t.meta, META_NEXT_SEQ)?,
+        rows: Vec::new(),
     };
     for (n_batch, batch) in logged.iter().enumerate() {
         for (index, item) in batch.iter().enumerate() {
@@ -847,6 +850,9 @@ impl<'txn> WriteTables<'txn> {
 struct Counters {
     next_uid: u64,
     next_seq: u64,
+    /// The encoded instance row of each committed item, in order (the write-ahead log frame
+    /// reuses them instead of encoding every row twice).
+    rows: Vec<Vec<u8>>,
 }
 
 /// The fixed columns of an instance row.
@@ -1032,6 +1038,7 @@ fn apply_item(
             ),
         )
         .io()?;
+    counters.rows.push(row);
 
     // Index entries change only when their key or value does.
     let old_timer = previous.as_ref().and_then(|p| p.timer);
@@ -1281,7 +1288,10 @@ impl Store for EmbeddedStore {
             return self.commit_logged(log, items, &prev_hashes);
         }
         drop(log);
-        self.write(|txn| self.commit_in(txn, items, &prev_hashes))
+        self.write(|txn| {
+            self.commit_in(txn, items, &prev_hashes)
+                .map(|(outcomes, _)| outcomes)
+        })
     }
 
     fn erase(

@@ -723,7 +723,8 @@ async fn unknown_routes_methods_and_timeouts_are_problems() {
         );
         assert_eq!(r.header("retry-after"), Some("1"));
     }
-    // Creating waits on the committer, so it times out (and still commits: outcome unknown).
+    // A create carries the request's deadline into the runtime too: refused as Timeout and,
+    // having waited in the queue past it, not applied.
     let r = server
         .post(
             &path("shop", "instances"),
@@ -732,12 +733,34 @@ async fn unknown_routes_methods_and_timeouts_are_problems() {
         )
         .await;
     assert_problem(&r, 503, "timeout", "Timeout");
-    for _ in 0..200 {
-        if server.runtime.instance("shop", "t-1").await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        server.runtime.instance("shop", "t-1").await.is_err(),
+        "the timed-out create was not applied"
+    );
+    if server
+        .runtime
+        .definition("shop", "counter", None)
+        .await
+        .is_err()
+    {
+        server
+            .runtime
+            .apply_yaml(COUNTER_YAML, None)
+            .await
+            .expect("apply");
     }
+    let mut data = serde_json::Map::new();
+    data.insert("n".into(), 0.into());
+    server
+        .runtime
+        .create_instance(
+            cnsm_runtime::CreateInstance::new("shop", "counter")
+                .id("t-1")
+                .data(data),
+        )
+        .await
+        .expect("create t-1");
     // An event carries the request's deadline into the runtime: refused as Timeout, and,
     // having waited in the queue past it, not applied.
     let before = server

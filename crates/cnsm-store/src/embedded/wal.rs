@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use cnsm_core::record::{Hash32, SealedRecord};
 
-use super::tables::{decode_row, encode_row};
+use super::tables::decode_row;
 use crate::{CommitItem, IdempotencyEntry, StoreError};
 
 const FRAME_MAGIC: [u8; 4] = *b"cnsW";
@@ -119,8 +119,13 @@ impl Wal {
 
     /// Appends the committed items of one batch as one frame and makes it durable. Returns the
     /// length before the frame, for [`Wal::truncate_to`] should the redb commit fail.
-    pub(crate) fn append(&mut self, items: &[&CommitItem]) -> Result<u64, StoreError> {
-        let frame = encode_frame(items)?;
+    /// `rows[i]` is the encoded instance row of `items[i]` (as the batch stored it).
+    pub(crate) fn append(
+        &mut self,
+        items: &[&CommitItem],
+        rows: &[Vec<u8>],
+    ) -> Result<u64, StoreError> {
+        let frame = encode_frame(items, rows)?;
         let at = self.len;
         let path = self.path.clone();
         let file = self.file()?;
@@ -212,17 +217,24 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn encode_frame(items: &[&CommitItem]) -> Result<Vec<u8>, StoreError> {
+fn encode_frame(items: &[&CommitItem], rows: &[Vec<u8>]) -> Result<Vec<u8>, StoreError> {
+    if rows.len() != items.len() {
+        return Err(StoreError::Corrupt(format!(
+            "a log frame of {} items was given {} instance rows",
+            items.len(),
+            rows.len()
+        )));
+    }
     let mut payload = Vec::with_capacity(items.len() * 1024);
     let count = u32::try_from(items.len())
         .map_err(|_| StoreError::Refused("too many items in one batch".into()))?;
     payload.extend_from_slice(&count.to_le_bytes());
-    for item in items {
+    for (item, row) in items.iter().zip(rows) {
         payload.extend_from_slice(&item.expected_version.unwrap_or(u64::MAX).to_le_bytes());
         payload.extend_from_slice(&item.record.version.to_le_bytes());
         payload.extend_from_slice(&item.record.hash.0);
         put_bytes(&mut payload, &item.record.bytes)?;
-        put_bytes(&mut payload, &encode_row(&item.instance)?)?;
+        put_bytes(&mut payload, row)?;
         match &item.idempotency {
             None => payload.push(0),
             Some(entry) => {
@@ -333,8 +345,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.wal");
         let mut wal = Wal::new(path.clone());
-        wal.append(&[]).unwrap();
-        wal.append(&[]).unwrap();
+        wal.append(&[], &[]).unwrap();
+        wal.append(&[], &[]).unwrap();
         let whole = std::fs::read(&path).unwrap();
         assert_eq!(read_frames(&path).unwrap().0.len(), 2);
         std::fs::write(&path, &whole[..whole.len() - 1]).unwrap();
