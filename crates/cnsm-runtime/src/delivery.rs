@@ -819,15 +819,18 @@ impl State {
         }
     }
 
-    /// Reads new records for every held target, up to its window.
-    fn read_all(&mut self) {
-        let keys: Vec<Arc<str>> = self
-            .targets
+    /// The names of the targets this node holds the lease of.
+    fn held_targets(&self) -> Vec<Arc<str>> {
+        self.targets
             .iter()
             .filter(|(_, t)| t.held_until_ms.is_some())
             .map(|(k, _)| Arc::clone(k))
-            .collect();
-        for key in keys {
+            .collect()
+    }
+
+    /// Reads new records for every held target, up to its window.
+    fn read_all(&mut self) {
+        for key in self.held_targets() {
             if let Err(e) = self.read(&key) {
                 tracing::warn!("delivery {key}: cannot read the commit log: {e}");
                 if let Some(t) = self.targets.get_mut(&key) {
@@ -944,13 +947,7 @@ impl State {
 
     /// Reads the redrive marks of every held target into its window (as room allows).
     fn load_redrives(&mut self) {
-        let keys: Vec<Arc<str>> = self
-            .targets
-            .iter()
-            .filter(|(_, t)| t.held_until_ms.is_some())
-            .map(|(k, _)| Arc::clone(k))
-            .collect();
-        for key in keys {
+        for key in self.held_targets() {
             let Some(target) = self.targets.get(&key) else {
                 continue;
             };
