@@ -1702,7 +1702,20 @@ impl Store for EmbeddedStore {
         replace: bool,
     ) -> Result<ImportReport, StoreError> {
         crate::check_import(definitions, items)?;
-        self.write(|txn| import::import_in(txn, definitions, items, replace))
+        self.write(|txn| {
+            import::import_in(txn, definitions, &mut items.iter().cloned().map(Ok), replace)
+        })
+    }
+
+    fn import_stream(
+        &self,
+        definitions: &[DefinitionRow],
+        items: &mut crate::ImportItems<'_>,
+        replace: bool,
+    ) -> Result<ImportReport, StoreError> {
+        crate::check_import_definitions(definitions)?;
+        let mut checked = crate::checked_import_items(items);
+        self.write(|txn| import::import_in(txn, definitions, &mut checked, replace))
     }
 
     fn verify(&self) -> Result<VerifyReport, StoreError> {
