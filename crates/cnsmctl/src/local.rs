@@ -13,7 +13,8 @@ use cnsm_runtime::{
     MigrationReport, MigrationRequest, RolloutChange, RolloutStatus, Runtime, RuntimeOptions,
     TransitionOutcome,
 };
-use cnsm_snapshot::{ExportError, Selection};
+use cnsm_snapshot::files::SnapshotPaths;
+use cnsm_snapshot::{ExportError, ImportFailure, ImportSource, Selection};
 use cnsm_store::embedded::EmbeddedStore;
 use cnsm_store::{
     BackupReport, DefinitionRow, ImportReport, InstanceQuery, PAGE_LEN_MAX, VerifyReport,
@@ -263,14 +264,16 @@ impl Api for Local {
         &self,
         namespace: &str,
         selection: &Selection,
+        out: &mut (dyn std::io::Write + Send),
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<Vec<u8>, CliError> {
+    ) -> Result<u64, CliError> {
         let as_of_ms = self.runtime.clock().now_ms();
-        cnsm_snapshot::export(
+        cnsm_snapshot::export_to(
             &**self.runtime.store(),
             namespace,
             selection,
             as_of_ms,
+            out,
             progress,
         )
         .map_err(|e| match e {
@@ -284,20 +287,32 @@ impl Api for Local {
     async fn import_snapshot(
         &self,
         namespace: &str,
-        payload: Vec<u8>,
+        payload: &SnapshotPaths,
         replace: bool,
-        progress: &mut dyn FnMut(u64, u64),
+        progress: Box<dyn FnMut(u64, u64) + Send>,
     ) -> Result<ImportReport, CliError> {
-        let plan = cnsm_snapshot::plan_import(&payload, progress)
-            .map_err(|e| CliError::invalid(format!("the snapshot does not verify: {e}")))?;
-        drop(payload);
-        plan.check_namespace(namespace).map_err(CliError::invalid)?;
-        let report = self
+        let reader = payload.payload().map_err(|e| CliError::invalid(e.to_string()))?;
+        let (source, definitions) =
+            ImportSource::open(reader, namespace, progress).map_err(import_failure)?;
+        let failure = source.failure();
+        let result = self
             .runtime
-            .import_instances(plan.definitions, plan.items, replace)
-            .await?;
+            .import_stream(definitions, Box::new(source), replace)
+            .await;
+        if let Some(failure) = failure.lock().ok().and_then(|mut f| f.take()) {
+            return Err(import_failure(failure));
+        }
+        let report = result?;
         // Timers that fell due while the snapshot travelled fire now, before the command ends.
         self.runtime.fire_due_timers().await?;
         Ok(report)
+    }
+}
+
+/// The snapshot's side of a refused streamed import.
+fn import_failure(failure: ImportFailure) -> CliError {
+    match failure {
+        ImportFailure::Verify(e) => CliError::invalid(format!("the snapshot does not verify: {e}")),
+        other => CliError::invalid(other.to_string()),
     }
 }
