@@ -546,21 +546,36 @@ impl<R: BufRead> SnapshotReader<R> {
         copied?;
         let (value, len) = cbor::decode_prefix(&self.scratch).map_err(|e| cbor_error(at, e))?;
         if len != self.scratch.len() {
-            return Err(encoding(at + len, "the item does not end where it should".into()));
+            return Err(encoding(
+                at + len,
+                "the item does not end where it should".into(),
+            ));
         }
         Ok(value)
     }
 
     /// Copies one data item's bytes (heads and contents, nested items included) to `raw`.
-    fn copy_item(&mut self, raw: &mut Vec<u8>, at: usize, depth: usize) -> Result<(), SnapshotError> {
+    fn copy_item(
+        &mut self,
+        raw: &mut Vec<u8>,
+        at: usize,
+        depth: usize,
+    ) -> Result<(), SnapshotError> {
         if depth > cbor::DEPTH_MAX {
-            return Err(encoding(self.pos, format!("nesting deeper than {}", cbor::DEPTH_MAX)));
+            return Err(encoding(
+                self.pos,
+                format!("nesting deeper than {}", cbor::DEPTH_MAX),
+            ));
         }
         let (major, arg) = self.head_into(Some(raw))?;
         match major {
             2 | 3 => self.read_into(raw, arg)?,
             4 | 5 => {
-                let n_items = if major == 5 { arg.saturating_mul(2) } else { arg };
+                let n_items = if major == 5 {
+                    arg.saturating_mul(2)
+                } else {
+                    arg
+                };
                 for _ in 0..n_items {
                     self.copy_item(raw, at, depth + 1)?;
                 }
@@ -569,7 +584,10 @@ impl<R: BufRead> SnapshotReader<R> {
             _ => {}
         }
         if raw.len() as u64 > ITEM_LEN_MAX {
-            return Err(encoding(at, format!("an item longer than {ITEM_LEN_MAX} bytes")));
+            return Err(encoding(
+                at,
+                format!("an item longer than {ITEM_LEN_MAX} bytes"),
+            ));
         }
         Ok(())
     }
@@ -578,7 +596,10 @@ impl<R: BufRead> SnapshotReader<R> {
     fn read_into(&mut self, out: &mut Vec<u8>, len: u64) -> Result<(), SnapshotError> {
         let at = self.pos;
         if len > ITEM_LEN_MAX {
-            return Err(encoding(at, format!("a length of {len} bytes is over the limit of {ITEM_LEN_MAX}")));
+            return Err(encoding(
+                at,
+                format!("a length of {len} bytes is over the limit of {ITEM_LEN_MAX}"),
+            ));
         }
         let start = out.len();
         // Grows with the bytes that really arrive, so a forged length costs nothing.

@@ -308,10 +308,7 @@ impl Committer {
         items: &mut cnsm_store::ImportItems<'_>,
         replace: bool,
     ) -> Result<ImportReport, RuntimeError> {
-        let result = self
-            .shared
-            .store
-            .import_stream(definitions, items, replace);
+        let result = self.shared.store.import_stream(definitions, items, replace);
         self.cache.clear();
         if let Ok(mut versions) = self.shared.versions.lock() {
             versions.clear();
@@ -519,12 +516,12 @@ impl Committer {
             let stop = batch.iter().any(|c| matches!(c, Command::Stop));
             let fire_timers =
                 drive_timers || batch.iter().any(|c| matches!(c, Command::Tick { .. }));
-            let (imports, batch): (Vec<Command>, Vec<Command>) = batch
-                .into_iter()
-                .partition(|c| matches!(
+            let (imports, batch): (Vec<Command>, Vec<Command>) = batch.into_iter().partition(|c| {
+                matches!(
                     c,
                     Command::Import { .. } | Command::ImportStream { .. } | Command::Erase { .. }
-                ));
+                )
+            });
             self.process(batch, fire_timers, 0);
             for import in imports {
                 self.run_alone(import, clock.now_ms());

@@ -31,7 +31,24 @@ pub async fn audit(
     let since = cnsm_runtime::audit::AuditSince::parse(params::param(&query, "since"))
         .map_err(|e| ApiError::invalid(format!("query parameter {e}")))?;
     let store = std::sync::Arc::clone(state.runtime().store());
-    let mut response = Response::new(file_body(file));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        let result = cnsm_runtime::audit::export_committed(store.as_ref(), since, &mut |lines| {
+            let mut chunk = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+            for line in lines {
+                chunk.extend_from_slice(line.as_bytes());
+                chunk.push(b'\n');
+            }
+            chunk.is_empty() || tx.blocking_send(Ok(Bytes::from(chunk))).is_ok()
+        });
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(std::io::Error::other(e)));
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let mut response = Response::new(Body::from_stream(stream));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(NDJSON_MEDIA_TYPE),
@@ -65,29 +82,7 @@ pub async fn backup(State(state): State<ServerState>) -> Result<Response, ApiErr
             "cannot read the backup: {e}"
         )))
     })?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    tokio::task::spawn_blocking(move || {
-        loop {
-            let mut chunk = vec![0u8; CHUNK_LEN];
-            match file.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => {
-                    chunk.truncate(n);
-                    if tx.blocking_send(Ok(Bytes::from(chunk))).is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    break;
-                }
-            }
-        }
-    });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    let mut response = Response::new(Body::from_stream(stream));
+    let mut response = Response::new(file_body(file));
     *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
     headers.insert(

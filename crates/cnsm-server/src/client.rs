@@ -245,9 +245,7 @@ impl Client {
                 .map_err(|_| http_error(format!("bad value of header {name}")))?;
             request = request.header(name, value);
         }
-        let request = request
-            .body(body)
-            .map_err(|e| http_error(e.to_string()))?;
+        let request = request.body(body).map_err(|e| http_error(e.to_string()))?;
         sender
             .send_request(request)
             .await
@@ -410,8 +408,7 @@ impl Client {
         headers: &[(&str, &str)],
         mut body: impl std::io::Read + Send + 'static,
     ) -> Result<ClientResponse, ClientError> {
-        let (sender, mut receiver) =
-            tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+        let (sender, mut receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
         let reading = tokio::task::spawn_blocking(move || {
             loop {
                 let mut chunk = vec![0u8; UPLOAD_CHUNK_LEN];

@@ -161,8 +161,9 @@ pub async fn import(
             &mut |_, _| {},
         );
         verified.map_err(cnsm_snapshot::ImportFailure::Verify)?;
-        file.seek(SeekFrom::Start(0))
-            .map_err(|e| cnsm_snapshot::ImportFailure::Verify(cnsm_snapshot::VerifyError::Io(e.to_string())))?;
+        file.seek(SeekFrom::Start(0)).map_err(|e| {
+            cnsm_snapshot::ImportFailure::Verify(cnsm_snapshot::VerifyError::Io(e.to_string()))
+        })?;
         cnsm_snapshot::ImportSource::open(
             std::io::BufReader::with_capacity(1 << 20, file),
             &namespace,
@@ -189,7 +190,9 @@ pub async fn import(
 async fn spool(body: Body) -> Result<std::fs::File, ApiError> {
     use futures_util::StreamExt;
     let unavailable = |e: std::io::Error| {
-        ApiError::unavailable(format!("cannot spool the snapshot to a temporary file: {e}"))
+        ApiError::unavailable(format!(
+            "cannot spool the snapshot to a temporary file: {e}"
+        ))
     };
     let file = tempfile::tempfile().map_err(unavailable)?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);

@@ -156,7 +156,9 @@ impl SignedOutput {
     pub fn finish(mut self, key: &SigningKey) -> Result<Written, FinishError> {
         let spool = self.spool.take().expect("the spool is open until finish");
         let (digest, payload_len, writer) = spool.finish();
-        let file = writer.into_inner().map_err(|e| FinishError::Io(e.to_string()))?;
+        let file = writer
+            .into_inner()
+            .map_err(|e| FinishError::Io(e.to_string()))?;
         file.sync_all()?;
         drop(file);
         let bundle_json = bundle::sign_digest(key, &digest)?;
@@ -181,7 +183,9 @@ impl SignedOutput {
                 out.write_all(b"\n")?;
                 let mut payload = File::open(&self.spool_path)?;
                 std::io::copy(&mut payload, &mut out)?;
-                let file = out.into_inner().map_err(|e| FinishError::Io(e.to_string()))?;
+                let file = out
+                    .into_inner()
+                    .map_err(|e| FinishError::Io(e.to_string()))?;
                 file.sync_all()?;
                 drop(file);
                 std::fs::rename(&temporary, &self.output)?;

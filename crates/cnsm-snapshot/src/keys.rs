@@ -96,7 +96,8 @@ impl SigningKey {
     pub fn sign_digest(&self, digest: &[u8; 32]) -> Result<Vec<u8>, KeyError> {
         use p256::ecdsa::signature::hazmat::PrehashSigner;
         use p256::pkcs8::DecodePrivateKey;
-        let key = p256::ecdsa::SigningKey::from_pkcs8_der(&self.pkcs8).map_err(|_| KeyError::Sign)?;
+        let key =
+            p256::ecdsa::SigningKey::from_pkcs8_der(&self.pkcs8).map_err(|_| KeyError::Sign)?;
         let signature: p256::ecdsa::Signature =
             key.sign_prehash(digest).map_err(|_| KeyError::Sign)?;
         Ok(signature.to_der().as_bytes().to_vec())
@@ -241,7 +242,10 @@ mod tests {
         let public = key.public_key();
         let digest: [u8; 32] = Sha256::digest(b"payload").into();
         let by_digest = key.sign_digest(&digest).unwrap();
-        assert!(public.verify(b"payload", &by_digest), "ring accepts a pre-hash signature");
+        assert!(
+            public.verify(b"payload", &by_digest),
+            "ring accepts a pre-hash signature"
+        );
         assert!(!public.verify(b"payloaD", &by_digest));
         let by_message = key.sign(b"payload").unwrap();
         assert!(public.verify_digest(&digest, &by_message));

@@ -438,14 +438,7 @@ pub fn export_to(
                          instance: &Instance,
                          records: &[SealedRecord]|
      -> Result<(), ExportError> {
-        write_instance(
-            store,
-            writer,
-            instance,
-            records,
-            &definitions,
-            as_of_ms,
-        )?;
+        write_instance(store, writer, instance, records, &definitions, as_of_ms)?;
         n_written += 1;
         if n_written.is_multiple_of(1000) {
             progress(n_written, n_total);

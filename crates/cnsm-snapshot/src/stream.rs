@@ -7,9 +7,7 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, Write};
 use std::sync::{Arc, Mutex};
 
-use cnsm_core::snapshot::{
-    PinnedRevision, SnapshotReader, check_pins, pin_of, verify_instance,
-};
+use cnsm_core::snapshot::{PinnedRevision, SnapshotReader, check_pins, pin_of, verify_instance};
 use cnsm_store::{DefinitionRow, IdempotencyEntry, ImportItem, StoreError};
 use sha2::{Digest, Sha256};
 
@@ -98,7 +96,11 @@ impl<R: BufRead> ImportSource<R> {
         let reader =
             SnapshotReader::from_reader(payload).map_err(|e| ImportFailure::Verify(e.into()))?;
         let as_of_ms = reader.as_of_ms();
-        if let Some(d) = reader.definitions().iter().find(|d| d.namespace != namespace) {
+        if let Some(d) = reader
+            .definitions()
+            .iter()
+            .find(|d| d.namespace != namespace)
+        {
             return Err(ImportFailure::Namespace(outside(
                 &format!("definition {}/{}", d.namespace, d.name),
                 namespace,
@@ -174,7 +176,10 @@ impl<R: BufRead> Iterator for ImportSource<R> {
             return self.fail(ImportFailure::Verify(e.into()));
         }
         if *entry.instance.namespace != *self.namespace {
-            let what = format!("instance {}/{}", entry.instance.namespace, entry.instance.id);
+            let what = format!(
+                "instance {}/{}",
+                entry.instance.namespace, entry.instance.id
+            );
             return self.fail(ImportFailure::Namespace(outside(&what, &self.namespace)));
         }
         self.pins.insert(pin_of(&entry));

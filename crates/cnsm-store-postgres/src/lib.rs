@@ -1435,7 +1435,11 @@ impl Store for PostgresStore {
         replace: bool,
     ) -> Result<cnsm_store::ImportReport, StoreError> {
         cnsm_store::check_import_definitions(definitions)?;
-        self.import_from(definitions, &mut cnsm_store::checked_import_items(items), replace)
+        self.import_from(
+            definitions,
+            &mut cnsm_store::checked_import_items(items),
+            replace,
+        )
     }
 
     fn claim_due_timers(

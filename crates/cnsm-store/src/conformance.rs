@@ -1972,7 +1972,12 @@ pub fn import_stream_refused_midway_writes_nothing(harness: &mut dyn Harness) {
 
     let mut broken = items.clone();
     broken[2].records.swap(0, 1);
-    match stream(&*target, &definitions, broken.into_iter().map(Ok).collect(), false) {
+    match stream(
+        &*target,
+        &definitions,
+        broken.into_iter().map(Ok).collect(),
+        false,
+    ) {
         Err(StoreError::Refused(message)) => assert!(message.contains("default/c"), "{message}"),
         other => panic!("a broken chain: expected a refusal, got {other:?}"),
     }
@@ -2000,7 +2005,12 @@ pub fn import_stream_refused_midway_writes_nothing(harness: &mut dyn Harness) {
     let local_c = Driver::new("job").create("default", "c", &[], T0_MS + 5);
     other.commit(std::slice::from_ref(&local_c)).unwrap();
     let records_before = other.records_after(0, 100).unwrap();
-    match stream(&*other, &definitions, items.iter().cloned().map(Ok).collect(), false) {
+    match stream(
+        &*other,
+        &definitions,
+        items.iter().cloned().map(Ok).collect(),
+        false,
+    ) {
         Err(StoreError::Refused(message)) => {
             assert!(message.contains("default/c"), "{message}")
         }
@@ -2010,8 +2020,13 @@ pub fn import_stream_refused_midway_writes_nothing(harness: &mut dyn Harness) {
     assert_eq!(other.records_after(0, 100).unwrap(), records_before);
     assert_eq!(stored(&*other, "default", "c").instance, local_c.instance);
 
-    let report = stream(&*target, &definitions, items.iter().cloned().map(Ok).collect(), false)
-        .unwrap();
+    let report = stream(
+        &*target,
+        &definitions,
+        items.iter().cloned().map(Ok).collect(),
+        false,
+    )
+    .unwrap();
     assert_eq!((report.n_instances, report.n_timers), (3, 2));
     for item in &items {
         let id = &*item.instance.id;

@@ -15,7 +15,7 @@ use cnsm_runtime::{
 };
 use cnsm_snapshot::files::SnapshotPaths;
 use cnsm_snapshot::{ExportError, ImportFailure, ImportSource, Selection};
-use cnsm_store::embedded::EmbeddedStore;
+use cnsm_store::embedded::{CACHE_LEN_BYTES_DEFAULT, EmbeddedOptions, EmbeddedStore};
 use cnsm_store::{
     BackupReport, DefinitionRow, ImportReport, InstanceQuery, PAGE_LEN_MAX, VerifyReport,
 };
@@ -29,12 +29,26 @@ pub struct Local {
     runtime: Runtime,
 }
 
+/// The page cache of a store opened for a snapshot export or import.
+pub const SNAPSHOT_CACHE_LEN_BYTES: usize = 64 << 20;
+
 impl Local {
     /// Opens the store in `data_dir`. A mutating command creates the directory when missing and
     /// runs timers (overdue ones fire right away); a read-only one refuses a missing directory
     /// instead of creating an empty store, and runs no timers.
     pub fn open(data_dir: &Path, access: Access) -> Result<Local, CliError> {
-        Local::open_with(data_dir, access, true, None)
+        Local::open_with(data_dir, access, true, None, CACHE_LEN_BYTES_DEFAULT)
+    }
+
+    /// Like [`Local::open`] for a snapshot export or import: a small page cache, so that the
+    /// memory of a command streaming a snapshot stays bounded whatever its size (the import's
+    /// one transaction spills its pages to the file instead of keeping them in memory).
+    pub fn open_for_snapshot(
+        data_dir: &Path,
+        access: Access,
+        flags: Option<std::sync::Arc<dyn cnsm_runtime::FlagEvaluator>>,
+    ) -> Result<Local, CliError> {
+        Local::open_with(data_dir, access, true, flags, SNAPSHOT_CACHE_LEN_BYTES)
     }
 
     /// Like [`Local::open`], with an evaluator for `flag:` gates (`--flags`).
@@ -43,13 +57,19 @@ impl Local {
         access: Access,
         flags: Option<std::sync::Arc<dyn cnsm_runtime::FlagEvaluator>>,
     ) -> Result<Local, CliError> {
-        Local::open_with(data_dir, access, true, flags)
+        Local::open_with(data_dir, access, true, flags, CACHE_LEN_BYTES_DEFAULT)
     }
 
     /// Opens the store for `store verify`: without the check of the unverified tail that
     /// [`Local::open`] makes, so that a damaged store opens and every problem can be listed.
     pub fn open_for_verify(data_dir: &Path) -> Result<Local, CliError> {
-        Local::open_with(data_dir, Access::ReadOnly, false, None)
+        Local::open_with(
+            data_dir,
+            Access::ReadOnly,
+            false,
+            None,
+            CACHE_LEN_BYTES_DEFAULT,
+        )
     }
 
     fn open_with(
@@ -57,6 +77,7 @@ impl Local {
         access: Access,
         verify_tail: bool,
         flags: Option<std::sync::Arc<dyn cnsm_runtime::FlagEvaluator>>,
+        cache_len_bytes: usize,
     ) -> Result<Local, CliError> {
         match access {
             Access::Mutating => std::fs::create_dir_all(data_dir).map_err(|e| {
@@ -75,7 +96,10 @@ impl Local {
             }
         }
         let store = if verify_tail {
-            EmbeddedStore::open(data_dir)
+            EmbeddedStore::open_with_options(
+                data_dir,
+                EmbeddedOptions::default().with_cache_len_bytes(cache_len_bytes),
+            )
         } else {
             EmbeddedStore::open_unverified(data_dir)
         };
@@ -291,7 +315,9 @@ impl Api for Local {
         replace: bool,
         progress: Box<dyn FnMut(u64, u64) + Send>,
     ) -> Result<ImportReport, CliError> {
-        let reader = payload.payload().map_err(|e| CliError::invalid(e.to_string()))?;
+        let reader = payload
+            .payload()
+            .map_err(|e| CliError::invalid(e.to_string()))?;
         let (source, definitions) =
             ImportSource::open(reader, namespace, progress).map_err(import_failure)?;
         let failure = source.failure();

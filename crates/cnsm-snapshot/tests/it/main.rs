@@ -291,14 +291,25 @@ async fn files_stream_through_spool_verify_and_import_and_a_failure_midway_impor
         names.sort();
         names
     };
-    assert_eq!(names(dir.path()), ["shop.snapshot"], "no temporary file is left");
+    assert_eq!(
+        names(dir.path()),
+        ["shop.snapshot"],
+        "no temporary file is left"
+    );
 
     // Detached: the payload file is the bare payload, the bundle beside it.
     let bare = dir.path().join("shop.cbor");
     let bundle = dir.path().join("shop.sigstore.json");
     let mut output = SignedOutput::create(&bare, Some(&bundle)).unwrap();
-    export_to(source.store(), "shop", &Selection::All, as_of, output.writer(), &mut |_, _| {})
-        .unwrap();
+    export_to(
+        source.store(),
+        "shop",
+        &Selection::All,
+        as_of,
+        output.writer(),
+        &mut |_, _| {},
+    )
+    .unwrap();
     output.finish(&key).unwrap();
     assert_eq!(std::fs::read(&bare).unwrap(), payload);
     assert_eq!(std::fs::read(&bundle).unwrap(), in_memory.bundle_json);
@@ -320,7 +331,10 @@ async fn files_stream_through_spool_verify_and_import_and_a_failure_midway_impor
         SnapshotPaths::open(&bare, Some(&bundle)).unwrap(),
     ] {
         let summary = verify_file(&paths, &public, &mut |_, _| {}).unwrap();
-        assert_eq!((summary.n_instances, summary.payload_len), (5, payload.len() as u64));
+        assert_eq!(
+            (summary.n_instances, summary.payload_len),
+            (5, payload.len() as u64)
+        );
     }
     // A truncated file stops at the digest; a bare payload without its bundle at the layout.
     let cut = dir.path().join("cut.snapshot");
@@ -400,11 +414,7 @@ fn rewrite(
     );
     for entry in &instances {
         writer
-            .write_instance(
-                &entry.instance,
-                &entry.records,
-                &entry.idempotency,
-            )
+            .write_instance(&entry.instance, &entry.records, &entry.idempotency)
             .unwrap();
     }
     writer.finish().unwrap();

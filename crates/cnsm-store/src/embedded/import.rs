@@ -173,7 +173,11 @@ pub(super) fn import_in(
         return Err(StoreError::Refused(format!(
             "import refused: {n_conflicts} instance(s) already exist ({}{}); nothing was imported (use --replace to overwrite)",
             conflicts.join(", "),
-            if n_conflicts > NAMED_CONFLICTS_MAX { ", ..." } else { "" }
+            if n_conflicts > NAMED_CONFLICTS_MAX {
+                ", ..."
+            } else {
+                ""
+            }
         )));
     }
     t.meta.insert(META_NEXT_UID, next_uid).io()?;

@@ -153,17 +153,21 @@ pub async fn export(context: &Context, args: &ExportArgs, out: &mut Out) -> Resu
     };
     let key = SigningKey::from_pem(&read_text(&args.key)?)
         .map_err(|e| CliError::invalid(format!("--key {}: {e}", args.key.display())))?;
-    let api = context.connect(Access::ReadOnly)?;
-    let cannot_write =
-        |e: &dyn std::fmt::Display| CliError::invalid(format!("cannot write {}: {e}", args.output.display()));
+    let api = context.connect_for_snapshot(Access::ReadOnly)?;
+    let cannot_write = |e: &dyn std::fmt::Display| {
+        CliError::invalid(format!("cannot write {}: {e}", args.output.display()))
+    };
     // The payload streams to a temporary file beside the output (removed if anything fails),
     // is checked, then signed by its digest and put in place.
-    let mut output = SignedOutput::create(&args.output, args.bundle.as_deref())
-        .map_err(|e| cannot_write(&e))?;
+    let mut output =
+        SignedOutput::create(&args.output, args.bundle.as_deref()).map_err(|e| cannot_write(&e))?;
     let mut progress = Progress::new("exporting");
-    api.export_snapshot(&context.namespace, &selection, output.writer(), &mut |d, t| {
-        progress.show(d, t)
-    })
+    api.export_snapshot(
+        &context.namespace,
+        &selection,
+        output.writer(),
+        &mut |d, t| progress.show(d, t),
+    )
     .await?;
     progress.done();
     drop(api);
@@ -187,7 +191,8 @@ pub async fn export(context: &Context, args: &ExportArgs, out: &mut Out) -> Resu
 pub fn verify(args: &VerifyArgs, out: &mut Out) -> Result<u8, CliError> {
     let (paths, public) = open_snapshot(args)?;
     let mut progress = Progress::new("verifying");
-    let summary = verify_file(&paths, &public, &mut |d, t| progress.show(d, t)).map_err(rejected)?;
+    let summary =
+        verify_file(&paths, &public, &mut |d, t| progress.show(d, t)).map_err(rejected)?;
     progress.done();
     out.line(format_args!(
         "VERIFIED {}: {} instance(s), {} record(s), {} definition revision(s), as of {}, key {}",
@@ -206,7 +211,7 @@ pub fn verify(args: &VerifyArgs, out: &mut Out) -> Result<u8, CliError> {
 pub async fn import(context: &Context, args: &ImportArgs, out: &mut Out) -> Result<u8, CliError> {
     let (paths, public) = open_snapshot(&args.verify)?;
     let summary = verify_file(&paths, &public, &mut |_, _| {}).map_err(rejected)?;
-    let api = context.connect(Access::Mutating)?;
+    let api = context.connect_for_snapshot(Access::Mutating)?;
     let mut progress = Progress::new("importing");
     let report = api
         .import_snapshot(
