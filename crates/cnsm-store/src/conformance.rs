@@ -1937,7 +1937,6 @@ pub fn import_refuses_bad_input_and_writes_nothing(harness: &mut dyn Harness) {
 /// the store verifies clean.
 pub fn import_stream_refused_midway_writes_nothing(harness: &mut dyn Harness) {
     let (_source, definitions, items) = import_source(harness);
-    let target = harness.open();
     let stream = |target: &dyn Store,
                   definitions: &[DefinitionRow],
                   items: Vec<Result<ImportItem, StoreError>>,
@@ -1945,6 +1944,7 @@ pub fn import_stream_refused_midway_writes_nothing(harness: &mut dyn Harness) {
         let mut source = items.into_iter();
         target.import_stream(definitions, &mut source, replace)
     };
+    let all = || items.iter().cloned().map(Ok).collect::<Vec<_>>();
     let assert_empty = |target: &dyn Store, what: &str| {
         assert!(
             target
@@ -1958,6 +1958,26 @@ pub fn import_stream_refused_midway_writes_nothing(harness: &mut dyn Harness) {
         assert!(target.records_after(0, 10).unwrap().is_empty(), "{what}");
     };
 
+    // A conflict on the last item, after the first two were written into the transaction.
+    // (Opened before `target`: the harness reopens the store opened last.)
+    let other = harness.open();
+    let definition = job_definition("default", "job");
+    other
+        .put_definition(&definition, revision_hash(&definition), T0_MS)
+        .unwrap();
+    let local_c = Driver::new("job").create("default", "c", &[], T0_MS + 5);
+    other.commit(std::slice::from_ref(&local_c)).unwrap();
+    let records_before = other.records_after(0, 100).unwrap();
+    match stream(&*other, &definitions, all(), false) {
+        Err(StoreError::Refused(message)) => assert!(message.contains("default/c"), "{message}"),
+        other => panic!("a late conflict: expected a refusal, got {other:?}"),
+    }
+    assert!(other.instance("default", "a").unwrap().is_none());
+    assert_eq!(other.records_after(0, 100).unwrap(), records_before);
+    assert_eq!(stored(&*other, "default", "c").instance, local_c.instance);
+    drop(other);
+
+    let target = harness.open();
     let failing = vec![
         Ok(items[0].clone()),
         Ok(items[1].clone()),
@@ -1996,37 +2016,7 @@ pub fn import_stream_refused_midway_writes_nothing(harness: &mut dyn Harness) {
     ));
     assert_empty(&*target, "twice");
 
-    // A conflict on the last item: the first two were already written in the transaction.
-    let definition = job_definition("default", "job");
-    let other = harness.open();
-    other
-        .put_definition(&definition, revision_hash(&definition), T0_MS)
-        .unwrap();
-    let local_c = Driver::new("job").create("default", "c", &[], T0_MS + 5);
-    other.commit(std::slice::from_ref(&local_c)).unwrap();
-    let records_before = other.records_after(0, 100).unwrap();
-    match stream(
-        &*other,
-        &definitions,
-        items.iter().cloned().map(Ok).collect(),
-        false,
-    ) {
-        Err(StoreError::Refused(message)) => {
-            assert!(message.contains("default/c"), "{message}")
-        }
-        other => panic!("a late conflict: expected a refusal, got {other:?}"),
-    }
-    assert!(other.instance("default", "a").unwrap().is_none());
-    assert_eq!(other.records_after(0, 100).unwrap(), records_before);
-    assert_eq!(stored(&*other, "default", "c").instance, local_c.instance);
-
-    let report = stream(
-        &*target,
-        &definitions,
-        items.iter().cloned().map(Ok).collect(),
-        false,
-    )
-    .unwrap();
+    let report = stream(&*target, &definitions, all(), false).unwrap();
     assert_eq!((report.n_instances, report.n_timers), (3, 2));
     for item in &items {
         let id = &*item.instance.id;
