@@ -2,7 +2,15 @@
 //! full history from a [`Store`] into the deterministic CBOR payload of
 //! [`cnsm_core::snapshot`], sign it as a Sigstore bundle ([`bundle`]), verify a snapshot in a
 //! fixed order with one error per step ([`VerifyError`]), and turn a verified payload into the
-//! [`ImportItem`]s of [`Store::import_instances`].
+//! [`ImportItem`]s of [`Store::import_stream`] ([`ImportSource`]) or
+//! [`Store::import_instances`] ([`plan_import`]).
+//!
+//! Everything streams: [`export_to`] writes to any `Write`, the signature is made over the
+//! SHA-256 computed on the way ([`files::SignedOutput`]), [`files::verify_file`] reads a file
+//! in two passes, and [`ImportSource`] hands the store one instance at a time, so no side holds
+//! a whole snapshot (`docs/snapshots.md`, "Streaming and memory"). The in-memory forms
+//! ([`SnapshotFile`], [`export`], [`verify`], [`plan_import`]) remain for small snapshots and
+//! tests.
 //!
 //! ```
 //! use cnsm_snapshot::{SigningKey, SnapshotFile, verify};
