@@ -11,9 +11,10 @@
 //! of the imported store must hash to the same digest.
 //!
 //! Then the same export and import run as `cnsmctl` child processes (release build), and their
-//! peak resident memory (VmHWM from `/proc/PID/status`) is compared with the peak of a
-//! `cnsmctl get` on the same store (the cost of opening it): streaming keeps both within a
-//! bound that does not depend on the number of instances.
+//! peak resident memory (VmHWM from `/proc/PID/status`) must stay under a fixed bound
+//! (256 MiB) that does not depend on the number of instances (the payload of 100,000 is about
+//! 500 MB). The peak of a `cnsmctl get` on the same store (default page cache) is printed
+//! beside it for comparison.
 //!
 //!   cargo build --release -p cnsmctl
 //!   cargo bench -p cnsm-bench --bench snapshot              # 100,000 instances
@@ -236,8 +237,8 @@ fn main() {
         n_instances as f64 / export_time.as_secs_f64(),
         "instances/s",
         &format!(
-            "({export_time:.2?} end to end: open, export, check, sign, write; peak RSS {:.0} MiB, \
-             opening the store alone {:.0} MiB)",
+            "({export_time:.2?} end to end: open, export, check, sign, write; peak RSS {:.0} MiB; \
+             `cnsmctl get` on the same store, default page cache: {:.0} MiB)",
             mib(export_kib),
             mib(opened_kib)
         ),
@@ -252,17 +253,17 @@ fn main() {
             mib(import_kib)
         ),
     );
-    // Streaming: neither command holds the payload; both stay within a fixed allowance over
-    // what opening the store costs, however many instances there are.
-    let allowance_kib = 160 * 1024;
+    // Streaming: neither command holds the payload, and the store they open keeps a 64 MiB
+    // page cache, so both stay under a fixed bound however many instances there are.
+    let bound_kib = 256 * 1024;
     assert!(
-        export_kib < opened_kib + allowance_kib && import_kib < opened_kib + allowance_kib,
+        export_kib < bound_kib && import_kib < bound_kib,
         "peak RSS beyond the bound: export {export_kib} KiB, import {import_kib} KiB, \
-         opening {opened_kib} KiB, payload {mb:.0} MB"
+         payload {mb:.0} MB"
     );
     println!(
-        "cnsmctl peak RSS within {} MiB over opening the store (payload {mb:.0} MB)",
-        allowance_kib / 1024
+        "cnsmctl peak RSS under {} MiB (payload {mb:.0} MB)",
+        bound_kib / 1024
     );
 }
 
