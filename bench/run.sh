@@ -36,7 +36,7 @@ for w in "${what[@]}"; do
     http)     cargo build -q --release -p cnsmctl && cargo bench -q -p cnsm-bench --bench http_load ;;
     migration) cargo bench -q -p cnsm-bench --bench migration ;;
     soak)     cargo bench -q -p cnsm-bench --bench retention_soak ;;
-    snapshot) cargo bench -q -p cnsm-bench --bench snapshot ;;
+    snapshot) cargo build -q --release -p cnsmctl && cargo bench -q -p cnsm-bench --bench snapshot ;;
     delivery) cargo bench -q -p cnsm-bench --bench delivery ;;
     pg)       # The HTTP load on a PostgreSQL store (a fresh database cnsm_bench on
               # CNSM_BENCH_PG, default the local server): one transaction per event (serially,

@@ -2,19 +2,31 @@
 //! records each) on the embedded store. Targets (issue 6): export and import >= 50,000
 //! instances/s, verify >= 100 MB/s of snapshot.
 //!
-//! Phases: the instances are built in memory with the engine (conformance `Driver`) and loaded
-//! with one `import_instances` (the "store import" figure: one durable transaction); then
-//! `export` reads them back into a payload; `verify` runs the six steps (signature included)
-//! on the signed file; `import` decodes and checks the payload (`plan_import`) and imports it
-//! into an empty store. A second export of the imported store must give identical bytes.
+//! Phases, all streamed through files as `cnsmctl` does: the instances are built in memory
+//! with the engine (conformance `Driver`) and loaded with one `import_instances` (the "store
+//! import" figure: one durable transaction); `export` streams them to a spool file while
+//! hashing (`export_to` into `SignedOutput`), `sign` signs the digest and writes the one-file
+//! layout; `verify` runs the six steps over the file in two streaming passes; `import` streams
+//! the payload (`ImportSource`) into `Store::import_stream` on an empty store. A second export
+//! of the imported store must hash to the same digest.
 //!
+//! Then the same export and import run as `cnsmctl` child processes (release build), and their
+//! peak resident memory (VmHWM from `/proc/PID/status`) must stay under a fixed bound
+//! (256 MiB) that does not depend on the number of instances (the payload of 100,000 is about
+//! 500 MB). The peak of a `cnsmctl get` on the same store (default page cache) is printed
+//! beside it for comparison.
+//!
+//!   cargo build --release -p cnsmctl
 //!   cargo bench -p cnsm-bench --bench snapshot              # 100,000 instances
 //!   CNSM_BENCH_SNAPSHOT_INSTANCES=10000 cargo bench -p cnsm-bench --bench snapshot
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use cnsm_bench::{report, rss_bytes};
 use cnsm_core::engine::revision_hash;
+use cnsm_snapshot::files::{SignedOutput, SnapshotPaths};
 use cnsm_store::conformance::{Driver, T0_MS, job_definition};
 use cnsm_store::embedded::EmbeddedStore;
 use cnsm_store::{DefinitionRow, ImportItem, Store};
@@ -80,76 +92,227 @@ fn main() {
     );
 
     let as_of_ms = T0_MS + 1_000_000;
+    let files = tempfile::tempdir().expect("tempdir");
+    let snapshot_path = files.path().join("all.snapshot");
+    let key = cnsm_snapshot::SigningKey::generate().expect("key");
     let started = Instant::now();
-    let payload = cnsm_snapshot::export(
+    let mut output = SignedOutput::create(&snapshot_path, None).expect("spool");
+    cnsm_snapshot::export_to(
         &source,
         "default",
         &cnsm_snapshot::Selection::All,
         as_of_ms,
+        output.writer(),
         &mut |_, _| {},
     )
     .expect("export");
     let export = started.elapsed();
-    let mb = payload.len() as f64 / 1e6;
+    let started = Instant::now();
+    let written = output.finish(&key).expect("sign and write");
+    let sign = started.elapsed();
+    let mb = written.payload_len as f64 / 1e6;
     report(
         "snapshot_export",
         n_instances as f64 / export.as_secs_f64(),
         "instances/s",
-        &format!("({export:.2?}, payload {mb:.1} MB)"),
+        &format!("({export:.2?}, payload {mb:.1} MB streamed to a spool file while hashed)"),
     );
-
-    let key = cnsm_snapshot::SigningKey::generate().expect("key");
-    let started = Instant::now();
-    let file = cnsm_snapshot::SnapshotFile::sign(&key, payload.clone()).expect("sign");
-    let sign = started.elapsed();
     report(
         "snapshot_sign",
         mb / sign.as_secs_f64(),
         "MB/s",
-        &format!("({sign:.2?})"),
+        &format!("({sign:.2?}: sign the digest, write magic + bundle + payload, fsync, rename)"),
     );
+
+    let paths = SnapshotPaths::open(&snapshot_path, None).expect("layout");
     let started = Instant::now();
-    let summary = cnsm_snapshot::verify(&file, &key.public_key()).expect("verify");
+    let summary = cnsm_snapshot::files::verify_file(&paths, &key.public_key(), &mut |_, _| {})
+        .expect("verify");
     let verify = started.elapsed();
     assert_eq!(summary.n_instances, n_instances as u64);
     report(
         "snapshot_verify",
         mb / verify.as_secs_f64(),
         "MB/s",
-        &format!("({verify:.2?}, all six steps)"),
+        &format!("({verify:.2?}, all six steps, two streaming passes over the file)"),
     );
 
     let target_dir = tempfile::tempdir().expect("tempdir");
     let target = EmbeddedStore::open(target_dir.path()).expect("store");
     let started = Instant::now();
-    let plan = cnsm_snapshot::plan_import(&file.payload, &mut |_, _| {}).expect("plan");
-    let decoded = started.elapsed();
-    target
-        .import_instances(&plan.definitions, &plan.items, false)
+    let (items, definitions) = cnsm_snapshot::ImportSource::open(
+        paths.payload().expect("payload"),
+        "default",
+        Box::new(|_, _| {}),
+    )
+    .expect("open payload");
+    let mut items = items;
+    let imported = target
+        .import_stream(&definitions, &mut items, false)
         .expect("import");
     let import = started.elapsed();
+    assert_eq!(imported.n_instances, n_instances as u64);
     report(
         "snapshot_import",
         n_instances as f64 / import.as_secs_f64(),
         "instances/s",
-        &format!(
-            "({import:.2?}: decode+check {decoded:.2?}, store transaction {:.2?})",
-            import - decoded
-        ),
+        &format!("({import:.2?}: decode, check and write in one streamed durable transaction)"),
     );
-    drop(plan);
-    let again = cnsm_snapshot::export(
+    let mut again = cnsm_snapshot::HashingWriter::new(std::io::sink());
+    cnsm_snapshot::export_to(
         &target,
         "default",
         &cnsm_snapshot::Selection::All,
         as_of_ms,
+        &mut again,
         &mut |_, _| {},
     )
     .expect("export again");
-    assert!(again == payload, "re-export of the imported store differs");
+    let (digest, _, _) = again.finish();
+    assert!(
+        digest == written.digest,
+        "re-export of the imported store differs"
+    );
     println!(
-        "re-export identical ({} bytes); peak RSS {:.0} MB",
-        again.len(),
+        "re-export identical ({} bytes); peak RSS of this process {:.0} MB",
+        written.payload_len,
         rss_bytes() as f64 / 1e6
     );
+    drop(target);
+    drop(source);
+
+    // The same through cnsmctl, in child processes whose peak memory is read from /proc.
+    let cnsmctl = cnsmctl_path();
+    let key_path = files.path().join("k.pem");
+    std::fs::write(&key_path, key.to_pem()).expect("key file");
+    std::fs::write(files.path().join("k.pub.pem"), key.public_key().to_pem()).expect("key");
+    let source_path = source_dir.path().to_str().expect("utf-8");
+    let (opened_kib, _) = peak_rss_kib(
+        &cnsmctl,
+        &[
+            "--data-dir",
+            source_path,
+            "-n",
+            "default",
+            "get",
+            "instances",
+            "job-0000000",
+        ],
+    );
+    let out_path = files.path().join("cli.snapshot");
+    let (export_kib, export_time) = peak_rss_kib(
+        &cnsmctl,
+        &[
+            "--data-dir",
+            source_path,
+            "-n",
+            "default",
+            "snapshot",
+            "export",
+            "--all",
+            "--key",
+            key_path.to_str().expect("utf-8"),
+            "-o",
+            out_path.to_str().expect("utf-8"),
+        ],
+    );
+    let empty_dir = tempfile::tempdir().expect("tempdir");
+    let (import_kib, import_time) = peak_rss_kib(
+        &cnsmctl,
+        &[
+            "--data-dir",
+            empty_dir.path().to_str().expect("utf-8"),
+            "-n",
+            "default",
+            "snapshot",
+            "import",
+            out_path.to_str().expect("utf-8"),
+            "--public-key",
+            files.path().join("k.pub.pem").to_str().expect("utf-8"),
+        ],
+    );
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    report(
+        "snapshot_cnsmctl_export",
+        n_instances as f64 / export_time.as_secs_f64(),
+        "instances/s",
+        &format!(
+            "({export_time:.2?} end to end: open, export, check, sign, write; peak RSS {:.0} MiB; \
+             `cnsmctl get` on the same store, default page cache: {:.0} MiB)",
+            mib(export_kib),
+            mib(opened_kib)
+        ),
+    );
+    report(
+        "snapshot_cnsmctl_import",
+        n_instances as f64 / import_time.as_secs_f64(),
+        "instances/s",
+        &format!(
+            "({import_time:.2?} end to end: verify (two passes), import (third pass); peak RSS \
+             {:.0} MiB)",
+            mib(import_kib)
+        ),
+    );
+    // Streaming: neither command holds the payload, and the store they open keeps a 64 MiB
+    // page cache, so both stay under a fixed bound however many instances there are.
+    let bound_kib = 256 * 1024;
+    assert!(
+        export_kib < bound_kib && import_kib < bound_kib,
+        "peak RSS beyond the bound: export {export_kib} KiB, import {import_kib} KiB, \
+         payload {mb:.0} MB"
+    );
+    println!(
+        "cnsmctl peak RSS under {} MiB (payload {mb:.0} MB)",
+        bound_kib / 1024
+    );
+}
+
+/// The release `cnsmctl` (`CNSMCTL` overrides the path).
+fn cnsmctl_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("CNSMCTL") {
+        return PathBuf::from(path);
+    }
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    let path = target.join("release").join("cnsmctl");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --release -p cnsmctl` first",
+        path.display()
+    );
+    path
+}
+
+/// Runs `cnsmctl args` to its end; returns its peak resident memory (VmHWM, KiB, read from
+/// `/proc/PID/status` while it runs: the figure only grows) and how long it took.
+fn peak_rss_kib(cnsmctl: &Path, args: &[&str]) -> (u64, std::time::Duration) {
+    let started = Instant::now();
+    let mut child = Command::new(cnsmctl)
+        .args(args)
+        .env_remove("CNSM_SERVER")
+        .env_remove("CNSM_DATA_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn cnsmctl");
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0;
+    loop {
+        if let Ok(status) = std::fs::read_to_string(&status_path)
+            && let Some(kib) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            peak_kib = peak_kib.max(kib);
+        }
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(status.success(), "cnsmctl {args:?} failed: {status}");
+            return (peak_kib, started.elapsed());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }

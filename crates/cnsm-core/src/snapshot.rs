@@ -2,8 +2,9 @@
 //! pinned definition revisions and, per instance, its current state, pending timer, live
 //! idempotency keys and every history record as the exact stored bytes (DESIGN.md §7).
 //!
-//! Pure: the writer appends to a `Vec<u8>` the caller flushes wherever it likes, and the reader
-//! walks a byte slice, one instance at a time. Deterministic CBOR allows only definite lengths,
+//! Streaming: the writer encodes into a bounded buffer it flushes to any `std::io::Write`, and
+//! the reader pulls from any `std::io::BufRead` (a byte slice, a buffered file), one instance at
+//! a time; neither ever holds the whole document. Deterministic CBOR allows only definite lengths,
 //! so the writer is told the number of instances up front and checks it at the end. The same
 //! state written twice gives the same bytes. The schema (CDDL) is in `docs/snapshots.md`:
 //!
@@ -27,6 +28,7 @@
 //! ```
 
 use std::collections::BTreeSet;
+use std::io::{BufRead, Read, Write};
 
 use serde_json::Value;
 
@@ -105,31 +107,44 @@ pub enum SnapshotError {
         revision: u32,
         detail: String,
     },
+    /// The snapshot could not be read from or written to its file or stream.
+    #[error("snapshot input/output: {0}")]
+    Io(String),
     /// The writer was used against its contract (a programming error of the caller).
     #[error("snapshot writer: {0}")]
     Writer(String),
 }
 
-/// Writes a snapshot one instance at a time.
+/// Writes a snapshot one instance at a time to any [`Write`] (a `Vec<u8>`, a file, a hashing
+/// writer). Encoding happens in a reused buffer that is flushed to the output every
+/// [`WRITE_BUFFER_LEN`] bytes, so memory stays one instance plus the buffer.
 #[derive(Debug)]
 #[must_use = "call finish() to check that every announced instance was written"]
-pub struct SnapshotWriter {
+pub struct SnapshotWriter<W: Write> {
+    out: W,
+    buffer: Vec<u8>,
     n_left: u64,
 }
 
-impl SnapshotWriter {
-    /// Writes the document head, the definitions (sorted here by namespace, name, revision)
-    /// and the head of the instance array, which will hold exactly `n_instances` entries.
+/// Bytes the writer gathers before it writes them to its output.
+pub const WRITE_BUFFER_LEN: usize = 256 * 1024;
+
+impl<W: Write> SnapshotWriter<W> {
+    /// Starts the document: its head, the definitions (sorted here by namespace, name,
+    /// revision) and the head of the instance array, which will hold exactly `n_instances`
+    /// entries. Nothing reaches `out` before the first flush, so this cannot fail; output
+    /// errors surface from [`SnapshotWriter::write_instance`] and [`SnapshotWriter::finish`].
     pub fn begin(
-        out: &mut Vec<u8>,
+        out: W,
         as_of_ms: u64,
         definitions: &[SnapshotDefinition],
         n_instances: u64,
-    ) -> SnapshotWriter {
-        cbor::write_head(out, 5, 5);
-        cbor::encode_text(out, "asOf");
-        cbor::write_head(out, 0, as_of_ms);
-        cbor::encode_text(out, "defs");
+    ) -> SnapshotWriter<W> {
+        let mut head = Vec::with_capacity(WRITE_BUFFER_LEN);
+        cbor::write_head(&mut head, 5, 5);
+        cbor::encode_text(&mut head, "asOf");
+        cbor::write_head(&mut head, 0, as_of_ms);
+        cbor::encode_text(&mut head, "defs");
         let mut sorted: Vec<&SnapshotDefinition> = definitions.iter().collect();
         sorted.sort_by(|a, b| {
             (&a.namespace, &a.name, a.revision).cmp(&(&b.namespace, &b.name, b.revision))
@@ -137,28 +152,30 @@ impl SnapshotWriter {
         sorted.dedup_by(|a, b| {
             (&a.namespace, &a.name, a.revision) == (&b.namespace, &b.name, b.revision)
         });
-        cbor::write_head(out, 4, sorted.len() as u64);
+        cbor::write_head(&mut head, 4, sorted.len() as u64);
         for definition in sorted {
             let spec = serde_json::to_value(&definition.spec).unwrap_or(Value::Null);
-            cbor::write_head(out, 5, 5);
-            cbor::encode_text(out, "hash");
-            cbor::encode_text(out, &definition.hash.to_hex());
-            cbor::encode_text(out, "name");
-            cbor::encode_text(out, &definition.name);
-            cbor::encode_text(out, "spec");
-            cbor::encode_into(out, &spec);
-            cbor::encode_text(out, "revision");
-            cbor::write_head(out, 0, u64::from(definition.revision));
-            cbor::encode_text(out, "namespace");
-            cbor::encode_text(out, &definition.namespace);
+            cbor::write_head(&mut head, 5, 5);
+            cbor::encode_text(&mut head, "hash");
+            cbor::encode_text(&mut head, &definition.hash.to_hex());
+            cbor::encode_text(&mut head, "name");
+            cbor::encode_text(&mut head, &definition.name);
+            cbor::encode_text(&mut head, "spec");
+            cbor::encode_into(&mut head, &spec);
+            cbor::encode_text(&mut head, "revision");
+            cbor::write_head(&mut head, 0, u64::from(definition.revision));
+            cbor::encode_text(&mut head, "namespace");
+            cbor::encode_text(&mut head, &definition.namespace);
         }
-        cbor::encode_text(out, "kind");
-        cbor::encode_text(out, SNAPSHOT_KIND);
-        cbor::encode_text(out, "format");
-        cbor::write_head(out, 0, SNAPSHOT_FORMAT);
-        cbor::encode_text(out, "instances");
-        cbor::write_head(out, 4, n_instances);
+        cbor::encode_text(&mut head, "kind");
+        cbor::encode_text(&mut head, SNAPSHOT_KIND);
+        cbor::encode_text(&mut head, "format");
+        cbor::write_head(&mut head, 0, SNAPSHOT_FORMAT);
+        cbor::encode_text(&mut head, "instances");
+        cbor::write_head(&mut head, 4, n_instances);
         SnapshotWriter {
+            out,
+            buffer: head,
             n_left: n_instances,
         }
     }
@@ -167,7 +184,6 @@ impl SnapshotWriter {
     /// (sorted here by key).
     pub fn write_instance(
         &mut self,
-        out: &mut Vec<u8>,
         instance: &Instance,
         records: &[SealedRecord],
         idempotency: &[SnapshotIdempotency],
@@ -181,6 +197,7 @@ impl SnapshotWriter {
         self.n_left -= 1;
         let state = serde_json::to_value(instance)
             .map_err(|e| SnapshotError::Writer(format!("instance does not serialize: {e}")))?;
+        let out = &mut self.buffer;
         cbor::write_head(out, 5, 3);
         cbor::encode_text(out, "state");
         cbor::encode_into(out, &state);
@@ -204,45 +221,71 @@ impl SnapshotWriter {
             cbor::encode_text(out, "requestHash");
             cbor::encode_text(out, &entry.request_hash.to_hex());
         }
+        if self.buffer.len() >= WRITE_BUFFER_LEN {
+            self.flush()?;
+        }
         Ok(())
     }
 
-    /// Checks that exactly the announced number of instances was written.
-    pub fn finish(self) -> Result<(), SnapshotError> {
+    /// Checks that exactly the announced number of instances was written, writes what is
+    /// still buffered and hands the output back.
+    pub fn finish(mut self) -> Result<W, SnapshotError> {
         if self.n_left != 0 {
             return Err(SnapshotError::Writer(format!(
                 "{} announced instance(s) were not written",
                 self.n_left
             )));
         }
+        self.flush()?;
+        self.out.flush().map_err(io_error)?;
+        Ok(self.out)
+    }
+
+    fn flush(&mut self) -> Result<(), SnapshotError> {
+        self.out.write_all(&self.buffer).map_err(io_error)?;
+        self.buffer.clear();
         Ok(())
     }
 }
 
-/// Reads a snapshot one instance at a time from its bytes. Strict: every head must be in
-/// shortest form, every map must have exactly the schema's keys in deterministic order, and
-/// nothing may follow the document, so an accepted document re-encodes to the same bytes.
+/// Most bytes one item of a snapshot may take (a record, a state, a spec, a text): a limit
+/// on untrusted lengths, so a forged length cannot make the reader allocate without bound.
+pub const ITEM_LEN_MAX: u64 = 64 * 1024 * 1024;
+
+/// Reads a snapshot one instance at a time from any [`BufRead`] (a byte slice, a buffered
+/// file). Strict: every head must be in shortest form, every map must have exactly the
+/// schema's keys in deterministic order, and nothing may follow the document, so an accepted
+/// document re-encodes to the same bytes. Memory: the definitions plus one instance.
 #[derive(Debug)]
-pub struct SnapshotReader<'a> {
-    bytes: &'a [u8],
+pub struct SnapshotReader<R> {
+    input: R,
     pos: usize,
     as_of_ms: u64,
     definitions: Vec<SnapshotDefinition>,
     /// The raw CBOR of each definition's spec, for the content hash check.
-    spec_bytes: Vec<&'a [u8]>,
+    spec_bytes: Vec<Vec<u8>>,
     n_instances: u64,
     n_read: u64,
     /// The (namespace, id) of the last instance read: instances come in strictly increasing
     /// order, so none repeats and the order is the one the exporter writes.
     last_key: Option<(std::sync::Arc<str>, std::sync::Arc<str>)>,
+    /// A reused buffer for texts and whole items.
+    scratch: Vec<u8>,
 }
 
-impl<'a> SnapshotReader<'a> {
+impl<'a> SnapshotReader<&'a [u8]> {
+    /// [`SnapshotReader::from_reader`] over bytes in memory.
+    pub fn open(bytes: &'a [u8]) -> Result<SnapshotReader<&'a [u8]>, SnapshotError> {
+        SnapshotReader::from_reader(bytes)
+    }
+}
+
+impl<R: BufRead> SnapshotReader<R> {
     /// Reads the document head and the definitions. Refuses a format other than
     /// [`SNAPSHOT_FORMAT`] with [`SnapshotError::UnsupportedFormat`].
-    pub fn open(bytes: &'a [u8]) -> Result<SnapshotReader<'a>, SnapshotError> {
+    pub fn from_reader(input: R) -> Result<SnapshotReader<R>, SnapshotError> {
         let mut reader = SnapshotReader {
-            bytes,
+            input,
             pos: 0,
             as_of_ms: 0,
             definitions: Vec::new(),
@@ -250,6 +293,7 @@ impl<'a> SnapshotReader<'a> {
             n_instances: 0,
             n_read: 0,
             last_key: None,
+            scratch: Vec::new(),
         };
         reader.expect_map(5)?;
         reader.expect_key("asOf")?;
@@ -302,14 +346,18 @@ impl<'a> SnapshotReader<'a> {
         self.n_instances
     }
 
+    /// How many bytes were read so far.
+    pub fn position(&self) -> u64 {
+        self.pos as u64
+    }
+
     /// The next instance, or `None` after the last one (then the document must end).
     pub fn next_instance(&mut self) -> Result<Option<SnapshotInstance>, SnapshotError> {
         if self.n_read == self.n_instances {
-            if self.pos != self.bytes.len() {
-                return Err(encoding(
-                    self.pos,
-                    format!("{} trailing bytes", self.bytes.len() - self.pos),
-                ));
+            let n_trailing =
+                std::io::copy(&mut self.input, &mut std::io::sink()).map_err(io_error)?;
+            if n_trailing != 0 {
+                return Err(encoding(self.pos, format!("{n_trailing} trailing bytes")));
             }
             return Ok(None);
         }
@@ -317,9 +365,7 @@ impl<'a> SnapshotReader<'a> {
         self.expect_map(3)?;
         self.expect_key("state")?;
         let at = self.pos;
-        let (state, len) =
-            cbor::decode_prefix(&self.bytes[self.pos..]).map_err(|e| cbor_error(self.pos, e))?;
-        self.pos += len;
+        let state = self.item_value()?;
         let instance: Instance = serde_json::from_value(state)
             .map_err(|e| encoding(at, format!("instance state: {e}")))?;
         // Only the canonical form of an instance is accepted (no unknown or defaulted keys),
@@ -327,7 +373,7 @@ impl<'a> SnapshotReader<'a> {
         let canonical = serde_json::to_value(&instance)
             .map(|v| cbor::encode(&v))
             .unwrap_or_default();
-        if canonical.as_slice() != &self.bytes[at..at + len] {
+        if canonical != self.scratch {
             return Err(encoding(
                 at,
                 "instance state is not the canonical encoding of an instance".into(),
@@ -357,8 +403,8 @@ impl<'a> SnapshotReader<'a> {
             let bytes = self.byte_string()?;
             records.push(SealedRecord {
                 version,
-                hash: Hash32::digest(crate::record::RECORD_DOMAIN, bytes),
-                bytes: bytes.to_vec(),
+                hash: Hash32::digest(crate::record::RECORD_DOMAIN, &bytes),
+                bytes,
             });
         }
         // Redacted records link through the hash they were sealed with (their erasure record
@@ -370,7 +416,7 @@ impl<'a> SnapshotReader<'a> {
         for _ in 0..n_keys {
             self.expect_map(4)?;
             self.expect_key("key")?;
-            let key = self.text()?.to_owned();
+            let key = self.text()?;
             self.expect_key("version")?;
             let version = self.uint()?;
             self.expect_key("expiresMs")?;
@@ -429,13 +475,11 @@ impl<'a> SnapshotReader<'a> {
         self.expect_key("hash")?;
         let hash = self.hash()?;
         self.expect_key("name")?;
-        let name = self.text()?.to_owned();
+        let name = self.text()?;
         self.expect_key("spec")?;
         let at = self.pos;
-        let (spec, len) =
-            cbor::decode_prefix(&self.bytes[self.pos..]).map_err(|e| cbor_error(at, e))?;
-        self.spec_bytes.push(&self.bytes[at..at + len]);
-        self.pos += len;
+        let spec = self.item_value()?;
+        self.spec_bytes.push(self.scratch.clone());
         let spec: StateMachine =
             serde_json::from_value(spec).map_err(|e| encoding(at, format!("spec: {e}")))?;
         self.expect_key("revision")?;
@@ -443,7 +487,7 @@ impl<'a> SnapshotReader<'a> {
         let revision = u32::try_from(self.uint()?)
             .map_err(|_| encoding(at, "revision out of range".into()))?;
         self.expect_key("namespace")?;
-        let namespace = self.text()?.to_owned();
+        let namespace = self.text()?;
         Ok(SnapshotDefinition {
             namespace,
             name,
@@ -453,11 +497,122 @@ impl<'a> SnapshotReader<'a> {
         })
     }
 
-    fn head(&mut self) -> Result<(u8, u64), SnapshotError> {
-        let (major, arg, len) =
-            cbor::read_head(&self.bytes[self.pos..]).map_err(|e| cbor_error(self.pos, e))?;
-        self.pos += len;
+    /// Reads exactly `buf.len()` bytes; the end of the input is "ends early".
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), SnapshotError> {
+        match self.input.read_exact(buf) {
+            Ok(()) => {
+                self.pos += buf.len();
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(encoding(self.pos, "ends early".into()))
+            }
+            Err(e) => Err(io_error(e)),
+        }
+    }
+
+    /// Reads one head; its bytes are also appended to `copy` when given.
+    fn head_into(&mut self, copy: Option<&mut Vec<u8>>) -> Result<(u8, u64), SnapshotError> {
+        let at = self.pos;
+        let mut raw = [0u8; 9];
+        self.fill(&mut raw[..1])?;
+        let n_extra = match raw[0] & 0x1f {
+            24 => 1,
+            25 => 2,
+            26 => 4,
+            27 => 8,
+            _ => 0,
+        };
+        self.fill(&mut raw[1..1 + n_extra])?;
+        let (major, arg, _) =
+            cbor::read_head(&raw[..1 + n_extra]).map_err(|e| cbor_error(at, e))?;
+        if let Some(copy) = copy {
+            copy.extend_from_slice(&raw[..1 + n_extra]);
+        }
         Ok((major, arg))
+    }
+
+    fn head(&mut self) -> Result<(u8, u64), SnapshotError> {
+        self.head_into(None)
+    }
+
+    /// Reads one whole data item into `self.scratch` (its exact bytes) and decodes it.
+    fn item_value(&mut self) -> Result<Value, SnapshotError> {
+        let at = self.pos;
+        let mut raw = std::mem::take(&mut self.scratch);
+        raw.clear();
+        let copied = self.copy_item(&mut raw, at, 0);
+        self.scratch = raw;
+        copied?;
+        let (value, len) = cbor::decode_prefix(&self.scratch).map_err(|e| cbor_error(at, e))?;
+        if len != self.scratch.len() {
+            return Err(encoding(
+                at + len,
+                "the item does not end where it should".into(),
+            ));
+        }
+        Ok(value)
+    }
+
+    /// Copies one data item's bytes (heads and contents, nested items included) to `raw`.
+    fn copy_item(
+        &mut self,
+        raw: &mut Vec<u8>,
+        at: usize,
+        depth: usize,
+    ) -> Result<(), SnapshotError> {
+        if depth > cbor::DEPTH_MAX {
+            return Err(encoding(
+                self.pos,
+                format!("nesting deeper than {}", cbor::DEPTH_MAX),
+            ));
+        }
+        let (major, arg) = self.head_into(Some(raw))?;
+        match major {
+            2 | 3 => self.read_into(raw, arg)?,
+            4 | 5 => {
+                let n_items = if major == 5 {
+                    arg.saturating_mul(2)
+                } else {
+                    arg
+                };
+                for _ in 0..n_items {
+                    self.copy_item(raw, at, depth + 1)?;
+                }
+            }
+            6 => self.copy_item(raw, at, depth + 1)?,
+            _ => {}
+        }
+        if raw.len() as u64 > ITEM_LEN_MAX {
+            return Err(encoding(
+                at,
+                format!("an item longer than {ITEM_LEN_MAX} bytes"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Appends `len` bytes of content to `out`, refusing lengths over [`ITEM_LEN_MAX`].
+    fn read_into(&mut self, out: &mut Vec<u8>, len: u64) -> Result<(), SnapshotError> {
+        let at = self.pos;
+        if len > ITEM_LEN_MAX {
+            return Err(encoding(
+                at,
+                format!("a length of {len} bytes is over the limit of {ITEM_LEN_MAX}"),
+            ));
+        }
+        let start = out.len();
+        // Grows with the bytes that really arrive, so a forged length costs nothing.
+        let n_read = (&mut self.input)
+            .take(len)
+            .read_to_end(out)
+            .map_err(io_error)?;
+        self.pos += n_read;
+        if (n_read as u64) < len {
+            out.truncate(start);
+            return Err(encoding(at, "ends early".into()));
+        }
+        Ok(())
     }
 
     fn expect(&mut self, major: u8, what: &str) -> Result<u64, SnapshotError> {
@@ -483,8 +638,14 @@ impl<'a> SnapshotReader<'a> {
 
     fn expect_key(&mut self, key: &str) -> Result<(), SnapshotError> {
         let at = self.pos;
-        let found = self.text()?;
-        if found != key {
+        let len = self.expect(3, "a text string")?;
+        let mut raw = std::mem::take(&mut self.scratch);
+        raw.clear();
+        let read = self.read_into(&mut raw, len);
+        self.scratch = raw;
+        read?;
+        if self.scratch.as_slice() != key.as_bytes() {
+            let found = String::from_utf8_lossy(&self.scratch);
             return Err(encoding(at, format!("key {found:?} where {key:?} belongs")));
         }
         Ok(())
@@ -498,33 +659,25 @@ impl<'a> SnapshotReader<'a> {
         self.expect(4, "an array")
     }
 
-    fn take(&mut self, len: u64) -> Result<&'a [u8], SnapshotError> {
-        let at = self.pos;
-        let end = usize::try_from(len)
-            .ok()
-            .and_then(|len| at.checked_add(len))
-            .filter(|end| *end <= self.bytes.len())
-            .ok_or_else(|| encoding(at, "ends early".into()))?;
-        self.pos = end;
-        Ok(&self.bytes[at..end])
-    }
-
-    fn text(&mut self) -> Result<&'a str, SnapshotError> {
+    fn text(&mut self) -> Result<String, SnapshotError> {
         let at = self.pos;
         let len = self.expect(3, "a text string")?;
-        let raw = self.take(len)?;
-        std::str::from_utf8(raw).map_err(|_| encoding(at, "text is not UTF-8".into()))
+        let mut raw = Vec::new();
+        self.read_into(&mut raw, len)?;
+        String::from_utf8(raw).map_err(|_| encoding(at, "text is not UTF-8".into()))
     }
 
-    fn byte_string(&mut self) -> Result<&'a [u8], SnapshotError> {
+    fn byte_string(&mut self) -> Result<Vec<u8>, SnapshotError> {
         let len = self.expect(2, "a byte string")?;
-        self.take(len)
+        let mut raw = Vec::with_capacity(len.min(64 * 1024) as usize);
+        self.read_into(&mut raw, len)?;
+        Ok(raw)
     }
 
     fn hash(&mut self) -> Result<Hash32, SnapshotError> {
         let at = self.pos;
         let text = self.text()?;
-        Hash32::from_hex(text).ok_or_else(|| encoding(at, "hash is not 64 hex digits".into()))
+        Hash32::from_hex(&text).ok_or_else(|| encoding(at, "hash is not 64 hex digits".into()))
     }
 }
 
@@ -602,6 +755,10 @@ pub fn pin_of(entry: &SnapshotInstance) -> PinnedRevision {
         instance.revision,
         instance.revision_hash,
     )
+}
+
+fn io_error(error: std::io::Error) -> SnapshotError {
+    SnapshotError::Io(error.to_string())
 }
 
 fn encoding(offset: usize, detail: String) -> SnapshotError {

@@ -102,6 +102,14 @@ pub(crate) enum Command {
         replace: bool,
         reply: oneshot::Sender<Result<ImportReport, RuntimeError>>,
     },
+    /// A streamed snapshot import: like `Import`, with the items pulled from `items` inside
+    /// the store's one transaction.
+    ImportStream {
+        definitions: Vec<DefinitionRow>,
+        items: Box<cnsm_store::ImportItems<'static>>,
+        replace: bool,
+        reply: oneshot::Sender<Result<ImportReport, RuntimeError>>,
+    },
     Stop,
 }
 
@@ -295,6 +303,26 @@ impl Committer {
         Ok(result?)
     }
 
+    /// [`Committer::import`] for a stream of items. The imported keys are not kept (that would
+    /// grow with the snapshot), so the whole cache and version map are forgotten instead: both
+    /// refill from the store.
+    fn import_stream(
+        &mut self,
+        definitions: &[DefinitionRow],
+        items: &mut cnsm_store::ImportItems<'_>,
+        replace: bool,
+    ) -> Result<ImportReport, RuntimeError> {
+        let result = self.shared.store.import_stream(definitions, items, replace);
+        self.cache.clear();
+        if let Ok(mut versions) = self.shared.versions.lock() {
+            versions.clear();
+        }
+        if self.shared.options.timers {
+            self.rebuild_timers()?;
+        }
+        Ok(result?)
+    }
+
     /// Plans and commits an erasure: the instance and its whole history from the store (the one
     /// writer committed everything it caches), the redaction, one `Store::erase`; then the cache,
     /// the version map, the timer index and listeners as after a commit.
@@ -420,6 +448,14 @@ impl Committer {
             } => {
                 let _ = reply.send(self.import(&definitions, &items, replace));
             }
+            Command::ImportStream {
+                definitions,
+                mut items,
+                replace,
+                reply,
+            } => {
+                let _ = reply.send(self.import_stream(&definitions, &mut *items, replace));
+            }
             Command::Erase {
                 namespace,
                 id,
@@ -484,9 +520,12 @@ impl Committer {
             let stop = batch.iter().any(|c| matches!(c, Command::Stop));
             let fire_timers =
                 drive_timers || batch.iter().any(|c| matches!(c, Command::Tick { .. }));
-            let (imports, batch): (Vec<Command>, Vec<Command>) = batch
-                .into_iter()
-                .partition(|c| matches!(c, Command::Import { .. } | Command::Erase { .. }));
+            let (imports, batch): (Vec<Command>, Vec<Command>) = batch.into_iter().partition(|c| {
+                matches!(
+                    c,
+                    Command::Import { .. } | Command::ImportStream { .. } | Command::Erase { .. }
+                )
+            });
             self.process(batch, fire_timers, 0);
             for import in imports {
                 self.run_alone(import, clock.now_ms());
@@ -616,7 +655,9 @@ impl Committer {
                 Command::Stop => {}
                 // `run` takes imports and erasures out of the batch; one that got here runs in
                 // order.
-                command @ (Command::Import { .. } | Command::Erase { .. }) => {
+                command @ (Command::Import { .. }
+                | Command::ImportStream { .. }
+                | Command::Erase { .. }) => {
                     self.run_alone(command, now_ms);
                 }
                 Command::CountTimers { reply } => {

@@ -1335,6 +1335,24 @@ impl Runtime {
         .await?
     }
 
+    /// [`Runtime::import_instances`] with the items pulled one at a time from `items` inside
+    /// the store's one transaction ([`Store::import_stream`]): memory does not grow with the
+    /// snapshot, and an error from `items` midway writes nothing.
+    pub async fn import_stream(
+        &self,
+        definitions: Vec<cnsm_store::DefinitionRow>,
+        items: Box<cnsm_store::ImportItems<'static>>,
+        replace: bool,
+    ) -> Result<cnsm_store::ImportReport, RuntimeError> {
+        self.submit(|reply| committer::Command::ImportStream {
+            definitions,
+            items,
+            replace,
+            reply,
+        })
+        .await?
+    }
+
     /// Timers pending in the in-memory index.
     pub async fn pending_timers(&self) -> Result<usize, RuntimeError> {
         self.submit(|reply| committer::Command::CountTimers { reply })

@@ -77,11 +77,37 @@ pub async fn backup(State(state): State<ServerState>) -> Result<Response, ApiErr
     let file = std::fs::File::open(&path);
     // The open file stays readable; nothing is left behind whatever happens to the stream.
     let _ = std::fs::remove_file(&path);
-    let mut file = file.map_err(|e| {
+    let file = file.map_err(|e| {
         ApiError::from_runtime(RuntimeError::Unavailable(format!(
             "cannot read the backup: {e}"
         )))
     })?;
+    let mut response = Response::new(file_body(file));
+    *response.status_mut() = StatusCode::OK;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(report.bytes));
+    headers.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment; filename=\"backup.cnsm\""),
+    );
+    headers.insert(
+        "x-cnsm-backup-records",
+        HeaderValue::from(report.verified.n_records),
+    );
+    headers.insert(
+        "x-cnsm-backup-instances",
+        HeaderValue::from(report.verified.n_instances),
+    );
+    Ok(response)
+}
+
+/// A response body read from `file` in chunks as the client takes them (a few chunks in
+/// flight, never the whole file in memory).
+pub(crate) fn file_body(mut file: std::fs::File) -> Body {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::task::spawn_blocking(move || {
         loop {
@@ -104,25 +130,5 @@ pub async fn backup(State(state): State<ServerState>) -> Result<Response, ApiErr
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
-    let mut response = Response::new(Body::from_stream(stream));
-    *response.status_mut() = StatusCode::OK;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(report.bytes));
-    headers.insert(
-        header::CONTENT_DISPOSITION,
-        HeaderValue::from_static("attachment; filename=\"backup.cnsm\""),
-    );
-    headers.insert(
-        "x-cnsm-backup-records",
-        HeaderValue::from(report.verified.n_records),
-    );
-    headers.insert(
-        "x-cnsm-backup-instances",
-        HeaderValue::from(report.verified.n_instances),
-    );
-    Ok(response)
+    Body::from_stream(stream)
 }

@@ -173,6 +173,19 @@ impl Client {
         headers: &[(&str, &str)],
         body: Vec<u8>,
     ) -> Result<hyper::Response<Incoming>, ClientError> {
+        let body = Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed();
+        self.open_body(method, path, headers, body).await
+    }
+
+    async fn open_body(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: RequestBody,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
         let http_error = |reason: String| ClientError::Http {
             url: self.url.clone(),
             reason,
@@ -232,9 +245,7 @@ impl Client {
                 .map_err(|_| http_error(format!("bad value of header {name}")))?;
             request = request.header(name, value);
         }
-        let request = request
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| http_error(e.to_string()))?;
+        let request = request.body(body).map_err(|e| http_error(e.to_string()))?;
         sender
             .send_request(request)
             .await
@@ -380,10 +391,75 @@ impl Client {
     }
 }
 
+/// A request body: whole bytes, or chunks read from a file as they are sent.
+type RequestBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// Bytes an upload reads per chunk.
+const UPLOAD_CHUNK_LEN: usize = 256 * 1024;
+
+impl Client {
+    /// Sends a request whose body is read from `body` as it is sent (a bounded number of
+    /// chunks in flight, never the whole body in memory) and reads the whole answer. Like
+    /// [`Client::download`], only silence fails it: no overall deadline.
+    pub async fn upload(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        mut body: impl std::io::Read + Send + 'static,
+    ) -> Result<ClientResponse, ClientError> {
+        let (sender, mut receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+        let reading = tokio::task::spawn_blocking(move || {
+            loop {
+                let mut chunk = vec![0u8; UPLOAD_CHUNK_LEN];
+                let n = match body.read(&mut chunk) {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        let _ = sender.blocking_send(Err(e));
+                        return;
+                    }
+                };
+                chunk.truncate(n);
+                if sender.blocking_send(Ok(Bytes::from(chunk))).is_err() {
+                    return;
+                }
+            }
+        });
+        let frames = futures_util::stream::poll_fn(move |cx| {
+            receiver
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|chunk| chunk.map(hyper::body::Frame::data)))
+        });
+        let request_body = http_body_util::StreamBody::new(frames).boxed();
+        let response = self.open_body(method, path, headers, request_body).await;
+        // The reader ends on its own once the body (its receiver) is gone.
+        drop(reading);
+        let response = response?;
+        let status = response.status().as_u16();
+        let (parts, body) = response.into_parts();
+        let body = tokio::time::timeout(REQUEST_TIMEOUT, body.collect())
+            .await
+            .map_err(|_| ClientError::Timeout {
+                url: self.url.clone(),
+            })?
+            .map_err(|e| ClientError::Http {
+                url: self.url.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(ClientResponse {
+            status,
+            headers: parts.headers,
+            body: body.to_bytes().to_vec(),
+        })
+    }
+}
+
 /// Starts HTTP/1.1 on `io`; the connection runs in its own task.
 async fn handshake<T>(
     io: T,
-) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, hyper::Error>
+) -> Result<hyper::client::conn::http1::SendRequest<RequestBody>, hyper::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

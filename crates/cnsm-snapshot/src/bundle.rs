@@ -27,8 +27,12 @@ pub struct Bundle {
 
 /// Signs `payload` and returns the bundle as compact JSON (one line).
 pub fn sign(key: &SigningKey, payload: &[u8]) -> Result<String, KeyError> {
-    let digest = Sha256::digest(payload);
-    let signature = key.sign(payload)?;
+    sign_digest(key, &Sha256::digest(payload).into())
+}
+
+/// [`sign`] for a payload whose SHA-256 was computed while it streamed.
+pub fn sign_digest(key: &SigningKey, digest: &[u8; 32]) -> Result<String, KeyError> {
+    let signature = key.sign_digest(digest)?;
     let bundle = json!({
         "mediaType": BUNDLE_MEDIA_TYPE,
         "verificationMaterial": {

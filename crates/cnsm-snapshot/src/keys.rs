@@ -90,6 +90,19 @@ impl SigningKey {
         PublicKey { spki }
     }
 
+    /// An ECDSA P-256 / SHA-256 signature (ASN.1 DER) of the message whose SHA-256 is
+    /// `digest`: the same signature in meaning as [`SigningKey::sign`] over the message itself
+    /// (ECDSA signs the hash), so a payload can be signed while it streams past.
+    pub fn sign_digest(&self, digest: &[u8; 32]) -> Result<Vec<u8>, KeyError> {
+        use p256::ecdsa::signature::hazmat::PrehashSigner;
+        use p256::pkcs8::DecodePrivateKey;
+        let key =
+            p256::ecdsa::SigningKey::from_pkcs8_der(&self.pkcs8).map_err(|_| KeyError::Sign)?;
+        let signature: p256::ecdsa::Signature =
+            key.sign_prehash(digest).map_err(|_| KeyError::Sign)?;
+        Ok(signature.to_der().as_bytes().to_vec())
+    }
+
     /// An ECDSA P-256 / SHA-256 signature of `message`, ASN.1 DER.
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
         self.pair
@@ -155,6 +168,22 @@ impl PublicKey {
     }
 }
 
+impl PublicKey {
+    /// Checks an ASN.1 DER ECDSA P-256 / SHA-256 signature over the message whose SHA-256 is
+    /// `digest` (as [`PublicKey::verify`] does over the message itself).
+    pub fn verify_digest(&self, digest: &[u8; 32], signature: &[u8]) -> bool {
+        use p256::ecdsa::signature::hazmat::PrehashVerifier;
+        let point = &self.spki[SPKI_P256_PREFIX.len()..];
+        let Ok(key) = p256::ecdsa::VerifyingKey::from_sec1_bytes(point) else {
+            return false;
+        };
+        let Ok(signature) = p256::ecdsa::Signature::from_der(signature) else {
+            return false;
+        };
+        key.verify_prehash(digest, &signature).is_ok()
+    }
+}
+
 /// PEM text (RFC 7468): the label's BEGIN line, base64 in 64-column lines, the END line.
 pub fn pem_encode(label: &str, der: &[u8]) -> String {
     let body = STANDARD.encode(der);
@@ -205,6 +234,26 @@ mod tests {
         assert!(!public.verify(b"payloaD", &signature));
         let other = SigningKey::generate().unwrap().public_key();
         assert!(!other.verify(b"payload", &signature));
+    }
+
+    #[test]
+    fn digest_signatures_mean_the_same_as_message_signatures() {
+        let key = SigningKey::generate().unwrap();
+        let public = key.public_key();
+        let digest: [u8; 32] = Sha256::digest(b"payload").into();
+        let by_digest = key.sign_digest(&digest).unwrap();
+        assert!(
+            public.verify(b"payload", &by_digest),
+            "ring accepts a pre-hash signature"
+        );
+        assert!(!public.verify(b"payloaD", &by_digest));
+        let by_message = key.sign(b"payload").unwrap();
+        assert!(public.verify_digest(&digest, &by_message));
+        let other: [u8; 32] = Sha256::digest(b"payloaD").into();
+        assert!(!public.verify_digest(&other, &by_message));
+        let stranger = SigningKey::generate().unwrap().public_key();
+        assert!(!stranger.verify_digest(&digest, &by_digest));
+        assert!(!public.verify_digest(&digest, b"not DER"));
     }
 
     #[test]

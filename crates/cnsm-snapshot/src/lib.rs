@@ -2,7 +2,15 @@
 //! full history from a [`Store`] into the deterministic CBOR payload of
 //! [`cnsm_core::snapshot`], sign it as a Sigstore bundle ([`bundle`]), verify a snapshot in a
 //! fixed order with one error per step ([`VerifyError`]), and turn a verified payload into the
-//! [`ImportItem`]s of [`Store::import_instances`].
+//! [`ImportItem`]s of [`Store::import_stream`] ([`ImportSource`]) or
+//! [`Store::import_instances`] ([`plan_import`]).
+//!
+//! Everything streams: [`export_to`] writes to any `Write`, the signature is made over the
+//! SHA-256 computed on the way ([`files::SignedOutput`]), [`files::verify_file`] reads a file
+//! in two passes, and [`ImportSource`] hands the store one instance at a time, so no side holds
+//! a whole snapshot (`docs/snapshots.md`, "Streaming and memory"). The in-memory forms
+//! ([`SnapshotFile`], [`export`], [`verify`], [`plan_import`]) remain for small snapshots and
+//! tests.
 //!
 //! ```
 //! use cnsm_snapshot::{SigningKey, SnapshotFile, verify};
@@ -16,6 +24,7 @@
 //! ```
 
 use std::collections::BTreeSet;
+use std::io::{BufRead, Read, Write};
 
 use cnsm_core::Instance;
 use cnsm_core::record::{Hash32, SealedRecord};
@@ -29,7 +38,11 @@ use cnsm_store::{
 use sha2::{Digest, Sha256};
 
 pub mod bundle;
+pub mod files;
 pub mod keys;
+mod stream;
+
+pub use stream::{HashingWriter, ImportFailure, ImportSource};
 
 pub use keys::{KeyError, PublicKey, SigningKey};
 
@@ -112,6 +125,9 @@ pub enum VerifyError {
     /// Step 6: a definition's content hash, or a pinned revision the snapshot lacks.
     #[error("definition: {0}")]
     Definition(SnapshotError),
+    /// The snapshot could not be read (a file or stream error, not a verdict on its bytes).
+    #[error("cannot read the snapshot: {0}")]
+    Io(String),
 }
 
 impl From<SnapshotError> for VerifyError {
@@ -120,6 +136,7 @@ impl From<SnapshotError> for VerifyError {
             SnapshotError::UnsupportedFormat { .. } => VerifyError::Format(error),
             SnapshotError::Chain { .. } => VerifyError::Chain(error),
             SnapshotError::Definition { .. } => VerifyError::Definition(error),
+            SnapshotError::Io(detail) => VerifyError::Io(detail),
             other => VerifyError::Encoding(other),
         }
     }
@@ -139,8 +156,21 @@ pub struct Summary {
 
 /// Steps 1-3: bundle structure and media type, digest, signature against `public_key`.
 pub fn verify_signature(file: &SnapshotFile, public_key: &PublicKey) -> Result<(), VerifyError> {
-    let parsed = bundle::parse(&file.bundle_json).map_err(VerifyError::Bundle)?;
-    let actual: [u8; 32] = Sha256::digest(&file.payload).into();
+    verify_signature_from(&file.bundle_json, &mut file.payload.as_slice(), public_key).map(|_| ())
+}
+
+/// Steps 1-3 over a payload that streams past: the bundle is checked first (step 1), then the
+/// payload is hashed in one pass (step 2) and the signature checked against that digest
+/// (step 3, ECDSA over the SHA-256 of the payload). Returns the payload's length.
+pub fn verify_signature_from(
+    bundle_json: &[u8],
+    payload: &mut dyn Read,
+    public_key: &PublicKey,
+) -> Result<u64, VerifyError> {
+    let parsed = bundle::parse(bundle_json).map_err(VerifyError::Bundle)?;
+    let mut hashing = HashingWriter::new(std::io::sink());
+    std::io::copy(payload, &mut hashing).map_err(|e| VerifyError::Io(e.to_string()))?;
+    let (actual, payload_len, _) = hashing.finish();
     if actual != parsed.digest {
         return Err(VerifyError::Digest {
             expected: hex(&parsed.digest),
@@ -154,12 +184,12 @@ pub fn verify_signature(file: &SnapshotFile, public_key: &PublicKey) -> Result<(
             short(&public_key.hint())
         )));
     }
-    if !public_key.verify(&file.payload, &parsed.signature) {
+    if !public_key.verify_digest(&actual, &parsed.signature) {
         return Err(VerifyError::Signature(
             "the signature does not verify against the given public key".into(),
         ));
     }
-    Ok(())
+    Ok(payload_len)
 }
 
 /// All six steps, in order (`docs/snapshots.md`).
@@ -173,7 +203,15 @@ pub fn verify(file: &SnapshotFile, public_key: &PublicKey) -> Result<Summary, Ve
 /// Steps 4-6 on a payload alone (the server's check of an uploaded payload; the client checked
 /// the signature).
 pub fn verify_payload(payload: &[u8]) -> Result<Summary, VerifyError> {
-    read_payload(payload, &mut |_| Ok(()), &mut |_, _| {}).map(|(summary, _)| summary)
+    verify_payload_from(payload, &mut |_, _| {})
+}
+
+/// [`verify_payload`] over a payload that streams past (one instance in memory at a time).
+pub fn verify_payload_from(
+    payload: impl BufRead,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Summary, VerifyError> {
+    read_payload(payload, &mut |_| Ok(()), progress).map(|(summary, _)| summary)
 }
 
 /// A payload holding no instance (for examples and tests).
@@ -187,15 +225,14 @@ pub fn empty_payload(as_of_ms: u64) -> Vec<u8> {
 /// Walks a payload: steps 4 (while reading), 5 (each instance), 6 (definitions, pins), handing
 /// each verified instance to `visit`. Returns the summary and the definitions.
 fn read_payload(
-    payload: &[u8],
+    payload: impl BufRead,
     visit: &mut dyn FnMut(cnsm_core::snapshot::SnapshotInstance) -> Result<(), VerifyError>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(Summary, Vec<SnapshotDefinition>), VerifyError> {
-    let mut reader = SnapshotReader::open(payload)?;
+    let mut reader = SnapshotReader::from_reader(payload)?;
     let mut summary = Summary {
         as_of_ms: reader.as_of_ms(),
         n_definitions: reader.definitions().len() as u64,
-        payload_len: payload.len() as u64,
         ..Summary::default()
     };
     let n_total = reader.n_instances();
@@ -223,6 +260,7 @@ fn read_payload(
     if let Some(error) = chain_error {
         return Err(error);
     }
+    summary.payload_len = reader.position();
     reader.check_definitions()?;
     check_pins(reader.definitions(), &pins)?;
     Ok((summary, reader.definitions().to_vec()))
@@ -323,6 +361,22 @@ pub fn export(
     as_of_ms: u64,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Vec<u8>, ExportError> {
+    let mut out = Vec::with_capacity(1 << 20);
+    export_to(store, namespace, selection, as_of_ms, &mut out, progress)?;
+    Ok(out)
+}
+
+/// [`export`] written to `out` as it is produced: memory is one page of instances plus the
+/// writer's buffer, whatever the size of the snapshot. Returns the payload's length.
+pub fn export_to(
+    store: &dyn Store,
+    namespace: &str,
+    selection: &Selection,
+    as_of_ms: u64,
+    out: &mut dyn Write,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<u64, ExportError> {
+    let mut out = HashingWriter::new(out);
     let mut keys: Vec<String> = Vec::new();
     let mut pins: BTreeSet<(String, u32)> = BTreeSet::new();
     match selection {
@@ -386,22 +440,13 @@ pub fn export(
     }
 
     let n_total = keys.len() as u64;
-    let mut out = Vec::with_capacity(1 << 20);
     let mut writer = SnapshotWriter::begin(&mut out, as_of_ms, &definitions, n_total);
     let mut n_written = 0u64;
-    let mut write_one = |out: &mut Vec<u8>,
+    let mut write_one = |writer: &mut SnapshotWriter<&mut HashingWriter<&mut dyn Write>>,
                          instance: &Instance,
                          records: &[SealedRecord]|
      -> Result<(), ExportError> {
-        write_instance(
-            store,
-            &mut writer,
-            out,
-            instance,
-            records,
-            &definitions,
-            as_of_ms,
-        )?;
+        write_instance(store, writer, instance, records, &definitions, as_of_ms)?;
         n_written += 1;
         if n_written.is_multiple_of(1000) {
             progress(n_written, n_total);
@@ -427,7 +472,7 @@ pub fn export(
                 records.extend(page);
             }
             records.truncate(instance.version as usize + 1);
-            write_one(&mut out, &instance, &records)?;
+            write_one(&mut writer, &instance, &records)?;
         }
         Selection::All | Selection::Labels(_) => {
             // Second pass over the same pages: the listed rows are the instances to write
@@ -454,7 +499,7 @@ pub fn export(
                     }
                     if next_key.peek().is_some_and(|wanted| wanted.as_str() == id) {
                         next_key.next();
-                        write_one(&mut out, &stored.instance, records)?;
+                        write_one(&mut writer, &stored.instance, records)?;
                     }
                 }
                 match page.last() {
@@ -473,7 +518,7 @@ pub fn export(
     }
     writer.finish()?;
     progress(n_total, n_total);
-    Ok(out)
+    Ok(out.finish().1)
 }
 
 fn labels_of(selection: &Selection) -> Vec<(String, String)> {
@@ -484,10 +529,9 @@ fn labels_of(selection: &Selection) -> Vec<(String, String)> {
 }
 
 /// Writes one instance with its records `0..=version` and its live idempotency keys.
-fn write_instance(
+fn write_instance<W: Write>(
     store: &dyn Store,
-    writer: &mut SnapshotWriter,
-    out: &mut Vec<u8>,
+    writer: &mut SnapshotWriter<W>,
     instance: &Instance,
     records: &[SealedRecord],
     definitions: &[SnapshotDefinition],
@@ -535,7 +579,7 @@ fn write_instance(
             });
         }
     }
-    writer.write_instance(out, instance, records, &idempotency)?;
+    writer.write_instance(instance, records, &idempotency)?;
     Ok(())
 }
 

@@ -1500,6 +1500,80 @@ impl Store for PostgresStore {
         replace: bool,
     ) -> Result<cnsm_store::ImportReport, StoreError> {
         cnsm_store::check_import(definitions, items)?;
+        self.import_from(definitions, &mut items.iter().cloned().map(Ok), replace)
+    }
+
+    fn import_stream(
+        &self,
+        definitions: &[DefinitionRow],
+        items: &mut cnsm_store::ImportItems<'_>,
+        replace: bool,
+    ) -> Result<cnsm_store::ImportReport, StoreError> {
+        cnsm_store::check_import_definitions(definitions)?;
+        self.import_from(
+            definitions,
+            &mut cnsm_store::checked_import_items(items),
+            replace,
+        )
+    }
+
+    fn claim_due_timers(
+        &self,
+        now_ms: u64,
+        lease_ms: u64,
+        node: &str,
+        limit: usize,
+    ) -> Result<Vec<TimerRef>, StoreError> {
+        let now = to_i64(now_ms)?;
+        let until = to_i64(now_ms.saturating_add(lease_ms))?;
+        let limit = capped(limit) as i64;
+        let rows = self.query(CLAIM_TIMERS, &[&now, &until, &node, &limit])?;
+        let mut timers = rows.iter().map(timer_ref).collect::<Result<Vec<_>, _>>()?;
+        timers.sort();
+        Ok(timers)
+    }
+
+    fn subscribe_foreign_commits(
+        &self,
+        on_commit: std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>,
+    ) -> Result<bool, StoreError> {
+        let feed = pool::CommitFeed {
+            config: self.config.clone(),
+            channel: self.channel.clone(),
+            origin: self.origin.clone(),
+            closed: std::sync::Arc::clone(&self.closed),
+            on_commit,
+        };
+        self.bridge.spawn(feed.run());
+        Ok(true)
+    }
+}
+
+mod verify;
+
+pub use verify::PROBLEMS_MAX;
+
+/// Decodes a definition and checks its stored hash (used by `verify`).
+pub(crate) fn check_definition_row(row: &DefinitionRow) -> Option<String> {
+    if revision_hash(&row.definition) != row.hash {
+        Some(format!(
+            "definition {}/{}@{}: stored hash does not match its content",
+            row.namespace, row.name, row.revision
+        ))
+    } else {
+        None
+    }
+}
+
+impl PostgresStore {
+    /// An import in one transaction, items written as they arrive; any error drops the
+    /// transaction (PostgreSQL rolls it back), so nothing is written.
+    fn import_from(
+        &self,
+        definitions: &[DefinitionRow],
+        items: &mut cnsm_store::ImportItems<'_>,
+        replace: bool,
+    ) -> Result<cnsm_store::ImportReport, StoreError> {
         self.bridge.run(async {
             let mut lease = self.pool.get().await?;
             let txn = lease.conn().client.transaction().await.map_err(db_error)?;
@@ -1547,6 +1621,7 @@ impl Store for PostgresStore {
                 }
             }
             for item in items {
+                let item = &item?;
                 let instance = &item.instance;
                 let (namespace, id) = (&*instance.namespace, &*instance.id);
                 let pinned = txn
@@ -1659,52 +1734,5 @@ impl Store for PostgresStore {
             txn.commit().await.map_err(db_error)?;
             Ok(report)
         })
-    }
-
-    fn claim_due_timers(
-        &self,
-        now_ms: u64,
-        lease_ms: u64,
-        node: &str,
-        limit: usize,
-    ) -> Result<Vec<TimerRef>, StoreError> {
-        let now = to_i64(now_ms)?;
-        let until = to_i64(now_ms.saturating_add(lease_ms))?;
-        let limit = capped(limit) as i64;
-        let rows = self.query(CLAIM_TIMERS, &[&now, &until, &node, &limit])?;
-        let mut timers = rows.iter().map(timer_ref).collect::<Result<Vec<_>, _>>()?;
-        timers.sort();
-        Ok(timers)
-    }
-
-    fn subscribe_foreign_commits(
-        &self,
-        on_commit: std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>,
-    ) -> Result<bool, StoreError> {
-        let feed = pool::CommitFeed {
-            config: self.config.clone(),
-            channel: self.channel.clone(),
-            origin: self.origin.clone(),
-            closed: std::sync::Arc::clone(&self.closed),
-            on_commit,
-        };
-        self.bridge.spawn(feed.run());
-        Ok(true)
-    }
-}
-
-mod verify;
-
-pub use verify::PROBLEMS_MAX;
-
-/// Decodes a definition and checks its stored hash (used by `verify`).
-pub(crate) fn check_definition_row(row: &DefinitionRow) -> Option<String> {
-    if revision_hash(&row.definition) != row.hash {
-        Some(format!(
-            "definition {}/{}@{}: stored hash does not match its content",
-            row.namespace, row.name, row.revision
-        ))
-    } else {
-        None
     }
 }

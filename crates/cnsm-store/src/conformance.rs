@@ -163,6 +163,10 @@ pub const CASES: &[(&str, Case)] = &[
         import_refuses_bad_input_and_writes_nothing,
     ),
     (
+        "import_stream_refused_midway_writes_nothing",
+        import_stream_refused_midway_writes_nothing,
+    ),
+    (
         "erase_redacts_history_and_verify_stays_green",
         erase_redacts_history_and_verify_stays_green,
     ),
@@ -245,6 +249,7 @@ macro_rules! conformance_tests {
             import_restores_instances_history_timers_and_keys,
             import_refuses_existing_unless_replace,
             import_refuses_bad_input_and_writes_nothing,
+            import_stream_refused_midway_writes_nothing,
             erase_redacts_history_and_verify_stays_green,
             erase_with_a_stale_version_conflicts_and_changes_nothing,
             tampered_redacted_record_fails_verify,
@@ -2066,6 +2071,104 @@ pub fn import_refuses_bad_input_and_writes_nothing(harness: &mut dyn Harness) {
             .is_empty()
     );
     assert_eq!(target.list_definitions(None).unwrap().len(), 1);
+}
+
+/// A streamed import writes its items as they arrive in one transaction: a source that fails
+/// after some items, an item refused midway (a broken chain, one out of order), or a conflict
+/// late in the stream each leave the store as it was; a good stream imports everything, and
+/// the store verifies clean.
+pub fn import_stream_refused_midway_writes_nothing(harness: &mut dyn Harness) {
+    let (_source, definitions, items) = import_source(harness);
+    let stream = |target: &dyn Store,
+                  definitions: &[DefinitionRow],
+                  items: Vec<Result<ImportItem, StoreError>>,
+                  replace: bool| {
+        let mut source = items.into_iter();
+        target.import_stream(definitions, &mut source, replace)
+    };
+    let all = || items.iter().cloned().map(Ok).collect::<Vec<_>>();
+    let assert_empty = |target: &dyn Store, what: &str| {
+        assert!(
+            target
+                .list_instances(&InstanceQuery::default())
+                .unwrap()
+                .is_empty(),
+            "{what}"
+        );
+        assert!(target.list_definitions(None).unwrap().is_empty(), "{what}");
+        assert!(timers(target).is_empty(), "{what}");
+        assert!(target.records_after(0, 10).unwrap().is_empty(), "{what}");
+    };
+
+    // A conflict on the last item, after the first two were written into the transaction.
+    // (Opened before `target`: the harness reopens the store opened last.)
+    let other = harness.open();
+    let definition = job_definition("default", "job");
+    other
+        .put_definition(&definition, revision_hash(&definition), T0_MS)
+        .unwrap();
+    let local_c = Driver::new("job").create("default", "c", &[], T0_MS + 5);
+    other.commit(std::slice::from_ref(&local_c)).unwrap();
+    let records_before = other.records_after(0, 100).unwrap();
+    match stream(&*other, &definitions, all(), false) {
+        Err(StoreError::Refused(message)) => assert!(message.contains("default/c"), "{message}"),
+        other => panic!("a late conflict: expected a refusal, got {other:?}"),
+    }
+    assert!(other.instance("default", "a").unwrap().is_none());
+    assert_eq!(other.records_after(0, 100).unwrap(), records_before);
+    assert_eq!(stored(&*other, "default", "c").instance, local_c.instance);
+    drop(other);
+
+    let target = harness.open();
+    let failing = vec![
+        Ok(items[0].clone()),
+        Ok(items[1].clone()),
+        Err(StoreError::Refused("the source broke".into())),
+        Ok(items[2].clone()),
+    ];
+    match stream(&*target, &definitions, failing, false) {
+        Err(StoreError::Refused(message)) => assert_eq!(message, "the source broke"),
+        other => panic!("a failing source: expected its error, got {other:?}"),
+    }
+    assert_empty(&*target, "a failing source");
+
+    let mut broken = items.clone();
+    broken[2].records.swap(0, 1);
+    match stream(
+        &*target,
+        &definitions,
+        broken.into_iter().map(Ok).collect(),
+        false,
+    ) {
+        Err(StoreError::Refused(message)) => assert!(message.contains("default/c"), "{message}"),
+        other => panic!("a broken chain: expected a refusal, got {other:?}"),
+    }
+    assert_empty(&*target, "a broken chain last");
+
+    let unordered = vec![Ok(items[1].clone()), Ok(items[0].clone())];
+    assert!(matches!(
+        stream(&*target, &definitions, unordered, false),
+        Err(StoreError::Refused(_))
+    ));
+    assert_empty(&*target, "out of order");
+    let twice = vec![Ok(items[0].clone()), Ok(items[0].clone())];
+    assert!(matches!(
+        stream(&*target, &definitions, twice, true),
+        Err(StoreError::Refused(_))
+    ));
+    assert_empty(&*target, "twice");
+
+    let report = stream(&*target, &definitions, all(), false).unwrap();
+    assert_eq!((report.n_instances, report.n_timers), (3, 2));
+    for item in &items {
+        let id = &*item.instance.id;
+        assert_eq!(stored(&*target, "default", id).instance, item.instance);
+        assert_eq!(target.history("default", id, 0, 0).unwrap(), item.records);
+    }
+    let target = harness.reopen(target);
+    let report = target.verify().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(report.n_instances, 3);
 }
 
 /// Plans the erasure of `namespace/id` as stored (all data and payloads, or `fields`).

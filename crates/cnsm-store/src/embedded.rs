@@ -256,7 +256,14 @@ pub struct EmbeddedOptions {
     /// `fdatasync` per batch, with a durable redb commit (a checkpoint) every couple of seconds.
     /// Durability is the same either way; see `ARCHITECTURE.md`.
     pub write_ahead_log: bool,
+    /// The memory redb may use to cache pages, written ones of an open transaction included
+    /// (default [`CACHE_LEN_BYTES_DEFAULT`], redb's own default). A smaller cache bounds the
+    /// memory of a big one-transaction write such as a snapshot import.
+    pub cache_len_bytes: usize,
 }
+
+/// redb's default page cache: 1 GiB.
+pub const CACHE_LEN_BYTES_DEFAULT: usize = 1 << 30;
 
 impl Default for EmbeddedOptions {
     fn default() -> EmbeddedOptions {
@@ -264,7 +271,16 @@ impl Default for EmbeddedOptions {
             verify_tail: true,
             quick_repair: true,
             write_ahead_log: true,
+            cache_len_bytes: CACHE_LEN_BYTES_DEFAULT,
         }
+    }
+}
+
+impl EmbeddedOptions {
+    /// These options with a page cache of `cache_len_bytes`.
+    pub fn with_cache_len_bytes(mut self, cache_len_bytes: usize) -> EmbeddedOptions {
+        self.cache_len_bytes = cache_len_bytes;
+        self
     }
 }
 
@@ -303,7 +319,10 @@ impl EmbeddedStore {
     /// Opens (creating if needed) the store file `path` itself, e.g. a backup.
     pub fn open_file(path: &Path, options: EmbeddedOptions) -> Result<EmbeddedStore, StoreError> {
         let path = path.to_owned();
-        let db = Database::create(&path).map_err(|e| open_error(&path, e))?;
+        let db = Database::builder()
+            .set_cache_size(options.cache_len_bytes)
+            .create(&path)
+            .map_err(|e| open_error(&path, e))?;
         check_format(&db)?;
         let mut store = EmbeddedStore {
             db: Arc::new(db),
@@ -1868,7 +1887,25 @@ impl Store for EmbeddedStore {
         replace: bool,
     ) -> Result<ImportReport, StoreError> {
         crate::check_import(definitions, items)?;
-        self.write(|txn| import::import_in(txn, definitions, items, replace))
+        self.write(|txn| {
+            import::import_in(
+                txn,
+                definitions,
+                &mut items.iter().cloned().map(Ok),
+                replace,
+            )
+        })
+    }
+
+    fn import_stream(
+        &self,
+        definitions: &[DefinitionRow],
+        items: &mut crate::ImportItems<'_>,
+        replace: bool,
+    ) -> Result<ImportReport, StoreError> {
+        crate::check_import_definitions(definitions)?;
+        let mut checked = crate::checked_import_items(items);
+        self.write(|txn| import::import_in(txn, definitions, &mut checked, replace))
     }
 
     fn verify(&self) -> Result<VerifyReport, StoreError> {

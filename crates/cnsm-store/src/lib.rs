@@ -132,6 +132,23 @@ pub fn check_import(definitions: &[DefinitionRow], items: &[ImportItem]) -> Resu
             items.len()
         )));
     }
+    check_import_definitions(definitions)?;
+    let mut seen = std::collections::HashSet::with_capacity(items.len());
+    for item in items {
+        let instance = &item.instance;
+        if !seen.insert((&*instance.namespace, &*instance.id)) {
+            return Err(StoreError::Refused(format!(
+                "import refused: instance {}/{}: appears twice",
+                instance.namespace, instance.id
+            )));
+        }
+        check_import_item(item)?;
+    }
+    Ok(())
+}
+
+/// Every definition's content hash ([`check_import`]'s first part).
+pub fn check_import_definitions(definitions: &[DefinitionRow]) -> Result<(), StoreError> {
     for row in definitions {
         if cnsm_core::engine::revision_hash(&row.definition) != row.hash
             || row.definition.metadata.namespace != row.namespace
@@ -143,53 +160,89 @@ pub fn check_import(definitions: &[DefinitionRow], items: &[ImportItem]) -> Resu
             )));
         }
     }
-    let mut seen = std::collections::HashSet::with_capacity(items.len());
-    for item in items {
-        let instance = &item.instance;
-        let name = format!("{}/{}", instance.namespace, instance.id);
-        let refuse = |detail: String| {
-            StoreError::Refused(format!("import refused: instance {name}: {detail}"))
-        };
-        if !seen.insert((&*instance.namespace, &*instance.id)) {
-            return Err(refuse("appears twice".into()));
-        }
-        if item.records.len() as u64 != instance.version + 1 {
-            return Err(refuse(format!(
-                "{} record(s) for version {}",
-                item.records.len(),
-                instance.version
-            )));
-        }
-        let last = cnsm_core::record::verify_chain_links(
-            &instance.namespace,
-            &instance.id,
-            true,
-            &item.records,
-        )
+    Ok(())
+}
+
+/// One item of an import ([`check_import`]'s per-instance part): chain, state against last
+/// record, idempotency entries.
+pub fn check_import_item(item: &ImportItem) -> Result<(), StoreError> {
+    let instance = &item.instance;
+    let refuse = |detail: String| {
+        StoreError::Refused(format!(
+            "import refused: instance {}/{}: {detail}",
+            instance.namespace, instance.id
+        ))
+    };
+    if item.records.len() as u64 != instance.version + 1 {
+        return Err(refuse(format!(
+            "{} record(s) for version {}",
+            item.records.len(),
+            instance.version
+        )));
+    }
+    let last = cnsm_core::record::verify_chain_links(
+        &instance.namespace,
+        &instance.id,
+        true,
+        &item.records,
+    )
+    .map_err(|e| refuse(e.to_string()))?;
+    if last != instance.last_hash {
+        return Err(refuse("its last hash is not its last record's hash".into()));
+    }
+    let Some(last_record) = item.records.last() else {
+        return Err(refuse("has no records".into()));
+    };
+    let fields = cnsm_core::cbor::top_level_texts(&last_record.bytes, &["to", "status"])
         .map_err(|e| refuse(e.to_string()))?;
-        if last != instance.last_hash {
-            return Err(refuse("its last hash is not its last record's hash".into()));
-        }
-        let Some(last_record) = item.records.last() else {
-            return Err(refuse("has no records".into()));
-        };
-        let fields = cnsm_core::cbor::top_level_texts(&last_record.bytes, &["to", "status"])
-            .map_err(|e| refuse(e.to_string()))?;
-        if fields[0] != Some(&*instance.state) || fields[1] != Some(instance.status.as_str()) {
-            return Err(refuse(
-                "its state or status differ from its last record".into(),
-            ));
-        }
-        for entry in &item.idempotency {
-            if entry.version > instance.version {
-                return Err(refuse(format!(
-                    "idempotency key {:?} names version {}, past its history",
-                    entry.key, entry.version
-                )));
-            }
+    if fields[0] != Some(&*instance.state) || fields[1] != Some(instance.status.as_str()) {
+        return Err(refuse(
+            "its state or status differ from its last record".into(),
+        ));
+    }
+    for entry in &item.idempotency {
+        if entry.version > instance.version {
+            return Err(refuse(format!(
+                "idempotency key {:?} names version {}, past its history",
+                entry.key, entry.version
+            )));
         }
     }
     Ok(())
+}
+
+/// The items of a streamed import ([`Store::import_stream`]). An `Err` from the source ends
+/// the import: the store writes nothing and returns that error.
+pub type ImportItems<'a> = dyn Iterator<Item = Result<ImportItem, StoreError>> + Send + 'a;
+
+/// The store's own check of streamed items, as they pass: [`check_import_item`] on each, no
+/// more than [`IMPORT_ITEMS_MAX`], and strictly increasing (namespace, id), which is how a
+/// snapshot holds them and how an instance appearing twice is refused without remembering
+/// every key.
+pub fn checked_import_items<'a>(
+    items: &'a mut ImportItems<'_>,
+) -> impl Iterator<Item = Result<ImportItem, StoreError>> + Send + 'a {
+    let mut last: Option<(std::sync::Arc<str>, std::sync::Arc<str>)> = None;
+    let mut n_items = 0usize;
+    items.map(move |item| {
+        let item = item?;
+        n_items += 1;
+        if n_items > IMPORT_ITEMS_MAX {
+            return Err(StoreError::Refused(format!(
+                "an import of more than {IMPORT_ITEMS_MAX} instances exceeds the limit"
+            )));
+        }
+        let key = (item.instance.namespace.clone(), item.instance.id.clone());
+        if last.as_ref().is_some_and(|last| *last >= key) {
+            return Err(StoreError::Refused(format!(
+                "import refused: instance {}/{}: appears twice or out of (namespace, id) order",
+                key.0, key.1
+            )));
+        }
+        last = Some(key);
+        check_import_item(&item)?;
+        Ok(item)
+    })
 }
 
 /// The read-side check of a history page of `namespace/id` (stores call it on the way out):
@@ -505,6 +558,18 @@ pub trait Store: Send + Sync + 'static {
         &self,
         definitions: &[DefinitionRow],
         items: &[ImportItem],
+        replace: bool,
+    ) -> Result<ImportReport, StoreError>;
+
+    /// [`Store::import_instances`] with the items pulled one at a time from `items` (sorted by
+    /// (namespace, id), see [`checked_import_items`]) and written as they arrive, still in ONE
+    /// durable transaction: when `items` yields an error midway, or any item or definition
+    /// is refused, the transaction is dropped and nothing is written (that error is
+    /// returned). Memory does not grow with the number of items.
+    fn import_stream(
+        &self,
+        definitions: &[DefinitionRow],
+        items: &mut ImportItems<'_>,
         replace: bool,
     ) -> Result<ImportReport, StoreError>;
 

@@ -19,6 +19,7 @@ use cnsm_runtime::{
 };
 use cnsm_server::wire::DeliveryList;
 use cnsm_snapshot::Selection;
+use cnsm_snapshot::files::SnapshotPaths;
 use cnsm_store::{BackupReport, DefinitionRow, ImportReport, VerifyReport};
 
 use crate::error::CliError;
@@ -133,21 +134,24 @@ pub trait Api {
 
     /// The unsigned snapshot payload (deterministic CBOR) of the selected instances of a
     /// namespace, taken at the deployment's current time. `progress(done, total)`.
+    /// Written to `out` as it is produced; returns its length.
     async fn export_snapshot(
         &self,
         namespace: &str,
         selection: &Selection,
+        out: &mut (dyn std::io::Write + Send),
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<Vec<u8>, CliError>;
+    ) -> Result<u64, CliError>;
 
-    /// Imports a snapshot payload whose signature the caller verified; the deployment checks
-    /// its encoding, chains and definitions again and imports it all or nothing.
+    /// Imports the payload of a snapshot file whose signature the caller verified, streamed
+    /// from the file; the deployment checks its encoding, chains and definitions again and
+    /// imports it all or nothing.
     async fn import_snapshot(
         &self,
         namespace: &str,
-        payload: Vec<u8>,
+        payload: &SnapshotPaths,
         replace: bool,
-        progress: &mut dyn FnMut(u64, u64),
+        progress: Box<dyn FnMut(u64, u64) + Send>,
     ) -> Result<ImportReport, CliError>;
 
     /// Push delivery: every target's cursor and lease, and every dead letter (of `target`
@@ -282,17 +286,18 @@ impl Api for Connection {
         &self,
         namespace: &str,
         selection: &Selection,
+        out: &mut (dyn std::io::Write + Send),
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<Vec<u8>, CliError> {
-        delegate!(self, api => api.export_snapshot(namespace, selection, progress))
+    ) -> Result<u64, CliError> {
+        delegate!(self, api => api.export_snapshot(namespace, selection, out, progress))
     }
 
     async fn import_snapshot(
         &self,
         namespace: &str,
-        payload: Vec<u8>,
+        payload: &SnapshotPaths,
         replace: bool,
-        progress: &mut dyn FnMut(u64, u64),
+        progress: Box<dyn FnMut(u64, u64) + Send>,
     ) -> Result<ImportReport, CliError> {
         delegate!(self, api => api.import_snapshot(namespace, payload, replace, progress))
     }

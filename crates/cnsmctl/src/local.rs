@@ -13,8 +13,9 @@ use cnsm_runtime::{
     MigrationReport, MigrationRequest, RolloutChange, RolloutStatus, Runtime, RuntimeOptions,
     TransitionOutcome,
 };
-use cnsm_snapshot::{ExportError, Selection};
-use cnsm_store::embedded::EmbeddedStore;
+use cnsm_snapshot::files::SnapshotPaths;
+use cnsm_snapshot::{ExportError, ImportFailure, ImportSource, Selection};
+use cnsm_store::embedded::{CACHE_LEN_BYTES_DEFAULT, EmbeddedOptions, EmbeddedStore};
 use cnsm_store::{
     BackupReport, DefinitionRow, ImportReport, InstanceQuery, PAGE_LEN_MAX, VerifyReport,
 };
@@ -28,12 +29,26 @@ pub struct Local {
     runtime: Runtime,
 }
 
+/// The page cache of a store opened for a snapshot export or import.
+pub const SNAPSHOT_CACHE_LEN_BYTES: usize = 64 << 20;
+
 impl Local {
     /// Opens the store in `data_dir`. A mutating command creates the directory when missing and
     /// runs timers (overdue ones fire right away); a read-only one refuses a missing directory
     /// instead of creating an empty store, and runs no timers.
     pub fn open(data_dir: &Path, access: Access) -> Result<Local, CliError> {
-        Local::open_with(data_dir, access, true, None)
+        Local::open_with(data_dir, access, true, None, CACHE_LEN_BYTES_DEFAULT)
+    }
+
+    /// Like [`Local::open`] for a snapshot export or import: a small page cache, so that the
+    /// memory of a command streaming a snapshot stays bounded whatever its size (the import's
+    /// one transaction spills its pages to the file instead of keeping them in memory).
+    pub fn open_for_snapshot(
+        data_dir: &Path,
+        access: Access,
+        flags: Option<std::sync::Arc<dyn cnsm_runtime::FlagEvaluator>>,
+    ) -> Result<Local, CliError> {
+        Local::open_with(data_dir, access, true, flags, SNAPSHOT_CACHE_LEN_BYTES)
     }
 
     /// Like [`Local::open`], with an evaluator for `flag:` gates (`--flags`).
@@ -42,13 +57,19 @@ impl Local {
         access: Access,
         flags: Option<std::sync::Arc<dyn cnsm_runtime::FlagEvaluator>>,
     ) -> Result<Local, CliError> {
-        Local::open_with(data_dir, access, true, flags)
+        Local::open_with(data_dir, access, true, flags, CACHE_LEN_BYTES_DEFAULT)
     }
 
     /// Opens the store for `store verify`: without the check of the unverified tail that
     /// [`Local::open`] makes, so that a damaged store opens and every problem can be listed.
     pub fn open_for_verify(data_dir: &Path) -> Result<Local, CliError> {
-        Local::open_with(data_dir, Access::ReadOnly, false, None)
+        Local::open_with(
+            data_dir,
+            Access::ReadOnly,
+            false,
+            None,
+            CACHE_LEN_BYTES_DEFAULT,
+        )
     }
 
     fn open_with(
@@ -56,6 +77,7 @@ impl Local {
         access: Access,
         verify_tail: bool,
         flags: Option<std::sync::Arc<dyn cnsm_runtime::FlagEvaluator>>,
+        cache_len_bytes: usize,
     ) -> Result<Local, CliError> {
         match access {
             Access::Mutating => std::fs::create_dir_all(data_dir).map_err(|e| {
@@ -74,7 +96,10 @@ impl Local {
             }
         }
         let store = if verify_tail {
-            EmbeddedStore::open(data_dir)
+            EmbeddedStore::open_with_options(
+                data_dir,
+                EmbeddedOptions::default().with_cache_len_bytes(cache_len_bytes),
+            )
         } else {
             EmbeddedStore::open_unverified(data_dir)
         };
@@ -285,14 +310,16 @@ impl Api for Local {
         &self,
         namespace: &str,
         selection: &Selection,
+        out: &mut (dyn std::io::Write + Send),
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<Vec<u8>, CliError> {
+    ) -> Result<u64, CliError> {
         let as_of_ms = self.runtime.clock().now_ms();
-        cnsm_snapshot::export(
+        cnsm_snapshot::export_to(
             &**self.runtime.store(),
             namespace,
             selection,
             as_of_ms,
+            out,
             progress,
         )
         .map_err(|e| match e {
@@ -306,18 +333,24 @@ impl Api for Local {
     async fn import_snapshot(
         &self,
         namespace: &str,
-        payload: Vec<u8>,
+        payload: &SnapshotPaths,
         replace: bool,
-        progress: &mut dyn FnMut(u64, u64),
+        progress: Box<dyn FnMut(u64, u64) + Send>,
     ) -> Result<ImportReport, CliError> {
-        let plan = cnsm_snapshot::plan_import(&payload, progress)
-            .map_err(|e| CliError::invalid(format!("the snapshot does not verify: {e}")))?;
-        drop(payload);
-        plan.check_namespace(namespace).map_err(CliError::invalid)?;
-        let report = self
+        let reader = payload
+            .payload()
+            .map_err(|e| CliError::invalid(e.to_string()))?;
+        let (source, definitions) =
+            ImportSource::open(reader, namespace, progress).map_err(import_failure)?;
+        let failure = source.failure();
+        let result = self
             .runtime
-            .import_instances(plan.definitions, plan.items, replace)
-            .await?;
+            .import_stream(definitions, Box::new(source), replace)
+            .await;
+        if let Some(failure) = failure.lock().ok().and_then(|mut f| f.take()) {
+            return Err(import_failure(failure));
+        }
+        let report = result?;
         // Timers that fell due while the snapshot travelled fire now, before the command ends.
         self.runtime.fire_due_timers().await?;
         Ok(report)
@@ -356,4 +389,12 @@ fn deliveries_of(
         dead_letters,
         metadata: Default::default(),
     })
+}
+
+/// The snapshot's side of a refused streamed import.
+fn import_failure(failure: ImportFailure) -> CliError {
+    match failure {
+        ImportFailure::Verify(e) => CliError::invalid(format!("the snapshot does not verify: {e}")),
+        other => CliError::invalid(other.to_string()),
+    }
 }

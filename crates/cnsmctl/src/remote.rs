@@ -20,6 +20,7 @@ use cnsm_server::wire::{
     InstanceList, LIST_PAGE_LEN_MAX, ProblemDetails, TransitionView, definition_from_view,
 };
 use cnsm_snapshot::Selection;
+use cnsm_snapshot::files::SnapshotPaths;
 use cnsm_store::{BackupReport, DefinitionRow, ImportReport, VerifyReport};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -614,8 +615,9 @@ impl Api for Remote {
         &self,
         namespace: &str,
         selection: &Selection,
+        out: &mut (dyn std::io::Write + Send),
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<Vec<u8>, CliError> {
+    ) -> Result<u64, CliError> {
         let query = match selection {
             Selection::All => String::new(),
             Selection::Instance(id) => format!("?instance={}", encode(id)),
@@ -626,35 +628,39 @@ impl Api for Remote {
             }
         };
         let path = format!("{}{query}", namespace_path(namespace, "snapshot"));
-        let response = self.call("GET", &path, &[], None).await?;
-        if response.header("content-type") != Some(SNAPSHOT_MEDIA_TYPE) {
-            return Err(CliError::unavailable(format!(
-                "the server answered {:?}, not {SNAPSHOT_MEDIA_TYPE}",
-                response.header("content-type")
-            )));
-        }
+        // Streamed to `out` as it arrives; the caller checks the payload (steps 4-6) before
+        // signing, so a body that is not a snapshot stops there.
+        let downloaded = self
+            .client
+            .download("GET", &path, &[("accept", SNAPSHOT_MEDIA_TYPE)], out)
+            .await
+            .map_err(|e| CliError::unavailable(e.to_string()))?;
+        let n_bytes = downloaded.map_err(|response| problem_error(&response))?;
         progress(1, 1);
-        Ok(response.body)
+        Ok(n_bytes)
     }
 
     async fn import_snapshot(
         &self,
         namespace: &str,
-        payload: Vec<u8>,
+        payload: &SnapshotPaths,
         replace: bool,
-        progress: &mut dyn FnMut(u64, u64),
+        mut progress: Box<dyn FnMut(u64, u64) + Send>,
     ) -> Result<ImportReport, CliError> {
+        let file = payload
+            .payload()
+            .map_err(|e| CliError::invalid(e.to_string()))?;
         let path = format!(
             "{}?replace={replace}",
             namespace_path(namespace, "snapshot")
         );
         let response = self
             .client
-            .request(
+            .upload(
                 "POST",
                 &path,
                 &[("content-type", SNAPSHOT_MEDIA_TYPE)],
-                payload,
+                file,
             )
             .await
             .map_err(|e| CliError::unavailable(e.to_string()))?;

@@ -4,8 +4,10 @@ use std::sync::Arc;
 
 use cnsm_core::snapshot::{SnapshotReader, SnapshotWriter};
 use cnsm_runtime::{CreateInstance, EventRequest, Runtime, RuntimeOptions, VirtualClock};
+use cnsm_snapshot::files::{SignedOutput, SnapshotPaths, verify_file};
 use cnsm_snapshot::{
-    PublicKey, Selection, SigningKey, SnapshotFile, VerifyError, export, plan_import, verify,
+    ImportSource, PublicKey, Selection, SigningKey, SnapshotFile, VerifyError, export, export_to,
+    verify,
 };
 use cnsm_store::embedded::EmbeddedStore;
 use cnsm_store::{InstanceQuery, Store};
@@ -76,7 +78,7 @@ impl Node {
             .len()
     }
 
-    /// Verify (all six steps), then import: what `cnsmctl snapshot import` does.
+    /// Verify (all six steps), then import streamed: what `cnsmctl snapshot import` does.
     async fn import(
         &self,
         bytes: &[u8],
@@ -85,11 +87,33 @@ impl Node {
     ) -> Result<cnsm_store::ImportReport, String> {
         let file = SnapshotFile::from_bytes(bytes).map_err(|e| e.to_string())?;
         verify(&file, key).map_err(|e| e.to_string())?;
-        let plan = plan_import(&file.payload, &mut |_, _| {}).map_err(|e| e.to_string())?;
-        self.runtime
-            .import_instances(plan.definitions, plan.items, replace)
-            .await
-            .map_err(|e| e.to_string())
+        self.import_stream(file.payload, replace).await
+    }
+
+    /// Streams a payload into the runtime (`ImportSource` + `Runtime::import_stream`); the
+    /// snapshot's own failure, when there is one, wins over the store's refusal.
+    async fn import_stream(
+        &self,
+        payload: Vec<u8>,
+        replace: bool,
+    ) -> Result<cnsm_store::ImportReport, String> {
+        let (source, definitions) =
+            ImportSource::open(std::io::Cursor::new(payload), "shop", Box::new(|_, _| {}))
+                .map_err(|e| e.to_string())?;
+        let failure = source.failure();
+        let result = self
+            .runtime
+            .import_stream(definitions, Box::new(source), replace)
+            .await;
+        if let Some(failure) = failure.lock().unwrap().take() {
+            return Err(failure.to_string());
+        }
+        result.map_err(|e| e.to_string())
+    }
+
+    /// Nothing imported: no instance, no definition.
+    fn is_empty(&self) -> bool {
+        self.n_instances() == 0 && self.store().list_definitions(None).unwrap().is_empty()
     }
 }
 
@@ -231,6 +255,141 @@ async fn selections_export_one_instance_or_a_label_match() {
     ));
 }
 
+#[tokio::test]
+async fn files_stream_through_spool_verify_and_import_and_a_failure_midway_imports_nothing() {
+    let source = source().await;
+    let key = SigningKey::generate().unwrap();
+    let as_of = T0_MS + 1_000;
+    let payload = source.export_all(as_of);
+    let dir = tempfile::tempdir().unwrap();
+
+    // One file: spooled while hashed, the digest signed (deterministically, RFC 6979), so the
+    // bytes are those of signing the payload in memory.
+    let one = dir.path().join("shop.snapshot");
+    let mut output = SignedOutput::create(&one, None).unwrap();
+    let mut seen = Vec::new();
+    let n_bytes = export_to(
+        source.store(),
+        "shop",
+        &Selection::All,
+        as_of,
+        output.writer(),
+        &mut |done, total| seen.push((done, total)),
+    )
+    .unwrap();
+    assert_eq!(n_bytes, payload.len() as u64);
+    assert_eq!(seen.last(), Some(&(5, 5)));
+    let written = output.finish(&key).unwrap();
+    assert_eq!(written.payload_len, payload.len() as u64);
+    let in_memory = SnapshotFile::sign(&key, payload.clone()).unwrap();
+    assert_eq!(std::fs::read(&one).unwrap(), in_memory.to_bytes());
+    let names = |dir: &std::path::Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(
+        names(dir.path()),
+        ["shop.snapshot"],
+        "no temporary file is left"
+    );
+
+    // Detached: the payload file is the bare payload, the bundle beside it.
+    let bare = dir.path().join("shop.cbor");
+    let bundle = dir.path().join("shop.sigstore.json");
+    let mut output = SignedOutput::create(&bare, Some(&bundle)).unwrap();
+    export_to(
+        source.store(),
+        "shop",
+        &Selection::All,
+        as_of,
+        output.writer(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    output.finish(&key).unwrap();
+    assert_eq!(std::fs::read(&bare).unwrap(), payload);
+    assert_eq!(std::fs::read(&bundle).unwrap(), in_memory.bundle_json);
+
+    // An export that fails (dropped before finish) leaves nothing behind.
+    let failed = dir.path().join("failed.snapshot");
+    let mut output = SignedOutput::create(&failed, None).unwrap();
+    std::io::Write::write_all(output.writer(), b"partial").unwrap();
+    drop(output);
+    assert_eq!(
+        names(dir.path()),
+        ["shop.cbor", "shop.sigstore.json", "shop.snapshot"]
+    );
+
+    // Both layouts verify from disk in two streaming passes.
+    let public = key.public_key();
+    for paths in [
+        SnapshotPaths::open(&one, None).unwrap(),
+        SnapshotPaths::open(&bare, Some(&bundle)).unwrap(),
+    ] {
+        let summary = verify_file(&paths, &public, &mut |_, _| {}).unwrap();
+        assert_eq!(
+            (summary.n_instances, summary.payload_len),
+            (5, payload.len() as u64)
+        );
+    }
+    // A truncated file stops at the digest; a bare payload without its bundle at the layout.
+    let cut = dir.path().join("cut.snapshot");
+    let bytes = std::fs::read(&one).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() - 3]).unwrap();
+    let paths = SnapshotPaths::open(&cut, None).unwrap();
+    assert!(matches!(
+        verify_file(&paths, &public, &mut |_, _| {}),
+        Err(VerifyError::Digest { .. })
+    ));
+    assert!(matches!(
+        SnapshotPaths::open(&bare, None),
+        Err(VerifyError::Bundle(_))
+    ));
+
+    // Streamed import of the file's payload restores the same bytes.
+    let target = Node::new(as_of);
+    let paths = SnapshotPaths::open(&one, None).unwrap();
+    let (import, definitions) =
+        ImportSource::open(paths.payload().unwrap(), "shop", Box::new(|_, _| {})).unwrap();
+    let report = target
+        .runtime
+        .import_stream(definitions, Box::new(import), false)
+        .await
+        .unwrap();
+    assert_eq!(report.n_instances, 5);
+    assert_eq!(target.export_all(as_of), payload);
+
+    // A broken chain in the last instance: the first four were already written into the
+    // transaction when the fifth is refused, and nothing is left.
+    let broken = rewrite(&payload, |_, instances| {
+        let last = instances.last_mut().unwrap();
+        last.records.swap(0, 1);
+    });
+    let empty = Node::new(as_of);
+    let refused = empty.import_stream(broken, false).await.unwrap_err();
+    assert!(refused.contains("chain"), "{refused}");
+    assert!(empty.is_empty());
+    // Cut short midway, and with an instance moved to another namespace: the same.
+    let refused = empty
+        .import_stream(payload[..payload.len() - 40].to_vec(), false)
+        .await
+        .unwrap_err();
+    assert!(refused.contains("ends early"), "{refused}");
+    assert!(empty.is_empty());
+    let elsewhere = rewrite(&payload, |_, instances| {
+        let last = instances.last_mut().unwrap();
+        last.instance.namespace = "zzz".into();
+    });
+    // (Its records still name shop, so its chain check refuses it first.)
+    let refused = empty.import_stream(elsewhere, false).await.unwrap_err();
+    assert!(refused.contains("zzz/r-3"), "{refused}");
+    assert!(empty.is_empty());
+}
+
 /// Rewrites a payload through the reader and writer, letting `edit` change the parts.
 fn rewrite(
     payload: &[u8],
@@ -255,12 +414,7 @@ fn rewrite(
     );
     for entry in &instances {
         writer
-            .write_instance(
-                &mut out,
-                &entry.instance,
-                &entry.records,
-                &entry.idempotency,
-            )
+            .write_instance(&entry.instance, &entry.records, &entry.idempotency)
             .unwrap();
     }
     writer.finish().unwrap();

@@ -20,7 +20,7 @@ const NAMED_CONFLICTS_MAX: usize = 10;
 pub(super) fn import_in(
     txn: &WriteTransaction,
     definitions: &[DefinitionRow],
-    items: &[ImportItem],
+    items: &mut dyn Iterator<Item = Result<ImportItem, StoreError>>,
     replace: bool,
 ) -> Result<ImportReport, StoreError> {
     let mut t = WriteTables::open(txn)?;
@@ -61,9 +61,15 @@ pub(super) fn import_in(
         report.n_definitions_created += 1;
     }
 
-    // Every conflict is found before anything about instances is written.
+    // Items are written as they arrive. Once one conflicts, nothing more is written (the
+    // import will be refused and its transaction dropped), but the rest are still read so the
+    // refusal counts every conflict and a later unpinned revision is still reported.
+    let mut n_conflicts = 0usize;
     let mut conflicts = Vec::new();
+    let mut next_uid = meta_get(&t.meta, META_NEXT_UID)?;
+    let mut next_seq = meta_get(&t.meta, META_NEXT_SEQ)?;
     for item in items {
+        let item = item?;
         let instance = &item.instance;
         let (namespace, id) = (&*instance.namespace, &*instance.id);
         let pinned = t
@@ -78,25 +84,6 @@ pub(super) fn import_in(
                 instance.machine, instance.revision, instance.revision_hash
             )));
         }
-        if !replace && t.instances.get((namespace, id)).io()?.is_some() {
-            conflicts.push(format!("{namespace}/{id}"));
-        }
-    }
-    if !conflicts.is_empty() {
-        let n = conflicts.len();
-        conflicts.truncate(NAMED_CONFLICTS_MAX);
-        return Err(StoreError::Refused(format!(
-            "import refused: {n} instance(s) already exist ({}{}); nothing was imported (use --replace to overwrite)",
-            conflicts.join(", "),
-            if n > NAMED_CONFLICTS_MAX { ", ..." } else { "" }
-        )));
-    }
-
-    let mut next_uid = meta_get(&t.meta, META_NEXT_UID)?;
-    let mut next_seq = meta_get(&t.meta, META_NEXT_SEQ)?;
-    for item in items {
-        let instance = &item.instance;
-        let (namespace, id) = (&*instance.namespace, &*instance.id);
         let existing = t
             .instances
             .get((namespace, id))
@@ -104,6 +91,16 @@ pub(super) fn import_in(
             .map(|row| head_of(&row.value()))
             .transpose()
             .map_err(|e| StoreError::Corrupt(format!("instance {namespace}/{id}: {e}")))?;
+        if existing.is_some() && !replace {
+            n_conflicts += 1;
+            if conflicts.len() < NAMED_CONFLICTS_MAX {
+                conflicts.push(format!("{namespace}/{id}"));
+            }
+            continue;
+        }
+        if n_conflicts > 0 {
+            continue;
+        }
         if let Some(old) = existing {
             retire(&mut t, &mut retired, namespace, &old)?;
             report.n_replaced += 1;
@@ -171,6 +168,17 @@ pub(super) fn import_in(
                 .io()?;
         }
         report.n_instances += 1;
+    }
+    if n_conflicts > 0 {
+        return Err(StoreError::Refused(format!(
+            "import refused: {n_conflicts} instance(s) already exist ({}{}); nothing was imported (use --replace to overwrite)",
+            conflicts.join(", "),
+            if n_conflicts > NAMED_CONFLICTS_MAX {
+                ", ..."
+            } else {
+                ""
+            }
+        )));
     }
     t.meta.insert(META_NEXT_UID, next_uid).io()?;
     t.meta.insert(META_NEXT_SEQ, next_seq).io()?;

@@ -75,6 +75,16 @@ impl Context {
         }
     }
 
+    /// [`Context::connect`] for `snapshot export|import`: a local store is opened with a small
+    /// page cache ([`Local::open_for_snapshot`]), so memory stays bounded.
+    pub fn connect_for_snapshot(&self, access: Access) -> Result<Connection, CliError> {
+        match (&self.server, &self.store) {
+            (None, None) => Local::open_for_snapshot(&self.data_dir, access, self.flags.clone())
+                .map(Connection::Local),
+            _ => self.connect(access),
+        }
+    }
+
     /// The API for `store verify`, which must open even a damaged store.
     pub fn connect_for_verify(&self) -> Result<Connection, CliError> {
         match &self.server {

@@ -6,7 +6,8 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
-use cnsm_snapshot::{PublicKey, Selection, SigningKey, SnapshotFile, VerifyError};
+use cnsm_snapshot::files::{SignedOutput, SnapshotPaths, verify_file};
+use cnsm_snapshot::{PublicKey, Selection, SigningKey, VerifyError};
 
 use crate::api::{Access, Api};
 use crate::commands::{Context, parse_labels};
@@ -152,26 +153,28 @@ pub async fn export(context: &Context, args: &ExportArgs, out: &mut Out) -> Resu
     };
     let key = SigningKey::from_pem(&read_text(&args.key)?)
         .map_err(|e| CliError::invalid(format!("--key {}: {e}", args.key.display())))?;
-    let api = context.connect(Access::ReadOnly)?;
+    let api = context.connect_for_snapshot(Access::ReadOnly)?;
+    let cannot_write = |e: &dyn std::fmt::Display| {
+        CliError::invalid(format!("cannot write {}: {e}", args.output.display()))
+    };
+    // The payload streams to a temporary file beside the output (removed if anything fails),
+    // is checked, then signed by its digest and put in place.
+    let mut output =
+        SignedOutput::create(&args.output, args.bundle.as_deref()).map_err(|e| cannot_write(&e))?;
     let mut progress = Progress::new("exporting");
-    let payload = api
-        .export_snapshot(&context.namespace, &selection, &mut |d, t| {
-            progress.show(d, t)
-        })
-        .await?;
+    api.export_snapshot(
+        &context.namespace,
+        &selection,
+        output.writer(),
+        &mut |d, t| progress.show(d, t),
+    )
+    .await?;
     progress.done();
     drop(api);
-    let summary = cnsm_snapshot::verify_payload(&payload)
+    let payload = output.payload().map_err(|e| cannot_write(&e))?;
+    let summary = cnsm_snapshot::verify_payload_from(payload, &mut |_, _| {})
         .map_err(|e| CliError::unavailable(format!("the exported payload does not verify: {e}")))?;
-    let file = SnapshotFile::sign(&key, payload)
-        .map_err(|e| CliError::unavailable(format!("signing failed: {e}")))?;
-    match &args.bundle {
-        Some(bundle) => {
-            write_file(&args.output, &file.payload, false)?;
-            write_file(bundle, &file.bundle_json, false)?;
-        }
-        None => write_file(&args.output, &file.to_bytes(), false)?,
-    }
+    output.finish(&key).map_err(|e| cannot_write(&e))?;
     out.line(format_args!(
         "snapshot {}: {} instance(s), {} record(s), {} definition revision(s), {} bytes, signed by key {}",
         args.output.display(),
@@ -186,8 +189,11 @@ pub async fn export(context: &Context, args: &ExportArgs, out: &mut Out) -> Resu
 
 /// `snapshot verify`.
 pub fn verify(args: &VerifyArgs, out: &mut Out) -> Result<u8, CliError> {
-    let (file, public) = read_snapshot(args)?;
-    let summary = cnsm_snapshot::verify(&file, &public).map_err(rejected)?;
+    let (paths, public) = open_snapshot(args)?;
+    let mut progress = Progress::new("verifying");
+    let summary =
+        verify_file(&paths, &public, &mut |d, t| progress.show(d, t)).map_err(rejected)?;
+    progress.done();
     out.line(format_args!(
         "VERIFIED {}: {} instance(s), {} record(s), {} definition revision(s), as of {}, key {}",
         args.file.display(),
@@ -200,21 +206,26 @@ pub fn verify(args: &VerifyArgs, out: &mut Out) -> Result<u8, CliError> {
     Ok(EXIT_OK)
 }
 
-/// `snapshot import`.
+/// `snapshot import`: verified first (two streaming passes), then streamed into the
+/// deployment, which checks it again while it imports, all or nothing.
 pub async fn import(context: &Context, args: &ImportArgs, out: &mut Out) -> Result<u8, CliError> {
-    let (file, public) = read_snapshot(&args.verify)?;
-    let summary = cnsm_snapshot::verify(&file, &public).map_err(rejected)?;
-    let api = context.connect(Access::Mutating)?;
+    let (paths, public) = open_snapshot(&args.verify)?;
+    let summary = verify_file(&paths, &public, &mut |_, _| {}).map_err(rejected)?;
+    let api = context.connect_for_snapshot(Access::Mutating)?;
     let mut progress = Progress::new("importing");
     let report = api
         .import_snapshot(
             &context.namespace,
-            file.payload,
+            &paths,
             args.replace,
-            &mut |d, t| progress.show(d, t),
+            Box::new(move |d, t| {
+                progress.show(d, t);
+                if d == t {
+                    progress.done();
+                }
+            }),
         )
         .await?;
-    progress.done();
     out.line(format_args!(
         "imported {}: {} instance(s) ({} replaced), {} record(s), {} new definition revision(s), {} timer(s); snapshot as of {}",
         args.verify.file.display(),
@@ -237,24 +248,18 @@ fn rejected(error: VerifyError) -> CliError {
         VerifyError::Encoding(_) | VerifyError::Format(_) => "4 (encoding)",
         VerifyError::Chain(_) => "5 (hash chain)",
         VerifyError::Definition(_) => "6 (definition)",
+        VerifyError::Io(detail) => return CliError::invalid(detail.clone()),
         _ => "?",
     };
     CliError::invalid(format!("snapshot rejected at step {step}: {error}"))
 }
 
-fn read_snapshot(args: &VerifyArgs) -> Result<(SnapshotFile, PublicKey), CliError> {
+fn open_snapshot(args: &VerifyArgs) -> Result<(SnapshotPaths, PublicKey), CliError> {
     let public = PublicKey::from_pem(&read_text(&args.public_key)?).map_err(|e| {
         CliError::invalid(format!("--public-key {}: {e}", args.public_key.display()))
     })?;
-    let bytes = read_bytes(&args.file)?;
-    let file = match &args.bundle {
-        Some(bundle) => SnapshotFile {
-            bundle_json: read_bytes(bundle)?,
-            payload: bytes,
-        },
-        None => SnapshotFile::from_bytes(&bytes).map_err(rejected)?,
-    };
-    Ok((file, public))
+    let paths = SnapshotPaths::open(&args.file, args.bundle.as_deref()).map_err(rejected)?;
+    Ok((paths, public))
 }
 
 fn read_bytes(path: &Path) -> Result<Vec<u8>, CliError> {
@@ -304,24 +309,34 @@ fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-/// A one-line progress bar on stderr when it is a terminal (nothing otherwise).
+/// Progress on stderr: a one-line bar when stderr is a terminal, otherwise a count line at
+/// each tenth of the way (for logs).
 struct Progress {
     label: &'static str,
-    on: bool,
+    terminal: bool,
     shown: bool,
+    next_line_at: u64,
 }
 
 impl Progress {
     fn new(label: &'static str) -> Progress {
         Progress {
             label,
-            on: std::io::stderr().is_terminal(),
+            terminal: std::io::stderr().is_terminal(),
             shown: false,
+            next_line_at: 0,
         }
     }
 
     fn show(&mut self, done: u64, total: u64) {
-        if !self.on || total == 0 {
+        if total == 0 {
+            return;
+        }
+        if !self.terminal {
+            if done >= self.next_line_at {
+                eprintln!("{}: {done}/{total} instances", self.label);
+                self.next_line_at = done + total.div_ceil(10).max(1);
+            }
             return;
         }
         let width = 30u64;
