@@ -1,6 +1,7 @@
 //! Stress: two runtimes (`shared_store`) over one PostgreSQL schema race many `If-Match`
 //! (expected version) events on a few instances, with one transaction per batch and with one
-//! per item. Every send is bounded: each must be answered (committed, `StaleState` or
+//! per item, from tasks on the workers and from the future `block_on` runs (both nodes' sends
+//! in one `join!`). Every send is bounded: each must be answered (committed, `StaleState` or
 //! `RaceCondition`) well within the bound, and the instances' versions, data and histories must
 //! agree with the answers.
 
@@ -79,11 +80,7 @@ fn cluster(per_item: bool) -> Option<Cluster> {
             .expect("the runtime starts")
         })
         .collect();
-    Some(Cluster {
-        url,
-        schema,
-        nodes,
-    })
+    Some(Cluster { url, schema, nodes })
 }
 
 fn race(per_item: bool) {
@@ -154,6 +151,47 @@ fn race(per_item: bool) {
                 }));
             }
         }
+        // Meanwhile the future `block_on` runs races both nodes in one `join!` (store calls of
+        // one send block this thread while the other's answer may arrive).
+        let mut round = 0usize;
+        while Instant::now() < until {
+            let i = round % N_INSTANCES;
+            round += 1;
+            let id = format!("c{i}");
+            let version = first.instance("default", &id).await.unwrap().version;
+            let sends = cluster.nodes.iter().map(|node| {
+                let send = node.send(
+                    "default",
+                    &id,
+                    EventRequest::new("add").expected_version(version),
+                );
+                tokio::time::timeout(ANSWER_WITHIN, send)
+            });
+            let (a, b) = {
+                let mut sends = sends;
+                let (a, b) = (sends.next().unwrap(), sends.next().unwrap());
+                tokio::join!(a, b)
+            };
+            for result in [a, b] {
+                let Ok(result) = result else {
+                    panic!(
+                        "per_item={per_item}: a joined send on {id} at version {version} got \
+                         no answer in {ANSWER_WITHIN:?}"
+                    );
+                };
+                match result {
+                    Ok(outcome) => {
+                        assert_eq!(outcome.instance.version, version + 1);
+                        committed[i].fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(RuntimeError::Transition(
+                        TransitionError::StaleState { .. } | TransitionError::RaceCondition { .. },
+                    )) => {}
+                    Err(other) => panic!("per_item={per_item}: unexpected {other:?}"),
+                }
+                n_answers.fetch_add(1, Ordering::SeqCst);
+            }
+        }
         for task in tasks {
             task.await.expect("a racing task panicked");
         }
@@ -164,11 +202,18 @@ fn race(per_item: bool) {
             let id = format!("c{i}");
             for node in &cluster.nodes {
                 let instance = node.instance("default", &id).await.unwrap();
-                assert_eq!(instance.version, count, "{id}: one version per committed send");
+                assert_eq!(
+                    instance.version, count,
+                    "{id}: one version per committed send"
+                );
                 assert_eq!(instance.data["n"], serde_json::json!(count));
             }
             let history = first.history("default", &id, 0, 0).await.unwrap();
-            assert_eq!(history.len() as u64, count + 1, "{id}: genesis and each commit");
+            assert_eq!(
+                history.len() as u64,
+                count + 1,
+                "{id}: genesis and each commit"
+            );
         }
         assert!(n_committed > 0, "some sends committed");
         assert!(first.store().verify().unwrap().is_ok());
