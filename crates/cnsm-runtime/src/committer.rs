@@ -1725,3 +1725,80 @@ pub(crate) fn generate_id(machine: &str) -> String {
     );
     format!("{machine}-{:012x}", hasher.finish() & 0xffff_ffff_ffff)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event_waiter(item: usize, retry: bool) -> (Waiter, oneshot::Receiver<EventReply>) {
+        let (reply, rx) = oneshot::channel();
+        let retry = retry.then(|| {
+            Box::new(RetryEvent {
+                key: ("default".into(), "c".into()),
+                event: EventRequest::new("add"),
+                received: std::time::Instant::now(),
+            })
+        });
+        let waiter = Waiter::Applied {
+            item,
+            replayed: false,
+            reply: OutcomeReply::Event(reply),
+            retry,
+        };
+        (waiter, rx)
+    }
+
+    /// After a shared-store batch lost races, every waiter still holds its reply: an event
+    /// without expected version comes back as a command to re-apply (while retries are left) or
+    /// fails `Unavailable`; an `If-Match` event and a committed one stay to be answered.
+    #[test]
+    fn lost_races_keep_every_reply() {
+        for attempt in [0, SHARED_RETRIES_MAX - 1, SHARED_RETRIES_MAX] {
+            let conflict = ItemOutcome::Conflict { actual: Some(3) };
+            let outcomes = [conflict, conflict, ItemOutcome::Committed { uid: 1 }];
+            let (waiters, mut receivers): (Vec<_>, Vec<_>) =
+                [(0, true), (1, false), (2, true), (0, true)]
+                    .into_iter()
+                    .map(|(item, retry)| event_waiter(item, retry))
+                    .unzip();
+            let (kept, retries) = split_lost_races(waiters, &outcomes, attempt);
+            let n_retried = if attempt < SHARED_RETRIES_MAX { 2 } else { 0 };
+            assert_eq!(retries.len(), n_retried, "attempt {attempt}");
+            assert_eq!(kept.len(), 4 - n_retried, "attempt {attempt}");
+            if attempt == SHARED_RETRIES_MAX {
+                let n_failed = kept
+                    .iter()
+                    .filter(|w| {
+                        matches!(w, Waiter::EventFailed { error: RuntimeError::Unavailable(m), .. }
+                            if m.contains("contended"))
+                    })
+                    .count();
+                assert_eq!(n_failed, 2);
+            }
+            // Answer what was kept, and the re-queued commands as a later batch would.
+            fail_all(kept, "answered");
+            for command in retries {
+                let Command::Event {
+                    reply,
+                    event,
+                    flags,
+                    ..
+                } = command
+                else {
+                    panic!("a retry is an event command");
+                };
+                assert!(flags.is_none(), "flag decisions are asked for again");
+                assert_eq!(event.name, "add");
+                let _ = reply.send(EventReply::Done(Err(RuntimeError::Unavailable(
+                    "retried".into(),
+                ))));
+            }
+            for (index, rx) in receivers.iter_mut().enumerate() {
+                assert!(
+                    matches!(rx.try_recv(), Ok(EventReply::Done(Err(_)))),
+                    "attempt {attempt}: waiter {index} got no answer"
+                );
+            }
+        }
+    }
+}

@@ -780,11 +780,20 @@ async fn timed_out_requests_are_timeout_errors_and_durations_keep_exemplars() {
     assert!(matches!(error, RuntimeError::Timeout(_)), "{error:?}");
     let t1 = runtime.instance("default", "t-1").await.unwrap();
     assert_eq!(t1.version, 1, "the timed-out suspend was not applied");
-    let timed_out: Vec<String> = transitions(&spans)
-        .into_iter()
-        .filter(|s| attr(s, "error.type").as_deref() == Some("Timeout"))
-        .filter_map(|s| attr(&s, "cnsm.trigger"))
-        .collect();
+    // The callers got Timeout at once (their deadline had passed); the committer refuses the
+    // queued commands, and ends their spans, when it takes them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let timed_out = loop {
+        let timed_out: Vec<String> = transitions(&spans)
+            .into_iter()
+            .filter(|s| attr(s, "error.type").as_deref() == Some("Timeout"))
+            .filter_map(|s| attr(&s, "cnsm.trigger"))
+            .collect();
+        if timed_out.len() >= 3 || std::time::Instant::now() > deadline {
+            break timed_out;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(timed_out, ["event", "create", "control"]);
     metrics.reset();
     meters.force_flush().unwrap();

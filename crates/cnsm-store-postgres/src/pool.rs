@@ -164,9 +164,10 @@ impl Bridge {
 
     /// Runs `future` on the store's runtime and waits for it, with the operation deadline.
     ///
-    /// Safe from any thread: a plain thread blocks on the runtime; a worker of a multi-thread
-    /// tokio runtime steps out of the worker pool first (`block_in_place`); from a
-    /// current-thread runtime the wait happens on a helper thread, because blocking that
+    /// Safe from any thread: a plain thread blocks on the runtime; inside a multi-thread tokio
+    /// runtime (a worker, or the thread running its `block_on`) the call steps out of it first
+    /// (`block_in_place`) and waits with [`wait_on`], never a nested `block_on` (see there);
+    /// from a current-thread runtime the wait happens on a helper thread, because blocking that
     /// runtime's only thread inside `block_on` would panic.
     pub(crate) fn run<T: Send>(
         &self,
@@ -186,7 +187,10 @@ impl Bridge {
         match tokio::runtime::Handle::try_current() {
             Err(_) => runtime.block_on(bounded),
             Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| runtime.block_on(bounded))
+                tokio::task::block_in_place(|| {
+                    let _store_runtime = runtime.enter();
+                    wait_on(bounded)
+                })
             }
             Ok(_) => std::thread::scope(|scope| {
                 scope
@@ -195,6 +199,54 @@ impl Bridge {
                     .unwrap_or_else(|_| Err(StoreError::Io("a PostgreSQL call panicked".into())))
             }),
         }
+    }
+}
+
+/// Polls `future` to completion on this thread, sleeping between polls on a signal of its own;
+/// the store's runtime (entered by the caller) drives its I/O and timers from its workers.
+///
+/// A runtime's `block_on` sleeps on the thread's tokio parker, the same one an enclosing
+/// `block_on` of the caller's runtime sleeps on when this call comes from the future it runs.
+/// A wake-up for that outer future (say, the answer to another request in the same `join!`)
+/// arriving during the nested wait would unpark the nested `block_on` and be used up there,
+/// and the outer future would sleep on with its answer ready until something else woke it.
+/// This wait leaves the thread's parker alone, so such a wake-up stays pending for the outer
+/// future.
+fn wait_on<F: Future>(future: F) -> F::Output {
+    use std::sync::{Condvar, PoisonError};
+    use std::task::{Context, Poll, Wake, Waker};
+
+    #[derive(Default)]
+    struct Signal {
+        woken: Mutex<bool>,
+        condvar: Condvar,
+    }
+    impl Wake for Signal {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            *self.woken.lock().unwrap_or_else(PoisonError::into_inner) = true;
+            self.condvar.notify_one();
+        }
+    }
+
+    let signal = Arc::new(Signal::default());
+    let waker = Waker::from(Arc::clone(&signal));
+    let mut context = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            return output;
+        }
+        let mut woken = signal.woken.lock().unwrap_or_else(PoisonError::into_inner);
+        while !*woken {
+            woken = signal
+                .condvar
+                .wait(woken)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        *woken = false;
     }
 }
 

@@ -11,6 +11,7 @@ mod conformance_per_item;
 mod copy;
 mod delivery;
 mod nodes;
+mod race;
 mod runtime;
 
 use std::sync::atomic::{AtomicU64, Ordering};

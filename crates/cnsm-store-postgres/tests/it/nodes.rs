@@ -398,6 +398,46 @@ fn works_from_inside_tokio_runtimes() {
     });
 }
 
+/// A store call made from the `block_on` thread of a multi-thread runtime does not swallow a
+/// wake-up meant for the future that thread is running: here a oneshot is answered while the
+/// same `join!` blocks in a one-second query. Waiting on the store's runtime with a nested
+/// `block_on` used that thread's tokio parker and consumed the notification, so the answered
+/// future slept until something else woke it (two runtimes racing `If-Match` sends in one
+/// `join!` saw answers arrive 30 s late, at their timeout).
+#[test]
+fn a_store_call_on_a_block_on_thread_keeps_its_wake_ups() {
+    let Some(schema) = Schema::new() else { return };
+    let store = schema.open();
+    let multi = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let (answered, woken_after) = multi.block_on(async {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let waiting = async {
+            let answer = tokio::time::timeout(Duration::from_secs(20), rx).await;
+            (answer, started.elapsed())
+        };
+        let blocking = async {
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                let _ = tx.send(());
+            });
+            store.batch_execute("SELECT pg_sleep(1)").unwrap();
+        };
+        let ((answer, woken_after), ()) = tokio::join!(waiting, blocking);
+        (answer.map(|a| a.is_ok()), woken_after)
+    });
+    // The timeout polls its future first, so a lost wake-up still ends Ok, 20 s late.
+    assert_eq!(answered, Ok(true));
+    assert!(
+        woken_after < Duration::from_secs(8),
+        "the answer was seen only after {woken_after:?}"
+    );
+}
+
 /// A batch that advances an instance twice, after another node committed its own next record:
 /// both items conflict (the second names the right version but the losing record as its
 /// previous one), and the rest of the batch commits.

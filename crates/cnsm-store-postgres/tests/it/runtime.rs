@@ -79,6 +79,7 @@ fn multi_thread() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+#[test]
 fn events_from_two_nodes_all_commit_once() {
     let Some(nodes) = nodes(2) else { return };
     multi_thread().block_on(async {
@@ -120,6 +121,7 @@ fn events_from_two_nodes_all_commit_once() {
     });
 }
 
+#[test]
 fn expected_version_race_across_nodes_has_one_winner() {
     let Some(nodes) = nodes(2) else { return };
     multi_thread().block_on(async {
@@ -151,6 +153,7 @@ fn expected_version_race_across_nodes_has_one_winner() {
     });
 }
 
+#[test]
 fn a_timer_fires_exactly_once_across_nodes() {
     let Some(nodes) = nodes(3) else { return };
     multi_thread().block_on(async {
@@ -197,10 +200,7 @@ fn a_timer_fires_exactly_once_across_nodes() {
     });
 }
 
-/// The multi-node runtime scenarios, one after the other in one test: run concurrently with each
-/// other on a loaded 2-core machine, the `If-Match` race has been seen to leave one request
-/// without an answer (both committers idle) — an open defect of the shared-store runtime, see
-/// docs/postgres.md "Limits".
+/// An `If-Match` send, bounded so that a lost answer fails the test instead of hanging it.
 async fn bounded_send(
     runtime: &Runtime,
     round: u64,
@@ -213,11 +213,4 @@ async fn bounded_send(
     tokio::time::timeout(Duration::from_secs(30), send)
         .await
         .unwrap_or_else(|_| panic!("round {round}: a send got no answer in 30 s"))
-}
-
-#[test]
-fn multi_node_runtimes() {
-    a_timer_fires_exactly_once_across_nodes();
-    events_from_two_nodes_all_commit_once();
-    expected_version_race_across_nodes_has_one_winner();
 }
