@@ -1510,8 +1510,19 @@ impl Committer {
                 v.remove(key);
             }
         }
-        // Drop final instances from the cache: nothing more happens to them.
-        self.cache.retain(|_, c| !c.instance.status.is_final());
+        // Drop the batch's final instances from the cache: nothing more happens to them. (Only
+        // the batch's keys: a scan of the whole cache per batch costs O(cache), which on a
+        // store of a million instances was most of the committer's time.)
+        for (item, key) in items.iter().zip(item_keys) {
+            if item.instance.status.is_final()
+                && self
+                    .cache
+                    .get(key)
+                    .is_some_and(|c| c.instance.status.is_final())
+            {
+                self.cache.remove(key);
+            }
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! Every [`Store::commit`] is one redb write transaction for the whole batch (group commit),
 //! made durable before it returns: by default through the write-ahead log beside the file (one
-//! sequential `fdatasync` per batch, redb's own durable commit every couple of seconds as a
+//! sequential `fdatasync` per batch, redb's own durable commit every quarter second as a
 //! checkpoint; see [`wal`]), or, with the log turned off, by a durable redb commit
 //! ([`Durability::Immediate`]) each. Instances get a store-local `uid` (never reused) at creation
 //! so that the big tables key on integers.
@@ -253,7 +253,7 @@ pub struct EmbeddedOptions {
     pub quick_repair: bool,
     /// Make transition batches durable through a write-ahead log beside the file
     /// (`cnsm.redb.wal`) instead of a durable redb commit each (default `true`): one sequential
-    /// `fdatasync` per batch, with a durable redb commit (a checkpoint) every couple of seconds.
+    /// `fdatasync` per batch, with a durable redb commit (a checkpoint) every quarter second.
     /// Durability is the same either way; see `ARCHITECTURE.md`.
     pub write_ahead_log: bool,
     /// The memory redb may use to cache pages, written ones of an open transaction included

@@ -49,8 +49,11 @@ const CHECKSUM_DOMAIN: &[u8] = b"cnsm.wal.frame.v1";
 const FRAME_LEN_MAX: usize = 1 << 30;
 
 /// Take a checkpoint (a durable redb commit, then empty the log) at least this often while
-/// transitions are committed.
-pub(crate) const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
+/// transitions are committed. Short on purpose: a checkpoint flushes what the non-durable
+/// commits since the last one dirtied, and the committer waits for it; with 2 s a store of a
+/// million instances stalled 20-40 ms per checkpoint (timer lateness p99 20-28 ms), with 250 ms
+/// a few (p99 9-11 ms), at no throughput cost (BENCHMARKS.md).
+pub(crate) const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 /// ... or when the log grows past this many bytes.
 pub(crate) const CHECKPOINT_BYTES: u64 = 64 << 20;
 
