@@ -138,29 +138,31 @@ fn apply_path(machine: &Machine, n_orders: usize, telemetry: &Telemetry) -> Run 
     (rate, thread_cpu, (process_cpu_s() - cpu) / n as f64)
 }
 
-/// User + system CPU seconds of this process, all threads (`/proc/self/stat`, clock ticks of
-/// 10 ms: meaningful over runs of a second or more).
+/// CPU seconds of this process, all threads: the sum of each thread's time on a CPU in
+/// `/proc/self/task/*/schedstat` (nanoseconds).
 fn process_cpu_s() -> f64 {
-    cpu_s("/proc/self/stat")
+    std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .filter_map(Result::ok)
+                .map(|t| schedstat_s(&t.path().join("schedstat")))
+                .sum()
+        })
+        .unwrap_or(0.0)
 }
 
-/// User + system CPU seconds of the calling thread (the committer's part).
+/// CPU seconds of the calling thread (the committer's part), from `/proc/thread-self/schedstat`.
 fn thread_cpu_s() -> f64 {
-    cpu_s("/proc/thread-self/stat")
+    schedstat_s(std::path::Path::new("/proc/thread-self/schedstat"))
 }
 
-fn cpu_s(path: &str) -> f64 {
-    let stat = std::fs::read_to_string(path).unwrap_or_default();
-    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // Fields 14 and 15 of proc_pid_stat(5), counted after the name: the 12th and 13th.
-    (ticks(11) + ticks(12)) / 100.0
+/// The first field of a `schedstat` file: time spent on a CPU, in nanoseconds.
+fn schedstat_s(path: &std::path::Path) -> f64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        * 1e-9
 }
 
 /// One run: transitions/s, then CPU seconds per transition of the committer's thread and of

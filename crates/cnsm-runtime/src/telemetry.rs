@@ -781,12 +781,15 @@ impl LocalMetrics {
         }
     }
 
+    /// Merged by the state's allocation (states of one revision share theirs), so the scan
+    /// compares pointers, not names; the same name from another allocation gets its own entry
+    /// and the entries are summed by name when applied.
     fn active(&mut self, machine: u32, state: &Arc<str>, delta: i64) {
         match self
             .active_delta
             .iter_mut()
             .take(LOCAL_MERGE_MAX)
-            .find(|(m, s, _)| *m == machine && s == state)
+            .find(|(m, s, _)| *m == machine && Arc::ptr_eq(s, state))
         {
             Some((_, _, n)) => *n += delta,
             None => self.active_delta.push((machine, Arc::clone(state), delta)),
@@ -1249,6 +1252,10 @@ mod tests {
         );
         assert_eq!(local.active_delta.len(), 1);
         assert_eq!(local.active_delta[0].2, 0);
+        // The same name in another allocation: its own entry (summed by name when applied).
+        let s_again: Arc<str> = Arc::from("s");
+        local.active(ia, &s_again, 1);
+        assert_eq!(local.active_delta.len(), 2);
         // Past LOCAL_MERGE_MAX distinct entries, more are appended unmerged (summed later).
         local.begin_batch();
         for i in 0..LOCAL_MERGE_MAX + 10 {
