@@ -13,6 +13,9 @@
 //! PostgreSQL store instead of the embedded one, and `CNSM_BATCH_LEN_MAX` is passed on to the
 //! server: 1 makes one database transaction per event).
 //!
+//! `CNSM_BENCH_TARGET_URL` alone loads a `cnsmctl serve` already running there (to read its
+//! `/metrics` afterwards) instead of starting one.
+//!
 //! Peers, same generator: `CNSM_BENCH_TARGET=restate` or `dbos` with `CNSM_BENCH_TARGET_URL`
 //! (`http://127.0.0.1:PORT`) drives an already running peer instead of starting `cnsmctl serve`
 //! (bench/restate/run.sh and bench/dbos/run.sh start them): the same 1,000 instances created
@@ -564,7 +567,8 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    if target != Target::Cnsm {
+    // A cnsm server already running (to read its /metrics after the load) is named the same way.
+    if target != Target::Cnsm || std::env::var_os("CNSM_BENCH_TARGET_URL").is_some() {
         let url = std::env::var("CNSM_BENCH_TARGET_URL")
             .expect("CNSM_BENCH_TARGET_URL (http://HOST:PORT) names the peer to load");
         let addr = url
