@@ -576,6 +576,27 @@ struct Pending {
     redrive: bool,
 }
 
+impl Pending {
+    /// A record to deliver, due now, not yet attempted.
+    fn new(
+        instance: (Arc<str>, Arc<str>),
+        record: &StateChangeEvent,
+        hash: &Hash32,
+        redrive: bool,
+    ) -> Pending {
+        Pending {
+            instance,
+            version: record.version,
+            event_id: event_id(record, hash),
+            body: cloud_event(record, hash).into(),
+            n_attempts: 0,
+            next_at: Instant::now(),
+            in_flight: false,
+            redrive,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Stats {
     delivered: u64,
@@ -927,16 +948,7 @@ impl State {
         let instance = (Arc::clone(&record.namespace), Arc::clone(&record.instance));
         target.pending.insert(
             position,
-            Pending {
-                instance: instance.clone(),
-                version: record.version,
-                event_id: event_id(&record, &sealed.hash),
-                body: cloud_event(&record, &sealed.hash).into(),
-                n_attempts: 0,
-                next_at: Instant::now(),
-                in_flight: false,
-                redrive: false,
-            },
+            Pending::new(instance.clone(), &record, &sealed.hash, false),
         );
         target
             .queues
@@ -1053,16 +1065,7 @@ impl State {
         queue.insert(index, position);
         target.pending.insert(
             position,
-            Pending {
-                instance,
-                version: record.version,
-                event_id: event_id(&record, &sealed.hash),
-                body: cloud_event(&record, &sealed.hash).into(),
-                n_attempts: 0,
-                next_at: Instant::now(),
-                in_flight: false,
-                redrive: true,
-            },
+            Pending::new(instance, &record, &sealed.hash, true),
         );
         true
     }

@@ -48,22 +48,11 @@ impl SnapshotPaths {
         file.take((FILE_MAGIC.len() + bundle::BUNDLE_LEN_MAX + 1) as u64)
             .read_to_end(&mut head)
             .map_err(|e| cannot(path, e))?;
-        let rest = head.strip_prefix(FILE_MAGIC).ok_or_else(|| {
-            VerifyError::Bundle(
-                "not a one-file cnsm snapshot (no `cnsm-snapshot v1` first line); \
-                 for a detached bundle pass --bundle"
-                    .into(),
-            )
-        })?;
-        let end = rest
-            .iter()
-            .take(bundle::BUNDLE_LEN_MAX + 1)
-            .position(|b| *b == b'\n')
-            .ok_or_else(|| VerifyError::Bundle("the bundle line is not terminated".into()))?;
+        let (bundle_json, payload_at) = crate::split_head(&head)?;
         Ok(SnapshotPaths {
-            bundle_json: rest[..end].to_vec(),
+            bundle_json: bundle_json.to_vec(),
             payload_path: path.to_owned(),
-            payload_offset: (FILE_MAGIC.len() + end + 1) as u64,
+            payload_offset: payload_at as u64,
         })
     }
 

@@ -81,22 +81,47 @@ impl SnapshotFile {
     /// Splits a one-file snapshot; a missing magic line or bundle line is a
     /// [`VerifyError::Bundle`] (step 1).
     pub fn from_bytes(bytes: &[u8]) -> Result<SnapshotFile, VerifyError> {
-        let rest = bytes.strip_prefix(FILE_MAGIC).ok_or_else(|| {
-            VerifyError::Bundle(
-                "not a one-file cnsm snapshot (no `cnsm-snapshot v1` first line); \
-                 for a detached bundle pass --bundle"
-                    .into(),
-            )
-        })?;
-        let end = rest
-            .iter()
-            .take(bundle::BUNDLE_LEN_MAX + 1)
-            .position(|b| *b == b'\n')
-            .ok_or_else(|| VerifyError::Bundle("the bundle line is not terminated".into()))?;
+        let (bundle_json, payload_at) = split_head(bytes)?;
         Ok(SnapshotFile {
-            bundle_json: rest[..end].to_vec(),
-            payload: rest[end + 1..].to_vec(),
+            bundle_json: bundle_json.to_vec(),
+            payload: bytes[payload_at..].to_vec(),
         })
+    }
+}
+
+/// The head of a one-file snapshot: the bundle line, and where the payload starts. A missing
+/// magic line or an unterminated bundle line is a [`VerifyError::Bundle`] (step 1).
+pub(crate) fn split_head(head: &[u8]) -> Result<(&[u8], usize), VerifyError> {
+    let rest = head.strip_prefix(FILE_MAGIC).ok_or_else(|| {
+        VerifyError::Bundle(
+            "not a one-file cnsm snapshot (no `cnsm-snapshot v1` first line); \
+             for a detached bundle pass --bundle"
+                .into(),
+        )
+    })?;
+    let end = rest
+        .iter()
+        .take(bundle::BUNDLE_LEN_MAX + 1)
+        .position(|b| *b == b'\n')
+        .ok_or_else(|| VerifyError::Bundle("the bundle line is not terminated".into()))?;
+    Ok((&rest[..end], FILE_MAGIC.len() + end + 1))
+}
+
+/// A snapshot entry as the store imports it.
+pub(crate) fn import_item(entry: cnsm_core::snapshot::SnapshotInstance) -> ImportItem {
+    ImportItem {
+        instance: entry.instance,
+        records: entry.records,
+        idempotency: entry
+            .idempotency
+            .into_iter()
+            .map(|k| IdempotencyEntry {
+                key: k.key,
+                request_hash: k.request_hash,
+                version: k.version,
+                expires_ms: k.expires_ms,
+            })
+            .collect(),
     }
 }
 
@@ -284,20 +309,7 @@ pub fn plan_import(
     let (summary, definitions) = read_payload(
         payload,
         &mut |entry| {
-            items.push(ImportItem {
-                instance: entry.instance,
-                records: entry.records,
-                idempotency: entry
-                    .idempotency
-                    .into_iter()
-                    .map(|k| IdempotencyEntry {
-                        key: k.key,
-                        request_hash: k.request_hash,
-                        version: k.version,
-                        expires_ms: k.expires_ms,
-                    })
-                    .collect(),
-            });
+            items.push(import_item(entry));
             Ok(())
         },
         progress,

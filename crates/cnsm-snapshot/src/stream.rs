@@ -8,7 +8,7 @@ use std::io::{BufRead, Write};
 use std::sync::{Arc, Mutex};
 
 use cnsm_core::snapshot::{PinnedRevision, SnapshotReader, check_pins, pin_of, verify_instance};
-use cnsm_store::{DefinitionRow, IdempotencyEntry, ImportItem, StoreError};
+use cnsm_store::{DefinitionRow, ImportItem, StoreError};
 use sha2::{Digest, Sha256};
 
 use crate::VerifyError;
@@ -187,20 +187,7 @@ impl<R: BufRead> Iterator for ImportSource<R> {
         if self.n_done.is_multiple_of(1000) {
             (self.progress)(self.n_done, self.reader.n_instances());
         }
-        Some(Ok(ImportItem {
-            instance: entry.instance,
-            records: entry.records,
-            idempotency: entry
-                .idempotency
-                .into_iter()
-                .map(|k| IdempotencyEntry {
-                    key: k.key,
-                    request_hash: k.request_hash,
-                    version: k.version,
-                    expires_ms: k.expires_ms,
-                })
-                .collect(),
-        }))
+        Some(Ok(crate::import_item(entry)))
     }
 }
 

@@ -14,12 +14,9 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use cnsm_runtime::delivery::{self, Deliverer, DeliveryOptions, RedriveRequest};
-use cnsm_runtime::{CreateInstance, EventRequest, Runtime, RuntimeOptions};
+use cnsm_runtime::{CreateInstance, EventRequest, Runtime};
 use cnsm_server::delivery_transport::HttpTransport;
 use cnsm_store::{DeadLetter, Store};
-use cnsm_store_postgres::PostgresStore;
-
-use crate::{drop_schema, options, test_url, unique_schema};
 
 const TARGET: &str = "default/orders/worker";
 const SECRET: &[u8] = b"s-worker";
@@ -151,10 +148,9 @@ fn check_order(seen: &Seen) {
 
 #[test]
 fn two_nodes_deliver_every_transition_and_take_over_after_the_lease() {
-    let Some(url) = test_url() else {
+    let Some(nodes) = crate::nodes(2, false) else {
         return;
     };
-    let schema = unique_schema();
     let io = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -169,21 +165,7 @@ fn two_nodes_deliver_every_transition_and_take_over_after_the_lease() {
             .with_state(Arc::clone(&seen));
         tokio::spawn(async move { axum::serve(listener, app).await });
 
-        let runtimes: Vec<Runtime> = (0..2)
-            .map(|i| {
-                let store = PostgresStore::open(&url, options(&schema)).expect("the store opens");
-                Runtime::open_shared(
-                    Arc::new(store),
-                    RuntimeOptions {
-                        shared_store: true,
-                        node_id: format!("node-{i}"),
-                        timer_poll_ms: 50,
-                        ..RuntimeOptions::default()
-                    },
-                )
-                .expect("the runtime starts")
-            })
-            .collect();
+        let runtimes = &nodes.runtimes;
         runtimes[0].apply_yaml(&machine(&hook), None).await.unwrap();
         let deliverers = [
             start_deliverer(&runtimes[0], "node-0"),
@@ -196,7 +178,7 @@ fn two_nodes_deliver_every_transition_and_take_over_after_the_lease() {
                 .await
                 .unwrap();
         }
-        tick(&runtimes, &ids, 5).await;
+        tick(runtimes, &ids, 5).await;
         let store = Arc::clone(runtimes[0].store());
         let (before, _) = committed(store.as_ref());
         assert_eq!(before.len(), 4 * 6);
@@ -228,7 +210,7 @@ fn two_nodes_deliver_every_transition_and_take_over_after_the_lease() {
             })
             .unwrap();
         let stopped = Instant::now();
-        tick(&runtimes, &ids, 2).await;
+        tick(runtimes, &ids, 2).await;
         for (i, id) in ids.iter().enumerate() {
             runtimes[i % 2]
                 .send("default", id, EventRequest::new("close"))
@@ -303,9 +285,5 @@ fn two_nodes_deliver_every_transition_and_take_over_after_the_lease() {
         )
         .await;
         deliverers[other].stop();
-        for runtime in &runtimes {
-            runtime.shutdown();
-        }
     });
-    drop_schema(&url, &schema);
 }

@@ -61,6 +61,58 @@ pub fn drop_schema(url: &str, schema: &str) {
     let _ = store.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
 }
 
+/// Runtimes over one fresh schema, as the nodes of one deployment (`node-0`, `node-1`, ...),
+/// each with its own store handle; shut down, and the schema dropped, with it.
+pub struct Nodes {
+    pub url: String,
+    pub schema: String,
+    pub runtimes: Vec<cnsm_runtime::Runtime>,
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for runtime in &self.runtimes {
+            runtime.shutdown();
+        }
+        self.runtimes.clear();
+        drop_schema(&self.url, &self.schema);
+    }
+}
+
+/// `n` nodes (see [`Nodes`]), their stores opened with
+/// [`PostgresOptions::transaction_per_item`] when `per_item`; `None` without a test database.
+pub fn nodes(n: usize, per_item: bool) -> Option<Nodes> {
+    let url = test_url()?;
+    let schema = unique_schema();
+    let runtimes = (0..n)
+        .map(|i| {
+            let store = PostgresStore::open(
+                &url,
+                PostgresOptions {
+                    transaction_per_item: per_item,
+                    ..options(&schema)
+                },
+            )
+            .expect("the store opens");
+            cnsm_runtime::Runtime::open_shared(
+                std::sync::Arc::new(store),
+                cnsm_runtime::RuntimeOptions {
+                    shared_store: true,
+                    node_id: format!("node-{i}"),
+                    timer_poll_ms: 50,
+                    ..cnsm_runtime::RuntimeOptions::default()
+                },
+            )
+            .expect("the runtime starts")
+        })
+        .collect();
+    Some(Nodes {
+        url,
+        schema,
+        runtimes,
+    })
+}
+
 /// Stores in fresh schemas of the test database; `reopen` opens the same schema again.
 pub struct PgHarness {
     url: String,

@@ -10,11 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cnsm_core::TransitionError;
-use cnsm_runtime::{CreateInstance, EventRequest, Runtime, RuntimeError, RuntimeOptions};
-use cnsm_store::Store;
-use cnsm_store_postgres::{PostgresOptions, PostgresStore};
-
-use crate::{drop_schema, options, test_url, unique_schema};
+use cnsm_runtime::{CreateInstance, EventRequest, RuntimeError};
 
 const COUNTER: &str = r#"
 apiVersion: statemachine.cn/v1alpha1
@@ -39,52 +35,8 @@ const RUN_FOR: Duration = Duration::from_secs(4);
 /// Far above any honest answer time on a loaded machine, far below a hang.
 const ANSWER_WITHIN: Duration = Duration::from_secs(15);
 
-struct Cluster {
-    url: String,
-    schema: String,
-    nodes: Vec<Runtime>,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for node in &self.nodes {
-            node.shutdown();
-        }
-        self.nodes.clear();
-        drop_schema(&self.url, &self.schema);
-    }
-}
-
-fn cluster(per_item: bool) -> Option<Cluster> {
-    let url = test_url()?;
-    let schema = unique_schema();
-    let nodes = (0..2)
-        .map(|i| {
-            let store = PostgresStore::open(
-                &url,
-                PostgresOptions {
-                    transaction_per_item: per_item,
-                    ..options(&schema)
-                },
-            )
-            .expect("the store opens");
-            let store: Arc<dyn Store> = Arc::new(store);
-            Runtime::open_shared(
-                store,
-                RuntimeOptions {
-                    shared_store: true,
-                    node_id: format!("node-{i}"),
-                    ..RuntimeOptions::default()
-                },
-            )
-            .expect("the runtime starts")
-        })
-        .collect();
-    Some(Cluster { url, schema, nodes })
-}
-
 fn race(per_item: bool) {
-    let Some(cluster) = cluster(per_item) else {
+    let Some(cluster) = crate::nodes(2, per_item) else {
         return;
     };
     let tokio = tokio::runtime::Builder::new_multi_thread()
@@ -93,7 +45,7 @@ fn race(per_item: bool) {
         .build()
         .unwrap();
     tokio.block_on(async {
-        let first = &cluster.nodes[0];
+        let first = &cluster.runtimes[0];
         first.apply_yaml(COUNTER, None).await.unwrap();
         for i in 0..N_INSTANCES {
             let mut data = serde_json::Map::new();
@@ -112,7 +64,7 @@ fn race(per_item: bool) {
         let n_answers = Arc::new(AtomicU64::new(0));
         let until = Instant::now() + RUN_FOR;
         let mut tasks = Vec::new();
-        for (n, node) in cluster.nodes.iter().enumerate() {
+        for (n, node) in cluster.runtimes.iter().enumerate() {
             for t in 0..N_TASKS_PER_NODE {
                 let node = node.clone();
                 let committed = Arc::clone(&committed);
@@ -159,7 +111,7 @@ fn race(per_item: bool) {
             round += 1;
             let id = format!("c{i}");
             let version = first.instance("default", &id).await.unwrap().version;
-            let sends = cluster.nodes.iter().map(|node| {
+            let sends = cluster.runtimes.iter().map(|node| {
                 let send = node.send(
                     "default",
                     &id,
@@ -200,7 +152,7 @@ fn race(per_item: bool) {
             let count = count.load(Ordering::SeqCst);
             n_committed += count;
             let id = format!("c{i}");
-            for node in &cluster.nodes {
+            for node in &cluster.runtimes {
                 let instance = node.instance("default", &id).await.unwrap();
                 assert_eq!(
                     instance.version, count,

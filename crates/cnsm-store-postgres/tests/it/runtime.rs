@@ -2,15 +2,10 @@
 //! an expected version from both nodes all commit exactly once; with an expected version one
 //! wins; a timer fires exactly once.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use cnsm_core::TransitionError;
-use cnsm_runtime::{CreateInstance, EventRequest, Runtime, RuntimeError, RuntimeOptions};
-use cnsm_store::Store;
-use cnsm_store_postgres::PostgresStore;
-
-use crate::{drop_schema, options, test_url, unique_schema};
+use cnsm_runtime::{CreateInstance, EventRequest, Runtime, RuntimeError};
 
 const COUNTER: &str = r#"
 apiVersion: statemachine.cn/v1alpha1
@@ -29,48 +24,6 @@ spec:
   - {name: done, type: final}
 "#;
 
-struct Nodes {
-    url: String,
-    schema: String,
-    runtimes: Vec<Runtime>,
-}
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        for runtime in &self.runtimes {
-            runtime.shutdown();
-        }
-        self.runtimes.clear();
-        drop_schema(&self.url, &self.schema);
-    }
-}
-
-fn nodes(n: usize) -> Option<Nodes> {
-    let url = test_url()?;
-    let schema = unique_schema();
-    let runtimes = (0..n)
-        .map(|i| {
-            let store = PostgresStore::open(&url, options(&schema)).expect("the store opens");
-            let store: Arc<dyn Store> = Arc::new(store);
-            Runtime::open_shared(
-                store,
-                RuntimeOptions {
-                    shared_store: true,
-                    node_id: format!("node-{i}"),
-                    timer_poll_ms: 50,
-                    ..RuntimeOptions::default()
-                },
-            )
-            .expect("the runtime starts")
-        })
-        .collect();
-    Some(Nodes {
-        url,
-        schema,
-        runtimes,
-    })
-}
-
 fn multi_thread() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
@@ -81,7 +34,9 @@ fn multi_thread() -> tokio::runtime::Runtime {
 
 #[test]
 fn events_from_two_nodes_all_commit_once() {
-    let Some(nodes) = nodes(2) else { return };
+    let Some(nodes) = crate::nodes(2, false) else {
+        return;
+    };
     multi_thread().block_on(async {
         let (a, b) = (&nodes.runtimes[0], &nodes.runtimes[1]);
         a.apply_yaml(COUNTER, None).await.unwrap();
@@ -123,7 +78,9 @@ fn events_from_two_nodes_all_commit_once() {
 
 #[test]
 fn expected_version_race_across_nodes_has_one_winner() {
-    let Some(nodes) = nodes(2) else { return };
+    let Some(nodes) = crate::nodes(2, false) else {
+        return;
+    };
     multi_thread().block_on(async {
         let (a, b) = (&nodes.runtimes[0], &nodes.runtimes[1]);
         a.apply_yaml(COUNTER, None).await.unwrap();
@@ -155,7 +112,9 @@ fn expected_version_race_across_nodes_has_one_winner() {
 
 #[test]
 fn a_timer_fires_exactly_once_across_nodes() {
-    let Some(nodes) = nodes(3) else { return };
+    let Some(nodes) = crate::nodes(3, false) else {
+        return;
+    };
     multi_thread().block_on(async {
         let a = &nodes.runtimes[0];
         a.apply_yaml(COUNTER, None).await.unwrap();
