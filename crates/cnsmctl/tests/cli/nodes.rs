@@ -7,8 +7,7 @@
 //! Needs `CNSM_TEST_POSTGRES_URL`; without it the test says it was skipped and passes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,6 +17,8 @@ use cnsm_server::client::Client;
 use cnsm_store::Store;
 use cnsm_store_postgres::{PostgresOptions, PostgresStore};
 use serde_json::json;
+
+use super::server::ServerChild;
 
 const PREFIX: &str = "/apis/statemachine.cn/v1alpha1/namespaces";
 
@@ -47,53 +48,14 @@ spec:
 
 const N_INSTANCES: usize = 8;
 
-struct Node {
-    child: Child,
-    url: String,
-    _stdout: BufReader<ChildStdout>,
-}
-
-impl Node {
-    fn start(store_url: &str) -> Node {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cnsmctl"))
-            .args(["--store", store_url, "serve", "--listen", "127.0.0.1:0"])
-            .env_remove("CNSM_SERVER")
-            .env_remove("CNSM_LISTEN")
-            .env_remove("CNSM_AUTH_FILE")
-            .env_remove("CNSM_DATA_DIR")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn cnsmctl serve");
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("read the address line");
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
-        Node {
-            child,
-            url,
-            _stdout: stdout,
-        }
-    }
-
-    fn kill(&mut self) {
-        self.child.kill().expect("SIGKILL the node");
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// A node: `cnsmctl --store URL serve` on a loopback port (stderr discarded: nobody reads it).
+fn start_node(store_url: &str) -> ServerChild {
+    ServerChild::spawn(
+        &["--store", store_url],
+        &["--listen", "127.0.0.1:0"],
+        &[],
+        Stdio::null(),
+    )
 }
 
 struct Schema {
@@ -169,7 +131,7 @@ fn three_nodes_survive_a_sigkill_mid_storm() {
     let separator = if base.contains('?') { '&' } else { '?' };
     let store_url = format!("{base}{separator}options=-c%20search_path%3D{schema_name}");
 
-    let mut nodes: Vec<Node> = (0..3).map(|_| Node::start(&store_url)).collect();
+    let mut nodes: Vec<ServerChild> = (0..3).map(|_| start_node(&store_url)).collect();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -252,7 +214,7 @@ fn three_nodes_survive_a_sigkill_mid_storm() {
     // SIGKILL node 1 mid-storm (its clients stop at the refused connection), then restart it.
     nodes[1].kill();
     std::thread::sleep(Duration::from_millis(300));
-    nodes[1] = Node::start(&store_url);
+    nodes[1] = start_node(&store_url);
     let restarted = Client::new(&nodes[1].url).unwrap();
     runtime.block_on(async {
         let stop = Arc::new(AtomicBool::new(false));
@@ -464,7 +426,7 @@ fn unreachable_database_makes_the_node_unready_then_it_recovers() {
     PostgresStore::migrate(&schema.url, &schema.options).expect("create the schema");
     let proxy = Proxy::start(upstream);
     let store_url = config.with_port(proxy.port, &schema_name);
-    let node = Node::start(&store_url);
+    let node = start_node(&store_url);
     let client = Client::new(&node.url).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,8 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequ
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 use serde_json::{Value, json};
+
+use super::server::ServerChild;
 
 const PREFIX: &str = "/apis/statemachine.cn/v1alpha1/namespaces";
 const SHARED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/");
@@ -119,80 +121,12 @@ fn serve_connection(stream: std::net::TcpStream, seen: Requests) {
     }
 }
 
-struct Serve {
-    child: Child,
-    url: String,
-    _stdout: BufReader<ChildStdout>,
-}
-
-impl Serve {
-    fn start(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Serve {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_cnsmctl"));
-        command
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .env_remove("CNSM_SERVER")
-            .env_remove("CNSM_LISTEN")
-            .env_remove("CNSM_AUTH_FILE")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("OTEL_SDK_DISABLED")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        let mut child = command.spawn().expect("spawn cnsmctl serve");
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("address line");
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
-        Serve {
-            child,
-            url,
-            _stdout: stdout,
-        }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-
-    fn wait(&mut self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if self.child.try_wait().expect("try_wait").is_some() {
-                let mut stderr = String::new();
-                if let Some(mut pipe) = self.child.stderr.take() {
-                    let _ = pipe.read_to_string(&mut stderr);
-                }
-                return stderr;
-            }
-            assert!(Instant::now() < deadline, "the server did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// `cnsmctl --data-dir DIR serve --listen 127.0.0.1:0 ARGS` with `env`.
+fn serve(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> ServerChild {
+    let data_dir = data_dir.to_str().expect("a UTF-8 data directory");
+    let mut serve_args = vec!["--listen", "127.0.0.1:0"];
+    serve_args.extend_from_slice(args);
+    ServerChild::spawn(&["--data-dir", data_dir], &serve_args, env, Stdio::piped())
 }
 
 fn tokio_runtime() -> tokio::runtime::Runtime {
@@ -310,7 +244,7 @@ fn serve_exports_spans_and_metrics_over_otlp_serves_metrics_and_writes_ecs_audit
     let data = tempfile::tempdir().unwrap();
     let audit = data.path().join("audit").join("audit.jsonl");
     let receiver = Receiver::start();
-    let mut server = Serve::start(
+    let mut server = serve(
         &data.path().join("store"),
         &[
             "--audit-log",
@@ -553,7 +487,7 @@ fn serve_exports_spans_and_metrics_over_otlp_serves_metrics_and_writes_ecs_audit
 
     // SIGTERM: drain, flush the exporters and the audit log.
     server.signal("TERM");
-    let stderr = server.wait();
+    let (_, stderr) = server.wait();
     let local_audit = |since: Option<&str>| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_cnsmctl"));
         command
@@ -702,7 +636,7 @@ fn audit_lines_survive_sigkill_exactly_once() {
     let ids: Vec<String> = (0..8).map(|i| format!("k-{i}")).collect();
     let rt = tokio_runtime();
     for round in 0..2 {
-        let server = Serve::start(&store_dir, &["--audit-log", &audit_arg], &[]);
+        let server = serve(&store_dir, &["--audit-log", &audit_arg], &[]);
         let client = Client::new(&server.url).unwrap();
         rt.block_on(async {
             if round == 0 {
@@ -737,7 +671,7 @@ fn audit_lines_survive_sigkill_exactly_once() {
         drop(server);
     }
     // A last clean start catches the audit log up with the store, then stops.
-    let mut server = Serve::start(&store_dir, &["--audit-log", &audit_arg], &[]);
+    let mut server = serve(&store_dir, &["--audit-log", &audit_arg], &[]);
     server.signal("TERM");
     server.wait();
     let store = cnsm_store::embedded::EmbeddedStore::open(&store_dir).unwrap();

@@ -50,21 +50,44 @@ impl ServerChild {
 
     /// `cnsmctl serve` with `serve_args` (which must make it listen on port 0).
     pub fn start_with(data_dir: &Path, serve_args: &[&str]) -> ServerChild {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cnsmctl"))
-            .arg("--data-dir")
-            .arg(data_dir)
+        let data_dir = data_dir.to_str().expect("a UTF-8 data directory");
+        ServerChild::spawn(&["--data-dir", data_dir], serve_args, &[], Stdio::piped())
+    }
+
+    /// `cnsmctl GLOBAL_ARGS serve SERVE_ARGS` (which must make it listen on port 0), with the
+    /// `CNSM_*`/`OTEL_*` settings of the test's own environment removed and `env` set; its
+    /// stderr goes to `stderr` (piped: read by [`ServerChild::wait`]; a chatty child that is
+    /// never waited for wants `Stdio::null()`). Returns once it printed its address.
+    pub fn spawn(
+        global_args: &[&str],
+        serve_args: &[&str],
+        env: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> ServerChild {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cnsmctl"));
+        command
+            .args(global_args)
             .arg("serve")
             .args(serve_args)
-            .env_remove("CNSM_SERVER")
-            .env_remove("CNSM_LISTEN")
-            .env_remove("CNSM_AUTH_FILE")
-            .env_remove("CNSM_TLS_CERT")
-            .env_remove("CNSM_TLS_KEY")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn cnsmctl serve");
+            .stderr(stderr);
+        for name in [
+            "CNSM_SERVER",
+            "CNSM_LISTEN",
+            "CNSM_AUTH_FILE",
+            "CNSM_DATA_DIR",
+            "CNSM_TLS_CERT",
+            "CNSM_TLS_KEY",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_SDK_DISABLED",
+        ] {
+            command.env_remove(name);
+        }
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn cnsmctl serve");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
         stdout.read_line(&mut line).expect("read the address line");
@@ -78,6 +101,12 @@ impl ServerChild {
             url,
             _stdout: stdout,
         }
+    }
+
+    /// SIGKILLs the process and reaps it.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL cnsmctl serve");
+        let _ = self.child.wait();
     }
 
     /// Sends a signal with `kill(1)` (no extra crate for one syscall).
