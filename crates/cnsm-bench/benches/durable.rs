@@ -11,25 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cnsm_bench::{percentile, report};
+use cnsm_bench::{COUNTER, percentile, report};
 use cnsm_runtime::{CommitListener, CreateInstance, EventRequest, Runtime, RuntimeOptions};
 use cnsm_store::embedded::{EmbeddedOptions, EmbeddedStore};
-
-const COUNTER: &str = r#"
-apiVersion: statemachine.cn/v1alpha1
-kind: StateMachine
-metadata: {name: counter, namespace: bench}
-spec:
-  initialState: counting
-  states:
-  - name: counting
-    type: task
-    timeoutSeconds: 86400
-    onEvent:
-    - event: inc
-      target: counting
-      assign: {n: "data.n + 1"}
-"#;
 
 #[derive(Default)]
 struct Batches {

@@ -21,7 +21,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cnsm_bench::{ORDER_PROCESSING, machine, report};
+use cnsm_bench::{COUNTER, ORDER_PROCESSING, machine, report};
 use cnsm_core::Instance;
 use cnsm_core::engine::{Input, Machine, NewInstance, Trigger};
 use cnsm_core::record::StateChangeEvent;
@@ -35,22 +35,6 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
 use serde_json::{Value, json};
-
-const COUNTER: &str = r#"
-apiVersion: statemachine.cn/v1alpha1
-kind: StateMachine
-metadata: {name: counter, namespace: bench}
-spec:
-  initialState: counting
-  states:
-  - name: counting
-    type: task
-    timeoutSeconds: 86400
-    onEvent:
-    - event: inc
-      target: counting
-      assign: {n: "data.n + 1"}
-"#;
 
 #[derive(Debug)]
 struct Discard;

@@ -9,6 +9,9 @@ pub const ORDER_PROCESSING: &str = include_str!("../machines/order-processing.ya
 /// The same order lifecycle with a CEL guard on every transition.
 pub const ORDER_GUARDED: &str = include_str!("../machines/order-guarded.yaml");
 
+/// The durable benchmarks' machine (`bench/counter`): `inc` loops on one task state, `n + 1`.
+pub const COUNTER: &str = include_str!("../machines/counter.yaml");
+
 /// Compiles a machine from YAML, panicking with the admission problems if it is invalid.
 pub fn machine(yaml: &str) -> cnsm_core::engine::Machine {
     let definition = cnsm_core::admission::admit_str(yaml, None)
