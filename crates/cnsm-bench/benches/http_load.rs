@@ -29,7 +29,6 @@
 //! still unsent (counted as `unsent`), so a target that cannot keep up does not stall the run.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -105,23 +104,6 @@ impl Target {
     }
 }
 
-fn cnsmctl_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("CNSMCTL") {
-        return PathBuf::from(path);
-    }
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"));
-    let path = target.join("release").join("cnsmctl");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --release -p cnsmctl` first",
-        path.display()
-    );
-    path
-}
-
 /// The server process; killed (by its pid) when dropped.
 struct Server {
     child: Child,
@@ -130,7 +112,7 @@ struct Server {
 
 impl Server {
     fn start(data_dir: &std::path::Path) -> Server {
-        let mut command = Command::new(cnsmctl_path());
+        let mut command = Command::new(cnsm_bench::cnsmctl_path());
         match std::env::var("CNSM_BENCH_STORE") {
             Ok(url) if !url.is_empty() => command.args(["--store", &url]),
             _ => command.arg("--data-dir").arg(data_dir),

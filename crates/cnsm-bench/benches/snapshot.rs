@@ -20,7 +20,7 @@
 //!   cargo bench -p cnsm-bench --bench snapshot              # 100,000 instances
 //!   CNSM_BENCH_SNAPSHOT_INSTANCES=10000 cargo bench -p cnsm-bench --bench snapshot
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -182,7 +182,7 @@ fn main() {
     drop(source);
 
     // The same through cnsmctl, in child processes whose peak memory is read from /proc.
-    let cnsmctl = cnsmctl_path();
+    let cnsmctl = cnsm_bench::cnsmctl_path();
     let key_path = files.path().join("k.pem");
     std::fs::write(&key_path, key.to_pem()).expect("key file");
     std::fs::write(files.path().join("k.pub.pem"), key.public_key().to_pem()).expect("key");
@@ -265,24 +265,6 @@ fn main() {
         "cnsmctl peak RSS under {} MiB (payload {mb:.0} MB)",
         bound_kib / 1024
     );
-}
-
-/// The release `cnsmctl` (`CNSMCTL` overrides the path).
-fn cnsmctl_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("CNSMCTL") {
-        return PathBuf::from(path);
-    }
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"));
-    let path = target.join("release").join("cnsmctl");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --release -p cnsmctl` first",
-        path.display()
-    );
-    path
 }
 
 /// Runs `cnsmctl args` to its end; returns its peak resident memory (VmHWM, KiB, read from

@@ -1,5 +1,6 @@
 //! Shared helpers of the cnsm benchmarks: the example machines, timing and percentiles.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The order machine of `shared/examples/order-processing.yaml`, embedded so the benchmarks do
@@ -46,4 +47,23 @@ pub fn rss_bytes() -> u64 {
 /// Prints a result line in a stable, greppable form: `bench NAME: VALUE UNIT (detail)`.
 pub fn report(name: &str, value: f64, unit: &str, detail: &str) {
     println!("bench {name}: {value:.1} {unit} {detail}");
+}
+
+/// The release `cnsmctl` the process benchmarks run (`CNSMCTL` overrides the path); panics
+/// with what to build when it is missing.
+pub fn cnsmctl_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("CNSMCTL") {
+        return PathBuf::from(path);
+    }
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    let path = target.join("release").join("cnsmctl");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --release -p cnsmctl` first",
+        path.display()
+    );
+    path
 }

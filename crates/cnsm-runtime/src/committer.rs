@@ -718,7 +718,10 @@ impl Committer {
                         link: None,
                     });
                     let attempt_slot = &mut Some(attempt);
-                    let result = match queued_past_deadline(request.deadline, batch_started) {
+                    let past = queued_past_deadline(request.deadline, batch_started, || {
+                        "the create".to_owned()
+                    });
+                    let result = match past {
                         Some(error) => Err(error),
                         None => self.create(
                             request,
@@ -778,12 +781,11 @@ impl Committer {
                     });
                     // A caller's deadline that passed while the event waited in the queue:
                     // refused before it is applied (error.type Timeout).
-                    let result = if event.deadline.is_some_and(|at| batch_started >= at) {
-                        Err(RuntimeError::Timeout(format!(
-                            "the event '{}' waited in the queue past the request's deadline; \
-                             it was not applied",
-                            event.name
-                        )))
+                    let past = queued_past_deadline(event.deadline, batch_started, || {
+                        format!("the event '{}'", event.name)
+                    });
+                    let result = if let Some(error) = past {
+                        Err(error)
                     } else {
                         self.event(
                             &key,
@@ -857,7 +859,10 @@ impl Committer {
                         parent: parent.as_ref(),
                         link: None,
                     });
-                    let result = match queued_past_deadline(request.deadline, batch_started) {
+                    let past = queued_past_deadline(request.deadline, batch_started, || {
+                        format!("the {} control", request.action.as_str())
+                    });
+                    let result = match past {
                         Some(error) => Err(error),
                         None => self.control(
                             &key,
@@ -1571,16 +1576,18 @@ fn stage(
     Ok(())
 }
 
-/// The refusal of a create or control whose caller's deadline passed while it waited in the
-/// queue: not applied (error.type `Timeout`).
+/// The refusal of an event, create or control (`what` names it) whose caller's deadline passed
+/// while it waited in the queue: not applied (error.type `Timeout`).
 fn queued_past_deadline(
     deadline: Option<std::time::Instant>,
     dequeued: std::time::Instant,
+    what: impl FnOnce() -> String,
 ) -> Option<RuntimeError> {
     deadline.filter(|at| dequeued >= *at).map(|_| {
-        RuntimeError::Timeout(
-            "the request waited in the queue past its deadline; it was not applied".into(),
-        )
+        RuntimeError::Timeout(format!(
+            "{} waited in the queue past the request's deadline; it was not applied",
+            what()
+        ))
     })
 }
 

@@ -799,14 +799,6 @@ fn check_target_name(target: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn capped(limit: usize) -> usize {
-    if limit == 0 {
-        PAGE_LEN_MAX
-    } else {
-        limit.min(PAGE_LEN_MAX)
-    }
-}
-
 fn timer_ref(row: &tokio_postgres::Row) -> Result<TimerRef, StoreError> {
     let uid: i64 = row.get(0);
     let due: i64 = row.get(1);
@@ -1053,7 +1045,7 @@ impl Store for PostgresStore {
             Some((ns, id)) => (Some(ns.as_str()), Some(id.as_str())),
             None => (None, None),
         };
-        let limit = capped(query.limit) as i64;
+        let limit = cnsm_store::page_len(query.limit) as i64;
         let rows = self.query(
             LIST_INSTANCES,
             &[
@@ -1090,7 +1082,7 @@ impl Store for PostgresStore {
         limit: usize,
     ) -> Result<Vec<SealedRecord>, StoreError> {
         let from = i64::try_from(from_version).unwrap_or(i64::MAX);
-        let limit = capped(limit) as i64;
+        let limit = cnsm_store::page_len(limit) as i64;
         let page = self.history_rows(namespace, id, from, limit)?;
         // Check on the way out what was checked on the way in; a redacted record must be
         // listed by a later erasure record of its chain.
@@ -1199,7 +1191,7 @@ impl Store for PostgresStore {
         limit: usize,
     ) -> Result<u64, StoreError> {
         let before = i64::try_from(ended_before_ms).unwrap_or(i64::MAX);
-        let limit = capped(limit) as i64;
+        let limit = cnsm_store::page_len(limit) as i64;
         self.bridge.run(async {
             let mut lease = self.pool.get().await?;
             let n = lease
@@ -1392,7 +1384,7 @@ impl Store for PostgresStore {
         after: Option<(&str, u64)>,
         limit: usize,
     ) -> Result<Vec<cnsm_store::DeadLetter>, StoreError> {
-        let limit = capped(limit) as i64;
+        let limit = cnsm_store::page_len(limit) as i64;
         // ('', -1) sorts before every stored (target, position).
         let (after_target, after_position) = match after {
             Some((t, p)) => (t, i64::try_from(p).unwrap_or(i64::MAX)),
@@ -1439,7 +1431,7 @@ impl Store for PostgresStore {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<cnsm_store::DeadLetter>, StoreError> {
-        let limit = capped(limit) as i64;
+        let limit = cnsm_store::page_len(limit) as i64;
         let after = after.map_or(-1, |p| i64::try_from(p).unwrap_or(i64::MAX));
         let rows = self.query(
             "SELECT target, position, body, redrive_requested_ms, redrive_actor \
@@ -1467,7 +1459,7 @@ impl Store for PostgresStore {
         limit: usize,
     ) -> Result<Vec<(u64, SealedRecord)>, StoreError> {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
-        let limit = capped(limit) as i64;
+        let limit = cnsm_store::page_len(limit) as i64;
         // Sequence numbers become visible out of order across concurrent transactions; a
         // reader that must not skip a late one re-reads a short window behind its cursor
         // (the audit log's cursor tolerates gaps, as docs/postgres.md says).
@@ -1526,7 +1518,7 @@ impl Store for PostgresStore {
     ) -> Result<Vec<TimerRef>, StoreError> {
         let now = to_i64(now_ms)?;
         let until = to_i64(now_ms.saturating_add(lease_ms))?;
-        let limit = capped(limit) as i64;
+        let limit = cnsm_store::page_len(limit) as i64;
         let rows = self.query(CLAIM_TIMERS, &[&now, &until, &node, &limit])?;
         let mut timers = rows.iter().map(timer_ref).collect::<Result<Vec<_>, _>>()?;
         timers.sort();

@@ -85,8 +85,8 @@ use redb::{
 
 use crate::{
     CommitItem, DefinitionRow, IdempotencyEntry, ImportItem, ImportReport, InstanceQuery,
-    ItemOutcome, PAGE_LEN_MAX, PutDefinition, STORE_FORMAT, Store, StoreError, StoredInstance,
-    TimerRef, VerifyReport,
+    ItemOutcome, PutDefinition, STORE_FORMAT, Store, StoreError, StoredInstance, TimerRef,
+    VerifyReport,
 };
 
 pub mod backup;
@@ -1133,14 +1133,6 @@ fn decode_definition(
 
 type DefinitionValueRef<'a> = ([u8; 32], u64, &'a [u8]);
 
-fn capped(limit: usize) -> usize {
-    if limit == 0 {
-        PAGE_LEN_MAX
-    } else {
-        limit.min(PAGE_LEN_MAX)
-    }
-}
-
 fn matches_query(query: &InstanceQuery, instance: &Instance) -> bool {
     query.state.as_deref().is_none_or(|s| s == &*instance.state)
         && query
@@ -1420,7 +1412,7 @@ impl Store for EmbeddedStore {
         from_version: u64,
         limit: usize,
     ) -> Result<Vec<SealedRecord>, StoreError> {
-        let limit = capped(limit);
+        let limit = crate::page_len(limit);
         let txn = self.read()?;
         let instances = txn.open_table(INSTANCES).io()?;
         let Some(row) = instances.get((namespace, id)).io()? else {
@@ -1668,11 +1660,7 @@ impl Store for EmbeddedStore {
         after: Option<(&str, u64)>,
         limit: usize,
     ) -> Result<Vec<crate::DeadLetter>, StoreError> {
-        let limit = if limit == 0 {
-            PAGE_LEN_MAX
-        } else {
-            limit.min(PAGE_LEN_MAX)
-        };
+        let limit = crate::page_len(limit);
         let txn = self.read()?;
         let table = match txn.open_table(DEAD_LETTERS) {
             Ok(table) => table,
@@ -1757,11 +1745,7 @@ impl Store for EmbeddedStore {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<crate::DeadLetter>, StoreError> {
-        let limit = if limit == 0 {
-            PAGE_LEN_MAX
-        } else {
-            limit.min(PAGE_LEN_MAX)
-        };
+        let limit = crate::page_len(limit);
         let start = match after {
             Some(p) if p == u64::MAX => return Ok(Vec::new()),
             Some(p) => p + 1,
@@ -1857,7 +1841,7 @@ impl Store for EmbeddedStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, SealedRecord)>, StoreError> {
-        let limit = capped(limit);
+        let limit = crate::page_len(limit);
         let txn = self.read()?;
         let records = txn.open_table(RECORDS).io()?;
         let mut out = Vec::new();
@@ -1919,7 +1903,7 @@ fn list_on(
     txn: &ReadTransaction,
     query: &InstanceQuery,
 ) -> Result<Vec<StoredInstance>, StoreError> {
-    let limit = capped(query.limit);
+    let limit = crate::page_len(query.limit);
     let instances = txn.open_table(INSTANCES).io()?;
     let namespace = query.namespace.as_deref();
     let after = query

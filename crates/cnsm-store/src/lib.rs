@@ -27,6 +27,16 @@ pub const STORE_FORMAT: u32 = 1;
 /// Longest page a list or history query returns.
 pub const PAGE_LEN_MAX: usize = 10_000;
 
+/// The page length a store serves for a requested `limit`: 0 means the longest page,
+/// anything longer is cut to [`PAGE_LEN_MAX`].
+pub fn page_len(limit: usize) -> usize {
+    if limit == 0 {
+        PAGE_LEN_MAX
+    } else {
+        limit.min(PAGE_LEN_MAX)
+    }
+}
+
 /// A stored revision of a `StateMachine`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DefinitionRow {
