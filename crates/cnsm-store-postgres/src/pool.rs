@@ -30,11 +30,15 @@ impl Conn {
     }
 }
 
-/// A connection taken from the pool; it goes back on drop unless it broke.
+/// A connection taken from the pool; it goes back on drop unless it broke, or a transaction
+/// opened with a plain `BEGIN` was still open on it.
 pub(crate) struct Lease {
     conn: Option<Conn>,
     pool: Arc<PoolInner>,
     _permit: OwnedSemaphorePermit,
+    /// A transaction this lease's user opened by hand (to pipeline `BEGIN` with the first
+    /// statements) is open: the connection is not reusable until it ends.
+    in_transaction: std::sync::atomic::AtomicBool,
 }
 
 impl Lease {
@@ -43,11 +47,29 @@ impl Lease {
             .as_mut()
             .expect("a lease holds its connection until dropped")
     }
+
+    /// Marks a hand-opened transaction as open (`true`, before sending `BEGIN`) or ended
+    /// (`false`, after `COMMIT` or `ROLLBACK` came back). A lease dropped while it is open
+    /// (an error, a deadline) closes its connection, which rolls the transaction back.
+    pub(crate) fn set_in_transaction(&self, open: bool) {
+        self.in_transaction
+            .store(open, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The connection's client, for statements already prepared.
+    pub(crate) fn client(&self) -> &Client {
+        &self
+            .conn
+            .as_ref()
+            .expect("a lease holds its connection until dropped")
+            .client
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take()
+            && !*self.in_transaction.get_mut()
             && !conn.client.is_closed()
             && let Ok(mut idle) = self.pool.idle.lock()
         {
@@ -115,6 +137,7 @@ impl Pool {
             conn: Some(conn),
             pool: Arc::clone(&self.inner),
             _permit: permit,
+            in_transaction: false.into(),
         })
     }
 

@@ -21,6 +21,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "dead-letter redrive",
         include_str!("../migrations/0004_dead_letter_redrive.sql"),
     ),
+    (
+        "set-based batch commit",
+        include_str!("../migrations/0005_set_based_commit.sql"),
+    ),
 ];
 
 /// The schema version this binary writes; it refuses a database at a newer one.

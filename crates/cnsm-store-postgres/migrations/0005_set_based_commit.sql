@@ -1,0 +1,121 @@
+-- cnsm PostgreSQL store, schema version 5: a batch's accepted items written by set-based
+-- statements in one call (instead of one `cnsm_commit_item` call per item).
+--
+-- The caller has already, in the same transaction, locked the rows of every existing instance
+-- of the batch (in one order) and decided which items commit: the compare-and-swap on the
+-- version, the previous-hash link, and idempotency keys not already taken were checked under
+-- those locks. Arrays hold the accepted items in batch order (one instance's items in chain
+-- order); `p_uid` is the instance's uid, NULL for an instance the batch creates.
+--
+-- The database still guards the chain by itself: (uid, version) is unique in `cnsm_records`,
+-- and every updated row must still be at the version and hash the caller read (else the batch
+-- fails with a serialization failure and is retried from the start). A create that finds the
+-- instance created meanwhile by another node fails the same way; the retry reads the row and
+-- answers the create as a conflict.
+--
+-- Returns the uid of every item, in order. Commits are announced with pg_notify on
+-- `p_channel`: `p_origin`, then `uid:version` pairs, in payloads of at most 150 pairs (under
+-- PostgreSQL's 8000-byte limit whatever the numbers).
+CREATE FUNCTION cnsm_commit_batch(
+    p_uid bigint[], p_expected bigint[], p_prev_hash bytea[],
+    p_namespace text[], p_id text[], p_version bigint[], p_hash bytea[], p_bytes bytea[],
+    p_machine text[], p_state text[], p_status smallint[], p_labels text[], p_body bytea[],
+    p_timer_due bigint[], p_timer_seq bigint[], p_timer_kind smallint[],
+    p_key text[], p_key_hash bytea[], p_key_expires bigint[],
+    p_channel text, p_origin text)
+RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_creates integer;
+    v_created integer;
+    v_firsts integer;
+    v_matched integer;
+    v_uids bigint[];
+    v_payload text;
+BEGIN
+    -- New instances: the row as the create item leaves it (a later item of the batch updates it).
+    SELECT count(*) INTO v_creates FROM unnest(p_uid, p_expected) u(uid, expected)
+     WHERE u.uid IS NULL AND u.expected IS NULL;
+    IF v_creates > 0 THEN
+        WITH created AS (
+            INSERT INTO cnsm_instances (namespace, id, machine, state, status, version,
+                                        last_hash, labels, body, timer_due_ms,
+                                        timer_entry_seq, timer_kind)
+            SELECT u.namespace, u.id, u.machine, u.state, u.status, u.version, u.hash,
+                   u.labels::jsonb, u.body, u.timer_due, u.timer_seq, u.timer_kind
+              FROM unnest(p_uid, p_expected, p_namespace, p_id, p_machine, p_state, p_status,
+                          p_version, p_hash, p_labels, p_body, p_timer_due, p_timer_seq,
+                          p_timer_kind)
+                   u(uid, expected, namespace, id, machine, state, status, version, hash, labels,
+                     body, timer_due, timer_seq, timer_kind)
+             WHERE u.uid IS NULL AND u.expected IS NULL
+            ON CONFLICT (namespace, id) DO NOTHING
+            RETURNING 1)
+        SELECT count(*) INTO v_created FROM created;
+        IF v_created <> v_creates THEN
+            RAISE EXCEPTION 'an instance of the batch was created concurrently'
+                  USING ERRCODE = 'serialization_failure';
+        END IF;
+    END IF;
+
+    -- Every item's uid: given, or the one its create was just given.
+    SELECT array_agg(coalesce(u.uid, i.uid) ORDER BY u.ord) INTO v_uids
+      FROM unnest(p_uid, p_namespace, p_id) WITH ORDINALITY u(uid, namespace, id, ord)
+      LEFT JOIN cnsm_instances i
+        ON u.uid IS NULL AND i.namespace = u.namespace AND i.id = u.id;
+
+    -- Existing instances: still where the caller read them (it holds their row locks, so this
+    -- only fails if a caller broke that rule), then set to their batch's last item.
+    SELECT count(*), count(i.uid) INTO v_firsts, v_matched
+      FROM (SELECT DISTINCT ON (f.uid) f.uid, f.expected, f.prev_hash
+              FROM unnest(p_uid, p_expected, p_prev_hash) WITH ORDINALITY
+                   f(uid, expected, prev_hash, ord)
+             WHERE f.uid IS NOT NULL
+             ORDER BY f.uid, f.ord) first
+      LEFT JOIN cnsm_instances i
+        ON i.uid = first.uid AND i.version = first.expected AND i.last_hash = first.prev_hash;
+    IF v_firsts <> v_matched THEN
+        RAISE EXCEPTION 'an instance of the batch changed after it was read'
+              USING ERRCODE = 'serialization_failure';
+    END IF;
+    UPDATE cnsm_instances i
+       SET machine = l.machine, state = l.state, status = l.status, version = l.version,
+           last_hash = l.hash, labels = l.labels::jsonb, body = l.body,
+           timer_due_ms = l.timer_due, timer_entry_seq = l.timer_seq,
+           timer_kind = l.timer_kind, lease_until_ms = NULL, lease_node = NULL
+      FROM (SELECT DISTINCT ON (u.uid) u.*
+              FROM unnest(v_uids, p_expected, p_machine, p_state, p_status, p_version, p_hash,
+                          p_labels, p_body, p_timer_due, p_timer_seq, p_timer_kind)
+                   WITH ORDINALITY
+                   u(uid, expected, machine, state, status, version, hash, labels, body,
+                     timer_due, timer_seq, timer_kind, ord)
+             ORDER BY u.uid, u.ord DESC) l
+     WHERE i.uid = l.uid AND l.expected IS NOT NULL;
+
+    -- The records, in batch order (so `seq` follows it), and the idempotency keys.
+    INSERT INTO cnsm_records (uid, version, hash, bytes)
+    SELECT u.uid, u.version, u.hash, u.bytes
+      FROM unnest(v_uids, p_version, p_hash, p_bytes) WITH ORDINALITY
+           u(uid, version, hash, bytes, ord)
+     ORDER BY u.ord;
+    INSERT INTO cnsm_idempotency (uid, key, request_hash, version, expires_ms)
+    SELECT u.uid, u.key, u.key_hash, u.version, u.key_expires
+      FROM unnest(v_uids, p_key, p_key_hash, p_version, p_key_expires)
+           u(uid, key, key_hash, version, key_expires)
+     WHERE u.key IS NOT NULL
+    ON CONFLICT (uid, key) DO UPDATE
+       SET request_hash = EXCLUDED.request_hash, version = EXCLUDED.version,
+           expires_ms = EXCLUDED.expires_ms;
+
+    FOR v_payload IN
+        SELECT p_origin || ' ' || string_agg(u.uid || ':' || u.version, ' ' ORDER BY u.ord)
+          FROM unnest(v_uids, p_version) WITH ORDINALITY u(uid, version, ord)
+         GROUP BY (u.ord - 1) / 150
+         ORDER BY (u.ord - 1) / 150
+    LOOP
+        PERFORM pg_notify(p_channel, v_payload);
+    END LOOP;
+
+    RETURN QUERY SELECT u.uid FROM unnest(v_uids) WITH ORDINALITY u(uid, ord) ORDER BY u.ord;
+END
+$$;
