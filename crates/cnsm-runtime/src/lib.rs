@@ -902,15 +902,24 @@ impl Runtime {
         }
         let store = &self.shared.store;
         // Arrival checks: a repeated key replays; an expected version already behind is stale.
-        let durable = match self
-            .durable_version(namespace, id)
-            .map_err(SendError::arrival)?
-        {
-            Some(v) => v,
-            None => {
-                return Err(SendError::arrival(RuntimeError::NotFound(format!(
-                    "instance {namespace}/{id}"
-                ))));
+        // On a shared store the durable version is a database read (no other node's commits
+        // are published here), so an event that has neither goes straight to the committer,
+        // which reads the instance anyway and answers NotFound for a missing one.
+        let needs_arrival_read =
+            event.expected_version.is_some() || event.idempotency_key.is_some();
+        let durable = if self.shared.options.shared_store && !needs_arrival_read {
+            None
+        } else {
+            match self
+                .durable_version(namespace, id)
+                .map_err(SendError::arrival)?
+            {
+                Some(v) => Some(v),
+                None => {
+                    return Err(SendError::arrival(RuntimeError::NotFound(format!(
+                        "instance {namespace}/{id}"
+                    ))));
+                }
             }
         };
         if let Some(key) = &event.idempotency_key
@@ -925,6 +934,7 @@ impl Runtime {
                 .map_err(SendError::arrival);
         }
         if let Some(expected) = event.expected_version
+            && let Some(durable) = durable
             && expected != durable
         {
             return Err(SendError::arrival(

@@ -28,12 +28,17 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_creates integer;
     v_created integer;
-    v_firsts integer;
-    v_matched integer;
+    v_created_uids bigint[];
+    v_created_namespaces text[];
+    v_created_ids text[];
+    v_to_update integer;
+    v_updated integer;
     v_uids bigint[];
     v_payload text;
 BEGIN
-    -- New instances: the row as the create item leaves it (a later item of the batch updates it).
+    v_uids := p_uid;
+    -- New instances: the row as the create item leaves it (a later item of the batch updates
+    -- it); then each item of a new instance gets the uid its create was given.
     SELECT count(*) INTO v_creates FROM unnest(p_uid, p_expected) u(uid, expected)
      WHERE u.uid IS NULL AND u.expected IS NULL;
     IF v_creates > 0 THEN
@@ -50,47 +55,54 @@ BEGIN
                      body, timer_due, timer_seq, timer_kind)
              WHERE u.uid IS NULL AND u.expected IS NULL
             ON CONFLICT (namespace, id) DO NOTHING
-            RETURNING 1)
-        SELECT count(*) INTO v_created FROM created;
+            RETURNING uid, namespace, id)
+        SELECT count(*), array_agg(uid), array_agg(namespace), array_agg(id)
+          INTO v_created, v_created_uids, v_created_namespaces, v_created_ids
+          FROM created;
         IF v_created <> v_creates THEN
             RAISE EXCEPTION 'an instance of the batch was created concurrently'
                   USING ERRCODE = 'serialization_failure';
         END IF;
+        SELECT array_agg(coalesce(u.uid, c.uid) ORDER BY u.ord) INTO v_uids
+          FROM unnest(p_uid, p_namespace, p_id) WITH ORDINALITY u(uid, namespace, id, ord)
+          LEFT JOIN unnest(v_created_uids, v_created_namespaces, v_created_ids)
+                    c(uid, namespace, id)
+            ON u.uid IS NULL AND c.namespace = u.namespace AND c.id = u.id;
     END IF;
 
-    -- Every item's uid: given, or the one its create was just given.
-    SELECT array_agg(coalesce(u.uid, i.uid) ORDER BY u.ord) INTO v_uids
-      FROM unnest(p_uid, p_namespace, p_id) WITH ORDINALITY u(uid, namespace, id, ord)
-      LEFT JOIN cnsm_instances i
-        ON u.uid IS NULL AND i.namespace = u.namespace AND i.id = u.id;
-
-    -- Existing instances: still where the caller read them (it holds their row locks, so this
-    -- only fails if a caller broke that rule), then set to their batch's last item.
-    SELECT count(*), count(i.uid) INTO v_firsts, v_matched
-      FROM (SELECT DISTINCT ON (f.uid) f.uid, f.expected, f.prev_hash
-              FROM unnest(p_uid, p_expected, p_prev_hash) WITH ORDINALITY
-                   f(uid, expected, prev_hash, ord)
-             WHERE f.uid IS NOT NULL
-             ORDER BY f.uid, f.ord) first
-      LEFT JOIN cnsm_instances i
-        ON i.uid = first.uid AND i.version = first.expected AND i.last_hash = first.prev_hash;
-    IF v_firsts <> v_matched THEN
+    -- Each instance's row set to its last item of the batch. An existing instance must still
+    -- be where the caller read it (version and hash before its first item): the caller holds
+    -- its row lock, so this only fails if a caller broke that rule.
+    WITH last AS (
+        SELECT DISTINCT ON (u.uid) u.*,
+               first_value(u.expected) OVER w AS first_expected,
+               first_value(u.prev_hash) OVER w AS first_prev_hash
+          FROM unnest(v_uids, p_expected, p_prev_hash, p_machine, p_state, p_status,
+                      p_version, p_hash, p_labels, p_body, p_timer_due, p_timer_seq,
+                      p_timer_kind)
+               WITH ORDINALITY
+               u(uid, expected, prev_hash, machine, state, status, version, hash, labels, body,
+                 timer_due, timer_seq, timer_kind, ord)
+        WINDOW w AS (PARTITION BY u.uid ORDER BY u.ord)
+         ORDER BY u.uid, u.ord DESC),
+    updated AS (
+        UPDATE cnsm_instances i
+           SET machine = l.machine, state = l.state, status = l.status, version = l.version,
+               last_hash = l.hash, labels = l.labels::jsonb, body = l.body,
+               timer_due_ms = l.timer_due, timer_entry_seq = l.timer_seq,
+               timer_kind = l.timer_kind, lease_until_ms = NULL, lease_node = NULL
+          FROM last l
+         WHERE i.uid = l.uid AND l.expected IS NOT NULL
+           AND (l.first_expected IS NULL
+                OR (i.version = l.first_expected AND i.last_hash = l.first_prev_hash))
+        RETURNING 1)
+    SELECT (SELECT count(*) FROM last WHERE last.expected IS NOT NULL),
+           (SELECT count(*) FROM updated)
+      INTO v_to_update, v_updated;
+    IF v_updated <> v_to_update THEN
         RAISE EXCEPTION 'an instance of the batch changed after it was read'
               USING ERRCODE = 'serialization_failure';
     END IF;
-    UPDATE cnsm_instances i
-       SET machine = l.machine, state = l.state, status = l.status, version = l.version,
-           last_hash = l.hash, labels = l.labels::jsonb, body = l.body,
-           timer_due_ms = l.timer_due, timer_entry_seq = l.timer_seq,
-           timer_kind = l.timer_kind, lease_until_ms = NULL, lease_node = NULL
-      FROM (SELECT DISTINCT ON (u.uid) u.*
-              FROM unnest(v_uids, p_expected, p_machine, p_state, p_status, p_version, p_hash,
-                          p_labels, p_body, p_timer_due, p_timer_seq, p_timer_kind)
-                   WITH ORDINALITY
-                   u(uid, expected, machine, state, status, version, hash, labels, body,
-                     timer_due, timer_seq, timer_kind, ord)
-             ORDER BY u.uid, u.ord DESC) l
-     WHERE i.uid = l.uid AND l.expected IS NOT NULL;
 
     -- The records, in batch order (so `seq` follows it), and the idempotency keys.
     INSERT INTO cnsm_records (uid, version, hash, bytes)

@@ -107,6 +107,10 @@ pub const CASES: &[(&str, Case)] = &[
         "threads_racing_on_one_version_have_one_winner",
         threads_racing_on_one_version_have_one_winner,
     ),
+    (
+        "threads_racing_to_create_have_one_winner",
+        threads_racing_to_create_have_one_winner,
+    ),
     ("batch_of_100_instances", batch_of_100_instances),
     (
         "inconsistent_item_refuses_the_whole_batch",
@@ -233,6 +237,7 @@ macro_rules! conformance_tests {
             same_expected_version_twice_in_one_batch,
             one_batch_advances_an_instance_twice,
             threads_racing_on_one_version_have_one_winner,
+            threads_racing_to_create_have_one_winner,
             batch_of_100_instances,
             inconsistent_item_refuses_the_whole_batch,
             idempotency_keys_expire_and_purge,
@@ -865,6 +870,49 @@ pub fn threads_racing_on_one_version_have_one_winner(harness: &mut dyn Harness) 
         current = winner.instance;
     }
     assert_eq!(store.history("default", "j-1", 0, 0).unwrap().len(), 21);
+}
+
+/// Two threads commit, at the same moment, a batch that creates the same instance and
+/// advances it: one batch commits whole, the other gets a conflict for both items (the
+/// instance exists at the winner's version) and writes nothing.
+pub fn threads_racing_to_create_have_one_winner(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let store: &dyn Store = &*store;
+    let driver = Driver::new("job");
+    for round in 0..10u64 {
+        let id = format!("r-{round}");
+        let batch = |side: &str| {
+            let create = driver.create("default", &id, &[("side", side)], T0_MS + round);
+            let ping = driver.event(&create.instance, "ping", side, T0_MS + round + 1);
+            vec![create, ping]
+        };
+        let (left, right) = (batch("left"), batch("right"));
+        let barrier = Barrier::new(2);
+        let run = |items: &[CommitItem]| {
+            barrier.wait();
+            store.commit(items).expect("the commit succeeds")
+        };
+        let (a, b) = std::thread::scope(|scope| {
+            let a = scope.spawn(|| run(&left));
+            let b = scope.spawn(|| run(&right));
+            (a.join().expect("thread a"), b.join().expect("thread b"))
+        });
+        let lost = vec![ItemOutcome::Conflict { actual: Some(1) }; 2];
+        let committed = |o: &[ItemOutcome]| {
+            o.iter()
+                .all(|o| matches!(o, ItemOutcome::Committed { .. }))
+        };
+        let winner = if committed(&a) && b == lost {
+            &left
+        } else if committed(&b) && a == lost {
+            &right
+        } else {
+            panic!("round {round}: expected exactly one winner, got {a:?} and {b:?}");
+        };
+        assert_eq!(stored(store, "default", &id).instance, winner[1].instance);
+        let history = store.history("default", &id, 0, 0).unwrap();
+        assert_eq!(history, vec![winner[0].record.clone(), winner[1].record.clone()]);
+    }
 }
 
 /// One batch creates 100 instances, the next advances all of them.
