@@ -364,10 +364,14 @@ impl PostgresStore {
         items: &[CommitItem],
         prev_hashes: &[Hash32],
         columns: &[ItemColumns],
+        announce: bool,
     ) -> Result<Vec<ItemOutcome>, StoreError> {
         let mut attempt = 0;
         loop {
-            match self.commit_once(items, prev_hashes, columns).await? {
+            match self
+                .commit_once(items, prev_hashes, columns, announce)
+                .await?
+            {
                 Ok(outcomes) => return Ok(outcomes),
                 Err(e) if attempt < DEADLOCK_RETRIES_MAX => {
                     attempt += 1;
@@ -381,6 +385,11 @@ impl PostgresStore {
 
     /// [`PostgresOptions::transaction_per_item`]: one transaction per item; the instances'
     /// chains of items run concurrently (bounded by the pool), each chain in order.
+    ///
+    /// The commits are announced after the last one, outside the transactions: a transaction
+    /// that NOTIFYs holds the database's notification lock from before its commit record is
+    /// written until it is flushed, so announcing inside would serialize every one of these
+    /// transactions behind the others' fsyncs (PostgreSQL's group commit could not batch them).
     async fn commit_per_item(
         &self,
         items: &[CommitItem],
@@ -407,6 +416,7 @@ impl PostgresStore {
                         &items[one.clone()],
                         &prev_hashes[one.clone()],
                         &columns[one],
+                        false,
                     )
                     .await?;
                 done.push((index, outcome[0]));
@@ -417,7 +427,45 @@ impl PostgresStore {
         for (index, outcome) in try_join_all(runs).await?.into_iter().flatten() {
             outcomes[index] = outcome;
         }
+        self.announce(items, &outcomes).await;
         Ok(outcomes)
+    }
+
+    /// Announces committed items on the commit channel, each NOTIFY in a transaction of its
+    /// own (no write, so no flush under the notification lock). Best effort: the commits are
+    /// durable already, and a watcher that misses a notice catches up from the store with the
+    /// instance's next one (docs/postgres.md, "Watch across nodes").
+    async fn announce(&self, items: &[CommitItem], outcomes: &[ItemOutcome]) {
+        const PAIRS_PER_NOTICE: usize = 150;
+        let pairs: Vec<String> = items
+            .iter()
+            .zip(outcomes)
+            .filter_map(|(item, outcome)| match outcome {
+                ItemOutcome::Committed { uid } => Some(format!("{uid}:{}", item.record.version)),
+                ItemOutcome::Conflict { .. } => None,
+            })
+            .collect();
+        if pairs.is_empty() {
+            return;
+        }
+        let Ok(mut lease) = self.pool.get().await else {
+            return;
+        };
+        let Ok(notify) = lease.conn().statement(NOTIFY).await else {
+            return;
+        };
+        let notices: Vec<String> = pairs
+            .chunks(PAIRS_PER_NOTICE)
+            .map(|chunk| format!("{} {}", self.origin, chunk.join(" ")))
+            .collect();
+        let client = lease.client();
+        let params: Vec<[&(dyn ToSql + Sync); 2]> = notices
+            .iter()
+            .map(|notice| [&self.channel as &(dyn ToSql + Sync), notice])
+            .collect();
+        let sends = params.iter().map(|p| client.query(&notify, p));
+        // A failure here is the database going away; the next commit reports it.
+        let _ = try_join_all(sends).await;
     }
 
     /// One attempt at committing a batch; `Ok(Err(e))` is a retryable database error.
@@ -429,11 +477,15 @@ impl PostgresStore {
     /// locks, exactly as `cnsm_commit_item` decides one: compare-and-swap on the version, the
     /// previous-hash link, the key. The second round trip writes the accepted items with
     /// set-based statements (`cnsm_commit_batch`, which announces them) and sends `COMMIT`.
+    ///
+    /// `announce`: NOTIFY the commits on the commit channel inside the transaction (else the
+    /// caller announces them).
     async fn commit_once(
         &self,
         items: &[CommitItem],
         prev_hashes: &[Hash32],
         columns: &[ItemColumns],
+        announce: bool,
     ) -> Result<Result<Vec<ItemOutcome>, tokio_postgres::Error>, StoreError> {
         let mut lease = self.pool.get().await?;
         let (lock, taken, commit_batch) = {
@@ -570,6 +622,7 @@ impl PostgresStore {
             .map(|i| col(i).key_hash.as_deref())
             .collect();
         let key_expires: Vec<Option<i64>> = accepted.iter().map(|i| col(i).key_expires).collect();
+        let channel = announce.then_some(self.channel.as_str());
         let params: [&(dyn ToSql + Sync); 21] = [
             &uids,
             &expected,
@@ -590,7 +643,7 @@ impl PostgresStore {
             &item_keys,
             &key_hashes,
             &key_expires,
-            &self.channel,
+            &channel,
             &self.origin,
         ];
         let written = async {
@@ -1094,12 +1147,12 @@ impl Store for PostgresStore {
             .iter()
             .map(columns_of)
             .collect::<Result<Vec<_>, _>>()?;
-        let result = if self.transaction_per_item && items.len() > 1 {
+        let result = if self.transaction_per_item {
             self.bridge
                 .run(self.commit_per_item(items, &prev_hashes, &columns))
         } else {
             self.bridge
-                .run(self.commit_retrying(items, &prev_hashes, &columns))
+                .run(self.commit_retrying(items, &prev_hashes, &columns, true))
         };
         if matches!(result, Err(StoreError::Io(_))) {
             self.pool.clear();
