@@ -4,11 +4,13 @@
 //! The trait is synchronous; this store owns a small tokio runtime on which every connection
 //! lives, and waits on it from the calling thread (see [`pool`]). The schema is created and
 //! upgraded by versioned migrations embedded in the binary ([`schema`]), applied on open under
-//! an advisory lock. Each `commit` is one transaction: per item, a compare-and-swap on the
-//! instance's version under its row lock, the previous-hash link, the unique (instance,
-//! version) key of the records table, and the idempotency key, all in SQL
-//! (`cnsm_commit_item`), so two nodes racing on one instance never fork its chain. Records are
-//! stored as their exact sealed bytes.
+//! an advisory lock. Each `commit` is one transaction: the rows of the batch's instances are
+//! locked and read, each item is decided under those locks (compare-and-swap on the version,
+//! the previous-hash link, the idempotency key), and the accepted items are written by one call
+//! of the set-based SQL function `cnsm_commit_batch`, which checks again that every row is
+//! where it was read; the unique (instance, version) key of the records table backs it all, so
+//! two nodes racing on one instance never fork its chain. Records are stored as their exact
+//! sealed bytes.
 //!
 //! ```no_run
 //! use cnsm_store::Store;
