@@ -385,8 +385,9 @@ impl PostgresStore {
         }
     }
 
-    /// [`PostgresOptions::transaction_per_item`]: one transaction per item; the instances'
-    /// chains of items run concurrently (bounded by the pool), each chain in order.
+    /// [`PostgresOptions::transaction_per_item`]: one transaction per item
+    /// ([`Self::commit_alone`]); the instances' chains of items run concurrently (bounded by
+    /// the pool), each chain in order.
     ///
     /// The commits are announced after the last one, outside the transactions: a transaction
     /// that NOTIFYs holds the database's notification lock from before its commit record is
@@ -412,16 +413,20 @@ impl PostgresStore {
         let runs = chains.iter().map(|chain| async move {
             let mut done = Vec::with_capacity(chain.len());
             for &index in chain {
-                let one = index..index + 1;
-                let outcome = self
-                    .commit_retrying(
-                        &items[one.clone()],
-                        &prev_hashes[one.clone()],
-                        &columns[one],
-                        false,
-                    )
-                    .await?;
-                done.push((index, outcome[0]));
+                let mut attempt = 0;
+                let outcome = loop {
+                    let (item, prev, c) = (&items[index], prev_hashes[index], &columns[index]);
+                    match self.commit_alone(item, prev, c).await? {
+                        Ok(outcome) => break outcome,
+                        Err(e) if attempt < DEADLOCK_RETRIES_MAX => {
+                            attempt += 1;
+                            let _ = e;
+                            tokio::time::sleep(Duration::from_millis(1 << attempt)).await;
+                        }
+                        Err(e) => return Err(db_error(e)),
+                    }
+                };
+                done.push((index, outcome));
             }
             Ok::<_, StoreError>(done)
         });
@@ -431,6 +436,47 @@ impl PostgresStore {
         }
         self.announce(items, &outcomes).await;
         Ok(outcomes)
+    }
+
+    /// One item in a transaction of its own, in one round trip: `BEGIN`, `cnsm_commit_item`
+    /// (which decides and writes the item under its row lock) and `COMMIT`, pipelined; a
+    /// failed call makes that `COMMIT` a rollback. `Ok(Err(e))` is a retryable database error.
+    async fn commit_alone(
+        &self,
+        item: &CommitItem,
+        prev: Hash32,
+        c: &ItemColumns,
+    ) -> Result<Result<ItemOutcome, tokio_postgres::Error>, StoreError> {
+        let mut lease = self.pool.get().await?;
+        let commit_item = lease.conn().statement(COMMIT_ITEM).await?;
+        let key = item.idempotency.as_ref().map(|e| e.key.as_str());
+        let (prev, hash) = (prev.0.as_slice(), item.record.hash.0.as_slice());
+        let params = commit_item_params(item, c, &prev, &hash, &key);
+        lease.set_in_transaction(true);
+        let client = lease.client();
+        let (begun, row, committed) = futures_util::future::join3(
+            client.batch_execute("BEGIN"),
+            client.query_one(&commit_item, &params),
+            client.batch_execute("COMMIT"),
+        )
+        .await;
+        if committed.is_ok() {
+            lease.set_in_transaction(false);
+        }
+        let row = match begun.and(row).and_then(|row| committed.map(|()| row)) {
+            Ok(row) => row,
+            Err(e) => return retryable_or(e),
+        };
+        let committed: bool = row.get(0);
+        Ok(Ok(if committed {
+            let uid: i64 = row.get(1);
+            ItemOutcome::Committed { uid: uid as u64 }
+        } else {
+            let actual: Option<i64> = row.get(2);
+            ItemOutcome::Conflict {
+                actual: actual.map(|v| v as u64),
+            }
+        }))
     }
 
     /// Announces committed items on the commit channel, each NOTIFY in a transaction of its
