@@ -651,7 +651,10 @@ impl PostgresStore {
         let namespaces: Vec<&str> = accepted.iter().map(|i| &*col(i).namespace).collect();
         let ids: Vec<&str> = accepted.iter().map(|i| &*col(i).id).collect();
         let versions: Vec<i64> = accepted.iter().map(|i| col(i).version).collect();
-        let hashes: Vec<&[u8]> = accepted.iter().map(|i| &item(i).record.hash.0[..]).collect();
+        let hashes: Vec<&[u8]> = accepted
+            .iter()
+            .map(|i| &item(i).record.hash.0[..])
+            .collect();
         let bytes: Vec<&[u8]> = accepted.iter().map(|i| &item(i).record.bytes[..]).collect();
         let machines: Vec<&str> = accepted.iter().map(|i| &*col(i).machine).collect();
         let states: Vec<&str> = accepted.iter().map(|i| &*col(i).state).collect();

@@ -900,13 +900,17 @@ pub fn threads_racing_to_create_have_one_winner(harness: &mut dyn Harness) {
         // The loser's items each see the winner's instance: at version 1, or at 0 when the
         // store commits item by item and the winner's second item was not in yet.
         let lost = |o: &[ItemOutcome]| {
-            o.iter()
-                .all(|o| matches!(o, ItemOutcome::Conflict { actual: Some(0 | 1) }))
+            o.iter().all(|o| {
+                matches!(
+                    o,
+                    ItemOutcome::Conflict {
+                        actual: Some(0 | 1)
+                    }
+                )
+            })
         };
-        let committed = |o: &[ItemOutcome]| {
-            o.iter()
-                .all(|o| matches!(o, ItemOutcome::Committed { .. }))
-        };
+        let committed =
+            |o: &[ItemOutcome]| o.iter().all(|o| matches!(o, ItemOutcome::Committed { .. }));
         let winner = if committed(&a) && lost(&b) {
             &left
         } else if committed(&b) && lost(&a) {
@@ -916,7 +920,10 @@ pub fn threads_racing_to_create_have_one_winner(harness: &mut dyn Harness) {
         };
         assert_eq!(stored(store, "default", &id).instance, winner[1].instance);
         let history = store.history("default", &id, 0, 0).unwrap();
-        assert_eq!(history, vec![winner[0].record.clone(), winner[1].record.clone()]);
+        assert_eq!(
+            history,
+            vec![winner[0].record.clone(), winner[1].record.clone()]
+        );
     }
 }
 
