@@ -346,7 +346,6 @@ impl Committer {
             event: Some("erase"),
             actor: &request.actor,
             received: started,
-            dequeued: started,
             parent: parent.as_ref(),
             link: None,
         });
@@ -414,10 +413,15 @@ impl Committer {
                 &[outcome],
                 &before,
             );
+            let hash = plan.sealed.hash;
             let batch = CommittedBatch {
                 n_items: 1,
                 commit_duration,
-                items: vec![(attempt.take(), &plan.record, plan.sealed.hash, None)],
+                dequeued: started,
+                attempts: vec![attempt.take()],
+                records: std::slice::from_ref(&plan.record),
+                hash_of: &|_| hash,
+                conflicts: Vec::new(),
             };
             self.shared
                 .options
@@ -680,7 +684,6 @@ impl Committer {
                         event: Some(if lock { "lock" } else { "migrate" }),
                         actor: &actor,
                         received: batch_started,
-                        dequeued: batch_started,
                         parent: None,
                         link: None,
                     });
@@ -713,7 +716,6 @@ impl Committer {
                         event: None,
                         actor: &request.actor,
                         received,
-                        dequeued: batch_started,
                         parent: None,
                         link: None,
                     });
@@ -768,7 +770,6 @@ impl Committer {
                         event: Some(&event.name),
                         actor: &event.actor,
                         received,
-                        dequeued: batch_started,
                         parent: parent.as_ref(),
                         link: None,
                     });
@@ -855,7 +856,6 @@ impl Committer {
                         event: Some(request.action.as_str()),
                         actor: &request.actor,
                         received,
-                        dequeued: batch_started,
                         parent: parent.as_ref(),
                         link: None,
                     });
@@ -912,21 +912,23 @@ impl Committer {
                     let batch = CommittedBatch {
                         n_items: items.len(),
                         commit_duration,
-                        items: attempts
-                            .into_iter()
-                            .zip(&records)
-                            .zip(items.iter().zip(&outcomes))
-                            .map(|((attempt, record), (item, outcome))| {
-                                let error = match outcome {
-                                    ItemOutcome::Committed { .. } => None,
-                                    ItemOutcome::Conflict { actual } => {
-                                        Some(RuntimeError::from(TransitionError::RaceCondition {
-                                            expected: item.expected_version.unwrap_or(0),
-                                            actual: actual.unwrap_or(0),
-                                        }))
-                                    }
-                                };
-                                (attempt, record, item.record.hash, error)
+                        dequeued: batch_started,
+                        attempts,
+                        records: &records,
+                        hash_of: &|i| items[i].record.hash,
+                        conflicts: items
+                            .iter()
+                            .zip(&outcomes)
+                            .enumerate()
+                            .filter_map(|(i, (item, outcome))| match outcome {
+                                ItemOutcome::Committed { .. } => None,
+                                ItemOutcome::Conflict { actual } => Some((
+                                    i,
+                                    RuntimeError::from(TransitionError::RaceCondition {
+                                        expected: item.expected_version.unwrap_or(0),
+                                        actual: actual.unwrap_or(0),
+                                    }),
+                                )),
                             })
                             .collect(),
                     };
@@ -1153,15 +1155,18 @@ impl Committer {
             event.actor.as_str(),
         );
         input.idempotency_key = event.idempotency_key.as_deref();
-        input.trace = event.trace.clone();
         input.flags = decisions;
         let evaluated = match attempt {
             Some(a) => {
                 shared.options.telemetry.loaded(a, instance);
+                // The span's ids, or the caller's context (which the attempt copied).
                 input.trace = a.trace.as_deref().cloned();
                 a.timed.then(std::time::Instant::now)
             }
-            None => None,
+            None => {
+                input.trace = event.trace.clone();
+                None
+            }
         };
         let record = machine.apply(instance, &input);
         if let (Some(a), Some(t)) = (attempt.as_mut(), evaluated) {
@@ -1412,7 +1417,6 @@ impl Committer {
                 event: None,
                 actor: ACTOR_TIMER,
                 received: now,
-                dequeued: now,
                 parent: None,
                 link: cached.trace.as_ref(),
             });
