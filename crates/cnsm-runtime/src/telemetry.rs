@@ -725,6 +725,9 @@ fn trace_id_of(hex: &[u8; 32]) -> Option<u128> {
 /// it without bound.
 const LOCAL_SLOTS_MAX: usize = 4_096;
 
+/// Entries of [`LocalMetrics`]' state memo (a power of two).
+const STATE_MEMO_LEN: usize = 256;
+
 /// Marks a [`MachineSlot`] the current batch has not touched.
 const UNTOUCHED: u32 = u32::MAX;
 
@@ -796,6 +799,10 @@ pub(crate) struct LocalMetrics {
     last_machine: Option<u32>,
     states: Vec<StateSlot>,
     state_by_address: ByAddress<(u32, usize)>,
+    /// A direct-mapped cache in front of `state_by_address`: (machine slot, address, state
+    /// slot), [`STATE_MEMO_LEN`] entries once used. Two lookups per transition, so a hit (two
+    /// compares) instead of a probe of the table matters here.
+    state_memo: Vec<(u32, usize, u32)>,
     /// The machine slots the current batch touched, in [`MachineSlot::batch_index`] order.
     batch_machines: Vec<u32>,
     /// The state slots the current batch touched.
@@ -884,8 +891,17 @@ impl LocalMetrics {
     }
 
     fn state_slot(&mut self, machine: u32, state: &Arc<str>) -> u32 {
-        let key = (machine, address_of(state));
-        match self.state_by_address.get(&key) {
+        let address = address_of(state);
+        // Allocations are at least 8-byte aligned: the low bits carry nothing.
+        let memo = ((address >> 4) ^ machine as usize) & (STATE_MEMO_LEN - 1);
+        if let Some((m, a, slot)) = self.state_memo.get(memo)
+            && *m == machine
+            && *a == address
+        {
+            return *slot;
+        }
+        let key = (machine, address);
+        let slot = match self.state_by_address.get(&key) {
             Some(slot) => *slot,
             None => {
                 let slot = self.states.len() as u32;
@@ -898,7 +914,12 @@ impl LocalMetrics {
                 self.state_by_address.insert(key, slot);
                 slot
             }
+        };
+        if self.state_memo.is_empty() {
+            self.state_memo = vec![(UNTOUCHED, 0, 0); STATE_MEMO_LEN];
         }
+        self.state_memo[memo] = (machine, address, slot);
+        slot
     }
 
     fn add_active(&mut self, state: u32, delta: i64) {
@@ -960,6 +981,7 @@ impl LocalMetrics {
             self.last_machine = None;
             self.states.clear();
             self.state_by_address.clear();
+            self.state_memo.clear();
         }
     }
 }
@@ -1519,6 +1541,8 @@ mod tests {
         assert!(local.machines.is_empty() && local.states.is_empty());
         assert_eq!(active_of(&metrics).len(), 1 + LOCAL_SLOTS_MAX);
         assert_eq!(local.machine_slot(&a), 0, "a new slot after the reset");
+        assert_eq!(local.state_slot(0, &s), 0, "the memo was reset with the slots");
+        assert_eq!(local.states[0].state, s);
     }
 
     #[test]
