@@ -258,32 +258,46 @@ impl Telemetry {
     }
 
     /// Starts one attempted transition. `None` (and nothing to do later) when telemetry is off.
+    #[inline]
     pub(crate) fn start(&self, start: AttemptStart<'_>) -> Option<Attempt> {
         if !self.is_enabled() {
             return None;
         }
-        // Metrics alone need no names: copy them only for spans and hooks.
-        let names = self.tracer.is_some() || !self.hooks.is_empty();
+        if self.tracer.is_none() && self.hooks.is_empty() {
+            // Metrics alone need no names, no span and no detail.
+            return Some(Attempt {
+                timed: evaluation_sampled(),
+                trigger: start.trigger,
+                prev_active: false,
+                received: start.received,
+                evaluation: Duration::ZERO,
+                trace: start.parent.map(|p| Box::new(p.context.clone())),
+                detail: None,
+            });
+        }
+        self.start_detailed(start)
+    }
+
+    /// [`Telemetry::start`] with spans or hooks: the names, the state context, the span.
+    fn start_detailed(&self, start: AttemptStart<'_>) -> Option<Attempt> {
         let mut attempt = Attempt {
-            timed: names || evaluation_sampled(),
+            timed: true,
             trigger: start.trigger,
             prev_active: false,
             received: start.received,
             evaluation: Duration::ZERO,
             trace: start.parent.map(|p| Box::new(p.context.clone())),
-            detail: names.then(|| {
-                Box::new(AttemptDetail {
-                    namespace: start.namespace.to_owned(),
-                    instance: start.instance.to_owned(),
-                    event: start.event.map(str::to_owned),
-                    actor: start.actor.to_owned(),
-                    machine: None,
-                    revision: None,
-                    from: None,
-                    version: None,
-                    span: None,
-                })
-            }),
+            detail: Some(Box::new(AttemptDetail {
+                namespace: start.namespace.to_owned(),
+                instance: start.instance.to_owned(),
+                event: start.event.map(str::to_owned),
+                actor: start.actor.to_owned(),
+                machine: None,
+                revision: None,
+                from: None,
+                version: None,
+                span: None,
+            })),
         };
         if let (Some(tracer), Some(detail)) = (&self.tracer, attempt.detail.as_mut()) {
             let elapsed = Instant::now().saturating_duration_since(start.received);
@@ -333,9 +347,17 @@ impl Telemetry {
     }
 
     /// The instance of the attempt is loaded: records the state context, calls `before` hooks.
+    #[inline]
     pub(crate) fn loaded(&self, attempt: &mut Attempt, instance: &Instance) {
         attempt.prev_active = !instance.status.is_final();
         // Metrics alone take the machine and states from the committed record.
+        if attempt.detail.is_some() {
+            self.loaded_detailed(attempt, instance);
+        }
+    }
+
+    /// [`Telemetry::loaded`] with spans or hooks: the state context, the `before` hooks.
+    fn loaded_detailed(&self, attempt: &mut Attempt, instance: &Instance) {
         let Some(detail) = attempt.detail.as_mut() else {
             return;
         };
@@ -395,6 +417,21 @@ impl Telemetry {
         if let Some(m) = &self.metrics {
             m.commit_duration.record(commit_s, &[]);
             m.batch_size.record(batch.n_items as u64, &[]);
+        }
+        if let Some(m) = &self.metrics
+            && self.tracer.is_none()
+            && self.hooks.is_empty()
+            && batch.conflicts.is_empty()
+        {
+            // Metrics only and nothing refused: count and sample each transition, no more.
+            for (attempt, record) in batch.attempts.iter().zip(batch.records) {
+                if let Some(attempt) = attempt {
+                    local.transition(attempt, record);
+                    log_committed(record);
+                }
+            }
+            local.publish(m, batch.dequeued, committed_at);
+            return;
         }
         let mut conflicts = batch.conflicts.into_iter().peekable();
         for (index, (attempt, record)) in batch.attempts.into_iter().zip(batch.records).enumerate()
@@ -479,17 +516,7 @@ impl Telemetry {
                 }
                 span.end();
             }
-            tracing::debug!(
-                namespace = %record.namespace,
-                instance = %record.instance,
-                machine = %record.machine,
-                from = record.from.as_deref(),
-                to = %record.to,
-                version = record.version,
-                trace_id = record.trace.as_ref().map(|t| t.trace_id.as_str()),
-                span_id = record.trace.as_ref().map(|t| t.span_id.as_str()),
-                "transition committed"
-            );
+            log_committed(record);
             if !self.hooks.is_empty() {
                 let hash = (batch.hash_of)(index);
                 let cx = attempt.context();
@@ -516,6 +543,22 @@ impl Telemetry {
             m.gauges.timers_pending.store(n as u64, Ordering::Relaxed);
         }
     }
+}
+
+/// The debug log line of a committed transition (with its trace, so logs join traces).
+#[inline]
+fn log_committed(record: &StateChangeEvent) {
+    tracing::debug!(
+        namespace = %record.namespace,
+        instance = %record.instance,
+        machine = %record.machine,
+        from = record.from.as_deref(),
+        to = %record.to,
+        version = record.version,
+        trace_id = record.trace.as_ref().map(|t| t.trace_id.as_str()),
+        span_id = record.trace.as_ref().map(|t| t.span_id.as_str()),
+        "transition committed"
+    );
 }
 
 /// The parent link of a timer's span: the trace of the record that armed it.
@@ -1523,10 +1566,7 @@ mod tests {
         local.add_active(a_t, -1);
         local.add_active(a_s, 1);
         local.publish(&metrics, now, now);
-        assert_eq!(
-            active_of(&metrics),
-            vec![("a".into(), "s".into(), 3)]
-        );
+        assert_eq!(active_of(&metrics), vec![("a".into(), "s".into(), 3)]);
 
         // Many machines: the slots start afresh after the batch that passed the bound.
         let names: Vec<Arc<str>> = (0..LOCAL_SLOTS_MAX)
@@ -1541,7 +1581,11 @@ mod tests {
         assert!(local.machines.is_empty() && local.states.is_empty());
         assert_eq!(active_of(&metrics).len(), 1 + LOCAL_SLOTS_MAX);
         assert_eq!(local.machine_slot(&a), 0, "a new slot after the reset");
-        assert_eq!(local.state_slot(0, &s), 0, "the memo was reset with the slots");
+        assert_eq!(
+            local.state_slot(0, &s),
+            0,
+            "the memo was reset with the slots"
+        );
         assert_eq!(local.states[0].state, s);
     }
 

@@ -582,6 +582,7 @@ async fn metrics_count_transitions_errors_and_active_instances() {
         .build();
     let provider = SdkMeterProvider::builder().with_reader(reader).build();
     let telemetry = Telemetry::default().with_meter(&provider.meter("cnsm"));
+    let exemplars = telemetry.exemplars().expect("metrics are on");
     let runtime = Runtime::open_shared(
         Arc::clone(&store),
         RuntimeOptions::default().with_telemetry(telemetry),
@@ -593,14 +594,20 @@ async fn metrics_count_transitions_errors_and_active_instances() {
             .await
             .unwrap();
     }
-    runtime
+    // Traced by its caller: with metrics only, the record carries the caller's trace and
+    // the duration keeps it as an exemplar.
+    let paid = runtime
         .send(
             "default",
             "m-1",
-            EventRequest::new("pay").payload(serde_json::json!({"amount": 99})),
+            EventRequest::new("pay")
+                .payload(serde_json::json!({"amount": 99}))
+                .traced(TraceParent::parse(PARENT, None).unwrap()),
         )
         .await
         .unwrap();
+    let trace_id = paid.record.trace.as_ref().expect("traced").trace_id.clone();
+    assert_eq!(trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
     let _ = runtime
         .send("default", "m-2", EventRequest::new("ship"))
         .await
@@ -663,6 +670,19 @@ async fn metrics_count_transitions_errors_and_active_instances() {
     );
     assert_eq!(v("cnsm.instances.active", &[("cnsm.state", "paid")]), 0.0);
     assert!(v("cnsm.store.commit.duration", &[]) >= 3.0);
+    // Recorded by the metrics thread right after the batch's histograms.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let exemplar = loop {
+        let found = (0..=cnsm_runtime::telemetry::DURATION_BUCKETS_S.len())
+            .filter_map(|b| exemplars.get("order", b))
+            .find(|e| e.trace_id_hex() == trace_id);
+        if found.is_some() || std::time::Instant::now() > deadline {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let exemplar = exemplar.expect("the traced transition's exemplar");
+    assert_eq!(exemplar.time_ms, paid.record.time_ms);
     runtime.shutdown();
 }
 
