@@ -358,6 +358,9 @@ impl Committer {
                 )));
             };
             let instance = stored.instance;
+            if let Some(a) = attempt.as_mut() {
+                a.note_instance(&instance);
+            }
             let mut history = Vec::new();
             while (history.len() as u64) <= instance.version {
                 let page = store.history(
@@ -677,7 +680,7 @@ impl Committer {
                     reply,
                 } => {
                     let key = (namespace, id);
-                    let attempt = self.shared.options.telemetry.start(AttemptStart {
+                    let mut attempt = self.shared.options.telemetry.start(AttemptStart {
                         trigger: Trigger::Migration,
                         namespace: &key.0,
                         instance: &key.1,
@@ -693,6 +696,7 @@ impl Committer {
                         lock,
                         &actor,
                         now_ms,
+                        &mut attempt,
                         &mut items,
                         &mut item_keys,
                         &mut before,
@@ -849,7 +853,7 @@ impl Committer {
                         sampled: true,
                         tracestate: None,
                     });
-                    let attempt = self.shared.options.telemetry.start(AttemptStart {
+                    let mut attempt = self.shared.options.telemetry.start(AttemptStart {
                         trigger: Trigger::Control,
                         namespace: &key.0,
                         instance: &key.1,
@@ -868,6 +872,7 @@ impl Committer {
                             &key,
                             &request,
                             now_ms,
+                            &mut attempt,
                             &mut items,
                             &mut item_keys,
                             &mut before,
@@ -1218,11 +1223,13 @@ impl Committer {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn control(
         &mut self,
         key: &Key,
         request: &ControlRequest,
         now_ms: u64,
+        attempt: &mut Option<Attempt>,
         items: &mut Vec<CommitItem>,
         item_keys: &mut Vec<Key>,
         before: &mut HashMap<Key, Option<Timer>>,
@@ -1235,6 +1242,9 @@ impl Committer {
             )));
         };
         let instance = &cached.instance;
+        if let Some(a) = attempt {
+            a.note_instance(instance);
+        }
         let machine = shared.machine(&instance.namespace, &instance.machine, instance.revision)?;
         let mut input = Input::new(
             EngineTrigger::Control {
@@ -1261,6 +1271,7 @@ impl Committer {
         lock: bool,
         actor: &str,
         now_ms: u64,
+        attempt: &mut Option<Attempt>,
         items: &mut Vec<CommitItem>,
         item_keys: &mut Vec<Key>,
         before: &mut HashMap<Key, Option<Timer>>,
@@ -1273,6 +1284,9 @@ impl Committer {
             )));
         };
         let instance = &cached.instance;
+        if let Some(a) = attempt {
+            a.note_instance(instance);
+        }
         let refuse = |why: String| -> RuntimeError {
             TransitionError::TransitionFailure {
                 state: instance.state.to_string(),

@@ -620,6 +620,13 @@ struct AttemptDetail {
 }
 
 impl Attempt {
+    /// Notes the instance as it was before the attempt (whether it counted in
+    /// `cnsm.instances.active`), for steps that call no [`Telemetry::loaded`] (controls,
+    /// migrations, erasures: no state context, no `before` hook).
+    pub(crate) fn note_instance(&mut self, instance: &Instance) {
+        self.prev_active = !instance.status.is_final();
+    }
+
     fn context(&self) -> TransitionContext<'_> {
         let d = self.detail.as_deref();
         TransitionContext {

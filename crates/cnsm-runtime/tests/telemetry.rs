@@ -827,3 +827,50 @@ async fn timed_out_requests_are_timeout_errors_and_durations_keep_exemplars() {
     );
     runtime.shutdown();
 }
+
+/// Controls move `cnsm.instances.active` like events: a suspended instance still counts once in
+/// its state, a cancelled one no longer counts.
+#[tokio::test]
+async fn controls_keep_the_active_gauge_exact() {
+    use opentelemetry::metrics::MeterProvider as _;
+    use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let exporter = InMemoryMetricExporter::default();
+    let reader = PeriodicReader::builder(exporter.clone())
+        .with_interval(Duration::from_secs(3600))
+        .build();
+    let provider = SdkMeterProvider::builder().with_reader(reader).build();
+    let telemetry = Telemetry::default().with_meter(&provider.meter("cnsm"));
+    let runtime =
+        Runtime::open_shared(store, RuntimeOptions::default().with_telemetry(telemetry)).unwrap();
+    runtime.apply_yaml(MACHINE, None).await.unwrap();
+    for id in ["c-1", "c-2"] {
+        runtime
+            .create_instance(CreateInstance::new("default", "order").id(id))
+            .await
+            .unwrap();
+    }
+    let pending = |exporter: &InMemoryMetricExporter| {
+        exporter.reset();
+        provider.force_flush().unwrap();
+        metric_value(
+            exporter,
+            "cnsm.instances.active",
+            &[("cnsm.machine.name", "order"), ("cnsm.state", "pending")],
+        )
+    };
+    assert_eq!(pending(&exporter), 2.0);
+    for (action, expected) in [
+        (Control::Suspend, 2.0),
+        (Control::Resume, 2.0),
+        (Control::Cancel, 1.0),
+    ] {
+        runtime
+            .control("default", "c-1", ControlRequest::new(action))
+            .await
+            .unwrap();
+        assert_eq!(pending(&exporter), expected, "after {action:?}");
+    }
+    runtime.shutdown();
+}
