@@ -346,7 +346,6 @@ impl Committer {
             event: Some("erase"),
             actor: &request.actor,
             received: started,
-            dequeued: started,
             parent: parent.as_ref(),
             link: None,
         });
@@ -359,6 +358,9 @@ impl Committer {
                 )));
             };
             let instance = stored.instance;
+            if let Some(a) = attempt.as_mut() {
+                a.note_instance(&instance);
+            }
             let mut history = Vec::new();
             while (history.len() as u64) <= instance.version {
                 let page = store.history(
@@ -414,10 +416,15 @@ impl Committer {
                 &[outcome],
                 &before,
             );
+            let hash = plan.sealed.hash;
             let batch = CommittedBatch {
                 n_items: 1,
                 commit_duration,
-                items: vec![(attempt.take(), &plan.record, plan.sealed.hash, None)],
+                dequeued: started,
+                attempts: vec![attempt.take()],
+                records: std::slice::from_ref(&plan.record),
+                hash_of: &|_| hash,
+                conflicts: Vec::new(),
             };
             self.shared
                 .options
@@ -673,14 +680,13 @@ impl Committer {
                     reply,
                 } => {
                     let key = (namespace, id);
-                    let attempt = self.shared.options.telemetry.start(AttemptStart {
+                    let mut attempt = self.shared.options.telemetry.start(AttemptStart {
                         trigger: Trigger::Migration,
                         namespace: &key.0,
                         instance: &key.1,
                         event: Some(if lock { "lock" } else { "migrate" }),
                         actor: &actor,
                         received: batch_started,
-                        dequeued: batch_started,
                         parent: None,
                         link: None,
                     });
@@ -690,6 +696,7 @@ impl Committer {
                         lock,
                         &actor,
                         now_ms,
+                        &mut attempt,
                         &mut items,
                         &mut item_keys,
                         &mut before,
@@ -713,7 +720,6 @@ impl Committer {
                         event: None,
                         actor: &request.actor,
                         received,
-                        dequeued: batch_started,
                         parent: None,
                         link: None,
                     });
@@ -768,7 +774,6 @@ impl Committer {
                         event: Some(&event.name),
                         actor: &event.actor,
                         received,
-                        dequeued: batch_started,
                         parent: parent.as_ref(),
                         link: None,
                     });
@@ -848,14 +853,13 @@ impl Committer {
                         sampled: true,
                         tracestate: None,
                     });
-                    let attempt = self.shared.options.telemetry.start(AttemptStart {
+                    let mut attempt = self.shared.options.telemetry.start(AttemptStart {
                         trigger: Trigger::Control,
                         namespace: &key.0,
                         instance: &key.1,
                         event: Some(request.action.as_str()),
                         actor: &request.actor,
                         received,
-                        dequeued: batch_started,
                         parent: parent.as_ref(),
                         link: None,
                     });
@@ -868,6 +872,7 @@ impl Committer {
                             &key,
                             &request,
                             now_ms,
+                            &mut attempt,
                             &mut items,
                             &mut item_keys,
                             &mut before,
@@ -912,21 +917,23 @@ impl Committer {
                     let batch = CommittedBatch {
                         n_items: items.len(),
                         commit_duration,
-                        items: attempts
-                            .into_iter()
-                            .zip(&records)
-                            .zip(items.iter().zip(&outcomes))
-                            .map(|((attempt, record), (item, outcome))| {
-                                let error = match outcome {
-                                    ItemOutcome::Committed { .. } => None,
-                                    ItemOutcome::Conflict { actual } => {
-                                        Some(RuntimeError::from(TransitionError::RaceCondition {
-                                            expected: item.expected_version.unwrap_or(0),
-                                            actual: actual.unwrap_or(0),
-                                        }))
-                                    }
-                                };
-                                (attempt, record, item.record.hash, error)
+                        dequeued: batch_started,
+                        attempts,
+                        records: &records,
+                        hash_of: &|i| items[i].record.hash,
+                        conflicts: items
+                            .iter()
+                            .zip(&outcomes)
+                            .enumerate()
+                            .filter_map(|(i, (item, outcome))| match outcome {
+                                ItemOutcome::Committed { .. } => None,
+                                ItemOutcome::Conflict { actual } => Some((
+                                    i,
+                                    RuntimeError::from(TransitionError::RaceCondition {
+                                        expected: item.expected_version.unwrap_or(0),
+                                        actual: actual.unwrap_or(0),
+                                    }),
+                                )),
                             })
                             .collect(),
                     };
@@ -1153,15 +1160,18 @@ impl Committer {
             event.actor.as_str(),
         );
         input.idempotency_key = event.idempotency_key.as_deref();
-        input.trace = event.trace.clone();
         input.flags = decisions;
         let evaluated = match attempt {
             Some(a) => {
                 shared.options.telemetry.loaded(a, instance);
+                // The span's ids, or the caller's context (which the attempt copied).
                 input.trace = a.trace.as_deref().cloned();
                 a.timed.then(std::time::Instant::now)
             }
-            None => None,
+            None => {
+                input.trace = event.trace.clone();
+                None
+            }
         };
         let record = machine.apply(instance, &input);
         if let (Some(a), Some(t)) = (attempt.as_mut(), evaluated) {
@@ -1213,11 +1223,13 @@ impl Committer {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn control(
         &mut self,
         key: &Key,
         request: &ControlRequest,
         now_ms: u64,
+        attempt: &mut Option<Attempt>,
         items: &mut Vec<CommitItem>,
         item_keys: &mut Vec<Key>,
         before: &mut HashMap<Key, Option<Timer>>,
@@ -1230,6 +1242,9 @@ impl Committer {
             )));
         };
         let instance = &cached.instance;
+        if let Some(a) = attempt {
+            a.note_instance(instance);
+        }
         let machine = shared.machine(&instance.namespace, &instance.machine, instance.revision)?;
         let mut input = Input::new(
             EngineTrigger::Control {
@@ -1256,6 +1271,7 @@ impl Committer {
         lock: bool,
         actor: &str,
         now_ms: u64,
+        attempt: &mut Option<Attempt>,
         items: &mut Vec<CommitItem>,
         item_keys: &mut Vec<Key>,
         before: &mut HashMap<Key, Option<Timer>>,
@@ -1268,6 +1284,9 @@ impl Committer {
             )));
         };
         let instance = &cached.instance;
+        if let Some(a) = attempt {
+            a.note_instance(instance);
+        }
         let refuse = |why: String| -> RuntimeError {
             TransitionError::TransitionFailure {
                 state: instance.state.to_string(),
@@ -1412,7 +1431,6 @@ impl Committer {
                 event: None,
                 actor: ACTOR_TIMER,
                 received: now,
-                dequeued: now,
                 parent: None,
                 link: cached.trace.as_ref(),
             });

@@ -869,7 +869,6 @@ impl Runtime {
                     event: Some(&name),
                     actor: &actor,
                     received,
-                    dequeued: std::time::Instant::now(),
                     parent: parent.as_ref(),
                     link: None,
                 },

@@ -59,6 +59,21 @@ pub enum Trigger {
 }
 
 impl Trigger {
+    /// Every trigger, in [`Trigger::index`] order.
+    pub const ALL: [Trigger; 6] = [
+        Trigger::Create,
+        Trigger::Event,
+        Trigger::Timer,
+        Trigger::Retry,
+        Trigger::Control,
+        Trigger::Migration,
+    ];
+
+    /// The position of the trigger in [`Trigger::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Trigger::Create => "create",
@@ -243,36 +258,46 @@ impl Telemetry {
     }
 
     /// Starts one attempted transition. `None` (and nothing to do later) when telemetry is off.
+    #[inline]
     pub(crate) fn start(&self, start: AttemptStart<'_>) -> Option<Attempt> {
         if !self.is_enabled() {
             return None;
         }
-        // Metrics alone need no names: copy them only for spans and hooks.
-        let names = self.tracer.is_some() || !self.hooks.is_empty();
+        if self.tracer.is_none() && self.hooks.is_empty() {
+            // Metrics alone need no names, no span and no detail.
+            return Some(Attempt {
+                timed: evaluation_sampled(),
+                trigger: start.trigger,
+                prev_active: false,
+                received: start.received,
+                evaluation: Duration::ZERO,
+                trace: start.parent.map(|p| Box::new(p.context.clone())),
+                detail: None,
+            });
+        }
+        self.start_detailed(start)
+    }
+
+    /// [`Telemetry::start`] with spans or hooks: the names, the state context, the span.
+    fn start_detailed(&self, start: AttemptStart<'_>) -> Option<Attempt> {
         let mut attempt = Attempt {
-            timed: names || evaluation_sampled(),
+            timed: true,
             trigger: start.trigger,
             prev_active: false,
             received: start.received,
-            queue_s: start
-                .dequeued
-                .saturating_duration_since(start.received)
-                .as_secs_f64(),
             evaluation: Duration::ZERO,
             trace: start.parent.map(|p| Box::new(p.context.clone())),
-            detail: names.then(|| {
-                Box::new(AttemptDetail {
-                    namespace: start.namespace.to_owned(),
-                    instance: start.instance.to_owned(),
-                    event: start.event.map(str::to_owned),
-                    actor: start.actor.to_owned(),
-                    machine: None,
-                    revision: None,
-                    from: None,
-                    version: None,
-                    span: None,
-                })
-            }),
+            detail: Some(Box::new(AttemptDetail {
+                namespace: start.namespace.to_owned(),
+                instance: start.instance.to_owned(),
+                event: start.event.map(str::to_owned),
+                actor: start.actor.to_owned(),
+                machine: None,
+                revision: None,
+                from: None,
+                version: None,
+                span: None,
+            })),
         };
         if let (Some(tracer), Some(detail)) = (&self.tracer, attempt.detail.as_mut()) {
             let elapsed = Instant::now().saturating_duration_since(start.received);
@@ -322,9 +347,17 @@ impl Telemetry {
     }
 
     /// The instance of the attempt is loaded: records the state context, calls `before` hooks.
+    #[inline]
     pub(crate) fn loaded(&self, attempt: &mut Attempt, instance: &Instance) {
         attempt.prev_active = !instance.status.is_final();
         // Metrics alone take the machine and states from the committed record.
+        if attempt.detail.is_some() {
+            self.loaded_detailed(attempt, instance);
+        }
+    }
+
+    /// [`Telemetry::loaded`] with spans or hooks: the state context, the `before` hooks.
+    fn loaded_detailed(&self, attempt: &mut Attempt, instance: &Instance) {
         let Some(detail) = attempt.detail.as_mut() else {
             return;
         };
@@ -373,16 +406,36 @@ impl Telemetry {
     }
 
     /// The attempts of one durable batch, in item order (with their records), committed.
-    /// `conflicts[i]` is the error of an item the store refused.
+    /// `batch.conflicts` are the items the store refused, with their errors.
+    ///
+    /// With metrics only, the per-transition work here is a few increments into slots that
+    /// [`LocalMetrics`] keeps across batches and one small sample pushed; the durations are
+    /// computed by the `cnsm-metrics` thread from the batch's instants.
     pub(crate) fn committed(&self, batch: CommittedBatch<'_>, local: &mut LocalMetrics) {
-        let now = Instant::now();
+        let committed_at = Instant::now();
         let commit_s = batch.commit_duration.as_secs_f64();
         if let Some(m) = &self.metrics {
             m.commit_duration.record(commit_s, &[]);
             m.batch_size.record(batch.n_items as u64, &[]);
         }
-        local.begin_batch();
-        for (attempt, record, hash, error) in batch.items {
+        if let Some(m) = &self.metrics
+            && self.tracer.is_none()
+            && self.hooks.is_empty()
+            && batch.conflicts.is_empty()
+        {
+            // Metrics only and nothing refused: count and sample each transition, no more.
+            for (attempt, record) in batch.attempts.iter().zip(batch.records) {
+                if let Some(attempt) = attempt {
+                    local.transition(attempt, record);
+                    log_committed(record);
+                }
+            }
+            local.publish(m, batch.dequeued, committed_at);
+            return;
+        }
+        let mut conflicts = batch.conflicts.into_iter().peekable();
+        for (index, (attempt, record)) in batch.attempts.into_iter().zip(batch.records).enumerate()
+        {
             let Some(mut attempt) = attempt else { continue };
             if let Some(detail) = attempt.detail.as_mut()
                 && detail.instance.is_empty()
@@ -392,51 +445,30 @@ impl Telemetry {
                     span.set_attribute(KeyValue::new("cnsm.instance.id", detail.instance.clone()));
                 }
             }
-            if let Some(error) = error {
+            if conflicts.peek().is_some_and(|(i, _)| *i == index)
+                && let Some((_, error)) = conflicts.next()
+            {
                 self.failed(attempt, &error);
                 continue;
             }
-            let machine = self
-                .metrics
-                .as_ref()
-                .map(|_| local.machine_index(&record.machine));
-            if let Some(machine) = machine {
-                local.count(machine, attempt.trigger);
-                if attempt.prev_active
-                    && let Some(from) = &record.from
-                {
-                    local.active(machine, from, -1);
-                }
-                if !record.status.is_final() {
-                    local.active(machine, &record.to, 1);
-                }
-            }
-            let total_s = now
-                .saturating_duration_since(attempt.received)
-                .as_secs_f64();
-            let queue_s = attempt.queue_s;
-            let evaluation_s = attempt.evaluation.as_secs_f64();
-            if let Some(machine) = machine {
-                // Recorded by the metrics thread after the batch (see `Metrics`).
-                local.samples.push(Sample {
-                    machine,
-                    total_s,
-                    queue_s,
-                    evaluation_s: attempt.timed.then_some(evaluation_s),
-                    trace_id: record
-                        .trace
-                        .as_ref()
-                        .and_then(|t| t.trace_id.as_bytes().try_into().ok()),
-                    time_ms: record.time_ms,
-                });
+            if self.metrics.is_some() {
+                local.transition(&attempt, record);
             }
             if let Some(mut span) = attempt.detail.as_mut().and_then(|d| d.span.take()) {
+                let total_s = committed_at
+                    .saturating_duration_since(attempt.received)
+                    .as_secs_f64();
+                let queue_s = batch
+                    .dequeued
+                    .saturating_duration_since(attempt.received)
+                    .as_secs_f64();
+                let evaluation_s = attempt.evaluation.as_secs_f64();
                 let mut attrs = vec![
                     KeyValue::new("cnsm.machine.name", record.machine.to_string()),
                     KeyValue::new("cnsm.machine.revision", i64::from(record.revision)),
                     KeyValue::new("cnsm.state.to", record.to.to_string()),
                     KeyValue::new("cnsm.instance.version", record.version as i64),
-                    KeyValue::new("cnsm.record.hash", hash.to_hex()),
+                    KeyValue::new("cnsm.record.hash", (batch.hash_of)(index).to_hex()),
                     KeyValue::new("cnsm.duration.queue", queue_s),
                     KeyValue::new("cnsm.duration.evaluation", evaluation_s),
                     KeyValue::new("cnsm.duration.commit", commit_s),
@@ -484,18 +516,9 @@ impl Telemetry {
                 }
                 span.end();
             }
-            tracing::debug!(
-                namespace = %record.namespace,
-                instance = %record.instance,
-                machine = %record.machine,
-                from = record.from.as_deref(),
-                to = %record.to,
-                version = record.version,
-                trace_id = record.trace.as_ref().map(|t| t.trace_id.as_str()),
-                span_id = record.trace.as_ref().map(|t| t.span_id.as_str()),
-                "transition committed"
-            );
+            log_committed(record);
             if !self.hooks.is_empty() {
+                let hash = (batch.hash_of)(index);
                 let cx = attempt.context();
                 for h in &self.hooks {
                     h.after(&cx, record, hash);
@@ -503,27 +526,7 @@ impl Telemetry {
             }
         }
         if let Some(m) = &self.metrics {
-            for (machine, trigger, n) in local.counts.drain(..) {
-                let machine = &local.machines[machine as usize];
-                m.transitions.add(
-                    n,
-                    &[
-                        KeyValue::new("cnsm.machine.name", machine.to_string()),
-                        KeyValue::new("cnsm.trigger", trigger.as_str()),
-                    ],
-                );
-            }
-            if !local.active_delta.is_empty()
-                && let Ok(mut active) = m.gauges.active.lock()
-            {
-                for (machine, state, d) in local.active_delta.drain(..) {
-                    let key = (Arc::clone(&local.machines[machine as usize]), state);
-                    let n = active.entry(key).or_insert(0);
-                    *n += d;
-                }
-                active.retain(|_, n| *n > 0);
-            }
-            m.send_samples(local);
+            local.publish(m, batch.dequeued, committed_at);
         }
     }
 
@@ -540,6 +543,22 @@ impl Telemetry {
             m.gauges.timers_pending.store(n as u64, Ordering::Relaxed);
         }
     }
+}
+
+/// The debug log line of a committed transition (with its trace, so logs join traces).
+#[inline]
+fn log_committed(record: &StateChangeEvent) {
+    tracing::debug!(
+        namespace = %record.namespace,
+        instance = %record.instance,
+        machine = %record.machine,
+        from = record.from.as_deref(),
+        to = %record.to,
+        version = record.version,
+        trace_id = record.trace.as_ref().map(|t| t.trace_id.as_str()),
+        span_id = record.trace.as_ref().map(|t| t.span_id.as_str()),
+        "transition committed"
+    );
 }
 
 /// The parent link of a timer's span: the trace of the record that armed it.
@@ -564,8 +583,6 @@ pub(crate) struct AttemptStart<'a> {
     pub event: Option<&'a str>,
     pub actor: &'a str,
     pub received: Instant,
-    /// When the committer took it (one clock read per batch).
-    pub dequeued: Instant,
     pub parent: Option<&'a TraceParent>,
     /// For timers: the trace of the record that armed the timer.
     pub link: Option<&'a TraceContext>,
@@ -580,9 +597,9 @@ pub(crate) struct Attempt {
     trigger: Trigger,
     /// Whether the instance counted in `cnsm.instances.active` before the transition.
     prev_active: bool,
+    /// When the request arrived (its queue wait ends when its batch is taken, see
+    /// [`CommittedBatch::dequeued`]).
     received: Instant,
-    /// Receipt until the committer took it.
-    queue_s: f64,
     pub(crate) evaluation: Duration,
     /// The trace context the record carries: the span's ids, or the caller's without a tracer.
     pub(crate) trace: Option<Box<TraceContext>>,
@@ -603,6 +620,13 @@ struct AttemptDetail {
 }
 
 impl Attempt {
+    /// Notes the instance as it was before the attempt (whether it counted in
+    /// `cnsm.instances.active`), for steps that call no [`Telemetry::loaded`] (controls,
+    /// migrations, erasures: no state context, no `before` hook).
+    pub(crate) fn note_instance(&mut self, instance: &Instance) {
+        self.prev_active = !instance.status.is_final();
+    }
+
     fn context(&self) -> TransitionContext<'_> {
         let d = self.detail.as_deref();
         TransitionContext {
@@ -620,31 +644,47 @@ impl Attempt {
     }
 }
 
-/// The items of one durable batch for [`Telemetry::committed`].
+/// One durable batch for [`Telemetry::committed`].
 pub(crate) struct CommittedBatch<'a> {
     pub n_items: usize,
     pub commit_duration: Duration,
-    #[allow(clippy::type_complexity)]
-    pub items: Vec<(
-        Option<Attempt>,
-        &'a StateChangeEvent,
-        Hash32,
-        Option<RuntimeError>,
-    )>,
+    /// When the committer took the batch: the end of every item's queue wait (an attempt
+    /// received after it, a timer's, waited for nothing).
+    pub dequeued: Instant,
+    /// One per record, in item order (`None`: not observed).
+    pub attempts: Vec<Option<Attempt>>,
+    pub records: &'a [StateChangeEvent],
+    /// The sealed hash of item `i` (asked only for spans and hooks).
+    pub hash_of: &'a dyn Fn(usize) -> Hash32,
+    /// The items the store refused, in item order, with their errors.
+    pub conflicts: Vec<(usize, RuntimeError)>,
 }
 
-/// One committed transition's timings, for the histograms.
+/// A [`Sample`] whose evaluation was not timed (see [`EVALUATION_SAMPLE_EVERY`]).
+const UNTIMED: u64 = u64::MAX;
+
+/// A [`Sample`] without a trace id.
+const NO_TRACE: u32 = u32::MAX;
+
+/// One committed transition, for the histograms: what the committer knows of it, 32 bytes.
+/// The durations are computed from the batch's instants by whoever records it.
 struct Sample {
+    received: Instant,
+    /// Evaluation time in nanoseconds, or [`UNTIMED`].
+    evaluation_ns: u64,
     /// Index into the batch's machines.
     machine: u32,
-    total_s: f64,
-    queue_s: f64,
-    /// `None` when the attempt was not timed (see [`EVALUATION_SAMPLE_EVERY`]).
-    evaluation_s: Option<f64>,
-    /// The record's trace id as its 32 hex digits (parsed off the committer, for the exemplar
-    /// of its duration bucket), and its commit time.
-    trace_id: Option<[u8; 32]>,
-    time_ms: u64,
+    /// Index into the batch's traces, or [`NO_TRACE`].
+    trace: u32,
+}
+
+impl Sample {
+    fn total_s(&self, batch: &SampleBatch) -> f64 {
+        batch
+            .committed
+            .saturating_duration_since(self.received)
+            .as_secs_f64()
+    }
 }
 
 /// Most machines whose duration buckets keep exemplars (later machines get none).
@@ -692,14 +732,17 @@ impl TransitionExemplars {
     }
 
     fn record(&self, batch: &SampleBatch) {
-        if batch.samples.iter().all(|s| s.trace_id.is_none()) {
+        if batch.traces.is_empty() {
             return;
         }
         let Ok(mut slots) = self.slots.lock() else {
             return;
         };
-        for s in &batch.samples {
-            let Some(trace_id) = s.trace_id.as_ref().and_then(trace_id_of) else {
+        for s in batch.samples.iter().filter(|s| s.trace != NO_TRACE) {
+            let Some((trace_id, time_ms)) = batch.traces.get(s.trace as usize) else {
+                continue;
+            };
+            let Some(trace_id) = trace_id_of(trace_id) else {
                 continue;
             };
             let machine = &batch.machines[s.machine as usize];
@@ -710,10 +753,11 @@ impl TransitionExemplars {
                 slots.insert(Arc::clone(machine), [None; DURATION_BUCKETS_S.len() + 1]);
             }
             if let Some(buckets) = slots.get_mut(machine) {
-                buckets[TransitionExemplars::bucket_of(s.total_s)] = Some(Exemplar {
+                let value_s = s.total_s(batch);
+                buckets[TransitionExemplars::bucket_of(value_s)] = Some(Exemplar {
                     trace_id,
-                    value_s: s.total_s,
-                    time_ms: s.time_ms,
+                    value_s,
+                    time_ms: *time_ms,
                 });
             }
         }
@@ -726,73 +770,268 @@ fn trace_id_of(hex: &[u8; 32]) -> Option<u128> {
     u128::from_str_radix(hex, 16).ok().filter(|id| *id != 0)
 }
 
-/// Longest list [`LocalMetrics`] merges by a linear scan; past it, entries are appended
-/// unmerged (they are summed when applied), so a batch costs linear time whatever its shape.
-const LOCAL_MERGE_MAX: usize = 64;
+/// Slots [`LocalMetrics`] keeps before it starts afresh (after publishing a batch), so
+/// machines applied again and again (a new allocation of their names each time) cannot grow
+/// it without bound.
+const LOCAL_SLOTS_MAX: usize = 4_096;
 
-/// The committer's side of the metrics for one batch: the machines it touched (samples and
-/// counts refer to them by index, so the per-transition work is a push and a short scan),
-/// transition counts, `cnsm.instances.active` deltas, and the samples the metrics thread
-/// records. Attribute sets are built once per machine (for recording inline when the metrics
-/// thread lags).
+/// Entries of [`LocalMetrics`]' state memo (a power of two).
+const STATE_MEMO_LEN: usize = 256;
+
+/// Marks a [`MachineSlot`] the current batch has not touched.
+const UNTOUCHED: u32 = u32::MAX;
+
+/// Hashes the addresses that key [`LocalMetrics`]' slots (FxHash's step; the final rotation
+/// brings the well-mixed high bits down to the bits a table indexes by).
+#[derive(Default, Clone, Copy)]
+struct AddressHasher(u64);
+
+impl std::hash::Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0.rotate_left(26)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0xf135_7aea_2e62_a9c5);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
+
+type ByAddress<K> = HashMap<K, u32, std::hash::BuildHasherDefault<AddressHasher>>;
+
+/// The address of a name's allocation: the key of its slot. The slot holds a clone of the
+/// `Arc`, so the address cannot be reused by another name while it is a key.
+fn address_of(name: &Arc<str>) -> usize {
+    Arc::as_ptr(name).cast::<u8>() as usize
+}
+
+/// One machine (one allocation of its name) in [`LocalMetrics`].
+struct MachineSlot {
+    name: Arc<str>,
+    /// `cnsm.transitions` of the current batch, by [`Trigger::index`].
+    counts: [u64; Trigger::ALL.len()],
+    /// The attribute sets of `cnsm.transitions`, by [`Trigger::index`].
+    count_attrs: [[KeyValue; 2]; Trigger::ALL.len()],
+    /// Index into the current batch's machines, or [`UNTOUCHED`].
+    batch_index: u32,
+}
+
+/// One (machine, state) pair of `cnsm.instances.active` in [`LocalMetrics`].
+struct StateSlot {
+    machine: u32,
+    state: Arc<str>,
+    /// The change of the current batch.
+    delta: i64,
+    touched: bool,
+}
+
+/// The committer's side of the metrics. Per transition it increments counters in slots that
+/// live across batches (machines, and (machine, state) pairs, found by the address of their
+/// names: states of one revision share their allocations, so this is a pointer hash, never a
+/// string compare) and pushes one [`Sample`]; once per batch it adds the counts to
+/// `cnsm.transitions`, the deltas to `cnsm.instances.active`, and hands the samples to the
+/// `cnsm-metrics` thread. The same name in another allocation gets its own slot; slots are
+/// summed by name when published.
 #[derive(Default)]
 pub(crate) struct LocalMetrics {
-    machines: Vec<Arc<str>>,
-    /// `machines` by name, for batches of many machines.
-    by_name: HashMap<Arc<str>, u32>,
+    machines: Vec<MachineSlot>,
+    machine_by_address: ByAddress<usize>,
+    /// The slot of the last machine seen (consecutive transitions usually share it).
+    last_machine: Option<u32>,
+    states: Vec<StateSlot>,
+    state_by_address: ByAddress<(u32, usize)>,
+    /// A direct-mapped cache in front of `state_by_address`: (machine slot, address, state
+    /// slot), [`STATE_MEMO_LEN`] entries once used. Two lookups per transition, so a hit (two
+    /// compares) instead of a probe of the table matters here.
+    state_memo: Vec<(u32, usize, u32)>,
+    /// The machine slots the current batch touched, in [`MachineSlot::batch_index`] order.
+    batch_machines: Vec<u32>,
+    /// The state slots the current batch touched.
+    batch_states: Vec<u32>,
     samples: Vec<Sample>,
-    counts: Vec<(u32, Trigger, u64)>,
-    active_delta: Vec<(u32, Arc<str>, i64)>,
+    /// The trace ids (as their 32 hex digits: parsed off the committer) and record times of
+    /// the samples that have one.
+    traces: Vec<([u8; 32], u64)>,
+    /// Attribute sets for recording inline when the metrics thread lags.
     machine_attrs: MachineAttrs,
 }
 
 impl LocalMetrics {
-    fn begin_batch(&mut self) {
-        self.machines.clear();
-        self.by_name.clear();
-        self.counts.clear();
-        self.active_delta.clear();
-    }
-
-    fn machine_index(&mut self, machine: &Arc<str>) -> u32 {
-        let n = self.machines.len();
-        let found = match self.machines.last() {
-            Some(last) if Arc::ptr_eq(last, machine) => Some(n - 1),
-            _ if n <= LOCAL_MERGE_MAX => self.machines.iter().position(|m| m == machine),
-            _ => self.by_name.get(machine).map(|i| *i as usize),
-        };
-        let i = found.unwrap_or_else(|| {
-            self.machines.push(Arc::clone(machine));
-            self.by_name.insert(Arc::clone(machine), n as u32);
-            n
-        });
-        i as u32
-    }
-
-    fn count(&mut self, machine: u32, trigger: Trigger) {
-        match self
-            .counts
-            .iter_mut()
-            .take(LOCAL_MERGE_MAX)
-            .find(|(m, t, _)| *m == machine && *t == trigger)
+    /// Counts one committed transition and keeps its sample.
+    fn transition(&mut self, attempt: &Attempt, record: &StateChangeEvent) {
+        let machine = self.machine_slot(&record.machine);
+        let slot = &mut self.machines[machine as usize];
+        slot.counts[attempt.trigger.index()] += 1;
+        if slot.batch_index == UNTOUCHED {
+            slot.batch_index = self.batch_machines.len() as u32;
+            self.batch_machines.push(machine);
+        }
+        let batch_index = slot.batch_index;
+        if attempt.prev_active
+            && let Some(from) = &record.from
         {
-            Some((_, _, n)) => *n += 1,
-            None => self.counts.push((machine, trigger, 1)),
+            let state = self.state_slot(machine, from);
+            self.add_active(state, -1);
+        }
+        if !record.status.is_final() {
+            let state = self.state_slot(machine, &record.to);
+            self.add_active(state, 1);
+        }
+        let trace = match record
+            .trace
+            .as_ref()
+            .and_then(|t| <[u8; 32]>::try_from(t.trace_id.as_bytes()).ok())
+        {
+            Some(trace_id) => {
+                self.traces.push((trace_id, record.time_ms));
+                (self.traces.len() - 1) as u32
+            }
+            None => NO_TRACE,
+        };
+        self.samples.push(Sample {
+            received: attempt.received,
+            evaluation_ns: if attempt.timed {
+                u64::try_from(attempt.evaluation.as_nanos()).unwrap_or(UNTIMED - 1)
+            } else {
+                UNTIMED
+            },
+            machine: batch_index,
+            trace,
+        });
+    }
+
+    fn machine_slot(&mut self, machine: &Arc<str>) -> u32 {
+        if let Some(last) = self.last_machine
+            && Arc::ptr_eq(&self.machines[last as usize].name, machine)
+        {
+            return last;
+        }
+        let address = address_of(machine);
+        let slot = match self.machine_by_address.get(&address) {
+            Some(slot) => *slot,
+            None => {
+                let slot = self.machines.len() as u32;
+                let name = opentelemetry::Value::from(Arc::clone(machine));
+                self.machines.push(MachineSlot {
+                    name: Arc::clone(machine),
+                    counts: [0; Trigger::ALL.len()],
+                    count_attrs: Trigger::ALL.map(|trigger| {
+                        [
+                            KeyValue::new("cnsm.machine.name", name.clone()),
+                            KeyValue::new("cnsm.trigger", trigger.as_str()),
+                        ]
+                    }),
+                    batch_index: UNTOUCHED,
+                });
+                self.machine_by_address.insert(address, slot);
+                slot
+            }
+        };
+        self.last_machine = Some(slot);
+        slot
+    }
+
+    fn state_slot(&mut self, machine: u32, state: &Arc<str>) -> u32 {
+        let address = address_of(state);
+        // Allocations are at least 8-byte aligned: the low bits carry nothing.
+        let memo = ((address >> 4) ^ machine as usize) & (STATE_MEMO_LEN - 1);
+        if let Some((m, a, slot)) = self.state_memo.get(memo)
+            && *m == machine
+            && *a == address
+        {
+            return *slot;
+        }
+        let key = (machine, address);
+        let slot = match self.state_by_address.get(&key) {
+            Some(slot) => *slot,
+            None => {
+                let slot = self.states.len() as u32;
+                self.states.push(StateSlot {
+                    machine,
+                    state: Arc::clone(state),
+                    delta: 0,
+                    touched: false,
+                });
+                self.state_by_address.insert(key, slot);
+                slot
+            }
+        };
+        if self.state_memo.is_empty() {
+            self.state_memo = vec![(UNTOUCHED, 0, 0); STATE_MEMO_LEN];
+        }
+        self.state_memo[memo] = (machine, address, slot);
+        slot
+    }
+
+    fn add_active(&mut self, state: u32, delta: i64) {
+        let slot = &mut self.states[state as usize];
+        slot.delta += delta;
+        if !slot.touched {
+            slot.touched = true;
+            self.batch_states.push(state);
         }
     }
 
-    /// Merged by the state's allocation (states of one revision share theirs), so the scan
-    /// compares pointers, not names; the same name from another allocation gets its own entry
-    /// and the entries are summed by name when applied.
-    fn active(&mut self, machine: u32, state: &Arc<str>, delta: i64) {
-        match self
-            .active_delta
-            .iter_mut()
-            .take(LOCAL_MERGE_MAX)
-            .find(|(m, s, _)| *m == machine && Arc::ptr_eq(s, state))
-        {
-            Some((_, _, n)) => *n += delta,
-            None => self.active_delta.push((machine, Arc::clone(state), delta)),
+    /// Publishes the batch: counts, active-instance deltas, and the samples (to the metrics
+    /// thread). `dequeued` and `committed` are the batch's instants the durations end at.
+    fn publish(&mut self, metrics: &Metrics, dequeued: Instant, committed: Instant) {
+        for &machine in &self.batch_machines {
+            let slot = &mut self.machines[machine as usize];
+            for (n, attrs) in slot.counts.iter_mut().zip(&slot.count_attrs) {
+                if *n > 0 {
+                    metrics.transitions.add(*n, attrs);
+                    *n = 0;
+                }
+            }
+            slot.batch_index = UNTOUCHED;
+        }
+        if !self.batch_states.is_empty() {
+            let mut active = metrics.gauges.active.lock().ok();
+            for &state in &self.batch_states {
+                let slot = &mut self.states[state as usize];
+                let delta = std::mem::take(&mut slot.delta);
+                slot.touched = false;
+                let Some(active) = active.as_mut().filter(|_| delta != 0) else {
+                    continue;
+                };
+                let key = (
+                    Arc::clone(&self.machines[slot.machine as usize].name),
+                    Arc::clone(&slot.state),
+                );
+                match active.entry(key) {
+                    std::collections::hash_map::Entry::Occupied(mut n) => {
+                        *n.get_mut() += delta;
+                        if *n.get() <= 0 {
+                            n.remove();
+                        }
+                    }
+                    std::collections::hash_map::Entry::Vacant(n) => {
+                        if delta > 0 {
+                            n.insert(delta);
+                        }
+                    }
+                }
+            }
+            self.batch_states.clear();
+        }
+        metrics.send_samples(self, dequeued, committed);
+        self.batch_machines.clear();
+        if self.machines.len() + self.states.len() > LOCAL_SLOTS_MAX {
+            self.machines.clear();
+            self.machine_by_address.clear();
+            self.last_machine = None;
+            self.states.clear();
+            self.state_by_address.clear();
+            self.state_memo.clear();
         }
     }
 }
@@ -815,8 +1054,8 @@ struct SampleQueue {
     wake: std::sync::Condvar,
     parked: std::sync::atomic::AtomicBool,
     closed: std::sync::atomic::AtomicBool,
-    /// Sample buffers the metrics thread has emptied, for the committer to fill again.
-    spare: Mutex<Vec<Vec<Sample>>>,
+    /// Batches the metrics thread has emptied, for the committer to fill again.
+    spare: Mutex<Vec<SampleBatch>>,
 }
 
 impl SampleQueue {
@@ -855,11 +1094,14 @@ impl SampleQueue {
         Some(std::mem::take(&mut *pending))
     }
 
-    fn give_back(&self, buffer: Vec<Sample>) {
+    fn give_back(&self, mut batch: SampleBatch) {
+        batch.machines.clear();
+        batch.samples.clear();
+        batch.traces.clear();
         if let Ok(mut spare) = self.spare.lock()
             && spare.len() < SPARE_BUFFERS_MAX
         {
-            spare.push(buffer);
+            spare.push(batch);
         }
     }
 
@@ -877,10 +1119,17 @@ impl Drop for Metrics {
     }
 }
 
-/// One batch's samples and the machines they name, as the metrics thread receives them.
+/// One batch's samples, the machines and traces they name, and the instants their durations
+/// end at, as the metrics thread receives them.
 struct SampleBatch {
+    /// When the committer took the batch (the end of the queue waits).
+    dequeued: Instant,
+    /// When the batch was committed (the end of the transitions).
+    committed: Instant,
     machines: Vec<Arc<str>>,
     samples: Vec<Sample>,
+    /// Trace ids (32 hex digits) and record times (ms), by [`Sample::trace`].
+    traces: Vec<([u8; 32], u64)>,
 }
 
 /// Transitions whose evaluation time is measured when only metrics are on: one in this many
@@ -910,18 +1159,24 @@ fn evaluation_sampled() -> bool {
 struct MachineAttrs(HashMap<Arc<str>, Vec<KeyValue>>);
 
 impl MachineAttrs {
-    fn get(&mut self, machine: &Arc<str>) -> &[KeyValue] {
+    /// The attribute sets of a batch's machines, in its order.
+    fn of_batch(&mut self, machines: &[Arc<str>]) -> Vec<&[KeyValue]> {
         let map = &mut self.0;
-        if !map.contains_key(machine) {
-            if map.len() > 10_000 {
-                map.clear();
-            }
-            map.insert(
-                Arc::clone(machine),
-                vec![KeyValue::new("cnsm.machine.name", machine.to_string())],
-            );
+        if map.len() + machines.len() > 10_000 {
+            map.clear();
         }
-        map.get(machine).map(Vec::as_slice).unwrap_or(&[])
+        for machine in machines {
+            if !map.contains_key(machine) {
+                map.insert(
+                    Arc::clone(machine),
+                    vec![KeyValue::new("cnsm.machine.name", machine.to_string())],
+                );
+            }
+        }
+        machines
+            .iter()
+            .map(|m| map.get(m).map(Vec::as_slice).unwrap_or(&[]))
+            .collect()
     }
 }
 
@@ -960,36 +1215,54 @@ fn record_samples(
     exemplars: &TransitionExemplars,
 ) {
     let (duration, queue, evaluation) = histograms;
+    let attrs = attrs.of_batch(&batch.machines);
     for s in &batch.samples {
-        let attrs = attrs.get(&batch.machines[s.machine as usize]);
-        duration.record(s.total_s, attrs);
+        let attrs = attrs.get(s.machine as usize).copied().unwrap_or(&[]);
+        duration.record(s.total_s(batch), attrs);
         // One queue for every machine: no attributes (and the SDK's cheapest record).
-        queue.record(s.queue_s, &[]);
-        if let Some(e) = s.evaluation_s {
-            evaluation.record(e, attrs);
+        let queue_s = batch
+            .dequeued
+            .saturating_duration_since(s.received)
+            .as_secs_f64();
+        queue.record(queue_s, &[]);
+        if s.evaluation_ns != UNTIMED {
+            evaluation.record(Duration::from_nanos(s.evaluation_ns).as_secs_f64(), attrs);
         }
     }
     exemplars.record(batch);
 }
 
 impl Metrics {
-    fn send_samples(&self, local: &mut LocalMetrics) {
+    /// Hands the batch's samples to the metrics thread (inline when it is too far behind).
+    fn send_samples(&self, local: &mut LocalMetrics, dequeued: Instant, committed: Instant) {
         if local.samples.is_empty() {
             return;
         }
-        // A buffer the metrics thread gave back (no allocation per batch), else a new one.
-        let spare = self
+        // A batch the metrics thread gave back (no allocation per batch), else a new one.
+        let mut batch = self
             .samples
             .spare
             .lock()
             .ok()
             .and_then(|mut spare| spare.pop())
-            .unwrap_or_else(|| Vec::with_capacity(local.samples.len()));
-        let batch = SampleBatch {
-            machines: local.machines.clone(),
-            samples: std::mem::replace(&mut local.samples, spare),
-        };
-        if let Err(batch) = self.samples.push(batch) {
+            .unwrap_or_else(|| SampleBatch {
+                dequeued,
+                committed,
+                machines: Vec::new(),
+                samples: Vec::with_capacity(local.samples.len()),
+                traces: Vec::new(),
+            });
+        batch.dequeued = dequeued;
+        batch.committed = committed;
+        std::mem::swap(&mut batch.samples, &mut local.samples);
+        std::mem::swap(&mut batch.traces, &mut local.traces);
+        batch.machines.extend(
+            local
+                .batch_machines
+                .iter()
+                .map(|m| Arc::clone(&local.machines[*m as usize].name)),
+        );
+        if let Err(mut batch) = self.samples.push(batch) {
             let histograms = (
                 self.duration.clone(),
                 self.queue.clone(),
@@ -1001,6 +1274,11 @@ impl Metrics {
                 &histograms,
                 &self.exemplars,
             );
+            // Keep the buffers on the committer.
+            batch.samples.clear();
+            batch.traces.clear();
+            std::mem::swap(&mut batch.samples, &mut local.samples);
+            std::mem::swap(&mut batch.traces, &mut local.traces);
         }
     }
 
@@ -1065,10 +1343,9 @@ impl Metrics {
             .spawn(move || {
                 let mut attrs = MachineAttrs::default();
                 while let Some(batches) = queue_of_thread.take() {
-                    for mut batch in batches {
+                    for batch in batches {
                         record_samples(&batch, &mut attrs, &histograms, &recorded);
-                        batch.samples.clear();
-                        queue_of_thread.give_back(batch.samples);
+                        queue_of_thread.give_back(batch);
                     }
                     // Let the next batches gather: one pass per interval under load, and no
                     // wake-up per batch for the committer to pay.
@@ -1118,6 +1395,8 @@ pub struct CommitterTelemetry {
     telemetry: Telemetry,
     local: LocalMetrics,
     attempts: Vec<Option<Attempt>>,
+    /// The batch's dequeue time (the last one given to `transition`).
+    dequeued: Option<Instant>,
 }
 
 impl CommitterTelemetry {
@@ -1126,6 +1405,7 @@ impl CommitterTelemetry {
             telemetry,
             local: LocalMetrics::default(),
             attempts: Vec::new(),
+            dequeued: None,
         }
     }
 
@@ -1145,7 +1425,6 @@ impl CommitterTelemetry {
             event: Some(event),
             actor: "bench",
             received,
-            dequeued,
             parent: None,
             link: None,
         });
@@ -1161,23 +1440,25 @@ impl CommitterTelemetry {
             a.evaluation = t.elapsed();
         }
         self.attempts.push(attempt);
+        self.dequeued = Some(dequeued);
         out
     }
 
     /// The batch's records (one per [`CommitterTelemetry::transition`], in order) committed.
     pub fn committed(&mut self, records: &[StateChangeEvent], commit_duration: Duration) {
         let attempts = std::mem::take(&mut self.attempts);
+        let dequeued = self.dequeued.take();
         if !self.telemetry.is_enabled() {
             return;
         }
         let batch = CommittedBatch {
             n_items: records.len(),
             commit_duration,
-            items: attempts
-                .into_iter()
-                .zip(records)
-                .map(|(a, r)| (a, r, Hash32::default(), None))
-                .collect(),
+            dequeued: dequeued.unwrap_or_else(Instant::now),
+            attempts,
+            records,
+            hash_of: &|_| Hash32::default(),
+            conflicts: Vec::new(),
         };
         self.telemetry.committed(batch, &mut self.local);
     }
@@ -1228,46 +1509,91 @@ mod tests {
     }
 
     #[test]
-    fn local_metrics_merge_per_machine_and_state() {
+    fn triggers_index_their_slots() {
+        for (i, trigger) in Trigger::ALL.iter().enumerate() {
+            assert_eq!(trigger.index(), i, "{trigger:?}");
+        }
+    }
+
+    fn active_of(metrics: &Metrics) -> Vec<(String, String, i64)> {
+        let active = metrics.gauges.active.lock().unwrap();
+        let mut rows: Vec<_> = active
+            .iter()
+            .map(|((m, s), n)| (m.to_string(), s.to_string(), *n))
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    #[test]
+    fn local_metrics_keep_slots_across_batches_and_sum_by_name() {
+        use opentelemetry::metrics::MeterProvider as _;
+        let provider = opentelemetry_sdk::metrics::SdkMeterProvider::default();
+        let metrics = Metrics::new(&provider.meter("test"));
         let mut local = LocalMetrics::default();
         let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
-        let same_name: Arc<str> = Arc::from("a");
-        let s: Arc<str> = Arc::from("s");
-        local.begin_batch();
-        let (ia, ib, isame) = (
-            local.machine_index(&a),
-            local.machine_index(&b),
-            local.machine_index(&same_name),
-        );
-        assert_eq!((ia, ib, isame), (0, 1, 0));
-        local.count(ia, Trigger::Event);
-        local.count(isame, Trigger::Event);
-        local.count(ib, Trigger::Timer);
-        local.active(ia, &s, 1);
-        local.active(isame, &s, -1);
-        assert_eq!(local.machines.len(), 2, "machines are matched by name");
-        assert_eq!(
-            local.counts,
-            vec![(0, Trigger::Event, 2), (1, Trigger::Timer, 1)]
-        );
-        assert_eq!(local.active_delta.len(), 1);
-        assert_eq!(local.active_delta[0].2, 0);
-        // The same name in another allocation: its own entry (summed by name when applied).
+        let a_again: Arc<str> = Arc::from("a");
+        let (s, t): (Arc<str>, Arc<str>) = (Arc::from("s"), Arc::from("t"));
         let s_again: Arc<str> = Arc::from("s");
-        local.active(ia, &s_again, 1);
-        assert_eq!(local.active_delta.len(), 2);
-        // Past LOCAL_MERGE_MAX distinct entries, more are appended unmerged (summed later).
-        local.begin_batch();
-        for i in 0..LOCAL_MERGE_MAX + 10 {
-            let m: Arc<str> = Arc::from(format!("m{i}"));
-            let i = local.machine_index(&m);
-            local.count(i, Trigger::Event);
+
+        let (ia, ib, ia_again) = (
+            local.machine_slot(&a),
+            local.machine_slot(&b),
+            local.machine_slot(&a_again),
+        );
+        assert_eq!((ia, ib, ia_again), (0, 1, 2), "one slot per allocation");
+        assert_eq!(local.machine_slot(&a), ia, "found again by address");
+        assert_eq!(local.state_slot(ia, &s), local.state_slot(ia, &s));
+        assert_ne!(local.state_slot(ia, &s), local.state_slot(ib, &s));
+        assert_ne!(local.state_slot(ia, &s), local.state_slot(ia, &s_again));
+
+        // Batch 1: a/s +2 (two allocations of both names), a/t +1, b/s +1 then -1.
+        let a_s = local.state_slot(ia, &s);
+        let a_again_s = local.state_slot(ia_again, &s_again);
+        let a_t = local.state_slot(ia, &t);
+        let b_s = local.state_slot(ib, &s);
+        local.add_active(a_s, 1);
+        local.add_active(a_again_s, 1);
+        local.add_active(a_t, 1);
+        local.add_active(b_s, 1);
+        local.add_active(b_s, -1);
+        assert_eq!(local.batch_states.len(), 4, "each slot once per batch");
+        let now = Instant::now();
+        local.publish(&metrics, now, now);
+        assert_eq!(
+            active_of(&metrics),
+            vec![("a".into(), "s".into(), 2), ("a".into(), "t".into(), 1)],
+            "summed by name; a pair back at zero is not kept"
+        );
+        assert!(local.batch_states.is_empty());
+        assert!(local.states.iter().all(|s| s.delta == 0 && !s.touched));
+
+        // Batch 2: the same slots; a/t goes to zero and is dropped.
+        assert_eq!(local.state_slot(ia, &t), a_t);
+        local.add_active(a_t, -1);
+        local.add_active(a_s, 1);
+        local.publish(&metrics, now, now);
+        assert_eq!(active_of(&metrics), vec![("a".into(), "s".into(), 3)]);
+
+        // Many machines: the slots start afresh after the batch that passed the bound.
+        let names: Vec<Arc<str>> = (0..LOCAL_SLOTS_MAX)
+            .map(|i| Arc::from(format!("m{i}")))
+            .collect();
+        for name in &names {
+            let m = local.machine_slot(name);
+            let state = local.state_slot(m, &s);
+            local.add_active(state, 1);
         }
-        let i = local.machine_index(&Arc::from("m70"));
-        assert_eq!(i, 70, "found by name past the scan length");
-        local.count(i, Trigger::Event);
-        assert_eq!(local.counts.len(), LOCAL_MERGE_MAX + 11);
-        assert_eq!(local.machines.len(), LOCAL_MERGE_MAX + 10);
+        local.publish(&metrics, now, now);
+        assert!(local.machines.is_empty() && local.states.is_empty());
+        assert_eq!(active_of(&metrics).len(), 1 + LOCAL_SLOTS_MAX);
+        assert_eq!(local.machine_slot(&a), 0, "a new slot after the reset");
+        assert_eq!(
+            local.state_slot(0, &s),
+            0,
+            "the memo was reset with the slots"
+        );
+        assert_eq!(local.states[0].state, s);
     }
 
     #[test]
@@ -1281,7 +1607,6 @@ mod tests {
             event: Some("go"),
             actor: "me",
             received: Instant::now(),
-            dequeued: Instant::now(),
             parent: None,
             link: None,
         });

@@ -582,6 +582,7 @@ async fn metrics_count_transitions_errors_and_active_instances() {
         .build();
     let provider = SdkMeterProvider::builder().with_reader(reader).build();
     let telemetry = Telemetry::default().with_meter(&provider.meter("cnsm"));
+    let exemplars = telemetry.exemplars().expect("metrics are on");
     let runtime = Runtime::open_shared(
         Arc::clone(&store),
         RuntimeOptions::default().with_telemetry(telemetry),
@@ -593,14 +594,20 @@ async fn metrics_count_transitions_errors_and_active_instances() {
             .await
             .unwrap();
     }
-    runtime
+    // Traced by its caller: with metrics only, the record carries the caller's trace and
+    // the duration keeps it as an exemplar.
+    let paid = runtime
         .send(
             "default",
             "m-1",
-            EventRequest::new("pay").payload(serde_json::json!({"amount": 99})),
+            EventRequest::new("pay")
+                .payload(serde_json::json!({"amount": 99}))
+                .traced(TraceParent::parse(PARENT, None).unwrap()),
         )
         .await
         .unwrap();
+    let trace_id = paid.record.trace.as_ref().expect("traced").trace_id.clone();
+    assert_eq!(trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
     let _ = runtime
         .send("default", "m-2", EventRequest::new("ship"))
         .await
@@ -663,6 +670,19 @@ async fn metrics_count_transitions_errors_and_active_instances() {
     );
     assert_eq!(v("cnsm.instances.active", &[("cnsm.state", "paid")]), 0.0);
     assert!(v("cnsm.store.commit.duration", &[]) >= 3.0);
+    // Recorded by the metrics thread right after the batch's histograms.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let exemplar = loop {
+        let found = (0..=cnsm_runtime::telemetry::DURATION_BUCKETS_S.len())
+            .filter_map(|b| exemplars.get("order", b))
+            .find(|e| e.trace_id_hex() == trace_id);
+        if found.is_some() || std::time::Instant::now() > deadline {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let exemplar = exemplar.expect("the traced transition's exemplar");
+    assert_eq!(exemplar.time_ms, paid.record.time_ms);
     runtime.shutdown();
 }
 
@@ -805,5 +825,52 @@ async fn timed_out_requests_are_timeout_errors_and_durations_keep_exemplars() {
         ),
         3.0
     );
+    runtime.shutdown();
+}
+
+/// Controls move `cnsm.instances.active` like events: a suspended instance still counts once in
+/// its state, a cancelled one no longer counts.
+#[tokio::test]
+async fn controls_keep_the_active_gauge_exact() {
+    use opentelemetry::metrics::MeterProvider as _;
+    use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let exporter = InMemoryMetricExporter::default();
+    let reader = PeriodicReader::builder(exporter.clone())
+        .with_interval(Duration::from_secs(3600))
+        .build();
+    let provider = SdkMeterProvider::builder().with_reader(reader).build();
+    let telemetry = Telemetry::default().with_meter(&provider.meter("cnsm"));
+    let runtime =
+        Runtime::open_shared(store, RuntimeOptions::default().with_telemetry(telemetry)).unwrap();
+    runtime.apply_yaml(MACHINE, None).await.unwrap();
+    for id in ["c-1", "c-2"] {
+        runtime
+            .create_instance(CreateInstance::new("default", "order").id(id))
+            .await
+            .unwrap();
+    }
+    let pending = |exporter: &InMemoryMetricExporter| {
+        exporter.reset();
+        provider.force_flush().unwrap();
+        metric_value(
+            exporter,
+            "cnsm.instances.active",
+            &[("cnsm.machine.name", "order"), ("cnsm.state", "pending")],
+        )
+    };
+    assert_eq!(pending(&exporter), 2.0);
+    for (action, expected) in [
+        (Control::Suspend, 2.0),
+        (Control::Resume, 2.0),
+        (Control::Cancel, 1.0),
+    ] {
+        runtime
+            .control("default", "c-1", ControlRequest::new(action))
+            .await
+            .unwrap();
+        assert_eq!(pending(&exporter), expected, "after {action:?}");
+    }
     runtime.shutdown();
 }
