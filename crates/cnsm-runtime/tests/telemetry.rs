@@ -671,19 +671,29 @@ async fn metrics_count_transitions_errors_and_active_instances() {
     assert_eq!(v("cnsm.instances.active", &[("cnsm.state", "paid")]), 0.0);
     assert!(v("cnsm.store.commit.duration", &[]) >= 3.0);
     // Recorded by the metrics thread right after the batch's histograms.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let exemplar = loop {
-        let found = (0..=cnsm_runtime::telemetry::DURATION_BUCKETS_S.len())
-            .filter_map(|b| exemplars.get("order", b))
-            .find(|e| e.trace_id_hex() == trace_id);
-        if found.is_some() || std::time::Instant::now() > deadline {
-            break found;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let exemplar = exemplar_of(&exemplars, "order", &trace_id).await;
     let exemplar = exemplar.expect("the traced transition's exemplar");
     assert_eq!(exemplar.time_ms, paid.record.time_ms);
     runtime.shutdown();
+}
+
+/// The exemplar carrying `trace_id` in any of a machine's duration buckets, waited for (the
+/// metrics thread records it just after the batch's histograms), or `None` after 5 s.
+async fn exemplar_of(
+    exemplars: &cnsm_runtime::telemetry::TransitionExemplars,
+    machine: &str,
+    trace_id: &str,
+) -> Option<cnsm_runtime::telemetry::Exemplar> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let found = (0..=cnsm_runtime::telemetry::DURATION_BUCKETS_S.len())
+            .filter_map(|b| exemplars.get(machine, b))
+            .find(|e| e.trace_id_hex() == trace_id);
+        if found.is_some() || std::time::Instant::now() > deadline {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A request whose deadline passes while its event waits is refused as `Timeout`: not applied,
@@ -757,16 +767,7 @@ async fn timed_out_requests_are_timeout_errors_and_durations_keep_exemplars() {
         .clone();
     assert_eq!(trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
     // Histograms and exemplars are recorded by the metrics thread just after each batch.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let exemplar = loop {
-        let found = (0..=cnsm_runtime::telemetry::DURATION_BUCKETS_S.len())
-            .filter_map(|b| exemplars.get("order", b))
-            .find(|e| e.trace_id_hex() == trace_id);
-        if found.is_some() || std::time::Instant::now() > deadline {
-            break found;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let exemplar = exemplar_of(&exemplars, "order", &trace_id).await;
     let exemplar = exemplar.expect("an exemplar with the transition's trace id");
     assert_eq!(exemplar.time_ms, outcome.record.time_ms);
     let bucket = cnsm_runtime::telemetry::TransitionExemplars::bucket_of(exemplar.value_s);
