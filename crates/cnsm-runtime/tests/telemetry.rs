@@ -508,6 +508,23 @@ async fn audit_file_rotates_and_resumes_from_the_rotated_file() {
     runtime.shutdown();
 }
 
+/// Metrics on, read by hand: the exporter, the provider to flush, and the telemetry.
+fn metered() -> (
+    opentelemetry_sdk::metrics::InMemoryMetricExporter,
+    opentelemetry_sdk::metrics::SdkMeterProvider,
+    Telemetry,
+) {
+    use opentelemetry::metrics::MeterProvider as _;
+    use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+    let exporter = InMemoryMetricExporter::default();
+    let reader = PeriodicReader::builder(exporter.clone())
+        .with_interval(Duration::from_secs(3600))
+        .build();
+    let provider = SdkMeterProvider::builder().with_reader(reader).build();
+    let telemetry = Telemetry::default().with_meter(&provider.meter("cnsm"));
+    (exporter, provider, telemetry)
+}
+
 /// Sums the data points of metric `name` whose attributes include `filter` (all when empty).
 fn metric_value(
     exporter: &opentelemetry_sdk::metrics::InMemoryMetricExporter,
@@ -563,8 +580,6 @@ fn metric_value(
 
 #[tokio::test]
 async fn metrics_count_transitions_errors_and_active_instances() {
-    use opentelemetry::metrics::MeterProvider as _;
-    use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
     // One instance from before telemetry was on: the active gauge is seeded with it.
@@ -576,12 +591,7 @@ async fn metrics_count_transitions_errors_and_active_instances() {
         .unwrap();
     before.shutdown();
 
-    let exporter = InMemoryMetricExporter::default();
-    let reader = PeriodicReader::builder(exporter.clone())
-        .with_interval(Duration::from_secs(3600))
-        .build();
-    let provider = SdkMeterProvider::builder().with_reader(reader).build();
-    let telemetry = Telemetry::default().with_meter(&provider.meter("cnsm"));
+    let (exporter, provider, telemetry) = metered();
     let exemplars = telemetry.exemplars().expect("metrics are on");
     let runtime = Runtime::open_shared(
         Arc::clone(&store),
@@ -833,16 +843,10 @@ async fn timed_out_requests_are_timeout_errors_and_durations_keep_exemplars() {
 /// its state, a cancelled one no longer counts.
 #[tokio::test]
 async fn controls_keep_the_active_gauge_exact() {
-    use opentelemetry::metrics::MeterProvider as _;
-    use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+    use opentelemetry_sdk::metrics::InMemoryMetricExporter;
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
-    let exporter = InMemoryMetricExporter::default();
-    let reader = PeriodicReader::builder(exporter.clone())
-        .with_interval(Duration::from_secs(3600))
-        .build();
-    let provider = SdkMeterProvider::builder().with_reader(reader).build();
-    let telemetry = Telemetry::default().with_meter(&provider.meter("cnsm"));
+    let (exporter, provider, telemetry) = metered();
     let runtime =
         Runtime::open_shared(store, RuntimeOptions::default().with_telemetry(telemetry)).unwrap();
     runtime.apply_yaml(MACHINE, None).await.unwrap();
