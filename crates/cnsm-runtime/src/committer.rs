@@ -14,7 +14,8 @@ use cnsm_core::migration::CompiledMigration;
 use cnsm_core::record::{FlagDecision, Hash32, StateChangeEvent, Timer};
 use cnsm_core::{Instance, SealedRecord};
 use cnsm_store::{
-    CommitItem, DefinitionRow, IdempotencyEntry, ImportItem, ImportReport, ItemOutcome, TimerRef,
+    CommitItem, DefinitionRow, IdempotencyEntry, ImportItem, ImportReport, ItemOutcome, Refreshed,
+    TimerRef,
 };
 use tokio::sync::oneshot;
 
@@ -606,9 +607,13 @@ impl Committer {
 
     /// Applies and commits one batch; `attempt` counts re-applications after lost races
     /// (shared store only).
-    /// Reads the instances of a batch's events into the cache (shared store; best effort: a
-    /// failure here leaves them to be read one by one).
-    fn preload(&mut self, batch: &[Command]) {
+    /// Brings the cache up to date for a batch (shared store: other nodes commit too, so a
+    /// cached copy may be stale). Every instance the batch's events, controls and migrations
+    /// name is refreshed in one round trip, in which a copy still at the stored uid and version
+    /// is kept without reading its row; every other cached instance is forgotten (timers and
+    /// retries read theirs). Best effort: after a failure the cache is empty and the instances
+    /// are read one by one.
+    fn refresh(&mut self, batch: &[Command]) {
         let keys: std::collections::BTreeSet<(&str, &str)> = batch
             .iter()
             .filter_map(|c| match c {
@@ -618,23 +623,48 @@ impl Committer {
                 _ => None,
             })
             .collect();
-        let keys: Vec<(&str, &str)> = keys.into_iter().collect();
-        if let Ok(found) = self.shared.store.instances(&keys) {
-            for stored in found {
-                let key = (
-                    stored.instance.namespace.to_string(),
-                    stored.instance.id.to_string(),
-                );
-                self.cache.insert(
-                    key,
-                    Cached {
-                        uid: Some(stored.uid),
-                        instance: stored.instance,
-                        trace: None,
-                    },
-                );
+        self.cache
+            .retain(|k, _| keys.contains(&(k.0.as_str(), k.1.as_str())));
+        let held: Vec<(&str, &str, Option<(u64, u64)>)> = keys
+            .iter()
+            .map(|&(namespace, id)| {
+                let copy = self
+                    .cache
+                    .get(&(namespace.to_owned(), id.to_owned()))
+                    .and_then(|c| c.uid.map(|uid| (uid, c.instance.version)));
+                (namespace, id, copy)
+            })
+            .collect();
+        let Ok(found) = self.shared.store.refresh_instances(&held) else {
+            self.cache.clear();
+            return;
+        };
+        let mut current: std::collections::HashSet<Key> =
+            std::collections::HashSet::with_capacity(found.len());
+        for refreshed in found {
+            match refreshed {
+                Refreshed::Unchanged { namespace, id } => {
+                    current.insert((namespace, id));
+                }
+                Refreshed::Changed(stored) => {
+                    let key = (
+                        stored.instance.namespace.to_string(),
+                        stored.instance.id.to_string(),
+                    );
+                    current.insert(key.clone());
+                    self.cache.insert(
+                        key,
+                        Cached {
+                            uid: Some(stored.uid),
+                            instance: stored.instance,
+                            trace: None,
+                        },
+                    );
+                }
             }
         }
+        // Copies of instances the store no longer has.
+        self.cache.retain(|k, _| current.contains(k));
     }
 
     fn process(&mut self, batch: Vec<Command>, fire_timers: bool, attempt: u32) {
@@ -643,10 +673,7 @@ impl Committer {
         let batch_started = std::time::Instant::now();
         let shared_store = self.shared.options.shared_store;
         if shared_store {
-            // Other nodes commit too: a cached instance may be stale by now. Read every
-            // instance the batch names in one round trip instead.
-            self.cache.clear();
-            self.preload(&batch);
+            self.refresh(&batch);
         }
         let mut items: Vec<CommitItem> = Vec::new();
         let mut item_keys: Vec<Key> = Vec::new();
@@ -1493,13 +1520,16 @@ impl Committer {
         {
             match outcome {
                 ItemOutcome::Committed { uid } if shared_store => {
-                    // No timer index and no published versions: other nodes commit too.
+                    // No timer index and no published versions: other nodes commit too. The
+                    // cached copy is kept with its uid, for the next batch's refresh.
+                    if let Some(c) = self.cache.get_mut(key) {
+                        c.uid = Some(*uid);
+                    }
                     if let Some(record) = records.get(index) {
                         for l in &listeners {
                             l.on_commit(record, item.record.hash, &item.instance);
                         }
                     }
-                    let _ = uid;
                 }
                 ItemOutcome::Committed { uid } => {
                     if let Some(old) = old_timers.get_mut(key) {

@@ -88,8 +88,8 @@ pub struct RuntimeOptions {
     /// Evaluates `flag:` gates before events are applied; without one every gate sees a
     /// `FLAG_NOT_EVALUATED` error and its `onFlagError` policy decides.
     pub flags: Option<Arc<dyn FlagEvaluator>>,
-    /// The store is shared with other nodes (PostgreSQL). The committer then keeps no instance
-    /// cache across batches, re-applies an event without an expected version that lost a race
+    /// The store is shared with other nodes (PostgreSQL). The committer then refreshes each
+    /// batch's instances from the store (and keeps no other cached copy), re-applies an event without an expected version that lost a race
     /// to another node (at most [`SHARED_RETRIES_MAX`] times), and claims due timers from the
     /// store with leases instead of keeping its own timer index. Off: the embedded behaviour.
     pub shared_store: bool,

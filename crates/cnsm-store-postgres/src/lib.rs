@@ -30,7 +30,7 @@ use cnsm_core::record::{Hash32, SealedRecord, Timer, TimerKind};
 use cnsm_core::resource::StateMachine;
 use cnsm_store::{
     CommitItem, DefinitionRow, IdempotencyEntry, InstanceQuery, ItemOutcome, PAGE_LEN_MAX,
-    PutDefinition, Store, StoreError, StoredInstance, TimerRef, VerifyReport,
+    PutDefinition, Refreshed, Store, StoreError, StoredInstance, TimerRef, VerifyReport,
 };
 use futures_util::future::try_join_all;
 use tokio_postgres::Config;
@@ -192,6 +192,13 @@ const INSTANCE_BY_KEY: &str =
     "SELECT uid, body FROM cnsm_instances WHERE namespace = $1 AND id = $2";
 const INSTANCES_BY_KEYS: &str = "SELECT uid, body, namespace, id FROM cnsm_instances \
     WHERE (namespace, id) IN (SELECT * FROM unnest($1::text[], $2::text[]))";
+/// The instances of the given keys; the body only where the caller's copy (uid, version) is
+/// not the stored one.
+const REFRESH_INSTANCES: &str = "SELECT i.uid, \
+    CASE WHEN i.uid = u.uid AND i.version = u.version THEN NULL ELSE i.body END, \
+    i.namespace, i.id \
+    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) u(namespace, id, uid, version) \
+    JOIN cnsm_instances i ON i.namespace = u.namespace AND i.id = u.id";
 const INSTANCE_BY_UID: &str = "SELECT uid, body, namespace, id FROM cnsm_instances WHERE uid = $1";
 const HISTORY: &str = "SELECT r.version, r.hash, r.bytes FROM cnsm_records r \
     JOIN cnsm_instances i ON i.uid = r.uid \
@@ -1239,6 +1246,41 @@ impl Store for PostgresStore {
                 Ok(StoredInstance {
                     uid: uid as u64,
                     instance: decode_instance(row.get::<_, &[u8]>(1), namespace, id)?,
+                })
+            })
+            .collect()
+    }
+
+    fn refresh_instances(
+        &self,
+        keys: &[(&str, &str, Option<(u64, u64)>)],
+    ) -> Result<Vec<Refreshed>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let namespaces: Vec<&str> = keys.iter().map(|k| k.0).collect();
+        let ids: Vec<&str> = keys.iter().map(|k| k.1).collect();
+        let held = |f: fn((u64, u64)) -> u64| -> Vec<Option<i64>> {
+            keys.iter()
+                .map(|k| k.2.and_then(|h| i64::try_from(f(h)).ok()))
+                .collect()
+        };
+        let (uids, versions) = (held(|h| h.0), held(|h| h.1));
+        let rows = self.query(REFRESH_INSTANCES, &[&namespaces, &ids, &uids, &versions])?;
+        rows.iter()
+            .map(|row| {
+                let uid: i64 = row.get(0);
+                let namespace: &str = row.get(2);
+                let id: &str = row.get(3);
+                Ok(match row.get::<_, Option<&[u8]>>(1) {
+                    None => Refreshed::Unchanged {
+                        namespace: namespace.to_owned(),
+                        id: id.to_owned(),
+                    },
+                    Some(body) => Refreshed::Changed(StoredInstance {
+                        uid: uid as u64,
+                        instance: decode_instance(body, namespace, id)?,
+                    }),
                 })
             })
             .collect()

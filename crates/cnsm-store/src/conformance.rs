@@ -46,7 +46,7 @@ use serde_json::{Value, json};
 
 use crate::{
     CommitItem, DefinitionRow, IdempotencyEntry, ImportItem, ImportReport, InstanceQuery,
-    ItemOutcome, PutDefinition, Store, StoreError, StoredInstance, TimerRef,
+    ItemOutcome, PutDefinition, Refreshed, Store, StoreError, StoredInstance, TimerRef,
 };
 
 /// How the suite gets stores from a backend.
@@ -110,6 +110,10 @@ pub const CASES: &[(&str, Case)] = &[
     (
         "threads_racing_to_create_have_one_winner",
         threads_racing_to_create_have_one_winner,
+    ),
+    (
+        "refresh_answers_stale_copies_with_rows",
+        refresh_answers_stale_copies_with_rows,
     ),
     ("batch_of_100_instances", batch_of_100_instances),
     (
@@ -238,6 +242,7 @@ macro_rules! conformance_tests {
             one_batch_advances_an_instance_twice,
             threads_racing_on_one_version_have_one_winner,
             threads_racing_to_create_have_one_winner,
+            refresh_answers_stale_copies_with_rows,
             batch_of_100_instances,
             inconsistent_item_refuses_the_whole_batch,
             idempotency_keys_expire_and_purge,
@@ -925,6 +930,58 @@ pub fn threads_racing_to_create_have_one_winner(harness: &mut dyn Harness) {
             vec![winner[0].record.clone(), winner[1].record.clone()]
         );
     }
+}
+
+/// `refresh_instances`: a copy at the stored uid and version may be answered `Unchanged` (or
+/// with the same row); a stale copy, or none, gets the stored row; a missing instance is left
+/// out.
+pub fn refresh_answers_stale_copies_with_rows(harness: &mut dyn Harness) {
+    let store = harness.open();
+    let driver = Driver::new("job");
+    let a = driver.create("default", "a", &[], T0_MS);
+    let b = driver.create("default", "b", &[], T0_MS);
+    let c = driver.create("default", "c", &[], T0_MS);
+    let (uid_a, uid_b) = (commit_one(&*store, &a), commit_one(&*store, &b));
+    commit_one(&*store, &c);
+    let b1 = driver.event(&b.instance, "ping", "", T0_MS + 1);
+    commit_one(&*store, &b1);
+    let answers = store
+        .refresh_instances(&[
+            ("default", "a", Some((uid_a, 0))),
+            ("default", "b", Some((uid_b, 0))),
+            ("default", "c", None),
+            ("default", "missing", Some((uid_a, 0))),
+        ])
+        .unwrap();
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    let answer = |id: &str| {
+        answers
+            .iter()
+            .find(|r| match r {
+                Refreshed::Unchanged { id: i, .. } => i == id,
+                Refreshed::Changed(s) => &*s.instance.id == id,
+            })
+            .unwrap_or_else(|| panic!("no answer for {id}: {answers:?}"))
+            .clone()
+    };
+    match answer("a") {
+        Refreshed::Unchanged { namespace, .. } => assert_eq!(namespace, "default"),
+        Refreshed::Changed(stored) => assert_eq!(
+            stored,
+            StoredInstance {
+                uid: uid_a,
+                instance: a.instance.clone()
+            }
+        ),
+    }
+    assert_eq!(
+        answer("b"),
+        Refreshed::Changed(StoredInstance {
+            uid: uid_b,
+            instance: b1.instance.clone()
+        })
+    );
+    assert!(matches!(answer("c"), Refreshed::Changed(s) if s.instance == c.instance));
 }
 
 /// One batch creates 100 instances, the next advances all of them.

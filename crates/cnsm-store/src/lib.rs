@@ -66,6 +66,15 @@ pub struct StoredInstance {
     pub instance: Instance,
 }
 
+/// One answer of [`Store::refresh_instances`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refreshed {
+    /// The instance still has the uid and version of the caller's copy.
+    Unchanged { namespace: String, id: String },
+    /// The instance as stored now.
+    Changed(StoredInstance),
+}
+
 /// An idempotency key remembered with the committed transition it produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyEntry {
@@ -685,6 +694,23 @@ pub trait Store: Send + Sync + 'static {
             found.extend(self.instance(namespace, id)?);
         }
         Ok(found)
+    }
+
+    /// [`Store::instances`] for a caller that holds copies of some of them: each key comes
+    /// with the `(uid, version)` of the copy it holds, if any. An instance that still has that
+    /// uid and version is answered [`Refreshed::Unchanged`] without its row (a network store
+    /// saves reading and sending it); every other one found is [`Refreshed::Changed`]; missing
+    /// ones are left out. The default answers everything found as changed.
+    fn refresh_instances(
+        &self,
+        keys: &[(&str, &str, Option<(u64, u64)>)],
+    ) -> Result<Vec<Refreshed>, StoreError> {
+        let plain: Vec<(&str, &str)> = keys.iter().map(|k| (k.0, k.1)).collect();
+        Ok(self
+            .instances(&plain)?
+            .into_iter()
+            .map(Refreshed::Changed)
+            .collect())
     }
 
     /// Push delivery: claims (or renews) the lease of `target` for `node` until
