@@ -89,9 +89,10 @@ pub struct RuntimeOptions {
     /// `FLAG_NOT_EVALUATED` error and its `onFlagError` policy decides.
     pub flags: Option<Arc<dyn FlagEvaluator>>,
     /// The store is shared with other nodes (PostgreSQL). The committer then refreshes each
-    /// batch's instances from the store (and keeps no other cached copy), re-applies an event without an expected version that lost a race
-    /// to another node (at most [`SHARED_RETRIES_MAX`] times), and claims due timers from the
-    /// store with leases instead of keeping its own timer index. Off: the embedded behaviour.
+    /// batch's instances from the store (and keeps no other cached copy), re-applies an event
+    /// without an expected version that lost a race to another node (at most
+    /// [`SHARED_RETRIES_MAX`] times), and claims due timers from the store with leases instead
+    /// of keeping its own timer index. Off: the embedded behaviour.
     pub shared_store: bool,
     /// This node's name in timer claims (shared store only).
     pub node_id: String,
