@@ -1,11 +1,14 @@
--- cnsm PostgreSQL store, schema version 5: a batch's accepted items written by set-based
--- statements in one call (instead of one `cnsm_commit_item` call per item).
+-- cnsm PostgreSQL store, schema version 5: a batch committed by one call (instead of one
+-- `cnsm_commit_item` call per item), so that `BEGIN`, the call and `COMMIT` travel together in
+-- one round trip: `cnsm_commit_items` (at the end) locks and decides, `cnsm_commit_batch`
+-- writes the accepted items with set-based statements.
 --
--- The caller has already, in the same transaction, locked the rows of every existing instance
--- of the batch (in one order) and decided which items commit: the compare-and-swap on the
--- version, the previous-hash link, and idempotency keys not already taken were checked under
--- those locks. Arrays hold the accepted items in batch order (one instance's items in chain
--- order); `p_uid` is the instance's uid, NULL for an instance the batch creates.
+-- `cnsm_commit_batch`: the caller has already, in the same transaction, locked the rows of
+-- every existing instance of the batch (in one order) and decided which items commit: the
+-- compare-and-swap on the version, the previous-hash link, and idempotency keys not already
+-- taken were checked under those locks. Arrays hold the accepted items in batch order (one
+-- instance's items in chain order); `p_uid` is the instance's uid, NULL for an instance the
+-- batch creates.
 --
 -- The database still guards the chain by itself: (uid, version) is unique in `cnsm_records`,
 -- and every updated row must still be at the version and hash the caller read (else the batch
@@ -132,5 +135,143 @@ BEGIN
     END IF;
 
     RETURN QUERY SELECT u.uid FROM unnest(v_uids) WITH ORDINALITY u(uid, ord) ORDER BY u.ord;
+END
+$$;
+
+-- A whole batch in one call, so that `BEGIN`, this call and `COMMIT` travel together in one
+-- round trip: locks the rows of every existing instance of the batch in (namespace, id) order,
+-- decides every item under those locks exactly as `cnsm_commit_item` does one (a create of an
+-- existing instance, a version or previous-hash mismatch, an idempotency key the instance
+-- holds unexpired or an earlier item of the batch took: a conflict; each item sees the items
+-- before it), then writes the accepted ones with `cnsm_commit_batch`. Returns, per item in
+-- order: committed, the uid when committed, the instance's version as seen when not.
+CREATE FUNCTION cnsm_commit_items(
+    p_expected bigint[], p_prev_hash bytea[],
+    p_namespace text[], p_id text[], p_version bigint[], p_hash bytea[], p_bytes bytea[],
+    p_machine text[], p_state text[], p_status smallint[], p_labels text[], p_body bytea[],
+    p_timer_due bigint[], p_timer_seq bigint[], p_timer_kind smallint[],
+    p_key text[], p_key_hash bytea[], p_key_expires bigint[], p_now bigint[],
+    p_channel text, p_origin text)
+RETURNS TABLE (o_committed boolean, o_uid bigint, o_actual bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_n integer := coalesce(array_length(p_version, 1), 0);
+    v_ok boolean[] := array_fill(false, ARRAY[v_n]);
+    v_uid bigint[] := array_fill(NULL::bigint, ARRAY[v_n]);
+    v_actual bigint[] := array_fill(NULL::bigint, ARRAY[v_n]);
+    v_written bigint[];
+    r record;
+    i integer;
+    v_k integer;
+    a_uid bigint[];
+    a_expected bigint[];
+    a_prev_hash bytea[];
+    a_namespace text[];
+    a_id text[];
+    a_version bigint[];
+    a_hash bytea[];
+    a_bytes bytea[];
+    a_machine text[];
+    a_state text[];
+    a_status smallint[];
+    a_labels text[];
+    a_body bytea[];
+    a_timer_due bigint[];
+    a_timer_seq bigint[];
+    a_timer_kind smallint[];
+    a_key text[];
+    a_key_hash bytea[];
+    a_key_expires bigint[];
+    h_namespace text;
+    h_id text;
+    h_exists boolean;
+    h_uid bigint;
+    h_version bigint;
+    h_hash bytea;
+    h_keys text[];
+BEGIN
+    PERFORM 1 FROM cnsm_instances
+      WHERE (namespace, id) IN (SELECT * FROM unnest(p_namespace, p_id))
+      ORDER BY namespace, id FOR UPDATE;
+
+    -- Each instance's items together, in batch order, with the instance's row as locked and
+    -- whether the item's key is taken in the store.
+    FOR r IN
+        SELECT u.ord, u.namespace, u.id, l.uid, l.version, l.last_hash,
+               (k.uid IS NOT NULL) AS key_taken
+          FROM unnest(p_namespace, p_id, p_key, p_now) WITH ORDINALITY
+               u(namespace, id, key, now, ord)
+          LEFT JOIN cnsm_instances l ON l.namespace = u.namespace AND l.id = u.id
+          LEFT JOIN cnsm_idempotency k
+                 ON k.uid = l.uid AND k.key = u.key AND k.expires_ms > u.now
+         ORDER BY u.namespace, u.id, u.ord
+    LOOP
+        IF h_namespace IS DISTINCT FROM r.namespace OR h_id IS DISTINCT FROM r.id THEN
+            h_namespace := r.namespace;
+            h_id := r.id;
+            h_exists := r.uid IS NOT NULL;
+            h_uid := r.uid;
+            h_version := r.version;
+            h_hash := r.last_hash;
+            h_keys := '{}';
+        END IF;
+        i := r.ord;
+        IF p_expected[i] IS NULL THEN
+            IF h_exists THEN
+                v_actual[i] := h_version;
+                CONTINUE;
+            END IF;
+            h_exists := true;
+        ELSE
+            IF NOT h_exists THEN
+                CONTINUE;
+            END IF;
+            IF h_version <> p_expected[i] OR h_hash <> p_prev_hash[i]
+               OR (p_key[i] IS NOT NULL AND (r.key_taken OR p_key[i] = ANY (h_keys))) THEN
+                v_actual[i] := h_version;
+                CONTINUE;
+            END IF;
+            IF p_key[i] IS NOT NULL THEN
+                h_keys := h_keys || p_key[i];
+            END IF;
+        END IF;
+        v_ok[i] := true;
+        v_uid[i] := h_uid;
+        h_version := p_version[i];
+        h_hash := p_hash[i];
+    END LOOP;
+
+    IF true = ANY (v_ok) THEN
+        SELECT array_agg(v_uid[o] ORDER BY o), array_agg(p_expected[o] ORDER BY o),
+               array_agg(p_prev_hash[o] ORDER BY o), array_agg(p_namespace[o] ORDER BY o),
+               array_agg(p_id[o] ORDER BY o), array_agg(p_version[o] ORDER BY o),
+               array_agg(p_hash[o] ORDER BY o), array_agg(p_bytes[o] ORDER BY o),
+               array_agg(p_machine[o] ORDER BY o), array_agg(p_state[o] ORDER BY o),
+               array_agg(p_status[o] ORDER BY o), array_agg(p_labels[o] ORDER BY o),
+               array_agg(p_body[o] ORDER BY o), array_agg(p_timer_due[o] ORDER BY o),
+               array_agg(p_timer_seq[o] ORDER BY o), array_agg(p_timer_kind[o] ORDER BY o),
+               array_agg(p_key[o] ORDER BY o), array_agg(p_key_hash[o] ORDER BY o),
+               array_agg(p_key_expires[o] ORDER BY o)
+          INTO a_uid, a_expected, a_prev_hash, a_namespace, a_id, a_version, a_hash, a_bytes,
+               a_machine, a_state, a_status, a_labels, a_body, a_timer_due, a_timer_seq,
+               a_timer_kind, a_key, a_key_hash, a_key_expires
+          FROM generate_subscripts(v_ok, 1) o
+         WHERE v_ok[o];
+        SELECT array_agg(w.uid ORDER BY w.n) INTO v_written
+          FROM cnsm_commit_batch(a_uid, a_expected, a_prev_hash, a_namespace, a_id, a_version,
+                                 a_hash, a_bytes, a_machine, a_state, a_status, a_labels,
+                                 a_body, a_timer_due, a_timer_seq, a_timer_kind, a_key,
+                                 a_key_hash, a_key_expires, p_channel, p_origin)
+               WITH ORDINALITY w(uid, n);
+        v_k := 0;
+        FOR i IN 1 .. v_n LOOP
+            IF v_ok[i] THEN
+                v_k := v_k + 1;
+                v_uid[i] := v_written[v_k];
+            END IF;
+        END LOOP;
+    END IF;
+    RETURN QUERY SELECT v_ok[o], v_uid[o], v_actual[o]
+                   FROM generate_subscripts(v_ok, 1) o ORDER BY o;
 END
 $$;

@@ -4,13 +4,13 @@
 //! The trait is synchronous; this store owns a small tokio runtime on which every connection
 //! lives, and waits on it from the calling thread (see [`pool`]). The schema is created and
 //! upgraded by versioned migrations embedded in the binary ([`schema`]), applied on open under
-//! an advisory lock. Each `commit` is one transaction: the rows of the batch's instances are
-//! locked and read, each item is decided under those locks (compare-and-swap on the version,
-//! the previous-hash link, the idempotency key), and the accepted items are written by one call
-//! of the set-based SQL function `cnsm_commit_batch`, which checks again that every row is
-//! where it was read; the unique (instance, version) key of the records table backs it all, so
-//! two nodes racing on one instance never fork its chain. Records are stored as their exact
-//! sealed bytes.
+//! an advisory lock. Each `commit` is one transaction in one round trip: the SQL function
+//! `cnsm_commit_items` locks the rows of the batch's instances, decides each item under those
+//! locks (compare-and-swap on the version, the previous-hash link, the idempotency key) and
+//! writes the accepted ones with set-based statements (`cnsm_commit_batch`, which checks again
+//! that every row is where it was locked); the unique (instance, version) key of the records
+//! table backs it all, so two nodes racing on one instance never fork its chain. Records are
+//! stored as their exact sealed bytes.
 //!
 //! ```no_run
 //! use cnsm_store::Store;
@@ -20,7 +20,7 @@
 //! # Ok::<(), cnsm_store::StoreError>(())
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cnsm_core::Instance;
@@ -176,17 +176,8 @@ fn now_ms() -> u64 {
 
 const COMMIT_ITEM: &str = "SELECT o_committed, o_uid, o_actual FROM cnsm_commit_item(\
     $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)";
-const LOCK_BATCH: &str = "SELECT uid, namespace, id, version, last_hash FROM cnsm_instances \
-    WHERE (namespace, id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
-    ORDER BY namespace, id FOR UPDATE";
-/// The (1-based) positions of the given keys that an instance holds unexpired at `now`.
-const TAKEN_KEYS: &str = "SELECT u.ord FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) \
-    WITH ORDINALITY u(namespace, id, key, now, ord) \
-    JOIN cnsm_instances i ON i.namespace = u.namespace AND i.id = u.id \
-    JOIN cnsm_idempotency k ON k.uid = i.uid AND k.key = u.key \
-    WHERE k.expires_ms > u.now";
-const COMMIT_BATCH: &str = "SELECT * FROM cnsm_commit_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-    $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)";
+const COMMIT_ITEMS: &str = "SELECT o_committed, o_uid, o_actual FROM cnsm_commit_items($1, $2, \
+    $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)";
 const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 const INSTANCE_BY_KEY: &str =
     "SELECT uid, body FROM cnsm_instances WHERE namespace = $1 AND id = $2";
@@ -525,16 +516,13 @@ impl PostgresStore {
 
     /// One attempt at committing a batch; `Ok(Err(e))` is a retryable database error.
     ///
-    /// Two round trips. The first sends `BEGIN`, locks the rows of every existing instance of
-    /// the batch in one order (so two nodes committing overlapping batches wait for each other
-    /// instead of deadlocking) reading their versions and last hashes, and reads which of the
-    /// items' idempotency keys are already taken. The items are then decided here, under those
-    /// locks, exactly as `cnsm_commit_item` decides one: compare-and-swap on the version, the
-    /// previous-hash link, the key. The second round trip writes the accepted items with
-    /// set-based statements (`cnsm_commit_batch`, which announces them) and sends `COMMIT`.
-    ///
-    /// `announce`: NOTIFY the commits on the commit channel inside the transaction (else the
-    /// caller announces them).
+    /// One round trip: `BEGIN`, one call of `cnsm_commit_items` and `COMMIT`, pipelined. The
+    /// function locks the rows of every existing instance of the batch in one order (so two
+    /// nodes committing overlapping batches wait for each other instead of deadlocking),
+    /// decides each item under those locks (compare-and-swap on the version, the previous-hash
+    /// link, the idempotency key) and writes the accepted ones with set-based statements
+    /// (`cnsm_commit_batch`), announcing them on the commit channel when `announce` is set. A
+    /// failed call makes that `COMMIT` a rollback.
     async fn commit_once(
         &self,
         items: &[CommitItem],
@@ -543,146 +531,32 @@ impl PostgresStore {
         announce: bool,
     ) -> Result<Result<Vec<ItemOutcome>, tokio_postgres::Error>, StoreError> {
         let mut lease = self.pool.get().await?;
-        let (lock, taken, commit_batch) = {
-            let conn = lease.conn();
-            (
-                conn.statement(LOCK_BATCH).await?,
-                conn.statement(TAKEN_KEYS).await?,
-                conn.statement(COMMIT_BATCH).await?,
-            )
-        };
-        let keys: BTreeSet<(&str, &str)> = items
+        let commit_items = lease.conn().statement(COMMIT_ITEMS).await?;
+        let expected: Vec<Option<i64>> = columns.iter().map(|c| c.expected).collect();
+        let prevs: Vec<&[u8]> = prev_hashes.iter().map(|h| &h.0[..]).collect();
+        let namespaces: Vec<&str> = columns.iter().map(|c| &*c.namespace).collect();
+        let ids: Vec<&str> = columns.iter().map(|c| &*c.id).collect();
+        let versions: Vec<i64> = columns.iter().map(|c| c.version).collect();
+        let hashes: Vec<&[u8]> = items.iter().map(|i| &i.record.hash.0[..]).collect();
+        let bytes: Vec<&[u8]> = items.iter().map(|i| &i.record.bytes[..]).collect();
+        let machines: Vec<&str> = columns.iter().map(|c| &*c.machine).collect();
+        let states: Vec<&str> = columns.iter().map(|c| &*c.state).collect();
+        let statuses: Vec<i16> = columns.iter().map(|c| c.status).collect();
+        let labels: Vec<&str> = columns.iter().map(|c| &*c.labels).collect();
+        let bodies: Vec<&[u8]> = columns.iter().map(|c| &c.body[..]).collect();
+        let timer_dues: Vec<Option<i64>> = columns.iter().map(|c| c.timer_due).collect();
+        let timer_seqs: Vec<Option<i64>> = columns.iter().map(|c| c.timer_seq).collect();
+        let timer_kinds: Vec<Option<i16>> = columns.iter().map(|c| c.timer_kind).collect();
+        let keys: Vec<Option<&str>> = items
             .iter()
-            .map(|i| (&*i.instance.namespace, &*i.instance.id))
+            .map(|i| i.idempotency.as_ref().map(|e| e.key.as_str()))
             .collect();
-        let namespaces: Vec<&str> = keys.iter().map(|k| k.0).collect();
-        let ids: Vec<&str> = keys.iter().map(|k| k.1).collect();
-        // The items whose key could be taken in the database: events with a key.
-        let keyed: Vec<usize> = (0..items.len())
-            .filter(|&i| columns[i].expected.is_some() && items[i].idempotency.is_some())
-            .collect();
-        let key_namespaces: Vec<&str> = keyed.iter().map(|&i| &*columns[i].namespace).collect();
-        let key_ids: Vec<&str> = keyed.iter().map(|&i| &*columns[i].id).collect();
-        let key_names: Vec<&str> = keyed
-            .iter()
-            .filter_map(|&i| items[i].idempotency.as_ref().map(|e| e.key.as_str()))
-            .collect();
-        let key_nows: Vec<i64> = keyed.iter().map(|&i| columns[i].now).collect();
-
-        lease.set_in_transaction(true);
-        let client = lease.client();
-        let lock_params: [&(dyn ToSql + Sync); 2] = [&namespaces, &ids];
-        let taken_params: [&(dyn ToSql + Sync); 4] =
-            [&key_namespaces, &key_ids, &key_names, &key_nows];
-        let (begun, locked, taken) = futures_util::future::join3(
-            client.batch_execute("BEGIN"),
-            client.query(&lock, &lock_params),
-            client.query(&taken, &taken_params),
-        )
-        .await;
-        let read = begun.and(locked).and_then(|locked| Ok((locked, taken?)));
-        let (locked, taken) = match read {
-            Ok(read) => read,
-            Err(e) => {
-                if client.batch_execute("ROLLBACK").await.is_ok() {
-                    lease.set_in_transaction(false);
-                }
-                return retryable_or(e);
-            }
-        };
-
-        // Each instance's head as the batch goes: its uid (none yet for one the batch
-        // creates), version and last hash; absent while the instance does not exist.
-        let mut heads: std::collections::HashMap<(&str, &str), (Option<i64>, i64, Hash32)> =
-            std::collections::HashMap::with_capacity(locked.len());
-        for row in &locked {
-            let (namespace, id): (&str, &str) = (row.get(1), row.get(2));
-            let what = || format!("instance {namespace}/{id}");
-            let hash = hash_of(row.get::<_, &[u8]>(4), &what)?;
-            heads.insert((namespace, id), (Some(row.get(0)), row.get(3), hash));
-        }
-        let taken_in_store: BTreeSet<usize> = taken
-            .iter()
-            .map(|row| keyed[(row.get::<_, i64>(0) - 1) as usize])
-            .collect();
-        let mut taken_in_batch: BTreeSet<(&str, &str, &str)> = BTreeSet::new();
-        let mut outcomes = Vec::with_capacity(items.len());
-        let mut accepted: Vec<(usize, Option<i64>)> = Vec::with_capacity(items.len());
-        for (index, (item, c)) in items.iter().zip(columns).enumerate() {
-            let key = (&*c.namespace, &*c.id);
-            let head = heads.get_mut(&key);
-            let outcome = match (c.expected, head) {
-                (None, Some(&mut (_, version, _))) => Some(version),
-                (None, None) => {
-                    heads.insert(key, (None, c.version, item.record.hash));
-                    accepted.push((index, None));
-                    None
-                }
-                (Some(_), None) => {
-                    outcomes.push(ItemOutcome::Conflict { actual: None });
-                    continue;
-                }
-                (Some(expected), Some(head)) => {
-                    let idempotency = item.idempotency.as_ref().map(|e| e.key.as_str());
-                    let key_taken = idempotency.is_some_and(|k| {
-                        taken_in_store.contains(&index)
-                            || taken_in_batch.contains(&(key.0, key.1, k))
-                    });
-                    if head.1 != expected || head.2 != prev_hashes[index] || key_taken {
-                        Some(head.1)
-                    } else {
-                        if let Some(k) = idempotency {
-                            taken_in_batch.insert((key.0, key.1, k));
-                        }
-                        accepted.push((index, head.0));
-                        head.1 = c.version;
-                        head.2 = item.record.hash;
-                        None
-                    }
-                }
-            };
-            match outcome {
-                Some(actual) => outcomes.push(ItemOutcome::Conflict {
-                    actual: Some(actual as u64),
-                }),
-                // Filled in with the uid once written.
-                None => outcomes.push(ItemOutcome::Committed { uid: 0 }),
-            }
-        }
-
-        let uids: Vec<Option<i64>> = accepted.iter().map(|&(_, uid)| uid).collect();
-        let col = |i: &(usize, Option<i64>)| &columns[i.0];
-        let item = |i: &(usize, Option<i64>)| &items[i.0];
-        let expected: Vec<Option<i64>> = accepted.iter().map(|i| col(i).expected).collect();
-        let prevs: Vec<&[u8]> = accepted.iter().map(|i| &prev_hashes[i.0].0[..]).collect();
-        let namespaces: Vec<&str> = accepted.iter().map(|i| &*col(i).namespace).collect();
-        let ids: Vec<&str> = accepted.iter().map(|i| &*col(i).id).collect();
-        let versions: Vec<i64> = accepted.iter().map(|i| col(i).version).collect();
-        let hashes: Vec<&[u8]> = accepted
-            .iter()
-            .map(|i| &item(i).record.hash.0[..])
-            .collect();
-        let bytes: Vec<&[u8]> = accepted.iter().map(|i| &item(i).record.bytes[..]).collect();
-        let machines: Vec<&str> = accepted.iter().map(|i| &*col(i).machine).collect();
-        let states: Vec<&str> = accepted.iter().map(|i| &*col(i).state).collect();
-        let statuses: Vec<i16> = accepted.iter().map(|i| col(i).status).collect();
-        let labels: Vec<&str> = accepted.iter().map(|i| &*col(i).labels).collect();
-        let bodies: Vec<&[u8]> = accepted.iter().map(|i| &col(i).body[..]).collect();
-        let timer_dues: Vec<Option<i64>> = accepted.iter().map(|i| col(i).timer_due).collect();
-        let timer_seqs: Vec<Option<i64>> = accepted.iter().map(|i| col(i).timer_seq).collect();
-        let timer_kinds: Vec<Option<i16>> = accepted.iter().map(|i| col(i).timer_kind).collect();
-        let item_keys: Vec<Option<&str>> = accepted
-            .iter()
-            .map(|i| item(i).idempotency.as_ref().map(|e| e.key.as_str()))
-            .collect();
-        let key_hashes: Vec<Option<&[u8]>> = accepted
-            .iter()
-            .map(|i| col(i).key_hash.as_deref())
-            .collect();
-        let key_expires: Vec<Option<i64>> = accepted.iter().map(|i| col(i).key_expires).collect();
+        let key_hashes: Vec<Option<&[u8]>> =
+            columns.iter().map(|c| c.key_hash.as_deref()).collect();
+        let key_expires: Vec<Option<i64>> = columns.iter().map(|c| c.key_expires).collect();
+        let nows: Vec<i64> = columns.iter().map(|c| c.now).collect();
         let channel = announce.then_some(self.channel.as_str());
         let params: [&(dyn ToSql + Sync); 21] = [
-            &uids,
             &expected,
             &prevs,
             &namespaces,
@@ -698,41 +572,49 @@ impl PostgresStore {
             &timer_dues,
             &timer_seqs,
             &timer_kinds,
-            &item_keys,
+            &keys,
             &key_hashes,
             &key_expires,
+            &nows,
             &channel,
             &self.origin,
         ];
-        let written = async {
-            if accepted.is_empty() {
-                Ok(Vec::new())
-            } else {
-                client.query(&commit_batch, &params).await
-            }
-        };
-        // COMMIT of a transaction whose write failed rolls it back (no error of its own).
-        let (written, committed) =
-            futures_util::future::join(written, client.batch_execute("COMMIT")).await;
+        lease.set_in_transaction(true);
+        let client = lease.client();
+        let (begun, rows, committed) = futures_util::future::join3(
+            client.batch_execute("BEGIN"),
+            client.query(&commit_items, &params),
+            client.batch_execute("COMMIT"),
+        )
+        .await;
         if committed.is_ok() {
             lease.set_in_transaction(false);
         }
-        let written = match written.and_then(|rows| committed.map(|()| rows)) {
+        let rows = match begun.and(rows).and_then(|rows| committed.map(|()| rows)) {
             Ok(rows) => rows,
             Err(e) => return retryable_or(e),
         };
-        if written.len() != accepted.len() {
+        if rows.len() != items.len() {
             return Err(StoreError::Corrupt(format!(
-                "cnsm_commit_batch returned {} uids for {} items",
-                written.len(),
-                accepted.len()
+                "cnsm_commit_items answered {} rows for {} items",
+                rows.len(),
+                items.len()
             )));
         }
-        for (row, &(index, _)) in written.iter().zip(&accepted) {
-            let uid: i64 = row.get(0);
-            outcomes[index] = ItemOutcome::Committed { uid: uid as u64 };
-        }
-        Ok(Ok(outcomes))
+        Ok(Ok(rows
+            .iter()
+            .map(|row| {
+                if row.get::<_, bool>(0) {
+                    ItemOutcome::Committed {
+                        uid: row.get::<_, i64>(1) as u64,
+                    }
+                } else {
+                    ItemOutcome::Conflict {
+                        actual: row.get::<_, Option<i64>>(2).map(|v| v as u64),
+                    }
+                }
+            })
+            .collect()))
     }
 }
 
