@@ -42,7 +42,7 @@ pub mod files;
 pub mod keys;
 mod stream;
 
-pub use stream::{HashingWriter, ImportFailure, ImportSource};
+pub use stream::{HashingReader, HashingWriter, ImportFailure, ImportSource};
 
 pub use keys::{KeyError, PublicKey, SigningKey};
 
@@ -89,8 +89,11 @@ impl SnapshotFile {
     }
 }
 
-/// The head of a one-file snapshot: the bundle line, and where the payload starts. A missing
-/// magic line or an unterminated bundle line is a [`VerifyError::Bundle`] (step 1).
+/// The head of a one-file snapshot: the bundle JSON, and where the payload starts. A missing
+/// magic line or an unterminated bundle line is a [`VerifyError::Bundle`] (step 1). The bundle
+/// line may end in spaces (a streamed export reserves room for the longest bundle before it
+/// writes the payload); they are not part of the bundle JSON, and the JSON must end right
+/// before them, so no other byte of the line goes unchecked.
 pub(crate) fn split_head(head: &[u8]) -> Result<(&[u8], usize), VerifyError> {
     let rest = head.strip_prefix(FILE_MAGIC).ok_or_else(|| {
         VerifyError::Bundle(
@@ -104,7 +107,15 @@ pub(crate) fn split_head(head: &[u8]) -> Result<(&[u8], usize), VerifyError> {
         .take(bundle::BUNDLE_LEN_MAX + 1)
         .position(|b| *b == b'\n')
         .ok_or_else(|| VerifyError::Bundle("the bundle line is not terminated".into()))?;
-    Ok((&rest[..end], FILE_MAGIC.len() + end + 1))
+    let line = &rest[..end];
+    let json_len = line.len() - line.iter().rev().take_while(|b| **b == b' ').count();
+    let json = &line[..json_len];
+    if json.last() != Some(&b'}') {
+        return Err(VerifyError::Bundle(
+            "the bundle line does not end with the bundle's closing brace".into(),
+        ));
+    }
+    Ok((json, FILE_MAGIC.len() + end + 1))
 }
 
 /// A snapshot entry as the store imports it.
@@ -196,10 +207,21 @@ pub fn verify_signature_from(
     let mut hashing = HashingWriter::new(std::io::sink());
     std::io::copy(payload, &mut hashing).map_err(|e| VerifyError::Io(e.to_string()))?;
     let (actual, payload_len, _) = hashing.finish();
-    if actual != parsed.digest {
+    check_digest_and_signature(&parsed, &actual, public_key)?;
+    Ok(payload_len)
+}
+
+/// Steps 2 and 3 once the payload's SHA-256 (`actual`) is known: it must be the bundle's
+/// digest, and the bundle's signature must verify against `public_key`.
+pub(crate) fn check_digest_and_signature(
+    parsed: &bundle::Bundle,
+    actual: &[u8; 32],
+    public_key: &PublicKey,
+) -> Result<(), VerifyError> {
+    if *actual != parsed.digest {
         return Err(VerifyError::Digest {
             expected: hex(&parsed.digest),
-            actual: hex(&actual),
+            actual: hex(actual),
         });
     }
     if parsed.hint != public_key.hint() {
@@ -209,12 +231,12 @@ pub fn verify_signature_from(
             short(&public_key.hint())
         )));
     }
-    if !public_key.verify_digest(&actual, &parsed.signature) {
+    if !public_key.verify_digest(actual, &parsed.signature) {
         return Err(VerifyError::Signature(
             "the signature does not verify against the given public key".into(),
         ));
     }
-    Ok(payload_len)
+    Ok(())
 }
 
 /// All six steps, in order (`docs/snapshots.md`).
@@ -540,6 +562,10 @@ fn labels_of(selection: &Selection) -> Vec<(String, String)> {
     }
 }
 
+/// The CBOR text `idempotencyKey` (head 0x6e: a text of 14 bytes), as a record's map holds
+/// the key.
+const IDEMPOTENCY_KEY_NAME: &[u8] = b"\x6eidempotencyKey";
+
 /// Writes one instance with its records `0..=version` and its live idempotency keys.
 fn write_instance<W: Write>(
     store: &dyn Store,
@@ -569,7 +595,13 @@ fn write_instance<W: Write>(
         ))));
     }
     let mut idempotency: Vec<SnapshotIdempotency> = Vec::new();
+    // Most records carry no key: their bytes do not even hold the key's encoded name, which a
+    // vectorized search tells without decoding them.
+    let key_name = memchr::memmem::Finder::new(IDEMPOTENCY_KEY_NAME);
     for record in records {
+        if key_name.find(&record.bytes).is_none() {
+            continue;
+        }
         let fields =
             cnsm_core::cbor::top_level_texts(&record.bytes, &["idempotencyKey"]).map_err(|e| {
                 StoreError::Corrupt(format!(

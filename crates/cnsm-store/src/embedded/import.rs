@@ -17,6 +17,68 @@ use crate::{DefinitionRow, ImportItem, ImportReport, StoreError};
 /// How many conflicting instances a refusal names.
 const NAMED_CONFLICTS_MAX: usize = 10;
 
+/// Items in flight between the reading thread and the writer of a streamed import (memory:
+/// this many instances with their histories).
+const PIPELINE_ITEMS_MAX: usize = 256;
+
+/// Runs `write` over the checked items of a streamed import with the pulling and checking
+/// ([`crate::checked_import_items`]: decoding the source, chain hashes) on a second thread,
+/// so the source's work and the store's check overlap with the table writes. The channel
+/// is bounded, so memory stays a few hundred instances. An error from the source or the
+/// check is handed to the writer as the next item (it then drops its transaction); when the
+/// writer stops early, the reader stops at its next send. The reader ends the stream with an
+/// explicit end mark: a reader that dies without it (a panic) is an error for the writer,
+/// never a short import that commits.
+pub(super) fn pipelined<T>(
+    items: &mut crate::ImportItems<'_>,
+    write: impl FnOnce(
+        &mut dyn Iterator<Item = Result<ImportItem, StoreError>>,
+    ) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let (sender, receiver) =
+        std::sync::mpsc::sync_channel::<Option<Result<ImportItem, StoreError>>>(PIPELINE_ITEMS_MAX);
+    std::thread::scope(|scope| {
+        let reader = std::thread::Builder::new()
+            .name("cnsm-import-read".into())
+            .spawn_scoped(scope, move || {
+                for item in crate::checked_import_items(items) {
+                    let failed = item.is_err();
+                    if sender.send(Some(item)).is_err() || failed {
+                        return;
+                    }
+                }
+                let _ = sender.send(None);
+            })
+            .map_err(|e| StoreError::Io(format!("cannot start the import reader: {e}")))?;
+        let mut ended = false;
+        let mut received = std::iter::from_fn(|| {
+            if ended {
+                return None;
+            }
+            match receiver.recv() {
+                Ok(Some(item)) => Some(item),
+                Ok(None) => {
+                    ended = true;
+                    None
+                }
+                Err(_) => {
+                    ended = true;
+                    Some(Err(StoreError::Io(
+                        "the import reader stopped before the end of the items".into(),
+                    )))
+                }
+            }
+        });
+        let result = write(&mut received);
+        drop(received);
+        // Unblocks a reader waiting on a full channel after the writer stopped early.
+        drop(receiver);
+        // A reader that panicked before its end mark already failed the writer (above).
+        let _ = reader.join();
+        result
+    })
+}
+
 pub(super) fn import_in(
     txn: &WriteTransaction,
     definitions: &[DefinitionRow],
