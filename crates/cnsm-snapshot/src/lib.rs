@@ -356,6 +356,8 @@ pub fn plan_import(
 
 /// Instances (with their histories) an export reads per store call.
 const EXPORT_PAGE_LEN: usize = 1000;
+/// Pages an export reads ahead of the one it writes (memory: this many pages and one more).
+const EXPORT_PAGES_AHEAD: usize = 2;
 
 /// Which instances of a namespace an export takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -510,44 +512,76 @@ pub fn export_to(
         }
         Selection::All | Selection::Labels(_) => {
             // Second pass over the same pages: the listed rows are the instances to write
-            // (no read per instance); ones created since the first pass are left out.
-            let mut next_key = keys.iter().peekable();
-            let mut after = None;
-            loop {
-                let page = store.list_instances_with_history(&InstanceQuery {
-                    namespace: Some(namespace.to_owned()),
-                    labels: labels_of(selection),
-                    after: after.take(),
-                    limit: EXPORT_PAGE_LEN,
-                    ..InstanceQuery::default()
-                })?;
-                let full = page.len() == EXPORT_PAGE_LEN;
-                for (stored, records) in &page {
-                    let id = &*stored.instance.id;
-                    if let Some(wanted) = next_key.peek()
-                        && wanted.as_str() < id
-                    {
+            // (no read per instance); ones created since the first pass are left out. The
+            // pages are read (and their rows decoded) on a second thread, a page or two ahead
+            // of the encoding and writing here.
+            let (sender, receiver) = std::sync::mpsc::sync_channel(EXPORT_PAGES_AHEAD);
+            std::thread::scope(|scope| -> Result<(), ExportError> {
+                let reader = std::thread::Builder::new()
+                    .name("cnsm-export-read".into())
+                    .spawn_scoped(scope, move || {
+                        let mut after = None;
+                        loop {
+                            let page = store.list_instances_with_history(&InstanceQuery {
+                                namespace: Some(namespace.to_owned()),
+                                labels: labels_of(selection),
+                                after: after.take(),
+                                limit: EXPORT_PAGE_LEN,
+                                ..InstanceQuery::default()
+                            });
+                            let next = match &page {
+                                Ok(page) if page.len() == EXPORT_PAGE_LEN => {
+                                    page.last().map(|(last, _)| last.instance.id.to_string())
+                                }
+                                _ => None,
+                            };
+                            if sender.send(page).is_err() {
+                                return;
+                            }
+                            match next {
+                                Some(id) => after = Some((namespace.to_owned(), id)),
+                                None => return,
+                            }
+                        }
+                    })
+                    .map_err(|e| {
+                        ExportError::Store(StoreError::Io(format!(
+                            "cannot start the export reader: {e}"
+                        )))
+                    })?;
+                let mut next_key = keys.iter().peekable();
+                let written = (|| {
+                    for page in receiver.iter() {
+                        for (stored, records) in &page? {
+                            let id = &*stored.instance.id;
+                            if let Some(wanted) = next_key.peek()
+                                && wanted.as_str() < id
+                            {
+                                return Err(ExportError::Changed(format!(
+                                    "instance {namespace}/{wanted} left the selection during the export"
+                                )));
+                            }
+                            if next_key.peek().is_some_and(|wanted| wanted.as_str() == id) {
+                                next_key.next();
+                                write_one(&mut writer, &stored.instance, records)?;
+                            }
+                        }
+                    }
+                    if let Some(wanted) = next_key.next() {
                         return Err(ExportError::Changed(format!(
                             "instance {namespace}/{wanted} left the selection during the export"
                         )));
                     }
-                    if next_key.peek().is_some_and(|wanted| wanted.as_str() == id) {
-                        next_key.next();
-                        write_one(&mut writer, &stored.instance, records)?;
-                    }
-                }
-                match page.last() {
-                    Some((last, _)) if full => {
-                        after = Some((namespace.to_owned(), last.instance.id.to_string()));
-                    }
-                    _ => break,
-                }
-            }
-            if let Some(wanted) = next_key.next() {
-                return Err(ExportError::Changed(format!(
-                    "instance {namespace}/{wanted} left the selection during the export"
-                )));
-            }
+                    Ok(())
+                })();
+                // Unblocks a reader waiting to hand over a page after an early stop.
+                drop(receiver);
+                let joined = reader.join();
+                written?;
+                joined.map_err(|_| {
+                    ExportError::Store(StoreError::Io("the export reader panicked".into()))
+                })
+            })?;
         }
     }
     writer.finish()?;

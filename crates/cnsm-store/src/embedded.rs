@@ -1875,7 +1875,7 @@ impl Store for EmbeddedStore {
             import::import_in(
                 txn,
                 definitions,
-                &mut items.iter().cloned().map(Ok),
+                &mut items.iter().cloned().map(import::Prepared::new),
                 replace,
             )
         })

@@ -31,17 +31,16 @@ const PIPELINE_ITEMS_MAX: usize = 256;
 /// never a short import that commits.
 pub(super) fn pipelined<T>(
     items: &mut crate::ImportItems<'_>,
-    write: impl FnOnce(
-        &mut dyn Iterator<Item = Result<ImportItem, StoreError>>,
-    ) -> Result<T, StoreError>,
+    write: impl FnOnce(&mut dyn Iterator<Item = Result<Prepared, StoreError>>) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
     let (sender, receiver) =
-        std::sync::mpsc::sync_channel::<Option<Result<ImportItem, StoreError>>>(PIPELINE_ITEMS_MAX);
+        std::sync::mpsc::sync_channel::<Option<Result<Prepared, StoreError>>>(PIPELINE_ITEMS_MAX);
     std::thread::scope(|scope| {
         let reader = std::thread::Builder::new()
             .name("cnsm-import-read".into())
             .spawn_scoped(scope, move || {
                 for item in crate::checked_import_items(items) {
+                    let item = item.and_then(Prepared::new);
                     let failed = item.is_err();
                     if sender.send(Some(item)).is_err() || failed {
                         return;
@@ -79,10 +78,23 @@ pub(super) fn pipelined<T>(
     })
 }
 
+/// An item with its instance row already encoded (on the reading side of a pipelined import).
+pub(super) struct Prepared {
+    item: ImportItem,
+    row: Vec<u8>,
+}
+
+impl Prepared {
+    pub(super) fn new(item: ImportItem) -> Result<Prepared, StoreError> {
+        let row = encode_row(&item.instance)?;
+        Ok(Prepared { item, row })
+    }
+}
+
 pub(super) fn import_in(
     txn: &WriteTransaction,
     definitions: &[DefinitionRow],
-    items: &mut dyn Iterator<Item = Result<ImportItem, StoreError>>,
+    items: &mut dyn Iterator<Item = Result<Prepared, StoreError>>,
     replace: bool,
 ) -> Result<ImportReport, StoreError> {
     let mut t = WriteTables::open(txn)?;
@@ -130,15 +142,27 @@ pub(super) fn import_in(
     let mut conflicts = Vec::new();
     let mut next_uid = meta_get(&t.meta, META_NEXT_UID)?;
     let mut next_seq = meta_get(&t.meta, META_NEXT_SEQ)?;
-    for item in items {
-        let item = item?;
+    let mut last_pin = None;
+    for prepared in items {
+        let Prepared { item, row } = prepared?;
         let instance = &item.instance;
         let (namespace, id) = (&*instance.namespace, &*instance.id);
-        let pinned = t
-            .definitions
-            .get((namespace, &*instance.machine, instance.revision))
-            .io()?
-            .map(|g| g.value().0);
+        // Instances come in runs on the same revision: a pin equal to the one checked last
+        // is not looked up again.
+        let pin = (
+            instance.namespace.clone(),
+            instance.machine.clone(),
+            instance.revision,
+            instance.revision_hash,
+        );
+        let pinned = if last_pin.as_ref() == Some(&pin) {
+            Some(instance.revision_hash.0)
+        } else {
+            t.definitions
+                .get((namespace, &*instance.machine, instance.revision))
+                .io()?
+                .map(|g| g.value().0)
+        };
         if pinned != Some(instance.revision_hash.0) {
             return Err(StoreError::Refused(format!(
                 "import refused: instance {namespace}/{id} pins {}@{} with hash {}, which is \
@@ -146,6 +170,7 @@ pub(super) fn import_in(
                 instance.machine, instance.revision, instance.revision_hash
             )));
         }
+        last_pin = Some(pin);
         let existing = t
             .instances
             .get((namespace, id))
@@ -187,7 +212,6 @@ pub(super) fn import_in(
                 .io()?;
             report.n_records += 1;
         }
-        let row = encode_row(instance)?;
         let timer = indexed_timer(instance);
         t.instances
             .insert(
