@@ -355,8 +355,10 @@ pub fn plan_import(
 }
 
 /// Instances (with their histories) an export reads per store call.
-const EXPORT_PAGE_LEN: usize = 1000;
-/// Pages an export reads ahead of the one it writes (memory: this many pages and one more).
+const EXPORT_PAGE_LEN: usize = 250;
+/// Pages an export reads ahead of the one it writes (memory: this many pages, the one being
+/// written and the one being read; a page of 250 instances of 10 records of 500 bytes is
+/// about 1.5 MB).
 const EXPORT_PAGES_AHEAD: usize = 2;
 
 /// Which instances of a namespace an export takes.

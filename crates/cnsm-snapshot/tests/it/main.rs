@@ -407,12 +407,16 @@ async fn files_stream_through_spool_verify_and_import_and_a_failure_midway_impor
     );
     assert!(signed_target.is_empty());
     let changed = dir.path().join("changed.snapshot");
+    // The first hex digit of an idempotency key's request hash (after the key name and the
+    // text head 0x78 0x40): nothing but the digest covers it.
     let at = file_bytes
-        .windows(4)
-        .position(|w| w == b"note")
-        .expect("a note in the payload");
+        .windows(11)
+        .position(|w| w == b"requestHash")
+        .expect("an idempotency key in the payload")
+        + 11
+        + 2;
     let mut bytes = file_bytes.clone();
-    bytes[at] = b'N';
+    bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
     std::fs::write(&changed, &bytes).unwrap();
     let changed_paths = SnapshotPaths::open(&changed, None).unwrap();
     let (result, failure) = signed_import(&signed_target, &changed_paths, &public).await;

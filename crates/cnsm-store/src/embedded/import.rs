@@ -19,7 +19,7 @@ const NAMED_CONFLICTS_MAX: usize = 10;
 
 /// Items in flight between the reading thread and the writer of a streamed import (memory:
 /// this many instances with their histories).
-const PIPELINE_ITEMS_MAX: usize = 256;
+const PIPELINE_ITEMS_MAX: usize = 64;
 
 /// Runs `write` over the checked items of a streamed import with the pulling and checking
 /// ([`crate::checked_import_items`]: decoding the source, chain hashes) on a second thread,
@@ -69,7 +69,6 @@ pub(super) fn pipelined<T>(
             }
         });
         let result = write(&mut received);
-        drop(received);
         // Unblocks a reader waiting on a full channel after the writer stopped early.
         drop(receiver);
         // A reader that panicked before its end mark already failed the writer (above).
