@@ -404,8 +404,13 @@ pub fn export(
     Ok(out)
 }
 
-/// [`export`] written to `out` as it is produced: memory is one page of instances plus the
+/// [`export`] written to `out` as it is produced: memory is a few pages of instances plus the
 /// writer's buffer, whatever the size of the snapshot. Returns the payload's length.
+///
+/// For a selection of many instances, every store read (the listing by key, then the pages of
+/// instances with their histories, up to two pages ahead) runs on one second
+/// thread, so reading and decoding rows overlap with encoding, hashing and writing here, and
+/// the pages the store caches are allocated by one thread only.
 pub fn export_to(
     store: &dyn Store,
     namespace: &str,
@@ -414,181 +419,217 @@ pub fn export_to(
     out: &mut dyn Write,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64, ExportError> {
-    let mut out = HashingWriter::new(out);
-    let mut keys: Vec<String> = Vec::new();
-    let mut pins: BTreeSet<(String, u32)> = BTreeSet::new();
-    match selection {
-        Selection::Instance(id) => {
-            let stored = store
-                .instance(namespace, id)?
-                .ok_or_else(|| ExportError::NotFound(format!("{namespace}/{id}")))?;
-            pins.insert((
-                stored.instance.machine.to_string(),
-                stored.instance.revision,
-            ));
-            keys.push(id.clone());
-        }
-        Selection::All | Selection::Labels(_) => {
-            let labels = match selection {
-                Selection::Labels(labels) => labels.clone(),
-                _ => Vec::new(),
-            };
-            let mut after = None;
-            loop {
-                let page = store.list_instances(&InstanceQuery {
-                    namespace: Some(namespace.to_owned()),
-                    labels: labels.clone(),
-                    after: after.take(),
-                    limit: PAGE_LEN_MAX,
-                    ..InstanceQuery::default()
-                })?;
-                let full = page.len() == PAGE_LEN_MAX;
-                for stored in &page {
-                    pins.insert((
-                        stored.instance.machine.to_string(),
-                        stored.instance.revision,
-                    ));
-                    keys.push(stored.instance.id.to_string());
-                }
-                match page.last() {
-                    Some(last) if full => {
-                        after = Some((namespace.to_owned(), last.instance.id.to_string()));
-                    }
-                    _ => break,
-                }
-            }
-        }
-    }
-    let mut definitions = Vec::with_capacity(pins.len());
-    for (name, revision) in &pins {
-        let row = store
-            .definition(namespace, name, Some(*revision))?
-            .ok_or_else(|| {
-                ExportError::Changed(format!(
-                    "definition {namespace}/{name}@{revision} is not in the store"
-                ))
-            })?;
-        definitions.push(SnapshotDefinition {
-            namespace: row.namespace,
-            name: row.name,
-            revision: row.revision,
-            hash: row.hash,
-            spec: row.definition,
-        });
-    }
-
-    let n_total = keys.len() as u64;
-    let mut writer = SnapshotWriter::begin(&mut out, as_of_ms, &definitions, n_total);
-    let mut n_written = 0u64;
-    let mut write_one = |writer: &mut SnapshotWriter<&mut HashingWriter<&mut dyn Write>>,
-                         instance: &Instance,
-                         records: &[SealedRecord]|
-     -> Result<(), ExportError> {
-        write_instance(store, writer, instance, records, &definitions, as_of_ms)?;
-        n_written += 1;
-        if n_written.is_multiple_of(1000) {
-            progress(n_written, n_total);
-        }
-        Ok(())
-    };
-    match selection {
-        Selection::Instance(id) => {
-            let instance = store
-                .instance(namespace, id)?
-                .ok_or_else(|| ExportError::Changed(format!("instance {namespace}/{id} vanished")))?
-                .instance;
-            let mut records: Vec<SealedRecord> = Vec::new();
-            while (records.len() as u64) <= instance.version {
-                let from = records.len() as u64;
-                let want = (instance.version + 1 - from).min(PAGE_LEN_MAX as u64) as usize;
-                let page = store.history(namespace, id, from, want)?;
-                if page.is_empty() {
-                    return Err(ExportError::Store(StoreError::Corrupt(format!(
-                        "instance {namespace}/{id}: record {from} is missing"
-                    ))));
-                }
-                records.extend(page);
-            }
-            records.truncate(instance.version as usize + 1);
-            write_one(&mut writer, &instance, &records)?;
-        }
-        Selection::All | Selection::Labels(_) => {
-            // Second pass over the same pages: the listed rows are the instances to write
-            // (no read per instance); ones created since the first pass are left out. The
-            // pages are read (and their rows decoded) on a second thread, a page or two ahead
-            // of the encoding and writing here.
-            let (sender, receiver) = std::sync::mpsc::sync_channel(EXPORT_PAGES_AHEAD);
-            std::thread::scope(|scope| -> Result<(), ExportError> {
-                let reader = std::thread::Builder::new()
+    std::thread::scope(|scope| {
+        let reader = match selection {
+            Selection::Instance(_) => None,
+            Selection::All | Selection::Labels(_) => {
+                let (sender, receiver) = std::sync::mpsc::sync_channel(EXPORT_PAGES_AHEAD);
+                let thread = std::thread::Builder::new()
                     .name("cnsm-export-read".into())
                     .spawn_scoped(scope, move || {
-                        let mut after = None;
-                        loop {
-                            let page = store.list_instances_with_history(&InstanceQuery {
-                                namespace: Some(namespace.to_owned()),
-                                labels: labels_of(selection),
-                                after: after.take(),
-                                limit: EXPORT_PAGE_LEN,
-                                ..InstanceQuery::default()
-                            });
-                            let next = match &page {
-                                Ok(page) if page.len() == EXPORT_PAGE_LEN => {
-                                    page.last().map(|(last, _)| last.instance.id.to_string())
-                                }
-                                _ => None,
-                            };
-                            if sender.send(page).is_err() {
-                                return;
-                            }
-                            match next {
-                                Some(id) => after = Some((namespace.to_owned(), id)),
-                                None => return,
-                            }
-                        }
+                        read_selection(store, namespace, selection, &sender)
                     })
                     .map_err(|e| {
                         ExportError::Store(StoreError::Io(format!(
                             "cannot start the export reader: {e}"
                         )))
                     })?;
+                Some((receiver, thread))
+            }
+        };
+        let stopped =
+            || ExportError::Store(StoreError::Io("the export reader stopped early".into()));
+        let mut out = HashingWriter::new(out);
+        let mut keys: Vec<String> = Vec::new();
+        let mut pins: BTreeSet<(String, u32)> = BTreeSet::new();
+        match (selection, &reader) {
+            (Selection::Instance(id), _) => {
+                let stored = store
+                    .instance(namespace, id)?
+                    .ok_or_else(|| ExportError::NotFound(format!("{namespace}/{id}")))?;
+                pins.insert((
+                    stored.instance.machine.to_string(),
+                    stored.instance.revision,
+                ));
+                keys.push(id.clone());
+            }
+            (_, Some((receiver, _))) => match receiver.recv() {
+                Ok(Ok(SelectionRead::Listed(listed_keys, listed_pins))) => {
+                    (keys, pins) = (listed_keys, listed_pins);
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Ok(Ok(SelectionRead::Page(_))) | Err(_) => return Err(stopped()),
+            },
+            (_, None) => return Err(stopped()),
+        }
+        let mut definitions = Vec::with_capacity(pins.len());
+        for (name, revision) in &pins {
+            let row = store
+                .definition(namespace, name, Some(*revision))?
+                .ok_or_else(|| {
+                    ExportError::Changed(format!(
+                        "definition {namespace}/{name}@{revision} is not in the store"
+                    ))
+                })?;
+            definitions.push(SnapshotDefinition {
+                namespace: row.namespace,
+                name: row.name,
+                revision: row.revision,
+                hash: row.hash,
+                spec: row.definition,
+            });
+        }
+
+        let n_total = keys.len() as u64;
+        let mut writer = SnapshotWriter::begin(&mut out, as_of_ms, &definitions, n_total);
+        let mut n_written = 0u64;
+        let mut write_one = |writer: &mut SnapshotWriter<&mut HashingWriter<&mut dyn Write>>,
+                             instance: &Instance,
+                             records: &[SealedRecord]|
+         -> Result<(), ExportError> {
+            write_instance(store, writer, instance, records, &definitions, as_of_ms)?;
+            n_written += 1;
+            if n_written.is_multiple_of(1000) {
+                progress(n_written, n_total);
+            }
+            Ok(())
+        };
+        match (selection, reader) {
+            (Selection::Instance(id), _) => {
+                let instance = store
+                    .instance(namespace, id)?
+                    .ok_or_else(|| {
+                        ExportError::Changed(format!("instance {namespace}/{id} vanished"))
+                    })?
+                    .instance;
+                let mut records: Vec<SealedRecord> = Vec::new();
+                while (records.len() as u64) <= instance.version {
+                    let from = records.len() as u64;
+                    let want = (instance.version + 1 - from).min(PAGE_LEN_MAX as u64) as usize;
+                    let page = store.history(namespace, id, from, want)?;
+                    if page.is_empty() {
+                        return Err(ExportError::Store(StoreError::Corrupt(format!(
+                            "instance {namespace}/{id}: record {from} is missing"
+                        ))));
+                    }
+                    records.extend(page);
+                }
+                records.truncate(instance.version as usize + 1);
+                write_one(&mut writer, &instance, &records)?;
+            }
+            (_, Some((receiver, thread))) => {
+                // Second pass over the same pages: the listed rows are the instances to write
+                // (no read per instance); ones created since the first pass are left out.
                 let mut next_key = keys.iter().peekable();
-                let written = (|| {
-                    for page in receiver.iter() {
-                        for (stored, records) in &page? {
-                            let id = &*stored.instance.id;
-                            if let Some(wanted) = next_key.peek()
-                                && wanted.as_str() < id
-                            {
-                                return Err(ExportError::Changed(format!(
-                                    "instance {namespace}/{wanted} left the selection during the export"
-                                )));
-                            }
-                            if next_key.peek().is_some_and(|wanted| wanted.as_str() == id) {
-                                next_key.next();
-                                write_one(&mut writer, &stored.instance, records)?;
-                            }
+                for page in receiver.iter() {
+                    let SelectionRead::Page(page) = page? else {
+                        return Err(stopped());
+                    };
+                    for (stored, records) in &page {
+                        let id = &*stored.instance.id;
+                        if let Some(wanted) = next_key.peek()
+                            && wanted.as_str() < id
+                        {
+                            return Err(ExportError::Changed(format!(
+                                "instance {namespace}/{wanted} left the selection during the export"
+                            )));
+                        }
+                        if next_key.peek().is_some_and(|wanted| wanted.as_str() == id) {
+                            next_key.next();
+                            write_one(&mut writer, &stored.instance, records)?;
                         }
                     }
-                    if let Some(wanted) = next_key.next() {
-                        return Err(ExportError::Changed(format!(
-                            "instance {namespace}/{wanted} left the selection during the export"
-                        )));
-                    }
-                    Ok(())
-                })();
-                // Unblocks a reader waiting to hand over a page after an early stop.
-                drop(receiver);
-                let joined = reader.join();
-                written?;
-                joined.map_err(|_| {
-                    ExportError::Store(StoreError::Io("the export reader panicked".into()))
-                })
-            })?;
+                }
+                thread.join().map_err(|_| stopped())?;
+                if let Some(wanted) = next_key.next() {
+                    return Err(ExportError::Changed(format!(
+                        "instance {namespace}/{wanted} left the selection during the export"
+                    )));
+                }
+            }
+            (_, None) => return Err(stopped()),
+        }
+        writer.finish()?;
+        progress(n_total, n_total);
+        Ok(out.finish().1)
+    })
+}
+
+/// What the export's reading thread hands over: first the selected keys and the revisions
+/// they pin, then the pages of instances with their histories.
+enum SelectionRead {
+    Listed(Vec<String>, BTreeSet<(String, u32)>),
+    Page(Vec<(cnsm_store::StoredInstance, Vec<SealedRecord>)>),
+}
+
+/// The export's reading thread: the instances of the selection by key (to count them and
+/// collect their pins), then the same instances again a page at a time with their
+/// histories. Stops at the first error (handed over) or when the writer hung up.
+fn read_selection(
+    store: &dyn Store,
+    namespace: &str,
+    selection: &Selection,
+    sender: &std::sync::mpsc::SyncSender<Result<SelectionRead, StoreError>>,
+) {
+    let labels = labels_of(selection);
+    let mut keys: Vec<String> = Vec::new();
+    let mut pins: BTreeSet<(String, u32)> = BTreeSet::new();
+    let mut after = None;
+    loop {
+        let page = match store.list_instances(&InstanceQuery {
+            namespace: Some(namespace.to_owned()),
+            labels: labels.clone(),
+            after: after.take(),
+            limit: PAGE_LEN_MAX,
+            ..InstanceQuery::default()
+        }) {
+            Ok(page) => page,
+            Err(e) => {
+                let _ = sender.send(Err(e));
+                return;
+            }
+        };
+        let full = page.len() == PAGE_LEN_MAX;
+        for stored in &page {
+            pins.insert((
+                stored.instance.machine.to_string(),
+                stored.instance.revision,
+            ));
+            keys.push(stored.instance.id.to_string());
+        }
+        match page.last() {
+            Some(last) if full => {
+                after = Some((namespace.to_owned(), last.instance.id.to_string()));
+            }
+            _ => break,
         }
     }
-    writer.finish()?;
-    progress(n_total, n_total);
-    Ok(out.finish().1)
+    if sender.send(Ok(SelectionRead::Listed(keys, pins))).is_err() {
+        return;
+    }
+    let mut after = None;
+    loop {
+        let page = store.list_instances_with_history(&InstanceQuery {
+            namespace: Some(namespace.to_owned()),
+            labels: labels.clone(),
+            after: after.take(),
+            limit: EXPORT_PAGE_LEN,
+            ..InstanceQuery::default()
+        });
+        let next = match &page {
+            Ok(page) if page.len() == EXPORT_PAGE_LEN => {
+                page.last().map(|(last, _)| last.instance.id.to_string())
+            }
+            _ => None,
+        };
+        if sender.send(page.map(SelectionRead::Page)).is_err() {
+            return;
+        }
+        match next {
+            Some(id) => after = Some((namespace.to_owned(), id)),
+            None => return,
+        }
+    }
 }
 
 fn labels_of(selection: &Selection) -> Vec<(String, String)> {
