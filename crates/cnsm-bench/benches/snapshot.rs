@@ -4,11 +4,13 @@
 //!
 //! Phases, all streamed through files as `cnsmctl` does: the instances are built in memory
 //! with the engine (conformance `Driver`) and loaded with one `import_instances` (the "store
-//! import" figure: one durable transaction); `export` streams them to a spool file while
-//! hashing (`export_to` into `SignedOutput`), `sign` signs the digest and writes the one-file
-//! layout; `verify` runs the six steps over the file in two streaming passes; `import` streams
-//! the payload (`ImportSource`) into `Store::import_stream` on an empty store. A second export
-//! of the imported store must hash to the same digest.
+//! import" figure: one durable transaction); `export` streams them into the one-file layout's
+//! temporary file while hashing (`export_to` into `SignedOutput`), `sign` signs the digest,
+//! writes the magic and bundle lines into the room reserved before the payload, syncs and
+//! renames; `verify` runs the six steps over the file in two streaming passes; `import` streams
+//! the payload (`ImportSource`) into `Store::import_stream` on an empty store (the store reads
+//! and checks the items on a second thread). A second export of the imported store must hash
+//! to the same digest.
 //!
 //! Then the same export and import run as `cnsmctl` child processes (release build), and their
 //! peak resident memory (VmHWM from `/proc/PID/status`) must stay under a fixed bound
@@ -121,7 +123,7 @@ fn main() {
         "snapshot_sign",
         mb / sign.as_secs_f64(),
         "MB/s",
-        &format!("({sign:.2?}: sign the digest, write magic + bundle + payload, fsync, rename)"),
+        &format!("({sign:.2?}: sign the digest, write the magic and bundle lines, fsync, rename)"),
     );
 
     let paths = SnapshotPaths::open(&snapshot_path, None).expect("layout");
@@ -237,7 +239,8 @@ fn main() {
         n_instances as f64 / export_time.as_secs_f64(),
         "instances/s",
         &format!(
-            "({export_time:.2?} end to end: open, export, check, sign, write; peak RSS {:.0} MiB; \
+            "({export_time:.2?} end to end: open, export (checked on a second thread), sign, \
+             write the bundle line, fsync; peak RSS {:.0} MiB; \
              `cnsmctl get` on the same store, default page cache: {:.0} MiB)",
             mib(export_kib),
             mib(opened_kib)
@@ -248,8 +251,8 @@ fn main() {
         n_instances as f64 / import_time.as_secs_f64(),
         "instances/s",
         &format!(
-            "({import_time:.2?} end to end: verify (two passes), import (third pass); peak RSS \
-             {:.0} MiB)",
+            "({import_time:.2?} end to end: one read of the file that decodes, checks, hashes \
+             and writes, digest and signature checked before the commit; peak RSS {:.0} MiB)",
             mib(import_kib)
         ),
     );

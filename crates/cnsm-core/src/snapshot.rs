@@ -351,6 +351,12 @@ impl<R: BufRead> SnapshotReader<R> {
         self.pos as u64
     }
 
+    /// The input the document is read from (e.g. to take the digest of a hashing reader once
+    /// the document ended).
+    pub fn input(&self) -> &R {
+        &self.input
+    }
+
     /// The next instance, or `None` after the last one (then the document must end).
     pub fn next_instance(&mut self) -> Result<Option<SnapshotInstance>, SnapshotError> {
         if self.n_read == self.n_instances {

@@ -33,10 +33,15 @@ pub fn sign(key: &SigningKey, payload: &[u8]) -> Result<String, KeyError> {
 /// [`sign`] for a payload whose SHA-256 was computed while it streamed.
 pub fn sign_digest(key: &SigningKey, digest: &[u8; 32]) -> Result<String, KeyError> {
     let signature = key.sign_digest(digest)?;
+    Ok(bundle_json(&key.public_key().hint(), digest, &signature))
+}
+
+/// The compact JSON of a bundle.
+fn bundle_json(hint: &str, digest: &[u8; 32], signature: &[u8]) -> String {
     let bundle = json!({
         "mediaType": BUNDLE_MEDIA_TYPE,
         "verificationMaterial": {
-            "publicKey": {"hint": key.public_key().hint()},
+            "publicKey": {"hint": hint},
             "tlogEntries": [],
         },
         "messageSignature": {
@@ -44,7 +49,14 @@ pub fn sign_digest(key: &SigningKey, digest: &[u8; 32]) -> Result<String, KeyErr
             "signature": STANDARD.encode(signature),
         },
     });
-    Ok(bundle.to_string())
+    bundle.to_string()
+}
+
+/// The longest bundle [`sign_digest`] writes: a key hint is 64 hex digits and an ASN.1 DER
+/// ECDSA P-256 signature at most 72 bytes. A one-file export reserves this much room for the
+/// bundle line before the payload it streams ([`crate::files::SignedOutput`]).
+pub fn signed_bundle_len_max() -> usize {
+    bundle_json(&"0".repeat(64), &[0; 32], &[0; 72]).len()
 }
 
 /// Parses and checks the structure of a bundle: media type, a public-key hint, no

@@ -4,7 +4,7 @@
 //! result in place atomically (fsync, rename); nothing is left behind on error.
 
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::{FILE_MAGIC, HashingWriter, KeyError, SigningKey, VerifyError, bundle};
@@ -80,15 +80,21 @@ pub fn verify_file(
     Ok(summary)
 }
 
-/// Where an export goes: the payload is written (and hashed) to a temporary file beside the
-/// output; [`SignedOutput::finish`] signs the digest and puts the file(s) in place. Dropped
-/// unfinished, it removes its temporary files.
+/// Where an export goes. With a detached bundle, the payload is written (and hashed) to a
+/// temporary file beside the output, renamed into place by [`SignedOutput::finish`]. In the
+/// one-file layout it is written straight into the temporary output file after room reserved
+/// for the magic and bundle lines ([`bundle::signed_bundle_len_max`]), and `finish` fills that
+/// room (the bundle line padded with spaces), so the payload is written once and never
+/// copied. Every file is synced before its rename. Dropped unfinished, it removes its
+/// temporary files.
 #[derive(Debug)]
 pub struct SignedOutput {
     output: PathBuf,
     bundle: Option<PathBuf>,
     spool_path: PathBuf,
-    spool: Option<HashingWriter<std::io::BufWriter<File>>>,
+    /// Where the payload starts in the spool file (0 with a detached bundle).
+    payload_offset: u64,
+    spool: Option<HashingWriter<Tee<std::io::BufWriter<File>>>>,
     temporaries: Vec<PathBuf>,
 }
 
@@ -106,19 +112,27 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 }
 
 impl SignedOutput {
-    /// Creates the spool file beside `output` (same directory, so the rename stays on one
+    /// Creates the temporary file beside `output` (same directory, so the rename stays on one
     /// file system).
     pub fn create(output: &Path, bundle: Option<&Path>) -> std::io::Result<SignedOutput> {
-        let spool_path = with_suffix(output, ".payload.tmp");
-        let file = File::create(&spool_path)?;
+        let (spool_path, payload_offset) = match bundle {
+            Some(_) => (with_suffix(output, ".payload.tmp"), 0),
+            None => (
+                with_suffix(output, ".tmp"),
+                (FILE_MAGIC.len() + bundle::signed_bundle_len_max() + 1) as u64,
+            ),
+        };
+        let mut file = File::create(&spool_path)?;
+        file.seek(SeekFrom::Start(payload_offset))?;
         Ok(SignedOutput {
             output: output.to_owned(),
             bundle: bundle.map(Path::to_owned),
             spool_path: spool_path.clone(),
-            spool: Some(HashingWriter::new(std::io::BufWriter::with_capacity(
-                FILE_BUFFER_LEN,
-                file,
-            ))),
+            payload_offset,
+            spool: Some(HashingWriter::new(Tee {
+                inner: std::io::BufWriter::with_capacity(FILE_BUFFER_LEN, file),
+                checker: None,
+            })),
             temporaries: vec![spool_path],
         })
     }
@@ -133,26 +147,65 @@ impl SignedOutput {
         if let Some(spool) = self.spool.as_mut() {
             spool.flush()?;
         }
-        Ok(BufReader::with_capacity(
-            FILE_BUFFER_LEN,
-            File::open(&self.spool_path)?,
-        ))
+        let mut file = File::open(&self.spool_path)?;
+        file.seek(SeekFrom::Start(self.payload_offset))?;
+        Ok(BufReader::with_capacity(FILE_BUFFER_LEN, file))
+    }
+
+    /// Checks the payload (steps 4-6, as [`crate::verify_payload_from`]) on a second thread
+    /// while it is written, from the bytes passing by, instead of reading it back afterwards;
+    /// [`SignedOutput::checked`] gives the verdict. Call before the first write.
+    pub fn check_while_writing(&mut self) -> std::io::Result<()> {
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<Vec<u8>>(CHECK_CHUNKS_MAX);
+        let thread = std::thread::Builder::new()
+            .name("cnsm-snapshot-check".into())
+            .spawn(move || {
+                let chunks = ChunkReader {
+                    receiver,
+                    chunk: Vec::new(),
+                    at: 0,
+                };
+                crate::verify_payload_from(chunks, &mut |_, _| {})
+            })?;
+        let spool = self.spool.as_mut().expect("the spool is open until finish");
+        spool.inner_mut().checker = Some(Checker {
+            sender: Some(sender),
+            pending: Vec::with_capacity(CHECK_CHUNK_LEN),
+            thread: Some(thread),
+        });
+        Ok(())
+    }
+
+    /// The verdict of the check started by [`SignedOutput::check_while_writing`] on
+    /// everything written (waits for the checker to read the end); `None` without one.
+    pub fn checked(&mut self) -> Option<Result<crate::Summary, VerifyError>> {
+        let spool = self.spool.as_mut()?;
+        let checker = spool.inner_mut().checker.as_mut()?;
+        checker.send_pending();
+        checker.sender = None;
+        let thread = checker.thread.take()?;
+        Some(
+            thread
+                .join()
+                .unwrap_or_else(|_| Err(VerifyError::Io("the payload checker panicked".into()))),
+        )
     }
 
     /// Signs the payload's digest and writes the snapshot: one file (magic line, bundle
-    /// line, payload copied from the spool) or, with a bundle path, the payload renamed into
-    /// place and the bundle beside it. Every file is synced before its rename.
+    /// line, payload) or, with a bundle path, the payload renamed into place and the bundle
+    /// beside it. Every file is synced before its rename.
     pub fn finish(mut self, key: &SigningKey) -> Result<Written, FinishError> {
         let spool = self.spool.take().expect("the spool is open until finish");
-        let (digest, payload_len, writer) = spool.finish();
-        let file = writer
+        let (digest, payload_len, tee) = spool.finish();
+        let mut file = tee
+            .inner
             .into_inner()
             .map_err(|e| FinishError::Io(e.to_string()))?;
-        file.sync_all()?;
-        drop(file);
         let bundle_json = bundle::sign_digest(key, &digest)?;
         match self.bundle.clone() {
             Some(bundle_path) => {
+                file.sync_all()?;
+                drop(file);
                 let temporary = with_suffix(&bundle_path, ".tmp");
                 self.temporaries.push(temporary.clone());
                 let mut file = File::create(&temporary)?;
@@ -163,22 +216,25 @@ impl SignedOutput {
                 std::fs::rename(&temporary, &bundle_path)?;
             }
             None => {
-                let temporary = with_suffix(&self.output, ".tmp");
-                self.temporaries.push(temporary.clone());
-                let mut out =
-                    std::io::BufWriter::with_capacity(FILE_BUFFER_LEN, File::create(&temporary)?);
-                out.write_all(FILE_MAGIC)?;
-                out.write_all(bundle_json.as_bytes())?;
-                out.write_all(b"\n")?;
-                let mut payload = File::open(&self.spool_path)?;
-                std::io::copy(&mut payload, &mut out)?;
-                let file = out
-                    .into_inner()
-                    .map_err(|e| FinishError::Io(e.to_string()))?;
+                // The reserved room: the magic line, the bundle JSON padded with spaces to
+                // fill it, the newline right before the payload.
+                let mut head = Vec::with_capacity(self.payload_offset as usize);
+                head.extend_from_slice(FILE_MAGIC);
+                head.extend_from_slice(bundle_json.as_bytes());
+                let room = self.payload_offset as usize - 1;
+                if head.len() > room {
+                    return Err(FinishError::Io(format!(
+                        "the bundle ({} bytes) is longer than the room reserved for it",
+                        bundle_json.len()
+                    )));
+                }
+                head.resize(room, b' ');
+                head.push(b'\n');
+                file.seek(SeekFrom::Start(0))?;
+                file.write_all(&head)?;
                 file.sync_all()?;
                 drop(file);
-                std::fs::rename(&temporary, &self.output)?;
-                let _ = std::fs::remove_file(&self.spool_path);
+                std::fs::rename(&self.spool_path, &self.output)?;
             }
         }
         if let Some(parent) = self.output.parent() {
@@ -189,6 +245,97 @@ impl SignedOutput {
             payload_len,
             digest,
         })
+    }
+}
+
+/// Bytes the checker of [`SignedOutput::check_while_writing`] gets at a time.
+const CHECK_CHUNK_LEN: usize = 1 << 20;
+/// Chunks in flight to the checker (memory: this many times [`CHECK_CHUNK_LEN`]).
+const CHECK_CHUNKS_MAX: usize = 4;
+
+/// The spool's writer: the file, and a copy of the bytes for the checker when there is one.
+#[derive(Debug)]
+struct Tee<W> {
+    inner: W,
+    checker: Option<Checker>,
+}
+
+#[derive(Debug)]
+struct Checker {
+    /// `None` once the payload ended (the checker then reads its end).
+    sender: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    pending: Vec<u8>,
+    thread: Option<std::thread::JoinHandle<Result<crate::Summary, VerifyError>>>,
+}
+
+impl Checker {
+    fn send_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let chunk = std::mem::replace(&mut self.pending, Vec::with_capacity(CHECK_CHUNK_LEN));
+        // A checker that stopped early has its verdict already; nothing more to feed it.
+        if let Some(sender) = &self.sender
+            && sender.send(chunk).is_err()
+        {
+            self.sender = None;
+        }
+    }
+}
+
+impl<W: Write> Write for Tee<W> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(bytes)?;
+        if let Some(checker) = self.checker.as_mut()
+            && checker.sender.is_some()
+        {
+            checker.pending.extend_from_slice(&bytes[..n]);
+            if checker.pending.len() >= CHECK_CHUNK_LEN {
+                checker.send_pending();
+            }
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The checker's side: the chunks received, read as one stream that ends when the writer's
+/// side hangs up.
+struct ChunkReader {
+    receiver: std::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = available.len().min(buf.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for ChunkReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        while self.at == self.chunk.len() {
+            match self.receiver.recv() {
+                Ok(chunk) => {
+                    self.chunk = chunk;
+                    self.at = 0;
+                }
+                Err(_) => return Ok(&[]),
+            }
+        }
+        Ok(&self.chunk[self.at..])
+    }
+
+    fn consume(&mut self, amount: usize) {
+        self.at = (self.at + amount).min(self.chunk.len());
     }
 }
 

@@ -42,7 +42,7 @@ pub mod files;
 pub mod keys;
 mod stream;
 
-pub use stream::{HashingWriter, ImportFailure, ImportSource};
+pub use stream::{HashingReader, HashingWriter, ImportFailure, ImportSource};
 
 pub use keys::{KeyError, PublicKey, SigningKey};
 
@@ -89,8 +89,11 @@ impl SnapshotFile {
     }
 }
 
-/// The head of a one-file snapshot: the bundle line, and where the payload starts. A missing
-/// magic line or an unterminated bundle line is a [`VerifyError::Bundle`] (step 1).
+/// The head of a one-file snapshot: the bundle JSON, and where the payload starts. A missing
+/// magic line or an unterminated bundle line is a [`VerifyError::Bundle`] (step 1). The bundle
+/// line may end in spaces (a streamed export reserves room for the longest bundle before it
+/// writes the payload); they are not part of the bundle JSON, and the JSON must end right
+/// before them, so no other byte of the line goes unchecked.
 pub(crate) fn split_head(head: &[u8]) -> Result<(&[u8], usize), VerifyError> {
     let rest = head.strip_prefix(FILE_MAGIC).ok_or_else(|| {
         VerifyError::Bundle(
@@ -104,7 +107,15 @@ pub(crate) fn split_head(head: &[u8]) -> Result<(&[u8], usize), VerifyError> {
         .take(bundle::BUNDLE_LEN_MAX + 1)
         .position(|b| *b == b'\n')
         .ok_or_else(|| VerifyError::Bundle("the bundle line is not terminated".into()))?;
-    Ok((&rest[..end], FILE_MAGIC.len() + end + 1))
+    let line = &rest[..end];
+    let json_len = line.len() - line.iter().rev().take_while(|b| **b == b' ').count();
+    let json = &line[..json_len];
+    if json.last() != Some(&b'}') {
+        return Err(VerifyError::Bundle(
+            "the bundle line does not end with the bundle's closing brace".into(),
+        ));
+    }
+    Ok((json, FILE_MAGIC.len() + end + 1))
 }
 
 /// A snapshot entry as the store imports it.
@@ -196,10 +207,21 @@ pub fn verify_signature_from(
     let mut hashing = HashingWriter::new(std::io::sink());
     std::io::copy(payload, &mut hashing).map_err(|e| VerifyError::Io(e.to_string()))?;
     let (actual, payload_len, _) = hashing.finish();
-    if actual != parsed.digest {
+    check_digest_and_signature(&parsed, &actual, public_key)?;
+    Ok(payload_len)
+}
+
+/// Steps 2 and 3 once the payload's SHA-256 (`actual`) is known: it must be the bundle's
+/// digest, and the bundle's signature must verify against `public_key`.
+pub(crate) fn check_digest_and_signature(
+    parsed: &bundle::Bundle,
+    actual: &[u8; 32],
+    public_key: &PublicKey,
+) -> Result<(), VerifyError> {
+    if *actual != parsed.digest {
         return Err(VerifyError::Digest {
             expected: hex(&parsed.digest),
-            actual: hex(&actual),
+            actual: hex(actual),
         });
     }
     if parsed.hint != public_key.hint() {
@@ -209,12 +231,12 @@ pub fn verify_signature_from(
             short(&public_key.hint())
         )));
     }
-    if !public_key.verify_digest(&actual, &parsed.signature) {
+    if !public_key.verify_digest(actual, &parsed.signature) {
         return Err(VerifyError::Signature(
             "the signature does not verify against the given public key".into(),
         ));
     }
-    Ok(payload_len)
+    Ok(())
 }
 
 /// All six steps, in order (`docs/snapshots.md`).
@@ -333,7 +355,11 @@ pub fn plan_import(
 }
 
 /// Instances (with their histories) an export reads per store call.
-const EXPORT_PAGE_LEN: usize = 1000;
+const EXPORT_PAGE_LEN: usize = 250;
+/// Pages an export reads ahead of the one it writes (memory: this many pages, the one being
+/// written and the one being read; a page of 250 instances of 10 records of 500 bytes is
+/// about 1.5 MB).
+const EXPORT_PAGES_AHEAD: usize = 2;
 
 /// Which instances of a namespace an export takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -378,8 +404,13 @@ pub fn export(
     Ok(out)
 }
 
-/// [`export`] written to `out` as it is produced: memory is one page of instances plus the
+/// [`export`] written to `out` as it is produced: memory is a few pages of instances plus the
 /// writer's buffer, whatever the size of the snapshot. Returns the payload's length.
+///
+/// For a selection of many instances, every store read (the listing by key, then the pages of
+/// instances with their histories, up to two pages ahead) runs on one second
+/// thread, so reading and decoding rows overlap with encoding, hashing and writing here, and
+/// the pages the store caches are allocated by one thread only.
 pub fn export_to(
     store: &dyn Store,
     namespace: &str,
@@ -388,149 +419,217 @@ pub fn export_to(
     out: &mut dyn Write,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64, ExportError> {
-    let mut out = HashingWriter::new(out);
+    std::thread::scope(|scope| {
+        let reader = match selection {
+            Selection::Instance(_) => None,
+            Selection::All | Selection::Labels(_) => {
+                let (sender, receiver) = std::sync::mpsc::sync_channel(EXPORT_PAGES_AHEAD);
+                let thread = std::thread::Builder::new()
+                    .name("cnsm-export-read".into())
+                    .spawn_scoped(scope, move || {
+                        read_selection(store, namespace, selection, &sender)
+                    })
+                    .map_err(|e| {
+                        ExportError::Store(StoreError::Io(format!(
+                            "cannot start the export reader: {e}"
+                        )))
+                    })?;
+                Some((receiver, thread))
+            }
+        };
+        let stopped =
+            || ExportError::Store(StoreError::Io("the export reader stopped early".into()));
+        let mut out = HashingWriter::new(out);
+        let mut keys: Vec<String> = Vec::new();
+        let mut pins: BTreeSet<(String, u32)> = BTreeSet::new();
+        match (selection, &reader) {
+            (Selection::Instance(id), _) => {
+                let stored = store
+                    .instance(namespace, id)?
+                    .ok_or_else(|| ExportError::NotFound(format!("{namespace}/{id}")))?;
+                pins.insert((
+                    stored.instance.machine.to_string(),
+                    stored.instance.revision,
+                ));
+                keys.push(id.clone());
+            }
+            (_, Some((receiver, _))) => match receiver.recv() {
+                Ok(Ok(SelectionRead::Listed(listed_keys, listed_pins))) => {
+                    (keys, pins) = (listed_keys, listed_pins);
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Ok(Ok(SelectionRead::Page(_))) | Err(_) => return Err(stopped()),
+            },
+            (_, None) => return Err(stopped()),
+        }
+        let mut definitions = Vec::with_capacity(pins.len());
+        for (name, revision) in &pins {
+            let row = store
+                .definition(namespace, name, Some(*revision))?
+                .ok_or_else(|| {
+                    ExportError::Changed(format!(
+                        "definition {namespace}/{name}@{revision} is not in the store"
+                    ))
+                })?;
+            definitions.push(SnapshotDefinition {
+                namespace: row.namespace,
+                name: row.name,
+                revision: row.revision,
+                hash: row.hash,
+                spec: row.definition,
+            });
+        }
+
+        let n_total = keys.len() as u64;
+        let mut writer = SnapshotWriter::begin(&mut out, as_of_ms, &definitions, n_total);
+        let mut n_written = 0u64;
+        let mut write_one = |writer: &mut SnapshotWriter<&mut HashingWriter<&mut dyn Write>>,
+                             instance: &Instance,
+                             records: &[SealedRecord]|
+         -> Result<(), ExportError> {
+            write_instance(store, writer, instance, records, &definitions, as_of_ms)?;
+            n_written += 1;
+            if n_written.is_multiple_of(1000) {
+                progress(n_written, n_total);
+            }
+            Ok(())
+        };
+        match (selection, reader) {
+            (Selection::Instance(id), _) => {
+                let instance = store
+                    .instance(namespace, id)?
+                    .ok_or_else(|| {
+                        ExportError::Changed(format!("instance {namespace}/{id} vanished"))
+                    })?
+                    .instance;
+                let mut records: Vec<SealedRecord> = Vec::new();
+                while (records.len() as u64) <= instance.version {
+                    let from = records.len() as u64;
+                    let want = (instance.version + 1 - from).min(PAGE_LEN_MAX as u64) as usize;
+                    let page = store.history(namespace, id, from, want)?;
+                    if page.is_empty() {
+                        return Err(ExportError::Store(StoreError::Corrupt(format!(
+                            "instance {namespace}/{id}: record {from} is missing"
+                        ))));
+                    }
+                    records.extend(page);
+                }
+                records.truncate(instance.version as usize + 1);
+                write_one(&mut writer, &instance, &records)?;
+            }
+            (_, Some((receiver, thread))) => {
+                // Second pass over the same pages: the listed rows are the instances to write
+                // (no read per instance); ones created since the first pass are left out.
+                let mut next_key = keys.iter().peekable();
+                for page in receiver.iter() {
+                    let SelectionRead::Page(page) = page? else {
+                        return Err(stopped());
+                    };
+                    for (stored, records) in &page {
+                        let id = &*stored.instance.id;
+                        if let Some(wanted) = next_key.peek()
+                            && wanted.as_str() < id
+                        {
+                            return Err(ExportError::Changed(format!(
+                                "instance {namespace}/{wanted} left the selection during the export"
+                            )));
+                        }
+                        if next_key.peek().is_some_and(|wanted| wanted.as_str() == id) {
+                            next_key.next();
+                            write_one(&mut writer, &stored.instance, records)?;
+                        }
+                    }
+                }
+                thread.join().map_err(|_| stopped())?;
+                if let Some(wanted) = next_key.next() {
+                    return Err(ExportError::Changed(format!(
+                        "instance {namespace}/{wanted} left the selection during the export"
+                    )));
+                }
+            }
+            (_, None) => return Err(stopped()),
+        }
+        writer.finish()?;
+        progress(n_total, n_total);
+        Ok(out.finish().1)
+    })
+}
+
+/// What the export's reading thread hands over: first the selected keys and the revisions
+/// they pin, then the pages of instances with their histories.
+enum SelectionRead {
+    Listed(Vec<String>, BTreeSet<(String, u32)>),
+    Page(Vec<(cnsm_store::StoredInstance, Vec<SealedRecord>)>),
+}
+
+/// The export's reading thread: the instances of the selection by key (to count them and
+/// collect their pins), then the same instances again a page at a time with their
+/// histories. Stops at the first error (handed over) or when the writer hung up.
+fn read_selection(
+    store: &dyn Store,
+    namespace: &str,
+    selection: &Selection,
+    sender: &std::sync::mpsc::SyncSender<Result<SelectionRead, StoreError>>,
+) {
+    let labels = labels_of(selection);
     let mut keys: Vec<String> = Vec::new();
     let mut pins: BTreeSet<(String, u32)> = BTreeSet::new();
-    match selection {
-        Selection::Instance(id) => {
-            let stored = store
-                .instance(namespace, id)?
-                .ok_or_else(|| ExportError::NotFound(format!("{namespace}/{id}")))?;
+    let mut after = None;
+    loop {
+        let page = match store.list_instances(&InstanceQuery {
+            namespace: Some(namespace.to_owned()),
+            labels: labels.clone(),
+            after: after.take(),
+            limit: PAGE_LEN_MAX,
+            ..InstanceQuery::default()
+        }) {
+            Ok(page) => page,
+            Err(e) => {
+                let _ = sender.send(Err(e));
+                return;
+            }
+        };
+        let full = page.len() == PAGE_LEN_MAX;
+        for stored in &page {
             pins.insert((
                 stored.instance.machine.to_string(),
                 stored.instance.revision,
             ));
-            keys.push(id.clone());
+            keys.push(stored.instance.id.to_string());
         }
-        Selection::All | Selection::Labels(_) => {
-            let labels = match selection {
-                Selection::Labels(labels) => labels.clone(),
-                _ => Vec::new(),
-            };
-            let mut after = None;
-            loop {
-                let page = store.list_instances(&InstanceQuery {
-                    namespace: Some(namespace.to_owned()),
-                    labels: labels.clone(),
-                    after: after.take(),
-                    limit: PAGE_LEN_MAX,
-                    ..InstanceQuery::default()
-                })?;
-                let full = page.len() == PAGE_LEN_MAX;
-                for stored in &page {
-                    pins.insert((
-                        stored.instance.machine.to_string(),
-                        stored.instance.revision,
-                    ));
-                    keys.push(stored.instance.id.to_string());
-                }
-                match page.last() {
-                    Some(last) if full => {
-                        after = Some((namespace.to_owned(), last.instance.id.to_string()));
-                    }
-                    _ => break,
-                }
+        match page.last() {
+            Some(last) if full => {
+                after = Some((namespace.to_owned(), last.instance.id.to_string()));
             }
+            _ => break,
         }
     }
-    let mut definitions = Vec::with_capacity(pins.len());
-    for (name, revision) in &pins {
-        let row = store
-            .definition(namespace, name, Some(*revision))?
-            .ok_or_else(|| {
-                ExportError::Changed(format!(
-                    "definition {namespace}/{name}@{revision} is not in the store"
-                ))
-            })?;
-        definitions.push(SnapshotDefinition {
-            namespace: row.namespace,
-            name: row.name,
-            revision: row.revision,
-            hash: row.hash,
-            spec: row.definition,
+    if sender.send(Ok(SelectionRead::Listed(keys, pins))).is_err() {
+        return;
+    }
+    let mut after = None;
+    loop {
+        let page = store.list_instances_with_history(&InstanceQuery {
+            namespace: Some(namespace.to_owned()),
+            labels: labels.clone(),
+            after: after.take(),
+            limit: EXPORT_PAGE_LEN,
+            ..InstanceQuery::default()
         });
-    }
-
-    let n_total = keys.len() as u64;
-    let mut writer = SnapshotWriter::begin(&mut out, as_of_ms, &definitions, n_total);
-    let mut n_written = 0u64;
-    let mut write_one = |writer: &mut SnapshotWriter<&mut HashingWriter<&mut dyn Write>>,
-                         instance: &Instance,
-                         records: &[SealedRecord]|
-     -> Result<(), ExportError> {
-        write_instance(store, writer, instance, records, &definitions, as_of_ms)?;
-        n_written += 1;
-        if n_written.is_multiple_of(1000) {
-            progress(n_written, n_total);
+        let next = match &page {
+            Ok(page) if page.len() == EXPORT_PAGE_LEN => {
+                page.last().map(|(last, _)| last.instance.id.to_string())
+            }
+            _ => None,
+        };
+        if sender.send(page.map(SelectionRead::Page)).is_err() {
+            return;
         }
-        Ok(())
-    };
-    match selection {
-        Selection::Instance(id) => {
-            let instance = store
-                .instance(namespace, id)?
-                .ok_or_else(|| ExportError::Changed(format!("instance {namespace}/{id} vanished")))?
-                .instance;
-            let mut records: Vec<SealedRecord> = Vec::new();
-            while (records.len() as u64) <= instance.version {
-                let from = records.len() as u64;
-                let want = (instance.version + 1 - from).min(PAGE_LEN_MAX as u64) as usize;
-                let page = store.history(namespace, id, from, want)?;
-                if page.is_empty() {
-                    return Err(ExportError::Store(StoreError::Corrupt(format!(
-                        "instance {namespace}/{id}: record {from} is missing"
-                    ))));
-                }
-                records.extend(page);
-            }
-            records.truncate(instance.version as usize + 1);
-            write_one(&mut writer, &instance, &records)?;
-        }
-        Selection::All | Selection::Labels(_) => {
-            // Second pass over the same pages: the listed rows are the instances to write
-            // (no read per instance); ones created since the first pass are left out.
-            let mut next_key = keys.iter().peekable();
-            let mut after = None;
-            loop {
-                let page = store.list_instances_with_history(&InstanceQuery {
-                    namespace: Some(namespace.to_owned()),
-                    labels: labels_of(selection),
-                    after: after.take(),
-                    limit: EXPORT_PAGE_LEN,
-                    ..InstanceQuery::default()
-                })?;
-                let full = page.len() == EXPORT_PAGE_LEN;
-                for (stored, records) in &page {
-                    let id = &*stored.instance.id;
-                    if let Some(wanted) = next_key.peek()
-                        && wanted.as_str() < id
-                    {
-                        return Err(ExportError::Changed(format!(
-                            "instance {namespace}/{wanted} left the selection during the export"
-                        )));
-                    }
-                    if next_key.peek().is_some_and(|wanted| wanted.as_str() == id) {
-                        next_key.next();
-                        write_one(&mut writer, &stored.instance, records)?;
-                    }
-                }
-                match page.last() {
-                    Some((last, _)) if full => {
-                        after = Some((namespace.to_owned(), last.instance.id.to_string()));
-                    }
-                    _ => break,
-                }
-            }
-            if let Some(wanted) = next_key.next() {
-                return Err(ExportError::Changed(format!(
-                    "instance {namespace}/{wanted} left the selection during the export"
-                )));
-            }
+        match next {
+            Some(id) => after = Some((namespace.to_owned(), id)),
+            None => return,
         }
     }
-    writer.finish()?;
-    progress(n_total, n_total);
-    Ok(out.finish().1)
 }
 
 fn labels_of(selection: &Selection) -> Vec<(String, String)> {
@@ -539,6 +638,10 @@ fn labels_of(selection: &Selection) -> Vec<(String, String)> {
         _ => Vec::new(),
     }
 }
+
+/// The CBOR text `idempotencyKey` (head 0x6e: a text of 14 bytes), as a record's map holds
+/// the key.
+const IDEMPOTENCY_KEY_NAME: &[u8] = b"\x6eidempotencyKey";
 
 /// Writes one instance with its records `0..=version` and its live idempotency keys.
 fn write_instance<W: Write>(
@@ -569,7 +672,13 @@ fn write_instance<W: Write>(
         ))));
     }
     let mut idempotency: Vec<SnapshotIdempotency> = Vec::new();
+    // Most records carry no key: their bytes do not even hold the key's encoded name, which a
+    // vectorized search tells without decoding them.
+    let key_name = memchr::memmem::Finder::new(IDEMPOTENCY_KEY_NAME);
     for record in records {
+        if key_name.find(&record.bytes).is_none() {
+            continue;
+        }
         let fields =
             cnsm_core::cbor::top_level_texts(&record.bytes, &["idempotencyKey"]).map_err(|e| {
                 StoreError::Corrupt(format!(

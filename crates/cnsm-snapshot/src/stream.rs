@@ -4,7 +4,7 @@
 //! way and the definitions at the end, so an import never holds the whole snapshot.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
 use std::sync::{Arc, Mutex};
 
 use cnsm_core::snapshot::{PinnedRevision, SnapshotReader, check_pins, pin_of, verify_instance};
@@ -34,6 +34,11 @@ impl<W: Write> HashingWriter<W> {
     pub fn finish(self) -> ([u8; 32], u64, W) {
         (self.hasher.finalize().into(), self.n_bytes, self.inner)
     }
+
+    /// The inner writer.
+    pub fn inner_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
 }
 
 impl<W: Write> Write for HashingWriter<W> {
@@ -46,6 +51,57 @@ impl<W: Write> Write for HashingWriter<W> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// Reads from `inner` while hashing (SHA-256) and counting the bytes consumed, through
+/// [`Read`] or [`BufRead`] alike: an import checks the payload's digest in the same pass
+/// that decodes it ([`ImportSource::open_signed`]).
+#[derive(Debug)]
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    n_bytes: u64,
+}
+
+impl<R: BufRead> HashingReader<R> {
+    pub fn new(inner: R) -> HashingReader<R> {
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+            n_bytes: 0,
+        }
+    }
+
+    /// The SHA-256 and the length of everything consumed so far.
+    pub fn digest(&self) -> ([u8; 32], u64) {
+        (self.hasher.clone().finalize().into(), self.n_bytes)
+    }
+}
+
+impl<R: BufRead> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.n_bytes += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for HashingReader<R> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+
+    fn consume(&mut self, amount: usize) {
+        // The bytes being consumed are the front of the buffer `fill_buf` returned; asking
+        // for it again does no I/O while it holds them.
+        if let Ok(buffered) = self.inner.fill_buf() {
+            let n = amount.min(buffered.len());
+            self.hasher.update(&buffered[..n]);
+            self.n_bytes += n as u64;
+        }
+        self.inner.consume(amount);
     }
 }
 
@@ -74,7 +130,11 @@ pub struct ImportSource<R> {
     finished: bool,
     failure: Arc<Mutex<Option<ImportFailure>>>,
     progress: Box<dyn FnMut(u64, u64) + Send>,
+    /// Steps 2-3 on the input once the document ended ([`ImportSource::open_signed`]).
+    signature_check: Option<SignatureCheck<R>>,
 }
+
+type SignatureCheck<R> = Box<dyn FnOnce(&R) -> Result<(), VerifyError> + Send>;
 
 impl<R> std::fmt::Debug for ImportSource<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -127,6 +187,7 @@ impl<R: BufRead> ImportSource<R> {
                 finished: false,
                 failure: Arc::new(Mutex::new(None)),
                 progress,
+                signature_check: None,
             },
             definitions,
         ))
@@ -148,6 +209,37 @@ impl<R: BufRead> ImportSource<R> {
     }
 }
 
+impl<R: BufRead> ImportSource<HashingReader<R>> {
+    /// [`ImportSource::open`] over a signed payload, checking its signature in the same pass
+    /// that decodes it: the bundle's structure now (step 1), the payload's digest and the
+    /// signature against `public_key` (steps 2-3) once the last byte was read, before the
+    /// definitions (step 6) and before the stream ends. A store writes the items as they come
+    /// but commits only after the stream ended without an error, so a payload whose digest or
+    /// signature fails imports nothing; the one read of the file serves every step.
+    ///
+    /// The order of the errors differs from [`crate::files::verify_file`]'s when a payload
+    /// fails several steps (here decoding runs before the digest is known): a caller that
+    /// must name the first failing step runs `verify_file` after a failure.
+    pub fn open_signed(
+        payload: R,
+        bundle_json: &[u8],
+        public_key: &crate::PublicKey,
+        namespace: &str,
+        progress: Box<dyn FnMut(u64, u64) + Send>,
+    ) -> Result<(ImportSource<HashingReader<R>>, Vec<DefinitionRow>), ImportFailure> {
+        let parsed = crate::bundle::parse(bundle_json)
+            .map_err(|e| ImportFailure::Verify(VerifyError::Bundle(e)))?;
+        let public_key = public_key.clone();
+        let (mut source, definitions) =
+            ImportSource::open(HashingReader::new(payload), namespace, progress)?;
+        source.signature_check = Some(Box::new(move |input: &HashingReader<R>| {
+            let (digest, _) = input.digest();
+            crate::check_digest_and_signature(&parsed, &digest, &public_key)
+        }));
+        Ok((source, definitions))
+    }
+}
+
 impl<R: BufRead> Iterator for ImportSource<R> {
     type Item = Result<ImportItem, StoreError>;
 
@@ -161,6 +253,13 @@ impl<R: BufRead> Iterator for ImportSource<R> {
                 self.finished = true;
                 let n_total = self.reader.n_instances();
                 (self.progress)(self.n_done, n_total);
+                // The whole payload has been read (and hashed): digest and signature first,
+                // then the definitions, the order of `verify`.
+                if let Some(check) = self.signature_check.take()
+                    && let Err(e) = check(self.reader.input())
+                {
+                    return self.fail(ImportFailure::Verify(e));
+                }
                 let checked = self
                     .reader
                     .check_definitions()

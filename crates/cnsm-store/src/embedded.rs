@@ -1875,7 +1875,7 @@ impl Store for EmbeddedStore {
             import::import_in(
                 txn,
                 definitions,
-                &mut items.iter().cloned().map(Ok),
+                &mut items.iter().cloned().map(import::Prepared::new),
                 replace,
             )
         })
@@ -1888,8 +1888,9 @@ impl Store for EmbeddedStore {
         replace: bool,
     ) -> Result<ImportReport, StoreError> {
         crate::check_import_definitions(definitions)?;
-        let mut checked = crate::checked_import_items(items);
-        self.write(|txn| import::import_in(txn, definitions, &mut checked, replace))
+        import::pipelined(items, |checked| {
+            self.write(|txn| import::import_in(txn, definitions, checked, replace))
+        })
     }
 
     fn verify(&self) -> Result<VerifyReport, StoreError> {

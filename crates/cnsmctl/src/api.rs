@@ -18,8 +18,8 @@ use cnsm_runtime::{
     MigrationReport, MigrationRequest, RolloutChange, RolloutStatus, TransitionOutcome,
 };
 use cnsm_server::wire::DeliveryList;
-use cnsm_snapshot::Selection;
 use cnsm_snapshot::files::SnapshotPaths;
+use cnsm_snapshot::{PublicKey, Selection};
 use cnsm_store::{BackupReport, DefinitionRow, ImportReport, VerifyReport};
 
 use crate::error::CliError;
@@ -143,13 +143,16 @@ pub trait Api {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<u64, CliError>;
 
-    /// Imports the payload of a snapshot file whose signature the caller verified, streamed
-    /// from the file; the deployment checks its encoding, chains and definitions again and
-    /// imports it all or nothing.
+    /// Imports a snapshot file streamed from disk, all or nothing; the deployment checks its
+    /// encoding, chains and definitions while it imports. A local deployment also checks the
+    /// digest and the signature against `public_key` in that same read of the file, before it
+    /// commits (`ImportSource::open_signed`); a server gets the payload of a snapshot the
+    /// caller verified (`snapshot import` verifies first when it talks to a server).
     async fn import_snapshot(
         &self,
         namespace: &str,
         payload: &SnapshotPaths,
+        public_key: &PublicKey,
         replace: bool,
         progress: Box<dyn FnMut(u64, u64) + Send>,
     ) -> Result<ImportReport, CliError>;
@@ -296,10 +299,11 @@ impl Api for Connection {
         &self,
         namespace: &str,
         payload: &SnapshotPaths,
+        public_key: &PublicKey,
         replace: bool,
         progress: Box<dyn FnMut(u64, u64) + Send>,
     ) -> Result<ImportReport, CliError> {
-        delegate!(self, api => api.import_snapshot(namespace, payload, replace, progress))
+        delegate!(self, api => api.import_snapshot(namespace, payload, public_key, replace, progress))
     }
 
     async fn deliveries(&self, target: Option<&str>) -> Result<DeliveryList, CliError> {

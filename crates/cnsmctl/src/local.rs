@@ -334,14 +334,23 @@ impl Api for Local {
         &self,
         namespace: &str,
         payload: &SnapshotPaths,
+        public_key: &cnsm_snapshot::PublicKey,
         replace: bool,
         progress: Box<dyn FnMut(u64, u64) + Send>,
     ) -> Result<ImportReport, CliError> {
         let reader = payload
             .payload()
             .map_err(|e| CliError::invalid(e.to_string()))?;
-        let (source, definitions) =
-            ImportSource::open(reader, namespace, progress).map_err(import_failure)?;
+        // One read of the file: decoded, checked, hashed; digest and signature are checked
+        // at its end, before the store commits.
+        let (source, definitions) = ImportSource::open_signed(
+            reader,
+            &payload.bundle_json,
+            public_key,
+            namespace,
+            progress,
+        )
+        .map_err(import_failure)?;
         let failure = source.failure();
         let result = self
             .runtime

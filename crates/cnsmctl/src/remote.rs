@@ -644,6 +644,7 @@ impl Api for Remote {
         &self,
         namespace: &str,
         payload: &SnapshotPaths,
+        _public_key: &cnsm_snapshot::PublicKey,
         replace: bool,
         mut progress: Box<dyn FnMut(u64, u64) + Send>,
     ) -> Result<ImportReport, CliError> {

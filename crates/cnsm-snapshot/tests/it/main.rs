@@ -6,8 +6,8 @@ use cnsm_core::snapshot::{SnapshotReader, SnapshotWriter};
 use cnsm_runtime::{CreateInstance, EventRequest, Runtime, RuntimeOptions, VirtualClock};
 use cnsm_snapshot::files::{SignedOutput, SnapshotPaths, verify_file};
 use cnsm_snapshot::{
-    ImportSource, PublicKey, Selection, SigningKey, SnapshotFile, VerifyError, export, export_to,
-    verify,
+    FILE_MAGIC, ImportFailure, ImportSource, PublicKey, Selection, SigningKey, SnapshotFile,
+    VerifyError, bundle, export, export_to, verify,
 };
 use cnsm_store::embedded::EmbeddedStore;
 use cnsm_store::{InstanceQuery, Store};
@@ -267,6 +267,7 @@ async fn files_stream_through_spool_verify_and_import_and_a_failure_midway_impor
     // bytes are those of signing the payload in memory.
     let one = dir.path().join("shop.snapshot");
     let mut output = SignedOutput::create(&one, None).unwrap();
+    output.check_while_writing().unwrap();
     let mut seen = Vec::new();
     let n_bytes = export_to(
         source.store(),
@@ -279,10 +280,37 @@ async fn files_stream_through_spool_verify_and_import_and_a_failure_midway_impor
     .unwrap();
     assert_eq!(n_bytes, payload.len() as u64);
     assert_eq!(seen.last(), Some(&(5, 5)));
+    // Checked on a second thread while it was written.
+    let checked = output.checked().unwrap().unwrap();
+    assert_eq!(
+        (checked.n_instances, checked.payload_len),
+        (5, payload.len() as u64)
+    );
     let written = output.finish(&key).unwrap();
     assert_eq!(written.payload_len, payload.len() as u64);
     let in_memory = SnapshotFile::sign(&key, payload.clone()).unwrap();
-    assert_eq!(std::fs::read(&one).unwrap(), in_memory.to_bytes());
+    // The payload went straight after room reserved for the longest bundle: the bundle line
+    // is the bundle JSON, padded with spaces (if the signature is shorter) to fill it.
+    let file_bytes = std::fs::read(&one).unwrap();
+    assert_eq!(SnapshotFile::from_bytes(&file_bytes).unwrap(), in_memory);
+    let head_len = FILE_MAGIC.len() + bundle::signed_bundle_len_max() + 1;
+    assert_eq!(file_bytes.len(), head_len + payload.len());
+    let line = &file_bytes[FILE_MAGIC.len()..head_len - 1];
+    assert!(line.starts_with(&in_memory.bundle_json));
+    assert!(
+        line[in_memory.bundle_json.len()..]
+            .iter()
+            .all(|b| *b == b' ')
+    );
+    // Padding is spaces only: any other byte after the JSON is a layout error (step 1).
+    let mut tabbed = FILE_MAGIC.to_vec();
+    tabbed.extend_from_slice(&in_memory.bundle_json);
+    tabbed.extend_from_slice(b" \t\n");
+    tabbed.extend_from_slice(&payload);
+    assert!(matches!(
+        SnapshotFile::from_bytes(&tabbed),
+        Err(VerifyError::Bundle(_))
+    ));
     let names = |dir: &std::path::Path| {
         let mut names: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
@@ -363,6 +391,48 @@ async fn files_stream_through_spool_verify_and_import_and_a_failure_midway_impor
     assert_eq!(report.n_instances, 5);
     assert_eq!(target.export_all(as_of), payload);
 
+    // Signed streamed import: the digest and signature are checked in the same read, at its
+    // end, before the store commits. Another key, or a changed byte the decoder accepts (a
+    // note's text), imports nothing; the right key imports everything.
+    let other = SigningKey::generate().unwrap().public_key();
+    let signed_target = Node::new(as_of);
+    let (result, failure) = signed_import(&signed_target, &paths, &other).await;
+    assert!(result.is_err());
+    assert!(
+        matches!(
+            failure,
+            Some(ImportFailure::Verify(VerifyError::Signature(_)))
+        ),
+        "{failure:?}"
+    );
+    assert!(signed_target.is_empty());
+    let changed = dir.path().join("changed.snapshot");
+    // The first hex digit of an idempotency key's request hash (after the key name and the
+    // text head 0x78 0x40): nothing but the digest covers it.
+    let at = file_bytes
+        .windows(11)
+        .position(|w| w == b"requestHash")
+        .expect("an idempotency key in the payload")
+        + 11
+        + 2;
+    let mut bytes = file_bytes.clone();
+    bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
+    std::fs::write(&changed, &bytes).unwrap();
+    let changed_paths = SnapshotPaths::open(&changed, None).unwrap();
+    let (result, failure) = signed_import(&signed_target, &changed_paths, &public).await;
+    assert!(result.is_err());
+    assert!(
+        matches!(
+            failure,
+            Some(ImportFailure::Verify(VerifyError::Digest { .. }))
+        ),
+        "{failure:?}"
+    );
+    assert!(signed_target.is_empty());
+    let (result, failure) = signed_import(&signed_target, &paths, &public).await;
+    assert_eq!(result.unwrap().n_instances, 5, "{failure:?}");
+    assert_eq!(signed_target.export_all(as_of), payload);
+
     // A broken chain in the last instance: the first four were already written into the
     // transaction when the fifth is refused, and nothing is left.
     let broken = rewrite(&payload, |_, instances| {
@@ -388,6 +458,33 @@ async fn files_stream_through_spool_verify_and_import_and_a_failure_midway_impor
     let refused = empty.import_stream(elsewhere, false).await.unwrap_err();
     assert!(refused.contains("zzz/r-3"), "{refused}");
     assert!(empty.is_empty());
+}
+
+/// Imports a signed snapshot file through `ImportSource::open_signed`: the runtime's result
+/// and the snapshot-side failure, if any.
+async fn signed_import(
+    node: &Node,
+    paths: &SnapshotPaths,
+    public: &PublicKey,
+) -> (
+    Result<cnsm_store::ImportReport, cnsm_runtime::RuntimeError>,
+    Option<ImportFailure>,
+) {
+    let (source, definitions) = ImportSource::open_signed(
+        paths.payload().unwrap(),
+        &paths.bundle_json,
+        public,
+        "shop",
+        Box::new(|_, _| {}),
+    )
+    .unwrap();
+    let failure = source.failure();
+    let result = node
+        .runtime
+        .import_stream(definitions, Box::new(source), false)
+        .await;
+    let failure = failure.lock().unwrap().take();
+    (result, failure)
 }
 
 /// Rewrites a payload through the reader and writer, letting `edit` change the parts.

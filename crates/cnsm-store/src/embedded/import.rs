@@ -17,10 +17,83 @@ use crate::{DefinitionRow, ImportItem, ImportReport, StoreError};
 /// How many conflicting instances a refusal names.
 const NAMED_CONFLICTS_MAX: usize = 10;
 
+/// Items in flight between the reading thread and the writer of a streamed import (memory:
+/// this many instances with their histories).
+const PIPELINE_ITEMS_MAX: usize = 64;
+
+/// Runs `write` over the checked items of a streamed import with the pulling and checking
+/// ([`crate::checked_import_items`]: decoding the source, chain hashes) on a second thread,
+/// so the source's work and the store's check overlap with the table writes. The channel
+/// is bounded, so memory stays a few hundred instances. An error from the source or the
+/// check is handed to the writer as the next item (it then drops its transaction); when the
+/// writer stops early, the reader stops at its next send. The reader ends the stream with an
+/// explicit end mark: a reader that dies without it (a panic) is an error for the writer,
+/// never a short import that commits.
+pub(super) fn pipelined<T>(
+    items: &mut crate::ImportItems<'_>,
+    write: impl FnOnce(&mut dyn Iterator<Item = Result<Prepared, StoreError>>) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let (sender, receiver) =
+        std::sync::mpsc::sync_channel::<Option<Result<Prepared, StoreError>>>(PIPELINE_ITEMS_MAX);
+    std::thread::scope(|scope| {
+        let reader = std::thread::Builder::new()
+            .name("cnsm-import-read".into())
+            .spawn_scoped(scope, move || {
+                for item in crate::checked_import_items(items) {
+                    let item = item.and_then(Prepared::new);
+                    let failed = item.is_err();
+                    if sender.send(Some(item)).is_err() || failed {
+                        return;
+                    }
+                }
+                let _ = sender.send(None);
+            })
+            .map_err(|e| StoreError::Io(format!("cannot start the import reader: {e}")))?;
+        let mut ended = false;
+        let mut received = std::iter::from_fn(|| {
+            if ended {
+                return None;
+            }
+            match receiver.recv() {
+                Ok(Some(item)) => Some(item),
+                Ok(None) => {
+                    ended = true;
+                    None
+                }
+                Err(_) => {
+                    ended = true;
+                    Some(Err(StoreError::Io(
+                        "the import reader stopped before the end of the items".into(),
+                    )))
+                }
+            }
+        });
+        let result = write(&mut received);
+        // Unblocks a reader waiting on a full channel after the writer stopped early.
+        drop(receiver);
+        // A reader that panicked before its end mark already failed the writer (above).
+        let _ = reader.join();
+        result
+    })
+}
+
+/// An item with its instance row already encoded (on the reading side of a pipelined import).
+pub(super) struct Prepared {
+    item: ImportItem,
+    row: Vec<u8>,
+}
+
+impl Prepared {
+    pub(super) fn new(item: ImportItem) -> Result<Prepared, StoreError> {
+        let row = encode_row(&item.instance)?;
+        Ok(Prepared { item, row })
+    }
+}
+
 pub(super) fn import_in(
     txn: &WriteTransaction,
     definitions: &[DefinitionRow],
-    items: &mut dyn Iterator<Item = Result<ImportItem, StoreError>>,
+    items: &mut dyn Iterator<Item = Result<Prepared, StoreError>>,
     replace: bool,
 ) -> Result<ImportReport, StoreError> {
     let mut t = WriteTables::open(txn)?;
@@ -68,15 +141,27 @@ pub(super) fn import_in(
     let mut conflicts = Vec::new();
     let mut next_uid = meta_get(&t.meta, META_NEXT_UID)?;
     let mut next_seq = meta_get(&t.meta, META_NEXT_SEQ)?;
-    for item in items {
-        let item = item?;
+    let mut last_pin = None;
+    for prepared in items {
+        let Prepared { item, row } = prepared?;
         let instance = &item.instance;
         let (namespace, id) = (&*instance.namespace, &*instance.id);
-        let pinned = t
-            .definitions
-            .get((namespace, &*instance.machine, instance.revision))
-            .io()?
-            .map(|g| g.value().0);
+        // Instances come in runs on the same revision: a pin equal to the one checked last
+        // is not looked up again.
+        let pin = (
+            instance.namespace.clone(),
+            instance.machine.clone(),
+            instance.revision,
+            instance.revision_hash,
+        );
+        let pinned = if last_pin.as_ref() == Some(&pin) {
+            Some(instance.revision_hash.0)
+        } else {
+            t.definitions
+                .get((namespace, &*instance.machine, instance.revision))
+                .io()?
+                .map(|g| g.value().0)
+        };
         if pinned != Some(instance.revision_hash.0) {
             return Err(StoreError::Refused(format!(
                 "import refused: instance {namespace}/{id} pins {}@{} with hash {}, which is \
@@ -84,6 +169,7 @@ pub(super) fn import_in(
                 instance.machine, instance.revision, instance.revision_hash
             )));
         }
+        last_pin = Some(pin);
         let existing = t
             .instances
             .get((namespace, id))
@@ -125,7 +211,6 @@ pub(super) fn import_in(
                 .io()?;
             report.n_records += 1;
         }
-        let row = encode_row(instance)?;
         let timer = indexed_timer(instance);
         t.instances
             .insert(

@@ -710,3 +710,48 @@ fn the_log_replays_once_and_a_torn_tail_is_cut_off() {
         2
     );
 }
+
+/// A streamed import reads its source on a second thread: a source that panics midway (after
+/// items were written into the transaction) fails the import instead of committing the items
+/// before it, and the store stays empty; the same items without the panic import.
+#[test]
+fn streamed_import_whose_source_panics_writes_nothing() {
+    let definition = cnsm_store::conformance::job_definition("default", "job");
+    let definitions = vec![cnsm_store::DefinitionRow {
+        namespace: "default".into(),
+        name: "job".into(),
+        revision: 1,
+        hash: cnsm_core::engine::revision_hash(&definition),
+        definition,
+        created_ms: T0_MS,
+    }];
+    let driver = Driver::new("job");
+    let items: Vec<cnsm_store::ImportItem> = (0..3)
+        .map(|i| {
+            let created = driver.create("default", &format!("i-{i}"), &[], T0_MS);
+            cnsm_store::ImportItem {
+                instance: created.instance,
+                records: vec![created.record],
+                idempotency: Vec::new(),
+            }
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let mut panicking = items.clone().into_iter().enumerate().map(|(i, item)| {
+        assert!(i < 2, "the source breaks down");
+        Ok(item)
+    });
+    match store.import_stream(&definitions, &mut panicking, false) {
+        Err(StoreError::Io(message)) => assert!(message.contains("import reader"), "{message}"),
+        other => panic!("expected an Io error, got {other:?}"),
+    }
+    assert!(store.records_after(0, 10).unwrap().is_empty());
+    assert!(store.list_definitions(None).unwrap().is_empty());
+
+    let report = store
+        .import_stream(&definitions, &mut items.into_iter().map(Ok), false)
+        .unwrap();
+    assert_eq!((report.n_instances, report.n_records), (3, 3));
+    assert!(store.verify().unwrap().is_ok());
+}

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use cnsm_snapshot::files::{SignedOutput, SnapshotPaths, verify_file};
 use cnsm_snapshot::{PublicKey, Selection, SigningKey, VerifyError};
 
-use crate::api::{Access, Api};
+use crate::api::{Access, Api, Connection};
 use crate::commands::{Context, parse_labels};
 use crate::error::{CliError, EXIT_OK};
 use crate::output::Out;
@@ -158,9 +158,10 @@ pub async fn export(context: &Context, args: &ExportArgs, out: &mut Out) -> Resu
         CliError::invalid(format!("cannot write {}: {e}", args.output.display()))
     };
     // The payload streams to a temporary file beside the output (removed if anything fails),
-    // is checked, then signed by its digest and put in place.
+    // is checked on a second thread as it passes, then signed by its digest and put in place.
     let mut output =
         SignedOutput::create(&args.output, args.bundle.as_deref()).map_err(|e| cannot_write(&e))?;
+    output.check_while_writing().map_err(|e| cannot_write(&e))?;
     let mut progress = Progress::new("exporting");
     api.export_snapshot(
         &context.namespace,
@@ -171,9 +172,14 @@ pub async fn export(context: &Context, args: &ExportArgs, out: &mut Out) -> Resu
     .await?;
     progress.done();
     drop(api);
-    let payload = output.payload().map_err(|e| cannot_write(&e))?;
-    let summary = cnsm_snapshot::verify_payload_from(payload, &mut |_, _| {})
-        .map_err(|e| CliError::unavailable(format!("the exported payload does not verify: {e}")))?;
+    let summary = match output.checked() {
+        Some(checked) => checked,
+        None => cnsm_snapshot::verify_payload_from(
+            output.payload().map_err(|e| cannot_write(&e))?,
+            &mut |_, _| {},
+        ),
+    }
+    .map_err(|e| CliError::unavailable(format!("the exported payload does not verify: {e}")))?;
     output.finish(&key).map_err(|e| cannot_write(&e))?;
     out.line(format_args!(
         "snapshot {}: {} instance(s), {} record(s), {} definition revision(s), {} bytes, signed by key {}",
@@ -206,17 +212,31 @@ pub fn verify(args: &VerifyArgs, out: &mut Out) -> Result<u8, CliError> {
     Ok(EXIT_OK)
 }
 
-/// `snapshot import`: verified first (two streaming passes), then streamed into the
-/// deployment, which checks it again while it imports, all or nothing.
+/// `snapshot import`. Into a local store: one streaming pass over the file that decodes,
+/// checks (steps 4-6) and hashes it while the store writes, with digest and signature (steps
+/// 2-3) checked at its end before the store commits, all or nothing. Through a server: verified
+/// here first (two streaming passes), then uploaded; the server checks steps 4-6 again. A
+/// refused import is then verified in full, so the error names the first failing step as
+/// `snapshot verify` would.
 pub async fn import(context: &Context, args: &ImportArgs, out: &mut Out) -> Result<u8, CliError> {
     let (paths, public) = open_snapshot(&args.verify)?;
-    let summary = verify_file(&paths, &public, &mut |_, _| {}).map_err(rejected)?;
+    let as_of_ms = match payload_as_of_ms(&paths) {
+        Ok(as_of_ms) => as_of_ms,
+        Err(error) => {
+            verify_file(&paths, &public, &mut |_, _| {}).map_err(rejected)?;
+            return Err(rejected(error));
+        }
+    };
     let api = context.connect_for_snapshot(Access::Mutating)?;
+    if let Connection::Remote(_) = api {
+        verify_file(&paths, &public, &mut |_, _| {}).map_err(rejected)?;
+    }
     let mut progress = Progress::new("importing");
-    let report = api
+    let imported = api
         .import_snapshot(
             &context.namespace,
             &paths,
+            &public,
             args.replace,
             Box::new(move |d, t| {
                 progress.show(d, t);
@@ -225,7 +245,15 @@ pub async fn import(context: &Context, args: &ImportArgs, out: &mut Out) -> Resu
                 }
             }),
         )
-        .await?;
+        .await;
+    let report = match imported {
+        Ok(report) => report,
+        Err(error) => {
+            drop(api);
+            verify_file(&paths, &public, &mut |_, _| {}).map_err(rejected)?;
+            return Err(error);
+        }
+    };
     out.line(format_args!(
         "imported {}: {} instance(s) ({} replaced), {} record(s), {} new definition revision(s), {} timer(s); snapshot as of {}",
         args.verify.file.display(),
@@ -234,9 +262,15 @@ pub async fn import(context: &Context, args: &ImportArgs, out: &mut Out) -> Resu
         report.n_records,
         report.n_definitions_created,
         report.n_timers,
-        crate::output::rfc3339_ms(summary.as_of_ms),
+        crate::output::rfc3339_ms(as_of_ms),
     ));
     Ok(EXIT_OK)
+}
+
+/// The `asOf` of a snapshot payload, read from its head (a rejected head fails at step 4).
+fn payload_as_of_ms(paths: &SnapshotPaths) -> Result<u64, VerifyError> {
+    let reader = cnsm_core::snapshot::SnapshotReader::from_reader(paths.payload()?)?;
+    Ok(reader.as_of_ms())
 }
 
 /// A rejected snapshot: exit 1, naming the step that failed.

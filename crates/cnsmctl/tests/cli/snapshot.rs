@@ -66,8 +66,9 @@ fn round_trip(source: &Cli, target: &Cli) {
             public,
         ])
         .code(1);
-    // Nothing there: no store at all locally (verification runs before the store opens), an
-    // empty namespace on a server.
+    // Nothing there: locally the import read the file once and refused to commit at its end
+    // (the digest), leaving at most an empty store; on a server the file was verified before
+    // the upload. Either way the namespace is empty.
     let listed = target.run(&["-n", "shop", "get", "instances"]);
     assert!(!listed.stdout.contains("o-1"), "{listed:#?}");
 
