@@ -66,14 +66,15 @@ for w in "${what[@]}"; do
                 bench/restate/run.sh | tee "$peer_out"
               ratios "$cnsm_out" "$peer_out" restate Restate
               rm -f "$cnsm_out" "$peer_out" ;;
-    dbos)     # cnsm on PostgreSQL, one transaction per event (a fresh database cnsm_bench), then
-              # DBOS (bench/dbos, database dbos_bench) on the same server, same generator.
+    dbos)     # cnsm on PostgreSQL, one transaction per event, concurrent on 20 connections as
+              # DBOS's pool (a fresh database cnsm_bench), then DBOS (bench/dbos, database
+              # dbos_bench) on the same server, same generator.
               base="${CNSM_BENCH_PG:-postgres://postgres@127.0.0.1:5432}"
               cnsm_out="$(mktemp)"; peer_out="$(mktemp)"
               cargo build -q --release -p cnsmctl
               psql -q "$base/postgres" -c "DROP DATABASE IF EXISTS cnsm_bench" -c "CREATE DATABASE cnsm_bench"
-              echo "# pg: CNSM_BATCH_LEN_MAX=1"
-              CNSM_BENCH_STORE="$base/cnsm_bench" CNSM_BATCH_LEN_MAX=1 \
+              echo "# pg: CNSM_PG_TRANSACTION_PER_EVENT=1 CNSM_PG_CONNS_MAX=20"
+              CNSM_BENCH_STORE="$base/cnsm_bench" CNSM_PG_TRANSACTION_PER_EVENT=1 CNSM_PG_CONNS_MAX=20 \
                 cargo bench -q -p cnsm-bench --bench http_load | tee "$cnsm_out"
               psql -q "$base/postgres" -c "DROP DATABASE IF EXISTS cnsm_bench"
               CNSM_BENCH_OPEN_RATE="$(awk -v r="$(value "$cnsm_out" http.events_per_s)" 'BEGIN { print r / 2 }')" \
