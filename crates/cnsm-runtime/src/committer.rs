@@ -625,7 +625,7 @@ impl Committer {
             .collect();
         self.cache
             .retain(|k, _| keys.contains(&(k.0.as_str(), k.1.as_str())));
-        let held: Vec<(&str, &str, Option<(u64, u64)>)> = keys
+        let held: Vec<cnsm_store::HeldKey<'_>> = keys
             .iter()
             .map(|&(namespace, id)| {
                 let copy = self
@@ -647,6 +647,7 @@ impl Committer {
                     current.insert((namespace, id));
                 }
                 Refreshed::Changed(stored) => {
+                    let stored = *stored;
                     let key = (
                         stored.instance.namespace.to_string(),
                         stored.instance.id.to_string(),

@@ -29,7 +29,7 @@ use cnsm_core::engine::revision_hash;
 use cnsm_core::record::{Hash32, SealedRecord, Timer, TimerKind};
 use cnsm_core::resource::StateMachine;
 use cnsm_store::{
-    CommitItem, DefinitionRow, IdempotencyEntry, InstanceQuery, ItemOutcome, PAGE_LEN_MAX,
+    CommitItem, DefinitionRow, HeldKey, IdempotencyEntry, InstanceQuery, ItemOutcome, PAGE_LEN_MAX,
     PutDefinition, Refreshed, Store, StoreError, StoredInstance, TimerRef, VerifyReport,
 };
 use futures_util::future::try_join_all;
@@ -1133,10 +1133,7 @@ impl Store for PostgresStore {
             .collect()
     }
 
-    fn refresh_instances(
-        &self,
-        keys: &[(&str, &str, Option<(u64, u64)>)],
-    ) -> Result<Vec<Refreshed>, StoreError> {
+    fn refresh_instances(&self, keys: &[HeldKey<'_>]) -> Result<Vec<Refreshed>, StoreError> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
@@ -1159,10 +1156,10 @@ impl Store for PostgresStore {
                         namespace: namespace.to_owned(),
                         id: id.to_owned(),
                     },
-                    Some(body) => Refreshed::Changed(StoredInstance {
+                    Some(body) => Refreshed::Changed(Box::new(StoredInstance {
                         uid: uid as u64,
                         instance: decode_instance(body, namespace, id)?,
-                    }),
+                    })),
                 })
             })
             .collect()

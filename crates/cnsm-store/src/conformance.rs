@@ -967,7 +967,7 @@ pub fn refresh_answers_stale_copies_with_rows(harness: &mut dyn Harness) {
     match answer("a") {
         Refreshed::Unchanged { namespace, .. } => assert_eq!(namespace, "default"),
         Refreshed::Changed(stored) => assert_eq!(
-            stored,
+            *stored,
             StoredInstance {
                 uid: uid_a,
                 instance: a.instance.clone()
@@ -976,10 +976,10 @@ pub fn refresh_answers_stale_copies_with_rows(harness: &mut dyn Harness) {
     }
     assert_eq!(
         answer("b"),
-        Refreshed::Changed(StoredInstance {
+        Refreshed::Changed(Box::new(StoredInstance {
             uid: uid_b,
             instance: b1.instance.clone()
-        })
+        }))
     );
     assert!(matches!(answer("c"), Refreshed::Changed(s) if s.instance == c.instance));
 }

@@ -72,8 +72,12 @@ pub enum Refreshed {
     /// The instance still has the uid and version of the caller's copy.
     Unchanged { namespace: String, id: String },
     /// The instance as stored now.
-    Changed(StoredInstance),
+    Changed(Box<StoredInstance>),
 }
+
+/// A key of [`Store::refresh_instances`]: namespace, id, and the `(uid, version)` of the copy
+/// the caller holds, if any.
+pub type HeldKey<'a> = (&'a str, &'a str, Option<(u64, u64)>);
 
 /// An idempotency key remembered with the committed transition it produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -701,15 +705,12 @@ pub trait Store: Send + Sync + 'static {
     /// uid and version is answered [`Refreshed::Unchanged`] without its row (a network store
     /// saves reading and sending it); every other one found is [`Refreshed::Changed`]; missing
     /// ones are left out. The default answers everything found as changed.
-    fn refresh_instances(
-        &self,
-        keys: &[(&str, &str, Option<(u64, u64)>)],
-    ) -> Result<Vec<Refreshed>, StoreError> {
+    fn refresh_instances(&self, keys: &[HeldKey<'_>]) -> Result<Vec<Refreshed>, StoreError> {
         let plain: Vec<(&str, &str)> = keys.iter().map(|k| (k.0, k.1)).collect();
         Ok(self
             .instances(&plain)?
             .into_iter()
-            .map(Refreshed::Changed)
+            .map(|stored| Refreshed::Changed(Box::new(stored)))
             .collect())
     }
 
