@@ -27,11 +27,10 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use cnsm_bench::{report, rss_bytes};
-use cnsm_core::engine::revision_hash;
 use cnsm_snapshot::files::{SignedOutput, SnapshotPaths};
-use cnsm_store::conformance::{Driver, T0_MS, job_definition};
+use cnsm_store::conformance::{Driver, T0_MS, job_definition_row};
 use cnsm_store::embedded::EmbeddedStore;
-use cnsm_store::{DefinitionRow, ImportItem, Store};
+use cnsm_store::{ImportItem, Store};
 
 const RECORDS_PER_INSTANCE: usize = 10;
 
@@ -47,15 +46,7 @@ fn main() {
     // The instances, built in memory through the engine.
     let started = Instant::now();
     let driver = Driver::new("job");
-    let definition = job_definition("default", "job");
-    let definitions = vec![DefinitionRow {
-        namespace: "default".into(),
-        name: "job".into(),
-        revision: 1,
-        hash: revision_hash(&definition),
-        definition,
-        created_ms: T0_MS,
-    }];
+    let definitions = vec![job_definition_row("default", "job", T0_MS)];
     let mut items = Vec::with_capacity(n_instances);
     for i in 0..n_instances {
         let id = format!("job-{i:07}");

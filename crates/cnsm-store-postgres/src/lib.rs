@@ -450,20 +450,14 @@ impl PostgresStore {
         let key = item.idempotency.as_ref().map(|e| e.key.as_str());
         let (prev, hash) = (prev.0.as_slice(), item.record.hash.0.as_slice());
         let params = commit_item_params(item, c, &prev, &hash, &key);
-        lease.set_in_transaction(true);
-        let client = lease.client();
-        let (begun, row, committed) = futures_util::future::join3(
-            client.batch_execute("BEGIN"),
-            client.query_one(&commit_item, &params),
-            client.batch_execute("COMMIT"),
-        )
-        .await;
-        if committed.is_ok() {
-            lease.set_in_transaction(false);
-        }
-        let row = match begun.and(row).and_then(|row| committed.map(|()| row)) {
-            Ok(row) => row,
+        let rows = match in_one_transaction(&lease, &commit_item, &params).await {
+            Ok(rows) => rows,
             Err(e) => return retryable_or(e),
+        };
+        let Some(row) = rows.first() else {
+            return Err(StoreError::Corrupt(
+                "cnsm_commit_item answered no row".into(),
+            ));
         };
         let committed: bool = row.get(0);
         Ok(Ok(if committed {
@@ -579,18 +573,7 @@ impl PostgresStore {
             &channel,
             &self.origin,
         ];
-        lease.set_in_transaction(true);
-        let client = lease.client();
-        let (begun, rows, committed) = futures_util::future::join3(
-            client.batch_execute("BEGIN"),
-            client.query(&commit_items, &params),
-            client.batch_execute("COMMIT"),
-        )
-        .await;
-        if committed.is_ok() {
-            lease.set_in_transaction(false);
-        }
-        let rows = match begun.and(rows).and_then(|rows| committed.map(|()| rows)) {
+        let rows = match in_one_transaction(&lease, &commit_items, &params).await {
             Ok(rows) => rows,
             Err(e) => return retryable_or(e),
         };
@@ -723,6 +706,29 @@ fn origin_token() -> String {
             .unwrap_or(0),
     );
     format!("o{:016x}", hasher.finish())
+}
+
+/// `BEGIN`, one statement and `COMMIT`, pipelined in one round trip on the lease's connection;
+/// a failed statement makes that `COMMIT` a rollback. The lease counts as in a transaction
+/// until `COMMIT` came back, so a connection dropped in between (an error, a deadline) is
+/// closed instead of going back to the pool.
+async fn in_one_transaction(
+    lease: &pool::Lease,
+    statement: &tokio_postgres::Statement,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    lease.set_in_transaction(true);
+    let client = lease.client();
+    let (begun, rows, committed) = futures_util::future::join3(
+        client.batch_execute("BEGIN"),
+        client.query(statement, params),
+        client.batch_execute("COMMIT"),
+    )
+    .await;
+    if committed.is_ok() {
+        lease.set_in_transaction(false);
+    }
+    begun.and(rows).and_then(|rows| committed.map(|()| rows))
 }
 
 fn retryable_or<T>(

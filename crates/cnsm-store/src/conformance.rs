@@ -318,6 +318,20 @@ pub fn job_definition(namespace: &str, name: &str) -> StateMachine {
     serde_json::from_value(value).expect("the job definition deserializes")
 }
 
+/// [`job_definition`] at revision 1 as an import's definition row (what a snapshot of the
+/// [`Driver`]'s instances pins), created at `created_ms`.
+pub fn job_definition_row(namespace: &str, name: &str, created_ms: u64) -> DefinitionRow {
+    let definition = job_definition(namespace, name);
+    DefinitionRow {
+        namespace: namespace.into(),
+        name: name.into(),
+        revision: 1,
+        hash: revision_hash(&definition),
+        definition,
+        created_ms,
+    }
+}
+
 /// Drives instances of one machine and packages each transition as a [`CommitItem`].
 pub struct Driver {
     machine: Machine,

@@ -716,15 +716,9 @@ fn the_log_replays_once_and_a_torn_tail_is_cut_off() {
 /// before it, and the store stays empty; the same items without the panic import.
 #[test]
 fn streamed_import_whose_source_panics_writes_nothing() {
-    let definition = cnsm_store::conformance::job_definition("default", "job");
-    let definitions = vec![cnsm_store::DefinitionRow {
-        namespace: "default".into(),
-        name: "job".into(),
-        revision: 1,
-        hash: cnsm_core::engine::revision_hash(&definition),
-        definition,
-        created_ms: T0_MS,
-    }];
+    let definitions = vec![cnsm_store::conformance::job_definition_row(
+        "default", "job", T0_MS,
+    )];
     let driver = Driver::new("job");
     let items: Vec<cnsm_store::ImportItem> = (0..3)
         .map(|i| {

@@ -140,18 +140,10 @@ fn snapshots_round_trip_between_servers() {
 /// Fills `cli`'s store with `n_instances` instances of 10 records each, every record carrying
 /// a note of `note_len` bytes (one import, as the snapshot benchmark does).
 fn fill_store(cli: &Cli, n_instances: usize, note_len: usize) {
-    use cnsm_store::conformance::{Driver, T0_MS, job_definition};
-    use cnsm_store::{DefinitionRow, ImportItem, Store};
+    use cnsm_store::conformance::{Driver, T0_MS, job_definition_row};
+    use cnsm_store::{ImportItem, Store};
     let store = cnsm_store::embedded::EmbeddedStore::open(&cli.data_dir()).unwrap();
-    let definition = job_definition("default", "job");
-    let definitions = [DefinitionRow {
-        namespace: "default".into(),
-        name: "job".into(),
-        revision: 1,
-        hash: cnsm_core::engine::revision_hash(&definition),
-        definition,
-        created_ms: T0_MS,
-    }];
+    let definitions = [job_definition_row("default", "job", T0_MS)];
     let driver = Driver::new("job");
     let note = "n".repeat(note_len);
     let items: Vec<ImportItem> = (0..n_instances)
