@@ -134,6 +134,20 @@ async fn receiver_on_loopback(secret: &str, behaviour: Behaviour) -> (Receiver, 
     (receiver, url)
 }
 
+/// An accepting receiver that is down: its loopback port was taken and let go, so connections
+/// are refused until the test serves the receiver there. Returns it, the address and its URL.
+fn receiver_down(secret: &str) -> (Receiver, std::net::SocketAddr, String) {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = closed.local_addr().unwrap();
+    drop(closed);
+    let receiver = Receiver {
+        secret: secret.as_bytes().to_vec(),
+        behaviour: Behaviour::Accept,
+        seen: Arc::new(Mutex::new(Vec::new())),
+    };
+    (receiver, address, format!("http://{address}/hook"))
+}
+
 fn secrets(pairs: &[(&str, &str)]) -> SecretSource {
     let map: HashMap<String, Vec<u8>> = pairs
         .iter()
@@ -283,15 +297,7 @@ async fn deliveries_survive_failing_hanging_and_down_receivers() {
     let (flaky, flaky_url) = receiver_on_loopback("s-flaky", Behaviour::FailFirst(2)).await;
     let (hangs, hangs_url) = receiver_on_loopback("s-hangs", Behaviour::HangFirst).await;
     // A port with nothing on it: connections are refused until the receiver opens it.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let down_address = closed.local_addr().unwrap();
-    drop(closed);
-    let down_url = format!("http://{down_address}/hook");
-    let down = Receiver {
-        secret: b"s-down".to_vec(),
-        behaviour: Behaviour::Accept,
-        seen: Arc::new(Mutex::new(Vec::new())),
-    };
+    let (down, down_address, down_url) = receiver_down("s-down");
     let yaml = machine(&[
         format!("{{name: flaky, url: '{flaky_url}', secretEnv: FLAKY}}"),
         format!("{{name: hangs, url: '{hangs_url}', secretEnv: HANGS, timeoutSeconds: 1}}"),
@@ -534,15 +540,7 @@ fn cloud_events_are_structured_and_signed_over_the_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redriven_dead_letters_are_delivered_once_the_receiver_is_up() {
     use cnsm_runtime::delivery::RedriveRequest;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = closed.local_addr().unwrap();
-    drop(closed);
-    let url = format!("http://{address}/hook");
-    let receiver = Receiver {
-        secret: b"s-back".to_vec(),
-        behaviour: Behaviour::Accept,
-        seen: Arc::new(Mutex::new(Vec::new())),
-    };
+    let (receiver, address, url) = receiver_down("s-back");
     let yaml = machine(&[format!(
         "{{name: back, url: '{url}', secretEnv: BACK, maxAttempts: 2}}"
     )]);
