@@ -20,6 +20,25 @@ use cnsm_store::Store;
 use cnsm_store::conformance::Harness;
 use cnsm_store_postgres::{PostgresOptions, PostgresStore};
 
+/// The machine the runtime tests run: `add` counts in `counting`; `stop` waits a second, then
+/// finishes (a timer that must fire exactly once).
+pub const COUNTER: &str = r#"
+apiVersion: statemachine.cn/v1alpha1
+kind: StateMachine
+metadata: {name: counter}
+spec:
+  initialState: counting
+  states:
+  - name: counting
+    type: task
+    timeoutSeconds: 3600
+    onEvent:
+    - {event: add, target: counting, assign: {n: "data.n + 1"}}
+    - {event: stop, target: waiting}
+  - {name: waiting, type: wait, timeoutSeconds: 1, transition: done}
+  - {name: done, type: final}
+"#;
+
 /// The test database's URL, or `None` (after saying the test is skipped).
 pub fn test_url() -> Option<String> {
     match std::env::var("CNSM_TEST_POSTGRES_URL") {

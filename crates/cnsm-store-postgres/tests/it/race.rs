@@ -12,22 +12,6 @@ use std::time::{Duration, Instant};
 use cnsm_core::TransitionError;
 use cnsm_runtime::{CreateInstance, EventRequest, RuntimeError};
 
-const COUNTER: &str = r#"
-apiVersion: statemachine.cn/v1alpha1
-kind: StateMachine
-metadata: {name: counter}
-spec:
-  initialState: counting
-  states:
-  - name: counting
-    type: task
-    timeoutSeconds: 3600
-    onEvent:
-    - {event: add, target: counting, assign: {n: "data.n + 1"}}
-    - {event: stop, target: done}
-  - {name: done, type: final}
-"#;
-
 /// Instances raced on, tasks per node, and how long each mode runs.
 const N_INSTANCES: usize = 3;
 const N_TASKS_PER_NODE: usize = 6;
@@ -46,7 +30,7 @@ fn race(per_item: bool) {
         .unwrap();
     tokio.block_on(async {
         let first = &cluster.runtimes[0];
-        first.apply_yaml(COUNTER, None).await.unwrap();
+        first.apply_yaml(crate::COUNTER, None).await.unwrap();
         for i in 0..N_INSTANCES {
             let mut data = serde_json::Map::new();
             data.insert("n".into(), 0.into());

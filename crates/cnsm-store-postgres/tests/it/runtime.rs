@@ -7,23 +7,6 @@ use std::time::Duration;
 use cnsm_core::TransitionError;
 use cnsm_runtime::{CreateInstance, EventRequest, Runtime, RuntimeError};
 
-const COUNTER: &str = r#"
-apiVersion: statemachine.cn/v1alpha1
-kind: StateMachine
-metadata: {name: counter}
-spec:
-  initialState: counting
-  states:
-  - name: counting
-    type: task
-    timeoutSeconds: 3600
-    onEvent:
-    - {event: add, target: counting, assign: {n: "data.n + 1"}}
-    - {event: stop, target: waiting}
-  - {name: waiting, type: wait, timeoutSeconds: 1, transition: done}
-  - {name: done, type: final}
-"#;
-
 fn multi_thread() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
@@ -39,7 +22,7 @@ fn events_from_two_nodes_all_commit_once() {
     };
     multi_thread().block_on(async {
         let (a, b) = (&nodes.runtimes[0], &nodes.runtimes[1]);
-        a.apply_yaml(COUNTER, None).await.unwrap();
+        a.apply_yaml(crate::COUNTER, None).await.unwrap();
         let mut data = serde_json::Map::new();
         data.insert("n".into(), 0.into());
         a.create_instance(CreateInstance::new("default", "counter").id("c").data(data))
@@ -83,7 +66,7 @@ fn expected_version_race_across_nodes_has_one_winner() {
     };
     multi_thread().block_on(async {
         let (a, b) = (&nodes.runtimes[0], &nodes.runtimes[1]);
-        a.apply_yaml(COUNTER, None).await.unwrap();
+        a.apply_yaml(crate::COUNTER, None).await.unwrap();
         let mut data = serde_json::Map::new();
         data.insert("n".into(), 0.into());
         a.create_instance(CreateInstance::new("default", "counter").id("c").data(data))
@@ -117,7 +100,7 @@ fn a_timer_fires_exactly_once_across_nodes() {
     };
     multi_thread().block_on(async {
         let a = &nodes.runtimes[0];
-        a.apply_yaml(COUNTER, None).await.unwrap();
+        a.apply_yaml(crate::COUNTER, None).await.unwrap();
         for i in 0..5 {
             let id = format!("w-{i}");
             let mut data = serde_json::Map::new();
