@@ -17,9 +17,8 @@
 -- answers the create as a conflict.
 --
 -- Returns the uid of every item, in order. Commits are announced with pg_notify on
--- `p_channel` (unless it is NULL: the caller announces them itself): `p_origin`, then
--- `uid:version` pairs, in payloads of at most 150 pairs (under PostgreSQL's 8000-byte limit
--- whatever the numbers).
+-- `p_channel`: `p_origin`, then `uid:version` pairs, in payloads of at most 150 pairs (under
+-- PostgreSQL's 8000-byte limit whatever the numbers).
 CREATE FUNCTION cnsm_commit_batch(
     p_uid bigint[], p_expected bigint[], p_prev_hash bytea[],
     p_namespace text[], p_id text[], p_version bigint[], p_hash bytea[], p_bytes bytea[],
@@ -123,16 +122,14 @@ BEGIN
        SET request_hash = EXCLUDED.request_hash, version = EXCLUDED.version,
            expires_ms = EXCLUDED.expires_ms;
 
-    IF p_channel IS NOT NULL THEN
-        FOR v_payload IN
-            SELECT p_origin || ' ' || string_agg(u.uid || ':' || u.version, ' ' ORDER BY u.ord)
-              FROM unnest(v_uids, p_version) WITH ORDINALITY u(uid, version, ord)
-             GROUP BY (u.ord - 1) / 150
-             ORDER BY (u.ord - 1) / 150
-        LOOP
-            PERFORM pg_notify(p_channel, v_payload);
-        END LOOP;
-    END IF;
+    FOR v_payload IN
+        SELECT p_origin || ' ' || string_agg(u.uid || ':' || u.version, ' ' ORDER BY u.ord)
+          FROM unnest(v_uids, p_version) WITH ORDINALITY u(uid, version, ord)
+         GROUP BY (u.ord - 1) / 150
+         ORDER BY (u.ord - 1) / 150
+    LOOP
+        PERFORM pg_notify(p_channel, v_payload);
+    END LOOP;
 
     RETURN QUERY SELECT u.uid FROM unnest(v_uids) WITH ORDINALITY u(uid, ord) ORDER BY u.ord;
 END

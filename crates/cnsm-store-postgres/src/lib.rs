@@ -358,31 +358,6 @@ impl PostgresStore {
         result
     }
 
-    /// Commits `items` in one transaction, retrying deadlocks and serialization failures.
-    async fn commit_retrying(
-        &self,
-        items: &[CommitItem],
-        prev_hashes: &[Hash32],
-        columns: &[ItemColumns],
-        announce: bool,
-    ) -> Result<Vec<ItemOutcome>, StoreError> {
-        let mut attempt = 0;
-        loop {
-            match self
-                .commit_once(items, prev_hashes, columns, announce)
-                .await?
-            {
-                Ok(outcomes) => return Ok(outcomes),
-                Err(e) if attempt < DEADLOCK_RETRIES_MAX => {
-                    attempt += 1;
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(1 << attempt)).await;
-                }
-                Err(e) => return Err(db_error(e)),
-            }
-        }
-    }
-
     /// [`PostgresOptions::transaction_per_item`]: one transaction per item
     /// ([`Self::commit_alone`]); the instances' chains of items run concurrently (bounded by
     /// the pool), each chain in order.
@@ -411,19 +386,8 @@ impl PostgresStore {
         let runs = chains.iter().map(|chain| async move {
             let mut done = Vec::with_capacity(chain.len());
             for &index in chain {
-                let mut attempt = 0;
-                let outcome = loop {
-                    let (item, prev, c) = (&items[index], prev_hashes[index], &columns[index]);
-                    match self.commit_alone(item, prev, c).await? {
-                        Ok(outcome) => break outcome,
-                        Err(e) if attempt < DEADLOCK_RETRIES_MAX => {
-                            attempt += 1;
-                            let _ = e;
-                            tokio::time::sleep(Duration::from_millis(1 << attempt)).await;
-                        }
-                        Err(e) => return Err(db_error(e)),
-                    }
-                };
+                let (item, prev, c) = (&items[index], prev_hashes[index], &columns[index]);
+                let outcome = retrying(|| self.commit_alone(item, prev, c)).await?;
                 done.push((index, outcome));
             }
             Ok::<_, StoreError>(done)
@@ -515,14 +479,13 @@ impl PostgresStore {
     /// nodes committing overlapping batches wait for each other instead of deadlocking),
     /// decides each item under those locks (compare-and-swap on the version, the previous-hash
     /// link, the idempotency key) and writes the accepted ones with set-based statements
-    /// (`cnsm_commit_batch`), announcing them on the commit channel when `announce` is set. A
-    /// failed call makes that `COMMIT` a rollback.
+    /// (`cnsm_commit_batch`), announcing them on the commit channel. A failed call makes that
+    /// `COMMIT` a rollback.
     async fn commit_once(
         &self,
         items: &[CommitItem],
         prev_hashes: &[Hash32],
         columns: &[ItemColumns],
-        announce: bool,
     ) -> Result<Result<Vec<ItemOutcome>, tokio_postgres::Error>, StoreError> {
         let mut lease = self.pool.get().await?;
         let commit_items = lease.conn().statement(COMMIT_ITEMS).await?;
@@ -549,7 +512,6 @@ impl PostgresStore {
             columns.iter().map(|c| c.key_hash.as_deref()).collect();
         let key_expires: Vec<Option<i64>> = columns.iter().map(|c| c.key_expires).collect();
         let nows: Vec<i64> = columns.iter().map(|c| c.now).collect();
-        let channel = announce.then_some(self.channel.as_str());
         let params: [&(dyn ToSql + Sync); 21] = [
             &expected,
             &prevs,
@@ -570,7 +532,7 @@ impl PostgresStore {
             &key_hashes,
             &key_expires,
             &nows,
-            &channel,
+            &self.channel,
             &self.origin,
         ];
         let rows = match in_one_transaction(&lease, &commit_items, &params).await {
@@ -706,6 +668,26 @@ fn origin_token() -> String {
             .unwrap_or(0),
     );
     format!("o{:016x}", hasher.finish())
+}
+
+/// Runs `attempt` until it answers, again after a retryable database error (a deadlock between
+/// nodes, a serialization failure) with a growing pause, at most [`DEADLOCK_RETRIES_MAX`]
+/// times; `attempt` answers `Ok(Err(e))` for a retryable error.
+async fn retrying<T, F>(mut attempt: impl FnMut() -> F) -> Result<T, StoreError>
+where
+    F: std::future::Future<Output = Result<Result<T, tokio_postgres::Error>, StoreError>>,
+{
+    let mut retries = 0;
+    loop {
+        match attempt().await? {
+            Ok(answer) => return Ok(answer),
+            Err(_) if retries < DEADLOCK_RETRIES_MAX => {
+                retries += 1;
+                tokio::time::sleep(Duration::from_millis(1 << retries)).await;
+            }
+            Err(e) => return Err(db_error(e)),
+        }
+    }
 }
 
 /// `BEGIN`, one statement and `COMMIT`, pipelined in one round trip on the lease's connection;
@@ -1098,7 +1080,7 @@ impl Store for PostgresStore {
                 .run(self.commit_per_item(items, &prev_hashes, &columns))
         } else {
             self.bridge
-                .run(self.commit_retrying(items, &prev_hashes, &columns, true))
+                .run(retrying(|| self.commit_once(items, &prev_hashes, &columns)))
         };
         if matches!(result, Err(StoreError::Io(_))) {
             self.pool.clear();
@@ -1261,23 +1243,9 @@ impl Store for PostgresStore {
         let prev_hash = cnsm_store::embedded::check_item(0, erasure)?;
         cnsm_store::check_erase(redacted, erasure)?;
         let columns = columns_of(erasure)?;
-        let result = self.bridge.run(async {
-            let mut attempt = 0;
-            loop {
-                match self
-                    .erase_once(redacted, erasure, prev_hash, &columns)
-                    .await?
-                {
-                    Ok(outcome) => return Ok(outcome),
-                    Err(e) if attempt < DEADLOCK_RETRIES_MAX => {
-                        attempt += 1;
-                        let _ = e;
-                        tokio::time::sleep(Duration::from_millis(1 << attempt)).await;
-                    }
-                    Err(e) => return Err(db_error(e)),
-                }
-            }
-        });
+        let result = self.bridge.run(retrying(|| {
+            self.erase_once(redacted, erasure, prev_hash, &columns)
+        }));
         if matches!(result, Err(StoreError::Io(_))) {
             self.pool.clear();
         }
