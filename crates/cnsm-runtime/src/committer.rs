@@ -605,8 +605,6 @@ impl Committer {
         Ok(self.cache.get_mut(key))
     }
 
-    /// Applies and commits one batch; `attempt` counts re-applications after lost races
-    /// (shared store only).
     /// Brings the cache up to date for a batch (shared store: other nodes commit too, so a
     /// cached copy may be stale). Every instance the batch's events, controls and migrations
     /// name is refreshed in one round trip, in which a copy still at the stored uid and version
@@ -625,15 +623,15 @@ impl Committer {
             .collect();
         self.cache
             .retain(|k, _| keys.contains(&(k.0.as_str(), k.1.as_str())));
+        // What the cache holds now is the batch's: the (uid, version) of each copy.
+        let copies: HashMap<(&str, &str), (u64, u64)> = self
+            .cache
+            .iter()
+            .filter_map(|(k, c)| Some(((&*k.0, &*k.1), (c.uid?, c.instance.version))))
+            .collect();
         let held: Vec<cnsm_store::HeldKey<'_>> = keys
             .iter()
-            .map(|&(namespace, id)| {
-                let copy = self
-                    .cache
-                    .get(&(namespace.to_owned(), id.to_owned()))
-                    .and_then(|c| c.uid.map(|uid| (uid, c.instance.version)));
-                (namespace, id, copy)
-            })
+            .map(|&(namespace, id)| (namespace, id, copies.get(&(namespace, id)).copied()))
             .collect();
         let Ok(found) = self.shared.store.refresh_instances(&held) else {
             self.cache.clear();
@@ -668,6 +666,8 @@ impl Committer {
         self.cache.retain(|k, _| current.contains(k));
     }
 
+    /// Applies and commits one batch; `attempt` counts re-applications after lost races
+    /// (shared store only).
     fn process(&mut self, batch: Vec<Command>, fire_timers: bool, attempt: u32) {
         let now_ms = self.shared.options.clock.now_ms();
         // When the batch was taken: the end of every request's queue wait.
