@@ -336,22 +336,28 @@ impl EmbeddedStore {
         };
         // Batches acknowledged through the log but not yet in a durable redb commit.
         let wal_path = wal::path_for(&store.path);
-        let (batches, _torn) = wal::read_frames(&wal_path)?;
+        let frames = wal::read_frames(&wal_path)?;
+        let legacy = frames.is_legacy();
         let txn = store.begin_durable()?;
-        if let Err(e) = init_and_verify(&txn, &batches, options.verify_tail) {
+        if let Err(e) = init_and_verify(&txn, &wal_path, frames, options.verify_tail) {
             let _ = txn.abort();
             return Err(e);
         }
         txn.commit().io()?;
-        // Everything the log held is now in a durable commit.
-        if wal_path.exists() {
-            let mut log = wal::Wal::new(wal_path.clone());
-            log.truncate_to(0)?;
-            if !options.write_ahead_log {
-                std::fs::remove_file(&wal_path).map_err(|e| {
-                    StoreError::Io(format!("cannot remove {}: {e}", wal_path.display()))
-                })?;
-            }
+        // Everything the log held is now in a durable commit: its frames no longer start at
+        // the store's next sequence. A log of the first format is emptied (its frames carry no
+        // sequence), and one that is no longer wanted goes.
+        if wal_path.exists() && (legacy || !options.write_ahead_log) {
+            let emptied = if options.write_ahead_log {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&wal_path)
+                    .and_then(|file| file.set_len(0).and_then(|()| file.sync_all()))
+            } else {
+                std::fs::remove_file(&wal_path)
+            };
+            emptied
+                .map_err(|e| StoreError::Io(format!("cannot empty {}: {e}", wal_path.display())))?;
         }
         if options.write_ahead_log {
             *store.wal.lock().unwrap_or_else(|e| e.into_inner()) = Some(wal::Wal::new(wal_path));
@@ -426,7 +432,7 @@ impl EmbeddedStore {
                 txn.commit().io()?;
             }
             if let Some(log) = log.as_mut() {
-                log.reset()?;
+                log.reset();
             }
             return Ok(());
         }
@@ -447,7 +453,7 @@ impl EmbeddedStore {
         }
         txn.commit().io()?;
         if let Some(log) = log.as_mut() {
-            log.reset()?;
+            log.reset();
         }
         match verified.problem {
             Some(problem) => Err(StoreError::Corrupt(problem)),
@@ -479,13 +485,14 @@ impl EmbeddedStore {
         txn: &WriteTransaction,
         items: &[CommitItem],
         prev_hashes: &[Hash32],
-    ) -> Result<(Vec<ItemOutcome>, Vec<Vec<u8>>), StoreError> {
+    ) -> Result<Applied, StoreError> {
         let mut t = WriteTables::open(txn)?;
         let mut counters = Counters {
             next_uid: meta_get(&t.meta, META_NEXT_UID)?,
             next_seq: meta_get(&t.meta, META_NEXT_SEQ)?,
             rows: Vec::with_capacity(items.len()),
         };
+        let first_seq = counters.next_seq;
         // The background verifier read back everything up to `verified_upto`; persist it.
         let verified_seq = self.checkpoint_to_persist(&t.meta, counters.next_seq)?;
 
@@ -496,7 +503,11 @@ impl EmbeddedStore {
         t.meta.insert(META_NEXT_UID, counters.next_uid).io()?;
         t.meta.insert(META_NEXT_SEQ, counters.next_seq).io()?;
         t.meta.insert(META_VERIFIED_SEQ, verified_seq).io()?;
-        Ok((outcomes, counters.rows))
+        Ok(Applied {
+            outcomes,
+            rows: counters.rows,
+            first_seq,
+        })
     }
 
     /// [`Store::erase`] inside one write transaction: compare-and-swap, bytes replaced in the
@@ -579,7 +590,7 @@ impl EmbeddedStore {
             Ok(value) => {
                 txn.commit().io()?;
                 if let Some(log) = log.as_mut() {
-                    log.reset()?;
+                    log.reset();
                 }
                 Ok(value)
             }
@@ -601,7 +612,11 @@ impl EmbeddedStore {
     ) -> Result<Vec<ItemOutcome>, StoreError> {
         let mut txn = self.db.begin_write().io()?;
         txn.set_durability(Durability::None).io()?;
-        let (outcomes, rows) = match self.commit_in(&txn, items, prev_hashes) {
+        let Applied {
+            outcomes,
+            rows,
+            first_seq,
+        } = match self.commit_in(&txn, items, prev_hashes) {
             Ok(applied) => applied,
             Err(e) => {
                 let _ = txn.abort();
@@ -618,7 +633,7 @@ impl EmbeddedStore {
             let _ = txn.abort();
             return Ok(outcomes);
         }
-        let before = match log.append(&committed, &rows) {
+        let before = match log.append(first_seq, &committed, &rows) {
             Ok(before) => before,
             Err(e) => {
                 let _ = txn.abort();
@@ -647,7 +662,8 @@ impl EmbeddedStore {
             meta.insert(META_VERIFIED_SEQ, verified_seq).io()?;
         }
         txn.commit().io()?;
-        log.reset()
+        log.reset();
+        Ok(())
     }
 
     /// Takes a checkpoint now if the write-ahead log holds anything (tests and tools; the store
@@ -743,7 +759,8 @@ fn check_format(db: &Database) -> Result<(), StoreError> {
 /// checks the unverified tail.
 fn init_and_verify(
     txn: &WriteTransaction,
-    logged: &[Vec<CommitItem>],
+    wal_path: &Path,
+    frames: wal::Frames,
     verify_tail: bool,
 ) -> Result<(), StoreError> {
     txn.open_table(RETIRED_UIDS).io()?;
@@ -754,7 +771,12 @@ fn init_and_verify(
         t.meta.insert(META_NEXT_SEQ, 1).io()?;
         t.meta.insert(META_VERIFIED_SEQ, 0).io()?;
     }
-    replay(&mut t, logged)?;
+    let logged = frames
+        .live(meta_get(&t.meta, META_NEXT_SEQ)?)
+        .map_err(|detail| {
+            StoreError::Corrupt(format!("write-ahead log {}: {detail}", wal_path.display()))
+        })?;
+    replay(&mut t, &logged)?;
     if verify_tail {
         let from = meta_get(&t.meta, META_VERIFIED_SEQ)?;
         let next_seq = meta_get(&t.meta, META_NEXT_SEQ)?;
@@ -864,6 +886,15 @@ impl<'txn> WriteTables<'txn> {
             idempotency_expiry: txn.open_table(IDEMPOTENCY_EXPIRY).io()?,
         })
     }
+}
+
+/// What a batch did in its write transaction.
+struct Applied {
+    outcomes: Vec<ItemOutcome>,
+    /// The encoded instance row of each committed item, in order.
+    rows: Vec<Vec<u8>>,
+    /// The commit sequence of the first committed item (each takes the next one).
+    first_seq: u64,
 }
 
 struct Counters {
@@ -1301,7 +1332,7 @@ impl Store for EmbeddedStore {
         drop(log);
         self.write(|txn| {
             self.commit_in(txn, items, &prev_hashes)
-                .map(|(outcomes, _)| outcomes)
+                .map(|applied| applied.outcomes)
         })
     }
 

@@ -647,34 +647,35 @@ fn the_log_replays_once_and_a_torn_tail_is_cut_off() {
     store.commit(std::slice::from_ref(&a)).unwrap();
     let a1 = driver.event(&a.instance, "ping", "one", T0_MS + 1);
     store.commit(std::slice::from_ref(&a1)).unwrap();
-    let logged = std::fs::read(log_path(dir.path())).unwrap();
-    assert!(!logged.is_empty(), "the batches went through the log");
-
-    // A crash after a checkpoint, before the log was emptied: redb has every batch already.
-    store.checkpoint_now().unwrap();
-    assert_eq!(std::fs::metadata(log_path(dir.path())).unwrap().len(), 0);
-    drop(store);
-    let mut stale = logged.clone();
-    // ... and a torn frame after them (a batch never acknowledged).
-    stale.extend_from_slice(b"cnsW\x10\x00\x00\x00garbage");
-    std::fs::write(log_path(dir.path()), &stale).unwrap();
-    let store = EmbeddedStore::open(dir.path()).expect("the stale log replays as a no-op");
-    assert_eq!(
+    let version_of_a = |store: &EmbeddedStore| {
         store
             .instance("default", "a")
             .unwrap()
             .unwrap()
             .instance
-            .version,
-        1
+            .version
+    };
+
+    // A crash right after a checkpoint: the log still holds both frames (it is never
+    // truncated), and redb has them already; they start below the store's next sequence.
+    store.checkpoint_now().unwrap();
+    drop(store);
+    let mut logged = std::fs::read(log_path(dir.path())).unwrap();
+    assert!(
+        logged.starts_with(b"cnsV"),
+        "the batches went through the log"
     );
-    assert_eq!(store.history("default", "a", 0, 10).unwrap().len(), 2);
-    assert!(store.verify().unwrap().is_ok());
-    assert_eq!(
-        std::fs::metadata(log_path(dir.path())).unwrap().len(),
-        0,
-        "open empties the log once it is in a durable commit"
-    );
+    // ... and a torn frame after them (a batch never acknowledged).
+    let end = logged.iter().rposition(|&b| b != 0).unwrap() + 1;
+    logged[end..end + 12].copy_from_slice(b"cnsV\x10\x00\x00\x00garb");
+    std::fs::write(log_path(dir.path()), &logged).unwrap();
+    for _ in 0..2 {
+        let store = EmbeddedStore::open(dir.path()).expect("the stale log replays as a no-op");
+        assert_eq!(version_of_a(&store), 1);
+        assert_eq!(store.history("default", "a", 0, 10).unwrap().len(), 2);
+        assert!(store.verify().unwrap().is_ok());
+    }
+    let store = EmbeddedStore::open(dir.path()).unwrap();
     let a2 = driver.event(&a1.instance, "ping", "two", T0_MS + 2);
     assert!(matches!(
         store.commit(std::slice::from_ref(&a2)).unwrap()[0],
@@ -682,23 +683,69 @@ fn the_log_replays_once_and_a_torn_tail_is_cut_off() {
     ));
     store.close().unwrap();
 
-    // A log from another store (here: an instance `a` created at another time) is refused,
-    // naming the log, and nothing is written.
-    let elsewhere = tempfile::tempdir().unwrap();
-    let other = EmbeddedStore::open(elsewhere.path()).unwrap();
-    other
-        .commit(&[driver.create("default", "a", &[], T0_MS + 5)])
-        .unwrap();
-    let foreign = std::fs::read(log_path(elsewhere.path())).unwrap();
-    std::fs::write(log_path(dir.path()), &foreign).unwrap();
-    match EmbeddedStore::open(dir.path()) {
-        Err(StoreError::Corrupt(message)) => {
-            assert!(message.contains("write-ahead log"), "{message}")
+    // A log from another store is refused, naming the log, and nothing is written: one that
+    // starts at this store's next sequence (4) but does not follow its instances (here: an
+    // instance `a` created at another time), and one that starts past it.
+    for n_before in [3, 5] {
+        let elsewhere = tempfile::tempdir().unwrap();
+        let other = EmbeddedStore::open(elsewhere.path()).unwrap();
+        for n in 0..n_before {
+            other
+                .commit(&[driver.create("default", &format!("x{n}"), &[], T0_MS)])
+                .unwrap();
         }
-        Err(e) => panic!("expected Corrupt, got {e}"),
-        Ok(_) => panic!("a log that does not follow the store was replayed"),
+        other.checkpoint_now().unwrap();
+        other
+            .commit(&[driver.create("default", "a", &[], T0_MS + 5)])
+            .unwrap();
+        let foreign = std::fs::read(log_path(elsewhere.path())).unwrap();
+        drop(other);
+        let saved = std::fs::read(log_path(dir.path())).unwrap();
+        std::fs::write(log_path(dir.path()), &foreign).unwrap();
+        match EmbeddedStore::open(dir.path()) {
+            Err(StoreError::Corrupt(message)) => {
+                assert!(message.contains("write-ahead log"), "{message}")
+            }
+            Err(e) => panic!("expected Corrupt, got {e}"),
+            Ok(_) => panic!("a log that does not follow the store was replayed"),
+        }
+        std::fs::write(log_path(dir.path()), &saved).unwrap();
     }
-    std::fs::write(log_path(dir.path()), b"").unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    assert_eq!(version_of_a(&store), 2);
+}
+
+/// A log written before frames named their sequence (`cnsW` frames, the file truncated at each
+/// checkpoint) is still replayed, and emptied once it is in a durable commit.
+#[test]
+fn a_log_of_the_first_format_is_replayed() {
+    let driver = Driver::new("job");
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let a = driver.create("default", "a", &[], T0_MS);
+    store.commit(std::slice::from_ref(&a)).unwrap();
+    let a1 = driver.event(&a.instance, "ping", "one", T0_MS + 1);
+    store.commit(std::slice::from_ref(&a1)).unwrap();
+    store.checkpoint_now().unwrap();
+    drop(store);
+    // The first format's frame of a batch holding `a2`: its payload is the new format's.
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let a2 = driver.event(&a1.instance, "ping", "two", T0_MS + 2);
+    store.commit(std::slice::from_ref(&a2)).unwrap();
+    let logged = std::fs::read(log_path(dir.path())).unwrap();
+    drop(store);
+    // The same batch as a frame of the first format: no sequence field, its own checksum.
+    let len = u32::from_le_bytes(logged[4..8].try_into().unwrap()) as usize;
+    let payload = &logged[32..32 + len];
+    let mut legacy = b"cnsW".to_vec();
+    legacy.extend_from_slice(&logged[4..8]);
+    let sum = cnsm_core::Hash32::digest(b"cnsm.wal.frame.v1", payload);
+    legacy.extend_from_slice(&sum.0[..16]);
+    legacy.extend_from_slice(payload);
+    std::fs::write(log_path(dir.path()), &legacy).unwrap();
+    // Whether or not redb kept `a2` when the store was dropped, the replay leaves `a` at
+    // version 2 (the first format's rule skips an item already stored), and the log is emptied
+    // after the open's durable commit.
     let store = EmbeddedStore::open(dir.path()).unwrap();
     assert_eq!(
         store
@@ -709,6 +756,8 @@ fn the_log_replays_once_and_a_torn_tail_is_cut_off() {
             .version,
         2
     );
+    assert_eq!(std::fs::metadata(log_path(dir.path())).unwrap().len(), 0);
+    assert!(store.verify().unwrap().is_ok());
 }
 
 /// A streamed import reads its source on a second thread: a source that panics midway (after
