@@ -638,8 +638,8 @@ fn log_path(dir: &std::path::Path) -> std::path::PathBuf {
     dir.join(format!("{}.wal", cnsm_store::embedded::FILE_NAME))
 }
 
-#[test]
-fn the_log_replays_once_and_a_torn_tail_is_cut_off() {
+/// A store holding instance `a` at version 1 (two batches through the log), and `a`'s last item.
+fn store_with_a_at_version_1() -> (Driver, tempfile::TempDir, EmbeddedStore, CommitItem) {
     let driver = Driver::new("job");
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(dir.path()).unwrap();
@@ -647,14 +647,21 @@ fn the_log_replays_once_and_a_torn_tail_is_cut_off() {
     store.commit(std::slice::from_ref(&a)).unwrap();
     let a1 = driver.event(&a.instance, "ping", "one", T0_MS + 1);
     store.commit(std::slice::from_ref(&a1)).unwrap();
-    let version_of_a = |store: &EmbeddedStore| {
-        store
-            .instance("default", "a")
-            .unwrap()
-            .unwrap()
-            .instance
-            .version
-    };
+    (driver, dir, store, a1)
+}
+
+fn version_of_a(store: &EmbeddedStore) -> u64 {
+    store
+        .instance("default", "a")
+        .unwrap()
+        .unwrap()
+        .instance
+        .version
+}
+
+#[test]
+fn the_log_replays_once_and_a_torn_tail_is_cut_off() {
+    let (driver, dir, store, a1) = store_with_a_at_version_1();
 
     // A crash right after a checkpoint: the log still holds both frames (it is never
     // truncated), and redb has them already; they start below the store's next sequence.
@@ -719,13 +726,7 @@ fn the_log_replays_once_and_a_torn_tail_is_cut_off() {
 /// checkpoint) is still replayed, and emptied once it is in a durable commit.
 #[test]
 fn a_log_of_the_first_format_is_replayed() {
-    let driver = Driver::new("job");
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path()).unwrap();
-    let a = driver.create("default", "a", &[], T0_MS);
-    store.commit(std::slice::from_ref(&a)).unwrap();
-    let a1 = driver.event(&a.instance, "ping", "one", T0_MS + 1);
-    store.commit(std::slice::from_ref(&a1)).unwrap();
+    let (driver, dir, store, a1) = store_with_a_at_version_1();
     store.checkpoint_now().unwrap();
     drop(store);
     // The first format's frame of a batch holding `a2`: its payload is the new format's.
@@ -747,15 +748,7 @@ fn a_log_of_the_first_format_is_replayed() {
     // version 2 (the first format's rule skips an item already stored), and the log is emptied
     // after the open's durable commit.
     let store = EmbeddedStore::open(dir.path()).unwrap();
-    assert_eq!(
-        store
-            .instance("default", "a")
-            .unwrap()
-            .unwrap()
-            .instance
-            .version,
-        2
-    );
+    assert_eq!(version_of_a(&store), 2);
     assert_eq!(std::fs::metadata(log_path(dir.path())).unwrap().len(), 0);
     assert!(store.verify().unwrap().is_ok());
 }
