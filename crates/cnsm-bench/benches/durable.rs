@@ -65,12 +65,15 @@ fn fsync_floor() -> (Duration, Duration) {
     )
 }
 
-async fn setup(n_instances: usize, log: bool) -> (tempfile::TempDir, Runtime, Arc<Batches>) {
+async fn setup(
+    n_instances: usize,
+    log: bool,
+) -> (tempfile::TempDir, Runtime, Arc<Batches>, Arc<EmbeddedStore>) {
     let dir = bench_dir();
     let mut options = EmbeddedOptions::default();
     options.write_ahead_log = log;
-    let store = EmbeddedStore::open_with_options(dir.path(), options).unwrap();
-    let runtime = Runtime::open(store, RuntimeOptions::default()).unwrap();
+    let store = Arc::new(EmbeddedStore::open_with_options(dir.path(), options).unwrap());
+    let runtime = Runtime::open_shared(store.clone(), RuntimeOptions::default()).unwrap();
     let batches = Arc::new(Batches::default());
     runtime.subscribe(batches.clone());
     runtime.apply_yaml(COUNTER, None).await.unwrap();
@@ -95,12 +98,13 @@ async fn setup(n_instances: usize, log: bool) -> (tempfile::TempDir, Runtime, Ar
     for t in tasks {
         t.await.unwrap();
     }
-    (dir, runtime, batches)
+    (dir, runtime, batches, store)
 }
 
 /// `n_clients` clients, each on its own instance, sending for `seconds`.
 async fn concurrent(n_clients: usize, seconds: u64, log: bool) {
-    let (_dir, runtime, batches) = setup(n_clients, log).await;
+    let (_dir, runtime, batches, store) = setup(n_clients, log).await;
+    store.take_checkpoint_stats();
     let n_commits0 = batches.n_commits.load(Ordering::Relaxed);
     let n_items0 = batches.n_items.load(Ordering::Relaxed);
     batches.durations.lock().unwrap().clear();
@@ -146,6 +150,12 @@ async fn concurrent(n_clients: usize, seconds: u64, log: bool) {
             percentile(&mut commits, 0.99),
         ),
     );
+    if log {
+        cnsm_bench::report_checkpoints(
+            &format!("durable.checkpoints.clients_{n_clients}"),
+            store.take_checkpoint_stats(),
+        );
+    }
     runtime.shutdown();
 }
 
@@ -176,7 +186,7 @@ fn main() {
     rt.block_on(async {
         for &log in &modes {
             // One sequential client.
-            let (_dir, runtime, _) = setup(1, log).await;
+            let (_dir, runtime, _, _) = setup(1, log).await;
             let sequential_secs = if quick { 0 } else { 3 };
             let mut latencies = Vec::new();
             let started = Instant::now();

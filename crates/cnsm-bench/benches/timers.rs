@@ -144,6 +144,7 @@ fn main() {
         // still pending in the index.
         let lateness = Arc::new(Lateness::default());
         runtime.subscribe(lateness.clone());
+        store.take_checkpoint_stats();
         let n_short = 10_000;
         let pace = Duration::from_micros(500);
         let started = Instant::now();
@@ -188,6 +189,7 @@ fn main() {
                 n_pending
             ),
         );
+        cnsm_bench::report_checkpoints("timers.checkpoints", store.take_checkpoint_stats());
         runtime.shutdown();
     });
 }

@@ -49,6 +49,24 @@ pub fn report(name: &str, value: f64, unit: &str, detail: &str) {
     println!("bench {name}: {value:.1} {unit} {detail}");
 }
 
+/// Reports the embedded store's checkpoints over a window (`EmbeddedStore::take_checkpoint_stats`
+/// at its end, after one at its start): how many, their mean and longest duration (the
+/// committer waits for each), and the log bytes each took in.
+pub fn report_checkpoints(name: &str, stats: cnsm_store::embedded::CheckpointStats) {
+    let count = stats.count.max(1);
+    report(
+        name,
+        stats.total.as_secs_f64() * 1000.0 / count as f64,
+        "ms per checkpoint",
+        &format!(
+            "({} checkpoints, longest {:.1} ms, {:.0} KiB of log each; the committer waits for each)",
+            stats.count,
+            stats.max.as_secs_f64() * 1000.0,
+            stats.log_bytes as f64 / 1024.0 / count as f64
+        ),
+    );
+}
+
 /// The release `cnsmctl` the process benchmarks run (`CNSMCTL` overrides the path); panics
 /// with what to build when it is missing.
 pub fn cnsmctl_path() -> PathBuf {

@@ -97,6 +97,7 @@ pub(crate) mod tables;
 #[doc(hidden)]
 pub mod testing;
 mod wal;
+pub use wal::CheckpointStats;
 
 use tables::*;
 
@@ -654,6 +655,7 @@ impl EmbeddedStore {
     /// A durable redb commit that covers every batch in the log, which is then emptied. It
     /// persists the verifier's watermark, so it always has something to write.
     fn checkpoint_locked(&self, log: &mut wal::Wal) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
         let txn = self.begin_durable()?;
         {
             let mut meta = txn.open_table(META).io()?;
@@ -662,8 +664,22 @@ impl EmbeddedStore {
             meta.insert(META_VERIFIED_SEQ, verified_seq).io()?;
         }
         txn.commit().io()?;
+        let log_bytes = log.len();
+        log.stats.record(started.elapsed(), log_bytes);
         log.reset();
         Ok(())
+    }
+
+    /// What this store's checkpoints have cost since it was opened or since the last call, and
+    /// starts counting again (all zero with the write-ahead log off). Each checkpoint is a
+    /// durable redb commit that writes every page the batches since the previous one changed,
+    /// and the committer waits for it: their durations are the long tail of commit latency
+    /// (BENCHMARKS.md).
+    pub fn take_checkpoint_stats(&self) -> CheckpointStats {
+        let mut log = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        log.as_mut()
+            .map(|log| std::mem::take(&mut log.stats))
+            .unwrap_or_default()
     }
 
     /// Takes a checkpoint now if the write-ahead log holds anything (tests and tools; the store

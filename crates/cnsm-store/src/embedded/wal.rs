@@ -91,6 +91,31 @@ pub(crate) struct Wal {
     size: u64,
     /// When the log was last started again (or opened).
     since: Instant,
+    /// What the checkpoints so far cost.
+    pub(crate) stats: CheckpointStats,
+}
+
+/// What the checkpoints of a store have cost (see `EmbeddedStore::take_checkpoint_stats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckpointStats {
+    /// Checkpoints taken (durable redb commits that took in the log's frames).
+    pub count: u64,
+    /// Their total duration: the committer waits for each.
+    pub total: Duration,
+    /// The longest one.
+    pub max: Duration,
+    /// Bytes of log frames they took in.
+    pub log_bytes: u64,
+}
+
+impl CheckpointStats {
+    /// Counts one checkpoint of `took` that took in `log_bytes` of frames.
+    pub(crate) fn record(&mut self, took: Duration, log_bytes: u64) {
+        self.count += 1;
+        self.total += took;
+        self.max = self.max.max(took);
+        self.log_bytes += log_bytes;
+    }
 }
 
 /// The log beside a database file.
@@ -114,6 +139,7 @@ impl Wal {
             len: 0,
             size: 0,
             since: Instant::now(),
+            stats: CheckpointStats::default(),
         }
     }
 

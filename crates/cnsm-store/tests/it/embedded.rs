@@ -722,6 +722,21 @@ fn the_log_replays_once_and_a_torn_tail_is_cut_off() {
     assert_eq!(version_of_a(&store), 2);
 }
 
+#[test]
+fn checkpoints_are_counted_with_the_log_bytes_they_took_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    assert_eq!(store.take_checkpoint_stats(), Default::default());
+    drop(store);
+    let (_driver, _dir, store, _a1) = store_with_a_at_version_1();
+    store.checkpoint_now().unwrap();
+    // A checkpoint took the two batches in, by itself or when asked.
+    let stats = store.take_checkpoint_stats();
+    assert!(stats.count >= 1, "{stats:?}");
+    assert!(stats.log_bytes > 0 && stats.max <= stats.total, "{stats:?}");
+    assert_eq!(store.take_checkpoint_stats(), Default::default(), "taken");
+}
+
 /// A log written before frames named their sequence (`cnsW` frames, the file truncated at each
 /// checkpoint) is still replayed, and emptied once it is in a durable commit.
 #[test]
