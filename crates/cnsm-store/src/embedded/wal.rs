@@ -198,9 +198,17 @@ impl Wal {
             self.size = size;
         }
         let file = self.file()?;
-        file.write_all_at(&frame, at)
+        if let Err(e) = file
+            .write_all_at(&frame, at)
             .and_then(|()| file.sync_data())
-            .map_err(|e| io_error(&path, "cannot append", e))?;
+        {
+            // Not acknowledged: best effort so that the frame, which may have reached the disk
+            // whole, is never read as live.
+            let _ = file
+                .write_all_at(&[0u8; FRAME_HEADER], at)
+                .and_then(|()| file.sync_data());
+            return Err(io_error(&path, "cannot append", e));
+        }
         self.len = end;
         Ok(at)
     }
