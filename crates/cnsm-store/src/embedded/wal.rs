@@ -336,18 +336,30 @@ fn checksum(domain: &[u8], seq: Option<&[u8]>, payload: &[u8]) -> [u8; 16] {
     out
 }
 
-/// The first sequence and payload of the complete, intact frame at `at`, if there is one.
-fn frame_at(bytes: &[u8], at: usize) -> Option<(u64, &[u8])> {
-    let header = bytes.get(at..at.checked_add(FRAME_HEADER)?)?;
-    if header[..4] != FRAME_MAGIC {
+/// The header and payload of the complete frame with `magic` and a header of `header_len`
+/// bytes at `at`, if there is one (its checksum not checked yet).
+fn framed<'a>(
+    bytes: &'a [u8],
+    at: usize,
+    magic: [u8; 4],
+    header_len: usize,
+) -> Option<(&'a [u8], &'a [u8])> {
+    let header = bytes.get(at..at.checked_add(header_len)?)?;
+    if header[..4] != magic {
         return None;
     }
     let len = u32::from_le_bytes(header[4..8].try_into().ok()?) as usize;
     if len > FRAME_LEN_MAX {
         return None;
     }
+    let payload = bytes.get(at + header_len..at + header_len + len)?;
+    Some((header, payload))
+}
+
+/// The first sequence and payload of the complete, intact frame at `at`, if there is one.
+fn frame_at(bytes: &[u8], at: usize) -> Option<(u64, &[u8])> {
+    let (header, payload) = framed(bytes, at, FRAME_MAGIC, FRAME_HEADER)?;
     let seq_bytes = &header[8..16];
-    let payload = bytes.get(at + FRAME_HEADER..at + FRAME_HEADER + len)?;
     (checksum(CHECKSUM_DOMAIN, Some(seq_bytes), payload)[..] == header[16..32]).then(|| {
         (
             u64::from_le_bytes(seq_bytes.try_into().expect("8 bytes")),
@@ -358,15 +370,7 @@ fn frame_at(bytes: &[u8], at: usize) -> Option<(u64, &[u8])> {
 
 /// The payload of the complete, intact frame of the first format at `at`, if there is one.
 fn legacy_frame_at(bytes: &[u8], at: usize) -> Option<&[u8]> {
-    let header = bytes.get(at..at.checked_add(LEGACY_HEADER)?)?;
-    if header[..4] != LEGACY_MAGIC {
-        return None;
-    }
-    let len = u32::from_le_bytes(header[4..8].try_into().ok()?) as usize;
-    if len > FRAME_LEN_MAX {
-        return None;
-    }
-    let payload = bytes.get(at + LEGACY_HEADER..at + LEGACY_HEADER + len)?;
+    let (header, payload) = framed(bytes, at, LEGACY_MAGIC, LEGACY_HEADER)?;
     (checksum(LEGACY_CHECKSUM_DOMAIN, None, payload)[..] == header[8..24]).then_some(payload)
 }
 
