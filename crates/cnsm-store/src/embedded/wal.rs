@@ -338,12 +338,7 @@ fn checksum(domain: &[u8], seq: Option<&[u8]>, payload: &[u8]) -> [u8; 16] {
 
 /// The header and payload of the complete frame with `magic` and a header of `header_len`
 /// bytes at `at`, if there is one (its checksum not checked yet).
-fn framed<'a>(
-    bytes: &'a [u8],
-    at: usize,
-    magic: [u8; 4],
-    header_len: usize,
-) -> Option<(&'a [u8], &'a [u8])> {
+fn framed(bytes: &[u8], at: usize, magic: [u8; 4], header_len: usize) -> Option<(&[u8], &[u8])> {
     let header = bytes.get(at..at.checked_add(header_len)?)?;
     if header[..4] != magic {
         return None;
