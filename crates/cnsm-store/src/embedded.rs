@@ -337,10 +337,9 @@ impl EmbeddedStore {
         };
         // Batches acknowledged through the log but not yet in a durable redb commit.
         let wal_path = wal::path_for(&store.path);
-        let frames = wal::read_frames(&wal_path)?;
-        let legacy = frames.is_legacy();
+        let log = wal::read_log(&wal_path)?;
         let txn = store.begin_durable()?;
-        if let Err(e) = init_and_verify(&txn, &wal_path, frames, options.verify_tail) {
+        if let Err(e) = init_and_verify(&txn, &log, options.verify_tail) {
             let _ = txn.abort();
             return Err(e);
         }
@@ -348,7 +347,7 @@ impl EmbeddedStore {
         // Everything the log held is now in a durable commit: its frames no longer start at
         // the store's next sequence. A log of the first format is emptied (its frames carry no
         // sequence), and one that is no longer wanted goes.
-        if wal_path.exists() && (legacy || !options.write_ahead_log) {
+        if wal_path.exists() && (log.is_legacy() || !options.write_ahead_log) {
             let emptied = if options.write_ahead_log {
                 std::fs::File::options()
                     .write(true)
@@ -775,8 +774,7 @@ fn check_format(db: &Database) -> Result<(), StoreError> {
 /// checks the unverified tail.
 fn init_and_verify(
     txn: &WriteTransaction,
-    wal_path: &Path,
-    frames: wal::Frames,
+    log: &wal::LogFile,
     verify_tail: bool,
 ) -> Result<(), StoreError> {
     txn.open_table(RETIRED_UIDS).io()?;
@@ -787,11 +785,7 @@ fn init_and_verify(
         t.meta.insert(META_NEXT_SEQ, 1).io()?;
         t.meta.insert(META_VERIFIED_SEQ, 0).io()?;
     }
-    let logged = frames
-        .live(meta_get(&t.meta, META_NEXT_SEQ)?)
-        .map_err(|detail| {
-            StoreError::Corrupt(format!("write-ahead log {}: {detail}", wal_path.display()))
-        })?;
+    let logged = log.live(meta_get(&t.meta, META_NEXT_SEQ)?)?;
     replay(&mut t, &logged)?;
     if verify_tail {
         let from = meta_get(&t.meta, META_VERIFIED_SEQ)?;

@@ -28,7 +28,7 @@
 //! sequence and ends the chain wherever it is met; a frame whose batch failed to commit in redb
 //! (never acknowledged) has its header zeroed.
 //!
-//! After a crash redb reopens at its last durable commit and [`Frames::live`] picks the frames
+//! After a crash redb reopens at its last durable commit and [`LogFile::live`] picks the frames
 //! to re-apply, in order, in one durable transaction. A torn last frame (a crash during the
 //! append: never acknowledged) fails its checksum and ends the log.
 //!
@@ -154,7 +154,8 @@ impl Wal {
         self.len
     }
 
-    fn file(&mut self) -> Result<&File, StoreError> {
+    /// Opens the file (and reads its size) on first use.
+    fn open(&mut self) -> Result<(), StoreError> {
         if self.file.is_none() {
             let file = OpenOptions::new()
                 .read(true)
@@ -171,7 +172,7 @@ impl Wal {
             super::backup::sync_parent(&self.path)?;
             self.file = Some(file);
         }
-        Ok(self.file.as_ref().expect("opened above"))
+        Ok(())
     }
 
     /// Appends the committed items of one batch as one frame and makes it durable. `first_seq`
@@ -185,19 +186,22 @@ impl Wal {
         rows: &[Vec<u8>],
     ) -> Result<u64, StoreError> {
         let frame = encode_frame(first_seq, items, rows)?;
-        let at = self.len;
+        self.open()?;
+        let Wal {
+            path,
+            file,
+            len,
+            size,
+            ..
+        } = self;
+        let file = file.as_ref().expect("opened above");
+        let at = *len;
         let end = at + frame.len() as u64;
-        let path = self.path.clone();
-        // Opening the file reads its size.
-        self.file()?;
-        if end > self.size {
-            let size = end.div_ceil(GROWTH_BYTES) * GROWTH_BYTES;
-            let from = self.size.max(at);
-            let file = self.file()?;
-            grow(file, from, size).map_err(|e| io_error(&path, "cannot grow", e))?;
-            self.size = size;
+        if end > *size {
+            let grown = end.div_ceil(GROWTH_BYTES) * GROWTH_BYTES;
+            grow(file, (*size).max(at), grown).map_err(|e| io_error(path, "cannot grow", e))?;
+            *size = grown;
         }
-        let file = self.file()?;
         if let Err(e) = file
             .write_all_at(&frame, at)
             .and_then(|()| file.sync_data())
@@ -207,20 +211,20 @@ impl Wal {
             let _ = file
                 .write_all_at(&[0u8; FRAME_HEADER], at)
                 .and_then(|()| file.sync_data());
-            return Err(io_error(&path, "cannot append", e));
+            return Err(io_error(path, "cannot append", e));
         }
-        self.len = end;
+        *len = end;
         Ok(at)
     }
 
     /// Takes back the frames from byte `len` on, durably (a frame whose batch did not commit):
     /// the header there is zeroed, so the frame can never be read as live.
     pub(crate) fn truncate_to(&mut self, len: u64) -> Result<(), StoreError> {
-        let path = self.path.clone();
-        let file = self.file()?;
+        self.open()?;
+        let file = self.file.as_ref().expect("opened above");
         file.write_all_at(&[0u8; FRAME_HEADER], len)
             .and_then(|()| file.sync_data())
-            .map_err(|e| io_error(&path, "cannot take a frame back", e))?;
+            .map_err(|e| io_error(&self.path, "cannot take a frame back", e))?;
         self.len = len;
         Ok(())
     }
@@ -245,84 +249,78 @@ fn grow(file: &File, from: u64, to: u64) -> std::io::Result<()> {
     file.sync_all()
 }
 
-/// The intact frames at the start of a log, in order.
-pub(crate) enum Frames {
-    /// Frames that name their first sequence: `(first_seq, items)`, each starting where the
-    /// one before it ended.
-    Sequenced(Vec<(u64, Vec<CommitItem>)>),
-    /// Frames of the first format: everything intact, replayed by skipping what redb has.
-    Legacy(Vec<Vec<CommitItem>>),
+/// A log file as read on open; frames are decoded only as far as they are live.
+pub(crate) struct LogFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
 }
 
-impl Frames {
-    /// The batches to re-apply on a store whose durable next sequence is `next_seq`: the
-    /// frames from the one starting there. Frames that start below it are stale (covered by a
-    /// durable commit); a log that starts above it does not belong to this store state.
-    pub(crate) fn live(self, next_seq: u64) -> Result<Vec<Vec<CommitItem>>, String> {
-        match self {
-            Frames::Legacy(batches) => Ok(batches),
-            Frames::Sequenced(frames) => match frames.first() {
-                None => Ok(Vec::new()),
-                Some((first, _)) if *first < next_seq => Ok(Vec::new()),
-                Some((first, _)) if *first > next_seq => Err(format!(
-                    "starts at commit sequence {first}, after the store's next sequence \
-                     {next_seq}: the log belongs to another state of this store"
-                )),
-                Some(_) => Ok(frames.into_iter().map(|(_, items)| items).collect()),
-            },
-        }
-    }
-
-    /// Whether these are frames of the first format.
-    pub(crate) fn is_legacy(&self) -> bool {
-        matches!(self, Frames::Legacy(_))
-    }
-}
-
-/// Reads the intact frames at the start of the log at `path` (none when it does not exist).
-/// A torn or corrupt frame, a frame of the other format, and a sequenced frame that does not
-/// start where the one before it ended all end the log: nothing from there on was acknowledged
-/// since the last durable commit.
-pub(crate) fn read_frames(path: &Path) -> Result<Frames, StoreError> {
+/// Reads the log at `path` (empty when it does not exist).
+pub(crate) fn read_log(path: &Path) -> Result<LogFile, StoreError> {
     let mut bytes = Vec::new();
     match File::open(path) {
         Ok(mut file) => {
             file.read_to_end(&mut bytes)
                 .map_err(|e| io_error(path, "cannot read", e))?;
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(Frames::Sequenced(Vec::new()));
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_error(path, "cannot open", e)),
     }
-    let corrupt = |at: usize, detail: String| {
-        StoreError::Corrupt(format!(
-            "write-ahead log {}: frame at byte {at} has a valid checksum but {detail}",
-            path.display()
-        ))
-    };
-    if bytes.starts_with(&LEGACY_MAGIC) {
+    Ok(LogFile {
+        path: path.to_owned(),
+        bytes,
+    })
+}
+
+impl LogFile {
+    /// Whether the log holds frames of the first format.
+    pub(crate) fn is_legacy(&self) -> bool {
+        self.bytes.starts_with(&LEGACY_MAGIC)
+    }
+
+    /// The batches to re-apply on a store whose durable next sequence is `next_seq`: the chain
+    /// of intact frames that starts there at the first byte, each frame starting where the one
+    /// before it ended. A torn or corrupt frame, a frame of the other format, or one that does
+    /// not start where the chain expects ends it: nothing from there on was acknowledged since
+    /// the last durable commit. A first frame below `next_seq` is stale (covered by a durable
+    /// commit: nothing to re-apply); one above it means the log belongs to another state of
+    /// this store. A log of the first format is re-applied whole (replay skips what redb has).
+    pub(crate) fn live(&self, next_seq: u64) -> Result<Vec<Vec<CommitItem>>, StoreError> {
+        let corrupt = |detail: String| {
+            StoreError::Corrupt(format!("write-ahead log {}: {detail}", self.path.display()))
+        };
+        let undecodable = |at: usize, detail: String| {
+            corrupt(format!(
+                "frame at byte {at} has a valid checksum but {detail}"
+            ))
+        };
         let mut batches = Vec::new();
         let mut at = 0usize;
-        while let Some(payload) = legacy_frame_at(&bytes, at) {
-            batches.push(decode_payload(payload).map_err(|detail| corrupt(at, detail))?);
-            at += LEGACY_HEADER + payload.len();
+        if self.is_legacy() {
+            while let Some(payload) = legacy_frame_at(&self.bytes, at) {
+                batches.push(decode_payload(payload).map_err(|detail| undecodable(at, detail))?);
+                at += LEGACY_HEADER + payload.len();
+            }
+            return Ok(batches);
         }
-        return Ok(Frames::Legacy(batches));
-    }
-    let mut frames: Vec<(u64, Vec<CommitItem>)> = Vec::new();
-    let mut at = 0usize;
-    while let Some((first_seq, payload)) = frame_at(&bytes, at) {
-        if let Some((previous, items)) = frames.last()
-            && previous + items.len() as u64 != first_seq
-        {
-            break;
+        let mut expected = next_seq;
+        while let Some((first_seq, payload)) = frame_at(&self.bytes, at) {
+            if first_seq != expected {
+                if at == 0 && first_seq > next_seq {
+                    return Err(corrupt(format!(
+                        "starts at commit sequence {first_seq}, after the store's next sequence \
+                         {next_seq}: the log belongs to another state of this store"
+                    )));
+                }
+                break;
+            }
+            let items = decode_payload(payload).map_err(|detail| undecodable(at, detail))?;
+            expected += items.len() as u64;
+            at += FRAME_HEADER + payload.len();
+            batches.push(items);
         }
-        let items = decode_payload(payload).map_err(|detail| corrupt(at, detail))?;
-        frames.push((first_seq, items));
-        at += FRAME_HEADER + payload.len();
+        Ok(batches)
     }
-    Ok(Frames::Sequenced(frames))
 }
 
 /// The first 16 bytes of SHA-256 over `domain`, `seq` (8 bytes LE, absent in the first format)
@@ -506,13 +504,10 @@ fn decode_payload(payload: &[u8]) -> Result<Vec<CommitItem>, String> {
 mod tests {
     use super::*;
 
-    /// `(first_seq, number of batches)` of what `read_frames` finds (frames here are empty
-    /// batches, so a chain's frames all name the same sequence).
-    fn read(path: &Path) -> (Option<u64>, usize) {
-        match read_frames(path).unwrap() {
-            Frames::Sequenced(frames) => (frames.first().map(|f| f.0), frames.len()),
-            Frames::Legacy(_) => panic!("a log of the first format"),
-        }
+    /// How many batches of the log at `path` are live for a store at `next_seq` (frames here
+    /// are empty batches, so a chain's frames all name the same sequence).
+    fn live(path: &Path, next_seq: u64) -> usize {
+        read_log(path).unwrap().live(next_seq).unwrap().len()
     }
 
     #[test]
@@ -523,11 +518,11 @@ mod tests {
         wal.append(7, &[], &[]).unwrap();
         let second = wal.append(7, &[], &[]).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), GROWTH_BYTES);
-        assert_eq!(read(&path), (Some(7), 2));
+        assert_eq!(live(&path, 7), 2);
         let mut flipped = std::fs::read(&path).unwrap();
         flipped[second as usize + FRAME_HEADER] ^= 1;
         std::fs::write(&path, &flipped).unwrap();
-        assert_eq!(read(&path), (Some(7), 1));
+        assert_eq!(live(&path, 7), 1);
     }
 
     #[test]
@@ -541,26 +536,27 @@ mod tests {
         wal.reset();
         // The stale second and third frames stay in the file, naming sequence 1.
         wal.append(4, &[], &[]).unwrap();
-        assert_eq!(read(&path), (Some(4), 1));
+        assert_eq!(live(&path, 4), 1);
         assert_eq!(wal.len(), (FRAME_HEADER + 4) as u64);
         // A frame taken back (its batch failed in redb) is never read as live.
         let at = wal.append(4, &[], &[]).unwrap();
-        assert_eq!(read(&path), (Some(4), 2));
+        assert_eq!(live(&path, 4), 2);
         wal.truncate_to(at).unwrap();
-        assert_eq!(read(&path), (Some(4), 1));
+        assert_eq!(live(&path, 4), 1);
     }
 
     #[test]
     fn live_frames_start_at_the_store_next_sequence() {
-        let frames = || Frames::Sequenced(vec![(5, Vec::new()), (5, Vec::new())]);
-        assert_eq!(frames().live(5).unwrap().len(), 2);
-        assert!(
-            frames().live(6).unwrap().is_empty(),
-            "covered by a durable commit"
-        );
-        let error = frames().live(4).unwrap_err();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.wal");
+        assert_eq!(live(&path, 9), 0, "no log");
+        let mut wal = Wal::new(path.clone());
+        wal.append(5, &[], &[]).unwrap();
+        wal.append(5, &[], &[]).unwrap();
+        assert_eq!(live(&path, 5), 2);
+        assert_eq!(live(&path, 6), 0, "covered by a durable commit");
+        let error = read_log(&path).unwrap().live(4).unwrap_err().to_string();
         assert!(error.contains("another state of this store"), "{error}");
-        assert!(Frames::Sequenced(Vec::new()).live(9).unwrap().is_empty());
     }
 
     #[test]
@@ -575,8 +571,8 @@ mod tests {
         let mut bytes = frame.repeat(2);
         bytes.extend_from_slice(b"cnsWtorn");
         std::fs::write(&path, &bytes).unwrap();
-        let frames = read_frames(&path).unwrap();
-        assert!(frames.is_legacy());
-        assert_eq!(frames.live(123).unwrap().len(), 2);
+        let log = read_log(&path).unwrap();
+        assert!(log.is_legacy());
+        assert_eq!(log.live(123).unwrap().len(), 2);
     }
 }
