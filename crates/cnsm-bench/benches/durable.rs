@@ -72,6 +72,8 @@ async fn setup(
     let dir = bench_dir();
     let mut options = EmbeddedOptions::default();
     options.write_ahead_log = log;
+    // CNSM_BENCH_SYNC_CHECKPOINTS=1: checkpoints on the committer's thread (the A/B).
+    options.background_checkpoints = std::env::var_os("CNSM_BENCH_SYNC_CHECKPOINTS").is_none();
     let store = Arc::new(EmbeddedStore::open_with_options(dir.path(), options).unwrap());
     let runtime = Runtime::open_shared(store.clone(), RuntimeOptions::default()).unwrap();
     let batches = Arc::new(Batches::default());

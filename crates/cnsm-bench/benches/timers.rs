@@ -44,9 +44,21 @@ struct Lateness {
     samples: Mutex<Vec<Duration>>,
     /// Due time to the engine applying the firing (the record's time).
     applied: Mutex<Vec<Duration>>,
+    /// When each firing was durable (ms since the epoch), in the order of `samples`.
+    at_ms: Mutex<Vec<u64>>,
+    /// Every commit: (when, items, duration), with CNSM_BENCH_LATENESS_CSV.
+    batches: Mutex<Vec<(u64, usize, Duration)>>,
 }
 
 impl CommitListener for Lateness {
+    fn on_batch(&self, n_items: usize, commit_duration: Duration) {
+        if std::env::var_os("CNSM_BENCH_LATENESS_CSV").is_some()
+            && let Ok(mut b) = self.batches.lock()
+        {
+            b.push((SystemClock.now_ms(), n_items, commit_duration));
+        }
+    }
+
     fn on_commit(
         &self,
         record: &cnsm_core::StateChangeEvent,
@@ -56,8 +68,9 @@ impl CommitListener for Lateness {
         if record.kind == RecordKind::Timer {
             let due_ms = instance.created_ms + 3_000;
             let now_ms = SystemClock.now_ms();
-            if let Ok(mut v) = self.samples.lock() {
+            if let (Ok(mut v), Ok(mut at)) = (self.samples.lock(), self.at_ms.lock()) {
                 v.push(Duration::from_millis(now_ms.saturating_sub(due_ms)));
+                at.push(now_ms);
             }
             if let Ok(mut v) = self.applied.lock() {
                 v.push(Duration::from_millis(record.time_ms.saturating_sub(due_ms)));
@@ -109,6 +122,8 @@ fn main() {
         // CNSM_BENCH_NO_QUICK_REPAIR=1 measures the store without redb's quick repair.
         let mut options = cnsm_store::embedded::EmbeddedOptions::default();
         options.quick_repair = std::env::var_os("CNSM_BENCH_NO_QUICK_REPAIR").is_none();
+        // CNSM_BENCH_SYNC_CHECKPOINTS=1: checkpoints on the committer's thread (the A/B).
+        options.background_checkpoints = std::env::var_os("CNSM_BENCH_SYNC_CHECKPOINTS").is_none();
         let store = Arc::new(EmbeddedStore::open_with_options(dir.path(), options).unwrap());
         let runtime = Runtime::open_shared(store.clone(), RuntimeOptions::default()).unwrap();
         runtime.apply_yaml(MACHINES, None).await.unwrap();
@@ -146,6 +161,8 @@ fn main() {
         runtime.subscribe(lateness.clone());
         store.take_checkpoint_stats();
         let n_short = 10_000;
+        // Per create: how late it was sent against its schedule, and how long it took.
+        let create_times: Arc<Mutex<Vec<(Duration, Duration)>>> = Arc::default();
         let pace = Duration::from_micros(500);
         let started = Instant::now();
         for i in 0..n_short {
@@ -155,8 +172,14 @@ fn main() {
                 tokio::time::sleep(target - now).await;
             }
             let runtime = runtime.clone();
+            let create_times = create_times.clone();
             tokio::spawn(async move {
+                let spawned = Instant::now();
                 runtime.create_instance(CreateInstance::new("bench", "short").id(format!("s-{i}"))).await.unwrap();
+                create_times.lock().unwrap().push((
+                    spawned.saturating_duration_since(target),
+                    spawned.elapsed(),
+                ));
             });
         }
         while lateness.samples.lock().unwrap().len() < n_short {
@@ -166,6 +189,40 @@ fn main() {
             }
         }
         let mut samples = lateness.samples.lock().unwrap().clone();
+        {
+            let times = create_times.lock().unwrap();
+            let mut sent: Vec<Duration> = times.iter().map(|t| t.0).collect();
+            let mut took: Vec<Duration> = times.iter().map(|t| t.1).collect();
+            println!(
+                "creates of the timed instances: sent late p99 {:?} (max {:?}), answered in p99 {:?} (max {:?})",
+                percentile(&mut sent, 0.99),
+                percentile(&mut sent, 1.0),
+                percentile(&mut took, 0.99),
+                percentile(&mut took, 1.0)
+            );
+        }
+        if let Some(path) = std::env::var_os("CNSM_BENCH_LATENESS_CSV") {
+            // Every firing's (durable commit ms since the first, lateness ms), to see when the
+            // late ones happened.
+            let at = lateness.at_ms.lock().unwrap().clone();
+            let first = at.iter().copied().min().unwrap_or(0);
+            let lines: Vec<String> = at
+                .iter()
+                .zip(&samples)
+                .map(|(t, l)| format!("{},{}", t - first, l.as_millis()))
+                .collect();
+            std::fs::write(&path, lines.join("\n")).unwrap();
+            let batches: Vec<String> = lateness
+                .batches
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(t, n, d)| format!("{},{},{}", *t as i64 - first as i64, n, d.as_micros()))
+                .collect();
+            let mut batches_path = path.clone();
+            batches_path.push(".batches");
+            std::fs::write(batches_path, batches.join("\n")).unwrap();
+        }
         let mut applied = lateness.applied.lock().unwrap().clone();
         report(
             "timers.fire_lateness_p99",

@@ -59,7 +59,7 @@ pub fn report_checkpoints(name: &str, stats: cnsm_store::embedded::CheckpointSta
         stats.total.as_secs_f64() * 1000.0 / count as f64,
         "ms per checkpoint",
         &format!(
-            "({} checkpoints, longest {:.1} ms, {:.0} KiB of log each; the committer waits for each)",
+            "({} checkpoints, longest {:.1} ms, {:.0} KiB of log each)",
             stats.count,
             stats.max.as_secs_f64() * 1000.0,
             stats.log_bytes as f64 / 1024.0 / count as f64

@@ -91,6 +91,7 @@ use crate::{
 
 pub mod backup;
 mod check;
+mod checkpointer;
 mod import;
 mod retention;
 pub(crate) mod tables;
@@ -122,9 +123,12 @@ pub struct EmbeddedStore {
     verified_upto: Arc<AtomicU64>,
     verifier: Option<Verifier>,
     /// The write-ahead log of transition batches (see [`wal`]); `None` when every commit is a
-    /// durable redb commit. Every write of the store holds this lock, so frames are appended
-    /// only between checkpoints.
+    /// durable redb commit. Every write of the store holds this lock.
     wal: Mutex<Option<wal::Wal>>,
+    /// Checkpoints beside the committer and the batches acknowledged during one (see
+    /// [`checkpointer`]).
+    checkpointer: Arc<checkpointer::Checkpointer>,
+    background_checkpoints: bool,
 }
 
 /// The background thread that reads back committed records (on a read snapshot, beside the
@@ -150,6 +154,9 @@ impl Verifier {
 
 impl Drop for EmbeddedStore {
     fn drop(&mut self) {
+        // The checkpoint thread holds the database: it must be gone when the store is.
+        self.checkpointer.hold(false);
+        let _ = self.checkpointer.settle();
         if let Some(verifier) = self.verifier.as_mut() {
             verifier.shut_down();
         }
@@ -257,6 +264,11 @@ pub struct EmbeddedOptions {
     /// `fdatasync` per batch, with a durable redb commit (a checkpoint) every quarter second.
     /// Durability is the same either way; see `ARCHITECTURE.md`.
     pub write_ahead_log: bool,
+    /// Take the write-ahead log's checkpoints on a thread of their own while the committer goes
+    /// on (default `true`), instead of on the committer's thread, which then waits for each.
+    /// Batches acknowledged during a checkpoint are applied to redb after it; reads that concern
+    /// them wait for that. See `ARCHITECTURE.md`.
+    pub background_checkpoints: bool,
     /// The memory redb may use to cache pages, written ones of an open transaction included
     /// (default [`CACHE_LEN_BYTES_DEFAULT`], redb's own default). A smaller cache bounds the
     /// memory of a big one-transaction write such as a snapshot import.
@@ -272,6 +284,7 @@ impl Default for EmbeddedOptions {
             verify_tail: true,
             quick_repair: true,
             write_ahead_log: true,
+            background_checkpoints: true,
             cache_len_bytes: CACHE_LEN_BYTES_DEFAULT,
         }
     }
@@ -334,33 +347,41 @@ impl EmbeddedStore {
             verified_upto: Arc::new(AtomicU64::new(0)),
             verifier: None,
             wal: Mutex::new(None),
+            checkpointer: Arc::default(),
+            background_checkpoints: options.background_checkpoints,
         };
         // Batches acknowledged through the log but not yet in a durable redb commit.
-        let wal_path = wal::path_for(&store.path);
-        let log = wal::read_log(&wal_path)?;
+        let wal_paths = wal::paths_for(&store.path);
+        let logs = wal_paths
+            .iter()
+            .map(|path| wal::read_log(path))
+            .collect::<Result<Vec<_>, _>>()?;
         let txn = store.begin_durable()?;
-        if let Err(e) = init_and_verify(&txn, &log, options.verify_tail) {
+        if let Err(e) = init_and_verify(&txn, &logs, options.verify_tail) {
             let _ = txn.abort();
             return Err(e);
         }
         txn.commit().io()?;
         // Everything the log held is now in a durable commit: its frames no longer start at
-        // the store's next sequence. A log of the first format is emptied (its frames carry no
-        // sequence), and one that is no longer wanted goes.
-        if wal_path.exists() && (log.is_legacy() || !options.write_ahead_log) {
+        // the store's next sequence. A file of the first format is emptied (its frames carry
+        // no sequence), and a log that is no longer wanted goes.
+        for (path, log) in wal_paths.iter().zip(&logs) {
+            let unwanted = log.is_legacy() || !options.write_ahead_log;
+            if !unwanted || !path.exists() {
+                continue;
+            }
             let emptied = if options.write_ahead_log {
                 std::fs::File::options()
                     .write(true)
-                    .open(&wal_path)
+                    .open(path)
                     .and_then(|file| file.set_len(0).and_then(|()| file.sync_all()))
             } else {
-                std::fs::remove_file(&wal_path)
+                std::fs::remove_file(path)
             };
-            emptied
-                .map_err(|e| StoreError::Io(format!("cannot empty {}: {e}", wal_path.display())))?;
+            emptied.map_err(|e| StoreError::Io(format!("cannot empty {}: {e}", path.display())))?;
         }
         if options.write_ahead_log {
-            *store.wal.lock().unwrap_or_else(|e| e.into_inner()) = Some(wal::Wal::new(wal_path));
+            *store.wal.lock().unwrap_or_else(|e| e.into_inner()) = Some(wal::Wal::new(wal_paths));
         }
         if options.verify_tail {
             let stop = Arc::new((AtomicBool::new(false), Mutex::new(()), Condvar::new()));
@@ -426,6 +447,7 @@ impl EmbeddedStore {
             verifier.shut_down();
         }
         let mut log = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        self.checkpointer.settle()?;
         if !self.verify_tail {
             if log.as_ref().is_some_and(|l| l.len() > 0) {
                 let txn = self.begin_durable()?;
@@ -461,53 +483,34 @@ impl EmbeddedStore {
         }
     }
 
+    /// A read snapshot that holds every acknowledged batch (it waits for the batches deferred
+    /// during a checkpoint to be applied).
     fn read(&self) -> Result<ReadTransaction, StoreError> {
+        self.checkpointer.wait_applied(|_| true)?;
         self.db.begin_read().io()
     }
 
-    /// The verification checkpoint a write persists: the stored one, advanced to what the
-    /// background verifier read back (never past the last logged record, `next_seq - 1`).
+    /// A read snapshot for definitions and rollouts, which no transition batch writes (only
+    /// durable writes do, after any checkpoint finished): it never waits.
+    fn read_definitions(&self) -> Result<ReadTransaction, StoreError> {
+        self.db.begin_read().io()
+    }
+
+    /// A read snapshot for reading one instance: it waits only if a batch deferred during a
+    /// checkpoint changed that instance.
+    fn read_instance(&self, namespace: &str, id: &str) -> Result<ReadTransaction, StoreError> {
+        self.checkpointer
+            .wait_applied(|state| state.head(namespace, id).is_some())?;
+        self.db.begin_read().io()
+    }
+
+    /// The verification checkpoint a write persists (see [`persistable_checkpoint`]).
     fn checkpoint_to_persist(
         &self,
         meta: &impl ReadableTable<&'static str, u64>,
         next_seq: u64,
     ) -> Result<u64, StoreError> {
-        Ok(meta_get(meta, META_VERIFIED_SEQ)?.max(
-            self.verified_upto
-                .load(Ordering::SeqCst)
-                .min(next_seq.saturating_sub(1)),
-        ))
-    }
-
-    /// Runs the writes of one batch; the caller commits or aborts.
-    fn commit_in(
-        &self,
-        txn: &WriteTransaction,
-        items: &[CommitItem],
-        prev_hashes: &[Hash32],
-    ) -> Result<Applied, StoreError> {
-        let mut t = WriteTables::open(txn)?;
-        let mut counters = Counters {
-            next_uid: meta_get(&t.meta, META_NEXT_UID)?,
-            next_seq: meta_get(&t.meta, META_NEXT_SEQ)?,
-            rows: Vec::with_capacity(items.len()),
-        };
-        let first_seq = counters.next_seq;
-        // The background verifier read back everything up to `verified_upto`; persist it.
-        let verified_seq = self.checkpoint_to_persist(&t.meta, counters.next_seq)?;
-
-        let mut outcomes = Vec::with_capacity(items.len());
-        for (item, prev_hash) in items.iter().zip(prev_hashes) {
-            outcomes.push(apply_item(&mut t, item, *prev_hash, &mut counters)?);
-        }
-        t.meta.insert(META_NEXT_UID, counters.next_uid).io()?;
-        t.meta.insert(META_NEXT_SEQ, counters.next_seq).io()?;
-        t.meta.insert(META_VERIFIED_SEQ, verified_seq).io()?;
-        Ok(Applied {
-            outcomes,
-            rows: counters.rows,
-            first_seq,
-        })
+        persistable_checkpoint(meta, next_seq, &self.verified_upto)
     }
 
     /// [`Store::erase`] inside one write transaction: compare-and-swap, bytes replaced in the
@@ -585,6 +588,7 @@ impl EmbeddedStore {
         body: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut log = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        self.checkpointer.settle()?;
         let txn = self.begin_durable()?;
         match body(&txn) {
             Ok(value) => {
@@ -593,6 +597,40 @@ impl EmbeddedStore {
                     log.reset();
                 }
                 Ok(value)
+            }
+            Err(e) => {
+                let _ = txn.abort();
+                Err(e)
+            }
+        }
+    }
+
+    /// A write that may be lost in a crash and done again (it changes nothing a logged batch
+    /// depends on: forgetting expired idempotency keys): with the log, a non-durable redb commit
+    /// that the next checkpoint persists, skipped (`Ok(None)`) while a checkpoint runs; without
+    /// the log, a durable commit like any other.
+    fn write_unlogged<T>(
+        &self,
+        body: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        let log = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        if log.is_none() {
+            drop(log);
+            return self.write(body).map(Some);
+        }
+        {
+            let state = self.checkpointer.lock();
+            state.failed()?;
+            if state.in_flight {
+                return Ok(None);
+            }
+        }
+        let mut txn = self.db.begin_write().io()?;
+        txn.set_durability(Durability::None).io()?;
+        match body(&txn) {
+            Ok(value) => {
+                txn.commit().io()?;
+                Ok(Some(value))
             }
             Err(e) => {
                 let _ = txn.abort();
@@ -616,7 +654,7 @@ impl EmbeddedStore {
             outcomes,
             rows,
             first_seq,
-        } = match self.commit_in(&txn, items, prev_hashes) {
+        } = match commit_in(&txn, items, prev_hashes, &self.verified_upto) {
             Ok(applied) => applied,
             Err(e) => {
                 let _ = txn.abort();
@@ -646,50 +684,219 @@ impl EmbeddedStore {
             return Err(StoreError::Io(e.to_string()));
         }
         if log.checkpoint_due() {
-            self.checkpoint_locked(log)?;
+            self.start_checkpoint(log)?;
         }
         Ok(outcomes)
     }
 
-    /// A durable redb commit that covers every batch in the log, which is then emptied. It
-    /// persists the verifier's watermark, so it always has something to write.
+    /// A batch that arrives while a checkpoint holds redb's write lock: decided on the heads the
+    /// deferred batches left and a read snapshot, made durable in the log, acknowledged, and
+    /// kept for the checkpoint thread to apply (see [`checkpointer`]).
+    fn commit_deferred(
+        &self,
+        state: &mut checkpointer::State,
+        log: &mut wal::Wal,
+        items: &[CommitItem],
+        prev_hashes: &[Hash32],
+    ) -> Result<Vec<ItemOutcome>, StoreError> {
+        let snapshot = self.db.begin_read().io()?;
+        let instances = snapshot.open_table(INSTANCES).io()?;
+        let (mut next_uid, mut next_seq) = match state.counters {
+            Some(counters) => counters,
+            None => {
+                let meta = snapshot.open_table(META).io()?;
+                (
+                    meta_get(&meta, META_NEXT_UID)?,
+                    meta_get(&meta, META_NEXT_SEQ)?,
+                )
+            }
+        };
+        let first_seq = next_seq;
+        // Heads this batch changed (an instance may have several items in one batch).
+        let mut staged: Vec<(String, String, InstanceHead, Vec<u8>)> = Vec::new();
+        let mut outcomes = Vec::with_capacity(items.len());
+        let mut committed: Vec<&CommitItem> = Vec::new();
+        let mut committed_prev: Vec<Hash32> = Vec::new();
+        let mut rows = Vec::new();
+        for (item, prev_hash) in items.iter().zip(prev_hashes) {
+            let (namespace, id) = (&*item.instance.namespace, &*item.instance.id);
+            let existing = match staged
+                .iter()
+                .rev()
+                .find(|(n, i, ..)| n == namespace && i == id)
+                .map(|(_, _, head, _)| head)
+                .or_else(|| state.head(namespace, id))
+            {
+                Some(head) => Some(head.clone()),
+                None => match instances.get((namespace, id)).io()? {
+                    Some(row) => Some(head_of(&row.value()).map_err(|detail| {
+                        StoreError::Corrupt(format!("instance {namespace}/{id}: {detail}"))
+                    })?),
+                    None => None,
+                },
+            };
+            let uid = match decide(existing, item, *prev_hash)? {
+                Decision::Conflict { actual } => {
+                    outcomes.push(ItemOutcome::Conflict { actual });
+                    continue;
+                }
+                Decision::Create => {
+                    next_uid += 1;
+                    next_uid - 1
+                }
+                Decision::Update(head) => head.uid,
+            };
+            next_seq += 1;
+            let row = encode_row(&item.instance)?;
+            rows.push(row.clone());
+            staged.push((
+                namespace.to_owned(),
+                id.to_owned(),
+                InstanceHead {
+                    uid,
+                    version: item.record.version,
+                    status: item.instance.status,
+                    timer: indexed_timer(&item.instance),
+                    last_hash: item.record.hash,
+                    machine: item.instance.machine.to_string(),
+                },
+                row,
+            ));
+            outcomes.push(ItemOutcome::Committed { uid });
+            committed.push(item);
+            committed_prev.push(*prev_hash);
+        }
+        if committed.is_empty() {
+            return Ok(outcomes);
+        }
+        log.append(first_seq, &committed, &rows)?;
+        state.defer(
+            first_seq,
+            committed.into_iter().cloned().collect(),
+            committed_prev,
+            staged,
+            (next_uid, next_seq),
+        );
+        self.checkpointer.mark_deferred();
+        Ok(outcomes)
+    }
+
+    /// Starts a checkpoint: on its own thread (the committer goes on) unless the options say
+    /// otherwise or the thread cannot start.
+    fn start_checkpoint(&self, log: &mut wal::Wal) -> Result<(), StoreError> {
+        if self.background_checkpoints {
+            let log_bytes = log.switch();
+            let started = self.checkpointer.start(
+                &self.db,
+                self.quick_repair,
+                &self.verified_upto,
+                log_bytes,
+            );
+            if started.is_ok() {
+                return Ok(());
+            }
+        }
+        self.checkpoint_locked(log)
+    }
+
+    /// A durable redb commit that covers every batch in the log, which is then emptied, taken
+    /// on this thread; no checkpoint may be running.
     fn checkpoint_locked(&self, log: &mut wal::Wal) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
-        let txn = self.begin_durable()?;
-        {
-            let mut meta = txn.open_table(META).io()?;
-            let next_seq = meta_get(&meta, META_NEXT_SEQ)?;
-            let verified_seq = self.checkpoint_to_persist(&meta, next_seq)?;
-            meta.insert(META_VERIFIED_SEQ, verified_seq).io()?;
-        }
-        txn.commit().io()?;
+        checkpointer::durable_checkpoint(&self.db, self.quick_repair, &self.verified_upto)?;
         let log_bytes = log.len();
-        log.stats.record(started.elapsed(), log_bytes);
+        self.checkpointer
+            .lock()
+            .stats
+            .record(started.elapsed(), log_bytes);
         log.reset();
         Ok(())
     }
 
     /// What this store's checkpoints have cost since it was opened or since the last call, and
     /// starts counting again (all zero with the write-ahead log off). Each checkpoint is a
-    /// durable redb commit that writes every page the batches since the previous one changed,
-    /// and the committer waits for it: their durations are the long tail of commit latency
-    /// (BENCHMARKS.md).
+    /// durable redb commit that writes every page the batches since the previous one changed;
+    /// with [`EmbeddedOptions::background_checkpoints`] off the committer waits for each, and
+    /// their durations are the long tail of commit latency (BENCHMARKS.md).
     pub fn take_checkpoint_stats(&self) -> CheckpointStats {
-        let mut log = self.wal.lock().unwrap_or_else(|e| e.into_inner());
-        log.as_mut()
-            .map(|log| std::mem::take(&mut log.stats))
-            .unwrap_or_default()
+        std::mem::take(&mut self.checkpointer.lock().stats)
     }
 
-    /// Takes a checkpoint now if the write-ahead log holds anything (tests and tools; the store
-    /// takes them by itself).
+    /// Takes a checkpoint now if the write-ahead log holds anything, after waiting for one that
+    /// runs (tests and tools; the store takes them by itself).
     pub fn checkpoint_now(&self) -> Result<(), StoreError> {
         let mut log = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        self.checkpointer.settle()?;
         match log.as_mut() {
             Some(log) if log.len() > 0 => self.checkpoint_locked(log),
             _ => Ok(()),
         }
     }
+
+    /// Test hook: starts a checkpoint in the background now if the log holds anything and none
+    /// runs, as the committer does when one is due. Not part of the supported API.
+    #[doc(hidden)]
+    pub fn start_checkpoint_now(&self) -> Result<(), StoreError> {
+        let mut log = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        self.checkpointer.settle()?;
+        match log.as_mut() {
+            Some(log) if log.len() > 0 => self.start_checkpoint(log),
+            _ => Ok(()),
+        }
+    }
+
+    /// Test hook: background checkpoints that start from now on wait before their durable
+    /// commit until this is called with `false`, so that a test can commit batches while one
+    /// runs. Not part of the supported API.
+    #[doc(hidden)]
+    pub fn hold_checkpoints(&self, hold: bool) {
+        self.checkpointer.hold(hold);
+    }
+}
+
+/// The verification checkpoint a write persists: the stored one, advanced to what the
+/// background verifier read back (never past the last logged record, `next_seq - 1`).
+fn persistable_checkpoint(
+    meta: &impl ReadableTable<&'static str, u64>,
+    next_seq: u64,
+    verified_upto: &AtomicU64,
+) -> Result<u64, StoreError> {
+    Ok(meta_get(meta, META_VERIFIED_SEQ)?.max(
+        verified_upto
+            .load(Ordering::SeqCst)
+            .min(next_seq.saturating_sub(1)),
+    ))
+}
+
+/// Runs the writes of one batch; the caller commits or aborts.
+fn commit_in(
+    txn: &WriteTransaction,
+    items: &[CommitItem],
+    prev_hashes: &[Hash32],
+    verified_upto: &AtomicU64,
+) -> Result<Applied, StoreError> {
+    let mut t = WriteTables::open(txn)?;
+    let mut counters = Counters {
+        next_uid: meta_get(&t.meta, META_NEXT_UID)?,
+        next_seq: meta_get(&t.meta, META_NEXT_SEQ)?,
+        rows: Vec::with_capacity(items.len()),
+    };
+    let first_seq = counters.next_seq;
+    // The background verifier read back everything up to `verified_upto`; persist it.
+    let verified_seq = persistable_checkpoint(&t.meta, counters.next_seq, verified_upto)?;
+
+    let mut outcomes = Vec::with_capacity(items.len());
+    for (item, prev_hash) in items.iter().zip(prev_hashes) {
+        outcomes.push(apply_item(&mut t, item, *prev_hash, &mut counters)?);
+    }
+    t.meta.insert(META_NEXT_UID, counters.next_uid).io()?;
+    t.meta.insert(META_NEXT_SEQ, counters.next_seq).io()?;
+    t.meta.insert(META_VERIFIED_SEQ, verified_seq).io()?;
+    Ok(Applied {
+        outcomes,
+        rows: counters.rows,
+        first_seq,
+    })
 }
 
 /// Refuses an empty or over-long delivery target name.
@@ -774,7 +981,7 @@ fn check_format(db: &Database) -> Result<(), StoreError> {
 /// checks the unverified tail.
 fn init_and_verify(
     txn: &WriteTransaction,
-    log: &wal::LogFile,
+    logs: &[wal::LogFile],
     verify_tail: bool,
 ) -> Result<(), StoreError> {
     txn.open_table(RETIRED_UIDS).io()?;
@@ -785,7 +992,7 @@ fn init_and_verify(
         t.meta.insert(META_NEXT_SEQ, 1).io()?;
         t.meta.insert(META_VERIFIED_SEQ, 0).io()?;
     }
-    let logged = log.live(meta_get(&t.meta, META_NEXT_SEQ)?)?;
+    let logged = wal::live_chain(logs, meta_get(&t.meta, META_NEXT_SEQ)?)?;
     replay(&mut t, &logged)?;
     if verify_tail {
         let from = meta_get(&t.meta, META_VERIFIED_SEQ)?;
@@ -1009,6 +1216,45 @@ pub fn check_item(index: usize, item: &CommitItem) -> Result<Hash32, StoreError>
     Ok(prev_hash)
 }
 
+/// What an item does to the store, given the instance's stored head.
+enum Decision {
+    /// It loses its compare-and-swap (the stored version, if the instance exists).
+    Conflict { actual: Option<u64> },
+    /// It creates the instance (a new uid).
+    Create,
+    /// It advances the instance.
+    Update(InstanceHead),
+}
+
+/// The compare-and-swap of one item against the instance's head; the one place where
+/// [`apply_item`] and a batch deferred during a checkpoint decide.
+fn decide(
+    existing: Option<InstanceHead>,
+    item: &CommitItem,
+    prev_hash: Hash32,
+) -> Result<Decision, StoreError> {
+    match (item.expected_version, existing) {
+        (None, Some(head)) => Ok(Decision::Conflict {
+            actual: Some(head.version),
+        }),
+        (Some(_), None) => Ok(Decision::Conflict { actual: None }),
+        (Some(expected), Some(head)) if head.version != expected => Ok(Decision::Conflict {
+            actual: Some(head.version),
+        }),
+        (None, None) => Ok(Decision::Create),
+        (Some(expected), Some(head)) => {
+            // The row carries the hash of its last record: no record read on the commit path.
+            if head.last_hash != prev_hash {
+                return Err(StoreError::Corrupt(format!(
+                    "instance {}/{}: record {} does not chain to the stored record {expected}",
+                    item.instance.namespace, item.instance.id, item.record.version
+                )));
+            }
+            Ok(Decision::Update(head))
+        }
+    }
+}
+
 fn apply_item(
     t: &mut WriteTables<'_>,
     item: &CommitItem,
@@ -1026,19 +1272,9 @@ fn apply_item(
         Some(row) => Some(head_of(&row.value()).map_err(corrupt)?),
         None => None,
     };
-    let (uid, previous) = match (item.expected_version, existing) {
-        (None, Some(head)) => {
-            return Ok(ItemOutcome::Conflict {
-                actual: Some(head.version),
-            });
-        }
-        (Some(_), None) => return Ok(ItemOutcome::Conflict { actual: None }),
-        (Some(expected), Some(head)) if head.version != expected => {
-            return Ok(ItemOutcome::Conflict {
-                actual: Some(head.version),
-            });
-        }
-        (None, None) => {
+    let (uid, previous) = match decide(existing, item, prev_hash)? {
+        Decision::Conflict { actual } => return Ok(ItemOutcome::Conflict { actual }),
+        Decision::Create => {
             let uid = counters.next_uid;
             counters.next_uid += 1;
             if t.uids.insert(uid, (namespace, id)).io()?.is_some() {
@@ -1048,15 +1284,7 @@ fn apply_item(
             }
             (uid, None)
         }
-        (Some(expected), Some(head)) => {
-            // The row carries the hash of its last record: no record read on the commit path.
-            if head.last_hash != prev_hash {
-                return Err(corrupt(format!(
-                    "record {version} does not chain to the stored record {expected}"
-                )));
-            }
-            (head.uid, Some(head))
-        }
+        Decision::Update(head) => (head.uid, Some(head)),
     };
 
     let seq = counters.next_seq;
@@ -1241,7 +1469,7 @@ impl Store for EmbeddedStore {
         name: &str,
         revision: Option<u32>,
     ) -> Result<Option<DefinitionRow>, StoreError> {
-        let txn = self.read()?;
+        let txn = self.read_definitions()?;
         let revision = match revision {
             Some(revision) => revision,
             None => {
@@ -1260,7 +1488,7 @@ impl Store for EmbeddedStore {
     }
 
     fn list_definitions(&self, namespace: Option<&str>) -> Result<Vec<DefinitionRow>, StoreError> {
-        let txn = self.read()?;
+        let txn = self.read_definitions()?;
         let latest = txn.open_table(DEFINITION_LATEST).io()?;
         let definitions = txn.open_table(DEFINITIONS).io()?;
         let start = (namespace.unwrap_or(""), "");
@@ -1337,12 +1565,17 @@ impl Store for EmbeddedStore {
             .collect::<Result<Vec<_>, _>>()?;
         let mut log = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(log) = log.as_mut() {
+            let mut state = self.checkpointer.lock();
+            state.failed()?;
+            if state.in_flight {
+                return self.commit_deferred(&mut state, log, items, &prev_hashes);
+            }
+            drop(state);
             return self.commit_logged(log, items, &prev_hashes);
         }
         drop(log);
         self.write(|txn| {
-            self.commit_in(txn, items, &prev_hashes)
-                .map(|applied| applied.outcomes)
+            commit_in(txn, items, &prev_hashes, &self.verified_upto).map(|applied| applied.outcomes)
         })
     }
 
@@ -1357,7 +1590,18 @@ impl Store for EmbeddedStore {
     }
 
     fn instance(&self, namespace: &str, id: &str) -> Result<Option<StoredInstance>, StoreError> {
-        let txn = self.read()?;
+        // An instance a batch acknowledged during a checkpoint changed: its row as that left it.
+        let deferred = self.checkpointer.look(|state| {
+            let (uid, row) = state.row(namespace, id)?;
+            Some(
+                decode_instance(row, namespace, id)
+                    .map(|instance| StoredInstance { uid, instance }),
+            )
+        });
+        if let Some(stored) = deferred {
+            return stored.map(Some);
+        }
+        let txn = self.db.begin_read().io()?;
         let instances = txn.open_table(INSTANCES).io()?;
         let Some(row) = instances.get((namespace, id)).io()? else {
             return Ok(None);
@@ -1370,7 +1614,9 @@ impl Store for EmbeddedStore {
     }
 
     fn instance_by_uid(&self, uid: u64) -> Result<Option<StoredInstance>, StoreError> {
-        let txn = self.read()?;
+        self.checkpointer
+            .wait_applied(|state| checkpointer::Checkpointer::touches_uid(state, uid))?;
+        let txn = self.db.begin_read().io()?;
         let uids = txn.open_table(INSTANCE_UIDS).io()?;
         let instances = txn.open_table(INSTANCES).io()?;
         let Some(key) = uids.get(uid).io()? else {
@@ -1454,7 +1700,7 @@ impl Store for EmbeddedStore {
         limit: usize,
     ) -> Result<Vec<SealedRecord>, StoreError> {
         let limit = crate::page_len(limit);
-        let txn = self.read()?;
+        let txn = self.read_instance(namespace, id)?;
         let instances = txn.open_table(INSTANCES).io()?;
         let Some(row) = instances.get((namespace, id)).io()? else {
             return Ok(Vec::new());
@@ -1498,7 +1744,14 @@ impl Store for EmbeddedStore {
         id: &str,
         key: &str,
     ) -> Result<Option<IdempotencyEntry>, StoreError> {
-        let txn = self.read()?;
+        // Written by a batch acknowledged during a checkpoint; any other key is as redb has it.
+        if let Some(entry) = self
+            .checkpointer
+            .look(|state| state.key(namespace, id, key).cloned())
+        {
+            return Ok(Some(entry));
+        }
+        let txn = self.db.begin_read().io()?;
         let instances = txn.open_table(INSTANCES).io()?;
         let Some(row) = instances.get((namespace, id)).io()? else {
             return Ok(None);
@@ -1517,7 +1770,18 @@ impl Store for EmbeddedStore {
     }
 
     fn purge_idempotency(&self, now_ms: u64) -> Result<u64, StoreError> {
-        self.write(|txn| {
+        // Nothing expired (the usual case): no write, which on a large store would hold the
+        // committer for a durable commit.
+        {
+            // Batches not applied yet only add keys, which expire later.
+            let txn = self.db.begin_read().io()?;
+            let expiry = txn.open_table(IDEMPOTENCY_EXPIRY).io()?;
+            match expiry.first().io()? {
+                Some((key, _)) if key.value().0 <= now_ms => {}
+                _ => return Ok(0),
+            }
+        }
+        self.write_unlogged(|txn| {
             let mut t = WriteTables::open(txn)?;
             let mut expired: Vec<(u64, u64, String)> = Vec::new();
             for entry in t
@@ -1540,6 +1804,7 @@ impl Store for EmbeddedStore {
             }
             Ok(expired.len() as u64)
         })
+        .map(Option::unwrap_or_default)
     }
 
     fn pending_timers(&self, visit: &mut dyn FnMut(TimerRef)) -> Result<(), StoreError> {
@@ -1577,7 +1842,7 @@ impl Store for EmbeddedStore {
         namespace: &str,
         name: &str,
     ) -> Result<Option<cnsm_core::rollout::Rollout>, StoreError> {
-        let txn = self.read()?;
+        let txn = self.read_definitions()?;
         let table = match txn.open_table(ROLLOUTS) {
             Ok(table) => table,
             Err(TableError::TableDoesNotExist(_)) => return Ok(None),

@@ -1,4 +1,5 @@
-//! The write-ahead log in front of redb (`cnsm.redb.wal` beside the database file).
+//! The write-ahead log in front of redb (`cnsm.redb.wal` and `cnsm.redb.wal.1` beside the
+//! database file).
 //!
 //! A durable redb commit writes the changed B-tree pages and fsyncs them (twice with quick
 //! repair); on a large store that costs several milliseconds and has long tails. Transition
@@ -12,7 +13,9 @@
 //! So no reader, and no waiter, ever sees a batch before it is durable in the log. A durable redb
 //! commit (a checkpoint, taken every [`CHECKPOINT_INTERVAL`] or [`CHECKPOINT_BYTES`], and every
 //! other write of the store: definitions, retention, imports, close) persists every earlier
-//! non-durable commit, after which the log starts again at its first byte.
+//! non-durable commit, after which the log starts again at its first byte. A checkpoint that
+//! runs beside the committer (`super::checkpointer`) switches the appends to the log's other
+//! file instead, from its first byte: the batches acknowledged meanwhile are not covered by it.
 //!
 //! # The file is recycled, never truncated
 //!
@@ -70,9 +73,9 @@ const FRAME_LEN_MAX: usize = 1 << 30;
 
 /// Take a checkpoint (a durable redb commit, then start the log again) at least this often
 /// while transitions are committed. Short on purpose: a checkpoint flushes what the non-durable
-/// commits since the last one dirtied, and the committer waits for it; with 2 s a store of a
-/// million instances stalled 20-40 ms per checkpoint (timer lateness p99 20-28 ms), with 250 ms
-/// a few (p99 9-11 ms), at no throughput cost (BENCHMARKS.md).
+/// commits since the last one dirtied; when the committer waited for each, a store of a million
+/// instances stalled 20-40 ms per checkpoint with 2 s, a few with 250 ms, at no throughput cost
+/// (BENCHMARKS.md). It also bounds how many batches a checkpoint beside the committer defers.
 pub(crate) const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 /// ... or when the log grows past this many bytes.
 pub(crate) const CHECKPOINT_BYTES: u64 = 64 << 20;
@@ -80,8 +83,24 @@ pub(crate) const CHECKPOINT_BYTES: u64 = 64 << 20;
 /// a frame goes there), so that an append mostly overwrites blocks that exist.
 pub(crate) const GROWTH_BYTES: u64 = 1 << 20;
 
-/// The log file of one store. Held under the store's write lock.
+/// The log of one store: two files, one of which takes the appends. Held under the store's
+/// write lock.
+///
+/// A checkpoint that runs beside the committer ([`Wal::switch`]) covers the frames of the file
+/// in use when it started; the batches acknowledged while it runs go to the other file, from its
+/// first byte, so that nothing they need is overwritten before a durable commit covers it. After
+/// a crash the live chain starts in one file at the store's durable next sequence and may go on
+/// in the other one ([`live_chain`]).
 pub(crate) struct Wal {
+    segments: [Segment; 2],
+    /// The segment that takes the appends.
+    active: usize,
+    /// When the log was last started again (or opened).
+    since: Instant,
+}
+
+/// One file of the log.
+struct Segment {
     path: PathBuf,
     /// Opened on the first append.
     file: Option<File>,
@@ -89,10 +108,6 @@ pub(crate) struct Wal {
     len: u64,
     /// The file's size (zeros or stale frames past `len`).
     size: u64,
-    /// When the log was last started again (or opened).
-    since: Instant,
-    /// What the checkpoints so far cost.
-    pub(crate) stats: CheckpointStats,
 }
 
 /// What the checkpoints of a store have cost (see `EmbeddedStore::take_checkpoint_stats`).
@@ -100,7 +115,7 @@ pub(crate) struct Wal {
 pub struct CheckpointStats {
     /// Checkpoints taken (durable redb commits that took in the log's frames).
     pub count: u64,
-    /// Their total duration: the committer waits for each.
+    /// Their total duration.
     pub total: Duration,
     /// The longest one.
     pub max: Duration,
@@ -118,11 +133,13 @@ impl CheckpointStats {
     }
 }
 
-/// The log beside a database file.
-pub(crate) fn path_for(db_path: &Path) -> PathBuf {
+/// The two files of the log beside a database file: `<file>.wal` and `<file>.wal.1`.
+pub(crate) fn paths_for(db_path: &Path) -> [PathBuf; 2] {
     let mut name = db_path.as_os_str().to_owned();
     name.push(".wal");
-    PathBuf::from(name)
+    let first = PathBuf::from(&name);
+    name.push(".1");
+    [first, PathBuf::from(name)]
 }
 
 fn io_error(path: &Path, what: &str, e: std::io::Error) -> StoreError {
@@ -130,28 +147,79 @@ fn io_error(path: &Path, what: &str, e: std::io::Error) -> StoreError {
 }
 
 impl Wal {
-    /// The log at `path`, empty (whatever the file holds is covered by a durable commit);
+    /// The log in `paths`, empty (whatever the files hold is covered by a durable commit);
     /// nothing is created until the first append.
-    pub(crate) fn new(path: PathBuf) -> Wal {
+    pub(crate) fn new(paths: [PathBuf; 2]) -> Wal {
+        let [first, second] = paths;
         Wal {
-            path,
-            file: None,
-            len: 0,
-            size: 0,
+            segments: [Segment::new(first), Segment::new(second)],
+            active: 0,
             since: Instant::now(),
-            stats: CheckpointStats::default(),
         }
     }
 
     /// Whether a checkpoint is due.
     pub(crate) fn checkpoint_due(&self) -> bool {
-        self.len > 0
-            && (self.len >= CHECKPOINT_BYTES || self.since.elapsed() >= CHECKPOINT_INTERVAL)
+        let len = self.len();
+        len > 0 && (len >= CHECKPOINT_BYTES || self.since.elapsed() >= CHECKPOINT_INTERVAL)
     }
 
-    /// Bytes of frames not yet covered by a durable redb commit.
+    /// Bytes of frames appended since the log was last started again or switched.
     pub(crate) fn len(&self) -> u64 {
-        self.len
+        self.segments[self.active].len
+    }
+
+    /// Appends the committed items of one batch as one frame and makes it durable. `first_seq`
+    /// is the sequence the batch gave its first committed item (the next ones follow). Returns
+    /// the length before the frame, for [`Wal::truncate_to`] should the redb commit fail.
+    /// `rows[i]` is the encoded instance row of `items[i]` (as the batch stored it).
+    pub(crate) fn append(
+        &mut self,
+        first_seq: u64,
+        items: &[&CommitItem],
+        rows: &[Vec<u8>],
+    ) -> Result<u64, StoreError> {
+        let frame = encode_frame(first_seq, items, rows)?;
+        self.segments[self.active].append(&frame)
+    }
+
+    /// Takes back the frames from byte `len` on, durably (a frame whose batch did not commit):
+    /// the header there is zeroed, so the frame can never be read as live.
+    pub(crate) fn truncate_to(&mut self, len: u64) -> Result<(), StoreError> {
+        self.segments[self.active].truncate_to(len)
+    }
+
+    /// Starts the log again after a durable redb commit covered every frame in it. No I/O: the
+    /// next frames overwrite these, which no longer start at the store's next sequence.
+    pub(crate) fn reset(&mut self) {
+        for segment in &mut self.segments {
+            segment.len = 0;
+        }
+        self.active = 0;
+        self.since = Instant::now();
+    }
+
+    /// Sends the next appends to the other file, from its first byte, for a checkpoint that
+    /// covers the frames of this one and runs while they are appended; returns the bytes of
+    /// frames the checkpoint covers. The other file's frames are stale: the previous checkpoint
+    /// covered them (it finished before this one starts).
+    pub(crate) fn switch(&mut self) -> u64 {
+        let covered = self.len();
+        self.active = 1 - self.active;
+        self.segments[self.active].len = 0;
+        self.since = Instant::now();
+        covered
+    }
+}
+
+impl Segment {
+    fn new(path: PathBuf) -> Segment {
+        Segment {
+            path,
+            file: None,
+            len: 0,
+            size: 0,
+        }
     }
 
     /// Opens the file (and reads its size) on first use.
@@ -175,24 +243,13 @@ impl Wal {
         Ok(())
     }
 
-    /// Appends the committed items of one batch as one frame and makes it durable. `first_seq`
-    /// is the sequence the batch gave its first committed item (the next ones follow). Returns
-    /// the length before the frame, for [`Wal::truncate_to`] should the redb commit fail.
-    /// `rows[i]` is the encoded instance row of `items[i]` (as the batch stored it).
-    pub(crate) fn append(
-        &mut self,
-        first_seq: u64,
-        items: &[&CommitItem],
-        rows: &[Vec<u8>],
-    ) -> Result<u64, StoreError> {
-        let frame = encode_frame(first_seq, items, rows)?;
+    fn append(&mut self, frame: &[u8]) -> Result<u64, StoreError> {
         self.open()?;
-        let Wal {
+        let Segment {
             path,
             file,
             len,
             size,
-            ..
         } = self;
         let file = file.as_ref().expect("opened above");
         let at = *len;
@@ -202,10 +259,7 @@ impl Wal {
             grow(file, (*size).max(at), grown).map_err(|e| io_error(path, "cannot grow", e))?;
             *size = grown;
         }
-        if let Err(e) = file
-            .write_all_at(&frame, at)
-            .and_then(|()| file.sync_data())
-        {
+        if let Err(e) = file.write_all_at(frame, at).and_then(|()| file.sync_data()) {
             // Not acknowledged: best effort so that the frame, which may have reached the disk
             // whole, is never read as live.
             let _ = file
@@ -217,9 +271,7 @@ impl Wal {
         Ok(at)
     }
 
-    /// Takes back the frames from byte `len` on, durably (a frame whose batch did not commit):
-    /// the header there is zeroed, so the frame can never be read as live.
-    pub(crate) fn truncate_to(&mut self, len: u64) -> Result<(), StoreError> {
+    fn truncate_to(&mut self, len: u64) -> Result<(), StoreError> {
         self.open()?;
         let file = self.file.as_ref().expect("opened above");
         file.write_all_at(&[0u8; FRAME_HEADER], len)
@@ -227,13 +279,6 @@ impl Wal {
             .map_err(|e| io_error(&self.path, "cannot take a frame back", e))?;
         self.len = len;
         Ok(())
-    }
-
-    /// Starts the log again after a durable redb commit covered every frame in it. No I/O: the
-    /// next frames overwrite these, which no longer start at the store's next sequence.
-    pub(crate) fn reset(&mut self) {
-        self.len = 0;
-        self.since = Instant::now();
     }
 }
 
@@ -278,49 +323,91 @@ impl LogFile {
         self.bytes.starts_with(&LEGACY_MAGIC)
     }
 
-    /// The batches to re-apply on a store whose durable next sequence is `next_seq`: the chain
-    /// of intact frames that starts there at the first byte, each frame starting where the one
-    /// before it ended. A torn or corrupt frame, a frame of the other format, or one that does
-    /// not start where the chain expects ends it: nothing from there on was acknowledged since
-    /// the last durable commit. A first frame below `next_seq` is stale (covered by a durable
-    /// commit: nothing to re-apply); one above it means the log belongs to another state of
-    /// this store. A log of the first format is re-applied whole (replay skips what redb has).
-    pub(crate) fn live(&self, next_seq: u64) -> Result<Vec<Vec<CommitItem>>, StoreError> {
-        let corrupt = |detail: String| {
-            StoreError::Corrupt(format!("write-ahead log {}: {detail}", self.path.display()))
-        };
-        let undecodable = |at: usize, detail: String| {
-            corrupt(format!(
-                "frame at byte {at} has a valid checksum but {detail}"
-            ))
-        };
+    fn corrupt(&self, detail: String) -> StoreError {
+        StoreError::Corrupt(format!("write-ahead log {}: {detail}", self.path.display()))
+    }
+
+    /// The sequence the intact frame at the first byte names, if there is one.
+    fn first_seq(&self) -> Option<u64> {
+        frame_at(&self.bytes, 0).map(|(seq, _)| seq)
+    }
+
+    /// Every intact frame of the first format, in order.
+    fn legacy_batches(&self) -> Result<Vec<Vec<CommitItem>>, StoreError> {
         let mut batches = Vec::new();
         let mut at = 0usize;
-        if self.is_legacy() {
-            while let Some(payload) = legacy_frame_at(&self.bytes, at) {
-                batches.push(decode_payload(payload).map_err(|detail| undecodable(at, detail))?);
-                at += LEGACY_HEADER + payload.len();
-            }
-            return Ok(batches);
+        while let Some(payload) = legacy_frame_at(&self.bytes, at) {
+            batches.push(decode_payload(payload).map_err(|detail| self.undecodable(at, detail))?);
+            at += LEGACY_HEADER + payload.len();
         }
-        let mut expected = next_seq;
+        Ok(batches)
+    }
+
+    fn undecodable(&self, at: usize, detail: String) -> StoreError {
+        self.corrupt(format!(
+            "frame at byte {at} has a valid checksum but {detail}"
+        ))
+    }
+
+    /// The chain of intact frames from the first byte, which starts at sequence `from`, each
+    /// frame starting where the one before it ended; and the sequence after its last record.
+    fn chain(&self, from: u64) -> Result<(Vec<Vec<CommitItem>>, u64), StoreError> {
+        let mut batches = Vec::new();
+        let mut at = 0usize;
+        let mut expected = from;
         while let Some((first_seq, payload)) = frame_at(&self.bytes, at) {
             if first_seq != expected {
-                if at == 0 && first_seq > next_seq {
-                    return Err(corrupt(format!(
-                        "starts at commit sequence {first_seq}, after the store's next sequence \
-                         {next_seq}: the log belongs to another state of this store"
-                    )));
-                }
                 break;
             }
-            let items = decode_payload(payload).map_err(|detail| undecodable(at, detail))?;
+            let items = decode_payload(payload).map_err(|detail| self.undecodable(at, detail))?;
             expected += items.len() as u64;
             at += FRAME_HEADER + payload.len();
             batches.push(items);
         }
-        Ok(batches)
+        Ok((batches, expected))
     }
+}
+
+/// The batches to re-apply on a store whose durable next sequence is `next_seq`, from the log's
+/// files: the chain of intact frames that starts at the first byte of the file whose first frame
+/// names `next_seq`, and goes on at the first byte of the other file if that one's first frame
+/// names the sequence where the chain stopped (a checkpoint ran beside the committer, which wrote
+/// there meanwhile). In a file, a torn or corrupt frame, a frame of the other format, or one that
+/// does not start where the chain expects ends it: nothing from there on was acknowledged since
+/// the last durable commit. A file whose first frame names a sequence below `next_seq` is stale
+/// (covered by a durable commit); one that names a later sequence that the chain does not reach
+/// means the log belongs to another state of this store. A file of the first format is
+/// re-applied whole (replay skips what redb has).
+pub(crate) fn live_chain(
+    logs: &[LogFile],
+    next_seq: u64,
+) -> Result<Vec<Vec<CommitItem>>, StoreError> {
+    let mut batches = Vec::new();
+    for log in logs.iter().filter(|log| log.is_legacy()) {
+        batches.extend(log.legacy_batches()?);
+    }
+    let mut used = vec![false; logs.len()];
+    let mut expected = next_seq;
+    while let Some(i) = (0..logs.len())
+        .find(|&i| !used[i] && !logs[i].is_legacy() && logs[i].first_seq() == Some(expected))
+    {
+        used[i] = true;
+        let (chain, end) = logs[i].chain(expected)?;
+        batches.extend(chain);
+        expected = end;
+    }
+    for (log, _) in logs.iter().zip(&used).filter(|(_, used)| !**used) {
+        if let Some(first_seq) = log.first_seq()
+            && first_seq >= next_seq
+        {
+            return Err(log.corrupt(format!(
+                "starts at commit sequence {first_seq}, which the store (next sequence \
+                 {next_seq}) and the log's live frames (up to {expected}) do not reach: the log \
+                 belongs to another state of this store"
+            )));
+        }
+    }
+    Ok(batches)
 }
 
 /// The first 16 bytes of SHA-256 over `domain`, `seq` (8 bytes LE, absent in the first format)
@@ -507,14 +594,20 @@ mod tests {
     /// How many batches of the log at `path` are live for a store at `next_seq` (frames here
     /// are empty batches, so a chain's frames all name the same sequence).
     fn live(path: &Path, next_seq: u64) -> usize {
-        read_log(path).unwrap().live(next_seq).unwrap().len()
+        live_chain(&[read_log(path).unwrap()], next_seq)
+            .unwrap()
+            .len()
+    }
+
+    fn segments(dir: &Path) -> [PathBuf; 2] {
+        paths_for(&dir.join("x"))
     }
 
     #[test]
     fn a_log_grows_in_zeroed_steps_and_a_damaged_frame_ends_it() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("x.wal");
-        let mut wal = Wal::new(path.clone());
+        let [path, _] = segments(dir.path());
+        let mut wal = Wal::new(segments(dir.path()));
         wal.append(7, &[], &[]).unwrap();
         let second = wal.append(7, &[], &[]).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), GROWTH_BYTES);
@@ -528,8 +621,8 @@ mod tests {
     #[test]
     fn frames_after_a_restart_overwrite_the_stale_ones_which_end_the_chain() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("x.wal");
-        let mut wal = Wal::new(path.clone());
+        let [path, _] = segments(dir.path());
+        let mut wal = Wal::new(segments(dir.path()));
         for _ in 0..3 {
             wal.append(1, &[], &[]).unwrap();
         }
@@ -548,14 +641,16 @@ mod tests {
     #[test]
     fn live_frames_start_at_the_store_next_sequence() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("x.wal");
+        let [path, _] = segments(dir.path());
         assert_eq!(live(&path, 9), 0, "no log");
-        let mut wal = Wal::new(path.clone());
+        let mut wal = Wal::new(segments(dir.path()));
         wal.append(5, &[], &[]).unwrap();
         wal.append(5, &[], &[]).unwrap();
         assert_eq!(live(&path, 5), 2);
         assert_eq!(live(&path, 6), 0, "covered by a durable commit");
-        let error = read_log(&path).unwrap().live(4).unwrap_err().to_string();
+        let error = live_chain(&[read_log(&path).unwrap()], 4)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("another state of this store"), "{error}");
     }
 
@@ -573,6 +668,52 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let log = read_log(&path).unwrap();
         assert!(log.is_legacy());
-        assert_eq!(log.live(123).unwrap().len(), 2);
+        assert_eq!(live_chain(&[log], 123).unwrap().len(), 2);
+    }
+
+    /// Frames with one item each, so that a chain's sequences advance.
+    fn one_item_frames(wal: &mut Wal, first_seq: u64, n: u64) {
+        let item = crate::conformance::Driver::new("job").create("ns", "i-1", &[], 1);
+        let row = super::super::tables::encode_row(&item.instance).unwrap();
+        for seq in first_seq..first_seq + n {
+            wal.append(seq, &[&item], std::slice::from_ref(&row))
+                .unwrap();
+        }
+    }
+
+    fn live_in(dir: &Path, next_seq: u64) -> Result<usize, StoreError> {
+        let logs = segments(dir).map(|path| read_log(&path).unwrap());
+        Ok(live_chain(&logs, next_seq)?.len())
+    }
+
+    #[test]
+    fn the_chain_goes_on_in_the_other_file_after_a_switch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::new(segments(dir.path()));
+        one_item_frames(&mut wal, 10, 3);
+        assert_eq!(wal.switch(), wal_len_of(3));
+        one_item_frames(&mut wal, 13, 2);
+        // A crash while the checkpoint ran: redb is at 10.
+        assert_eq!(live_in(dir.path(), 10).unwrap(), 5);
+        // The checkpoint finished: redb is at 13, the first file is stale.
+        assert_eq!(live_in(dir.path(), 13).unwrap(), 2);
+        // The next switch overwrites the first file from its first byte.
+        wal.switch();
+        assert_eq!(live_in(dir.path(), 13).unwrap(), 2, "no frame there yet");
+        one_item_frames(&mut wal, 15, 1);
+        assert_eq!(live_in(dir.path(), 13).unwrap(), 3);
+        assert_eq!(live_in(dir.path(), 15).unwrap(), 1);
+        // Frames that the chain does not reach are refused, not skipped.
+        let error = live_in(dir.path(), 12).unwrap_err().to_string();
+        assert!(error.contains("another state of this store"), "{error}");
+    }
+
+    fn wal_len_of(frames: u64) -> u64 {
+        let item = crate::conformance::Driver::new("job").create("ns", "i-1", &[], 1);
+        let row = super::super::tables::encode_row(&item.instance).unwrap();
+        frames
+            * encode_frame(0, &[&item], std::slice::from_ref(&row))
+                .unwrap()
+                .len() as u64
     }
 }

@@ -379,6 +379,7 @@ fn a_killed_writer_loses_no_acknowledged_commit() {
         options.quick_repair = mode != "crash-full-repair";
         options.write_ahead_log = mode != "crash-no-log";
         let checkpoints = mode == "crash-checkpoints";
+        let background = mode == "crash-background";
         let store =
             EmbeddedStore::open_with_options(&dir, options).expect("the child opens the store");
         let pid = std::process::id();
@@ -408,6 +409,10 @@ fn a_killed_writer_loses_no_acknowledged_commit() {
             if checkpoints && round % 64 == 63 {
                 store.checkpoint_now().expect("a checkpoint");
             }
+            if background && round % 16 == 15 {
+                // Beside the committer: the next batches are decided and logged while it runs.
+                store.start_checkpoint_now().expect("a checkpoint");
+            }
             // Keep the batch size bounded: the oldest instances stop.
             if instances.len() > 20 {
                 instances.remove(0);
@@ -416,16 +421,18 @@ fn a_killed_writer_loses_no_acknowledged_commit() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    for attempt in 0..4 {
+    for attempt in 0..5 {
         let mut child = spawn_child(
             "embedded::a_killed_writer_loses_no_acknowledged_commit",
             // Both ways redb recovers (from the allocator state saved by the last durable
             // commit, or by walking the file), batches in the write-ahead log only or with
-            // checkpoints between them, and without the log (a durable redb commit each).
+            // checkpoints between them (on the committer's thread, or beside it, killed while
+            // one runs), and without the log (a durable redb commit each).
             [
                 "crash-quick-repair",
                 "crash-full-repair",
                 "crash-checkpoints",
+                "crash-background",
                 "crash-no-log",
             ][attempt],
             dir.path(),
@@ -805,4 +812,120 @@ fn streamed_import_whose_source_panics_writes_nothing() {
         .unwrap();
     assert_eq!((report.n_instances, report.n_records), (3, 3));
     assert!(store.verify().unwrap().is_ok());
+}
+
+/// Copies the files of a data directory (a crash image when nothing writes meanwhile).
+fn copy_dir(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// A checkpoint beside the committer: batches that arrive while it runs are decided (on the
+/// heads earlier deferred batches left), logged and acknowledged without redb's write lock; reads
+/// of the instances they changed wait for them, other reads do not; and a crash while it runs
+/// loses none of them (replay goes from the first log file into the second).
+#[test]
+fn batches_acknowledged_during_a_background_checkpoint_are_kept_and_read_back() {
+    let (driver, dir, store, a1) = store_with_a_at_version_1();
+    let b = driver.create("default", "b", &[], T0_MS);
+    commit(&store, std::slice::from_ref(&b));
+    store.hold_checkpoints(true);
+    store.start_checkpoint_now().unwrap();
+
+    let a2 = driver.event(&a1.instance, "ping", "two", T0_MS + 2);
+    let a3 = driver.event(&a2.instance, "ping", "three", T0_MS + 3);
+    let c = driver.create("default", "c", &[], T0_MS + 3);
+    commit(&store, &[a2.clone(), a3.clone(), c.clone()]);
+    // Compare-and-swap against the deferred heads: a stale version, a second create of `c`, and
+    // one batch whose second item loses to its first.
+    let late = driver.event(&a1.instance, "ping", "late", T0_MS + 4);
+    let c_again = driver.create("default", "c", &[], T0_MS + 4);
+    let b1 = driver.event(&b.instance, "ping", "one", T0_MS + 4);
+    let b1_twice = driver.event(&b.instance, "ping", "other", T0_MS + 5);
+    let outcomes = store
+        .commit(&[late, c_again, b1.clone(), b1_twice])
+        .unwrap();
+    assert_eq!(outcomes[0], ItemOutcome::Conflict { actual: Some(3) });
+    assert_eq!(outcomes[1], ItemOutcome::Conflict { actual: Some(0) });
+    assert!(matches!(outcomes[2], ItemOutcome::Committed { .. }));
+    assert_eq!(outcomes[3], ItemOutcome::Conflict { actual: Some(1) });
+    // Instance reads do not wait: a changed instance is read as the deferred batch left it,
+    // others from redb; so do idempotency keys.
+    assert_eq!(version_of_a(&store), 3);
+    assert_eq!(
+        store
+            .instance("default", "c")
+            .unwrap()
+            .unwrap()
+            .instance
+            .version,
+        0
+    );
+    let d = driver.create("default", "d", &[], T0_MS);
+    assert!(store.instance("default", "d").unwrap().is_none());
+    let mut b2 = driver.event_with_key(&b1.instance, "ping", "two", T0_MS + 6, Some("k-2"));
+    b2.idempotency = Some(cnsm_store::IdempotencyEntry {
+        key: "k-2".into(),
+        request_hash: cnsm_core::Hash32([7; 32]),
+        version: 2,
+        expires_ms: T0_MS + 86_400_000,
+    });
+    commit(&store, std::slice::from_ref(&b2));
+    let entry = store.idempotency("default", "b", "k-2").unwrap().unwrap();
+    assert_eq!(entry.version, 2);
+
+    // A crash while the checkpoint runs: redb does not write while it is held.
+    let image = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), image.path());
+
+    store.hold_checkpoints(false);
+    // History waits for the deferred batches to be applied.
+    assert_eq!(store.history("default", "a", 0, 10).unwrap().len(), 4);
+    assert_eq!(
+        store.idempotency("default", "b", "k-2").unwrap(),
+        Some(entry)
+    );
+    assert_eq!(store.list_instances(&Default::default()).unwrap().len(), 3);
+    // Back on the committer's path.
+    let a4 = driver.event(&a3.instance, "ping", "four", T0_MS + 5);
+    commit(&store, &[a4, d]);
+    assert!(store.verify().unwrap().is_ok());
+    let stats = store.take_checkpoint_stats();
+    assert!(stats.count >= 1, "{stats:?}");
+    store.close().unwrap();
+
+    let crashed = EmbeddedStore::open(image.path()).expect("the crash image opens");
+    assert_eq!(version_of_a(&crashed), 3);
+    assert_eq!(
+        crashed
+            .instance("default", "b")
+            .unwrap()
+            .unwrap()
+            .instance
+            .version,
+        2
+    );
+    assert_eq!(
+        crashed
+            .instance("default", "c")
+            .unwrap()
+            .unwrap()
+            .instance
+            .version,
+        0
+    );
+    assert!(crashed.verify().unwrap().is_ok());
+    // ... and goes on from there.
+    let a4 = driver.event(&a3.instance, "ping", "four", T0_MS + 5);
+    commit(&crashed, std::slice::from_ref(&a4));
+    drop(crashed);
+    let crashed = EmbeddedStore::open(image.path()).unwrap();
+    assert_eq!(version_of_a(&crashed), 4);
+
+    let reopened = EmbeddedStore::open(dir.path()).unwrap();
+    assert_eq!(version_of_a(&reopened), 4);
+    assert!(reopened.instance("default", "d").unwrap().is_some());
+    assert!(reopened.verify().unwrap().is_ok());
 }
