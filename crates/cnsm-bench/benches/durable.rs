@@ -4,7 +4,8 @@
 //! Run: `cargo bench -p cnsm-bench --bench durable` (CNSM_BENCH_DIR picks the directory; the
 //! default is the system temp dir). Each case runs twice in the same run: with the store's
 //! write-ahead log (the default: one `fdatasync` of the log per batch) and without it (a durable
-//! redb commit per batch); `CNSM_BENCH_STORE_MODES=log` (or `redb`) runs one of them.
+//! redb commit per batch); `CNSM_BENCH_STORE_MODES=log` (or `redb`) runs one of them;
+//! `CNSM_BENCH_SYNC_CHECKPOINTS=1` takes the log's checkpoints on the committer's thread.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -2,7 +2,10 @@
 //! timers pending in a running runtime on the durable embedded store.
 //!
 //! Run: `cargo bench -p cnsm-bench --bench timers` (CNSM_BENCH_TIMERS=N changes the number of
-//! pending timers; CNSM_BENCH_DIR the directory).
+//! pending timers; CNSM_BENCH_DIR the directory; CNSM_BENCH_SYNC_CHECKPOINTS=1 takes the
+//! store's checkpoints on the committer's thread; CNSM_BENCH_NO_QUICK_REPAIR=1 turns redb's quick
+//! repair off; CNSM_BENCH_LATENESS_CSV=FILE writes each firing's `durable ms since the first,
+//! lateness ms` to FILE and each commit's `ms since the first firing, items, µs` to FILE.batches).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -825,10 +825,18 @@ impl EmbeddedStore {
     /// Takes a checkpoint now if the write-ahead log holds anything, after waiting for one that
     /// runs (tests and tools; the store takes them by itself).
     pub fn checkpoint_now(&self) -> Result<(), StoreError> {
+        self.checkpoint_if_logged(EmbeddedStore::checkpoint_locked)
+    }
+
+    /// Runs `take` on the log if it holds anything, after waiting for a running checkpoint.
+    fn checkpoint_if_logged(
+        &self,
+        take: fn(&EmbeddedStore, &mut wal::Wal) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let mut log = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         self.checkpointer.settle()?;
         match log.as_mut() {
-            Some(log) if log.len() > 0 => self.checkpoint_locked(log),
+            Some(log) if log.len() > 0 => take(self, log),
             _ => Ok(()),
         }
     }
@@ -837,12 +845,7 @@ impl EmbeddedStore {
     /// runs, as the committer does when one is due. Not part of the supported API.
     #[doc(hidden)]
     pub fn start_checkpoint_now(&self) -> Result<(), StoreError> {
-        let mut log = self.wal.lock().unwrap_or_else(|e| e.into_inner());
-        self.checkpointer.settle()?;
-        match log.as_mut() {
-            Some(log) if log.len() > 0 => self.start_checkpoint(log),
-            _ => Ok(()),
-        }
+        self.checkpoint_if_logged(EmbeddedStore::start_checkpoint)
     }
 
     /// Test hook: background checkpoints that start from now on wait before their durable
