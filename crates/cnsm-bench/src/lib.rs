@@ -50,8 +50,8 @@ pub fn report(name: &str, value: f64, unit: &str, detail: &str) {
 }
 
 /// Reports the embedded store's checkpoints over a window (`EmbeddedStore::take_checkpoint_stats`
-/// at its end, after one at its start): how many, their mean and longest duration (the
-/// committer waits for each), and the log bytes each took in.
+/// at its end, after one at its start): how many, their mean and longest duration, and the log
+/// bytes each took in.
 pub fn report_checkpoints(name: &str, stats: cnsm_store::embedded::CheckpointStats) {
     let count = stats.count.max(1);
     report(

@@ -266,8 +266,9 @@ pub struct EmbeddedOptions {
     pub write_ahead_log: bool,
     /// Take the write-ahead log's checkpoints on a thread of their own while the committer goes
     /// on (default `true`), instead of on the committer's thread, which then waits for each.
-    /// Batches acknowledged during a checkpoint are applied to redb after it; reads that concern
-    /// them wait for that. See `ARCHITECTURE.md`.
+    /// Batches acknowledged during a checkpoint are applied to redb after it; until then the
+    /// instances and keys they changed are read as they left them, and other reads that concern
+    /// them wait. See `ARCHITECTURE.md`.
     pub background_checkpoints: bool,
     /// The memory redb may use to cache pages, written ones of an open transaction included
     /// (default [`CACHE_LEN_BYTES_DEFAULT`], redb's own default). A smaller cache bounds the
@@ -713,7 +714,7 @@ impl EmbeddedStore {
         };
         let first_seq = next_seq;
         // Heads this batch changed (an instance may have several items in one batch).
-        let mut staged: Vec<(String, String, InstanceHead, Vec<u8>)> = Vec::new();
+        let mut staged: Vec<(String, String, InstanceHead)> = Vec::new();
         let mut outcomes = Vec::with_capacity(items.len());
         let mut committed: Vec<&CommitItem> = Vec::new();
         let mut committed_prev: Vec<Hash32> = Vec::new();
@@ -723,8 +724,8 @@ impl EmbeddedStore {
             let existing = match staged
                 .iter()
                 .rev()
-                .find(|(n, i, ..)| n == namespace && i == id)
-                .map(|(_, _, head, _)| head)
+                .find(|(n, i, _)| n == namespace && i == id)
+                .map(|(_, _, head)| head)
                 .or_else(|| state.head(namespace, id))
             {
                 Some(head) => Some(head.clone()),
@@ -747,8 +748,7 @@ impl EmbeddedStore {
                 Decision::Update(head) => head.uid,
             };
             next_seq += 1;
-            let row = encode_row(&item.instance)?;
-            rows.push(row.clone());
+            rows.push(encode_row(&item.instance)?);
             staged.push((
                 namespace.to_owned(),
                 id.to_owned(),
@@ -760,7 +760,6 @@ impl EmbeddedStore {
                     last_hash: item.record.hash,
                     machine: item.instance.machine.to_string(),
                 },
-                row,
             ));
             outcomes.push(ItemOutcome::Committed { uid });
             committed.push(item);
@@ -775,6 +774,7 @@ impl EmbeddedStore {
             committed.into_iter().cloned().collect(),
             committed_prev,
             staged,
+            rows,
             (next_uid, next_seq),
         );
         self.checkpointer.mark_deferred();
@@ -1618,7 +1618,7 @@ impl Store for EmbeddedStore {
 
     fn instance_by_uid(&self, uid: u64) -> Result<Option<StoredInstance>, StoreError> {
         self.checkpointer
-            .wait_applied(|state| checkpointer::Checkpointer::touches_uid(state, uid))?;
+            .wait_applied(|state| state.touches_uid(uid))?;
         let txn = self.db.begin_read().io()?;
         let uids = txn.open_table(INSTANCE_UIDS).io()?;
         let instances = txn.open_table(INSTANCES).io()?;

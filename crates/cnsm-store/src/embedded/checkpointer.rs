@@ -21,10 +21,11 @@
 //! checkpoint leaves redb at the previous one; replay follows the chain of frames from there
 //! through the first file into the second ([`super::wal::live_chain`]).
 //!
-//! Reads must not miss an acknowledged batch: a read of an instance that a deferred batch
-//! changed waits until it is applied, and so does any read that is not about one instance (lists,
-//! the commit log, timers, backups), but only while deferred batches exist, which is only during
-//! a checkpoint. Every other write of the store waits for the checkpoint to finish first.
+//! Reads must not miss an acknowledged batch: an instance or idempotency key that a deferred
+//! batch changed is read from the row or entry it left; a read of such an instance's history, an
+//! instance by uid, and any read that is not about one instance (lists, the commit log, timers,
+//! backups) wait until the batches are applied, but only while deferred batches exist, which is
+//! only during a checkpoint. Every other write of the store waits for the checkpoint to finish first.
 //!
 //! If the checkpoint or the application of the deferred batches fails, the store refuses every
 //! further read and write with that error: the acknowledged batches are in the log, and the next
@@ -88,6 +89,11 @@ impl State {
         self.heads.get(namespace)?.get(id).map(|(head, _)| head)
     }
 
+    /// Whether a deferred batch changed the instance with `uid`.
+    pub(crate) fn touches_uid(&self, uid: u64) -> bool {
+        self.uids.contains(&uid)
+    }
+
     /// The uid and encoded row a deferred batch left for an instance.
     pub(crate) fn row(&self, namespace: &str, id: &str) -> Option<(u64, &[u8])> {
         self.heads
@@ -109,14 +115,15 @@ impl State {
         }
     }
 
-    /// Keeps a batch the committer acknowledged during the checkpoint, with the heads it left
-    /// and the counters after it.
+    /// Keeps a batch the committer acknowledged during the checkpoint, with the heads it left,
+    /// the encoded row of each (in the same order) and the counters after it.
     pub(crate) fn defer(
         &mut self,
         first_seq: u64,
         items: Vec<CommitItem>,
         prev_hashes: Vec<Hash32>,
-        heads: Vec<(String, String, InstanceHead, Vec<u8>)>,
+        heads: Vec<(String, String, InstanceHead)>,
+        rows: Vec<Vec<u8>>,
         counters: (u64, u64),
     ) {
         for item in &items {
@@ -128,7 +135,7 @@ impl State {
                 );
             }
         }
-        for (namespace, id, head, row) in heads {
+        for ((namespace, id, head), row) in heads.into_iter().zip(rows) {
             self.uids.insert(head.uid);
             self.heads
                 .entry(namespace)
@@ -218,7 +225,6 @@ impl Checkpointer {
             .spawn(move || me.run(&db, quick_repair, &upto, log_bytes))
             .map_err(|e| StoreError::Io(format!("cannot start a checkpoint thread: {e}")))?;
         state.in_flight = true;
-        state.counters = None;
         state.thread = Some(thread);
         Ok(())
     }
@@ -257,11 +263,6 @@ impl Checkpointer {
         state.in_flight = false;
         drop(state);
         self.changed.notify_all();
-    }
-
-    /// Whether a deferred batch changed the instance with `uid`.
-    pub(crate) fn touches_uid(state: &State, uid: u64) -> bool {
-        state.uids.contains(&uid)
     }
 }
 

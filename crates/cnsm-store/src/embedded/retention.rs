@@ -1,7 +1,6 @@
 //! Retention: deleting finished instances, with their whole history, once they are old enough.
 
 use std::ops::Bound;
-use std::sync::atomic::Ordering;
 
 use cnsm_core::Status;
 use redb::ReadableTable;
@@ -29,11 +28,7 @@ impl EmbeddedStore {
             // What the background verifier has checked, persisted in this same transaction (as
             // a commit does), so every gap this leaves lies below the durable watermark.
             let next_seq = meta_get(&t.meta, META_NEXT_SEQ)?;
-            let verified_seq = meta_get(&t.meta, META_VERIFIED_SEQ)?.max(
-                self.verified_upto
-                    .load(Ordering::SeqCst)
-                    .min(next_seq.saturating_sub(1)),
-            );
+            let verified_seq = self.checkpoint_to_persist(&t.meta, next_seq)?;
             t.meta.insert(META_VERIFIED_SEQ, verified_seq).io()?;
             let mut doomed: Vec<(String, u64, u64)> = Vec::new();
             let start = (namespace, "");

@@ -31,7 +31,7 @@
 //! sequence and ends the chain wherever it is met; a frame whose batch failed to commit in redb
 //! (never acknowledged) has its header zeroed.
 //!
-//! After a crash redb reopens at its last durable commit and [`LogFile::live`] picks the frames
+//! After a crash redb reopens at its last durable commit and [`live_chain`] picks the frames
 //! to re-apply, in order, in one durable transaction. A torn last frame (a crash during the
 //! append: never acknowledged) fails its checksum and ends the log.
 //!
@@ -298,6 +298,8 @@ fn grow(file: &File, from: u64, to: u64) -> std::io::Result<()> {
 pub(crate) struct LogFile {
     path: PathBuf,
     bytes: Vec<u8>,
+    /// The sequence the intact frame at the first byte names, if there is one (checked once).
+    first_seq: Option<u64>,
 }
 
 /// Reads the log at `path` (empty when it does not exist).
@@ -311,9 +313,11 @@ pub(crate) fn read_log(path: &Path) -> Result<LogFile, StoreError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_error(path, "cannot open", e)),
     }
+    let first_seq = frame_at(&bytes, 0).map(|(seq, _)| seq);
     Ok(LogFile {
         path: path.to_owned(),
         bytes,
+        first_seq,
     })
 }
 
@@ -325,11 +329,6 @@ impl LogFile {
 
     fn corrupt(&self, detail: String) -> StoreError {
         StoreError::Corrupt(format!("write-ahead log {}: {detail}", self.path.display()))
-    }
-
-    /// The sequence the intact frame at the first byte names, if there is one.
-    fn first_seq(&self) -> Option<u64> {
-        frame_at(&self.bytes, 0).map(|(seq, _)| seq)
     }
 
     /// Every intact frame of the first format, in order.
@@ -389,7 +388,7 @@ pub(crate) fn live_chain(
     let mut used = vec![false; logs.len()];
     let mut expected = next_seq;
     while let Some(i) = (0..logs.len())
-        .find(|&i| !used[i] && !logs[i].is_legacy() && logs[i].first_seq() == Some(expected))
+        .find(|&i| !used[i] && !logs[i].is_legacy() && logs[i].first_seq == Some(expected))
     {
         used[i] = true;
         let (chain, end) = logs[i].chain(expected)?;
@@ -397,7 +396,7 @@ pub(crate) fn live_chain(
         expected = end;
     }
     for (log, _) in logs.iter().zip(&used).filter(|(_, used)| !**used) {
-        if let Some(first_seq) = log.first_seq()
+        if let Some(first_seq) = log.first_seq
             && first_seq >= next_seq
         {
             return Err(log.corrupt(format!(
@@ -671,10 +670,16 @@ mod tests {
         assert_eq!(live_chain(&[log], 123).unwrap().len(), 2);
     }
 
-    /// Frames with one item each, so that a chain's sequences advance.
-    fn one_item_frames(wal: &mut Wal, first_seq: u64, n: u64) {
+    /// One item and its instance row.
+    fn one_item() -> (CommitItem, Vec<u8>) {
         let item = crate::conformance::Driver::new("job").create("ns", "i-1", &[], 1);
         let row = super::super::tables::encode_row(&item.instance).unwrap();
+        (item, row)
+    }
+
+    /// Frames with one item each, so that a chain's sequences advance.
+    fn one_item_frames(wal: &mut Wal, first_seq: u64, n: u64) {
+        let (item, row) = one_item();
         for seq in first_seq..first_seq + n {
             wal.append(seq, &[&item], std::slice::from_ref(&row))
                 .unwrap();
@@ -709,8 +714,7 @@ mod tests {
     }
 
     fn wal_len_of(frames: u64) -> u64 {
-        let item = crate::conformance::Driver::new("job").create("ns", "i-1", &[], 1);
-        let row = super::super::tables::encode_row(&item.instance).unwrap();
+        let (item, row) = one_item();
         frames
             * encode_frame(0, &[&item], std::slice::from_ref(&row))
                 .unwrap()
