@@ -13,6 +13,9 @@
 //! PostgreSQL store instead of the embedded one, and `CNSM_BATCH_LEN_MAX` is passed on to the
 //! server: 1 makes one database transaction per event).
 //!
+//! `CNSM_BENCH_LATENCY_CSV=FILE` writes each open-loop request's schedule and latency to
+//! `FILE.open_half.csv`.
+//!
 //! `CNSM_BENCH_TARGET_URL` alone loads a `cnsmctl serve` already running there (to read its
 //! `/metrics` afterwards) instead of starting one.
 //!
@@ -199,6 +202,9 @@ async fn send_post(sender: &mut Sender, addr: &str, path: &str, body: Bytes) -> 
 #[derive(Default)]
 struct Outcome {
     latencies: Vec<Duration>,
+    /// Open loop only: when each answered request was scheduled, from the phase's start (in
+    /// the order of `latencies`, before it is sorted).
+    scheduled: Vec<Duration>,
     ok: u64,
     not_ok: u64,
     /// Open loop only: requests still unsent when the phase was cut off.
@@ -208,6 +214,7 @@ struct Outcome {
 impl Outcome {
     fn merge(&mut self, other: Outcome) {
         self.latencies.extend(other.latencies);
+        self.scheduled.extend(other.scheduled);
         self.ok += other.ok;
         self.not_ok += other.not_ok;
         self.unsent += other.unsent;
@@ -298,6 +305,7 @@ async fn open_loop(
                 let status = send_inc(&mut sender, &addr, &paths[i]).await;
                 if (200..300).contains(&status) {
                     out.latencies.push(scheduled.elapsed());
+                    out.scheduled.push(scheduled - start);
                     out.ok += 1;
                 } else {
                     out.not_ok += 1;
@@ -429,6 +437,25 @@ struct Load {
     secs: Duration,
 }
 
+/// `CNSM_BENCH_LATENCY_CSV=FILE`: the open loop's requests as `scheduled_ms,latency_ms` rows in
+/// `FILE.{name}.csv` (sorted by schedule), to see whether the slow ones come together.
+fn write_latency_csv(path: &std::path::Path, name: &str, out: &Outcome) {
+    let mut rows: Vec<(Duration, Duration)> = out
+        .scheduled
+        .iter()
+        .copied()
+        .zip(out.latencies.iter().copied())
+        .collect();
+    rows.sort();
+    let mut text = String::from("scheduled_ms,latency_ms\n");
+    for (at, latency) in rows {
+        text.push_str(&format!("{:.3},{:.3}\n", ms(at), ms(latency)));
+    }
+    let mut file = path.as_os_str().to_owned();
+    file.push(format!(".{name}.csv"));
+    std::fs::write(&file, text).expect("write the latency CSV");
+}
+
 /// The open loop at `rate`, reported as `{prefix}.{name}.p50|p99`.
 async fn open_phase(load: &Load, name: &str, how: &str, rate: f64) {
     let (prefix, secs) = (load.prefix, load.secs);
@@ -438,6 +465,9 @@ async fn open_phase(load: &Load, name: &str, how: &str, rate: f64) {
     let (mut out, elapsed) = open_loop(&load.addr, load.paths.clone(), c, rate, secs).await;
     let cpu = cpu.detail();
     let achieved = out.ok as f64 / elapsed.as_secs_f64();
+    if let Some(path) = std::env::var_os("CNSM_BENCH_LATENCY_CSV") {
+        write_latency_csv(std::path::Path::new(&path), name, &out);
+    }
     let p50 = percentile(&mut out.latencies, 0.5);
     let p99 = percentile(&mut out.latencies, 0.99);
     let max = out.latencies.last().copied().unwrap_or_default();

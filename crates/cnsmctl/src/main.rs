@@ -29,6 +29,11 @@ mod telemetry;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc instead of the system allocator: under the server's load glibc's malloc and free
+/// were a fifth of its CPU (BENCHMARKS.md, run of 2026-11-28 02:13).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches};
 

@@ -14,8 +14,12 @@
 //!    ([`super::decide`]); the committed items are appended to the log and made durable, and the
 //!    batch is acknowledged and kept here;
 //! 3. when the durable commit is done, the checkpoint thread applies the deferred batches to redb
-//!    in one non-durable transaction, checking that each item commits as it was decided, and
-//!    the committer goes back to applying batches itself.
+//!    in non-durable transactions, checking that each item commits as it was decided: while
+//!    many wait, in rounds that take them out and apply them without the lock, so the committer
+//!    goes on deferring (a quarter second of batches took milliseconds to apply, and the
+//!    committer waited for all of it); the last round applies the few left under the lock, and
+//!    the committer goes back to applying batches itself. The heads stay until that last round,
+//!    and readers of what a round holds wait for it as for the deferred batches.
 //!
 //! Nothing is acknowledged before it is durable in the log, as before. A crash during a
 //! checkpoint leaves redb at the previous one; replay follows the chain of frames from there
@@ -72,6 +76,8 @@ pub(crate) struct State {
     pub(crate) counters: Option<(u64, u64)>,
     /// Why the store refuses work until it is reopened.
     failed: Option<String>,
+    /// The checkpoint thread applies batches it took out of `batches` (not yet visible in redb).
+    applying: bool,
     /// Test hook: a checkpoint that starts waits until this is cleared.
     hold: bool,
     pub(crate) stats: CheckpointStats,
@@ -176,7 +182,10 @@ impl Checkpointer {
             return Ok(());
         }
         let mut state = self.lock();
-        while state.failed.is_none() && !state.batches.is_empty() && touches(&state) {
+        while state.failed.is_none()
+            && (!state.batches.is_empty() || state.applying)
+            && touches(&state)
+        {
             state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
         state.failed()
@@ -239,11 +248,13 @@ impl Checkpointer {
         let started = Instant::now();
         let durable = durable_checkpoint(db, quick_repair, verified_upto);
         let took = started.elapsed();
-        let mut state = self.lock();
-        let result = durable.and_then(|()| {
-            state.stats.record(took, log_bytes);
-            apply_deferred(db, verified_upto, &state.batches)
-        });
+        let (mut state, result) = match durable {
+            Ok(()) => {
+                self.lock().stats.record(took, log_bytes);
+                self.apply_all(db, verified_upto)
+            }
+            Err(e) => (self.lock(), Err(e)),
+        };
         match result {
             Ok(()) => {
                 state.batches.clear();
@@ -264,7 +275,57 @@ impl Checkpointer {
         drop(state);
         self.changed.notify_all();
     }
+
+    /// Applies the deferred batches after the durable commit, in rounds: while many are waiting,
+    /// a round takes them out and applies them without the lock, so the committer goes on
+    /// deferring new ones meanwhile (their heads stay, so its decisions and the readers'
+    /// answers do not depend on how far the rounds got); the last round, with few left or after
+    /// [`APPLY_ROUNDS_MAX`], applies the rest under the lock. Returns the lock and the result.
+    fn apply_all(
+        &self,
+        db: &Database,
+        verified_upto: &AtomicU64,
+    ) -> (MutexGuard<'_, State>, Result<(), StoreError>) {
+        let mut state = self.lock();
+        for _ in 0..APPLY_ROUNDS_MAX {
+            let waiting: usize = state.batches.iter().map(|b| b.items.len()).sum();
+            if waiting <= APPLY_HELD_ITEMS_MAX {
+                break;
+            }
+            let batches = std::mem::take(&mut state.batches);
+            state.applying = true;
+            drop(state);
+            let started = Instant::now();
+            let result = apply_deferred(db, verified_upto, &batches);
+            let took = started.elapsed();
+            state = self.lock();
+            state.applying = false;
+            state.stats.deferred_items += waiting as u64;
+            state.stats.apply_total += took;
+            state.stats.free_rounds += 1;
+            if let Err(e) = result {
+                return (state, Err(e));
+            }
+            // Readers waiting for these batches may go on.
+            self.changed.notify_all();
+        }
+        let started = Instant::now();
+        let waiting: usize = state.batches.iter().map(|b| b.items.len()).sum();
+        let result = apply_deferred(db, verified_upto, &state.batches);
+        let took = started.elapsed();
+        state.stats.deferred_items += waiting as u64;
+        state.stats.apply_total += took;
+        state.stats.held_max = state.stats.held_max.max(took);
+        (state, result)
+    }
 }
+
+/// Rounds of applying deferred batches outside the lock, at most, before the rest is applied
+/// under it (the committer then waits).
+const APPLY_ROUNDS_MAX: usize = 32;
+
+/// Deferred items few enough to apply under the lock at once.
+const APPLY_HELD_ITEMS_MAX: usize = 256;
 
 /// A durable redb commit that persists every earlier non-durable one, and the verifier's
 /// watermark (so it always has something to write).

@@ -121,6 +121,15 @@ pub struct CheckpointStats {
     pub max: Duration,
     /// Bytes of log frames they took in.
     pub log_bytes: u64,
+    /// Items acknowledged during background checkpoints and applied to redb after them.
+    pub deferred_items: u64,
+    /// How long applying those items took in all (the committer goes on meanwhile, except in
+    /// the last round of each checkpoint; see `held_max`).
+    pub apply_total: Duration,
+    /// Rounds of applying that ran while the committer went on (at most a few per checkpoint).
+    pub free_rounds: u64,
+    /// The longest time a checkpoint's last round of applying held the committer.
+    pub held_max: Duration,
 }
 
 impl CheckpointStats {

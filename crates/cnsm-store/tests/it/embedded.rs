@@ -929,3 +929,52 @@ fn batches_acknowledged_during_a_background_checkpoint_are_kept_and_read_back() 
     assert!(reopened.instance("default", "d").unwrap().is_some());
     assert!(reopened.verify().unwrap().is_ok());
 }
+
+#[test]
+fn many_deferred_batches_are_applied_in_rounds_while_the_committer_goes_on() {
+    let driver = Driver::new("job");
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let seed = driver.create("default", "seed", &[], T0_MS);
+    commit(&store, std::slice::from_ref(&seed));
+    store.hold_checkpoints(true);
+    store.start_checkpoint_now().unwrap();
+    // More deferred items than the last round applies under the lock: 20 batches of 20 creates.
+    let mut heads: Vec<CommitItem> = Vec::new();
+    for batch in 0..20 {
+        let items: Vec<CommitItem> = (0..20)
+            .map(|i| driver.create("default", &format!("i-{batch}-{i}"), &[], T0_MS))
+            .collect();
+        commit(&store, &items);
+        heads.extend(items);
+    }
+    store.hold_checkpoints(false);
+    // While the checkpoint thread applies them, keep committing to the same instances and read
+    // each back (its row, and its history, which waits until its batches are applied).
+    for round in 1..=3u64 {
+        for head in heads.iter_mut() {
+            let next = driver.event(&head.instance, "ping", "again", T0_MS + round);
+            commit(&store, std::slice::from_ref(&next));
+            let id = &*head.instance.id;
+            let stored = store.instance("default", id).unwrap().unwrap();
+            assert_eq!(stored.instance.version, round, "{id}");
+            assert_eq!(
+                store.history("default", id, 0, 10).unwrap().len() as u64,
+                round + 1
+            );
+            *head = next;
+        }
+    }
+    store.checkpoint_now().unwrap();
+    let stats = store.take_checkpoint_stats();
+    assert!(stats.deferred_items >= 400, "{stats:?}");
+    assert!(stats.free_rounds >= 1, "{stats:?}");
+    assert!(store.verify().unwrap().is_ok());
+    store.close().unwrap();
+    let reopened = EmbeddedStore::open(dir.path()).unwrap();
+    for head in &heads {
+        let stored = reopened.instance("default", &head.instance.id).unwrap();
+        assert_eq!(stored.unwrap().instance.version, 3);
+    }
+    assert!(reopened.verify().unwrap().is_ok());
+}
