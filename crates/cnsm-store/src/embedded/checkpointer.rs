@@ -16,8 +16,8 @@
 //! 3. when the durable commit is done, the checkpoint thread applies the deferred batches to redb
 //!    in non-durable transactions, checking that each item commits as it was decided: while
 //!    many wait, in rounds that take them out and apply them without the lock, so the committer
-//!    goes on deferring (a quarter second of batches took milliseconds to apply, and the
-//!    committer waited for all of it); the last round applies the few left under the lock, and
+//!    goes on deferring (in the durable bench at 256 clients, 38–70 ms per checkpoint, all of it a
+//!    wait for the committer when it was one round under the lock); the last round applies the few left under the lock, and
 //!    the committer goes back to applying batches itself. The heads stay until that last round,
 //!    and readers of what a round holds wait for it as for the deferred batches.
 //!
