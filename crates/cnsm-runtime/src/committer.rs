@@ -336,9 +336,11 @@ impl Committer {
         replace: bool,
     ) -> Result<ImportReport, RuntimeError> {
         let result = self.shared.store.import_stream(definitions, items, replace);
-        self.cache.clear();
+        // Freed a chunk per batch, as a full cache is (at once, a full one held the committer
+        // for some 100 ms).
+        self.evicted = Some(std::mem::take(&mut self.cache).into_iter());
         if let Ok(mut versions) = self.shared.versions.lock() {
-            versions.clear();
+            self.evicted_versions = Some(std::mem::take(&mut *versions).into_iter());
         }
         if self.shared.options.timers {
             self.rebuild_timers()?;
