@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use cnsm_bench::{COUNTER, percentile, report};
 use cnsm_runtime::{CommitListener, CreateInstance, EventRequest, Runtime, RuntimeOptions};
-use cnsm_store::embedded::{EmbeddedOptions, EmbeddedStore};
+use cnsm_store::embedded::EmbeddedStore;
 
 #[derive(Default)]
 struct Batches {
@@ -71,10 +71,8 @@ async fn setup(
     log: bool,
 ) -> (tempfile::TempDir, Runtime, Arc<Batches>, Arc<EmbeddedStore>) {
     let dir = bench_dir();
-    let mut options = EmbeddedOptions::default();
+    let mut options = cnsm_bench::store_options();
     options.write_ahead_log = log;
-    // CNSM_BENCH_SYNC_CHECKPOINTS=1: checkpoints on the committer's thread (the A/B).
-    options.background_checkpoints = std::env::var_os("CNSM_BENCH_SYNC_CHECKPOINTS").is_none();
     let store = Arc::new(EmbeddedStore::open_with_options(dir.path(), options).unwrap());
     let runtime = Runtime::open_shared(store.clone(), RuntimeOptions::default()).unwrap();
     let batches = Arc::new(Batches::default());

@@ -123,10 +123,8 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         // CNSM_BENCH_NO_QUICK_REPAIR=1 measures the store without redb's quick repair.
-        let mut options = cnsm_store::embedded::EmbeddedOptions::default();
+        let mut options = cnsm_bench::store_options();
         options.quick_repair = std::env::var_os("CNSM_BENCH_NO_QUICK_REPAIR").is_none();
-        // CNSM_BENCH_SYNC_CHECKPOINTS=1: checkpoints on the committer's thread (the A/B).
-        options.background_checkpoints = std::env::var_os("CNSM_BENCH_SYNC_CHECKPOINTS").is_none();
         let store = Arc::new(EmbeddedStore::open_with_options(dir.path(), options).unwrap());
         let runtime = Runtime::open_shared(store.clone(), RuntimeOptions::default()).unwrap();
         runtime.apply_yaml(MACHINES, None).await.unwrap();

@@ -27,6 +27,15 @@ pub fn machine(yaml: &str) -> cnsm_core::engine::Machine {
         .with_revision(1)
 }
 
+/// The embedded store's options of the benches: the defaults, with the log's checkpoints taken
+/// on the committer's thread when `CNSM_BENCH_SYNC_CHECKPOINTS` is set (the A/B of checkpoints
+/// beside the committer).
+pub fn store_options() -> cnsm_store::embedded::EmbeddedOptions {
+    let mut options = cnsm_store::embedded::EmbeddedOptions::default();
+    options.background_checkpoints = std::env::var_os("CNSM_BENCH_SYNC_CHECKPOINTS").is_none();
+    options
+}
+
 /// The value at quantile `q` (0..=1) of `samples` (sorted in place).
 pub fn percentile(samples: &mut [Duration], q: f64) -> Duration {
     if samples.is_empty() {

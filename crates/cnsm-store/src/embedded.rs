@@ -68,6 +68,7 @@
 //! store.close().unwrap();
 //! ```
 
+use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -487,21 +488,22 @@ impl EmbeddedStore {
     /// A read snapshot that holds every acknowledged batch (it waits for the batches deferred
     /// during a checkpoint to be applied).
     fn read(&self) -> Result<ReadTransaction, StoreError> {
-        self.checkpointer.wait_applied(|_| true)?;
+        self.read_after(|_| true)
+    }
+
+    /// A read snapshot that holds every acknowledged batch `touches` matters to: it waits only
+    /// while a batch deferred during a checkpoint that it matters to is not applied yet.
+    fn read_after(
+        &self,
+        touches: impl Fn(&checkpointer::State) -> bool,
+    ) -> Result<ReadTransaction, StoreError> {
+        self.checkpointer.wait_applied(touches)?;
         self.db.begin_read().io()
     }
 
     /// A read snapshot for definitions and rollouts, which no transition batch writes (only
     /// durable writes do, after any checkpoint finished): it never waits.
     fn read_definitions(&self) -> Result<ReadTransaction, StoreError> {
-        self.db.begin_read().io()
-    }
-
-    /// A read snapshot for reading one instance: it waits only if a batch deferred during a
-    /// checkpoint changed that instance.
-    fn read_instance(&self, namespace: &str, id: &str) -> Result<ReadTransaction, StoreError> {
-        self.checkpointer
-            .wait_applied(|state| state.head(namespace, id).is_some())?;
         self.db.begin_read().io()
     }
 
@@ -713,19 +715,19 @@ impl EmbeddedStore {
             }
         };
         let first_seq = next_seq;
-        // Heads this batch changed (an instance may have several items in one batch).
+        // Heads this batch changed (an instance may have several items in one batch), and where
+        // each instance's latest one is.
         let mut staged: Vec<(String, String, InstanceHead)> = Vec::new();
+        let mut latest: HashMap<(&str, &str), usize> = HashMap::new();
         let mut outcomes = Vec::with_capacity(items.len());
         let mut committed: Vec<&CommitItem> = Vec::new();
         let mut committed_prev: Vec<Hash32> = Vec::new();
         let mut rows = Vec::new();
         for (item, prev_hash) in items.iter().zip(prev_hashes) {
             let (namespace, id) = (&*item.instance.namespace, &*item.instance.id);
-            let existing = match staged
-                .iter()
-                .rev()
-                .find(|(n, i, _)| n == namespace && i == id)
-                .map(|(_, _, head)| head)
+            let existing = match latest
+                .get(&(namespace, id))
+                .map(|&at| &staged[at].2)
                 .or_else(|| state.head(namespace, id))
             {
                 Some(head) => Some(head.clone()),
@@ -749,6 +751,7 @@ impl EmbeddedStore {
             };
             next_seq += 1;
             rows.push(encode_row(&item.instance)?);
+            latest.insert((namespace, id), staged.len());
             staged.push((
                 namespace.to_owned(),
                 id.to_owned(),
@@ -1617,9 +1620,7 @@ impl Store for EmbeddedStore {
     }
 
     fn instance_by_uid(&self, uid: u64) -> Result<Option<StoredInstance>, StoreError> {
-        self.checkpointer
-            .wait_applied(|state| state.touches_uid(uid))?;
-        let txn = self.db.begin_read().io()?;
+        let txn = self.read_after(|state| state.touches_uid(uid))?;
         let uids = txn.open_table(INSTANCE_UIDS).io()?;
         let instances = txn.open_table(INSTANCES).io()?;
         let Some(key) = uids.get(uid).io()? else {
@@ -1703,7 +1704,7 @@ impl Store for EmbeddedStore {
         limit: usize,
     ) -> Result<Vec<SealedRecord>, StoreError> {
         let limit = crate::page_len(limit);
-        let txn = self.read_instance(namespace, id)?;
+        let txn = self.read_after(|state| state.head(namespace, id).is_some())?;
         let instances = txn.open_table(INSTANCES).io()?;
         let Some(row) = instances.get((namespace, id)).io()? else {
             return Ok(Vec::new());

@@ -140,6 +140,12 @@ impl CheckpointStats {
         self.max = self.max.max(took);
         self.log_bytes += log_bytes;
     }
+
+    /// Counts `items` deferred items applied in one round of `took`.
+    pub(crate) fn count_applied(&mut self, items: usize, took: Duration) {
+        self.deferred_items += items as u64;
+        self.apply_total += took;
+    }
 }
 
 /// The two files of the log beside a database file: `<file>.wal` and `<file>.wal.1`.
