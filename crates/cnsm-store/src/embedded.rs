@@ -2,7 +2,7 @@
 //!
 //! Every [`Store::commit`] is one redb write transaction for the whole batch (group commit),
 //! made durable before it returns: by default through the write-ahead log beside the file (one
-//! sequential `fdatasync` per batch, redb's own durable commit every quarter second as a
+//! sequential `fdatasync` per batch, redb's own durable commit every second as a
 //! checkpoint; see [`wal`]), or, with the log turned off, by a durable redb commit
 //! ([`Durability::Immediate`]) each. Instances get a store-local `uid` (never reused) at creation
 //! so that the big tables key on integers.
@@ -262,7 +262,8 @@ pub struct EmbeddedOptions {
     pub quick_repair: bool,
     /// Make transition batches durable through a write-ahead log beside the file
     /// (`cnsm.redb.wal`) instead of a durable redb commit each (default `true`): one sequential
-    /// `fdatasync` per batch, with a durable redb commit (a checkpoint) every quarter second.
+    /// `fdatasync` per batch, with a durable redb commit (a checkpoint) every second (every
+    /// quarter second with `background_checkpoints` off).
     /// Durability is the same either way; see `ARCHITECTURE.md`.
     pub write_ahead_log: bool,
     /// Take the write-ahead log's checkpoints on a thread of their own while the committer goes
@@ -396,7 +397,10 @@ impl EmbeddedStore {
                 );
                 std::thread::Builder::new()
                     .name("cnsm-verifier".into())
-                    .spawn(move || run_verifier(db, upto, problem, stop))
+                    .spawn(move || {
+                        yield_cpu_to_the_committer();
+                        run_verifier(db, upto, problem, stop)
+                    })
                     .map_err(|e| StoreError::Io(format!("cannot start the verifier: {e}")))?
             };
             store.verifier = Some(Verifier {
@@ -686,7 +690,12 @@ impl EmbeddedStore {
             log.truncate_to(before)?;
             return Err(StoreError::Io(e.to_string()));
         }
-        if log.checkpoint_due() {
+        let interval = if self.background_checkpoints {
+            wal::BACKGROUND_CHECKPOINT_INTERVAL
+        } else {
+            wal::CHECKPOINT_INTERVAL
+        };
+        if log.checkpoint_due(interval) {
             self.start_checkpoint(log)?;
         }
         Ok(outcomes)
@@ -857,6 +866,21 @@ impl EmbeddedStore {
     #[doc(hidden)]
     pub fn hold_checkpoints(&self, hold: bool) {
         self.checkpointer.hold(hold);
+    }
+}
+
+/// The nice value of the store's background threads (checkpoints, the verifier).
+const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`], so that on a busy machine a
+/// background checkpoint or the verifier takes the cores the committer and the request threads
+/// leave, instead of preempting them. Best effort: a refusal leaves the priority as it was.
+fn yield_cpu_to_the_committer() {
+    #[cfg(target_os = "linux")]
+    {
+        // On Linux, a thread id names one thread for setpriority.
+        let _ =
+            rustix::process::setpriority_process(Some(rustix::thread::gettid()), BACKGROUND_NICE);
     }
 }
 

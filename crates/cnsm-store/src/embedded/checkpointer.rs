@@ -22,6 +22,11 @@
 //!    stay until that last round, and readers of what a round holds wait for it as for the
 //!    deferred batches.
 //!
+//! The checkpoint thread (and the background verifier) run at a lower CPU priority (nice 10):
+//! on a machine with few cores a checkpoint's page writes and apply rounds otherwise preempted
+//! the committer and the request threads, and the requests answered in those windows made the
+//! HTTP tail (BENCHMARKS.md). They still get the CPU the others leave.
+//!
 //! Nothing is acknowledged before it is durable in the log, as before. A crash during a
 //! checkpoint leaves redb at the previous one; replay follows the chain of frames from there
 //! through the first file into the second ([`super::wal::live_chain`]).
@@ -232,7 +237,10 @@ impl Checkpointer {
         let (me, db, upto) = (Arc::clone(self), Arc::clone(db), Arc::clone(verified_upto));
         let thread = std::thread::Builder::new()
             .name("cnsm-checkpoint".into())
-            .spawn(move || me.run(&db, quick_repair, &upto, log_bytes))
+            .spawn(move || {
+                super::yield_cpu_to_the_committer();
+                me.run(&db, quick_repair, &upto, log_bytes)
+            })
             .map_err(|e| StoreError::Io(format!("cannot start a checkpoint thread: {e}")))?;
         state.in_flight = true;
         state.thread = Some(thread);

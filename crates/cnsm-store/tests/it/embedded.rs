@@ -978,3 +978,78 @@ fn many_deferred_batches_are_applied_in_rounds_while_the_committer_goes_on() {
     }
     assert!(reopened.verify().unwrap().is_ok());
 }
+
+/// The nice value of each thread of this process with the name `name`, from `/proc`.
+#[cfg(target_os = "linux")]
+fn nice_of_threads(name: &str) -> Vec<i64> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        // Field 19 of `stat` is the nice value; fields after the command name, which ends at
+        // the last ')', start at field 3.
+        let Ok(stat) = std::fs::read_to_string(task.join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        let after = &stat[stat.rfind(')').unwrap() + 1..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        found.push(fields[19 - 3].parse().unwrap());
+    }
+    found
+}
+
+/// The nice value of the calling thread.
+#[cfg(target_os = "linux")]
+fn own_nice() -> i64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 1..];
+    after
+        .split_whitespace()
+        .nth(19 - 3)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn background_threads_run_at_a_lower_cpu_priority_than_the_committer() {
+    let driver = Driver::new("job");
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    commit(&store, &[driver.create("default", "seed", &[], T0_MS)]);
+    store.hold_checkpoints(true);
+    store.start_checkpoint_now().unwrap();
+    // The test runs at some nice value of its own (0 unless started under `nice`); a thread can
+    // raise its nice value but not lower it.
+    let own = own_nice();
+    let expected = own.max(10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let checkpoint = nice_of_threads("cnsm-checkpoint");
+        let verifier = nice_of_threads("cnsm-verifier");
+        // Other tests of this binary may run stores of their own: every such thread is lowered.
+        if !checkpoint.is_empty()
+            && !verifier.is_empty()
+            && checkpoint
+                .iter()
+                .chain(&verifier)
+                .all(|&nice| nice == expected)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "checkpoint threads at nice {checkpoint:?}, verifiers at {verifier:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // The calling thread (the committer, in the runtime) keeps its priority.
+    assert_eq!(own_nice(), own);
+    store.hold_checkpoints(false);
+    store.checkpoint_now().unwrap();
+    store.close().unwrap();
+}
