@@ -310,8 +310,12 @@ async fn open_loop(
     let due = move |k: usize, n: u64| start + period.mul_f64(n as f64 + k as f64 / c as f64);
     let releases: Arc<Vec<tokio::sync::Semaphore>> =
         Arc::new((0..c).map(|_| tokio::sync::Semaphore::new(0)).collect());
+    // How many requests each connection was released when the cut-off stopped the pacer (all of
+    // them otherwise).
+    let released: Arc<Vec<AtomicU64>> =
+        Arc::new((0..c).map(|_| AtomicU64::new(per_conn)).collect());
     let pacer = {
-        let releases = Arc::clone(&releases);
+        let (releases, released) = (Arc::clone(&releases), Arc::clone(&released));
         std::thread::Builder::new()
             .name("open-loop-pacer".into())
             .spawn(move || {
@@ -319,7 +323,7 @@ async fn open_loop(
                 // due by then: one wake-up per request at 12,000/s cost the load generator a
                 // sixth of a core, taken from the target on a small machine.
                 let mut next_wake = start;
-                'schedule: for n in 0..per_conn {
+                for n in 0..per_conn {
                     for (k, release) in releases.iter().enumerate() {
                         let at = due(k, n);
                         if at > Instant::now() {
@@ -331,31 +335,37 @@ async fn open_loop(
                             next_wake = Instant::now() + PACER_TICK;
                         }
                         if Instant::now() >= cutoff {
-                            break 'schedule;
+                            // Connections before k had n + 1 requests released, the rest n; one
+                            // more permit wakes each to find that it is done.
+                            for (j, release) in releases.iter().enumerate() {
+                                let n_released = if j < k { n + 1 } else { n };
+                                released[j].store(n_released, Ordering::SeqCst);
+                                release.add_permits(1);
+                            }
+                            return;
                         }
                         release.add_permits(1);
                     }
-                }
-                // Connections waiting for a request that was never released stop.
-                for release in releases.iter() {
-                    release.close();
                 }
             })
             .expect("pacer thread")
     };
     let mut tasks = Vec::with_capacity(c);
     for (k, mut sender) in senders.into_iter().enumerate() {
-        let (paths, addr, releases) = (paths.clone(), addr.to_owned(), Arc::clone(&releases));
+        let (paths, addr) = (paths.clone(), addr.to_owned());
+        let (releases, released) = (Arc::clone(&releases), Arc::clone(&released));
         tasks.push(tokio::spawn(async move {
             let mut out = Outcome::default();
             for n in 0..per_conn {
-                match releases[k].acquire().await {
-                    Ok(permit) => permit.forget(),
-                    Err(_) => {
-                        // Closed before this one was due: the phase was cut off.
-                        out.unsent = per_conn - n;
-                        break;
-                    }
+                releases[k]
+                    .acquire()
+                    .await
+                    .expect("the pacer never closes its semaphores")
+                    .forget();
+                if n >= released[k].load(Ordering::SeqCst) {
+                    // The phase was cut off before this one was due.
+                    out.unsent = per_conn - n;
+                    break;
                 }
                 let scheduled = due(k, n);
                 out.send_lateness.push(scheduled.elapsed());
