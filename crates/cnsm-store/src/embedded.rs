@@ -2,7 +2,7 @@
 //!
 //! Every [`Store::commit`] is one redb write transaction for the whole batch (group commit),
 //! made durable before it returns: by default through the write-ahead log beside the file (one
-//! sequential `fdatasync` per batch, redb's own durable commit every second as a
+//! sequential `fdatasync` per batch, redb's own durable commit every quarter second as a
 //! checkpoint; see [`wal`]), or, with the log turned off, by a durable redb commit
 //! ([`Durability::Immediate`]) each. Instances get a store-local `uid` (never reused) at creation
 //! so that the big tables key on integers.
@@ -262,8 +262,7 @@ pub struct EmbeddedOptions {
     pub quick_repair: bool,
     /// Make transition batches durable through a write-ahead log beside the file
     /// (`cnsm.redb.wal`) instead of a durable redb commit each (default `true`): one sequential
-    /// `fdatasync` per batch, with a durable redb commit (a checkpoint) every second (every
-    /// quarter second with `background_checkpoints` off).
+    /// `fdatasync` per batch, with a durable redb commit (a checkpoint) every quarter second.
     /// Durability is the same either way; see `ARCHITECTURE.md`.
     pub write_ahead_log: bool,
     /// Take the write-ahead log's checkpoints on a thread of their own while the committer goes
@@ -690,12 +689,7 @@ impl EmbeddedStore {
             log.truncate_to(before)?;
             return Err(StoreError::Io(e.to_string()));
         }
-        let interval = if self.background_checkpoints {
-            wal::BACKGROUND_CHECKPOINT_INTERVAL
-        } else {
-            wal::CHECKPOINT_INTERVAL
-        };
-        if log.checkpoint_due(interval) {
+        if log.checkpoint_due() {
             self.start_checkpoint(log)?;
         }
         Ok(outcomes)

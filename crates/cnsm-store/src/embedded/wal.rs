@@ -11,8 +11,7 @@
 //! 3. only then is the redb transaction committed (in memory: readers see it from now on).
 //!
 //! So no reader, and no waiter, ever sees a batch before it is durable in the log. A durable redb
-//! commit (a checkpoint, taken every [`BACKGROUND_CHECKPOINT_INTERVAL`] (beside the committer) or
-//! [`CHECKPOINT_INTERVAL`] (when the committer waits) or [`CHECKPOINT_BYTES`], and every
+//! commit (a checkpoint, taken every [`CHECKPOINT_INTERVAL`] or [`CHECKPOINT_BYTES`], and every
 //! other write of the store: definitions, retention, imports, close) persists every earlier
 //! non-durable commit, after which the log starts again at its first byte. A checkpoint that
 //! runs beside the committer (`super::checkpointer`) switches the appends to the log's other
@@ -73,19 +72,11 @@ const LEGACY_CHECKSUM_DOMAIN: &[u8] = b"cnsm.wal.frame.v1";
 const FRAME_LEN_MAX: usize = 1 << 30;
 
 /// Take a checkpoint (a durable redb commit, then start the log again) at least this often
-/// while transitions are committed, when the committer waits for each checkpoint
-/// (`EmbeddedOptions::background_checkpoints` off). Short on purpose: a checkpoint flushes what
-/// the non-durable commits since the last one dirtied; when the committer waited for each, a
-/// store of a million instances stalled 20-40 ms per checkpoint with 2 s, a few with 250 ms, at
-/// no throughput cost (BENCHMARKS.md).
+/// while transitions are committed. Short on purpose: a checkpoint flushes what the non-durable
+/// commits since the last one dirtied; when the committer waited for each, a store of a million
+/// instances stalled 20-40 ms per checkpoint with 2 s, a few with 250 ms, at no throughput cost
+/// (BENCHMARKS.md). It also bounds how many batches a checkpoint beside the committer defers.
 pub(crate) const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
-/// The same for checkpoints beside the committer (the default). Nobody waits for those, but
-/// each one takes CPU and disk from the committer for tens of milliseconds, and the requests
-/// answered in those windows made the HTTP tail (BENCHMARKS.md, run of 2026-11-28 04:32): four
-/// times fewer windows, each writing less than four times as much (pages that several batches
-/// dirtied are written once), halved the half-rate p99. It also bounds how many batches a
-/// checkpoint defers, and with [`CHECKPOINT_BYTES`] how long a replay after a crash takes.
-pub(crate) const BACKGROUND_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// ... or when the log grows past this many bytes.
 pub(crate) const CHECKPOINT_BYTES: u64 = 64 << 20;
 /// The log file grows in steps of this many zero bytes (made durable with the new size before
@@ -182,11 +173,10 @@ impl Wal {
         }
     }
 
-    /// Whether a checkpoint is due, taken at least every `interval` ([`CHECKPOINT_INTERVAL`] or
-    /// [`BACKGROUND_CHECKPOINT_INTERVAL`]) or [`CHECKPOINT_BYTES`].
-    pub(crate) fn checkpoint_due(&self, interval: Duration) -> bool {
+    /// Whether a checkpoint is due.
+    pub(crate) fn checkpoint_due(&self) -> bool {
         let len = self.len();
-        len > 0 && (len >= CHECKPOINT_BYTES || self.since.elapsed() >= interval)
+        len > 0 && (len >= CHECKPOINT_BYTES || self.since.elapsed() >= CHECKPOINT_INTERVAL)
     }
 
     /// Bytes of frames appended since the log was last started again or switched.
