@@ -283,9 +283,10 @@ const PACER_TICK: Duration = Duration::from_micros(250);
 ///
 /// The schedule is kept by a pacer thread that sleeps until a send's time (the operating
 /// system's high-resolution timers: tens of microseconds late), at most every [`PACER_TICK`],
-/// and then releases every connection's request that is due. Sleeping in each connection's task instead (`tokio::time`) rounds
-/// every deadline up to the runtime's 1 ms timer tick, which added 0.5 ms on average to every
-/// latency measured from the schedule, and charged it to the target. A connection still waiting
+/// and then releases every connection's request that is due. Sleeping in each connection's
+/// task instead (`tokio::time`) rounds every deadline up to the runtime's 1 ms timer tick,
+/// which added 0.5 ms on average to every latency measured from the schedule, and charged it
+/// to the target. A connection still waiting
 /// for its previous answer sends as soon as it has it, and its latency still counts from the
 /// schedule (no coordinated omission).
 async fn open_loop(
@@ -326,15 +327,14 @@ async fn open_loop(
                 for n in 0..per_conn {
                     for (k, release) in releases.iter().enumerate() {
                         let at = due(k, n);
-                        if at > Instant::now() {
+                        let mut now = Instant::now();
+                        if at > now {
                             let wake = at.max(next_wake);
-                            let now = Instant::now();
-                            if wake > now {
-                                std::thread::sleep(wake - now);
-                            }
-                            next_wake = Instant::now() + PACER_TICK;
+                            std::thread::sleep(wake - now);
+                            now = Instant::now();
+                            next_wake = now + PACER_TICK;
                         }
-                        if Instant::now() >= cutoff {
+                        if now >= cutoff {
                             // Connections before k had n + 1 requests released, the rest n; one
                             // more permit wakes each to find that it is done.
                             for (j, release) in releases.iter().enumerate() {

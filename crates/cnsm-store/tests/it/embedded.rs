@@ -979,6 +979,19 @@ fn many_deferred_batches_are_applied_in_rounds_while_the_committer_goes_on() {
     assert!(reopened.verify().unwrap().is_ok());
 }
 
+/// The nice value in a `/proc/.../stat` line: field 19, counting from the pid; the fields after
+/// the command name, which ends at the last ')', start at field 3.
+#[cfg(target_os = "linux")]
+fn nice_in_stat(stat: &str) -> i64 {
+    let after = &stat[stat.rfind(')').unwrap() + 1..];
+    after
+        .split_whitespace()
+        .nth(19 - 3)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// The nice value of each thread of this process with the name `name`, from `/proc`.
 #[cfg(target_os = "linux")]
 fn nice_of_threads(name: &str) -> Vec<i64> {
@@ -989,14 +1002,10 @@ fn nice_of_threads(name: &str) -> Vec<i64> {
         if comm.trim_end() != name {
             continue;
         }
-        // Field 19 of `stat` is the nice value; fields after the command name, which ends at
-        // the last ')', start at field 3.
         let Ok(stat) = std::fs::read_to_string(task.join("stat")) else {
             continue; // the thread ended meanwhile
         };
-        let after = &stat[stat.rfind(')').unwrap() + 1..];
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        found.push(fields[19 - 3].parse().unwrap());
+        found.push(nice_in_stat(&stat));
     }
     found
 }
@@ -1004,14 +1013,7 @@ fn nice_of_threads(name: &str) -> Vec<i64> {
 /// The nice value of the calling thread.
 #[cfg(target_os = "linux")]
 fn own_nice() -> i64 {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 1..];
-    after
-        .split_whitespace()
-        .nth(19 - 3)
-        .unwrap()
-        .parse()
-        .unwrap()
+    nice_in_stat(&std::fs::read_to_string("/proc/thread-self/stat").unwrap())
 }
 
 #[cfg(target_os = "linux")]
